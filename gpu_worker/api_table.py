@@ -1,0 +1,300 @@
+"""The forwarded CUDA driver API, described once.
+
+Both the C stubs of the shim (``gpu_worker/shim/gl_generated.c``) and the worker's
+Python dispatch (``gpu_worker/generated_dispatch.py``) are generated from this table by
+``python -m gpu_worker.codegen``.  Each entry names the driver function as programs ask
+for it through ``cuGetProcAddress`` (``name``), the versioned symbol whose ABI we
+implement (``abi``) and the CUDA version that introduced that ABI (``since``), and its
+parameters with a direction/size rule each.
+
+Wire types (little endian): ``i32 u32 u64 f32 size dptr`` and ``h:<kind>`` (a handle id
+minted by the shim, 8 bytes).  Parameter rules:
+
+``In``       scalar passed by value.
+``Out``      pointer to a scalar the worker fills (sent back in the reply).
+``Mint``     pointer to a handle the shim mints locally; the id travels to the worker.
+``CStr``     NUL-terminated string.
+``OutStr``   ``char*`` buffer whose length is another (int) parameter.
+``OutBytes`` fixed-size struct the worker fills (e.g. a 16-byte CUuuid).
+``OutVar``   buffer whose size depends on another parameter; the worker sends the bytes.
+``Image``    a module image (PTX text, cubin ELF or fatbin); its size is found by the shim.
+``HostIn``   host memory read by the call, size from another parameter (bulk data).
+``HostOut``  host memory written by the call, size from another parameter (bulk data).
+``Null``     a pointer parameter we accept only as NULL (anything else: NOT_SUPPORTED).
+``Ignored``  a parameter that does not travel (JIT option arrays and the like).
+``DPtr``     a device pointer; ``span`` is an expression for the byte range it must
+             cover inside one of the session's own allocations (checked on the worker).
+
+Modes: ``sync`` waits for the reply; ``async`` is pipelined (no reply; an error is
+latched and returned by the next synchronizing call); ``syncpoint`` is a synchronizing
+call that returns a latched error.  ``c_after`` is C code run by the stub after success
+(used to track allocations in the shim).  ``server`` = ``"special"`` marks functions whose
+worker side is hand-written in :mod:`gpu_worker.session` (bulk data paths, launches).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Param:
+    rule: str
+    name: str
+    type: str = ""
+    arg: str = ""  # length parameter, span expression or max size
+
+    @property
+    def is_handle(self) -> bool:
+        return self.type.startswith("h:")
+
+
+def In(name, type):  # noqa: N802 - table vocabulary
+    return Param("in", name, type)
+
+
+def Out(name, type):  # noqa: N802
+    return Param("out", name, type)
+
+
+def Mint(name, kind):  # noqa: N802
+    return Param("mint", name, "h:" + kind)
+
+
+def CStr(name):  # noqa: N802
+    return Param("cstr", name)
+
+
+def OutStr(name, length):  # noqa: N802
+    return Param("outstr", name, arg=length)
+
+
+def OutBytes(name, size):  # noqa: N802
+    return Param("outbytes", name, arg=str(size))
+
+
+def OutVar(name, maxsize):  # noqa: N802
+    return Param("outvar", name, arg=str(maxsize))
+
+
+def Image(name):  # noqa: N802
+    return Param("image", name)
+
+
+def HostIn(name, size):  # noqa: N802
+    return Param("hostin", name, arg=size)
+
+
+def HostOut(name, size):  # noqa: N802
+    return Param("hostout", name, arg=size)
+
+
+def Null(name):  # noqa: N802
+    return Param("null", name)
+
+
+def Ignored(name, ctype="void*"):  # noqa: N802
+    return Param("ignored", name, ctype)
+
+
+def DPtr(name, span="1"):  # noqa: N802
+    return Param("dptr", name, "dptr", span)
+
+
+@dataclass(frozen=True)
+class Func:
+    name: str
+    params: list
+    abi: str = ""
+    since: int = 2000
+    mode: str = "sync"
+    server: str = "generic"
+    c_after: str = ""
+    extra_names: tuple = field(default_factory=tuple)
+
+    @property
+    def symbol(self) -> str:
+        return self.abi or self.name
+
+
+def F(name, params, **kw):  # noqa: N802
+    return Func(name, list(params), **kw)
+
+
+# The opcode of a function is its index in FORWARDED plus FIRST_OPCODE: append new
+# entries at the end so that older shims and workers keep understanding each other.
+FIRST_OPCODE = 16
+
+FORWARDED = [
+    # --- initialisation and device queries -------------------------------------------
+    F("cuInit", [In("Flags", "u32")]),
+    F("cuDriverGetVersion", [Out("driverVersion", "i32")]),
+    F("cuDeviceGet", [Out("device", "i32"), In("ordinal", "i32")]),
+    F("cuDeviceGetCount", [Out("count", "i32")]),
+    F("cuDeviceGetName", [OutStr("name", "len"), In("len", "i32"), In("dev", "i32")]),
+    F("cuDeviceGetUuid", [OutBytes("uuid", 16), In("dev", "i32")], abi="cuDeviceGetUuid_v2", since=11040),
+    F("cuDeviceTotalMem", [Out("bytes", "size"), In("dev", "i32")], abi="cuDeviceTotalMem_v2", since=3020),
+    F("cuDeviceGetAttribute", [Out("pi", "i32"), In("attrib", "i32"), In("dev", "i32")]),
+    F("cuDeviceComputeCapability", [Out("major", "i32"), Out("minor", "i32"), In("dev", "i32")]),
+    F("cuDeviceGetPCIBusId", [OutStr("pciBusId", "len"), In("len", "i32"), In("dev", "i32")], since=4010),
+    F("cuDeviceCanAccessPeer", [Out("canAccessPeer", "i32"), In("dev", "i32"), In("peerDev", "i32")], since=4000),
+    # --- contexts (the current context itself is tracked in the shim) ----------------
+    F("cuDevicePrimaryCtxRetain", [Out("pctx", "h:ctx"), In("dev", "i32")], since=7000),
+    F("cuDevicePrimaryCtxRelease", [In("dev", "i32")], abi="cuDevicePrimaryCtxRelease_v2", since=11000),
+    F("cuDevicePrimaryCtxReset", [In("dev", "i32")], abi="cuDevicePrimaryCtxReset_v2", since=11000),
+    F("cuDevicePrimaryCtxGetState", [In("dev", "i32"), Out("flags", "u32"), Out("active", "i32")], since=7000),
+    F("cuDevicePrimaryCtxSetFlags", [In("dev", "i32"), In("flags", "u32")],
+      abi="cuDevicePrimaryCtxSetFlags_v2", since=11000),
+    F("cuCtxCreate", [Mint("pctx", "ctx"), Null("ctxCreateParams"), In("flags", "u32"), In("dev", "i32")],
+      abi="cuCtxCreate_v4", since=12050, c_after="gl_ctx_set_current((CUcontext)*pctx)"),
+    F("cuCtxDestroy", [In("ctx", "h:ctx")], abi="cuCtxDestroy_v2", since=4000, c_after="gl_ctx_forget(ctx)"),
+    F("cuCtxGetDevice", [Out("device", "i32")]),
+    F("cuCtxGetDevice_v2", [Out("device", "i32"), In("ctx", "h:ctx")], since=13000),
+    F("cuCtxSynchronize", [], mode="syncpoint"),
+    F("cuCtxSynchronize_v2", [In("ctx", "h:ctx")], since=13000, mode="syncpoint"),
+    F("cuCtxGetApiVersion", [In("ctx", "h:ctx"), Out("version", "u32")], since=3020),
+    F("cuCtxGetFlags", [Out("flags", "u32")], since=7000),
+    F("cuCtxGetId", [In("ctx", "h:ctx"), Out("ctxId", "u64")], since=12000),
+    F("cuCtxGetLimit", [Out("pvalue", "size"), In("limit", "i32")], since=3010),
+    F("cuCtxSetLimit", [In("limit", "i32"), In("value", "size")], since=3010),
+    F("cuCtxGetStreamPriorityRange", [Out("leastPriority", "i32"), Out("greatestPriority", "i32")], since=5050),
+    F("cuCtxGetCacheConfig", [Out("pconfig", "i32")], since=3020),
+    F("cuCtxSetCacheConfig", [In("config", "i32")], since=3020),
+    # --- memory ---------------------------------------------------------------------
+    F("cuMemAlloc", [Out("dptr", "dptr"), In("bytesize", "size")], abi="cuMemAlloc_v2", since=3020,
+      c_after="gl_track_alloc(*dptr, bytesize)"),
+    F("cuMemFree", [In("dptr", "dptr")], abi="cuMemFree_v2", since=3020, mode="async",
+      c_after="gl_untrack_alloc(dptr)"),
+    F("cuMemGetInfo", [Out("free", "size"), Out("total", "size")], abi="cuMemGetInfo_v2", since=3020),
+    F("cuMemGetAddressRange", [Out("pbase", "dptr"), Out("psize", "size"), In("dptr", "dptr")],
+      abi="cuMemGetAddressRange_v2", since=3020),
+    F("cuMemcpyHtoD", [DPtr("dstDevice", "ByteCount"), HostIn("srcHost", "ByteCount"), In("ByteCount", "size")],
+      abi="cuMemcpyHtoD_v2", since=3020, mode="syncpoint", server="special"),
+    F("cuMemcpyDtoH", [HostOut("dstHost", "ByteCount"), DPtr("srcDevice", "ByteCount"), In("ByteCount", "size")],
+      abi="cuMemcpyDtoH_v2", since=3020, mode="syncpoint", server="special"),
+    F("cuMemcpyDtoD", [DPtr("dstDevice", "ByteCount"), DPtr("srcDevice", "ByteCount"), In("ByteCount", "size")],
+      abi="cuMemcpyDtoD_v2", since=3020, mode="syncpoint"),
+    F("cuMemcpyHtoDAsync", [DPtr("dstDevice", "ByteCount"), HostIn("srcHost", "ByteCount"),
+                            In("ByteCount", "size"), In("hStream", "h:stream")],
+      abi="cuMemcpyHtoDAsync_v2", since=3020, mode="async", server="special"),
+    F("cuMemcpyDtoHAsync", [HostOut("dstHost", "ByteCount"), DPtr("srcDevice", "ByteCount"),
+                            In("ByteCount", "size"), In("hStream", "h:stream")],
+      abi="cuMemcpyDtoHAsync_v2", since=3020, mode="syncpoint", server="special"),
+    F("cuMemcpyDtoDAsync", [DPtr("dstDevice", "ByteCount"), DPtr("srcDevice", "ByteCount"),
+                            In("ByteCount", "size"), In("hStream", "h:stream")],
+      abi="cuMemcpyDtoDAsync_v2", since=3020, mode="async"),
+    F("cuMemsetD8", [DPtr("dstDevice", "N"), In("uc", "u32"), In("N", "size")],
+      abi="cuMemsetD8_v2", since=3020, mode="syncpoint"),
+    F("cuMemsetD16", [DPtr("dstDevice", "N*2"), In("us", "u32"), In("N", "size")],
+      abi="cuMemsetD16_v2", since=3020, mode="syncpoint"),
+    F("cuMemsetD32", [DPtr("dstDevice", "N*4"), In("ui", "u32"), In("N", "size")],
+      abi="cuMemsetD32_v2", since=3020, mode="syncpoint"),
+    F("cuMemsetD8Async", [DPtr("dstDevice", "N"), In("uc", "u32"), In("N", "size"), In("hStream", "h:stream")],
+      since=3020, mode="async"),
+    F("cuMemsetD16Async", [DPtr("dstDevice", "N*2"), In("us", "u32"), In("N", "size"), In("hStream", "h:stream")],
+      since=3020, mode="async"),
+    F("cuMemsetD32Async", [DPtr("dstDevice", "N*4"), In("ui", "u32"), In("N", "size"), In("hStream", "h:stream")],
+      since=3020, mode="async"),
+    F("cuPointerGetAttribute", [OutVar("data", 16), In("attribute", "i32"), In("ptr", "dptr")], since=4000),
+    # --- modules, libraries, functions, kernels -------------------------------------
+    F("cuModuleLoadData", [Mint("module", "module"), Image("image")]),
+    F("cuModuleLoadDataEx", [Mint("module", "module"), Image("image"), Ignored("numOptions", "unsigned int"),
+                             Ignored("options", "int*"), Ignored("optionValues", "void**")], since=2010),
+    F("cuModuleLoadFatBinary", [Mint("module", "module"), Image("fatCubin")]),
+    F("cuModuleUnload", [In("hmod", "h:module")], mode="async"),
+    F("cuModuleGetFunction", [Mint("hfunc", "function"), In("hmod", "h:module"), CStr("name")]),
+    F("cuModuleGetGlobal", [Out("dptr", "dptr"), Out("bytes", "size"), In("hmod", "h:module"), CStr("name")],
+      abi="cuModuleGetGlobal_v2", since=3020),
+    F("cuModuleGetLoadingMode", [Out("mode", "i32")], since=11070),
+    F("cuLibraryLoadData", [Mint("library", "library"), Image("code"), Ignored("jitOptions", "int*"),
+                            Ignored("jitOptionsValues", "void**"), Ignored("numJitOptions", "unsigned int"),
+                            Ignored("libraryOptions", "int*"), Ignored("libraryOptionValues", "void**"),
+                            Ignored("numLibraryOptions", "unsigned int")], since=12000),
+    F("cuLibraryUnload", [In("library", "h:library")], since=12000, mode="async"),
+    F("cuLibraryGetKernel", [Mint("pKernel", "kernel"), In("library", "h:library"), CStr("name")], since=12000),
+    F("cuLibraryGetModule", [Mint("pMod", "module"), In("library", "h:library")], since=12000),
+    F("cuKernelGetFunction", [Mint("pFunc", "function"), In("kernel", "h:kernel")], since=12000),
+    F("cuKernelGetAttribute", [Out("pi", "i32"), In("attrib", "i32"), In("kernel", "h:kernel"), In("dev", "i32")],
+      since=12000),
+    F("cuKernelSetAttribute", [In("attrib", "i32"), In("val", "i32"), In("kernel", "h:kernel"), In("dev", "i32")],
+      since=12000),
+    F("cuKernelGetParamInfo", [In("kernel", "h:kernel"), In("paramIndex", "size"), Out("paramOffset", "size"),
+                               Out("paramSize", "size")], since=12040),
+    F("cuFuncGetAttribute", [Out("pi", "i32"), In("attrib", "i32"), In("hfunc", "h:function")], since=2020),
+    F("cuFuncSetAttribute", [In("hfunc", "h:function"), In("attrib", "i32"), In("value", "i32")], since=9000),
+    F("cuFuncSetCacheConfig", [In("hfunc", "h:function"), In("config", "i32")], since=3000),
+    F("cuFuncGetParamInfo", [In("func", "h:function"), In("paramIndex", "size"), Out("paramOffset", "size"),
+                             Out("paramSize", "size")], since=12040),
+    F("cuFuncGetModule", [Out("hmod", "h:module"), In("hfunc", "h:function")], since=11000),
+    F("cuOccupancyMaxActiveBlocksPerMultiprocessor",
+      [Out("numBlocks", "i32"), In("func", "h:function"), In("blockSize", "i32"), In("dynamicSMemSize", "size")],
+      since=6050),
+    F("cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags",
+      [Out("numBlocks", "i32"), In("func", "h:function"), In("blockSize", "i32"), In("dynamicSMemSize", "size"),
+       In("flags", "u32")], since=7000),
+    F("cuOccupancyMaxPotentialBlockSize",
+      [Out("minGridSize", "i32"), Out("blockSize", "i32"), In("func", "h:function"),
+       Null("blockSizeToDynamicSMemSize"), In("dynamicSMemSize", "size"), In("blockSizeLimit", "i32")],
+      since=6050),
+    F("cuOccupancyAvailableDynamicSMemPerBlock",
+      [Out("dynamicSmemSize", "size"), In("func", "h:function"), In("numBlocks", "i32"), In("blockSize", "i32")],
+      since=11000),
+    # --- streams and events ---------------------------------------------------------
+    F("cuStreamCreate", [Mint("phStream", "stream"), In("Flags", "u32")], mode="async"),
+    F("cuStreamCreateWithPriority", [Mint("phStream", "stream"), In("flags", "u32"), In("priority", "i32")],
+      since=5050, mode="async"),
+    F("cuStreamDestroy", [In("hStream", "h:stream")], abi="cuStreamDestroy_v2", since=4000, mode="async"),
+    F("cuStreamSynchronize", [In("hStream", "h:stream")], mode="syncpoint"),
+    F("cuStreamQuery", [In("hStream", "h:stream")], mode="syncpoint"),
+    F("cuStreamWaitEvent", [In("hStream", "h:stream"), In("hEvent", "h:event"), In("Flags", "u32")],
+      since=3020, mode="async"),
+    F("cuStreamGetPriority", [In("hStream", "h:stream"), Out("priority", "i32")], since=5050),
+    F("cuStreamGetFlags", [In("hStream", "h:stream"), Out("flags", "u32")], since=5050),
+    F("cuStreamGetId", [In("hStream", "h:stream"), Out("streamId", "u64")], since=12000),
+    F("cuStreamGetCtx", [In("hStream", "h:stream"), Out("pctx", "h:ctx")], since=9020),
+    F("cuEventCreate", [Mint("phEvent", "event"), In("Flags", "u32")], mode="async"),
+    F("cuEventDestroy", [In("hEvent", "h:event")], abi="cuEventDestroy_v2", since=4000, mode="async"),
+    F("cuEventRecord", [In("hEvent", "h:event"), In("hStream", "h:stream")], mode="async"),
+    F("cuEventRecordWithFlags", [In("hEvent", "h:event"), In("hStream", "h:stream"), In("flags", "u32")],
+      since=11010, mode="async"),
+    F("cuEventSynchronize", [In("hEvent", "h:event")], mode="syncpoint"),
+    F("cuEventQuery", [In("hEvent", "h:event")], mode="syncpoint"),
+    F("cuEventElapsedTime", [Out("pMilliseconds", "f32"), In("hStart", "h:event"), In("hEnd", "h:event")],
+      abi="cuEventElapsedTime_v2", since=12080, extra_names=("cuEventElapsedTime@2000",)),
+]
+
+# Hand-written on both sides (see gl_shim.c and session.py): their opcodes are fixed.
+OP_HELLO = 1
+OP_SET_CONTEXT = 2
+OP_LAUNCH = 3
+OP_PARAM_LAYOUT = 4
+
+# Functions the shim answers itself, without a round trip (hand-written in gl_shim.c):
+# name -> (abi symbol, since).
+LOCAL = {
+    "cuGetProcAddress": ("cuGetProcAddress_v2", 12000),
+    "cuGetErrorString": ("cuGetErrorString", 6000),
+    "cuGetErrorName": ("cuGetErrorName", 6000),
+    "cuCtxGetCurrent": ("cuCtxGetCurrent", 4000),
+    "cuCtxSetCurrent": ("cuCtxSetCurrent", 4000),
+    "cuCtxPushCurrent": ("cuCtxPushCurrent_v2", 4000),
+    "cuCtxPopCurrent": ("cuCtxPopCurrent_v2", 4000),
+    "cuMemAllocHost": ("cuMemAllocHost_v2", 3020),
+    "cuMemHostAlloc": ("cuMemHostAlloc", 2020),
+    "cuMemFreeHost": ("cuMemFreeHost", 2000),
+    "cuMemHostRegister": ("cuMemHostRegister_v2", 6050),
+    "cuMemHostUnregister": ("cuMemHostUnregister", 4000),
+    "cuMemcpy": ("cuMemcpy", 4000),
+    "cuMemcpyAsync": ("cuMemcpyAsync", 4000),
+    "cuLaunchKernel": ("cuLaunchKernel", 4000),
+    "cuLaunchKernelEx": ("cuLaunchKernelEx", 11060),
+}
+# Older entry points that gl_shim.c also exports under their plain name.
+LOCAL_PLAIN = ("cuGetProcAddress",)
+
+
+def opcode(func: Func) -> int:
+    return FIRST_OPCODE + FORWARDED.index(func)
+
+
+def by_name() -> dict:
+    return {f.name: f for f in FORWARDED}

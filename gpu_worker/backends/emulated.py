@@ -1,0 +1,502 @@
+"""The emulated backend: a TEST DOUBLE of a GPU for machines without one.
+
+Real bytes in host memory, real handles, real errors; a kernel runs only if a host
+implementation is registered for its PTX entry name (gpu_worker.emulated_kernels).
+Everything it reports names it as emulated, so no user mistakes it for a GPU.
+"""
+from __future__ import annotations
+
+import bisect
+import secrets
+import struct
+import time
+import uuid
+
+from .. import errors as E
+from ..emulated_kernels import REGISTRY, Launch
+from ..errors import CudaError
+from ..ptx import looks_like_ptx, parse_entries
+
+DEVICE_NAME = "gpulab emulated vGPU (test double, no GPU)"
+DRIVER_VERSION = 13000
+
+
+def _attributes():
+    """Device attributes of the emulated device, by enum name (values of a Hopper-class card)."""
+    vals = {
+        "MAX_THREADS_PER_BLOCK": 1024, "MAX_BLOCK_DIM_X": 1024, "MAX_BLOCK_DIM_Y": 1024, "MAX_BLOCK_DIM_Z": 64,
+        "MAX_GRID_DIM_X": 2**31 - 1, "MAX_GRID_DIM_Y": 65535, "MAX_GRID_DIM_Z": 65535,
+        "MAX_SHARED_MEMORY_PER_BLOCK": 49152, "SHARED_MEMORY_PER_BLOCK": 49152,
+        "MAX_SHARED_MEMORY_PER_BLOCK_OPTIN": 232448, "MAX_SHARED_MEMORY_PER_MULTIPROCESSOR": 233472,
+        "TOTAL_CONSTANT_MEMORY": 65536, "WARP_SIZE": 32, "MAX_PITCH": 2**31 - 1,
+        "MAX_REGISTERS_PER_BLOCK": 65536, "REGISTERS_PER_BLOCK": 65536, "MAX_REGISTERS_PER_MULTIPROCESSOR": 65536,
+        "CLOCK_RATE": 1755000, "TEXTURE_ALIGNMENT": 512, "GPU_OVERLAP": 1, "MULTIPROCESSOR_COUNT": 132,
+        "KERNEL_EXEC_TIMEOUT": 0, "INTEGRATED": 0, "CAN_MAP_HOST_MEMORY": 0, "COMPUTE_MODE": 0,
+        "CONCURRENT_KERNELS": 1, "ECC_ENABLED": 0, "PCI_BUS_ID": 0, "PCI_DEVICE_ID": 0, "PCI_DOMAIN_ID": 0,
+        "TCC_DRIVER": 0, "MEMORY_CLOCK_RATE": 2619000, "GLOBAL_MEMORY_BUS_WIDTH": 5120,
+        "L2_CACHE_SIZE": 52428800, "MAX_THREADS_PER_MULTIPROCESSOR": 2048, "ASYNC_ENGINE_COUNT": 2,
+        "UNIFIED_ADDRESSING": 1, "COMPUTE_CAPABILITY_MAJOR": 9, "COMPUTE_CAPABILITY_MINOR": 0,
+        "STREAM_PRIORITIES_SUPPORTED": 1, "GLOBAL_L1_CACHE_SUPPORTED": 1, "LOCAL_L1_CACHE_SUPPORTED": 1,
+        "MANAGED_MEMORY": 0, "MULTI_GPU_BOARD": 0, "MAX_BLOCKS_PER_MULTIPROCESSOR": 32,
+        "CONCURRENT_MANAGED_ACCESS": 0, "PAGEABLE_MEMORY_ACCESS": 0, "COOPERATIVE_LAUNCH": 1,
+        "MEMORY_POOLS_SUPPORTED": 0, "VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED": 0, "HOST_REGISTER_SUPPORTED": 0,
+        "CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM": 0, "DIRECT_MANAGED_MEM_ACCESS_FROM_HOST": 0,
+        "RESERVED_SHARED_MEMORY_PER_BLOCK": 1024, "MAX_PERSISTING_L2_CACHE_SIZE": 0,
+        "MAX_ACCESS_POLICY_WINDOW_SIZE": 0, "CLUSTER_LAUNCH": 1, "HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED": 0,
+    }
+    from cuda.bindings import driver
+
+    out = {}
+    for name, value in vals.items():
+        member = getattr(driver.CUdevice_attribute, "CU_DEVICE_ATTRIBUTE_" + name, None)
+        if member is not None:
+            out[int(member)] = value
+    known = {int(m) for m in driver.CUdevice_attribute}
+    return out, known
+
+
+class _Obj:
+    """A handle target; each kind is a small record."""
+
+    def __init__(self, kind, **kw):
+        self.kind = kind
+        self.__dict__.update(kw)
+
+
+class EmulatedBackend:
+    name = "emulated"
+
+    def __init__(self, total_memory: int = 16 << 30, driver_version: int = DRIVER_VERSION):
+        self.total_memory = total_memory
+        self.driver_version = driver_version
+        self.attrs, self.known_attrs = _attributes()
+        self.base = (0x200 + secrets.randbelow(0x1000)) << 32  # a different address range for each session
+        self.next_addr = self.base
+        self.mem: dict[int, bytearray] = {}
+        self.starts: list[int] = []
+        self.used = 0
+        self.primary = {}
+        self.current = None
+        self.uuid = uuid.uuid5(uuid.NAMESPACE_DNS, "gpulab-emulated-device-0").bytes
+
+    # ---------------------------------------------------------------- helpers
+    def _dev(self, dev):
+        if dev != 0:
+            raise CudaError(E.INVALID_DEVICE, f"device {dev} does not exist (the emulated worker has one)")
+
+    def _ctx(self):
+        if self.current is None:
+            raise CudaError(E.INVALID_CONTEXT, "no current context")
+        return self.current
+
+    def view(self, ptr: int, n: int, illegal: bool = False) -> memoryview:
+        i = bisect.bisect_right(self.starts, ptr) - 1
+        if i >= 0:
+            base = self.starts[i]
+            buf = self.mem[base]
+            if ptr + n <= base + len(buf):
+                return memoryview(buf)[ptr - base:ptr - base + n]
+        raise CudaError(E.ILLEGAL_ADDRESS if illegal else E.INVALID_VALUE, f"{ptr:#x}+{n} is not device memory")
+
+    def set_current(self, ctx):
+        self.current = ctx
+
+    def close(self):
+        self.mem.clear()
+        self.starts.clear()
+
+    # ------------------------------------------------------------ device queries
+    def cuInit(self, flags):
+        if flags != 0:
+            raise CudaError(E.INVALID_VALUE, "cuInit flags must be 0")
+
+    def cuDriverGetVersion(self):
+        return (self.driver_version,)
+
+    def cuDeviceGet(self, ordinal):
+        self._dev(ordinal)
+        return (0,)
+
+    def cuDeviceGetCount(self):
+        return (1,)
+
+    def cuDeviceGetName(self, length, dev):
+        self._dev(dev)
+        return (DEVICE_NAME.encode(),)
+
+    def cuDeviceGetUuid(self, dev):
+        self._dev(dev)
+        return (self.uuid,)
+
+    def cuDeviceTotalMem(self, dev):
+        self._dev(dev)
+        return (self.total_memory,)
+
+    def cuDeviceGetAttribute(self, attrib, dev):
+        self._dev(dev)
+        if attrib not in self.known_attrs:
+            raise CudaError(E.INVALID_VALUE, f"unknown device attribute {attrib}")
+        return (self.attrs.get(attrib, 0),)
+
+    def cuDeviceComputeCapability(self, dev):
+        self._dev(dev)
+        return (9, 0)
+
+    def cuDeviceGetPCIBusId(self, length, dev):
+        self._dev(dev)
+        return (b"0000:00:00.0",)
+
+    def cuDeviceCanAccessPeer(self, dev, peer):
+        self._dev(dev)
+        self._dev(peer)
+        return (0,)
+
+    # ---------------------------------------------------------------- contexts
+    def cuDevicePrimaryCtxRetain(self, dev):
+        self._dev(dev)
+        ctx = self.primary.setdefault(dev, _Obj("ctx", device=dev, flags=0, active=False, refs=0, limits={}))
+        ctx.active = True
+        ctx.refs += 1
+        return ctx
+
+    def cuDevicePrimaryCtxRelease(self, dev):
+        self._dev(dev)
+        ctx = self.primary.get(dev)
+        if ctx is None or ctx.refs == 0:
+            raise CudaError(E.INVALID_CONTEXT, "primary context not retained")
+        ctx.refs -= 1
+        ctx.active = ctx.refs > 0
+
+    def cuDevicePrimaryCtxReset(self, dev):
+        self._dev(dev)
+
+    def cuDevicePrimaryCtxGetState(self, dev):
+        self._dev(dev)
+        ctx = self.primary.get(dev)
+        return (ctx.flags, int(ctx.active)) if ctx else (0, 0)
+
+    def cuDevicePrimaryCtxSetFlags(self, dev, flags):
+        self._dev(dev)
+        self.primary.setdefault(dev, _Obj("ctx", device=dev, flags=0, active=False, refs=0, limits={})).flags = flags
+
+    def cuCtxCreate(self, flags, dev):
+        self._dev(dev)
+        return (_Obj("ctx", device=dev, flags=flags, active=True, refs=1, limits={}),)
+
+    def cuCtxDestroy(self, ctx):
+        if ctx is None:
+            raise CudaError(E.INVALID_CONTEXT)
+        if self.current is ctx:
+            self.current = None
+
+    def cuCtxGetDevice(self):
+        return (self._ctx().device,)
+
+    def cuCtxGetDevice_v2(self, ctx):
+        return ((ctx or self._ctx()).device,)
+
+    def cuCtxSynchronize(self):
+        self._ctx()
+
+    def cuCtxSynchronize_v2(self, ctx):
+        ctx or self._ctx()
+
+    def cuCtxGetApiVersion(self, ctx):
+        ctx or self._ctx()
+        return (3020,)
+
+    def cuCtxGetFlags(self):
+        return (self._ctx().flags,)
+
+    def cuCtxGetId(self, ctx):
+        return (id(ctx or self._ctx()) & 0xFFFFFFFF,)
+
+    def cuCtxGetLimit(self, limit):
+        return (self._ctx().limits.get(limit, 1024),)
+
+    def cuCtxSetLimit(self, limit, value):
+        self._ctx().limits[limit] = value
+
+    def cuCtxGetStreamPriorityRange(self):
+        return (0, -5)
+
+    def cuCtxGetCacheConfig(self):
+        self._ctx()
+        return (0,)
+
+    def cuCtxSetCacheConfig(self, config):
+        self._ctx()
+
+    # ------------------------------------------------------------------ memory
+    def mem_alloc(self, n: int) -> int:
+        self._ctx()
+        if self.used + n > self.total_memory:
+            raise CudaError(E.OUT_OF_MEMORY, "emulated device memory exhausted")
+        ptr = self.next_addr
+        self.next_addr += -(-n // 512) * 512 + 512  # a gap keeps off-by-one overruns outside any allocation
+        self.mem[ptr] = bytearray(n)
+        bisect.insort(self.starts, ptr)
+        self.used += n
+        return ptr
+
+    def mem_free(self, ptr: int) -> None:
+        buf = self.mem.pop(ptr)
+        self.starts.remove(ptr)
+        self.used -= len(buf)
+
+    def cuMemGetInfo(self):
+        self._ctx()
+        return (self.total_memory - self.used, self.total_memory)
+
+    def write_target(self, ptr, n, stream):
+        return self.view(ptr, n), _no_commit
+
+    def read_source(self, ptr, n, stream):
+        return self.view(ptr, n)
+
+    def cuMemcpyDtoD(self, dst, src, n):
+        self.view(dst, n)[:] = self.view(src, n)
+
+    def cuMemcpyDtoDAsync(self, dst, src, n, stream):
+        self.cuMemcpyDtoD(dst, src, n)
+
+    def _fill(self, dst, value, count, width):
+        v = self.view(dst, count * width)
+        v[:] = struct.pack("<" + "BHxI"[width - 1], value & ((1 << (8 * width)) - 1)) * count
+
+    def cuMemsetD8(self, dst, v, n):
+        self._fill(dst, v, n, 1)
+
+    def cuMemsetD16(self, dst, v, n):
+        self._fill(dst, v, n, 2)
+
+    def cuMemsetD32(self, dst, v, n):
+        self._fill(dst, v, n, 4)
+
+    def cuMemsetD8Async(self, dst, v, n, stream):
+        self._fill(dst, v, n, 1)
+
+    def cuMemsetD16Async(self, dst, v, n, stream):
+        self._fill(dst, v, n, 2)
+
+    def cuMemsetD32Async(self, dst, v, n, stream):
+        self._fill(dst, v, n, 4)
+
+    def cuPointerGetAttribute(self, attribute, ptr):
+        from cuda.bindings import driver
+
+        A = driver.CUpointer_attribute
+        i = bisect.bisect_right(self.starts, ptr) - 1
+        if i < 0 or ptr >= self.starts[i] + len(self.mem[self.starts[i]]):
+            raise CudaError(E.INVALID_VALUE, f"{ptr:#x} is not device memory")
+        base = self.starts[i]
+        values = {
+            int(A.CU_POINTER_ATTRIBUTE_MEMORY_TYPE): struct.pack("<I", 2),  # CU_MEMORYTYPE_DEVICE
+            int(A.CU_POINTER_ATTRIBUTE_DEVICE_POINTER): struct.pack("<Q", ptr),
+            int(A.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL): struct.pack("<i", 0),
+            int(A.CU_POINTER_ATTRIBUTE_IS_MANAGED): struct.pack("<I", 0),
+            int(A.CU_POINTER_ATTRIBUTE_RANGE_START_ADDR): struct.pack("<Q", base),
+            int(A.CU_POINTER_ATTRIBUTE_RANGE_SIZE): struct.pack("<Q", len(self.mem[base])),
+            int(A.CU_POINTER_ATTRIBUTE_BUFFER_ID): struct.pack("<Q", base),
+            int(A.CU_POINTER_ATTRIBUTE_MAPPED): struct.pack("<I", 1),
+        }
+        if attribute not in values:
+            raise CudaError(E.NOT_SUPPORTED, f"pointer attribute {attribute} is not emulated")
+        return (values[attribute],)
+
+    # --------------------------------------------------------- modules/kernels
+    def _load(self, image):
+        self._ctx()
+        data = bytes(image)
+        if not looks_like_ptx(data):
+            raise CudaError(E.NOT_SUPPORTED, "the emulated device loads PTX only (no cubin or fatbin)")
+        try:
+            entries = parse_entries(data.decode("utf-8", "replace"))
+        except ValueError as exc:
+            raise CudaError(E.INVALID_PTX, str(exc)) from None
+        return _Obj("module", entries=entries, functions={})
+
+    def cuModuleLoadData(self, image):
+        return (self._load(image),)
+
+    def cuModuleLoadDataEx(self, image):
+        return (self._load(image),)
+
+    def cuModuleLoadFatBinary(self, image):
+        return (self._load(image),)
+
+    def cuModuleUnload(self, mod):
+        mod.entries = {}
+
+    def _function(self, mod, name):
+        if name not in mod.entries:
+            raise CudaError(E.NOT_FOUND, f"no kernel named {name!r} in the module")
+        fn = mod.functions.get(name)
+        if fn is None:
+            fn = mod.functions[name] = _Obj("function", name=name, params=mod.entries[name], module=mod, attrs={})
+        return fn
+
+    def cuModuleGetFunction(self, mod, name):
+        return (self._function(mod, name),)
+
+    def cuModuleGetGlobal(self, mod, name):
+        raise CudaError(E.NOT_FOUND, f"the emulated device has no module globals ({name!r})")
+
+    def cuModuleGetLoadingMode(self):
+        return (1,)  # CU_MODULE_EAGER_LOADING
+
+    def cuLibraryLoadData(self, code):
+        return (self._load(code),)
+
+    def cuLibraryUnload(self, lib):
+        lib.entries = {}
+
+    def cuLibraryGetKernel(self, lib, name):
+        return (self._function(lib, name),)
+
+    def cuLibraryGetModule(self, lib):
+        return (lib,)
+
+    def cuKernelGetFunction(self, kernel):
+        return (kernel,)
+
+    def kernel_function(self, kernel):
+        return kernel
+
+    def function_module(self, func):
+        return func.module
+
+    def stream_context(self, stream):
+        return stream.ctx if stream is not None else self._ctx()
+
+    def _func_attr(self, attrib, func):
+        from cuda.bindings import driver
+
+        A = driver.CUfunction_attribute
+        table = {int(A.CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK): 1024, int(A.CU_FUNC_ATTRIBUTE_NUM_REGS): 32,
+                 int(A.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES): 0, int(A.CU_FUNC_ATTRIBUTE_CONST_SIZE_BYTES): 0,
+                 int(A.CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES): 0, int(A.CU_FUNC_ATTRIBUTE_PTX_VERSION): 90,
+                 int(A.CU_FUNC_ATTRIBUTE_BINARY_VERSION): 90,
+                 int(A.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES): 49152}
+        if attrib in func.attrs:
+            return func.attrs[attrib]
+        if attrib not in table:
+            raise CudaError(E.INVALID_VALUE, f"function attribute {attrib} is not emulated")
+        return table[attrib]
+
+    def cuFuncGetAttribute(self, attrib, func):
+        return (self._func_attr(attrib, func),)
+
+    def cuKernelGetAttribute(self, attrib, kernel, dev):
+        self._dev(dev)
+        return (self._func_attr(attrib, kernel),)
+
+    def cuFuncSetAttribute(self, func, attrib, value):
+        func.attrs[attrib] = value
+
+    def cuKernelSetAttribute(self, attrib, value, kernel, dev):
+        self._dev(dev)
+        kernel.attrs[attrib] = value
+
+    def cuFuncSetCacheConfig(self, func, config):
+        pass
+
+    def param_layout(self, func):
+        return [(p.offset, p.size) for p in func.params]
+
+    def cuFuncGetParamInfo(self, func, index):
+        if index >= len(func.params):
+            raise CudaError(E.INVALID_VALUE, f"{func.name} has {len(func.params)} parameters")
+        p = func.params[index]
+        return (p.offset, p.size)
+
+    def cuKernelGetParamInfo(self, kernel, index):
+        return self.cuFuncGetParamInfo(kernel, index)
+
+    def cuOccupancyMaxActiveBlocksPerMultiprocessor(self, func, block_size, smem):
+        if block_size <= 0 or block_size > 1024:
+            raise CudaError(E.INVALID_VALUE, "block size out of range")
+        return (max(1, min(32, 2048 // block_size)),)
+
+    def cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(self, func, block_size, smem, flags):
+        return self.cuOccupancyMaxActiveBlocksPerMultiprocessor(func, block_size, smem)
+
+    def cuOccupancyMaxPotentialBlockSize(self, func, smem, limit):
+        block = min(1024, limit) if limit > 0 else 1024
+        return (132 * (2048 // block), block)
+
+    def cuOccupancyAvailableDynamicSMemPerBlock(self, func, num_blocks, block_size):
+        return (max(0, 233472 // max(num_blocks, 1) - 1024),)
+
+    def launch(self, func, grid, block, shmem, stream, params, attrs, nattrs):
+        self._ctx()
+        if min(grid) == 0 or min(block) == 0 or block[0] * block[1] * block[2] > 1024:
+            raise CudaError(E.INVALID_VALUE, f"launch shape grid={grid} block={block}")
+        impl = REGISTRY.get(func.name)
+        if impl is None:
+            raise CudaError(E.NOT_SUPPORTED, f"no host implementation registered for kernel {func.name!r} "
+                                             "(the emulated device runs registered kernels only)")
+        layout = func.params
+        if layout and len(params) < layout[-1].offset + layout[-1].size:
+            raise CudaError(E.INVALID_VALUE, "kernel parameter buffer shorter than the signature")
+        args = [p.decode(params[p.offset:p.offset + p.size]) for p in layout]
+        impl(Launch(self, grid, block, shmem), *args)
+
+    # ---------------------------------------------------------- streams/events
+    def cuStreamCreate(self, flags):
+        return (_Obj("stream", ctx=self._ctx(), flags=flags, priority=0),)
+
+    def cuStreamCreateWithPriority(self, flags, priority):
+        return (_Obj("stream", ctx=self._ctx(), flags=flags, priority=max(-5, min(0, priority))),)
+
+    def cuStreamDestroy(self, stream):
+        if stream is None:
+            raise CudaError(E.INVALID_HANDLE, "cannot destroy the default stream")
+
+    def cuStreamSynchronize(self, stream):
+        self._ctx()
+
+    def cuStreamQuery(self, stream):
+        self._ctx()
+
+    def cuStreamWaitEvent(self, stream, event, flags):
+        pass
+
+    def cuStreamGetPriority(self, stream):
+        return (stream.priority if stream else 0,)
+
+    def cuStreamGetFlags(self, stream):
+        return (stream.flags if stream else 0,)
+
+    def cuStreamGetId(self, stream):
+        return (id(stream) & 0xFFFFFFFF if stream else 0,)
+
+    def cuEventCreate(self, flags):
+        self._ctx()
+        return (_Obj("event", flags=flags, t=None),)
+
+    def cuEventDestroy(self, event):
+        pass
+
+    def cuEventRecord(self, event, stream):
+        event.t = time.perf_counter()
+
+    def cuEventRecordWithFlags(self, event, stream, flags):
+        self.cuEventRecord(event, stream)
+
+    def cuEventSynchronize(self, event):
+        pass
+
+    def cuEventQuery(self, event):
+        pass
+
+    def cuEventElapsedTime(self, start, end):
+        if start.flags & 2 or end.flags & 2:  # CU_EVENT_DISABLE_TIMING
+            raise CudaError(E.INVALID_HANDLE, "event created with CU_EVENT_DISABLE_TIMING")
+        if start.t is None or end.t is None:
+            raise CudaError(E.INVALID_HANDLE, "event not recorded")
+        return ((end.t - start.t) * 1000.0,)
+
+
+def _no_commit(synchronous):
+    """Bytes already landed in emulated device memory."""

@@ -1,0 +1,229 @@
+"""The worker daemon: accept sessions, check their token, fork one executor each.
+
+One process per session isolates faults: a sticky CUDA error, a crash or a protocol
+violation ends that session only.  The daemon itself never touches the GPU, so it can
+fork safely; each executor initialises CUDA for itself.
+"""
+from __future__ import annotations
+
+import errno
+import hmac
+import importlib
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+
+from traitlets import Dict, Enum, Int, List, Unicode
+from traitlets.config import Configurable
+
+from . import errors as E
+from .executor import Executor, FrameReader
+from .protocol import DEFAULT_MAX_FRAME, HELLO, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER, ProtocolError
+from .session import Session
+
+log = logging.getLogger("gpulab.worker")
+
+
+def parse_size(text) -> int:
+    """'8G', '512M', '1024' -> bytes."""
+    if isinstance(text, int):
+        return text
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    return int(float(t[:-1] if mult > 1 else t) * mult)
+
+
+class GPUWorker(Configurable):
+    """Configuration and accept loop of a gpulab worker."""
+
+    tcp = Unicode("", help="Listen on this host:port for TCP sessions (empty: no TCP).").tag(config=True)
+    unix_socket = Unicode("", help="Listen on this Unix socket path (empty: none).").tag(config=True)
+    backend = Enum(["auto", "cuda", "emulated"], "auto",
+                   help="Device backend: 'cuda' runs real driver calls with cuda-python; 'emulated' is a test "
+                        "double with no GPU; 'auto' picks cuda when a GPU is visible.").tag(config=True)
+    token = Unicode("", help="A session token accepted by this worker (with the default quota).").tag(config=True)
+    tokens = Dict(help="Session tokens and their limits: {token: {'vram': bytes}}.").tag(config=True)
+    tokens_file = Unicode("", help="JSON file of tokens and limits like `tokens`, re-read at every new "
+                                   "session so that a pool can issue tokens while the worker runs.").tag(config=True)
+    vram_quota = Unicode("", help="Default VRAM quota of a session (e.g. '8G'); empty: the whole device."
+                         ).tag(config=True)
+    emulated_kernels = List(Unicode(), help="Python modules to import that register host implementations of "
+                                            "kernels for the emulated backend.").tag(config=True)
+    emulated_memory = Unicode("16G", help="Memory size the emulated device reports.").tag(config=True)
+    max_frame = Int(DEFAULT_MAX_FRAME, help="Largest request frame accepted (bulk copy data excepted); a "
+                                            "larger one closes the session.").tag(config=True)
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.listeners: list[socket.socket] = []
+        self.children: set[int] = set()
+        self.sessions = 0
+        self._stop = False
+
+    # ------------------------------------------------------------------ set-up
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "cuda" if _gpu_visible() else "emulated"
+
+    def prepare(self) -> None:
+        """Import what sessions need once, before forking (the executor starts fast)."""
+        self.kind = self.resolved_backend()
+        if self.kind == "emulated":
+            from .backends import emulated  # noqa: F401
+
+            for mod in self.emulated_kernels:
+                importlib.import_module(mod)
+        else:
+            from .backends import cuda  # noqa: F401
+
+    def listen(self) -> list[str]:
+        addrs = []
+        if self.tcp:
+            host, _, port = self.tcp.rpartition(":")
+            s = socket.create_server((host or "127.0.0.1", int(port)), reuse_port=False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.listeners.append(s)
+            h, p = s.getsockname()[:2]
+            addrs.append(f"tcp://{h}:{p}")
+        if self.unix_socket:
+            try:
+                os.unlink(self.unix_socket)
+            except FileNotFoundError:
+                pass
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(self.unix_socket)
+            s.listen(128)
+            self.listeners.append(s)
+            addrs.append(f"unix://{self.unix_socket}")
+        if not self.listeners:
+            raise ValueError("the worker needs --tcp and/or --unix-socket")
+        return addrs
+
+    # ------------------------------------------------------------------ tokens
+    def limits_for(self, token: str):
+        """The limits of a valid token, or None."""
+        table = dict(self.tokens)
+        if self.token:
+            table.setdefault(self.token, {})
+        if self.tokens_file:
+            try:
+                with open(self.tokens_file) as f:
+                    table.update(json.load(f))
+            except (OSError, ValueError) as exc:
+                log.error("cannot read tokens file %s: %s", self.tokens_file, exc)
+        for known, limits in table.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                return dict(limits or {})
+        return None
+
+    # ------------------------------------------------------------ accept loop
+    def serve_forever(self) -> None:
+        sel = selectors.DefaultSelector()
+        for s in self.listeners:
+            sel.register(s, selectors.EVENT_READ)
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop", True))
+        while not self._stop:
+            for key, _ in sel.select(timeout=0.5):
+                try:
+                    conn, _ = key.fileobj.accept()
+                except OSError:
+                    continue
+                self.sessions += 1
+                pid = os.fork()
+                if pid == 0:
+                    for s in self.listeners:
+                        s.close()
+                    os._exit(self.run_session(conn, self.sessions))
+                conn.close()
+                self.children.add(pid)
+            self.reap()
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        self.reap()
+
+    def reap(self) -> None:
+        for pid in list(self.children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.children.discard(pid)
+
+    # ------------------------------------------------------- one session (child)
+    def run_session(self, conn: socket.socket, number: int) -> int:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        label = f"session {number}"
+        if conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = FrameReader(conn, 1 << 16)
+        try:
+            plen, op, _flags = REQ_HEADER.unpack(reader.read(REQ_HEADER.size))
+            if op != OP_HELLO or plen < HELLO.size or plen > 4096:
+                log.warning("%s: first frame is not a hello; closing", label)
+                return 2
+            version, pid, tlen = HELLO.unpack(reader.read(HELLO.size))
+            if tlen != plen - HELLO.size:
+                log.warning("%s: malformed hello; closing", label)
+                return 2
+            token = bytes(reader.read(tlen)).decode("utf-8", "replace")
+            label = f"session {number} (client pid {pid})"
+            if version != PROTOCOL_VERSION:
+                return _refuse(conn, E.NOT_SUPPORTED, f"protocol version {version} is not {PROTOCOL_VERSION}")
+            limits = self.limits_for(token)
+            if limits is None:
+                log.warning("%s: wrong session token", label)
+                return _refuse(conn, E.NOT_PERMITTED, "the session token is not valid for this worker")
+            quota = limits.get("vram") or (parse_size(self.vram_quota) if self.vram_quota else None)
+            backend = self.make_backend()
+            msg = f"{backend.name} backend".encode()
+            conn.sendall(REP_HEADER.pack(len(msg), 0, 0) + msg)
+            session = Session(backend, quota=quota, label=label)
+            log.info("%s: opened (%s, quota %s)", label, backend.name, quota)
+            executor = Executor(conn, session, self.max_frame)
+            executor.reader = reader
+            try:
+                executor.serve()
+            except EOFError:
+                log.info("%s: client closed after %d calls", label, executor.calls)
+            except ProtocolError as exc:
+                log.error("%s: protocol error, closing the session: %s", label, exc)
+            except OSError as exc:
+                if exc.errno not in (errno.ECONNRESET, errno.EPIPE):
+                    log.error("%s: socket error: %s", label, exc)
+            finally:
+                session.close()
+            return 0
+        except (EOFError, OSError, struct.error) as exc:
+            log.warning("%s: closed during the handshake: %s", label, exc)
+            return 2
+
+    def make_backend(self):
+        if self.kind == "emulated":
+            from .backends.emulated import EmulatedBackend
+
+            return EmulatedBackend(total_memory=parse_size(self.emulated_memory))
+        from .backends.cuda import CudaBackend
+
+        return CudaBackend()
+
+
+def _refuse(conn, code: int, message: str) -> int:
+    data = message.encode()
+    try:
+        conn.sendall(REP_HEADER.pack(len(data), code, 0) + data)
+    except OSError:
+        pass
+    return 1
+
+
+def _gpu_visible() -> bool:
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0"))

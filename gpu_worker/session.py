@@ -1,0 +1,238 @@
+"""One client session on the worker: the hypervisor between the wire and a backend.
+
+The session owns what must hold whatever the backend: the handle table (ids minted by
+the shim mapped to backend objects), the VRAM quota and the list of the session's own
+allocations (every device pointer in a copy, memset or free is checked against it),
+the current context, and the hand-written paths (bulk copies, launches).
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import struct
+
+from . import errors as E
+from .errors import CudaError
+from .generated_dispatch import IN_STRUCTS, OPS
+from .protocol import LAUNCH, LAUNCH_ATTR_SIZE, OP_LAUNCH, OP_PARAM_LAYOUT, OP_SET_CONTEXT, ProtocolError
+
+log = logging.getLogger("gpulab.worker")
+
+PRIMARY_CTX_BASE = 0x100  # primary context ids are fixed per device: retaining twice gives the same handle
+DEFAULT_STREAMS = (0, 1, 2)  # NULL, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD
+ALLOC_ALIGN = 256
+U64 = struct.Struct("<Q")
+LAYOUT_ENTRY = struct.Struct("<QQ")
+
+
+class Session:
+    def __init__(self, backend, quota: int | None = None, label: str = ""):
+        self.backend = backend
+        self.quota = quota
+        self.label = label
+        self.handles: dict[int, tuple[str, object]] = {}
+        self.starts: list[int] = []          # sorted allocation bases
+        self.sizes: dict[int, int] = {}      # base -> size (owned allocations count to the quota)
+        self.owned: set[int] = set()
+        self.used = 0
+        self.current_ctx = 0
+
+    # ------------------------------------------------------------------ dispatch
+    def impl(self, name: str):
+        """The session's override of a driver function if it has one, else the backend's."""
+        own = getattr(self, name, None)
+        return own if own is not None else getattr(self.backend, name)
+
+    def handlers(self) -> dict:
+        """opcode -> (name, mode, handler(payload) -> reply payload)."""
+        table = {}
+        for op, (name, mode, factory) in OPS.items():
+            if factory is not None:
+                table[op] = (name, mode, factory(self))
+            else:
+                table[op] = (name, mode, getattr(self, "special_" + name))
+        table[OP_SET_CONTEXT] = ("set_context", "async", self.set_context)
+        table[OP_LAUNCH] = ("launch", "async", self.launch)
+        table[OP_PARAM_LAYOUT] = ("param_layout", "sync", self.param_layout)
+        return table
+
+    # ------------------------------------------------------------------- handles
+    def resolve(self, kind: str, hid: int):
+        if kind == "stream" and hid in DEFAULT_STREAMS:
+            return None
+        if kind == "ctx" and hid == 0:
+            return None
+        entry = self.handles.get(hid)
+        if entry is None:
+            raise CudaError(E.INVALID_CONTEXT if kind == "ctx" else E.INVALID_HANDLE, f"unknown {kind} handle {hid:#x}")
+        got, obj = entry
+        if got == kind:
+            return obj
+        if kind == "function" and got == "kernel":
+            return self.backend.kernel_function(obj)
+        raise CudaError(E.INVALID_HANDLE, f"handle {hid:#x} is a {got}, not a {kind}")
+
+    def bind(self, kind: str, hid: int, obj) -> None:
+        if hid in self.handles or hid < 0x1000:
+            raise CudaError(E.INVALID_HANDLE, f"handle id {hid:#x} reused")
+        self.handles[hid] = (kind, obj)
+
+    def id_of(self, kind: str, obj) -> int:
+        for hid, (k, o) in self.handles.items():
+            if k == kind and o is obj:
+                return hid
+        raise CudaError(E.INVALID_HANDLE, f"no {kind} handle for {obj!r}")
+
+    def set_context(self, p) -> bytes:
+        (hid,) = _unpack_exact(U64, p, "set_context")
+        self.current_ctx = hid
+        self.backend.set_current(self.resolve("ctx", hid))
+        return b""
+
+    # -------------------------------------------------------- memory: the quota
+    def _add_span(self, base: int, size: int, owned: bool) -> None:
+        bisect.insort(self.starts, base)
+        self.sizes[base] = size
+        if owned:
+            self.owned.add(base)
+
+    def check_span(self, ptr: int, n: int) -> None:
+        """Refuse any device range not inside one of this session's allocations."""
+        if n == 0:
+            return
+        i = bisect.bisect_right(self.starts, ptr) - 1
+        if i >= 0:
+            base = self.starts[i]
+            if ptr + n <= base + self.sizes[base]:
+                return
+        raise CudaError(E.INVALID_VALUE, f"device range {ptr:#x}+{n} is outside this session's allocations")
+
+    def cuMemAlloc(self, bytesize: int):
+        if bytesize == 0:
+            raise CudaError(E.INVALID_VALUE, "cuMemAlloc of 0 bytes")
+        charged = -(-bytesize // ALLOC_ALIGN) * ALLOC_ALIGN
+        if self.quota is not None and self.used + charged > self.quota:
+            raise CudaError(E.OUT_OF_MEMORY, f"vGPU quota: {self.used} + {charged} > {self.quota} bytes")
+        ptr = self.backend.mem_alloc(bytesize)
+        self._add_span(ptr, bytesize, owned=True)
+        self.used += charged
+        return (ptr,)
+
+    def cuMemFree(self, dptr: int) -> None:
+        if dptr not in self.owned:
+            raise CudaError(E.INVALID_VALUE, f"cuMemFree({dptr:#x}): not an allocation of this session")
+        self.backend.mem_free(dptr)
+        size = self.sizes.pop(dptr)
+        self.starts.remove(dptr)
+        self.owned.discard(dptr)
+        self.used -= -(-size // ALLOC_ALIGN) * ALLOC_ALIGN
+
+    def cuMemGetInfo(self):
+        if self.quota is None:
+            return self.backend.cuMemGetInfo()
+        return (max(self.quota - self.used, 0), self.quota)
+
+    def cuDeviceTotalMem(self, dev: int):
+        total = self.backend.cuDeviceTotalMem(dev)
+        return (self.quota,) if self.quota is not None else total
+
+    def cuMemGetAddressRange(self, dptr: int):
+        i = bisect.bisect_right(self.starts, dptr) - 1
+        if i >= 0 and dptr < self.starts[i] + self.sizes[self.starts[i]]:
+            return (self.starts[i], self.sizes[self.starts[i]])
+        raise CudaError(E.NOT_FOUND, f"{dptr:#x} is not in an allocation of this session")
+
+    def cuModuleGetGlobal(self, hmod, name: str):
+        ptr, size = self.backend.cuModuleGetGlobal(hmod, name)
+        if ptr not in self.sizes:
+            self._add_span(ptr, size, owned=False)
+        return ptr, size
+
+    # ------------------------------------------------------------------ contexts
+    def cuDevicePrimaryCtxRetain(self, dev: int):
+        obj = self.backend.cuDevicePrimaryCtxRetain(dev)
+        hid = PRIMARY_CTX_BASE + dev
+        self.handles[hid] = ("ctx", obj)
+        return (hid,)
+
+    def cuStreamGetCtx(self, stream):
+        return (self.id_of("ctx", self.backend.stream_context(stream)),)
+
+    def cuFuncGetModule(self, func):
+        return (self.id_of("module", self.backend.function_module(func)),)
+
+    # ----------------------------------------------------- hand-written data paths
+    def special_cuMemcpyHtoD(self, p, reader=None):
+        return self._htod(p, reader, "cuMemcpyHtoD", synchronous=True)
+
+    def special_cuMemcpyHtoDAsync(self, p, reader=None):
+        return self._htod(p, reader, "cuMemcpyHtoDAsync", synchronous=False)
+
+    def _htod(self, p, reader, name, synchronous):
+        """Bulk data goes from the socket straight into the destination buffer."""
+        fields = IN_STRUCTS[name].unpack_from(p)
+        dst, count = fields[0], fields[1]
+        stream = self.resolve("stream", fields[2]) if len(fields) > 2 else None
+        (n,) = U64.unpack_from(p, IN_STRUCTS[name].size)
+        if n != count:
+            raise ProtocolError(f"{name}: {n} bulk bytes for a copy of {count}")
+        self.check_span(dst, count)
+        view, commit = self.backend.write_target(dst, count, stream)
+        reader.read_into(view)
+        commit(synchronous)
+        return b""
+
+    def special_cuMemcpyDtoH(self, p, reader=None):
+        src, count = _dtoh(p, "cuMemcpyDtoH")
+        self.check_span(src, count)
+        return self.backend.read_source(src, count, None)
+
+    def special_cuMemcpyDtoHAsync(self, p, reader=None):
+        src, count, sid = _dtoh(p, "cuMemcpyDtoHAsync")
+        stream = self.resolve("stream", sid)
+        self.check_span(src, count)
+        return self.backend.read_source(src, count, stream)
+
+    def launch(self, p) -> bytes:
+        if len(p) < LAUNCH.size + 8:
+            raise ProtocolError("launch: short frame")
+        fid, gx, gy, gz, bx, by, bz, shmem, sid, nattrs = LAUNCH.unpack_from(p)
+        off = LAUNCH.size + nattrs * LAUNCH_ATTR_SIZE
+        if len(p) < off + 8:
+            raise ProtocolError("launch: attributes overrun the frame")
+        attrs = bytes(p[LAUNCH.size:off])
+        (plen,) = U64.unpack_from(p, off)
+        if plen != len(p) - off - 8:
+            raise ProtocolError("launch: parameter buffer does not fit the frame")
+        func = self.resolve("function", fid)
+        stream = self.resolve("stream", sid)
+        self.backend.launch(func, (gx, gy, gz), (bx, by, bz), shmem, stream, p[off + 8:], attrs, nattrs)
+        return b""
+
+    def param_layout(self, p) -> bytes:
+        (fid,) = _unpack_exact(U64, p, "param_layout")
+        layout = self.backend.param_layout(self.resolve("function", fid))
+        return struct.pack("<I", len(layout)) + b"".join(LAYOUT_ENTRY.pack(o, s) for o, s in layout)
+
+    def close(self) -> None:
+        """Free everything the session still holds (the client went away)."""
+        for base in list(self.owned):
+            try:
+                self.backend.mem_free(base)
+            except CudaError:
+                pass
+        self.owned.clear()
+        self.backend.close()
+
+
+def _dtoh(p, name):
+    st = IN_STRUCTS[name]
+    if len(p) != st.size:
+        raise ProtocolError(f"{name}: payload of {len(p)} bytes, expected {st.size}")
+    return st.unpack_from(p)
+
+
+def _unpack_exact(st, p, what):
+    if len(p) != st.size:
+        raise ProtocolError(f"{what}: payload of {len(p)} bytes, expected {st.size}")
+    return st.unpack_from(p)

@@ -1,0 +1,99 @@
+/* gpulab shim: a libcuda.so.1 stand-in that forwards the CUDA driver API to a gpulab worker.
+ *
+ * Built without CUDA headers: the few driver types we need are declared here with the
+ * driver's ABI (handles are pointers, CUdeviceptr is 64-bit, CUresult is an int).
+ * The wire format is described in docs/protocol.md.
+ */
+#ifndef GL_SHIM_H
+#define GL_SHIM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define GL_EXPORT __attribute__((visibility("default")))
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+typedef void *CUcontext, *CUstream, *CUevent, *CUmodule, *CUfunction, *CUlibrary, *CUkernel;
+
+enum {
+    CUDA_SUCCESS = 0,
+    CUDA_ERROR_INVALID_VALUE = 1,
+    CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_NOT_INITIALIZED = 3,
+    CUDA_ERROR_DEVICE_UNAVAILABLE = 46,
+    CUDA_ERROR_NO_DEVICE = 100,
+    CUDA_ERROR_INVALID_IMAGE = 200,
+    CUDA_ERROR_INVALID_CONTEXT = 201,
+    CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_NOT_PERMITTED = 800,
+    CUDA_ERROR_NOT_SUPPORTED = 801,
+    CUDA_ERROR_UNKNOWN = 999,
+};
+
+/* Frame headers (little endian), see docs/protocol.md. */
+#define GL_REQ_HEADER 16   /* u64 payload length, u32 opcode, u32 flags */
+#define GL_REP_HEADER 16   /* u64 payload length, u32 CUresult, u32 reserved */
+#define GL_FLAG_REPLY 1u
+#define GL_PROTOCOL_VERSION 1u
+
+#define GL_OP_HELLO 1u
+#define GL_OP_SET_CONTEXT 2u
+#define GL_OP_LAUNCH 3u
+#define GL_OP_PARAM_LAYOUT 4u
+
+/* One request being built; the connection lock is held from gl_begin to gl_end. */
+typedef struct {
+    size_t start;      /* offset of this frame's header in the send buffer */
+    size_t rpos;       /* read position in the reply payload */
+    int bad;           /* the reply was shorter than expected */
+    const void *bulk;  /* zero-copy trailing data (user memory), sent with writev */
+    size_t bulk_len;
+} gl_msg;
+
+typedef struct { const char *name; int since; void *fn; } gl_proc;
+typedef struct { int code; const char *name; const char *text; } gl_errname;
+
+extern const gl_proc gl_procs[];
+extern const size_t gl_nprocs;
+extern const gl_errname gl_errnames[];
+extern const size_t gl_nerrnames;
+
+CUresult gl_begin(gl_msg *m, unsigned op, int want_reply);
+void gl_put(gl_msg *m, const void *p, size_t n);
+void gl_put_i(gl_msg *m, int v);
+void gl_put_I(gl_msg *m, unsigned int v);
+void gl_put_Q(gl_msg *m, unsigned long long v);
+void gl_put_f(gl_msg *m, float v);
+void gl_put_u64(gl_msg *m, unsigned long long v);
+void gl_put_bulk(gl_msg *m, const void *p, size_t n);
+CUresult gl_post(gl_msg *m);
+CUresult gl_call(gl_msg *m, void *bulk_out, size_t bulk_n);
+void gl_get(gl_msg *m, void *out, size_t n);
+void gl_get_str(gl_msg *m, char *out, int len);
+void gl_get_var(gl_msg *m, void *out, size_t max);
+CUresult gl_reply_status(gl_msg *m);
+void gl_end(gl_msg *m);
+void gl_abort(gl_msg *m);
+
+uintptr_t gl_mint_handle(void);
+const void *gl_image_data(const void *image, size_t *size);
+CUresult gl_unsupported(const char *name, int *once);
+CUresult gl_unsupported_arg(const char *fn, const char *arg);
+void gl_track_alloc(CUdeviceptr p, size_t n);
+void gl_untrack_alloc(CUdeviceptr p);
+void gl_ctx_set_current(CUcontext c);
+void gl_ctx_forget(CUcontext c);
+
+/* Generated entry points that the hand-written code calls. */
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n);
+CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n);
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n);
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstream s);
+CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstream s);
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s);
+CUresult cuStreamSynchronize(CUstream s);
+
+#endif

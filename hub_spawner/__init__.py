@@ -1,0 +1,1 @@
+"""GPU pool and JupyterHub spawner (see issue: JupyterHub GPU pool and spawner)."""

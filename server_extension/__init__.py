@@ -1,0 +1,1 @@
+"""Jupyter server extension: vGPU usage and tier controls (not built yet)."""

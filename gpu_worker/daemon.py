@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hmac
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -51,8 +52,8 @@ class GPUWorker(Configurable):
                                    "session so that a pool can issue tokens while the worker runs.").tag(config=True)
     vram_quota = Unicode("", help="Default VRAM quota of a session (e.g. '8G'); empty: the whole device."
                          ).tag(config=True)
-    emulated_kernels = List(Unicode(), help="Python modules to import that register host implementations of "
-                                            "kernels for the emulated backend.").tag(config=True)
+    emulated_kernels = List(Unicode(), help="Python modules (dotted names or .py paths) to import that register "
+                                            "host implementations of kernels for the emulated backend.").tag(config=True)
     emulated_memory = Unicode("16G", help="Memory size the emulated device reports.").tag(config=True)
     max_frame = Int(DEFAULT_MAX_FRAME, help="Largest request frame accepted (bulk copy data excepted); a "
                                             "larger one closes the session.").tag(config=True)
@@ -77,7 +78,7 @@ class GPUWorker(Configurable):
             from .backends import emulated  # noqa: F401
 
             for mod in self.emulated_kernels:
-                importlib.import_module(mod)
+                _import_kernels(mod)
         else:
             from .backends import cuda  # noqa: F401
 
@@ -214,6 +215,16 @@ class GPUWorker(Configurable):
         from .backends.cuda import CudaBackend
 
         return CudaBackend()
+
+
+def _import_kernels(name: str) -> None:
+    """Import a kernel module by dotted name or by the path of a .py file."""
+    if name.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(f"gpulab_kernels_{abs(hash(name))}", name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        importlib.import_module(name)
 
 
 def _refuse(conn, code: int, message: str) -> int:

@@ -22,6 +22,18 @@ PRIMARY_CTX_BASE = 0x100  # primary context ids are fixed per device: retaining 
 DEFAULT_STREAMS = (0, 1, 2)  # NULL, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD
 ALLOC_ALIGN = 256
 U64 = struct.Struct("<Q")
+
+
+def _hidden_attributes() -> frozenset:
+    from cuda.bindings import driver
+
+    names = ["MEMORY_POOLS_SUPPORTED", "VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED", "MANAGED_MEMORY",
+             "CONCURRENT_MANAGED_ACCESS", "CAN_MAP_HOST_MEMORY", "HOST_REGISTER_SUPPORTED",
+             "PAGEABLE_MEMORY_ACCESS", "CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM"]
+    return frozenset(int(getattr(driver.CUdevice_attribute, "CU_DEVICE_ATTRIBUTE_" + n)) for n in names)
+
+
+HIDDEN_ATTRIBUTES = _hidden_attributes()
 LAYOUT_ENTRY = struct.Struct("<QQ")
 
 
@@ -78,8 +90,10 @@ class Session:
         self.handles[hid] = (kind, obj)
 
     def id_of(self, kind: str, obj) -> int:
+        """The id the client knows for a backend object (driver handles compare by value)."""
+        key = _key(obj)
         for hid, (k, o) in self.handles.items():
-            if k == kind and o is obj:
+            if k == kind and _key(o) == key:
                 return hid
         raise CudaError(E.INVALID_HANDLE, f"no {kind} handle for {obj!r}")
 
@@ -148,9 +162,16 @@ class Session:
             self._add_span(ptr, size, owned=False)
         return ptr, size
 
+    def cuDeviceGetAttribute(self, attrib: int, dev: int):
+        """A vGPU offers no memory the hypervisor cannot see: no pools, VMM, managed or mapped host memory."""
+        if attrib in HIDDEN_ATTRIBUTES:
+            self.backend.cuDeviceGetAttribute(attrib, dev)  # still validates the device
+            return (0,)
+        return self.backend.cuDeviceGetAttribute(attrib, dev)
+
     # ------------------------------------------------------------------ contexts
     def cuDevicePrimaryCtxRetain(self, dev: int):
-        obj = self.backend.cuDevicePrimaryCtxRetain(dev)
+        (obj,) = self.backend.cuDevicePrimaryCtxRetain(dev)
         hid = PRIMARY_CTX_BASE + dev
         self.handles[hid] = ("ctx", obj)
         return (hid,)
@@ -216,13 +237,23 @@ class Session:
 
     def close(self) -> None:
         """Free everything the session still holds (the client went away)."""
+        freed = sum(self.sizes[b] for b in self.owned)
+        count = len(self.owned)
         for base in list(self.owned):
             try:
                 self.backend.mem_free(base)
             except CudaError:
                 pass
         self.owned.clear()
+        log.info("%s: freed %d bytes in %d allocations", self.label, freed, count)
         self.backend.close()
+
+
+def _key(obj):
+    try:
+        return ("int", int(obj))
+    except TypeError:
+        return ("id", id(obj))
 
 
 def _dtoh(p, name):

@@ -157,7 +157,7 @@ class EmulatedBackend:
         ctx = self.primary.setdefault(dev, _Obj("ctx", device=dev, flags=0, active=False, refs=0, limits={}))
         ctx.active = True
         ctx.refs += 1
-        return ctx
+        return (ctx,)
 
     def cuDevicePrimaryCtxRelease(self, dev):
         self._dev(dev)

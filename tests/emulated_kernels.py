@@ -1,0 +1,24 @@
+"""Host implementations of the test kernels, for workers on the emulated backend."""
+import numpy as np
+
+from gpu_worker.emulated_kernels import kernel
+
+
+@kernel("vec_add")
+def vec_add(launch, a, b, out, n):
+    x, y, z = (launch.array(p, np.float32, n) for p in (a, b, out))
+    z[:] = x + y
+
+
+@kernel("axpy_mixed")
+def axpy_mixed(launch, alpha, x, y, n, offset):
+    """y[i] = alpha * x[i] + y[i] + offset for i < n: float, pointer, pointer, int, double."""
+    xs = launch.array(x, np.float32, n)
+    ys = launch.array(y, np.float32, n)
+    ys[:] = np.float32(alpha) * xs + ys + np.float32(offset)
+
+
+@kernel("scale_inplace")
+def scale_inplace(launch, data, factor, n):
+    d = launch.array(data, np.int32, n)
+    d *= factor

@@ -1,0 +1,41 @@
+# gpulab: `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := .make
+SRC_SHIM := gpu_worker/shim/gl_shim.c gpu_worker/shim/gl_shim.h gpu_worker/shim/gl_generated.c
+
+.PHONY: demo test test-gpu install build generate bench clean
+
+demo: build
+	$(PYTHON) -m gpu_worker.cli demo
+
+test: build
+	$(PYTHON) -m pytest -q
+
+# Needs a GPU machine: the cuda backend and unmodified programs on a real device.
+test-gpu: build
+	$(PYTHON) -m pytest -q -m gpu
+
+# Python packages (the shim is compiled by the same `pip install`, with the system C compiler).
+$(STAMP)/installed: pyproject.toml setup.py
+	@command -v cc >/dev/null || (apt-get update && apt-get install -y gcc)
+	$(PIP) install -q -e '.[test]'
+	@mkdir -p $(STAMP) && touch $@
+
+install: $(STAMP)/installed
+
+# Rebuild the shim when its sources change (pip install -e builds it the first time).
+gpu_worker/shim/lib/libcuda.so.1: $(SRC_SHIM) | $(STAMP)/installed
+	$(PYTHON) gpu_worker/shim/build.py
+
+build: install gpu_worker/shim/lib/libcuda.so.1
+
+# Regenerate the C stubs and the Python dispatch from gpu_worker/api_table.py.
+generate:
+	$(PYTHON) -m gpu_worker.codegen
+
+bench: build
+	$(PYTHON) benchmarks/remote_driver.py
+
+clean:
+	rm -rf $(STAMP) gpu_worker/shim/lib build *.egg-info

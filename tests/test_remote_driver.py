@@ -368,3 +368,28 @@ def test_malformed_frames_close_only_that_session(worker, frame):
         assert struct.unpack_from("<Qi", got)[1] == 801
     s.close()
     assert worker.run(PRELUDE + "setup(); done(n=ok(d.cuDeviceGetCount()))").result == {"n": 1}
+
+
+def test_cubin_and_fatbin_images_travel_whole(worker):
+    """The shim sizes ELF cubins and fatbins itself; the worker sees exactly the image."""
+    r = worker.run(PRELUDE + f"""
+import ctypes, struct
+sys.path.insert(0, {str(ROOT / "tests" / "data")!r})
+from build_ptx import compile_cubin
+setup()
+cubin = compile_cubin(open({str(PTX_FILE.with_suffix(".cu"))!r}, "rb").read(), "sm_90")
+trailing = cubin + b"TRAILING-GARBAGE-NOT-PART-OF-THE-IMAGE"
+r1 = name(d.cuModuleLoadData(trailing))
+body = bytes(range(256)) * 4
+fatbin = struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(body)) + body + b"garbage"
+r2 = name(d.cuModuleLoadData(fatbin))
+keep = ctypes.create_string_buffer(fatbin, len(fatbin))
+wrapper = ctypes.create_string_buffer(struct.pack("<IIQQ", 0x466243B1, 1, ctypes.addressof(keep), 0), 24)
+r3 = name(d.cuModuleLoadFatBinary(ctypes.addressof(wrapper)))
+done(r=[r1, r2, r3], cubin=len(cubin), fatbin=16 + len(body))
+""")
+    res = r.result
+    assert res["r"] == ["CUDA_ERROR_NOT_SUPPORTED"] * 3
+    log = worker.log_text()
+    assert f"got a {res['cubin']}-byte cubin" in log
+    assert log.count(f"got a {res['fatbin']}-byte fatbin") == 2

@@ -309,7 +309,8 @@ class EmulatedBackend:
         self._ctx()
         data = bytes(image)
         if not looks_like_ptx(data):
-            raise CudaError(E.NOT_SUPPORTED, "the emulated device loads PTX only (no cubin or fatbin)")
+            kind = {b"\x7fELF": "cubin", b"\x50\xed\x55\xba": "fatbin"}.get(data[:4], "unknown image")
+            raise CudaError(E.NOT_SUPPORTED, f"the emulated device loads PTX only (got a {len(data)}-byte {kind})")
         try:
             entries = parse_entries(data.decode("utf-8", "replace"))
         except ValueError as exc:

@@ -1,0 +1,88 @@
+"""Fuzzed frames: random requests in valid framing and random bytes. Each may end its own
+session, never the worker, never another session, and never an internal error."""
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+from conftest import PRELUDE
+import struct
+
+from gpu_worker import api_table
+from gpu_worker.codegen import in_struct
+from gpu_worker.generated_dispatch import OPS
+
+FIXED_SIZE = {api_table.opcode(f): struct.calcsize(in_struct(f)) for f in api_table.FORWARDED}
+from gpu_worker.protocol import FLAG_REPLY, HELLO, OP_HELLO, REP_HEADER, REQ_HEADER
+
+
+def open_session(worker) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(worker.unix[len("unix://"):])
+    s.settimeout(10)
+    tok = worker.token.encode()
+    s.sendall(REQ_HEADER.pack(HELLO.size + len(tok), OP_HELLO, FLAG_REPLY) + HELLO.pack(1, os.getpid(), len(tok)) + tok)
+    plen, res, _ = REP_HEADER.unpack(s.recv(REP_HEADER.size, socket.MSG_WAITALL))
+    s.recv(plen, socket.MSG_WAITALL)
+    assert res == 0
+    return s
+
+
+def test_random_requests_in_valid_frames(worker):
+    rng = random.Random(1234)
+    ops = sorted(OPS) + [2, 3, 4, 9999]
+    replies = closed = 0
+    s = open_session(worker)
+    for _ in range(1500):
+        op = rng.choice(ops)
+        if op in FIXED_SIZE and rng.random() < 0.6:  # well-formed layout, random values
+            payload = rng.randbytes(FIXED_SIZE[op])
+        else:
+            payload = rng.randbytes(rng.choice([0, 1, 4, 8, 12, 16, 20, 24, 28, 40, 64, 200]))
+        try:
+            s.sendall(REQ_HEADER.pack(len(payload), op, FLAG_REPLY) + payload)
+            header = s.recv(REP_HEADER.size, socket.MSG_WAITALL)
+            if len(header) < REP_HEADER.size:
+                raise ConnectionError("closed")
+            plen, _res, _ = REP_HEADER.unpack(header)
+            if plen:
+                s.recv(plen, socket.MSG_WAITALL)
+            replies += 1
+        except (ConnectionError, OSError):
+            closed += 1
+            s.close()
+            s = open_session(worker)
+    s.close()
+    assert replies > 0 and closed > 0  # both outcomes were exercised
+    log = worker.log_text()
+    assert "internal error" not in log and "Traceback" not in log, log[-3000:]
+    assert worker.run(PRELUDE + "setup(); done(n=ok(d.cuDeviceGetCount()))").result == {"n": 1}
+
+
+def test_random_bytes_after_the_handshake(worker):
+    rng = random.Random(99)
+    for _ in range(30):
+        s = open_session(worker)
+        try:
+            s.sendall(rng.randbytes(rng.randint(1, 4096)))
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass
+        except OSError:
+            pass
+        s.close()
+    assert "internal error" not in worker.log_text()
+    assert worker.run(PRELUDE + "setup(); done(n=ok(d.cuDeviceGetCount()))").result == {"n": 1}
+
+
+def test_garbage_instead_of_a_hello(worker):
+    for junk in (b"", b"GET / HTTP/1.1\r\n\r\n", os.urandom(64)):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(worker.unix[len("unix://"):])
+        s.settimeout(10)
+        s.sendall(junk)
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(64) in (b"",)  # closed without a reply
+        s.close()
+    assert worker.run(PRELUDE + "setup(); done(n=ok(d.cuDeviceGetCount()))").result == {"n": 1}

@@ -29,7 +29,8 @@ def cmd_worker(args) -> int:
         cfg.merge(PyFileConfigLoader(os.path.basename(args.config), os.path.dirname(os.path.abspath(args.config))).load_config())
     for flag, trait in [("tcp", "tcp"), ("unix_socket", "unix_socket"), ("backend", "backend"), ("token", "token"),
                         ("tokens_file", "tokens_file"), ("vram_quota", "vram_quota"),
-                        ("emulated_memory", "emulated_memory")]:
+                        ("emulated_memory", "emulated_memory"), ("pool_url", "pool_url"), ("name", "name"),
+                        ("advertise", "advertise"), ("node", "node")]:
         value = getattr(args, flag)
         if value is not None:
             cfg.GPUWorker[trait] = value
@@ -44,6 +45,7 @@ def cmd_worker(args) -> int:
     addrs = worker.listen()
     label = worker.kind + (" (TEST DOUBLE: no GPU)" if worker.kind == "emulated" else "")
     print(f"gpulab worker listening on {' '.join(addrs)} backend={label}", flush=True)
+    worker.connect_pool(addrs)
     worker.serve_forever()
     return 0
 
@@ -101,6 +103,10 @@ def main(argv=None) -> int:
     w.add_argument("--emulated-memory", dest="emulated_memory", help="memory of the emulated device, e.g. 16G")
     w.add_argument("--emulated-kernels", dest="emulated_kernels", action="append",
                    help="module registering host kernels for the emulated backend (repeatable)")
+    w.add_argument("--pool-url", dest="pool_url", help="GPU pool service URL to register with")
+    w.add_argument("--name", help="worker name in the pool")
+    w.add_argument("--advertise", help="tcp://host:port clients use to reach this worker")
+    w.add_argument("--node", help="node this worker runs on (for local vGPUs)")
     w.add_argument("--config", help="traitlets config file (c.GPUWorker.*)")
     w.add_argument("-v", "--verbose", action="store_true")
     w.set_defaults(fn=cmd_worker)

@@ -18,7 +18,7 @@ import signal
 import socket
 import struct
 
-from traitlets import Dict, Enum, Int, List, Unicode
+from traitlets import Dict, Enum, Float, Int, List, Unicode
 from traitlets.config import Configurable
 
 from . import errors as E
@@ -55,6 +55,16 @@ class GPUWorker(Configurable):
     emulated_kernels = List(Unicode(), help="Python modules (dotted names or .py paths) to import that register "
                                             "host implementations of kernels for the emulated backend.").tag(config=True)
     emulated_memory = Unicode("16G", help="Memory size the emulated device reports.").tag(config=True)
+    pool_url = Unicode("", help="URL of the GPU pool service to register with (empty: standalone worker)."
+                       ).tag(config=True)
+    pool_token = Unicode("", help="Credential for the GPU pool's worker API (default: $GPULAB_POOL_TOKEN)."
+                         ).tag(config=True)
+    name = Unicode("", help="Name of this worker in the pool (default: host name and port).").tag(config=True)
+    advertise = Unicode("", help="Address clients use to reach this worker, tcp://host:port (default: the TCP "
+                                 "listening address).").tag(config=True)
+    node = Unicode("", help="Node (host) this worker runs on; local vGPUs are placed on the user's node."
+                   ).tag(config=True)
+    heartbeat_interval = Float(5.0, help="Seconds between heartbeats to the pool.").tag(config=True)
     max_frame = Int(DEFAULT_MAX_FRAME, help="Largest request frame accepted (bulk copy data excepted); a "
                                             "larger one closes the session.").tag(config=True)
 
@@ -64,6 +74,7 @@ class GPUWorker(Configurable):
         self.children: set[int] = set()
         self.sessions = 0
         self._stop = False
+        self.pool_link = None
 
     # ------------------------------------------------------------------ set-up
     def resolved_backend(self) -> str:
@@ -120,7 +131,27 @@ class GPUWorker(Configurable):
         for known, limits in table.items():
             if hmac.compare_digest(known.encode(), token.encode()):
                 return dict(limits or {})
+        if self.pool_link is not None and token:
+            try:
+                return self.pool_link.session_limits(token)
+            except OSError as exc:
+                log.error("cannot ask the GPU pool about a session token: %s", exc)
         return None
+
+    def connect_pool(self, addrs: list[str]) -> None:
+        """Register with the pool and keep beating (a daemon thread)."""
+        if not self.pool_url:
+            return
+        from .pool_link import PoolLink, describe_gpus
+
+        tcp = next((a for a in addrs if a.startswith("tcp://")), "")
+        address = self.advertise or tcp or addrs[0]
+        name = self.name or f"{socket.gethostname()}-{address.rsplit(':', 1)[-1]}"
+        gpus = describe_gpus(self.kind, name, parse_size(self.emulated_memory))
+        token = self.pool_token or os.environ.get("GPULAB_POOL_TOKEN", "")
+        self.pool_link = PoolLink(self.pool_url, token, name, address, self.node, self.kind, gpus,
+                                  self.heartbeat_interval)
+        self.pool_link.start()
 
     # ------------------------------------------------------------ accept loop
     def serve_forever(self) -> None:

@@ -1,0 +1,110 @@
+"""The worker's side of the GPU pool: register, send heartbeats, ask about session tokens.
+
+Tokens are issued by the pool when it places a vGPU here; the worker asks the pool about
+a token it does not know when a session presents it, so a token works the moment the pool
+has issued it and stops working the moment the allocation is released.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import urllib.error
+import urllib.request
+import uuid
+
+log = logging.getLogger("gpulab.worker")
+
+
+def describe_gpus(kind: str, worker_name: str, emulated_memory: int) -> list[dict]:
+    """The GPUs this worker serves, as the pool records them."""
+    if kind == "emulated":
+        from .backends.emulated import DEVICE_NAME
+
+        return [{"uuid": "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_DNS, f"gpulab-emulated-{worker_name}")),
+                 "index": 0, "model": DEVICE_NAME, "memory": emulated_memory, "emulated": True}]
+    import pynvml  # nvidia-ml-py: facts without creating a CUDA context in the daemon
+
+    pynvml.nvmlInit()
+    try:
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            gpus.append({"uuid": _text(pynvml.nvmlDeviceGetUUID(h)), "index": i, "model": _text(name),
+                         "memory": int(pynvml.nvmlDeviceGetMemoryInfo(h).total), "emulated": False})
+        return gpus
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class PoolLink:
+    def __init__(self, url: str, token: str, name: str, address: str, node: str, backend: str, gpus: list[dict],
+                 interval: float = 5.0):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.name = name
+        self.info = {"name": name, "address": address, "node": node or socket.gethostname(), "backend": backend,
+                     "gpus": gpus}
+        self.interval = interval
+        self._stop = threading.Event()
+
+    def _request(self, method: str, path: str, body=None, timeout: float = 5.0):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Authorization": f"token {self.token}",
+                                              "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            return json.loads(raw) if raw else None
+
+    def register(self) -> None:
+        self._request("POST", "/api/workers", self.info)
+        log.info("registered with the GPU pool at %s as %s", self.url, self.name)
+
+    def heartbeat(self) -> None:
+        try:
+            self._request("POST", f"/api/workers/{self.name}/heartbeat", {"pid": os.getpid()})
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:  # the pool forgot us (new database): register again
+                self.register()
+            else:
+                raise
+
+    def session_limits(self, token: str):
+        """Limits of a session token the pool issued for this worker, or None."""
+        try:
+            return self._request("POST", f"/api/workers/{self.name}/sessions", {"token": token})
+        except urllib.error.HTTPError as exc:
+            if exc.code in (403, 404):
+                return None
+            raise
+
+    def run(self) -> None:
+        """Register, then beat until stopped (a thread of the daemon)."""
+        while not self._stop.is_set():
+            try:
+                self.register()
+                break
+            except OSError as exc:
+                log.warning("cannot register with the GPU pool at %s: %s (retrying)", self.url, exc)
+                self._stop.wait(min(self.interval, 2.0))
+        while not self._stop.wait(self.interval):
+            try:
+                self.heartbeat()
+            except OSError as exc:
+                log.warning("heartbeat to the GPU pool failed: %s", exc)
+
+    def start(self) -> threading.Thread:
+        t = threading.Thread(target=self.run, name="gpulab-pool-link", daemon=True)
+        t.start()
+        return t
+
+    def stop(self) -> None:
+        self._stop.set()

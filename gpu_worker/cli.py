@@ -89,8 +89,18 @@ def cmd_demo(args) -> int:
     return demo_main(args.backend)
 
 
+# Commands with parsers of their own: `gpulab up --help`, `gpulab pool --help-all`.
+DELEGATED = {"up": "hub_spawner.up", "pool": "hub_spawner.pool"}
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="gpulab", description="gpulab: remote vGPUs for Jupyter")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return importlib.import_module(DELEGATED[argv[0]]).main(argv[1:]) or 0
+    ap = argparse.ArgumentParser(prog="gpulab", description="gpulab: remote vGPUs for Jupyter. Also: "
+                                 "`gpulab up` (JupyterHub with GPU pool, the embedded default), `gpulab pool`.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     w = sub.add_parser("worker", help="run a GPU worker daemon")

@@ -182,7 +182,7 @@ class GPUPool(Application):
             (p + "api/gpus", GPUsHandler),
             (p + "api/usage", UsageHandler),
         ]
-        settings = {"pool": self}
+        settings = {"pool": self, "log_function": log_request}
         if os.environ.get("JUPYTERHUB_API_TOKEN"):  # running as a hub service: the dashboard uses hub OAuth
             routes += [(p, DashboardHandler), (p + "oauth_callback", HubOAuthCallbackHandler)]
             settings["cookie_secret"] = os.environ.get("JUPYTERHUB_COOKIE_SECRET") or secrets.token_bytes(32)
@@ -197,6 +197,14 @@ class GPUPool(Application):
         print(f"gpulab pool listening on {self.bind_url}{self.prefix} (database {self.db_url}, "
               f"strategy {self.strategy})", flush=True)
         ioloop.IOLoop.current().start()
+
+
+def log_request(handler) -> None:
+    """Heartbeats every few seconds would drown the log: successful requests log at debug level."""
+    status = handler.get_status()
+    level = logging.DEBUG if status < 400 else logging.WARNING
+    log.log(level, "%d %s %s %.1fms", status, handler.request.method, handler.request.uri,
+            1000 * handler.request.request_time())
 
 
 def request_from(spec: dict) -> Request:

@@ -35,7 +35,7 @@ from traitlets.config import Application
 from gpu_worker.daemon import parse_size
 
 from .db import GPU, Allocation, Worker, make_sessionmaker
-from .scheduler import STRATEGIES, GPUState, Limits, NoFit, Request, place
+from .scheduler import STRATEGIES, GPUState, InvalidRequest, Limits, NoFit, Request, place
 
 log = logging.getLogger("gpulab.pool")
 
@@ -136,7 +136,7 @@ class GPUPool(Application):
         for spec in specs:
             try:
                 req = request_from(spec)
-            except (NoFit, ValueError, KeyError) as exc:
+            except (InvalidRequest, NoFit) as exc:
                 out.append({"fits": False, "slots": 0, "reason": str(exc)})
                 continue
             trial = [GPUState(**vars(s)) for s in states]
@@ -213,7 +213,7 @@ def request_from(spec: dict) -> Request:
                        count=int(spec.get("count", 1)), mode=str(spec.get("mode", "any")),
                        qos=str(spec.get("qos", "medium")), node=str(spec.get("node", "")))
     except (KeyError, ValueError, TypeError) as exc:
-        raise NoFit(f"invalid GPU request: {exc}") from None
+        raise InvalidRequest(f"invalid GPU request: {exc}") from None
 
 
 def allocation_json(a: Allocation, worker: Worker | None) -> dict:
@@ -332,6 +332,8 @@ class AllocationsHandler(APIHandler):
             raise web.HTTPError(400, "user is required")
         try:
             alloc = self.pool.allocate(spec)
+        except InvalidRequest as exc:
+            raise web.HTTPError(400, str(exc)) from None
         except NoFit as exc:
             log.info("no room for %s: %s", spec.get("user"), exc)
             self.send({"status": 503, "message": str(exc)}, status=503)

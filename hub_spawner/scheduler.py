@@ -42,17 +42,21 @@ class NoFit(Exception):
     """Nothing fits: the message says why, in words a user understands."""
 
 
+class InvalidRequest(ValueError):
+    """The request itself is impossible (not a matter of capacity)."""
+
+
 def validate(req: Request) -> None:
     if req.vram <= 0:
-        raise NoFit("the profile asks for no GPU memory")
+        raise InvalidRequest("the profile asks for no GPU memory")
     if not 0 < req.compute <= 100:
-        raise NoFit(f"a compute share must be between 1 and 100 percent, not {req.compute}")
+        raise InvalidRequest(f"a compute share must be between 1 and 100 percent, not {req.compute}")
     if req.count < 1:
-        raise NoFit("a profile must ask for at least one vGPU")
+        raise InvalidRequest("a profile must ask for at least one vGPU")
     if req.mode not in ("local", "remote", "any"):
-        raise NoFit(f"unknown GPU mode {req.mode!r}")
+        raise InvalidRequest(f"unknown GPU mode {req.mode!r}")
     if req.qos not in ("low", "medium", "high"):
-        raise NoFit(f"unknown QoS {req.qos!r}")
+        raise InvalidRequest(f"unknown QoS {req.qos!r}")
 
 
 def fits(gpu: GPUState, req: Request, limits: Limits) -> bool:

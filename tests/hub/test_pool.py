@@ -1,0 +1,148 @@
+"""The pool service as a real process with a real SQLite file: registration, heartbeats,
+restart persistence, concurrent allocations, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import _call, free_port
+
+HUB_TOKEN, WORKER_TOKEN = "hub-secret-for-tests", "worker-secret-for-tests"
+G = 2**30
+
+
+class Pool:
+    def __init__(self, db: str, timeout: float = 30.0, extra=()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        env = dict(os.environ, GPULAB_POOL_API_TOKEN=HUB_TOKEN, GPULAB_POOL_WORKER_TOKEN=WORKER_TOKEN)
+        env.pop("JUPYTERHUB_API_TOKEN", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hub_spawner.pool", f"--GPUPool.db_url=sqlite:///{db}",
+             f"--GPUPool.bind_url=http://127.0.0.1:{self.port}", f"--GPUPool.heartbeat_timeout={timeout}", *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert "listening" in self.proc.stdout.readline()
+
+    def call(self, method, path, body=None, token=HUB_TOKEN):
+        return _call(method, self.url + path, body, token)
+
+    def register(self, name="w1", gpus=1, memory=16 * G, node="n1"):
+        body = {"name": name, "address": f"tcp://10.0.0.1:{7000 + gpus}", "node": node, "backend": "emulated",
+                "gpus": [{"uuid": f"GPU-{name}-{i}", "index": i, "model": "test GPU", "memory": memory}
+                         for i in range(gpus)]}
+        assert self.call("POST", "api/workers", body, WORKER_TOKEN)[0] == 200
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def pool(tmp_path):
+    p = Pool(str(tmp_path / "pool.sqlite"))
+    yield p
+    p.stop()
+
+
+def test_allocate_issue_token_and_release(pool):
+    pool.register()
+    status, alloc = pool.call("POST", "api/allocations", {"user": "ann", "vram": "4G", "compute": 25})
+    assert status == 201 and alloc["address"] == "tcp://10.0.0.1:7001" and alloc["token"]
+    # the worker asks about the token a session presents
+    status, limits = pool.call("POST", "api/workers/w1/sessions", {"token": alloc["token"]}, WORKER_TOKEN)
+    assert status == 200 and limits["vram"] == 4 * G
+    assert pool.call("POST", "api/workers/w1/sessions", {"token": "forged"}, WORKER_TOKEN)[0] == 404
+    assert pool.call("DELETE", f"api/allocations/{alloc['id']}")[0] == 204
+    assert pool.call("DELETE", f"api/allocations/{alloc['id']}")[0] == 204  # idempotent
+    assert pool.call("POST", "api/workers/w1/sessions", {"token": alloc["token"]}, WORKER_TOKEN)[0] == 404
+    _, usage = pool.call("GET", "api/usage")
+    assert usage[0]["user"] == "ann" and usage[0]["active"] == 0 and usage[0]["gpu_hours"] > 0
+
+
+def test_bad_input_and_wrong_tokens(pool):
+    pool.register()
+    assert pool.call("POST", "api/allocations", {"user": "ann", "vram": "4G"}, token="wrong")[0] == 403
+    assert pool.call("POST", "api/allocations", {"user": "ann", "vram": "4G"}, token=WORKER_TOKEN)[0] == 403
+    assert pool.call("POST", "api/workers", {"name": "x"}, HUB_TOKEN)[0] == 403
+    assert pool.call("POST", "api/workers", {"name": "x"}, WORKER_TOKEN)[0] == 400
+    status, body = pool.call("POST", "api/allocations", {"user": "ann", "vram": "lots"})
+    assert status == 400 and "invalid GPU request" in body["message"]
+    status, body = pool.call("POST", "api/allocations", {"user": "ann", "vram": "4G", "compute": 300})
+    assert status == 400 and "compute share" in body["message"]
+    assert pool.call("POST", "api/allocations", {"vram": "4G"})[0] == 400
+    assert pool.call("DELETE", "api/allocations/999")[0] == 404
+    status, body = pool.call("POST", "api/allocations", {"user": "ann", "vram": "64G"})
+    assert status == 503 and "largest GPU offers 16.0 GiB" in body["message"]
+    assert pool.call("GET", "api/allocations")[1] == []  # nothing was booked by the failures
+
+
+def test_availability_counts_slots(pool):
+    pool.register(gpus=2)
+    _, avail = pool.call("POST", "api/availability", {"requests": [{"vram": "4G", "compute": 25},
+                                                                    {"vram": "16G"}, {"vram": "32G"}]})
+    assert [a["slots"] for a in avail] == [8, 2, 0]
+    assert not avail[2]["fits"] and "largest GPU" in avail[2]["reason"]
+
+
+def test_heartbeat_loss_marks_worker_and_sessions_lost(tmp_path):
+    p = Pool(str(tmp_path / "pool.sqlite"), timeout=1.0)
+    try:
+        p.register()
+        _, alloc = p.call("POST", "api/allocations", {"user": "ann", "vram": "4G"})
+        time.sleep(2.5)
+        _, gpus = p.call("GET", "api/gpus")
+        assert gpus[0]["worker_status"] == "lost"
+        _, a = p.call("GET", f"api/allocations/{alloc['id']}")
+        assert a["status"] == "lost" and "stopped responding" in a["message"]
+        status, body = p.call("POST", "api/allocations", {"user": "bob", "vram": "1G"})
+        assert status == 503 and "no GPU worker" in body["message"]
+        # the worker comes back: it can be used again
+        assert p.call("POST", "api/workers/w1/heartbeat", {}, WORKER_TOKEN)[0] == 200
+        assert p.call("POST", "api/allocations", {"user": "bob", "vram": "1G"})[0] == 201
+        assert p.call("POST", "api/workers/nobody/heartbeat", {}, WORKER_TOKEN)[0] == 404
+    finally:
+        p.stop()
+
+
+def test_allocations_survive_a_restart(tmp_path):
+    db = str(tmp_path / "pool.sqlite")
+    p = Pool(db)
+    p.register()
+    _, alloc = p.call("POST", "api/allocations", {"user": "ann", "vram": "12G"})
+    p.stop()
+    p = Pool(db)
+    try:
+        _, a = p.call("GET", f"api/allocations/{alloc['id']}")
+        assert a["status"] == "active" and a["user"] == "ann"
+        status, body = p.call("POST", "api/allocations", {"user": "bob", "vram": "8G"})
+        assert status == 503  # the 12 GiB are still promised
+        assert p.call("POST", "api/workers/w1/sessions", {"token": alloc["token"]}, WORKER_TOKEN)[0] == 200
+    finally:
+        p.stop()
+
+
+def test_concurrent_allocations_never_double_book(tmp_path):
+    """Two pool processes on one SQLite file, 40 requests at once: exactly the capacity is booked."""
+    db = str(tmp_path / "pool.sqlite")
+    a, b = Pool(db), Pool(db)
+    try:
+        a.register(gpus=2)  # 2 x 16 GiB: room for 16 vGPUs of 2 GiB
+        with ThreadPoolExecutor(40) as ex:
+            results = list(ex.map(lambda i: (a if i % 2 else b).call(
+                "POST", "api/allocations", {"user": f"u{i}", "vram": "2G", "compute": 10}), range(40)))
+        codes = sorted(s for s, _ in results)
+        assert codes.count(201) == 16 and codes.count(503) == 24
+        _, gpus = a.call("GET", "api/gpus")
+        assert [g["used_vram"] for g in gpus] == [16 * G, 16 * G]
+        tokens = {r["token"] for s, r in results if s == 201}
+        assert len(tokens) == 16
+    finally:
+        a.stop()
+        b.stop()

@@ -4,9 +4,14 @@ PIP := $(PYTHON) -m pip
 STAMP := .make
 SRC_SHIM := gpu_worker/shim/gl_shim.c gpu_worker/shim/gl_shim.h gpu_worker/shim/gl_generated.c
 
-.PHONY: demo test test-gpu install build generate bench clean
+.PHONY: demo demo-cuda test test-gpu install build generate bench clean
 
+# The embedded default: JupyterHub + GPU pool + a local worker (the GPU, or the emulated device).
 demo: build
+	$(PYTHON) -m gpu_worker.cli up
+
+# Only the remote-CUDA path: a worker and a short CUDA program through the shim.
+demo-cuda: build
 	$(PYTHON) -m gpu_worker.cli demo
 
 test: build
@@ -16,9 +21,16 @@ test: build
 test-gpu: build
 	$(PYTHON) -m pytest -q -m gpu
 
+# System packages: a C compiler for the shim, Debian's Chromium for the browser tests,
+# Node.js and configurable-http-proxy for JupyterHub. Installed only when missing.
+$(STAMP)/system:
+	@command -v cc >/dev/null && command -v chromium >/dev/null && command -v npm >/dev/null || \
+		(apt-get update && apt-get install -y --no-install-recommends gcc chromium nodejs npm)
+	@command -v configurable-http-proxy >/dev/null || npm install -g configurable-http-proxy
+	@mkdir -p $(STAMP) && touch $@
+
 # Python packages (the shim is compiled by the same `pip install`, with the system C compiler).
-$(STAMP)/installed: pyproject.toml setup.py
-	@command -v cc >/dev/null || (apt-get update && apt-get install -y gcc)
+$(STAMP)/installed: pyproject.toml setup.py $(STAMP)/system
 	$(PIP) install -q -e '.[test]'
 	@mkdir -p $(STAMP) && touch $@
 
@@ -36,6 +48,7 @@ generate:
 
 bench: build
 	$(PYTHON) benchmarks/remote_driver.py
+	$(PYTHON) benchmarks/spawn.py
 
 clean:
 	rm -rf $(STAMP) gpu_worker/shim/lib build *.egg-info

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
@@ -46,5 +47,8 @@ async def _run(base: str, token: str, code: str, timeout: float) -> str:
 
 
 def run_in_kernel(hub_url: str, user: str, token: str, code: str, timeout: float = 60) -> str:
-    """stdout (and any traceback) of ``code`` run in a new kernel of ``user``'s default server."""
-    return asyncio.run(_run(f"{hub_url}/user/{user}/", token, code, timeout))
+    """stdout (and any traceback) of ``code`` run in a new kernel of ``user``'s default server.
+
+    Runs its own event loop in a thread: callers (Playwright's sync API) may have one running."""
+    with ThreadPoolExecutor(1) as ex:
+        return ex.submit(asyncio.run, _run(f"{hub_url}/user/{user}/", token, code, timeout)).result()

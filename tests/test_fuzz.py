@@ -6,7 +6,7 @@ import os
 import random
 import socket
 
-from conftest import PRELUDE
+from workertools import PRELUDE
 import struct
 
 from gpu_worker import api_table

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import PRELUDE
+from workertools import PRELUDE
 
 pytestmark = pytest.mark.gpu
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import PRELUDE, PTX_FILE, ROOT
+from workertools import PRELUDE, PTX_FILE, ROOT
 
 
 def test_device_queries_report_the_vgpu(worker):

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import API_TOKEN
+from hubtools import API_TOKEN
 from kernel_client import run_in_kernel
 
 playwright_api = pytest.importorskip("playwright.sync_api")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from kernel_client import run_in_kernel
 
-from conftest import API_TOKEN
+from hubtools import API_TOKEN
 
 CUDA_PROBE = """
 import os

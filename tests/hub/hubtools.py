@@ -1,0 +1,121 @@
+"""Helpers for hub tests: a real `gpulab up` (JupyterHub + configurable-http-proxy + pool + emulated worker)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS = str(ROOT / "tests" / "emulated_kernels.py")
+API_TOKEN = "gpulab-test-automation-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Hub:
+    def __init__(self, state: Path, extra=()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.state = state
+        self.log_path = state.parent / f"{state.name}-hub.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gpu_worker.cli", "up", "--state-dir", str(state), "--port", str(self.port),
+             "--backend", "emulated", "--api-token", API_TOKEN, "--emulated-kernels", KERNELS, *extra],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        deadline = time.time() + 120
+        while "gpulab is up" not in self.log_path.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("gpulab up failed:\n" + self.log_path.read_text(errors="replace")[-5000:])
+            time.sleep(0.3)
+        secrets = json.loads((state / "secrets.json").read_text())
+        self.pool_token = secrets["pool_api_token"]
+        self.admin_password = secrets["admin_password"]
+        self.wait_for_worker()
+
+    def api(self, method: str, path: str, body=None, token=API_TOKEN):
+        """(status, parsed JSON or None) of a hub API call."""
+        return _call(method, f"{self.url}/hub/api/{path}", body, token)
+
+    def pool(self, method: str, path: str, body=None):
+        return _call(method, f"{self.url}/services/gpulab-pool/{path}", body, self.pool_token)
+
+    def wait_for_worker(self, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status, gpus = self.pool("GET", "api/gpus")
+            if status == 200 and gpus and gpus[0]["worker_status"] == "up":
+                return gpus
+            time.sleep(0.3)
+        raise RuntimeError("the worker did not register with the pool")
+
+    def wait_ready(self, user: str, timeout=120) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            _, model = self.api("GET", f"users/{user}")
+            server = model["servers"].get("")
+            if server and server["ready"]:
+                return server
+            if not server or server["pending"] not in ("spawn", None):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{user}'s server did not become ready:\n" + self.log_text()[-4000:])
+
+    def wait_stopped(self, user: str, timeout=60) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            _, model = self.api("GET", f"users/{user}")
+            if not model["servers"]:
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"{user}'s server did not stop")
+
+    def allocations(self, user: str, status="active") -> list:
+        _, rows = self.pool("GET", f"api/allocations?user={user}&status={status}")
+        return rows
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        # JupyterHub's children (proxy, services, servers) live in the same process group
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log.close()
+
+
+def _call(method, url, body, token):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Authorization": f"token {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            raw = r.read()
+            return r.status, (json.loads(raw) if raw else None)
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:
+            return exc.code, raw.decode(errors="replace")
+
+

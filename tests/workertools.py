@@ -1,0 +1,101 @@
+"""Helpers: real worker processes and client programs running through the built shim."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = str(ROOT / "tests" / "emulated_kernels.py")
+PTX_FILE = ROOT / "tests" / "data" / "kernels.ptx"
+
+
+def gpu_present() -> bool:
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
+
+
+class Worker:
+    """A `gpulab worker` process; its log is kept for assertions."""
+
+    def __init__(self, tmp: Path, token="t0ken", backend="emulated", tcp=False, extra=()):
+        self.token = token
+        self.sock = tmp / f"worker-{time.monotonic_ns()}.sock"
+        self.log_path = tmp / f"worker-{time.monotonic_ns()}.log"
+        cmd = [sys.executable, "-m", "gpu_worker.cli", "worker", "--backend", backend,
+               "--unix-socket", str(self.sock), "--emulated-kernels", KERNELS, *extra]
+        if token is not None:
+            cmd += ["--token", token]
+        if tcp:
+            cmd += ["--tcp", "127.0.0.1:0"]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT,
+                                     start_new_session=True)
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            self.stop()
+            raise RuntimeError(f"worker did not start: {line!r} {self.log_path.read_text()}")
+        self.addresses = line.split("listening on ")[1].split(" backend=")[0].split()
+        self.unix = next(a for a in self.addresses if a.startswith("unix://"))
+        self.tcp = next((a for a in self.addresses if a.startswith("tcp://")), None)
+
+    def env(self, address=None, token=None):
+        from gpu_worker.cli import shim_env
+
+        return shim_env(address or self.unix, self.token if token is None else token)
+
+    def run(self, code: str, address=None, token=None, timeout=60, check=True, env_extra=None):
+        """Run a Python client through the shim; it prints one JSON document."""
+        env = self.env(address, token)
+        env.update(env_extra or {})
+        p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                           timeout=timeout, cwd=ROOT)
+        if check and p.returncode != 0:
+            raise AssertionError(f"client failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        p.result = json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else None
+        return p
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+# Shared prelude of client programs: the driver API with errors as names.
+PRELUDE = """
+import json, sys
+import numpy as np
+from cuda.bindings import driver as d
+
+def ok(res):
+    err = res[0]
+    if err != d.CUresult.CUDA_SUCCESS:
+        raise SystemExit(f"CUDA call failed: {err.name}")
+    return res[1] if len(res) == 2 else res[1:]
+
+def name(res):
+    return res[0].name
+
+def setup():
+    ok(d.cuInit(0))
+    dev = ok(d.cuDeviceGet(0))
+    ctx = ok(d.cuDevicePrimaryCtxRetain(dev))
+    ok(d.cuCtxSetCurrent(ctx))
+    return dev, ctx
+
+def done(**kw):
+    print(json.dumps(kw))
+"""

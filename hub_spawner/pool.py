@@ -218,7 +218,8 @@ def request_from(spec: dict) -> Request:
 
 def allocation_json(a: Allocation, worker: Worker | None) -> dict:
     return {"id": a.id, "user": a.user, "server_name": a.server_name, "profile": a.profile,
-            "worker": a.worker_name, "address": worker.address if worker else "", "gpus": a.gpu_list,
+            "worker": a.worker_name, "address": worker.address if worker else "",
+            "node": worker.node if worker else "", "gpus": a.gpu_list,
             "vram": a.vram, "compute": a.compute, "count": a.count, "mode": a.mode, "qos": a.qos,
             "status": a.status, "message": a.message, "created": a.created, "ended": a.ended,
             "emulated": worker.backend == "emulated" if worker else False}

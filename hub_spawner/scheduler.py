@@ -70,7 +70,7 @@ def place(req: Request, gpus: list[GPUState], strategy: str, limits: Limits) -> 
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
     candidates = gpus
-    if req.mode == "local":
+    if req.mode == "local" and req.node:  # no node yet (Kubernetes): the server follows the vGPU
         candidates = [g for g in gpus if g.node == req.node]
         if not candidates:
             raise NoFit("no GPU on the node of your server (a local vGPU needs one); try a remote profile")

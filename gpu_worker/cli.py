@@ -34,6 +34,8 @@ def cmd_worker(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             cfg.GPUWorker[trait] = value
+    if args.heartbeat_interval is not None:
+        cfg.GPUWorker.heartbeat_interval = args.heartbeat_interval
     if args.emulated_kernels:
         cfg.GPUWorker.emulated_kernels = args.emulated_kernels
     if args.token is None and "GPULAB_TOKEN" in os.environ and not args.tokens_file:
@@ -117,6 +119,8 @@ def main(argv=None) -> int:
     w.add_argument("--name", help="worker name in the pool")
     w.add_argument("--advertise", help="tcp://host:port clients use to reach this worker")
     w.add_argument("--node", help="node this worker runs on (for local vGPUs)")
+    w.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float,
+                   help="seconds between heartbeats to the pool (default 5)")
     w.add_argument("--config", help="traitlets config file (c.GPUWorker.*)")
     w.add_argument("-v", "--verbose", action="store_true")
     w.set_defaults(fn=cmd_worker)

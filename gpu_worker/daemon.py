@@ -7,6 +7,7 @@ fork safely; each executor initialises CUDA for itself.
 from __future__ import annotations
 
 import errno
+import hashlib
 import hmac
 import importlib
 import importlib.util
@@ -75,6 +76,7 @@ class GPUWorker(Configurable):
         self.sessions = 0
         self._stop = False
         self.pool_link = None
+        self.usage_dir = ""
 
     # ------------------------------------------------------------------ set-up
     def resolved_backend(self) -> str:
@@ -144,13 +146,16 @@ class GPUWorker(Configurable):
             return
         from .pool_link import PoolLink, describe_gpus
 
+        import tempfile
+
+        self.usage_dir = tempfile.mkdtemp(prefix="gpulab-worker-usage-")
         tcp = next((a for a in addrs if a.startswith("tcp://")), "")
         address = self.advertise or tcp or addrs[0]
         name = self.name or f"{socket.gethostname()}-{address.rsplit(':', 1)[-1]}"
         gpus = describe_gpus(self.kind, name, parse_size(self.emulated_memory))
         token = self.pool_token or os.environ.get("GPULAB_POOL_TOKEN", "")
         self.pool_link = PoolLink(self.pool_url, token, name, address, self.node, self.kind, gpus,
-                                  self.heartbeat_interval)
+                                  self.heartbeat_interval, usage_dir=self.usage_dir)
         self.pool_link.start()
 
     # ------------------------------------------------------------ accept loop
@@ -218,7 +223,8 @@ class GPUWorker(Configurable):
             backend = self.make_backend()
             msg = f"{backend.name} backend".encode()
             conn.sendall(REP_HEADER.pack(len(msg), 0, 0) + msg)
-            session = Session(backend, quota=quota, label=label)
+            usage = os.path.join(self.usage_dir, f"{token_hash(token)}.{os.getpid()}") if self.usage_dir else None
+            session = Session(backend, quota=quota, label=label, usage_file=usage)
             log.info("%s: opened (%s, quota %s)", label, backend.name, quota)
             executor = Executor(conn, session, self.max_frame)
             executor.reader = reader
@@ -256,6 +262,11 @@ def _import_kernels(name: str) -> None:
         spec.loader.exec_module(module)
     else:
         importlib.import_module(name)
+
+
+def token_hash(token: str) -> str:
+    """How sessions are named to the pool: never the token itself."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 def _refuse(conn, code: int, message: str) -> int:

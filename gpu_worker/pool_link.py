@@ -46,13 +46,14 @@ def _text(v) -> str:
 
 class PoolLink:
     def __init__(self, url: str, token: str, name: str, address: str, node: str, backend: str, gpus: list[dict],
-                 interval: float = 5.0):
+                 interval: float = 5.0, usage_dir: str = ""):
         self.url = url.rstrip("/")
         self.token = token
         self.name = name
         self.info = {"name": name, "address": address, "node": node or socket.gethostname(), "backend": backend,
                      "gpus": gpus}
         self.interval = interval
+        self.usage_dir = usage_dir
         self._stop = threading.Event()
 
     def _request(self, method: str, path: str, body=None, timeout: float = 5.0):
@@ -70,12 +71,30 @@ class PoolLink:
 
     def heartbeat(self) -> None:
         try:
-            self._request("POST", f"/api/workers/{self.name}/heartbeat", {"pid": os.getpid()})
+            self._request("POST", f"/api/workers/{self.name}/heartbeat", {"pid": os.getpid(),
+                                                                            "sessions": self.session_usage()})
         except urllib.error.HTTPError as exc:
             if exc.code == 404:  # the pool forgot us (new database): register again
                 self.register()
             else:
                 raise
+
+    def session_usage(self) -> dict:
+        """VRAM in use per session, keyed by token hash (files the executors keep up to date)."""
+        usage: dict[str, int] = {}
+        if not self.usage_dir:
+            return usage
+        for entry in os.scandir(self.usage_dir):
+            if entry.name.endswith(".tmp"):
+                continue
+            try:
+                with open(entry.path) as f:
+                    used = int(f.read() or 0)
+            except (OSError, ValueError):
+                continue
+            key = entry.name.split(".")[0]
+            usage[key] = usage.get(key, 0) + used
+        return usage
 
     def session_limits(self, token: str):
         """Limits of a session token the pool issued for this worker, or None."""

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import struct
+import time
 
 from . import errors as E
 from .errors import CudaError
@@ -38,8 +40,10 @@ LAYOUT_ENTRY = struct.Struct("<QQ")
 
 
 class Session:
-    def __init__(self, backend, quota: int | None = None, label: str = ""):
+    def __init__(self, backend, quota: int | None = None, label: str = "", usage_file: str | None = None):
         self.backend = backend
+        self.usage_file = usage_file  # where the daemon's heartbeat reads this session's VRAM use
+        self._reported_at = 0.0
         self.quota = quota
         self.label = label
         self.handles: dict[int, tuple[str, object]] = {}
@@ -130,6 +134,7 @@ class Session:
         ptr = self.backend.mem_alloc(bytesize)
         self._add_span(ptr, bytesize, owned=True)
         self.used += charged
+        self.report_usage()
         return (ptr,)
 
     def cuMemFree(self, dptr: int) -> None:
@@ -140,6 +145,18 @@ class Session:
         self.starts.remove(dptr)
         self.owned.discard(dptr)
         self.used -= -(-size // ALLOC_ALIGN) * ALLOC_ALIGN
+        self.report_usage()
+
+    def report_usage(self, force: bool = False) -> None:
+        """Write the VRAM in use (at most twice a second) for the pool's dashboard."""
+        now = time.monotonic()
+        if self.usage_file is None or (not force and now - self._reported_at < 0.5):
+            return
+        self._reported_at = now
+        tmp = self.usage_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(str(self.used))
+        os.replace(tmp, self.usage_file)
 
     def cuMemGetInfo(self):
         if self.quota is None:
@@ -246,6 +263,11 @@ class Session:
                 pass
         self.owned.clear()
         log.info("%s: freed %d bytes in %d allocations", self.label, freed, count)
+        if self.usage_file:
+            try:
+                os.unlink(self.usage_file)
+            except FileNotFoundError:
+                pass
         self.backend.close()
 
 

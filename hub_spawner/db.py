@@ -52,6 +52,7 @@ class Allocation(Base):
     qos: Mapped[str] = mapped_column(String(16), default="medium")
     token: Mapped[str] = mapped_column(String(128), unique=True)
     status: Mapped[str] = mapped_column(String(16), default="active", index=True)  # active | lost | released
+    used_vram: Mapped[int] = mapped_column(BigInteger, default=0)  # reported by the worker's heartbeats
     message: Mapped[str] = mapped_column(String(1024), default="")
     created: Mapped[float] = mapped_column(Float, default=time.time)
     ended: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -32,7 +32,7 @@ from tornado import ioloop, web
 from traitlets import Enum, Float, Set, Unicode, default
 from traitlets.config import Application
 
-from gpu_worker.daemon import parse_size
+from gpu_worker.daemon import parse_size, token_hash
 
 from .db import GPU, Allocation, Worker, make_sessionmaker
 from .scheduler import STRATEGIES, GPUState, InvalidRequest, Limits, NoFit, Request, place
@@ -221,7 +221,7 @@ def allocation_json(a: Allocation, worker: Worker | None) -> dict:
             "worker": a.worker_name, "address": worker.address if worker else "",
             "node": worker.node if worker else "", "gpus": a.gpu_list,
             "vram": a.vram, "compute": a.compute, "count": a.count, "mode": a.mode, "qos": a.qos,
-            "status": a.status, "message": a.message, "created": a.created, "ended": a.ended,
+            "status": a.status, "message": a.message, "used_vram": a.used_vram, "created": a.created, "ended": a.ended,
             "emulated": worker.backend == "emulated" if worker else False}
 
 
@@ -311,6 +311,11 @@ class HeartbeatHandler(APIHandler):
             if w.status != "up":
                 log.info("worker %s is back", name)
             w.status, w.last_seen = "up", time.time()
+            usage = self.body().get("sessions") or {}
+            if isinstance(usage, dict):
+                for a in db.scalars(select(Allocation).where(Allocation.worker_name == name,
+                                                             Allocation.status == "active")):
+                    a.used_vram = int(usage.get(token_hash(a.token), 0))
         self.send({})
 
 
@@ -441,7 +446,8 @@ def render_dashboard(gpus, workers, sessions, usage) -> str:
     worker_rows = [(w.name, w.address, w.node, w.backend + (" (test double)" if w.backend == "emulated" else ""),
                     w.status, time.strftime("%H:%M:%S", time.localtime(w.last_seen))) for w in workers]
     session_rows = [(a.id, a.user, a.server_name or "(default)", a.profile, a.worker_name,
-                     f"{a.vram / gib:.1f} GiB", f"{a.compute}%", a.status, "hot") for a in sessions]
+                     f"{a.vram / gib:.1f} GiB", f"{a.used_vram / 2**20:.0f} MiB", f"{a.compute}%", a.status,
+                     "hot (no tiering yet)") for a in sessions]
     usage_rows = [(u["user"], f"{u['gpu_hours']:.3f}", u["active"]) for u in usage]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>gpulab GPU pool</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:2em}}
@@ -449,7 +455,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><bo
 <h1>gpulab GPU pool</h1>
 <h2>GPUs</h2>{_table(["worker", "model", "VRAM promised", "compute promised", "sessions", "status"], gpu_rows)}
 <h2>Workers</h2>{_table(["name", "address", "node", "backend", "status", "last heartbeat"], worker_rows)}
-<h2>Sessions</h2>{_table(["id", "user", "server", "profile", "worker", "quota", "compute", "status", "tier"],
+<h2>Sessions</h2>{_table(["id", "user", "server", "profile", "worker", "quota", "VRAM in use", "compute", "status",
+                          "tier"],
                          session_rows)}
 <h2>GPU-hours per user</h2>{_table(["user", "GPU-hours", "active vGPUs"], usage_rows)}
 </body></html>"""

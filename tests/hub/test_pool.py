@@ -12,7 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from gpu_worker.cli import shim_env
 from hubtools import _call, free_port
+from workertools import PRELUDE
 
 HUB_TOKEN, WORKER_TOKEN = "hub-secret-for-tests", "worker-secret-for-tests"
 G = 2**30
@@ -146,3 +148,37 @@ def test_concurrent_allocations_never_double_book(tmp_path):
     finally:
         a.stop()
         b.stop()
+
+
+def test_worker_reports_session_vram_use(pool):
+    """A real worker registers, serves a session with a pool-issued token and reports its use."""
+    env = dict(os.environ, GPULAB_POOL_TOKEN=WORKER_TOKEN)
+    worker = subprocess.Popen([sys.executable, "-m", "gpu_worker.cli", "worker", "--backend", "emulated",
+                               "--tcp", "127.0.0.1:0", "--pool-url", pool.url, "--name", "real",
+                               "--heartbeat-interval", "0.3"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    client = None
+    try:
+        address = worker.stdout.readline().split("listening on ")[1].split()[0]
+        deadline = time.time() + 20
+        while not [g for g in pool.call("GET", "api/gpus")[1] if g["worker"] == "real"]:
+            assert time.time() < deadline
+            time.sleep(0.1)
+        status, alloc = pool.call("POST", "api/allocations", {"user": "ann", "vram": "1G"})
+        assert status == 201 and alloc["worker"] == "real" and alloc["address"] == address
+        client = subprocess.Popen([sys.executable, "-c", PRELUDE + """
+setup()
+p = ok(d.cuMemAlloc(3 << 20))
+total = ok(d.cuMemGetInfo())[1]
+print(total, flush=True)
+sys.stdin.readline()
+"""], env=shim_env(address, alloc["token"]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert int(client.stdout.readline()) == 1 << 30  # the pool's quota reached the worker
+        deadline = time.time() + 20
+        while pool.call("GET", f"api/allocations/{alloc['id']}")[1]["used_vram"] != 3 << 20:
+            assert time.time() < deadline, "the heartbeat never reported the session's VRAM"
+            time.sleep(0.1)
+    finally:
+        if client:
+            client.kill()
+        os.killpg(worker.pid, signal.SIGKILL)

@@ -230,6 +230,9 @@ class GPUSpawner(Configurable):
             lost = await self.pool_call("GET", f"api/allocations?user={self.user.name}&status=lost")
             if lost:
                 notice = f'<div class="alert alert-warning gpulab-lost">{html.escape(lost[-1]["message"])}</div>'
+            if any(g["emulated"] for g in await self.pool_call("GET", "api/gpus")):
+                notice += ('<div class="alert alert-info gpulab-emulated">The GPUs of this hub are EMULATED: a test '
+                           'double without a real GPU, where only registered kernels run.</div>')
         except PoolError as exc:
             avail = [{"fits": False, "slots": 0, "reason": exc.message}] * len(specs)
         it = iter(avail)
@@ -237,7 +240,8 @@ class GPUSpawner(Configurable):
         for i, (p, gpu) in enumerate(gpu_profiles):
             items.append(render_profile(p, gpu, next(it) if gpu else None, checked=p.get("default") or (
                 i == 0 and not any(q.get("default") for q in profiles))))
-        return notice + '<div class="gpulab-profiles">' + "".join(items) + "</div>"
+        style = "<style>.gpulab-profile{margin-bottom:1em}.gpulab-full{color:#b00}.gpulab-free{color:#070}</style>"
+        return style + notice + '<div class="gpulab-profiles">' + "".join(items) + "</div>"
 
     def options_from_form(self, formdata):
         slug = (formdata.get("profile") or [None])[0]
@@ -273,11 +277,12 @@ def describe_gpu(gpu: dict | None) -> str:
 def render_profile(p: dict, gpu: dict | None, avail: dict | None, checked: bool) -> str:
     slug = html.escape(profile_slug(p))
     if avail is None:
-        status = '<span class="gpulab-avail">no GPU needed</span>'
+        status = ""
     elif avail["fits"]:
         status = f'<span class="gpulab-avail gpulab-free">{avail["slots"]} available now</span>'
     else:
         status = f'<span class="gpulab-avail gpulab-full">Full: {html.escape(avail["reason"])}</span>'
+    status = f" — {status}" if status else ""
     options = []
     for name, opt in (p.get("profile_options") or {}).items():
         choices = "".join(
@@ -288,7 +293,7 @@ def render_profile(p: dict, gpu: dict | None, avail: dict | None, checked: bool)
     return (f'<div class="gpulab-profile" data-slug="{slug}"><label>'
             f'<input type="radio" name="profile" value="{slug}"{" checked" if checked else ""}> '
             f'<strong>{html.escape(p["display_name"])}</strong></label> '
-            f'<span class="gpulab-gpu">{html.escape(describe_gpu(gpu))}</span> {status}'
+            f'— <span class="gpulab-gpu">{html.escape(describe_gpu(gpu))}</span>{status}'
             f'<p>{html.escape(p.get("description", ""))}</p>{"".join(options)}</div>')
 
 

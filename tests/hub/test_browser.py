@@ -50,7 +50,8 @@ def test_pick_a_profile_start_use_and_stop(page, hub):
     profiles = open_form(page, hub)
     assert set(profiles) == {"small", "half", "full", "cpu"}
     assert re.search(r"\d+ available now", profiles["small"]) and "EMULATED" not in profiles["small"]
-    assert "no GPU needed" in profiles["cpu"]
+    assert "no GPU" in profiles["cpu"] and "available" not in profiles["cpu"]
+    assert "EMULATED" in page.inner_text(".gpulab-emulated")
     page.check("input[name=profile][value=small]")
     page.select_option("select[name='profile-option-small--vram']", "1g")
     page.click("#spawn_form button[type=submit], #spawn_form input[type=submit]")

@@ -71,6 +71,10 @@ class GPUSpawner(Configurable):
     def _options_form_default(self):
         return self.render_options_form
 
+    @default("apply_user_options")
+    def _apply_user_options_default(self):
+        return _check_user_options
+
     # --------------------------------------------------------------- profiles
     async def visible_profiles(self) -> list[dict]:
         profiles = self.gpu_profiles
@@ -251,6 +255,11 @@ class GPUSpawner(Configurable):
             if key.startswith(prefix) and values:
                 options[key[len(prefix):]] = values[0]
         return options
+
+
+async def _check_user_options(spawner: GPUSpawner, user_options: dict) -> None:
+    """JupyterHub's early hook: refuse a bad profile before anything starts (start() checks again)."""
+    spawner.resolve(await spawner.visible_profiles(), user_options or {})
 
 
 class PoolError(Exception):

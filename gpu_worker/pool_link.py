@@ -24,7 +24,7 @@ def describe_gpus(kind: str, worker_name: str, emulated_memory: int) -> list[dic
         from .backends.emulated import DEVICE_NAME
 
         return [{"uuid": "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_DNS, f"gpulab-emulated-{worker_name}")),
-                 "index": 0, "model": DEVICE_NAME, "memory": emulated_memory, "emulated": True}]
+                 "index": 0, "model": DEVICE_NAME, "memory": emulated_memory, "capability": "9.0", "emulated": True}]
     import pynvml  # nvidia-ml-py: facts without creating a CUDA context in the daemon
 
     pynvml.nvmlInit()
@@ -33,8 +33,10 @@ def describe_gpus(kind: str, worker_name: str, emulated_memory: int) -> list[dic
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = pynvml.nvmlDeviceGetName(h)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
             gpus.append({"uuid": _text(pynvml.nvmlDeviceGetUUID(h)), "index": i, "model": _text(name),
-                         "memory": int(pynvml.nvmlDeviceGetMemoryInfo(h).total), "emulated": False})
+                         "memory": int(pynvml.nvmlDeviceGetMemoryInfo(h).total), "capability": f"{major}.{minor}",
+                         "emulated": False})
         return gpus
     finally:
         pynvml.nvmlShutdown()

@@ -33,6 +33,7 @@ class GPU(Base):
     index: Mapped[int] = mapped_column(Integer, default=0)
     model: Mapped[str] = mapped_column(String(255), default="")
     memory: Mapped[int] = mapped_column(BigInteger)
+    capability: Mapped[str] = mapped_column(String(16), default="")  # CUDA compute capability, e.g. "9.0"
     emulated: Mapped[bool] = mapped_column(Boolean, default=False)
     worker: Mapped[Worker] = relationship(back_populates="gpus")
 

@@ -294,6 +294,7 @@ class WorkersHandler(APIHandler):
                 row = known.get(g["uuid"]) or GPU(uuid=g["uuid"])
                 row.index, row.model = int(g.get("index", 0)), str(g.get("model", ""))
                 row.memory, row.emulated = int(g["memory"]), bool(g.get("emulated", False))
+                row.capability = str(g.get("capability", ""))
                 if row.uuid not in known:
                     w.gpus.append(row)
         log.info("worker %s registered at %s with %d GPU(s)", name, address, len(gpus))
@@ -388,7 +389,7 @@ def gpu_table(pool: GPUPool) -> list[dict]:
         used = {s.uuid: s for s in pool.gpu_states(db)}
         rows = db.execute(select(GPU, Worker).join(Worker).order_by(Worker.name, GPU.index)).all()
         return [{"uuid": g.uuid, "worker": w.name, "worker_status": w.status, "model": g.model,
-                 "memory": g.memory, "emulated": g.emulated,
+                 "memory": g.memory, "capability": g.capability, "emulated": g.emulated,
                  "used_vram": used[g.uuid].used_vram if g.uuid in used else 0,
                  "used_compute": used[g.uuid].used_compute if g.uuid in used else 0,
                  "sessions": used[g.uuid].sessions if g.uuid in used else 0} for g, w in rows]
@@ -440,7 +441,7 @@ def _table(headers, rows) -> str:
 
 def render_dashboard(gpus, workers, sessions, usage) -> str:
     gib = 2**30
-    gpu_rows = [(g["worker"], g["model"] + (" (EMULATED test double)" if g["emulated"] else ""),
+    gpu_rows = [(g["worker"], g["model"] + (" (EMULATED test double)" if g["emulated"] else ""), g["capability"],
                  f"{g['used_vram'] / gib:.1f} / {g['memory'] / gib:.1f} GiB", f"{g['used_compute']}%",
                  g["sessions"], g["worker_status"]) for g in gpus]
     worker_rows = [(w.name, w.address, w.node, w.backend + (" (test double)" if w.backend == "emulated" else ""),
@@ -453,7 +454,8 @@ def render_dashboard(gpus, workers, sessions, usage) -> str:
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:2em}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
 <h1>gpulab GPU pool</h1>
-<h2>GPUs</h2>{_table(["worker", "model", "VRAM promised", "compute promised", "sessions", "status"], gpu_rows)}
+<h2>GPUs</h2>{_table(["worker", "model", "compute capability", "VRAM promised", "compute promised", "sessions",
+                      "status"], gpu_rows)}
 <h2>Workers</h2>{_table(["name", "address", "node", "backend", "status", "last heartbeat"], worker_rows)}
 <h2>Sessions</h2>{_table(["id", "user", "server", "profile", "worker", "quota", "VRAM in use", "compute", "status",
                           "tier"],

@@ -60,8 +60,11 @@ def validate(req: Request) -> None:
 
 
 def fits(gpu: GPUState, req: Request, limits: Limits) -> bool:
-    return (gpu.used_vram + req.vram <= gpu.memory * limits.vram_oversubscription
-            and gpu.used_compute + req.compute <= 100 * limits.compute_oversubscription)
+    """High QoS is never placed on promises beyond the card: oversubscription is for low and medium."""
+    vram_ratio = 1.0 if req.qos == "high" else limits.vram_oversubscription
+    compute_ratio = 1.0 if req.qos == "high" else limits.compute_oversubscription
+    return (gpu.used_vram + req.vram <= gpu.memory * vram_ratio
+            and gpu.used_compute + req.compute <= 100 * compute_ratio)
 
 
 def place(req: Request, gpus: list[GPUState], strategy: str, limits: Limits) -> list[GPUState]:

@@ -36,6 +36,14 @@ def test_oversubscription_ratios():
     assert chosen[0].uuid == "a"
 
 
+def test_high_qos_is_not_placed_on_oversubscribed_capacity():
+    busy = [GPUState("a", "w", "n", 16 * G, used_vram=14 * G, used_compute=50)]
+    limits = Limits(vram_oversubscription=2.0)
+    assert place(Request(vram=4 * G, compute=25, qos="medium"), busy, "compact-first", limits)[0].uuid == "a"
+    with pytest.raises(NoFit, match="busy"):
+        place(Request(vram=4 * G, compute=25, qos="high"), busy, "compact-first", limits)
+
+
 def test_local_mode_stays_on_the_users_node():
     assert [g.uuid for g in place(Request(vram=G, compute=25, mode="local", node="n2"), gpus(), "compact-first",
                                   Limits())] == ["c"]

@@ -201,7 +201,7 @@ class GPUWorker(Configurable):
         label = f"session {number}"
         if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        reader = FrameReader(conn, 1 << 16)
+        reader = FrameReader(conn)
         try:
             plen, op, _flags = REQ_HEADER.unpack(reader.read(REQ_HEADER.size))
             if op != OP_HELLO or plen < HELLO.size or plen > 4096:
@@ -226,8 +226,7 @@ class GPUWorker(Configurable):
             usage = os.path.join(self.usage_dir, f"{token_hash(token)}.{os.getpid()}") if self.usage_dir else None
             session = Session(backend, quota=quota, label=label, usage_file=usage)
             log.info("%s: opened (%s, quota %s)", label, backend.name, quota)
-            executor = Executor(conn, session, self.max_frame)
-            executor.reader = reader
+            executor = Executor(reader, session, self.max_frame)
             try:
                 executor.serve()
             except EOFError:

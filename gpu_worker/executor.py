@@ -74,11 +74,11 @@ class FrameReader:
 
 
 class Executor:
-    def __init__(self, sock: socket.socket, session, max_frame: int):
-        self.sock = sock
+    def __init__(self, reader: FrameReader, session, max_frame: int):
+        self.sock = reader.sock
         self.session = session
         self.max_frame = max_frame
-        self.reader = FrameReader(sock)
+        self.reader = reader
         self.handlers = session.handlers()
         self.latched = 0
         self.sticky = 0

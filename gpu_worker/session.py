@@ -200,10 +200,10 @@ class Session:
         return (self.id_of("module", self.backend.function_module(func)),)
 
     # ----------------------------------------------------- hand-written data paths
-    def special_cuMemcpyHtoD(self, p, reader=None):
+    def special_cuMemcpyHtoD(self, p, reader):
         return self._htod(p, reader, "cuMemcpyHtoD", synchronous=True)
 
-    def special_cuMemcpyHtoDAsync(self, p, reader=None):
+    def special_cuMemcpyHtoDAsync(self, p, reader):
         return self._htod(p, reader, "cuMemcpyHtoDAsync", synchronous=False)
 
     def _htod(self, p, reader, name, synchronous):
@@ -220,12 +220,12 @@ class Session:
         commit(synchronous)
         return b""
 
-    def special_cuMemcpyDtoH(self, p, reader=None):
+    def special_cuMemcpyDtoH(self, p):
         src, count = _dtoh(p, "cuMemcpyDtoH")
         self.check_span(src, count)
         return self.backend.read_source(src, count, None)
 
-    def special_cuMemcpyDtoHAsync(self, p, reader=None):
+    def special_cuMemcpyDtoHAsync(self, p):
         src, count, sid = _dtoh(p, "cuMemcpyDtoHAsync")
         stream = self.resolve("stream", sid)
         self.check_span(src, count)

@@ -10,9 +10,14 @@ from traitlets.config import Config, PyFileConfigLoader
 
 
 def _strip_shim_from_env() -> None:
-    """The worker must load the real libcuda: re-exec without the shim on the library path."""
+    """The worker must load the real libcuda: re-exec without the shim on the library path.
+
+    GPULAB_CHAIN_TO_WORKER=1 keeps the shim on purpose: the cuda backend then drives another
+    worker through the shim, which is how its code is tested on machines without a GPU."""
     from .shim import LIB_DIR
 
+    if os.environ.get("GPULAB_CHAIN_TO_WORKER") == "1":
+        return
     parts = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p]
     kept = [p for p in parts if os.path.realpath(p) != os.path.realpath(LIB_DIR)]
     if kept != parts:

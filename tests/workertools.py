@@ -22,7 +22,7 @@ def gpu_present() -> bool:
 class Worker:
     """A `gpulab worker` process; its log is kept for assertions."""
 
-    def __init__(self, tmp: Path, token="t0ken", backend="emulated", tcp=False, extra=()):
+    def __init__(self, tmp: Path, token="t0ken", backend="emulated", tcp=False, extra=(), env=None):
         self.token = token
         self.sock = tmp / f"worker-{time.monotonic_ns()}.sock"
         self.log_path = tmp / f"worker-{time.monotonic_ns()}.log"
@@ -34,7 +34,7 @@ class Worker:
             cmd += ["--tcp", "127.0.0.1:0"]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=env)
         line = self.proc.stdout.readline()
         if "listening on" not in line:
             self.stop()

@@ -62,3 +62,18 @@ def test_form_fields_map_to_user_options():
     opts = s.options_from_form({"profile": ["small"], "profile-option-small--vram": ["6g"],
                                 "profile-option-cpu--vram": ["2g"]})
     assert opts == {"profile": "small", "vram": "6g"}
+
+
+def test_unreachable_pool_is_a_clear_503():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again when the block ends: nothing listens there
+    s = spawner()
+    s.pool_url = f"http://127.0.0.1:{port}/"
+    with pytest.raises(SpawnException, match="unreachable") as err:
+        asyncio.run(s.allocate_gpu(PROFILES[0], {"vram": 2 << 30}))
+    assert err.value.status_code == 503
+    form = asyncio.run(s.render_options_form())
+    assert "Full: the GPU pool is unreachable" in form

@@ -7,7 +7,6 @@ fork safely; each executor initialises CUDA for itself.
 from __future__ import annotations
 
 import errno
-import hashlib
 import hmac
 import importlib
 import importlib.util
@@ -25,18 +24,11 @@ from traitlets.config import Configurable
 from . import errors as E
 from .executor import Executor, FrameReader
 from .protocol import DEFAULT_MAX_FRAME, HELLO, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER, ProtocolError
+from .pool_link import token_hash
 from .session import Session
+from .units import parse_size
 
 log = logging.getLogger("gpulab.worker")
-
-
-def parse_size(text) -> int:
-    """'8G', '512M', '1024' -> bytes."""
-    if isinstance(text, int):
-        return text
-    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
-    return int(float(t[:-1] if mult > 1 else t) * mult)
 
 
 class GPUWorker(Configurable):
@@ -88,8 +80,9 @@ class GPUWorker(Configurable):
         """Import what sessions need once, before forking (the executor starts fast)."""
         self.kind = self.resolved_backend()
         if self.kind == "emulated":
-            from .backends import emulated  # noqa: F401
+            from .backends import emulated
 
+            emulated._attributes()  # once here rather than in every session
             for mod in self.emulated_kernels:
                 _import_kernels(mod)
         else:
@@ -261,11 +254,6 @@ def _import_kernels(name: str) -> None:
         spec.loader.exec_module(module)
     else:
         importlib.import_module(name)
-
-
-def token_hash(token: str) -> str:
-    """How sessions are named to the pool: never the token itself."""
-    return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 def _refuse(conn, code: int, message: str) -> int:

@@ -6,6 +6,7 @@ has issued it and stops working the moment the allocation is released.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,11 @@ import urllib.request
 import uuid
 
 log = logging.getLogger("gpulab.worker")
+
+
+def token_hash(token: str) -> str:
+    """How sessions are named to the pool: never the token itself."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 def describe_gpus(kind: str, worker_name: str, emulated_memory: int) -> list[dict]:

@@ -32,7 +32,8 @@ from tornado import ioloop, web
 from traitlets import Enum, Float, Set, Unicode, default
 from traitlets.config import Application
 
-from gpu_worker.daemon import parse_size, token_hash
+from gpu_worker.pool_link import token_hash
+from gpu_worker.units import parse_size
 
 from .db import GPU, Allocation, Worker, make_sessionmaker
 from .scheduler import STRATEGIES, GPUState, InvalidRequest, Limits, NoFit, Request, place
@@ -92,9 +93,10 @@ class GPUPool(Application):
     def limits(self) -> Limits:
         return Limits(self.vram_oversubscription, self.compute_oversubscription)
 
-    def gpu_states(self, db) -> list[GPUState]:
-        """GPUs of live workers with what active allocations already hold."""
-        rows = db.execute(select(GPU, Worker).join(Worker).where(Worker.status == "up").with_for_update()).all()
+    def gpu_states(self, db, lock: bool = False) -> list[GPUState]:
+        """GPUs of live workers with what active allocations already hold (``lock``: for placing)."""
+        q = select(GPU, Worker).join(Worker).where(Worker.status == "up")
+        rows = db.execute(q.with_for_update() if lock else q).all()
         states = {g.uuid: GPUState(g.uuid, w.name, w.node, g.memory) for g, w in rows}
         for a in db.scalars(select(Allocation).where(Allocation.status == "active")):
             for u in a.gpu_list:
@@ -107,7 +109,7 @@ class GPUPool(Application):
     def allocate(self, spec: dict) -> Allocation:
         req = request_from(spec)
         with self.Session.begin() as db:
-            chosen = place(req, self.gpu_states(db), self.strategy, self.limits())
+            chosen = place(req, self.gpu_states(db, lock=True), self.strategy, self.limits())
             worker = db.get(Worker, chosen[0].worker)
             alloc = Allocation(user=str(spec["user"]), server_name=str(spec.get("server_name", "")),
                                profile=str(spec.get("profile", "")), worker_name=worker.name,

@@ -18,7 +18,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Callable, Dict, List, Unicode, Union, default
 from traitlets.config import Configurable
 
-from gpu_worker.daemon import parse_size
+from gpu_worker.units import parse_size
 
 GPU_KEYS = {"vram", "compute", "count", "mode", "qos"}
 

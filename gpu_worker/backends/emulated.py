@@ -7,6 +7,7 @@ Everything it reports names it as emulated, so no user mistakes it for a GPU.
 from __future__ import annotations
 
 import bisect
+import functools
 import secrets
 import struct
 import time
@@ -21,6 +22,7 @@ DEVICE_NAME = "gpulab emulated vGPU (test double, no GPU)"
 DRIVER_VERSION = 13000
 
 
+@functools.cache
 def _attributes():
     """Device attributes of the emulated device, by enum name (values of a Hopper-class card)."""
     vals = {

@@ -241,15 +241,29 @@ static void frame_begin(gl_msg *m, unsigned op, int want_reply)
     C.slen += GL_REQ_HEADER;
 }
 
+/* fork(): the child must not use the parent's session (its handles and memory belong to the
+ * parent), nor inherit a lock another thread held. It starts unconnected, like a fresh process. */
+static void atfork_prepare(void) { pthread_mutex_lock(&C.mu); }
+static void atfork_parent(void) { pthread_mutex_unlock(&C.mu); }
+static void atfork_child(void)
+{
+    if (C.fd >= 0) close(C.fd);
+    C.fd = -1;
+    C.state = 0;
+    C.slen = 0;
+    C.server_ctx_known = 0;
+    pthread_mutex_unlock(&C.mu);
+}
+
+__attribute__((constructor)) static void gl_init(void)
+{
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
 CUresult gl_begin(gl_msg *m, unsigned op, int want_reply)
 {
     memset(m, 0, sizeof *m);
     pthread_mutex_lock(&C.mu);
-    if (C.state != 0 && C.pid != getpid()) {
-        /* a forked child: the parent's session is not ours */
-        if (C.fd >= 0) close(C.fd);
-        C.fd = -1; C.state = 0; C.slen = 0;
-    }
     if (C.state == 0) connect_worker();
     if (C.state != 1) {
         CUresult e = C.dead_error;

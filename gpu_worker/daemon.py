@@ -86,7 +86,7 @@ class GPUWorker(Configurable):
             for mod in self.emulated_kernels:
                 _import_kernels(mod)
         else:
-            from .backends import cuda  # noqa: F401
+            from .backends import cuda  # noqa: F401 - imported before forking: sessions start faster
 
     def listen(self) -> list[str]:
         addrs = []

@@ -6,7 +6,6 @@ buffers, kernelParams built from cuFuncGetParamInfo, NUL-terminated PTX, handle 
 does not show anything about a real GPU (tests/test_gpu.py does that, on a GPU machine)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 

@@ -119,3 +119,31 @@ def _call(method, url, body, token):
             return exc.code, raw.decode(errors="replace")
 
 
+HUB_TOKEN, WORKER_TOKEN = "hub-secret-for-tests", "worker-secret-for-tests"
+G = 2**30
+
+
+class Pool:
+    def __init__(self, db: str, timeout: float = 30.0, extra=()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        env = dict(os.environ, GPULAB_POOL_API_TOKEN=HUB_TOKEN, GPULAB_POOL_WORKER_TOKEN=WORKER_TOKEN)
+        env.pop("JUPYTERHUB_API_TOKEN", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hub_spawner.pool", f"--GPUPool.db_url=sqlite:///{db}",
+             f"--GPUPool.bind_url=http://127.0.0.1:{self.port}", f"--GPUPool.heartbeat_timeout={timeout}", *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert "listening" in self.proc.stdout.readline()
+
+    def call(self, method, path, body=None, token=HUB_TOKEN):
+        return _call(method, self.url + path, body, token)
+
+    def register(self, name="w1", gpus=1, memory=16 * G, node="n1"):
+        body = {"name": name, "address": f"tcp://10.0.0.1:{7000 + gpus}", "node": node, "backend": "emulated",
+                "gpus": [{"uuid": f"GPU-{name}-{i}", "index": i, "model": "test GPU", "memory": memory}
+                         for i in range(gpus)]}
+        assert self.call("POST", "api/workers", body, WORKER_TOKEN)[0] == 200
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()

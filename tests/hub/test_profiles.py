@@ -77,3 +77,25 @@ def test_unreachable_pool_is_a_clear_503():
     assert err.value.status_code == 503
     form = asyncio.run(s.render_options_form())
     assert "Full: the GPU pool is unreachable" in form
+
+
+def test_form_tells_the_user_their_vgpu_was_lost(tmp_path):
+    from hubtools import HUB_TOKEN, Pool
+
+    pool = Pool(str(tmp_path / "pool.sqlite"), timeout=0.5)
+    try:
+        pool.register()
+        assert pool.call("POST", "api/allocations", {"user": "ann", "vram": "1G"})[0] == 201
+        import time
+
+        deadline = time.time() + 10
+        while pool.call("GET", "api/gpus")[1][0]["worker_status"] != "lost":
+            assert time.time() < deadline
+            time.sleep(0.1)
+        s = spawner()
+        s.pool_url, s.pool_token = pool.url, HUB_TOKEN
+        form = asyncio.run(s.render_options_form())
+        assert "Your vGPU was lost: GPU worker w1 stopped responding" in form
+        assert "no GPU worker is available" in form  # and nothing can be placed now
+    finally:
+        pool.stop()

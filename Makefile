@@ -8,11 +8,11 @@ SRC_SHIM := gpu_worker/shim/gl_shim.c gpu_worker/shim/gl_shim.h gpu_worker/shim/
 
 # The embedded default: JupyterHub + GPU pool + a local worker (the GPU, or the emulated device).
 demo: build
-	$(PYTHON) -m gpu_worker.cli up
+	$(PYTHON) -m gpulab.cli up
 
 # Only the remote-CUDA path: a worker and a short CUDA program through the shim.
 demo-cuda: build
-	$(PYTHON) -m gpu_worker.cli demo
+	$(PYTHON) -m gpulab.cli demo
 
 test: build
 	$(PYTHON) -m pytest -q
@@ -44,7 +44,7 @@ build: install gpu_worker/shim/lib/libcuda.so.1
 
 # Regenerate the C stubs and the Python dispatch from gpu_worker/api_table.py.
 generate:
-	$(PYTHON) -m gpu_worker.codegen
+	$(PYTHON) -m gpu_worker.api.codegen
 
 bench: build
 	$(PYTHON) benchmarks/remote_driver.py

@@ -75,7 +75,7 @@ QUICK = Plan(call_reps=9, calls=1000, copy_reps=7, launch_reps=5, launches=30_00
 
 def launch_frame_bytes() -> int:
     """What the shim sends per parameterless launch: request header, launch record, params length."""
-    from gpu_worker.protocol import LAUNCH, REQ_HEADER
+    from gpu_worker.api.protocol import LAUNCH, REQ_HEADER
 
     return REQ_HEADER.size + LAUNCH.size + 8
 
@@ -147,7 +147,7 @@ def client_main(plan: Plan, phase: str, transport: str, peers: dict, cpus: list 
 
 def assert_shim_loaded() -> None:
     """Refuse to report numbers unless this process's libcuda is the gpulab shim, not a driver."""
-    from gpu_worker.shim import shim_dir
+    from gpu_worker.client import shim_dir
 
     with open("/proc/self/maps") as f:
         libs = {os.path.realpath(line.split()[-1]) for line in f if "libcuda.so" in line}
@@ -191,7 +191,7 @@ def shim_launches(d, ok, n: int):
 
 def run_client(address: str, plan: Plan, phase: str, transport: str, peers: dict, cpus=None) -> dict:
     """Run client_main in a child whose environment routes libcuda.so.1 to the worker."""
-    from gpu_worker.cli import shim_env
+    from gpu_worker.client import shim_env
 
     args = [asdict(plan), phase, transport, peers, sorted(cpus) if cpus else None]
     cmd = [sys.executable, __file__, "--client", json.dumps(args)]
@@ -369,7 +369,7 @@ def raw_peers(transport: str, tmp: Path, names: list[str], cpus=None):
 @contextlib.contextmanager
 def running_worker(tmp: Path):
     """An emulated worker listening on both transports; yields (pid, {"unix": addr, "tcp": addr})."""
-    cmd = [sys.executable, "-m", "gpu_worker.cli", "worker", "--backend", "emulated",
+    cmd = [sys.executable, "-m", "gpu_worker.daemon", "--backend", "emulated",
            "--unix-socket", str(tmp / "worker.sock"), "--tcp", "127.0.0.1:0", "--token", TOKEN,
            "--emulated-kernels", str(KERNELS)]
     log_path = tmp / "worker.log"

@@ -135,7 +135,7 @@ class Hub:
         self.url = f"http://127.0.0.1:{free_port()}"
         self.token = secrets.token_hex(24)
         self.log_path = work / f"{name}.log"
-        cmd = [sys.executable, "-m", "gpu_worker.cli", "up", "--state-dir", str(self.state),
+        cmd = [sys.executable, "-m", "gpulab.cli", "up", "--state-dir", str(self.state),
                "--port", self.url.rsplit(":", 1)[1], "--backend", "emulated", "--api-token", self.token]
         if extra_config:
             config = work / f"{name}_config.py"

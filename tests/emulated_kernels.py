@@ -1,7 +1,7 @@
 """Host implementations of the test kernels, for workers on the emulated backend."""
 import numpy as np
 
-from gpu_worker.emulated_kernels import kernel
+from gpu_worker.backends.emulated_kernels import kernel
 
 
 @kernel("vec_add")

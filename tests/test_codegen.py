@@ -2,13 +2,13 @@
 import subprocess
 import sys
 
-from gpu_worker import api_table as T
-from gpu_worker.generated_dispatch import OPS
-from gpu_worker.shim import shim_dir
+from gpu_worker.api import table as T
+from gpu_worker.daemon.dispatch_generated import OPS
+from gpu_worker.client import shim_dir
 
 
 def test_generated_files_are_current():
-    p = subprocess.run([sys.executable, "-m", "gpu_worker.codegen", "--check"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "gpu_worker.api.codegen", "--check"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
 
 
@@ -21,7 +21,7 @@ def test_every_forwarded_function_has_an_opcode_and_an_exported_symbol():
     missing = {f.symbol for f in T.FORWARDED} - symbols
     assert not missing
     # every driver entry point a program could dlsym answers (with NOT_SUPPORTED at worst)
-    all_names = (T.__file__.replace("api_table.py", "shim/driver_api_names.txt"))
+    all_names = (T.__file__.replace("api/table.py", "shim/driver_api_names.txt"))
     wanted = set(open(all_names).read().split())
     plain_abi_changed = {f.name for f in T.FORWARDED if f.symbol != f.name}
     assert not (wanted - symbols - plain_abi_changed - set(T.LOCAL))

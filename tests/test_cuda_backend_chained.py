@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_worker.cli import shim_env
+from gpu_worker.client import shim_env
 from workertools import PRELUDE, PTX_FILE
 
 

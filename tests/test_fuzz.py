@@ -9,12 +9,12 @@ import socket
 from workertools import PRELUDE
 import struct
 
-from gpu_worker import api_table
-from gpu_worker.codegen import in_struct
-from gpu_worker.generated_dispatch import OPS
+from gpu_worker.api import table as api_table
+from gpu_worker.api.codegen import in_struct
+from gpu_worker.daemon.dispatch_generated import OPS
 
 FIXED_SIZE = {api_table.opcode(f): struct.calcsize(in_struct(f)) for f in api_table.FORWARDED}
-from gpu_worker.protocol import FLAG_REPLY, HELLO, OP_HELLO, REP_HEADER, REQ_HEADER
+from gpu_worker.api.protocol import FLAG_REPLY, HELLO, OP_HELLO, REP_HEADER, REQ_HEADER
 
 
 def open_session(worker) -> socket.socket:

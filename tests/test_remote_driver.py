@@ -332,11 +332,11 @@ print(json.dumps({"name": dev.name, "match": bool(np.allclose(out, a + b)), "ela
 
 
 def test_gpulab_run_and_shim_path(worker):
-    path = subprocess.run([sys.executable, "-m", "gpu_worker.cli", "shim-path"], capture_output=True, text=True,
+    path = subprocess.run([sys.executable, "-m", "gpulab.cli", "shim-path"], capture_output=True, text=True,
                           check=True, cwd=ROOT).stdout.strip()
     assert os.path.exists(os.path.join(path, "libcuda.so.1"))
     env = dict(os.environ, GPULAB_WORKER=worker.unix, GPULAB_TOKEN=worker.token)
-    p = subprocess.run([sys.executable, "-m", "gpu_worker.cli", "run", "--", sys.executable, "-c",
+    p = subprocess.run([sys.executable, "-m", "gpulab.cli", "run", "--", sys.executable, "-c",
                         "from cuda.bindings import driver as d; d.cuInit(0); print(d.cuDeviceGetName(64, 0)[1])"],
                        env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert "emulated" in p.stdout, p.stderr
@@ -352,7 +352,7 @@ def test_malformed_frames_close_only_that_session(worker, frame):
     import socket
     import struct
 
-    from gpu_worker.protocol import HELLO, OP_HELLO, REP_HEADER, REQ_HEADER
+    from gpu_worker.api.protocol import HELLO, OP_HELLO, REP_HEADER, REQ_HEADER
 
     s = socket.socket(socket.AF_UNIX)
     s.connect(worker.unix[len("unix://"):])

@@ -26,7 +26,7 @@ class Worker:
         self.token = token
         self.sock = tmp / f"worker-{time.monotonic_ns()}.sock"
         self.log_path = tmp / f"worker-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "gpu_worker.cli", "worker", "--backend", backend,
+        cmd = [sys.executable, "-m", "gpu_worker.daemon", "--backend", backend,
                "--unix-socket", str(self.sock), "--emulated-kernels", KERNELS, *extra]
         if token is not None:
             cmd += ["--token", token]
@@ -44,7 +44,7 @@ class Worker:
         self.tcp = next((a for a in self.addresses if a.startswith("tcp://")), None)
 
     def env(self, address=None, token=None):
-        from gpu_worker.cli import shim_env
+        from gpu_worker.client import shim_env
 
         return shim_env(address or self.unix, self.token if token is None else token)
 

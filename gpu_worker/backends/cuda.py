@@ -12,8 +12,8 @@ import ctypes
 
 from cuda.bindings import driver as drv
 
-from .. import errors as E
-from ..errors import CudaError
+from ..api import errors as E
+from ..api.errors import CudaError
 
 _ELF = b"\x7fELF"
 _FATBIN = (0xBA55ED50).to_bytes(4, "little")

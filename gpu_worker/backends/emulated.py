@@ -1,7 +1,7 @@
 """The emulated backend: a TEST DOUBLE of a GPU for machines without one.
 
 Real bytes in host memory, real handles, real errors; a kernel runs only if a host
-implementation is registered for its PTX entry name (gpu_worker.emulated_kernels).
+implementation is registered for its PTX entry name (gpu_worker.backends.emulated_kernels).
 Everything it reports names it as emulated, so no user mistakes it for a GPU.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ import struct
 import time
 import uuid
 
-from .. import errors as E
-from ..emulated_kernels import REGISTRY, Launch
-from ..errors import CudaError
-from ..ptx import looks_like_ptx, parse_entries
+from ..api import errors as E
+from .emulated_kernels import REGISTRY, Launch
+from ..api.errors import CudaError
+from .ptx import looks_like_ptx, parse_entries
 
 DEVICE_NAME = "gpulab emulated vGPU (test double, no GPU)"
 DRIVER_VERSION = 13000

@@ -31,7 +31,7 @@ class Hub:
         self.log_path = state.parent / f"{state.name}-hub.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gpu_worker.cli", "up", "--state-dir", str(state), "--port", str(self.port),
+            [sys.executable, "-m", "gpulab.cli", "up", "--state-dir", str(state), "--port", str(self.port),
              "--backend", "emulated", "--api-token", API_TOKEN, "--emulated-kernels", KERNELS, *extra],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
         deadline = time.time() + 120

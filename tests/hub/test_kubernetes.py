@@ -13,7 +13,7 @@ ks = pytest.importorskip("kubespawner.spawner")
 from kubernetes_asyncio.client import ApiClient  # noqa: E402
 from traitlets.config import Config  # noqa: E402
 
-from hub_spawner.kubernetes import HOSTNAME_LABEL, GPUKubeSpawner  # noqa: E402
+from hub_spawner.spawner.kubernetes import HOSTNAME_LABEL, GPUKubeSpawner  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -300,8 +300,8 @@ def test_z2jh_values_configure_the_hub(make_spawner, monkeypatch):
     c.JupyterHub.services = []  # as z2jh's jupyterhub_config.py leaves it
     for name, code in values["hub"]["extraConfig"].items():
         exec(compile(code, f"extraConfig.{name}", "exec"), {"c": c})
-    assert c.JupyterHub.spawner_class in ("gpulab-kube", "hub_spawner.kubernetes.GPUKubeSpawner")
-    assert 'gpulab-kube = "hub_spawner.kubernetes:GPUKubeSpawner"' in (ROOT / "pyproject.toml").read_text()
+    assert c.JupyterHub.spawner_class in ("gpulab-kube", "hub_spawner.spawner.kubernetes.GPUKubeSpawner")
+    assert 'gpulab-kube = "hub_spawner.spawner.kubernetes:GPUKubeSpawner"' in (ROOT / "pyproject.toml").read_text()
     assert c.GPUSpawner.pool_token == "api-secret"
     assert c.GPUSpawner.pool_url.startswith("http://gpulab-pool:8765/services/gpulab-pool/")
     (svc,) = c.JupyterHub.services

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gpu_worker.cli import shim_env
+from gpu_worker.client import shim_env
 from hubtools import G, HUB_TOKEN, WORKER_TOKEN, Pool
 from workertools import PRELUDE
 
@@ -122,7 +122,7 @@ def test_concurrent_allocations_never_double_book(tmp_path):
 def test_worker_reports_session_vram_use(pool):
     """A real worker registers, serves a session with a pool-issued token and reports its use."""
     env = dict(os.environ, GPULAB_POOL_TOKEN=WORKER_TOKEN)
-    worker = subprocess.Popen([sys.executable, "-m", "gpu_worker.cli", "worker", "--backend", "emulated",
+    worker = subprocess.Popen([sys.executable, "-m", "gpu_worker.daemon", "--backend", "emulated",
                                "--tcp", "127.0.0.1:0", "--pool-url", pool.url, "--name", "real",
                                "--heartbeat-interval", "0.3"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)

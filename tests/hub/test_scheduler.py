@@ -1,7 +1,7 @@
 """Placement strategies and oversubscription (pure functions)."""
 import pytest
 
-from hub_spawner.scheduler import GPUState, InvalidRequest, Limits, NoFit, Request, place
+from hub_spawner.pool.scheduler import GPUState, InvalidRequest, Limits, NoFit, Request, place
 
 G = 2**30
 

@@ -58,14 +58,14 @@ PROGRAM = textwrap.dedent(r'''
 
 
 def main(backend: str = "auto") -> int:
-    from .cli import shim_env
+    from .env import shim_env
 
     token = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory(prefix="gpulab-demo-") as tmp:
         sock = os.path.join(tmp, "worker.sock")
         worker = subprocess.Popen(
-            [sys.executable, "-m", "gpu_worker.cli", "worker", "--backend", backend, "--unix-socket", sock,
-             "--token", token, "--vram-quota", "2G", "--emulated-kernels", "gpu_worker.demo_kernels"],
+            [sys.executable, "-m", "gpu_worker.daemon", "--backend", backend, "--unix-socket", sock,
+             "--token", token, "--vram-quota", "2G", "--emulated-kernels", "gpu_worker.backends.demo_kernels"],
             stdout=subprocess.PIPE, text=True, start_new_session=True)
         try:
             line = worker.stdout.readline().strip()

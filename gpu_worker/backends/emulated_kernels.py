@@ -5,7 +5,7 @@ entry name; the worker imports modules named by ``--emulated-kernels`` to fill t
 registry.  A kernel receives a :class:`Launch` and its parameters decoded from the PTX
 ``.entry`` signature (integers, floats, or bytes for ``.b8`` arrays)::
 
-    from gpu_worker.emulated_kernels import kernel
+    from gpu_worker.backends.emulated_kernels import kernel
 
     @kernel("vec_add")
     def vec_add(launch, a, b, out, n):

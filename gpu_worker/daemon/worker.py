@@ -21,12 +21,12 @@ import struct
 from traitlets import Dict, Enum, Float, Int, List, Unicode
 from traitlets.config import Configurable
 
-from . import errors as E
+from ..api import errors as E
 from .executor import Executor, FrameReader
-from .protocol import DEFAULT_MAX_FRAME, HELLO, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER, ProtocolError
-from .pool_link import token_hash
+from ..api.protocol import DEFAULT_MAX_FRAME, HELLO, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER, ProtocolError
+from ..client.tokens import token_hash
 from .session import Session
-from .units import parse_size
+from ..client.units import parse_size
 
 log = logging.getLogger("gpulab.worker")
 
@@ -80,13 +80,13 @@ class GPUWorker(Configurable):
         """Import what sessions need once, before forking (the executor starts fast)."""
         self.kind = self.resolved_backend()
         if self.kind == "emulated":
-            from .backends import emulated
+            from ..backends import emulated
 
             emulated._attributes()  # once here rather than in every session
             for mod in self.emulated_kernels:
                 _import_kernels(mod)
         else:
-            from .backends import cuda  # noqa: F401 - imported before forking: sessions start faster
+            from ..backends import cuda  # noqa: F401 - imported before forking: sessions start faster
 
     def listen(self) -> list[str]:
         addrs = []
@@ -238,10 +238,10 @@ class GPUWorker(Configurable):
 
     def make_backend(self):
         if self.kind == "emulated":
-            from .backends.emulated import EmulatedBackend
+            from ..backends.emulated import EmulatedBackend
 
             return EmulatedBackend(total_memory=parse_size(self.emulated_memory))
-        from .backends.cuda import CudaBackend
+        from ..backends.cuda import CudaBackend
 
         return CudaBackend()
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import socket
 
-from . import errors as E
-from .errors import CudaError
-from .protocol import FLAG_REPLY, REP_HEADER, REQ_HEADER, ProtocolError
-from .generated_dispatch import IN_STRUCTS
+from ..api import errors as E
+from ..api.errors import CudaError
+from ..api.protocol import FLAG_REPLY, REP_HEADER, REQ_HEADER, ProtocolError
+from .dispatch_generated import IN_STRUCTS
 
 log = logging.getLogger("gpulab.worker")
 

@@ -2,7 +2,7 @@
 
 Both the C stubs of the shim (``gpu_worker/shim/gl_generated.c``) and the worker's
 Python dispatch (``gpu_worker/generated_dispatch.py``) are generated from this table by
-``python -m gpu_worker.codegen``.  Each entry names the driver function as programs ask
+``python -m gpu_worker.api.codegen``.  Each entry names the driver function as programs ask
 for it through ``cuGetProcAddress`` (``name``), the versioned symbol whose ABI we
 implement (``abi``) and the CUDA version that introduced that ABI (``since``), and its
 parameters with a direction/size rule each.

@@ -11,7 +11,7 @@ from jupyterhub.spawner import SpawnException
 from kubespawner import KubeSpawner
 from traitlets import Unicode
 
-from .spawner import GPUSpawner, profile_slug
+from .mixin import GPUSpawner, profile_slug
 
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 

@@ -1,4 +1,4 @@
-"""`gpulab` command line: worker, run, shim-path, demo."""
+"""`gpulab worker` (also `python -m gpu_worker.daemon`): run a GPU worker daemon."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ def _strip_shim_from_env() -> None:
 
     GPULAB_CHAIN_TO_WORKER=1 keeps the shim on purpose: the cuda backend then drives another
     worker through the shim, which is how its code is tested on machines without a GPU."""
-    from .shim import LIB_DIR
+    from ..shim import LIB_DIR
 
     if os.environ.get("GPULAB_CHAIN_TO_WORKER") == "1":
         return
@@ -22,12 +22,12 @@ def _strip_shim_from_env() -> None:
     kept = [p for p in parts if os.path.realpath(p) != os.path.realpath(LIB_DIR)]
     if kept != parts:
         env = dict(os.environ, LD_LIBRARY_PATH=":".join(kept))
-        os.execve(sys.executable, [sys.executable, "-m", "gpu_worker.cli", *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, "-m", "gpu_worker.daemon", *sys.argv[1:]], env)
 
 
 def cmd_worker(args) -> int:
     _strip_shim_from_env()
-    from .daemon import GPUWorker
+    from .worker import GPUWorker
 
     cfg = Config()
     if args.config:
@@ -57,60 +57,8 @@ def cmd_worker(args) -> int:
     return 0
 
 
-def shim_env(worker: str | None = None, token: str | None = None, base=None) -> dict:
-    """An environment in which CUDA programs use the gpulab shim."""
-    from .shim import shim_dir
-
-    env = dict(os.environ if base is None else base)
-    lib = str(shim_dir())
-    env["LD_LIBRARY_PATH"] = lib + (":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
-    if worker:
-        env["GPULAB_WORKER"] = worker
-    if token:
-        env["GPULAB_TOKEN"] = token
-    return env
-
-
-def cmd_run(args) -> int:
-    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not cmd:
-        print("gpulab run: give a command after --", file=sys.stderr)
-        return 2
-    env = shim_env(args.worker, args.token)
-    if not env.get("GPULAB_WORKER"):
-        print("gpulab run: set GPULAB_WORKER or pass --worker", file=sys.stderr)
-        return 2
-    os.execvpe(cmd[0], cmd, env)
-
-
-def cmd_shim_path(args) -> int:
-    from .shim import shim_dir
-
-    print(shim_dir())
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from .demo import main as demo_main
-
-    return demo_main(args.backend)
-
-
-# Commands with parsers of their own: `gpulab up --help`, `gpulab pool --help-all`.
-DELEGATED = {"up": "hub_spawner.up", "pool": "hub_spawner.pool"}
-
-
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in DELEGATED:
-        import importlib
-
-        return importlib.import_module(DELEGATED[argv[0]]).main(argv[1:]) or 0
-    ap = argparse.ArgumentParser(prog="gpulab", description="gpulab: remote vGPUs for Jupyter. Also: "
-                                 "`gpulab up` (JupyterHub with GPU pool, the embedded default), `gpulab pool`.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
-    w = sub.add_parser("worker", help="run a GPU worker daemon")
+    w = argparse.ArgumentParser(prog="gpulab worker", description="Run a GPU worker daemon.")
     w.add_argument("--tcp", help="host:port to listen on")
     w.add_argument("--unix-socket", dest="unix_socket", help="Unix socket path to listen on")
     w.add_argument("--backend", choices=["auto", "cuda", "emulated"])
@@ -128,23 +76,8 @@ def main(argv=None) -> int:
                    help="seconds between heartbeats to the pool (default 5)")
     w.add_argument("--config", help="traitlets config file (c.GPUWorker.*)")
     w.add_argument("-v", "--verbose", action="store_true")
-    w.set_defaults(fn=cmd_worker)
 
-    r = sub.add_parser("run", help="run a command with the shim as libcuda.so.1")
-    r.add_argument("--worker", help="tcp://host:port or unix:///path (default: $GPULAB_WORKER)")
-    r.add_argument("--token", help="session token (default: $GPULAB_TOKEN)")
-    r.add_argument("command", nargs=argparse.REMAINDER)
-    r.set_defaults(fn=cmd_run)
-
-    s = sub.add_parser("shim-path", help="print the directory to put on LD_LIBRARY_PATH")
-    s.set_defaults(fn=cmd_shim_path)
-
-    d = sub.add_parser("demo", help="start a worker and run a short CUDA program through the shim")
-    d.add_argument("--backend", choices=["auto", "cuda", "emulated"], default="auto")
-    d.set_defaults(fn=cmd_demo)
-
-    args = ap.parse_args(argv)
-    return args.fn(args) or 0
+    return cmd_worker(w.parse_args(argv)) or 0
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ import os
 import struct
 import time
 
-from . import errors as E
-from .errors import CudaError
-from .generated_dispatch import IN_STRUCTS, OPS
-from .protocol import LAUNCH, LAUNCH_ATTR_SIZE, OP_LAUNCH, OP_PARAM_LAYOUT, OP_SET_CONTEXT, ProtocolError
+from ..api import errors as E
+from ..api.errors import CudaError
+from .dispatch_generated import IN_STRUCTS, OPS
+from ..api.protocol import LAUNCH, LAUNCH_ATTR_SIZE, OP_LAUNCH, OP_PARAM_LAYOUT, OP_SET_CONTEXT, ProtocolError
 
 log = logging.getLogger("gpulab.worker")
 

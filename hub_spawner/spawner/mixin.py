@@ -18,7 +18,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Callable, Dict, List, Unicode, Union, default
 from traitlets.config import Configurable
 
-from gpu_worker.units import parse_size
+from gpu_worker.client import parse_size, shim_dir
 
 GPU_KEYS = {"vram", "compute", "count", "mode", "qos"}
 
@@ -57,8 +57,6 @@ class GPUSpawner(Configurable):
 
     @default("shim_path")
     def _shim_path_default(self):
-        from gpu_worker.shim import shim_dir
-
         return str(shim_dir())
 
     @default("gpu_node")

@@ -6,7 +6,6 @@ has issued it and stops working the moment the allocation is released.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,18 +15,14 @@ import urllib.error
 import urllib.request
 import uuid
 
+
 log = logging.getLogger("gpulab.worker")
-
-
-def token_hash(token: str) -> str:
-    """How sessions are named to the pool: never the token itself."""
-    return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 def describe_gpus(kind: str, worker_name: str, emulated_memory: int) -> list[dict]:
     """The GPUs this worker serves, as the pool records them."""
     if kind == "emulated":
-        from .backends.emulated import DEVICE_NAME
+        from ..backends.emulated import DEVICE_NAME
 
         return [{"uuid": "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_DNS, f"gpulab-emulated-{worker_name}")),
                  "index": 0, "model": DEVICE_NAME, "memory": emulated_memory, "capability": "9.0", "emulated": True}]

@@ -1,0 +1,1 @@
+"""`gpulab up`: the embedded JupyterHub with the pool and a local worker."""

@@ -1,0 +1,143 @@
+"""The pool's book of GPUs and allocations: placing, releasing, availability, lost workers.
+
+Everything here is database work; the web handlers (api.py) and the dashboard only ask it."""
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+from sqlalchemy import select
+
+from gpu_worker.client import parse_size
+
+from .db import GPU, Allocation, Worker, make_sessionmaker
+from .scheduler import GPUState, InvalidRequest, Limits, NoFit, Request, place
+
+log = logging.getLogger("gpulab.pool")
+
+
+class AllocationBook:
+    """Allocations in the pool database, placed by one strategy under oversubscription limits."""
+
+    def __init__(self, db_url: str, strategy: str, limits: Limits):
+        self.engine, self.Session = make_sessionmaker(db_url)
+        self.strategy = strategy
+        self.limits = limits
+
+    def gpu_states(self, db, lock: bool = False) -> list[GPUState]:
+        """GPUs of live workers with what active allocations already hold (``lock``: for placing)."""
+        q = select(GPU, Worker).join(Worker).where(Worker.status == "up")
+        rows = db.execute(q.with_for_update() if lock else q).all()
+        states = {g.uuid: GPUState(g.uuid, w.name, w.node, g.memory) for g, w in rows}
+        for a in db.scalars(select(Allocation).where(Allocation.status == "active")):
+            for u in a.gpu_list:
+                if u in states:
+                    states[u].used_vram += a.vram
+                    states[u].used_compute += a.compute
+                    states[u].sessions += 1
+        return sorted(states.values(), key=lambda s: s.uuid)
+
+    def allocate(self, spec: dict) -> Allocation:
+        req = request_from(spec)
+        with self.Session.begin() as db:
+            chosen = place(req, self.gpu_states(db, lock=True), self.strategy, self.limits)
+            worker = db.get(Worker, chosen[0].worker)
+            alloc = Allocation(user=str(spec["user"]), server_name=str(spec.get("server_name", "")),
+                               profile=str(spec.get("profile", "")), worker_name=worker.name,
+                               gpu_uuids=",".join(g.uuid for g in chosen), vram=req.vram, compute=req.compute,
+                               count=req.count, mode=req.mode, qos=req.qos, token=secrets.token_urlsafe(24))
+            db.add(alloc)
+        log.info("allocated %s for %s on %s (%d MiB, %d%%)", alloc.id, alloc.user, alloc.worker_name,
+                 alloc.vram >> 20, alloc.compute)
+        return alloc
+
+    def release(self, alloc_id: int) -> bool:
+        with self.Session.begin() as db:
+            alloc = db.get(Allocation, alloc_id)
+            if alloc is None:
+                return False
+            if alloc.status == "active" or alloc.status == "lost":
+                alloc.status = "released"
+                alloc.ended = alloc.ended or time.time()
+        return True
+
+    def availability(self, specs: list[dict]) -> list[dict]:
+        """For each request: does it fit now, and how many such vGPUs could still be placed."""
+        out = []
+        with self.Session.begin() as db:
+            states = self.gpu_states(db)
+        for spec in specs:
+            try:
+                req = request_from(spec)
+            except (InvalidRequest, NoFit) as exc:
+                out.append({"fits": False, "slots": 0, "reason": str(exc)})
+                continue
+            trial = [GPUState(**vars(s)) for s in states]
+            slots, reason = 0, ""
+            while slots < 100:
+                try:
+                    for g in place(req, trial, self.strategy, self.limits):
+                        g.used_vram += req.vram
+                        g.used_compute += req.compute
+                    slots += 1
+                except NoFit as exc:
+                    reason = str(exc)
+                    break
+            out.append({"fits": slots > 0, "slots": slots, "reason": "" if slots else reason})
+        return out
+
+    def check_heartbeats(self, heartbeat_timeout: float) -> None:
+        """Mark silent workers lost; their sessions' allocations become lost with a message."""
+        cutoff = time.time() - heartbeat_timeout
+        with self.Session.begin() as db:
+            for w in db.scalars(select(Worker).where(Worker.status == "up", Worker.last_seen < cutoff)):
+                w.status = "lost"
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(w.last_seen))
+                log.warning("worker %s stopped sending heartbeats (last at %s): marked lost", w.name, when)
+                for a in db.scalars(select(Allocation).where(Allocation.worker_name == w.name,
+                                                             Allocation.status == "active")):
+                    a.status = "lost"
+                    a.ended = time.time()
+                    a.message = (f"Your vGPU was lost: GPU worker {w.name} stopped responding at {when}. "
+                                 "Stop and start your server to get a new one.")
+
+
+    def gpu_table(self) -> list[dict]:
+        with self.Session.begin() as db:
+            used = {s.uuid: s for s in self.gpu_states(db)}
+            rows = db.execute(select(GPU, Worker).join(Worker).order_by(Worker.name, GPU.index)).all()
+            return [{"uuid": g.uuid, "worker": w.name, "worker_status": w.status, "model": g.model,
+                     "memory": g.memory, "capability": g.capability, "emulated": g.emulated,
+                     "used_vram": used[g.uuid].used_vram if g.uuid in used else 0,
+                     "used_compute": used[g.uuid].used_compute if g.uuid in used else 0,
+                     "sessions": used[g.uuid].sessions if g.uuid in used else 0} for g, w in rows]
+
+
+    def usage_table(self) -> list[dict]:
+        now = time.time()
+        per_user: dict[str, dict] = {}
+        with self.Session() as db:
+            for a in db.scalars(select(Allocation)):
+                u = per_user.setdefault(a.user, {"user": a.user, "gpu_hours": 0.0, "active": 0})
+                u["gpu_hours"] += a.gpu_hours(now)
+                u["active"] += a.status == "active"
+        return sorted(per_user.values(), key=lambda u: u["user"])
+
+
+def request_from(spec: dict) -> Request:
+    try:
+        return Request(vram=parse_size(spec["vram"]), compute=int(spec.get("compute", 100)),
+                       count=int(spec.get("count", 1)), mode=str(spec.get("mode", "any")),
+                       qos=str(spec.get("qos", "medium")), node=str(spec.get("node", "")))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InvalidRequest(f"invalid GPU request: {exc}") from None
+
+
+def allocation_json(a: Allocation, worker: Worker | None) -> dict:
+    return {"id": a.id, "user": a.user, "server_name": a.server_name, "profile": a.profile,
+            "worker": a.worker_name, "address": worker.address if worker else "",
+            "node": worker.node if worker else "", "gpus": a.gpu_list,
+            "vram": a.vram, "compute": a.compute, "count": a.count, "mode": a.mode, "qos": a.qos,
+            "status": a.status, "message": a.message, "used_vram": a.used_vram, "created": a.created, "ended": a.ended,
+            "emulated": worker.backend == "emulated" if worker else False}

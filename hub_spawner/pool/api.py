@@ -1,0 +1,199 @@
+"""The pool's REST API (JSON, ``Authorization: token <secret>``); see app.py for the routes."""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+
+from sqlalchemy import select
+from tornado import web
+
+from gpu_worker.client import token_hash
+
+from .allocations import AllocationBook, allocation_json
+from .db import GPU, Allocation, Worker
+from .scheduler import InvalidRequest, NoFit
+
+log = logging.getLogger("gpulab.pool")
+
+
+def log_request(handler) -> None:
+    """Heartbeats every few seconds would drown the log: successful requests log at debug level."""
+    status = handler.get_status()
+    level = logging.DEBUG if status < 400 else logging.WARNING
+    log.log(level, "%d %s %s %.1fms", status, handler.request.method, handler.request.uri,
+            1000 * handler.request.request_time())
+
+
+class APIHandler(web.RequestHandler):
+    who = ("hub",)
+
+    @property
+    def pool(self):
+        """The GPUPool application: its secrets and its book."""
+        return self.settings["pool"]
+
+    @property
+    def book(self) -> AllocationBook:
+        return self.settings["pool"].book
+
+    def check_xsrf_cookie(self):
+        """Token-authenticated API: no cookies, no XSRF."""
+
+    def prepare(self):
+        header = self.request.headers.get("Authorization", "")
+        token = header[6:].strip() if header.lower().startswith("token ") else ""
+        secrets_by_role = {"hub": self.pool.api_token, "worker": self.pool.worker_token}
+        for role in self.who:
+            expected = secrets_by_role[role]
+            if expected and token and hmac.compare_digest(expected.encode(), token.encode()):
+                return
+        raise web.HTTPError(403, "a valid token is required")
+
+    def body(self) -> dict:
+        try:
+            data = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise web.HTTPError(400, "the body is not JSON") from None
+        if not isinstance(data, dict):
+            raise web.HTTPError(400, "the body must be a JSON object")
+        return data
+
+    def send(self, data, status=200):
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data))
+
+    def write_error(self, status_code, **kwargs):
+        exc = kwargs.get("exc_info", (None, None))[1]
+        message = getattr(exc, "log_message", None) or self._reason
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"status": status_code, "message": message}))
+
+
+class HealthHandler(APIHandler):
+    def prepare(self):
+        pass
+
+    def get(self):
+        self.send({"status": "ok"})
+
+
+class WorkersHandler(APIHandler):
+    who = ("worker",)
+
+    def post(self):
+        data = self.body()
+        try:
+            name, address, gpus = str(data["name"]), str(data["address"]), list(data["gpus"])
+        except (KeyError, TypeError):
+            raise web.HTTPError(400, "name, address and gpus are required") from None
+        with self.book.Session.begin() as db:
+            w = db.get(Worker, name) or Worker(name=name)
+            w.address, w.node, w.backend = address, str(data.get("node", "")), str(data.get("backend", "cuda"))
+            w.status, w.last_seen = "up", time.time()
+            db.add(w)
+            known = {g.uuid: g for g in w.gpus}
+            for g in gpus:
+                row = known.get(g["uuid"]) or GPU(uuid=g["uuid"])
+                row.index, row.model = int(g.get("index", 0)), str(g.get("model", ""))
+                row.memory, row.emulated = int(g["memory"]), bool(g.get("emulated", False))
+                row.capability = str(g.get("capability", ""))
+                if row.uuid not in known:
+                    w.gpus.append(row)
+        log.info("worker %s registered at %s with %d GPU(s)", name, address, len(gpus))
+        self.send({"name": name})
+
+
+class HeartbeatHandler(APIHandler):
+    who = ("worker",)
+
+    def post(self, name):
+        with self.book.Session.begin() as db:
+            w = db.get(Worker, name)
+            if w is None:
+                raise web.HTTPError(404, f"unknown worker {name}")
+            if w.status != "up":
+                log.info("worker %s is back", name)
+            w.status, w.last_seen = "up", time.time()
+            usage = self.body().get("sessions") or {}
+            if isinstance(usage, dict):
+                for a in db.scalars(select(Allocation).where(Allocation.worker_name == name,
+                                                             Allocation.status == "active")):
+                    a.used_vram = int(usage.get(token_hash(a.token), 0))
+        self.send({})
+
+
+class SessionTokenHandler(APIHandler):
+    who = ("worker",)
+
+    def post(self, name):
+        token = str(self.body().get("token", ""))
+        with self.book.Session.begin() as db:
+            a = db.scalars(select(Allocation).where(Allocation.token == token)).first()
+            if a is None or a.worker_name != name or a.status != "active":
+                raise web.HTTPError(404, "no active allocation with this token on this worker")
+            self.send({"vram": a.vram, "compute": a.compute, "allocation": a.id, "user": a.user})
+
+
+class AllocationsHandler(APIHandler):
+    def post(self):
+        spec = self.body()
+        if not spec.get("user"):
+            raise web.HTTPError(400, "user is required")
+        try:
+            alloc = self.book.allocate(spec)
+        except InvalidRequest as exc:
+            raise web.HTTPError(400, str(exc)) from None
+        except NoFit as exc:
+            log.info("no room for %s: %s", spec.get("user"), exc)
+            self.send({"status": 503, "message": str(exc)}, status=503)
+            return
+        with self.book.Session() as db:
+            data = allocation_json(alloc, db.get(Worker, alloc.worker_name))
+        data["token"] = alloc.token
+        self.send(data, status=201)
+
+    def get(self):
+        q = select(Allocation)
+        if self.get_argument("user", None):
+            q = q.where(Allocation.user == self.get_argument("user"))
+        if self.get_argument("status", None):
+            q = q.where(Allocation.status == self.get_argument("status"))
+        with self.book.Session() as db:
+            workers = {w.name: w for w in db.scalars(select(Worker))}
+            self.send([allocation_json(a, workers.get(a.worker_name)) for a in db.scalars(q.order_by(Allocation.id))])
+
+
+class AllocationHandler(APIHandler):
+    def get(self, alloc_id):
+        with self.book.Session() as db:
+            a = db.get(Allocation, int(alloc_id))
+            if a is None:
+                raise web.HTTPError(404, f"no allocation {alloc_id}")
+            self.send(allocation_json(a, db.get(Worker, a.worker_name)))
+
+    def delete(self, alloc_id):
+        if not self.book.release(int(alloc_id)):
+            raise web.HTTPError(404, f"no allocation {alloc_id}")
+        self.set_status(204)
+        self.finish()
+
+
+class AvailabilityHandler(APIHandler):
+    def post(self):
+        specs = self.body().get("requests", [])
+        if not isinstance(specs, list):
+            raise web.HTTPError(400, "requests must be a list")
+        self.send(self.book.availability(specs))
+
+
+class GPUsHandler(APIHandler):
+    def get(self):
+        self.send(self.book.gpu_table())
+
+
+class UsageHandler(APIHandler):
+    def get(self):
+        self.send(self.book.usage_table())

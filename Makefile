@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .make
-SRC_SHIM := gpu_worker/shim/gl_shim.c gpu_worker/shim/gl_shim.h gpu_worker/shim/gl_generated.c
+SRC_SHIM := $(wildcard gpu_worker/shim/*.c gpu_worker/shim/*.h)
 
 .PHONY: demo demo-cuda test test-gpu install build generate bench clean
 

@@ -168,7 +168,7 @@ def gen_c(names: list[str]) -> str:
             continue
         out.append(f'GL_EXPORT CUresult {n}(void) {{ static int once; return gl_unsupported("{n}", &once); }}')
     out.append("")
-    out.append("/* Answered in gl_shim.c without a round trip. */")
+    out.append("/* Answered by the hand-written shim files without a round trip. */")
     for abi, _ in T.LOCAL.values():
         out.append(f"CUresult {abi}();")
     out.append("")

@@ -262,13 +262,13 @@ FORWARDED = [
       abi="cuEventElapsedTime_v2", since=12080, extra_names=("cuEventElapsedTime@2000",)),
 ]
 
-# Hand-written on both sides (see gl_shim.c and session.py): their opcodes are fixed.
+# Hand-written on both sides (see shim/launch.c, shim/transport.c and daemon/session.py): their opcodes are fixed.
 OP_HELLO = 1
 OP_SET_CONTEXT = 2
 OP_LAUNCH = 3
 OP_PARAM_LAYOUT = 4
 
-# Functions the shim answers itself, without a round trip (hand-written in gl_shim.c):
+# Functions the shim answers itself, without a round trip (hand-written in shim/*.c):
 # name -> (abi symbol, since).
 LOCAL = {
     "cuGetProcAddress": ("cuGetProcAddress_v2", 12000),
@@ -288,7 +288,7 @@ LOCAL = {
     "cuLaunchKernel": ("cuLaunchKernel", 4000),
     "cuLaunchKernelEx": ("cuLaunchKernelEx", 11060),
 }
-# Older entry points that gl_shim.c also exports under their plain name.
+# Older entry points that the hand-written shim also exports under their plain name.
 LOCAL_PLAIN = ("cuGetProcAddress",)
 
 

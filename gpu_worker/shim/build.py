@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent
-SOURCES = ["gl_shim.c", "gl_generated.c"]
+# One job per file; gl_shim.h is their shared internal header.
+SOURCES = ["transport.c", "memory.c", "context.c", "launch.c", "images.c", "procaddress.c", "log.c",
+           "gl_generated.c"]
 LIB_NAME = "libcuda.so.1"
 
 

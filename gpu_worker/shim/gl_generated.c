@@ -1773,7 +1773,7 @@ GL_EXPORT CUresult cuVDPAUCtxCreate(void) { static int once; return gl_unsupport
 GL_EXPORT CUresult cuVDPAUGetDevice(void) { static int once; return gl_unsupported("cuVDPAUGetDevice", &once); }
 GL_EXPORT CUresult cuWaitExternalSemaphoresAsync(void) { static int once; return gl_unsupported("cuWaitExternalSemaphoresAsync", &once); }
 
-/* Answered in gl_shim.c without a round trip. */
+/* Answered by the hand-written shim files without a round trip. */
 CUresult cuGetProcAddress_v2();
 CUresult cuGetErrorString();
 CUresult cuGetErrorName();

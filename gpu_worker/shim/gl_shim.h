@@ -1,4 +1,14 @@
 /* gpulab shim: a libcuda.so.1 stand-in that forwards the CUDA driver API to a gpulab worker.
+ * This is the internal header shared by its files, one job each:
+ *
+ *   transport.c    connection, HELLO, framing, send buffer, replies, fork and exit
+ *   memory.c       allocations seen by the shim, unified cuMemcpy, page-locked host memory
+ *   context.c      per-thread current context, client-minted handle ids
+ *   launch.c       kernel parameter layouts and launches
+ *   images.c       module image sizes (PTX, cubin, fatbin)
+ *   procaddress.c  cuGetProcAddress, CUresult names
+ *   log.c          what the shim says on stderr
+ *   gl_generated.c every forwarded stub and the tables (generated from gpu_worker/api/table.py)
  *
  * Built without CUDA headers: the few driver types we need are declared here with the
  * driver's ABI (handles are pointers, CUdeviceptr is 64-bit, CUresult is an int).
@@ -63,6 +73,7 @@ extern const size_t gl_nerrnames;
 
 CUresult gl_begin(gl_msg *m, unsigned op, int want_reply);
 void gl_put(gl_msg *m, const void *p, size_t n);
+void *gl_put_space(gl_msg *m, size_t n);  /* n bytes of the request to fill in place */
 void gl_put_i(gl_msg *m, int v);
 void gl_put_I(gl_msg *m, unsigned int v);
 void gl_put_Q(gl_msg *m, unsigned long long v);
@@ -78,14 +89,20 @@ CUresult gl_reply_status(gl_msg *m);
 void gl_end(gl_msg *m);
 void gl_abort(gl_msg *m);
 
-uintptr_t gl_mint_handle(void);
-const void *gl_image_data(const void *image, size_t *size);
+/* log.c */
+void gl_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 CUresult gl_unsupported(const char *name, int *once);
 CUresult gl_unsupported_arg(const char *fn, const char *arg);
-void gl_track_alloc(CUdeviceptr p, size_t n);
-void gl_untrack_alloc(CUdeviceptr p);
+/* context.c */
+uintptr_t gl_mint_handle(void);
+uintptr_t gl_ctx_current(void);
 void gl_ctx_set_current(CUcontext c);
 void gl_ctx_forget(CUcontext c);
+/* images.c */
+const void *gl_image_data(const void *image, size_t *size);
+/* memory.c */
+void gl_track_alloc(CUdeviceptr p, size_t n);
+void gl_untrack_alloc(CUdeviceptr p);
 
 /* Generated entry points that the hand-written code calls. */
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n);

@@ -1,0 +1,123 @@
+/* gpulab shim: kernel launches. Parameters are packed by value from the layout (offset and
+ * size of each parameter) the worker reports once per function and the shim caches, so that
+ * a launch is pipelined without a round trip. */
+#include "gl_shim.h"
+
+#include <stdlib.h>
+
+typedef struct { uintptr_t fn; uint32_t count; uint64_t total; uint64_t *off; uint64_t *size; } layout_t;
+#define LAYOUT_SLOTS 4096
+static layout_t layouts[LAYOUT_SLOTS];
+
+static CUresult get_layout(uintptr_t fn, layout_t **out)
+{
+    size_t h = (fn * 0x9E3779B97F4A7C15ull) >> 52;
+    for (size_t i = 0; i < 16; i++) {
+        layout_t *l = &layouts[(h + i) % LAYOUT_SLOTS];
+        if (l->fn == fn) { *out = l; return CUDA_SUCCESS; }
+        if (l->fn == 0) break;
+    }
+    gl_msg m;
+    CUresult r = gl_begin(&m, GL_OP_PARAM_LAYOUT, 1);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_u64(&m, fn);
+    r = gl_call(&m, NULL, 0);
+    if (r != CUDA_SUCCESS) { gl_end(&m); return r; }
+    uint32_t count = 0;
+    gl_get(&m, &count, 4);
+    layout_t tmp = { fn, count, 0, calloc(count + 1, 8), calloc(count + 1, 8) };
+    for (uint32_t i = 0; i < count && !m.bad; i++) {
+        gl_get(&m, &tmp.off[i], 8);
+        gl_get(&m, &tmp.size[i], 8);
+        if (tmp.off[i] + tmp.size[i] > tmp.total) tmp.total = tmp.off[i] + tmp.size[i];
+    }
+    r = gl_reply_status(&m);
+    gl_end(&m);
+    if (r != CUDA_SUCCESS) { free(tmp.off); free(tmp.size); return r; }
+    for (size_t i = 0; i < 16; i++) {
+        layout_t *l = &layouts[(h + i) % LAYOUT_SLOTS];
+        if (__sync_bool_compare_and_swap(&l->fn, 0, fn)) {
+            l->count = tmp.count; l->total = tmp.total; l->off = tmp.off; l->size = tmp.size;
+            __sync_synchronize();
+            *out = l;
+            return CUDA_SUCCESS;
+        }
+    }
+    /* table crowded: use a private copy for this launch */
+    static __thread layout_t spill;
+    free(spill.off); free(spill.size);
+    spill = tmp;
+    *out = &spill;
+    return CUDA_SUCCESS;
+}
+
+#define CU_LAUNCH_PARAM_END ((void *)0x00)
+#define CU_LAUNCH_PARAM_BUFFER_POINTER ((void *)0x01)
+#define CU_LAUNCH_PARAM_BUFFER_SIZE ((void *)0x02)
+#define GL_LAUNCH_ATTR_SIZE 72
+
+static CUresult launch(uintptr_t f, const unsigned int dims[7], CUstream s, const void *attrs, unsigned int nattrs,
+                       void **kernelParams, void **extra)
+{
+    if (!f) return CUDA_ERROR_INVALID_HANDLE;
+    const void *buf = NULL;
+    size_t buflen = 0;
+    layout_t *l = NULL;
+    if (kernelParams && extra) return CUDA_ERROR_INVALID_VALUE;
+    if (extra) {
+        for (size_t i = 0; extra[i] != CU_LAUNCH_PARAM_END; i += 2) {
+            if (extra[i] == CU_LAUNCH_PARAM_BUFFER_POINTER) buf = extra[i + 1];
+            else if (extra[i] == CU_LAUNCH_PARAM_BUFFER_SIZE) buflen = *(size_t *)extra[i + 1];
+            else return CUDA_ERROR_INVALID_VALUE;
+        }
+        if (!buf && buflen) return CUDA_ERROR_INVALID_VALUE;
+    } else {
+        CUresult r = get_layout(f, &l);
+        if (r != CUDA_SUCCESS) return r;
+        if (l->count && !kernelParams) return CUDA_ERROR_INVALID_VALUE;
+        buflen = l->total;
+    }
+    gl_msg m;
+    CUresult r = gl_begin(&m, GL_OP_LAUNCH, 0);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_u64(&m, f);
+    for (int i = 0; i < 7; i++) gl_put_I(&m, dims[i]);
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)s);
+    gl_put_I(&m, nattrs);
+    if (nattrs) gl_put(&m, attrs, (size_t)nattrs * GL_LAUNCH_ATTR_SIZE);
+    gl_put_u64(&m, buflen);
+    if (buf) {
+        gl_put(&m, buf, buflen);
+    } else {
+        char *dst = gl_put_space(&m, buflen);
+        memset(dst, 0, buflen);
+        for (uint32_t i = 0; i < l->count; i++) memcpy(dst + l->off[i], kernelParams[i], l->size[i]);
+    }
+    r = gl_post(&m);
+    gl_end(&m);
+    return r;
+}
+
+GL_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
+                                  unsigned int by, unsigned int bz, unsigned int shmem, CUstream s,
+                                  void **kernelParams, void **extra)
+{
+    const unsigned int dims[7] = { gx, gy, gz, bx, by, bz, shmem };
+    return launch((uintptr_t)f, dims, s, NULL, 0, kernelParams, extra);
+}
+
+typedef struct {
+    unsigned int gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, sharedMemBytes;
+    CUstream hStream;
+    const void *attrs;
+    unsigned int numAttrs;
+} gl_launch_config;
+
+GL_EXPORT CUresult cuLaunchKernelEx(const gl_launch_config *cfg, CUfunction f, void **kernelParams, void **extra)
+{
+    if (!cfg) return CUDA_ERROR_INVALID_VALUE;
+    const unsigned int dims[7] = { cfg->gridDimX, cfg->gridDimY, cfg->gridDimZ, cfg->blockDimX, cfg->blockDimY,
+                                   cfg->blockDimZ, cfg->sharedMemBytes };
+    if (cfg->numAttrs && !cfg->attrs) return CUDA_ERROR_INVALID_VALUE;
+    return launch((uintptr_t)f, dims, cfg->hStream, cfg->attrs, cfg->numAttrs, kernelParams, extra);
+}

@@ -31,3 +31,29 @@ def test_async_functions_return_nothing():
     for f in T.FORWARDED:
         if f.mode == "async":
             assert not [p for p in f.params if p.rule in ("out", "outstr", "outbytes", "outvar", "hostout")], f.name
+
+
+def test_wire_constants_agree_with_the_table():
+    """The shim's gl_wire.h and the worker's wire/protocol modules carry exactly the table's numbers."""
+    import re
+    import struct
+
+    from gpu_worker.api import protocol, wire
+    from gpu_worker.api.codegen import WIRE_H
+
+    header = dict(re.findall(r"^#define GL_(\w+) (\d+)u", WIRE_H.read_text(), re.M))
+    expected = {c.name: c.value for c in T.WIRE}
+    expected.update({f"{lay.name}_SIZE": struct.calcsize(lay.format) for lay in T.LAYOUTS})
+    assert {k: int(v) for k, v in header.items()} == expected
+    for c in T.WIRE:
+        assert getattr(wire, c.name) == c.value
+    for lay in T.LAYOUTS:
+        assert getattr(protocol, lay.name).format == lay.format
+    assert protocol.FIRST_OPCODE == T.FIRST_OPCODE == min(OPS)
+    # nothing in the hand-written shim spells a wire number out again
+    shim = WIRE_H.parent
+    for src in [*shim.glob("*.c"), shim / "gl_shim.h"]:
+        if src.name == "gl_generated.c":
+            continue
+        text = src.read_text()
+        assert not re.search(r"#define GL_(OP_\w+|\w+_HEADER\w*|FLAG_\w+|PROTOCOL_VERSION|LAUNCH_ATTR_SIZE)\b", text), src

@@ -14,7 +14,8 @@ from gpu_worker.api.codegen import in_struct
 from gpu_worker.daemon.dispatch_generated import OPS
 
 FIXED_SIZE = {api_table.opcode(f): struct.calcsize(in_struct(f)) for f in api_table.FORWARDED}
-from gpu_worker.api.protocol import FLAG_REPLY, HELLO, OP_HELLO, REP_HEADER, REQ_HEADER
+from gpu_worker.api.protocol import (FLAG_REPLY, HELLO, OP_HELLO, OP_LAUNCH, OP_PARAM_LAYOUT, OP_SET_CONTEXT,
+                                     PROTOCOL_VERSION, REP_HEADER, REQ_HEADER)
 
 
 def open_session(worker) -> socket.socket:
@@ -22,7 +23,8 @@ def open_session(worker) -> socket.socket:
     s.connect(worker.unix[len("unix://"):])
     s.settimeout(10)
     tok = worker.token.encode()
-    s.sendall(REQ_HEADER.pack(HELLO.size + len(tok), OP_HELLO, FLAG_REPLY) + HELLO.pack(1, os.getpid(), len(tok)) + tok)
+    hello = HELLO.pack(PROTOCOL_VERSION, os.getpid(), len(tok))
+    s.sendall(REQ_HEADER.pack(HELLO.size + len(tok), OP_HELLO, FLAG_REPLY) + hello + tok)
     plen, res, _ = REP_HEADER.unpack(s.recv(REP_HEADER.size, socket.MSG_WAITALL))
     s.recv(plen, socket.MSG_WAITALL)
     assert res == 0
@@ -31,7 +33,7 @@ def open_session(worker) -> socket.socket:
 
 def test_random_requests_in_valid_frames(worker):
     rng = random.Random(1234)
-    ops = sorted(OPS) + [2, 3, 4, 9999]
+    ops = sorted(OPS) + [OP_SET_CONTEXT, OP_LAUNCH, OP_PARAM_LAYOUT, 9999]
     replies = closed = 0
     s = open_session(worker)
     for _ in range(1500):

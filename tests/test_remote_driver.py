@@ -352,12 +352,13 @@ def test_malformed_frames_close_only_that_session(worker, frame):
     import socket
     import struct
 
-    from gpu_worker.api.protocol import HELLO, OP_HELLO, REP_HEADER, REQ_HEADER
+    from gpu_worker.api.protocol import HELLO, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER
 
     s = socket.socket(socket.AF_UNIX)
     s.connect(worker.unix[len("unix://"):])
     tok = worker.token.encode()
-    s.sendall(REQ_HEADER.pack(HELLO.size + len(tok), OP_HELLO, 1) + HELLO.pack(1, os.getpid(), len(tok)) + tok)
+    hello = HELLO.pack(PROTOCOL_VERSION, os.getpid(), len(tok))
+    s.sendall(REQ_HEADER.pack(HELLO.size + len(tok), OP_HELLO, 1) + hello + tok)
     plen, res, _ = REP_HEADER.unpack(s.recv(REP_HEADER.size, socket.MSG_WAITALL))
     s.recv(plen, socket.MSG_WAITALL)
     assert res == 0

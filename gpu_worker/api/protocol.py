@@ -1,27 +1,23 @@
-"""Wire constants and frame helpers shared by the worker and the Python-side tools.
+"""Wire constants and frame structs for the worker and the Python-side tools.
 
-The C side (gpu_worker/shim/gl_shim.h) carries the same numbers; docs/protocol.md is
-the reference for both.
+The numbers are declared once in gpu_worker/api/table.py (WIRE, LAYOUTS) and generated
+into wire.py (here) and gpu_worker/shim/gl_wire.h (the shim); docs/protocol.md is the
+reference for both.
 """
 import struct
 
-PROTOCOL_VERSION = 1
-REQ_HEADER = struct.Struct("<QII")  # payload length, opcode, flags
-REP_HEADER = struct.Struct("<QiI")  # payload length, CUresult, reserved
-FLAG_REPLY = 1
+from . import wire
+from .wire import (FIRST_OPCODE, FLAG_REPLY, LAUNCH_ATTR_SIZE, MAX_FRAME, OP_HELLO, OP_LAUNCH,  # noqa: F401
+                   OP_PARAM_LAYOUT, OP_SET_CONTEXT, PROTOCOL_VERSION)
 
-OP_HELLO = 1
-OP_SET_CONTEXT = 2
-OP_LAUNCH = 3
-OP_PARAM_LAYOUT = 4
-
-HELLO = struct.Struct("<IIQ")  # protocol version, client pid, token length
-LAUNCH = struct.Struct("<Q7IQI")  # function id, grid xyz, block xyz, shared mem, stream id, attr count
-LAUNCH_ATTR_SIZE = 72
+REQ_HEADER = struct.Struct(wire.REQ_HEADER_FORMAT)
+REP_HEADER = struct.Struct(wire.REP_HEADER_FORMAT)
+HELLO = struct.Struct(wire.HELLO_FORMAT)
+LAUNCH = struct.Struct(wire.LAUNCH_FORMAT)
 
 # Frames larger than this (bulk copies excepted, which are bounded by the destination
 # allocation) close the session: they cannot be a well-formed request.
-DEFAULT_MAX_FRAME = 256 << 20
+DEFAULT_MAX_FRAME = MAX_FRAME
 
 
 class ProtocolError(Exception):

@@ -120,9 +120,54 @@ def F(name, params, **kw):  # noqa: N802
     return Func(name, list(params), **kw)
 
 
+# --- WIRE: the numbers both ends must agree on -----------------------------------------
+# Declared here once; codegen writes them into gpu_worker/shim/gl_wire.h (as GL_<name>) and
+# gpu_worker/api/wire.py (as <name>), which gpu_worker/api/protocol.py re-exports.
+@dataclass(frozen=True)
+class Const:
+    name: str
+    value: int
+    doc: str
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A fixed frame part as a Python struct format (little endian, no padding); C gets its size."""
+    name: str
+    format: str
+    doc: str
+
+
+WIRE = [
+    Const("PROTOCOL_VERSION", 1, "sent in HELLO; a worker refuses any other version"),
+    Const("OP_HELLO", 1, "opens the session: version, client pid, token"),
+    Const("OP_SET_CONTEXT", 2, "the calling thread's current context id (never replied)"),
+    Const("OP_LAUNCH", 3, "a kernel launch with its parameter buffer (never replied)"),
+    Const("OP_PARAM_LAYOUT", 4, "offset and size of each parameter of a function"),
+    Const("FIRST_OPCODE", 16, "opcode of FORWARDED[0]; FORWARDED[i] is FIRST_OPCODE + i"),
+    Const("FLAG_REPLY", 1, "request flags bit: the shim waits for a reply"),
+    Const("LAUNCH_ATTR_SIZE", 72, "bytes of one CUlaunchAttribute, sent as the driver lays it out"),
+    Const("MAX_FRAME", 256 << 20, "default largest request the worker accepts (bulk copy data excepted)"),
+    Const("MAX_REPLY", 64 << 20, "largest reply payload the shim buffers (bulk copy data excepted)"),
+    Const("PIPELINE_FLUSH", 64 << 10, "the shim sends pipelined frames once this many bytes are pending"),
+]
+
+LAYOUTS = [
+    Layout("REQ_HEADER", "<QII", "u64 payload length, u32 opcode, u32 flags"),
+    Layout("REP_HEADER", "<QiI", "u64 payload length, i32 CUresult, u32 reserved (0)"),
+    Layout("HELLO", "<IIQ", "u32 protocol version, u32 client pid, u64 token length (token follows)"),
+    Layout("LAUNCH", "<Q7IQI", "u64 function id, u32 grid x,y,z, block x,y,z, shared bytes, u64 stream id, "
+                               "u32 attribute count (attributes, then u64 length + parameter buffer follow)"),
+]
+
+
+def wire_value(name: str) -> int:
+    return next(c.value for c in WIRE if c.name == name)
+
+
 # The opcode of a function is its index in FORWARDED plus FIRST_OPCODE: append new
 # entries at the end so that older shims and workers keep understanding each other.
-FIRST_OPCODE = 16
+FIRST_OPCODE = wire_value("FIRST_OPCODE")
 
 FORWARDED = [
     # --- initialisation and device queries -------------------------------------------
@@ -261,12 +306,6 @@ FORWARDED = [
     F("cuEventElapsedTime", [Out("pMilliseconds", "f32"), In("hStart", "h:event"), In("hEnd", "h:event")],
       abi="cuEventElapsedTime_v2", since=12080, extra_names=("cuEventElapsedTime@2000",)),
 ]
-
-# Hand-written on both sides (see shim/launch.c, shim/transport.c and daemon/session.py): their opcodes are fixed.
-OP_HELLO = 1
-OP_SET_CONTEXT = 2
-OP_LAUNCH = 3
-OP_PARAM_LAYOUT = 4
 
 # Functions the shim answers itself, without a round trip (hand-written in shim/*.c):
 # name -> (abi symbol, since).

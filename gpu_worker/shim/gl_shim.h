@@ -21,6 +21,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "gl_wire.h"  /* generated: opcodes, header sizes, flags, limits */
+
 #define GL_EXPORT __attribute__((visibility("default")))
 
 typedef int CUresult;
@@ -42,17 +44,6 @@ enum {
     CUDA_ERROR_NOT_SUPPORTED = 801,
     CUDA_ERROR_UNKNOWN = 999,
 };
-
-/* Frame headers (little endian), see docs/protocol.md. */
-#define GL_REQ_HEADER 16   /* u64 payload length, u32 opcode, u32 flags */
-#define GL_REP_HEADER 16   /* u64 payload length, u32 CUresult, u32 reserved */
-#define GL_FLAG_REPLY 1u
-#define GL_PROTOCOL_VERSION 1u
-
-#define GL_OP_HELLO 1u
-#define GL_OP_SET_CONTEXT 2u
-#define GL_OP_LAUNCH 3u
-#define GL_OP_PARAM_LAYOUT 4u
 
 /* One request being built; the connection lock is held from gl_begin to gl_end. */
 typedef struct {

@@ -54,7 +54,6 @@ static CUresult get_layout(uintptr_t fn, layout_t **out)
 #define CU_LAUNCH_PARAM_END ((void *)0x00)
 #define CU_LAUNCH_PARAM_BUFFER_POINTER ((void *)0x01)
 #define CU_LAUNCH_PARAM_BUFFER_SIZE ((void *)0x02)
-#define GL_LAUNCH_ATTR_SIZE 72
 
 static CUresult launch(uintptr_t f, const unsigned int dims[7], CUstream s, const void *attrs, unsigned int nattrs,
                        void **kernelParams, void **extra)

@@ -161,14 +161,14 @@ static CUresult connect_worker(void)
 
     /* HELLO: u32 protocol version, u32 pid, u64 token length, token */
     size_t tlen = token ? strlen(token) : 0;
-    unsigned char hdr[GL_REQ_HEADER + 16];
-    uint64_t plen = 16 + tlen;
+    unsigned char hdr[GL_REQ_HEADER_SIZE + GL_HELLO_SIZE];
+    uint64_t plen = GL_HELLO_SIZE + tlen;
     uint32_t op = GL_OP_HELLO, flags = GL_FLAG_REPLY, ver = GL_PROTOCOL_VERSION, pid = (uint32_t)C.pid;
     uint64_t tl = tlen;
     memcpy(hdr, &plen, 8); memcpy(hdr + 8, &op, 4); memcpy(hdr + 12, &flags, 4);
     memcpy(hdr + 16, &ver, 4); memcpy(hdr + 20, &pid, 4); memcpy(hdr + 24, &tl, 8);
     struct iovec iov[2] = { { hdr, sizeof hdr }, { (void *)(token ? token : ""), tlen } };
-    unsigned char rep[GL_REP_HEADER];
+    unsigned char rep[GL_REP_HEADER_SIZE];
     if (write_all_iov(iov, tlen ? 2 : 1) != 0 || read_all(rep, sizeof rep) != 0) {
         gl_log("the worker at %s closed the session during the handshake", addr);
         mark_dead(CUDA_ERROR_NO_DEVICE, "handshake failed");
@@ -202,10 +202,10 @@ static void put_header(size_t at, uint64_t plen, uint32_t op, uint32_t flags)
 
 static void frame_begin(gl_msg *m, unsigned op, int want_reply)
 {
-    reserve(GL_REQ_HEADER);
+    reserve(GL_REQ_HEADER_SIZE);
     m->start = C.slen;
     put_header(C.slen, 0, op, want_reply ? GL_FLAG_REPLY : 0);
-    C.slen += GL_REQ_HEADER;
+    C.slen += GL_REQ_HEADER_SIZE;
 }
 
 /* fork(): the child must not use the parent's session (its handles and memory belong to the
@@ -242,7 +242,7 @@ CUresult gl_begin(gl_msg *m, unsigned op, int want_reply)
         gl_msg sc;
         frame_begin(&sc, GL_OP_SET_CONTEXT, 0);
         gl_put_u64(&sc, (unsigned long long)ctx);
-        put_header(sc.start, C.slen - sc.start - GL_REQ_HEADER, GL_OP_SET_CONTEXT, 0);
+        put_header(sc.start, C.slen - sc.start - GL_REQ_HEADER_SIZE, GL_OP_SET_CONTEXT, 0);
         C.server_ctx = ctx;
         C.server_ctx_known = 1;
     }
@@ -280,11 +280,9 @@ void gl_put_bulk(gl_msg *m, const void *p, size_t n)
 
 static void seal(gl_msg *m)
 {
-    uint64_t plen = C.slen - m->start - GL_REQ_HEADER + m->bulk_len;
+    uint64_t plen = C.slen - m->start - GL_REQ_HEADER_SIZE + m->bulk_len;
     memcpy(C.sbuf + m->start, &plen, 8);
 }
-
-#define GL_PIPELINE_FLUSH 65536
 
 CUresult gl_post(gl_msg *m)
 {
@@ -307,8 +305,6 @@ static int ensure_rbuf(size_t n)
     return 0;
 }
 
-#define GL_MAX_REPLY (64u << 20)
-
 CUresult gl_call(gl_msg *m, void *bulk_out, size_t bulk_n)
 {
     seal(m);
@@ -316,7 +312,7 @@ CUresult gl_call(gl_msg *m, void *bulk_out, size_t bulk_n)
         mark_dead(CUDA_ERROR_DEVICE_UNAVAILABLE, strerror(errno));
         return C.dead_error;
     }
-    unsigned char rep[GL_REP_HEADER];
+    unsigned char rep[GL_REP_HEADER_SIZE];
     if (read_all(rep, sizeof rep) != 0) {
         mark_dead(CUDA_ERROR_DEVICE_UNAVAILABLE, strerror(errno));
         return C.dead_error;

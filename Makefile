@@ -1,54 +1,108 @@
 # gpulab: `make demo` and `make test` do all set-up on a fresh machine.
-PYTHON ?= python3
-PIP := $(PYTHON) -m pip
-STAMP := .make
-SRC_SHIM := $(wildcard gpu_worker/shim/*.c gpu_worker/shim/*.h)
+#
+#   make demo ARGS="--port 8001"    options for `gpulab up`
+#   make test PYTEST_ARGS="-k pool" options for pytest
+#   make validate-gpu               on a GPU machine: `pytest -m gpu`, the benchmarks, a dated report
+#
+# System pieces (C compiler, Debian's Chromium, Node.js, npm, configurable-http-proxy) are checked on
+# every run by tools/bootstrap.py, which installs each missing one on its own. Python packages go
+# into a virtual environment: the active one ($VIRTUAL_ENV), else .venv here.
 
-.PHONY: demo demo-cuda test test-gpu install build generate bench clean
+# The interpreter that runs the bootstrap and creates the venv (the system's, before any venv exists).
+PYTHON ?= python3
+VENV ?= $(or $(VIRTUAL_ENV),$(CURDIR)/.venv)
+VPY := $(VENV)/bin/python
+# JupyterHub finds configurable-http-proxy on PATH; the bootstrap installs it into the venv.
+export PATH := $(VENV)/bin:$(PATH)
+
+STAMP := .make
+# Every C source and header of the shim, whatever files it is split into.
+SRC_SHIM := $(wildcard gpu_worker/shim/*.c gpu_worker/shim/*.h)
+# One stamp per venv, so switching venvs never finds another venv's stamp.
+PIP_STAMP := $(STAMP)/installed$(subst /,-,$(abspath $(VENV)))
+
+# Where pip takes packages from. With WHEELHOUSE (a machine without network, such as the device
+# machine) it installs the project without resolving dependencies, plus the wheels carried in that
+# folder: see docs/validation.md, "Carrying what the device machine lacks".
+WHEELHOUSE ?=
+ifneq ($(WHEELHOUSE),)
+PIP_INSTALL ?= --no-index --no-deps --no-build-isolation -e . $(wildcard $(WHEELHOUSE)/*.whl)
+else
+PIP_INSTALL ?= -e '.[test]'
+endif
+
+# What the bootstrap sets up: each goal below says which pieces it needs.
+NEEDS ?= test
+demo demo-cuda: NEEDS := demo
+validate-gpu: NEEDS := gpu
+
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo demo-cuda test test-gpu validate-gpu system install build generate bench wheelhouse clean FORCE
 
 # The embedded default: JupyterHub + GPU pool + a local worker (the GPU, or the emulated device).
 demo: build
-	$(PYTHON) -m gpulab.cli up
+	$(VENV)/bin/gpulab up $(ARGS)
 
 # Only the remote-CUDA path: a worker and a short CUDA program through the shim.
 demo-cuda: build
-	$(PYTHON) -m gpulab.cli demo
+	$(VENV)/bin/gpulab demo $(ARGS)
 
 test: build
-	$(PYTHON) -m pytest -q
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 # Needs a GPU machine: the cuda backend and unmodified programs on a real device.
 test-gpu: build
-	$(PYTHON) -m pytest -q -m gpu
+	$(VPY) -m pytest -q -m gpu $(PYTEST_ARGS)
 
-# System packages: a C compiler for the shim, Debian's Chromium for the browser tests,
-# Node.js and configurable-http-proxy for JupyterHub. Installed only when missing.
-$(STAMP)/system:
-	@command -v cc >/dev/null && command -v chromium >/dev/null && command -v npm >/dev/null || \
-		(apt-get update && apt-get install -y --no-install-recommends gcc chromium nodejs npm)
-	@command -v configurable-http-proxy >/dev/null || npm install -g configurable-http-proxy
-	@mkdir -p $(STAMP) && touch $@
+# `pytest -m gpu` and the GPU benchmarks, then a dated report for docs/validation.md (REPORT=file
+# also writes it there). Refuses before installing anything when no NVIDIA GPU is visible.
+REPORT ?=
+validate-gpu:
+	@$(PYTHON) benchmarks/validate_gpu.py --preflight
+	@$(MAKE) --no-print-directory build NEEDS=gpu
+	$(VPY) benchmarks/validate_gpu.py $(if $(REPORT),--output $(REPORT))
+
+# Cheap, so it runs every time: a piece removed since the last run is installed again.
+system:
+	@$(PYTHON) tools/bootstrap.py --for $(NEEDS) --venv $(VENV)
+
+$(VENV)/pyvenv.cfg: | system
+	@test -f $@ || { echo "no virtual environment at $(VENV)"; exit 1; }
 
 # Python packages (the shim is compiled by the same `pip install`, with the system C compiler).
-$(STAMP)/installed: pyproject.toml setup.py $(STAMP)/system
-	$(PIP) install -q -e '.[test]'
+# Re-run when the project's metadata changes, the venv is new, or its `gpulab` command is gone.
+$(PIP_STAMP): pyproject.toml setup.py $(VENV)/pyvenv.cfg $(if $(wildcard $(VENV)/bin/gpulab),,FORCE) | system
+	$(VPY) -m pip install -q $(PIP_INSTALL)
 	@mkdir -p $(STAMP) && touch $@
 
-install: $(STAMP)/installed
+install: $(PIP_STAMP)
 
 # Rebuild the shim when its sources change (pip install -e builds it the first time).
-gpu_worker/shim/lib/libcuda.so.1: $(SRC_SHIM) | $(STAMP)/installed
-	$(PYTHON) gpu_worker/shim/build.py
+gpu_worker/shim/lib/libcuda.so.1: $(SRC_SHIM) | $(PIP_STAMP)
+	$(VPY) gpu_worker/shim/build.py
 
 build: install gpu_worker/shim/lib/libcuda.so.1
 
-# Regenerate the C stubs and the Python dispatch from gpu_worker/api_table.py.
+# Regenerate the C stubs and the Python dispatch from gpu_worker/api/table.py (standard library only).
 generate:
 	$(PYTHON) -m gpu_worker.api.codegen
 
 bench: build
-	$(PYTHON) benchmarks/remote_driver.py
-	$(PYTHON) benchmarks/spawn.py
+	$(VPY) benchmarks/remote_driver.py
+	$(VPY) benchmarks/spawn.py
+
+# Wheels of the project's dependencies that the device machine's image lacks, for WHEELHOUSE=.whl
+# there (run here, where pip can download; the device runs Python 3.12 on x86-64).
+DEVICE_WHEELS ?= traitlets
+wheelhouse: NEEDS := gpu
+wheelhouse: $(VENV)/pyvenv.cfg
+	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(or $(WHEELHOUSE),.whl) $(DEVICE_WHEELS)
+
+FORCE:
 
 clean:
 	rm -rf $(STAMP) gpu_worker/shim/lib build *.egg-info

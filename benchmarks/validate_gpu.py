@@ -1,0 +1,300 @@
+#!/usr/bin/env python
+"""GPU validation in one command: `pytest -m gpu`, the GPU benchmarks, and a dated report.
+
+    make validate-gpu                       # installs, then runs this
+    python benchmarks/validate_gpu.py [--output report.md] [--preflight]
+
+A claim about a GPU counts only once it has run on one (docs/validation.md), and a device machine
+is lent for minutes: this puts everything such a run should show into one report, in the shape
+docs/validation.md uses, with what it ran on (device, driver, library versions) and when.
+
+Without a visible NVIDIA GPU it refuses at once with a sentence and a non-zero exit, before
+anything is installed (`--preflight` does only that check, with the standard library). The exit
+status is non-zero when `pytest -m gpu` does not pass (no GPU test run counts as not passing) or a
+benchmark fails to run; the report is printed either way.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEV_NODES = ("/dev/nvidiactl", "/dev/nvidia0")  # what tests/workertools.gpu_present looks at
+PYTEST_TIMEOUT_S = 300
+BENCH_TIMEOUT_S = 240  # with the pytest run and the install, inside 8 minutes on an H100 machine
+
+# Distributions whose versions say what the run used (absent ones are reported as absent).
+VERSIONS = ["gpulab", "cuda-python", "cuda-bindings", "cuda-core", "cuda-pathfinder", "nvidia-cuda-nvrtc",
+            "numba", "numba-cuda", "cupy-cuda13x", "cupy-cuda12x", "jax", "jaxlib", "torch", "numpy",
+            "nvidia-ml-py", "traitlets", "jupyterhub", "pytest"]
+
+NO_GPU = ("no NVIDIA GPU visible: `make validate-gpu` needs one ({}), so nothing was run. "
+          "Run it on a GPU machine (docs/validation.md says how to carry this repository there).")
+
+PYTEST_WORDS = ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "deselected", "warnings")
+
+
+def gpu_visible(dev_nodes: dict, smi_listing: str | None) -> bool:
+    """Whether a GPU can be used: nvidia-smi lists one, or (without nvidia-smi) a device node exists.
+    `dev_nodes` maps path -> exists; `smi_listing` is `nvidia-smi -L` output, None if it failed or is absent."""
+    if smi_listing is not None:
+        return any(line.startswith("GPU ") for line in smi_listing.splitlines())
+    return any(dev_nodes.values())
+
+
+def _smi(*args: str) -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        r = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def preflight() -> int:
+    nodes = {p: os.path.exists(p) for p in DEV_NODES}
+    if gpu_visible(nodes, _smi("-L")):
+        return 0
+    why = "nvidia-smi lists no GPU" if shutil.which("nvidia-smi") else f"no nvidia-smi and no {' or '.join(DEV_NODES)}"
+    print(NO_GPU.format(why), file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------------------- facts
+
+
+def device_facts() -> dict:
+    """Name, memory, compute capability and driver of each GPU, and the driver's CUDA version."""
+    out = _smi("--query-gpu=name,memory.total,compute_cap,driver_version", "--format=csv,noheader") or ""
+    gpus = [dict(zip(("name", "memory", "compute", "driver"), (c.strip() for c in line.split(","))))
+            for line in out.strip().splitlines() if line.strip()]
+    m = re.search(r"CUDA Version:\s*([\d.]+)", _smi() or "")
+    return {"gpus": gpus, "cuda": m.group(1) if m else "?"}
+
+
+def versions(names=VERSIONS) -> dict:
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def commit() -> str:
+    try:
+        r = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                           text=True, timeout=10)
+        return r.stdout.strip() or "unknown (no git here)"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (no git here)"
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    """One command's outcome, as the report shows it."""
+
+    title: str
+    command: list
+    rc: int | None  # None: timed out
+    seconds: float
+    output: str
+    note: str = ""
+
+
+def run(title: str, cmd: list, timeout: float, note: str = "") -> Run:
+    print(f"validate-gpu: {title}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        rc, out = r.returncode, r.stdout + r.stderr
+    except subprocess.TimeoutExpired as e:
+        rc = None
+        out = "".join(s.decode(errors="replace") if isinstance(s, bytes) else s for s in (e.stdout, e.stderr) if s)
+    sys.stderr.write(out[-4000:])
+    return Run(title, cmd, rc, time.perf_counter() - t0, out, note)
+
+
+def pytest_counts(output: str) -> dict:
+    """Outcome counts from pytest's last summary line ("3 passed, 1 skipped, 120 deselected in 9.1s")."""
+    for line in reversed(output.strip().splitlines()):
+        found = re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected|warnings?)\b", line)
+        if found and re.search(r"\bin [\d.]+s", line) or line.strip(" =").startswith("no tests ran"):
+            counts = {}
+            for n, word in found:
+                word = {"errors": "error", "warning": "warnings"}.get(word, word)
+                counts[word] = counts.get(word, 0) + int(n)
+            return counts
+    return {}
+
+
+def pytest_problems(output: str) -> list[str]:
+    """The short-summary lines (-rfEs) for tests that failed, errored or were skipped."""
+    return [line.strip() for line in output.splitlines() if re.match(r"(FAILED|ERROR|SKIPPED) ", line.strip())]
+
+
+def bench_rows(output: str) -> tuple[list[str], list[list[str]]]:
+    """The table benchmarks/remote_driver.py prints (columns two or more spaces apart, a dashed
+    rule under the header) as (header, rows)."""
+    lines = output.splitlines()
+    for i, line in enumerate(lines[1:], 1):
+        if re.fullmatch(r"-+( +-+)+", line.strip()):
+            header = re.split(r"\s{2,}", lines[i - 1].strip())
+            rows = []
+            for row in lines[i + 1:]:
+                cells = re.split(r"\s{2,}", row.strip())
+                if len(cells) != len(header):
+                    break
+                rows.append(cells)
+            return header, rows
+    return [], []
+
+
+def pytest_passed(r: Run) -> bool:
+    """Passed only if pytest exited 0 and at least one GPU test ran and passed: all skipped is not a pass."""
+    counts = pytest_counts(r.output)
+    return r.rc == 0 and counts.get("passed", 0) > 0 and not counts.get("failed") and not counts.get("error")
+
+
+# ---------------------------------------------------------------------------- report
+
+
+@dataclass
+class Report:
+    date: str
+    machine: dict  # device_facts()
+    versions: dict
+    python: str
+    system: str
+    cpus: int
+    commit: str
+    pytest: Run
+    benches: list = field(default_factory=list)
+
+
+def _markdown_table(header: list, rows: list) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _status(r: Run) -> str:
+    return "timed out" if r.rc is None else ("ok" if r.rc == 0 else f"exit {r.rc}")
+
+
+def _shown(cmd: list) -> str:
+    """A command as a reader would type it: `python`, and paths relative to the repository."""
+    def short(i, c):
+        if i == 0:
+            return "python"
+        return os.path.relpath(c, ROOT) if os.path.isabs(c) and Path(c).is_relative_to(ROOT) else c
+    return " ".join(short(i, c) for i, c in enumerate(cmd))
+
+
+def format_report(rep: Report) -> str:
+    """Markdown in the shape of docs/validation.md: a dated heading, the machine, then each run."""
+    gpus = rep.machine.get("gpus") or []
+    gpu_text = "; ".join(f"{g.get('name', '?')} ({g.get('memory', '?')}, compute capability {g.get('compute', '?')})"
+                         for g in gpus) or "no GPU listed by nvidia-smi"
+    driver = gpus[0].get("driver", "?") if gpus else "?"
+    present = [f"{k} {v}" for k, v in rep.versions.items() if v]
+    absent = [k for k, v in rep.versions.items() if not v]
+    out = [f"## {rep.date} — GPU validation (`make validate-gpu`)", "",
+           f"Machine: {len(gpus)} × {gpu_text}; driver {driver} (CUDA {rep.machine.get('cuda', '?')}); "
+           f"{rep.cpus} CPUs; {rep.system}; Python {rep.python}. Commit {rep.commit}.", "",
+           f"Versions: {', '.join(present)}." + (f" Not installed: {', '.join(absent)}." if absent else ""), ""]
+
+    p = rep.pytest
+    counts = pytest_counts(p.output)
+    summary = ", ".join(f"{counts[w]} {w}" for w in PYTEST_WORDS if counts.get(w)) or "no summary line"
+    verdict = "PASS" if pytest_passed(p) else "NOT PASSED"
+    out += [f"### `pytest -m gpu`: {verdict} — {summary} ({p.seconds:.0f} s, {_status(p)})", ""]
+    if p.note:
+        out += [p.note, ""]
+    if counts:
+        out += _markdown_table(["outcome", "count"], [[w, str(counts[w])] for w in PYTEST_WORDS if w in counts]) + [""]
+    problems = pytest_problems(p.output)
+    if problems:
+        out += [f"- `{line}`" for line in problems] + [""]
+
+    for b in rep.benches:
+        out += [f"### `{_shown(b.command)}` ({b.seconds:.0f} s, {_status(b)})", ""]
+        if b.note:
+            out += [b.note, ""]
+        header, rows = bench_rows(b.output)
+        if rows:
+            out += _markdown_table(header, rows) + [""]
+        else:
+            out += ["No figures: the benchmark printed no table. Its last lines:", "", "```",
+                    *b.output.strip().splitlines()[-15:], "```", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def remote_driver_command() -> tuple[list, str]:
+    """benchmarks/remote_driver.py against the `cuda` backend where it offers one, else as it is."""
+    script = ROOT / "benchmarks" / "remote_driver.py"
+    helptext = subprocess.run([sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60).stdout
+    if "--backend" in helptext:
+        return [sys.executable, str(script), "--backend", "cuda"], "Worker backend: cuda (the real GPU)."
+    return ([sys.executable, str(script)],
+            "Worker backend: **emulated** — remote_driver.py has no `--backend` option yet, so these are the "
+            "loopback transport figures on this machine's CPUs, not GPU figures.")
+
+
+def pytest_command() -> tuple[list, str]:
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider"]
+    if importlib.util.find_spec("jupyterhub") is None:
+        # A machine with only the carried wheels (docs/validation.md) lacks the hub's dependencies;
+        # its tests could not even be collected there.
+        return cmd + ["--ignore=tests/hub"], ("tests/hub/ not collected: JupyterHub is not installed here "
+                                              "(the hub's own GPU path also needs Node.js and configurable-http-proxy).")
+    return cmd, ""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preflight", action="store_true", help="only check that an NVIDIA GPU is visible")
+    ap.add_argument("--output", help="also write the report to this file")
+    args = ap.parse_args(argv)
+    if preflight() != 0:
+        return 2
+    if args.preflight:
+        return 0
+
+    cmd, note = pytest_command()
+    tests = run("pytest -m gpu", cmd, PYTEST_TIMEOUT_S, note)
+    bench_cmd, bench_note = remote_driver_command()
+    benches = [run("remote driver benchmark", bench_cmd, BENCH_TIMEOUT_S,
+                   bench_note + " `benchmarks/spawn.py` is not run: it measures the hub, not the GPU.")]
+    rep = Report(date=datetime.date.today().isoformat(), machine=device_facts(), versions=versions(),
+                 python=platform.python_version(), system=f"{platform.system()} {platform.release()}",
+                 cpus=os.cpu_count() or 0, commit=commit(), pytest=tests, benches=benches)
+    text = format_report(rep)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text)
+    ok = pytest_passed(tests) and all(b.rc == 0 for b in benches)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

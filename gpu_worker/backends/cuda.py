@@ -9,11 +9,15 @@ written out here.
 from __future__ import annotations
 
 import ctypes
+from typing import TYPE_CHECKING
 
 from cuda.bindings import driver as drv
 
 from ..api import errors as E
 from ..api.errors import CudaError
+
+if TYPE_CHECKING:
+    from .base import Backend
 
 _ELF = b"\x7fELF"
 _FATBIN = (0xBA55ED50).to_bytes(4, "little")
@@ -24,6 +28,11 @@ def _check(res):
     if err != drv.CUresult.CUDA_SUCCESS:
         raise CudaError(int(err), f"driver returned {err.name}")
     return res[1:]
+
+
+def _forward(fn, *args):
+    """A driver call as the wire wants its results: CUresult checked, plain values."""
+    return tuple(_plain(v) for v in _check(fn(*args)))
 
 
 def _plain(v):
@@ -56,6 +65,8 @@ class _Staging:
 
 
 class CudaBackend:
+    """Implements gpu_worker.backends.base.Backend; driver functions not written here are forwarded by name."""
+
     name = "cuda"
 
     def __init__(self):
@@ -69,7 +80,7 @@ class CudaBackend:
         fn = getattr(drv, name)
 
         def call(*args):
-            return tuple(_plain(v) for v in _check(fn(*args)))
+            return _forward(fn, *args)
 
         call.__name__ = name
         setattr(self, name, call)
@@ -92,6 +103,19 @@ class CudaBackend:
 
     def cuCtxSynchronize_v2(self, ctx):
         _check(drv.cuCtxSynchronize_v2(ctx if ctx is not None else drv.CUcontext(0)))
+
+    # the session wraps these: written out so that the Backend protocol can hold them to a signature
+    def cuMemGetInfo(self):
+        return _forward(drv.cuMemGetInfo)
+
+    def cuDeviceTotalMem(self, dev):
+        return _forward(drv.cuDeviceTotalMem, dev)
+
+    def cuDeviceGetAttribute(self, attrib, dev):
+        return _forward(drv.cuDeviceGetAttribute, attrib, dev)
+
+    def cuDevicePrimaryCtxRetain(self, dev):
+        return _forward(drv.cuDevicePrimaryCtxRetain, dev)
 
     def cuDeviceGetUuid(self, dev):
         (u,) = _check(drv.cuDeviceGetUuid(dev))
@@ -204,3 +228,7 @@ class CudaBackend:
         ptrs = (ctypes.c_void_p * max(len(layout), 1))(*[base + off for off, _ in layout])
         _check(drv.cuLaunchKernel(func, *grid, *block, shmem, stream if stream is not None else drv.CUstream(0),
                                   ctypes.addressof(ptrs), 0))
+
+
+if TYPE_CHECKING:
+    _conforms: type[Backend] = CudaBackend  # a type checker holds the class to the protocol

@@ -12,11 +12,15 @@ import secrets
 import struct
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 from ..api import errors as E
 from .emulated_kernels import REGISTRY, Launch
 from ..api.errors import CudaError
 from .ptx import looks_like_ptx, parse_entries
+
+if TYPE_CHECKING:
+    from .base import Backend
 
 DEVICE_NAME = "gpulab emulated vGPU (test double, no GPU)"
 DRIVER_VERSION = 13000
@@ -66,6 +70,8 @@ class _Obj:
 
 
 class EmulatedBackend:
+    """Implements gpu_worker.backends.base.Backend, and every forwarded driver function, in host memory."""
+
     name = "emulated"
 
     def __init__(self, total_memory: int = 16 << 30, driver_version: int = DRIVER_VERSION):
@@ -503,3 +509,7 @@ class EmulatedBackend:
 
 def _no_commit(synchronous):
     """Bytes already landed in emulated device memory."""
+
+
+if TYPE_CHECKING:
+    _conforms: type[Backend] = EmulatedBackend  # a type checker holds the class to the protocol

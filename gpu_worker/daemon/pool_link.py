@@ -3,6 +3,11 @@
 Tokens are issued by the pool when it places a vGPU here; the worker asks the pool about
 a token it does not know when a session presents it, so a token works the moment the pool
 has issued it and stops working the moment the allocation is released.
+
+Each heartbeat carries the VRAM in use of every session whose executor is alive, read from
+the executors' counters (usage.py) at that moment.  The link looks at them twice a second and
+beats at once when a figure changed, so the dashboard follows allocations and frees closely
+without the pool being written to when nothing moves.
 """
 from __future__ import annotations
 
@@ -11,12 +16,16 @@ import logging
 import os
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
 
+from .usage import read_usage
 
 log = logging.getLogger("gpulab.worker")
+
+WATCH_PERIOD = 0.5  # seconds between looks at the usage counters; also the least gap between two heartbeats
 
 
 def describe_gpus(kind: str, worker_name: str, emulated_memory: int) -> list[dict]:
@@ -72,10 +81,13 @@ class PoolLink:
         self._request("POST", "/api/workers", self.info)
         log.info("registered with the GPU pool at %s as %s", self.url, self.name)
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, usage: dict | None) -> None:
+        """Tell the pool this worker lives and what its sessions hold (None: not known, leave the figures)."""
+        body: dict = {"pid": os.getpid()}
+        if usage is not None:
+            body["sessions"] = usage
         try:
-            self._request("POST", f"/api/workers/{self.name}/heartbeat", {"pid": os.getpid(),
-                                                                            "sessions": self.session_usage()})
+            self._request("POST", f"/api/workers/{self.name}/heartbeat", body)
         except urllib.error.HTTPError as exc:
             if exc.code == 404:  # the pool forgot us (new database): register again
                 self.register()
@@ -83,21 +95,8 @@ class PoolLink:
                 raise
 
     def session_usage(self) -> dict:
-        """VRAM in use per session, keyed by token hash (files the executors keep up to date)."""
-        usage: dict[str, int] = {}
-        if not self.usage_dir:
-            return usage
-        for entry in os.scandir(self.usage_dir):
-            if entry.name.endswith(".tmp"):
-                continue
-            try:
-                with open(entry.path) as f:
-                    used = int(f.read() or 0)
-            except (OSError, ValueError):
-                continue
-            key = entry.name.split(".")[0]
-            usage[key] = usage.get(key, 0) + used
-        return usage
+        """VRAM in use per session, keyed by token hash, over every live executor of this worker."""
+        return read_usage(self.usage_dir) if self.usage_dir else {}
 
     def session_limits(self, token: str):
         """Limits of a session token the pool issued for this worker, or None."""
@@ -109,7 +108,10 @@ class PoolLink:
             raise
 
     def run(self) -> None:
-        """Register, then beat until stopped (a thread of the daemon)."""
+        """Register, then beat until stopped (a thread of the daemon).
+
+        The first heartbeat goes right after registering: a restarted daemon tells the pool at
+        once what the sessions that outlived the old one hold."""
         while not self._stop.is_set():
             try:
                 self.register()
@@ -117,11 +119,24 @@ class PoolLink:
             except OSError as exc:
                 log.warning("cannot register with the GPU pool at %s: %s (retrying)", self.url, exc)
                 self._stop.wait(min(self.interval, 2.0))
-        while not self._stop.wait(self.interval):
+        sent, beat_at, failing = None, float("-inf"), False
+        while not self._stop.is_set():
             try:
-                self.heartbeat()
+                usage = self.session_usage()
             except OSError as exc:
-                log.warning("heartbeat to the GPU pool failed: %s", exc)
+                log.error("cannot read the sessions' VRAM use in %s: %s", self.usage_dir, exc)
+                usage = None
+            now = time.monotonic()
+            changed = usage != sent and not failing  # an unreachable pool is retried at the interval only
+            if now - beat_at >= self.interval or (changed and now - beat_at >= WATCH_PERIOD):
+                beat_at = now
+                try:
+                    self.heartbeat(usage)
+                    sent, failing = usage, False
+                except OSError as exc:
+                    log.warning("heartbeat to the GPU pool failed: %s", exc)
+                    failing = True
+            self._stop.wait(max(min(self.interval, WATCH_PERIOD) - (time.monotonic() - now), 0.01))
 
     def start(self) -> threading.Thread:
         t = threading.Thread(target=self.run, name="gpulab-pool-link", daemon=True)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import struct
-import time
 
 from ..api import errors as E
 from ..api.errors import CudaError
+from ..backends.base import Backend
 from .dispatch_generated import IN_STRUCTS, OPS
+from .usage import UsageCounter
 from ..api.protocol import LAUNCH, LAUNCH_ATTR_SIZE, OP_LAUNCH, OP_PARAM_LAYOUT, OP_SET_CONTEXT, ProtocolError
 
 log = logging.getLogger("gpulab.worker")
@@ -40,10 +40,10 @@ LAYOUT_ENTRY = struct.Struct("<QQ")
 
 
 class Session:
-    def __init__(self, backend, quota: int | None = None, label: str = "", usage_file: str | None = None):
+    def __init__(self, backend: Backend, quota: int | None = None, label: str = "",
+                 usage: UsageCounter | None = None):
         self.backend = backend
-        self.usage_file = usage_file  # where the daemon's heartbeat reads this session's VRAM use
-        self._reported_at = 0.0
+        self.usage = usage  # where the daemon's heartbeat reads this session's VRAM in use
         self.quota = quota
         self.label = label
         self.handles: dict[int, tuple[str, object]] = {}
@@ -147,16 +147,10 @@ class Session:
         self.used -= -(-size // ALLOC_ALIGN) * ALLOC_ALIGN
         self.report_usage()
 
-    def report_usage(self, force: bool = False) -> None:
-        """Write the VRAM in use (at most twice a second) for the pool's dashboard."""
-        now = time.monotonic()
-        if self.usage_file is None or (not force and now - self._reported_at < 0.5):
-            return
-        self._reported_at = now
-        tmp = self.usage_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(str(self.used))
-        os.replace(tmp, self.usage_file)
+    def report_usage(self) -> None:
+        """Publish the VRAM in use at every change: a store into shared memory, exact and cheap."""
+        if self.usage is not None:
+            self.usage.set(self.used)
 
     def cuMemGetInfo(self):
         if self.quota is None:
@@ -262,12 +256,10 @@ class Session:
             except CudaError:
                 pass
         self.owned.clear()
+        self.used = 0
         log.info("%s: freed %d bytes in %d allocations", self.label, freed, count)
-        if self.usage_file:
-            try:
-                os.unlink(self.usage_file)
-            except FileNotFoundError:
-                pass
+        if self.usage is not None:
+            self.usage.close()
         self.backend.close()
 
 

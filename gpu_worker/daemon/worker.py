@@ -26,6 +26,8 @@ from .executor import Executor, FrameReader
 from ..api.protocol import DEFAULT_MAX_FRAME, HELLO, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER, ProtocolError
 from ..client.tokens import token_hash
 from .session import Session
+from .usage import UsageCounter, default_dir, prepare_dir
+from ..backends.base import Backend
 from ..client.units import parse_size
 
 log = logging.getLogger("gpulab.worker")
@@ -57,7 +59,13 @@ class GPUWorker(Configurable):
                                  "listening address).").tag(config=True)
     node = Unicode("", help="Node (host) this worker runs on; local vGPUs are placed on the user's node."
                    ).tag(config=True)
-    heartbeat_interval = Float(5.0, help="Seconds between heartbeats to the pool.").tag(config=True)
+    heartbeat_interval = Float(5.0, help="Seconds between heartbeats to the pool (a change of a session's VRAM "
+                                         "use is sent sooner, at most twice a second).").tag(config=True)
+    usage_dir = Unicode("", help="Private directory where each executor publishes its session's VRAM in use for "
+                                 "the heartbeat.  It must stay the same across restarts of the daemon, so that a "
+                                 "new daemon reports the sessions whose executors outlived the old one.  Default: "
+                                 "gpulab-usage-<uid>-<name>-<hash of pool URL and name> in $XDG_RUNTIME_DIR, "
+                                 "else /dev/shm, else the temporary directory.").tag(config=True)
     max_frame = Int(DEFAULT_MAX_FRAME, help="Largest request frame accepted (bulk copy data excepted); a "
                                             "larger one closes the session.").tag(config=True)
 
@@ -68,7 +76,6 @@ class GPUWorker(Configurable):
         self.sessions = 0
         self._stop = False
         self.pool_link = None
-        self.usage_dir = ""
 
     # ------------------------------------------------------------------ set-up
     def resolved_backend(self) -> str:
@@ -139,12 +146,11 @@ class GPUWorker(Configurable):
             return
         from .pool_link import PoolLink, describe_gpus
 
-        import tempfile
-
-        self.usage_dir = tempfile.mkdtemp(prefix="gpulab-worker-usage-")
         tcp = next((a for a in addrs if a.startswith("tcp://")), "")
         address = self.advertise or tcp or addrs[0]
         name = self.name or f"{socket.gethostname()}-{address.rsplit(':', 1)[-1]}"
+        # named after the worker, not this process: a restarted daemon finds the surviving executors
+        self.usage_dir = prepare_dir(self.usage_dir or default_dir(name, self.pool_url))
         gpus = describe_gpus(self.kind, name, parse_size(self.emulated_memory))
         token = self.pool_token or os.environ.get("GPULAB_POOL_TOKEN", "")
         self.pool_link = PoolLink(self.pool_url, token, name, address, self.node, self.kind, gpus,
@@ -216,8 +222,7 @@ class GPUWorker(Configurable):
             backend = self.make_backend()
             msg = f"{backend.name} backend".encode()
             conn.sendall(REP_HEADER.pack(len(msg), 0, 0) + msg)
-            usage = os.path.join(self.usage_dir, f"{token_hash(token)}.{os.getpid()}") if self.usage_dir else None
-            session = Session(backend, quota=quota, label=label, usage_file=usage)
+            session = Session(backend, quota=quota, label=label, usage=self.usage_counter(token, label))
             log.info("%s: opened (%s, quota %s)", label, backend.name, quota)
             executor = Executor(reader, session, self.max_frame)
             try:
@@ -236,7 +241,17 @@ class GPUWorker(Configurable):
             log.warning("%s: closed during the handshake: %s", label, exc)
             return 2
 
-    def make_backend(self):
+    def usage_counter(self, token: str, label: str) -> UsageCounter | None:
+        """This executor's published VRAM use, when there is a pool to report it to."""
+        if self.pool_link is None:
+            return None
+        try:
+            return UsageCounter(self.usage_dir, token_hash(token))
+        except OSError as exc:
+            log.error("%s: cannot publish VRAM use in %s: %s", label, self.usage_dir, exc)
+            return None
+
+    def make_backend(self) -> Backend:
         if self.kind == "emulated":
             from ..backends.emulated import EmulatedBackend
 

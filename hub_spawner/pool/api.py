@@ -107,9 +107,18 @@ class WorkersHandler(APIHandler):
 
 
 class HeartbeatHandler(APIHandler):
+    """A worker is alive; with ``sessions`` ({token hash: bytes}), what each of its live sessions holds.
+
+    The figures are the whole truth at that moment: an active allocation on the worker that is
+    missing from them holds nothing.  A heartbeat without ``sessions`` leaves the figures alone."""
+
     who = ("worker",)
 
     def post(self, name):
+        usage = self.body().get("sessions")
+        if usage is not None and not (isinstance(usage, dict) and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in usage.values())):
+            raise web.HTTPError(400, "sessions must map token hashes to bytes in use")
         with self.book.Session.begin() as db:
             w = db.get(Worker, name)
             if w is None:
@@ -117,11 +126,10 @@ class HeartbeatHandler(APIHandler):
             if w.status != "up":
                 log.info("worker %s is back", name)
             w.status, w.last_seen = "up", time.time()
-            usage = self.body().get("sessions") or {}
-            if isinstance(usage, dict):
+            if usage is not None:
                 for a in db.scalars(select(Allocation).where(Allocation.worker_name == name,
                                                              Allocation.status == "active")):
-                    a.used_vram = int(usage.get(token_hash(a.token), 0))
+                    a.used_vram = usage.get(token_hash(a.token), 0)
         self.send({})
 
 

@@ -22,8 +22,9 @@ SRC_SHIM := $(wildcard gpu_worker/shim/*.c gpu_worker/shim/*.h)
 PIP_STAMP := $(STAMP)/installed$(subst /,-,$(abspath $(VENV)))
 
 # Where pip takes packages from. With WHEELHOUSE (a machine without network, such as the device
-# machine) it installs the project without resolving dependencies, plus the wheels carried in that
-# folder: see docs/validation.md, "Carrying what the device machine lacks".
+# machine) it installs the project without resolving dependencies, plus every wheel carried in that
+# folder, and builds with the setuptools and wheel already in the venv: see docs/validation.md, "How
+# to carry a GPU run to the device machine".
 WHEELHOUSE ?=
 ifneq ($(WHEELHOUSE),)
 PIP_INSTALL ?= --no-index --no-deps --no-build-isolation -e . $(wildcard $(WHEELHOUSE)/*.whl)
@@ -94,7 +95,8 @@ bench: build
 	$(VPY) benchmarks/spawn.py
 
 # Wheels of the project's dependencies that the device machine's image lacks, for WHEELHOUSE=.whl
-# there (run here, where pip can download; the device runs Python 3.12 on x86-64).
+# there (run here, where pip can download; the device runs Python 3.12 on x86-64). Its image has
+# setuptools and wheel, which build the project there without build isolation.
 DEVICE_WHEELS ?= traitlets
 wheelhouse: NEEDS := gpu
 wheelhouse: $(VENV)/pyvenv.cfg

@@ -34,8 +34,8 @@ endif
 
 # What the bootstrap sets up: each goal below says which pieces it needs.
 NEEDS ?= test
-demo demo-cuda: NEEDS := demo
-validate-gpu: NEEDS := gpu
+demo: NEEDS := demo
+demo-cuda test-gpu validate-gpu wheelhouse: NEEDS := gpu
 
 ARGS ?=
 PYTEST_ARGS ?=
@@ -98,7 +98,6 @@ bench: build
 # there (run here, where pip can download; the device runs Python 3.12 on x86-64). Its image has
 # setuptools and wheel, which build the project there without build isolation.
 DEVICE_WHEELS ?= traitlets
-wheelhouse: NEEDS := gpu
 wheelhouse: $(VENV)/pyvenv.cfg
 	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from gpu_worker.backends.emulated import DRIVER_VERSION
 from workertools import PRELUDE, PTX_FILE, ROOT
 
 
@@ -31,7 +32,8 @@ done(name=ok(d.cuDeviceGetName(128, dev)).split(b"\\0")[0].decode(),
 """)
     res = r.result
     assert "emulated" in res["name"] and "test double" in res["name"]
-    assert res["count"] == 1 and res["version"] == 13000 and res["cc"] == [9, 0]
+    # as new as the installed CUDA release, so that no library warns about an older driver
+    assert res["count"] == 1 and res["version"] == DRIVER_VERSION >= 13000 and res["cc"] == [9, 0]
     assert res["pools"] == 0  # the hypervisor must see every allocation
     assert res["total"] == 64 << 20 and res["info"] == [64 << 20, 64 << 20]
     assert res["uuid"] == 16 and res["ctxdev"] == 0
@@ -96,7 +98,7 @@ done(free1=free1, total1=total1, over=over, free2=free2, after_free=int(b) != 0,
     assert res["over"] == "CUDA_ERROR_OUT_OF_MEMORY"
     assert res["free2"] == 64 << 20 and res["after_free"]
     assert res["zero"] == "CUDA_ERROR_INVALID_VALUE"
-    assert "vGPU quota" in worker.log_text()
+    assert "this vGPU's quota is 64.0 MiB, 24.0 MiB free" in worker.log_text()
 
 
 def test_ptx_module_launch_with_mixed_parameters(worker):
@@ -200,7 +202,7 @@ done(read=read, write=write, memset=memset, dtod=dtod, straddle=straddle, free=f
     assert [res[k] for k in ("read", "write", "memset", "dtod", "straddle")] == [refused] * 5
     assert res["free"] == "CUDA_SUCCESS" and res["sync"] == refused  # frees are pipelined
     assert '"intact": true' in out
-    assert "outside this session's allocations" in worker.log_text()
+    assert "is not in this vGPU's allocations" in worker.log_text()
 
 
 def test_wrong_token_is_refused_with_a_clear_error(worker):
@@ -228,7 +230,7 @@ b = name(d.cuMemAllocManaged(64, 1))
 done(a=a, b=b)
 """)
     assert r.result == {"a": "CUDA_ERROR_NOT_SUPPORTED", "b": "CUDA_ERROR_NOT_SUPPORTED"}
-    assert r.stderr.count("cuMemAllocManaged is not forwarded") == 1
+    assert r.stderr.count("gpulab: cuMemAllocManaged refused: a gpulab vGPU does not support this function") == 1
 
 
 def test_tcp_transport(make_worker):

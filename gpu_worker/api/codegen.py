@@ -93,7 +93,7 @@ def gen_c_stub(f: T.Func) -> str:
         if p.rule in ("hostin", "hostout"):
             lines.append(f"    if ({p.name} == NULL && {p.arg} != 0) return CUDA_ERROR_INVALID_VALUE;")
         if p.rule == "null":
-            lines.append(f'    if ({p.name} != NULL) return gl_unsupported_arg("{f.name}", "{p.name}");')
+            lines.append(f'    if ({p.name} != NULL) return gl_unsupported_arg("{f.name}", "a non-NULL {p.name}");')
         if p.rule == "ignored":
             lines.append(f"    (void){p.name};")
     lines.append("    gl_msg m;")
@@ -165,11 +165,15 @@ def gen_c(names: list[str]) -> str:
     for f in T.FORWARDED:
         out.append(gen_c_stub(f))
         out.append("")
-    out.append("/* Every other driver entry point answers CUDA_ERROR_NOT_SUPPORTED and logs its name once. */")
+    out.append("/* Every other driver entry point answers CUDA_ERROR_NOT_SUPPORTED and names itself once on stderr;")
+    out.append(" * those that libraries probe on healthy runs (table.PROBED) say so in the debug log only. */")
     for n in names:
         if n in forwarded_symbols or n in local_symbols:
             continue
-        out.append(f'GL_EXPORT CUresult {n}(void) {{ static int once; return gl_unsupported("{n}", &once); }}')
+        if n in T.PROBED:
+            out.append(f'GL_EXPORT CUresult {n}(void) {{ return gl_probed("{n}"); }}')
+        else:
+            out.append(f'GL_EXPORT CUresult {n}(void) {{ static int once; return gl_unsupported("{n}", &once); }}')
     out.append("")
     out.append("/* Answered by the hand-written shim files without a round trip. */")
     for abi, _ in T.LOCAL.values():

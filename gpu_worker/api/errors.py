@@ -1,4 +1,10 @@
-"""CUresult codes the worker raises, and the exception that carries one."""
+"""CUresult codes the worker raises, and the exceptions that carry one.
+
+Two kinds, because two readers: the program gets the exact CUresult either way; the person
+running it reads the reason of a :class:`Refusal` (the shim prints it on stderr, i.e. in the
+notebook cell), while a plain :class:`CudaError` is the driver's own answer that programs
+handle without anyone reading it (a probe for a missing kernel name, NOT_READY, ...).
+"""
 
 SUCCESS = 0
 INVALID_VALUE = 1
@@ -24,10 +30,40 @@ UNKNOWN = 999
 STICKY = frozenset({ILLEGAL_ADDRESS, 714, 715, 716, 717, 718, LAUNCH_FAILED, 720})
 
 
+def name_of(code: int) -> str:
+    """CUDA_ERROR_... for a code, as cuda-bindings names it."""
+    from cuda.bindings import driver
+
+    try:
+        return driver.CUresult(code).name
+    except ValueError:
+        return f"CUresult {code}"
+
+
 class CudaError(Exception):
-    """Raised by the hypervisor or a backend; becomes the CUresult of the call."""
+    """Raised by the hypervisor or a backend; becomes the CUresult of the call (and a log line)."""
 
     def __init__(self, code: int, detail: str = ""):
         super().__init__(detail or f"CUresult {code}")
         self.code = int(code)
         self.detail = detail
+
+
+class Refusal(CudaError):
+    """A call the vGPU refuses for a reason the person running the program should read.
+
+    ``why`` is said in the person's terms, with the numbers that matter ("this vGPU's quota is
+    2.0 GiB, 1.9 GiB free"). The sentence sent to the client is ``"<call> refused: <why>"``;
+    ``call`` defaults to the name of the function being served, and ``call=""`` makes ``why``
+    the whole sentence.
+    """
+
+    def __init__(self, code: int, why: str, call: str | None = None):
+        super().__init__(code, why)
+        self.why = why
+        self.call = call
+
+    def sentence(self, function: str) -> str:
+        if self.call == "":
+            return self.why
+        return f"{self.call or function} refused: {self.why}"

@@ -1,7 +1,7 @@
 """The forwarded CUDA driver API, described once.
 
 Both the C stubs of the shim (``gpu_worker/shim/gl_generated.c``) and the worker's
-Python dispatch (``gpu_worker/generated_dispatch.py``) are generated from this table by
+Python dispatch (``gpu_worker/daemon/dispatch_generated.py``) are generated from this table by
 ``python -m gpu_worker.api.codegen``.  Each entry names the driver function as programs ask
 for it through ``cuGetProcAddress`` (``name``), the versioned symbol whose ABI we
 implement (``abi``) and the CUDA version that introduced that ABI (``since``), and its
@@ -24,6 +24,10 @@ minted by the shim, 8 bytes).  Parameter rules:
 ``Ignored``  a parameter that does not travel (JIT option arrays and the like).
 ``DPtr``     a device pointer; ``span`` is an expression for the byte range it must
              cover inside one of the session's own allocations (checked on the worker).
+
+The ``WIRE`` and ``LAYOUTS`` section holds the numbers both ends must agree on (protocol version,
+opcodes, header layouts, flags, limits); codegen writes them into ``gpu_worker/shim/gl_wire.h``
+and ``gpu_worker/api/wire.py``.
 
 Modes: ``sync`` waits for the reply; ``async`` is pipelined (no reply; an error is
 latched and returned by the next synchronizing call); ``syncpoint`` is a synchronizing
@@ -139,7 +143,7 @@ class Layout:
 
 
 WIRE = [
-    Const("PROTOCOL_VERSION", 1, "sent in HELLO; a worker refuses any other version"),
+    Const("PROTOCOL_VERSION", 2, "sent in HELLO; a worker refuses any other version (2: replies carry reasons)"),
     Const("OP_HELLO", 1, "opens the session: version, client pid, token"),
     Const("OP_SET_CONTEXT", 2, "the calling thread's current context id (never replied)"),
     Const("OP_LAUNCH", 3, "a kernel launch with its parameter buffer (never replied)"),
@@ -150,11 +154,12 @@ WIRE = [
     Const("MAX_FRAME", 256 << 20, "default largest request the worker accepts (bulk copy data excepted)"),
     Const("MAX_REPLY", 64 << 20, "largest reply payload the shim buffers (bulk copy data excepted)"),
     Const("PIPELINE_FLUSH", 64 << 10, "the shim sends pipelined frames once this many bytes are pending"),
+    Const("MAX_REASON", 1024, "longest reason (UTF-8 bytes) a reply carries for a refused call"),
 ]
 
 LAYOUTS = [
     Layout("REQ_HEADER", "<QII", "u64 payload length, u32 opcode, u32 flags"),
-    Layout("REP_HEADER", "<QiI", "u64 payload length, i32 CUresult, u32 reserved (0)"),
+    Layout("REP_HEADER", "<QiI", "u64 payload length, i32 CUresult, u32 reason length (the payload's last bytes)"),
     Layout("HELLO", "<IIQ", "u32 protocol version, u32 client pid, u64 token length (token follows)"),
     Layout("LAUNCH", "<Q7IQI", "u64 function id, u32 grid x,y,z, block x,y,z, shared bytes, u64 stream id, "
                                "u32 attribute count (attributes, then u64 length + parameter buffer follow)"),
@@ -329,6 +334,12 @@ LOCAL = {
 }
 # Older entry points that the hand-written shim also exports under their plain name.
 LOCAL_PLAIN = ("cuGetProcAddress",)
+
+# Entry points a vGPU does not offer but that libraries call on every healthy run to probe for
+# optional features (cuda.core asks cuGetExportTable for private driver interfaces and goes on
+# without them): their CUDA_ERROR_NOT_SUPPORTED goes to the shim's debug log, never to the
+# person running the program. Every other missing entry point is named once on stderr.
+PROBED = ("cuGetExportTable",)
 
 
 def opcode(func: Func) -> int:

@@ -16,14 +16,35 @@ from typing import TYPE_CHECKING
 
 from ..api import errors as E
 from .emulated_kernels import REGISTRY, Launch
-from ..api.errors import CudaError
+from ..api.errors import CudaError, Refusal
 from .ptx import looks_like_ptx, parse_entries
 
 if TYPE_CHECKING:
     from .base import Backend
 
 DEVICE_NAME = "gpulab emulated vGPU (test double, no GPU)"
-DRIVER_VERSION = 13000
+
+
+def _installed_cuda_version(default: int = 13000) -> int:
+    """The CUDA version of the cuda-bindings and NVRTC installed here, as cuDriverGetVersion encodes it.
+
+    The emulated device reports a driver as new as these, because libraries compare the two: cuda.core
+    warns that PTX from a newer NVRTC "will not be loadable" by an older driver. A real GPU reports
+    its real driver (see DESIGN.md's pitfalls). Read from the packages' metadata: no library is loaded.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for dist in ("cuda-bindings", "nvidia-cuda-nvrtc"):
+        try:
+            major, minor = (int(x) for x in version(dist).split(".")[:2])
+        except (PackageNotFoundError, ValueError):
+            continue
+        found.append(1000 * major + 10 * minor)
+    return max(found, default=default)
+
+
+DRIVER_VERSION = _installed_cuda_version()
 
 
 @functools.cache
@@ -104,7 +125,10 @@ class EmulatedBackend:
             buf = self.mem[base]
             if ptr + n <= base + len(buf):
                 return memoryview(buf)[ptr - base:ptr - base + n]
-        raise CudaError(E.ILLEGAL_ADDRESS if illegal else E.INVALID_VALUE, f"{ptr:#x}+{n} is not device memory")
+        if illegal:  # a kernel's access: the worker tells the person, as a GPU's fault would not
+            raise Refusal(E.ILLEGAL_ADDRESS, f"it accessed {n} bytes at {ptr:#x}, which is not in this vGPU's "
+                                             "allocations")
+        raise CudaError(E.INVALID_VALUE, f"{ptr:#x}+{n} is not device memory")
 
     def set_current(self, ctx):
         self.current = ctx
@@ -318,7 +342,8 @@ class EmulatedBackend:
         data = bytes(image)
         if not looks_like_ptx(data):
             kind = {b"\x7fELF": "cubin", b"\x50\xed\x55\xba": "fatbin"}.get(data[:4], "unknown image")
-            raise CudaError(E.NOT_SUPPORTED, f"the emulated device loads PTX only (got a {len(data)}-byte {kind})")
+            raise Refusal(E.NOT_SUPPORTED, f"the emulated device (a test double, no GPU) loads PTX only (got a "
+                                           f"{len(data)}-byte {kind})")
         try:
             entries = parse_entries(data.decode("utf-8", "replace"))
         except ValueError as exc:
@@ -443,13 +468,17 @@ class EmulatedBackend:
             raise CudaError(E.INVALID_VALUE, f"launch shape grid={grid} block={block}")
         impl = REGISTRY.get(func.name)
         if impl is None:
-            raise CudaError(E.NOT_SUPPORTED, f"no host implementation registered for kernel {func.name!r} "
-                                             "(the emulated device runs registered kernels only)")
+            raise Refusal(E.NOT_SUPPORTED, f"the emulated device (a test double, no GPU) runs only kernels with a "
+                                           f"registered host implementation, and {func.name!r} has none",
+                          call=f"launch of kernel {func.name!r}")
         layout = func.params
         if layout and len(params) < layout[-1].offset + layout[-1].size:
             raise CudaError(E.INVALID_VALUE, "kernel parameter buffer shorter than the signature")
         args = [p.decode(params[p.offset:p.offset + p.size]) for p in layout]
-        impl(Launch(self, grid, block, shmem), *args)
+        try:
+            impl(Launch(self, grid, block, shmem), *args)
+        except Refusal as exc:
+            raise Refusal(exc.code, f"kernel {func.name!r} faulted: {exc.why}", call="") from None
 
     # ---------------------------------------------------------- streams/events
     def cuStreamCreate(self, flags):

@@ -4,6 +4,10 @@ Requests are read through a buffer so that many pipelined frames cost one recv; 
 copy data goes from the socket straight into device (or staging) memory.  A call
 without a reply that fails latches its CUresult, which the next synchronizing call
 returns; errors in STICKY stay for the rest of the session, as on a GPU.
+
+A refusal's reason (:class:`~gpu_worker.api.errors.Refusal`) travels with the CUresult
+at the end of the reply, and a latched error keeps its reason until it is returned, so
+the person running the program reads why, not only the code.
 """
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ import logging
 import socket
 
 from ..api import errors as E
-from ..api.errors import CudaError
+from ..api.errors import CudaError, Refusal
 from ..api.protocol import FLAG_REPLY, REP_HEADER, REQ_HEADER, ProtocolError
+from ..api.wire import MAX_REASON
 from .dispatch_generated import IN_STRUCTS
 
 log = logging.getLogger("gpulab.worker")
@@ -81,7 +86,9 @@ class Executor:
         self.reader = reader
         self.handlers = session.handlers()
         self.latched = 0
+        self.latched_reason = ""  # the person's sentence for the latched error, if it has one
         self.sticky = 0
+        self.sticky_untold = ""  # why a pipelined call made the context unusable, not yet returned
         self.calls = 0
 
     def serve(self) -> None:
@@ -97,7 +104,9 @@ class Executor:
                     raise ProtocolError(f"unknown opcode {op} with a frame of {plen} bytes")
                 reader.skip(plen)
                 log.warning("%s: unknown opcode %d", self.session.label, op)
-                self._finish(want_reply, E.NOT_SUPPORTED, b"", "unknown opcode %d" % op)
+                self._finish(want_reply, E.NOT_SUPPORTED, b"", "unknown opcode %d" % op,
+                             f"request {op} refused: this gpulab worker does not know it (is the shim newer "
+                             "than the worker?)")
                 continue
             name, mode, handler = entry
             self.calls += 1
@@ -113,13 +122,12 @@ class Executor:
                     raise ProtocolError(f"{name}: frame of {plen} bytes exceeds the limit of {self.max_frame}")
                 payload = reader.read(plen)
                 remaining = 0
-            result, out, detail = 0, b"", ""
+            result, out, detail, reason = 0, b"", "", ""
             try:
                 if self.sticky:
-                    raise CudaError(self.sticky, "an earlier error left the context unusable")
+                    self._raise_sticky(want_reply)
                 if mode == "syncpoint" and self.latched:
-                    err, self.latched = self.latched, 0
-                    raise CudaError(err, "error of an earlier asynchronous call")
+                    self._raise_latched()
                 if bulk:
                     counted = _Counted(reader, remaining)
                     out = handler(payload, counted)
@@ -128,31 +136,60 @@ class Executor:
                     out = handler(payload)
             except CudaError as exc:
                 result, detail = exc.code, exc.detail
-                if exc.code in E.STICKY:
+                if isinstance(exc, Refusal):
+                    reason = exc.sentence(name)
+                if exc.code in E.STICKY and not self.sticky:
                     self.sticky = exc.code
+                    self.sticky_untold = "" if want_reply else reason
             except ProtocolError:
                 raise
             except Exception as exc:  # a worker bug must not look like success, nor kill the session
                 log.exception("%s: internal error in %s", self.session.label, name)
                 result, detail = E.UNKNOWN, f"internal error: {exc!r}"
+                reason = f"{name} failed: an internal error in the gpulab worker (not your program's fault; " \
+                         "the worker's log has the details)"
             if remaining:
                 reader.skip(remaining)
-            self._finish(want_reply, result, out, f"{name}: {detail}")
+            self._finish(want_reply, result, out, f"{name}: {detail}", reason)
 
-    def _finish(self, want_reply, result, out, detail) -> None:
+    def _raise_latched(self):
+        err, why = self.latched, self.latched_reason
+        self.latched, self.latched_reason = 0, ""
+        if why:
+            raise Refusal(err, why, call="")
+        raise CudaError(err, "error of an earlier asynchronous call")
+
+    def _raise_sticky(self, want_reply):
+        """Every call fails once the context is unusable; the first reply after a pipelined call
+        made it so says why, the others how to get out."""
+        why = ""
+        if want_reply:
+            why, self.sticky_untold = self.sticky_untold, ""
+        self.latched, self.latched_reason = 0, ""  # superseded: the sticky error is all a call returns now
+        raise Refusal(self.sticky, why or f"the vGPU's context is unusable after {E.name_of(self.sticky)} (sticky, "
+                                          "as on a GPU): every CUDA call fails until the program restarts (in "
+                                          "Jupyter: restart the kernel)", call="")
+
+    def _finish(self, want_reply, result, out, detail, reason="") -> None:
         if result:
             log.info("%s: CUresult %d (%s)", self.session.label, result, detail)
         if want_reply:
+            why = _clip(reason) if result else b""
             if result:
                 out = b""
-            header = REP_HEADER.pack(len(out), result, 0)
+            header = REP_HEADER.pack(len(out) + len(why), result, len(why))
             if len(out) > 65536:
                 self.sock.sendall(header)
                 self.sock.sendall(out)
             else:
-                self.sock.sendall(header + bytes(out))
+                self.sock.sendall(header + bytes(out) + why)
         elif result and not self.latched:
-            self.latched = result
+            self.latched, self.latched_reason = result, reason
+
+
+def _clip(reason: str) -> bytes:
+    """The reason as UTF-8, cut to the wire's limit on a character boundary."""
+    return reason.encode()[:MAX_REASON].decode("utf-8", "ignore").encode()
 
 
 class _Counted:

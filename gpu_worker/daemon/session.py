@@ -12,7 +12,8 @@ import logging
 import struct
 
 from ..api import errors as E
-from ..api.errors import CudaError
+from ..api.errors import CudaError, Refusal
+from ..client.units import format_size
 from ..backends.base import Backend
 from .dispatch_generated import IN_STRUCTS, OPS
 from .usage import UsageCounter
@@ -121,17 +122,34 @@ class Session:
         i = bisect.bisect_right(self.starts, ptr) - 1
         if i >= 0:
             base = self.starts[i]
-            if ptr + n <= base + self.sizes[base]:
+            end = base + self.sizes[base]
+            if ptr + n <= end:
                 return
-        raise CudaError(E.INVALID_VALUE, f"device range {ptr:#x}+{n} is outside this session's allocations")
+            if ptr < end:  # an overrun, the usual off-by-some: say by how much
+                raise Refusal(E.INVALID_VALUE, f"{format_size(n)} at {ptr:#x} run {ptr + n - end} bytes past the end "
+                                               f"of its {format_size(self.sizes[base])} allocation at {base:#x}")
+        raise Refusal(E.INVALID_VALUE, f"device address {ptr:#x} is not in this vGPU's allocations")
 
     def cuMemAlloc(self, bytesize: int):
         if bytesize == 0:
             raise CudaError(E.INVALID_VALUE, "cuMemAlloc of 0 bytes")
         charged = -(-bytesize // ALLOC_ALIGN) * ALLOC_ALIGN
+        call = f"cuMemAlloc({format_size(bytesize)})"
         if self.quota is not None and self.used + charged > self.quota:
-            raise CudaError(E.OUT_OF_MEMORY, f"vGPU quota: {self.used} + {charged} > {self.quota} bytes")
-        ptr = self.backend.mem_alloc(bytesize)
+            raise Refusal(E.OUT_OF_MEMORY, f"this vGPU's quota is {format_size(self.quota)}, "
+                                           f"{format_size(self.quota - self.used)} free", call=call)
+        try:
+            ptr = self.backend.mem_alloc(bytesize)
+        except Refusal:
+            raise
+        except CudaError as exc:
+            if exc.code != E.OUT_OF_MEMORY:
+                raise
+            # within the quota, yet the device is full: the GPU is shared, and oversubscribed
+            free = f", {format_size(self.quota - self.used)} of this vGPU's quota free" if self.quota else ""
+            raise Refusal(E.OUT_OF_MEMORY, f"the GPU this vGPU runs on is out of memory (other vGPUs share "
+                                           f"it){free}; try again later or ask for a larger profile",
+                          call=call) from None
         self._add_span(ptr, bytesize, owned=True)
         self.used += charged
         self.report_usage()
@@ -139,7 +157,12 @@ class Session:
 
     def cuMemFree(self, dptr: int) -> None:
         if dptr not in self.owned:
-            raise CudaError(E.INVALID_VALUE, f"cuMemFree({dptr:#x}): not an allocation of this session")
+            i = bisect.bisect_right(self.starts, dptr) - 1
+            if i >= 0 and dptr < self.starts[i] + self.sizes[self.starts[i]] and self.starts[i] in self.owned:
+                raise Refusal(E.INVALID_VALUE, f"{dptr:#x} is inside the allocation at {self.starts[i]:#x}, not "
+                                               "its start", call=f"cuMemFree({dptr:#x})")
+            raise Refusal(E.INVALID_VALUE, "the address is not in this vGPU's allocations",
+                          call=f"cuMemFree({dptr:#x})")
         self.backend.mem_free(dptr)
         size = self.sizes.pop(dptr)
         self.starts.remove(dptr)

@@ -213,7 +213,8 @@ class GPUWorker(Configurable):
             token = bytes(reader.read(tlen)).decode("utf-8", "replace")
             label = f"session {number} (client pid {pid})"
             if version != PROTOCOL_VERSION:
-                return _refuse(conn, E.NOT_SUPPORTED, f"protocol version {version} is not {PROTOCOL_VERSION}")
+                return _refuse(conn, E.NOT_SUPPORTED, f"the shim speaks gpulab protocol version {version}, this worker "
+                                                      f"{PROTOCOL_VERSION}: use the same gpulab release on both sides")
             limits = self.limits_for(token)
             if limits is None:
                 log.warning("%s: wrong session token", label)
@@ -272,9 +273,10 @@ def _import_kernels(name: str) -> None:
 
 
 def _refuse(conn, code: int, message: str) -> int:
+    """Refuse a session: the whole payload is the reason (so any shim version can print it)."""
     data = message.encode()
     try:
-        conn.sendall(REP_HEADER.pack(len(data), code, 0) + data)
+        conn.sendall(REP_HEADER.pack(len(data), code, len(data)) + data)
     except OSError:
         pass
     return 1

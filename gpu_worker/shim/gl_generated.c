@@ -248,7 +248,7 @@ GL_EXPORT CUresult cuDevicePrimaryCtxSetFlags_v2(int dev, unsigned int flags)
 GL_EXPORT CUresult cuCtxCreate_v4(CUcontext *pctx, void *ctxCreateParams, unsigned int flags, int dev)
 {
     if (pctx == NULL) return CUDA_ERROR_INVALID_VALUE;
-    if (ctxCreateParams != NULL) return gl_unsupported_arg("cuCtxCreate", "ctxCreateParams");
+    if (ctxCreateParams != NULL) return gl_unsupported_arg("cuCtxCreate", "a non-NULL ctxCreateParams");
     gl_msg m;
     CUresult r = gl_begin(&m, 32 /* cuCtxCreate */, 1);
     if (r != CUDA_SUCCESS) return r;
@@ -1057,7 +1057,7 @@ GL_EXPORT CUresult cuOccupancyMaxPotentialBlockSize(int *minGridSize, int *block
 {
     if (minGridSize == NULL) return CUDA_ERROR_INVALID_VALUE;
     if (blockSize == NULL) return CUDA_ERROR_INVALID_VALUE;
-    if (blockSizeToDynamicSMemSize != NULL) return gl_unsupported_arg("cuOccupancyMaxPotentialBlockSize", "blockSizeToDynamicSMemSize");
+    if (blockSizeToDynamicSMemSize != NULL) return gl_unsupported_arg("cuOccupancyMaxPotentialBlockSize", "a non-NULL blockSizeToDynamicSMemSize");
     gl_msg m;
     CUresult r = gl_begin(&m, 85 /* cuOccupancyMaxPotentialBlockSize */, 1);
     if (r != CUDA_SUCCESS) return r;
@@ -1321,7 +1321,8 @@ GL_EXPORT CUresult cuEventElapsedTime_v2(float *pMilliseconds, CUevent hStart, C
     return r;
 }
 
-/* Every other driver entry point answers CUDA_ERROR_NOT_SUPPORTED and logs its name once. */
+/* Every other driver entry point answers CUDA_ERROR_NOT_SUPPORTED and names itself once on stderr;
+ * those that libraries probe on healthy runs (table.PROBED) say so in the debug log only. */
 GL_EXPORT CUresult cuArray3DCreate(void) { static int once; return gl_unsupported("cuArray3DCreate", &once); }
 GL_EXPORT CUresult cuArray3DGetDescriptor(void) { static int once; return gl_unsupported("cuArray3DGetDescriptor", &once); }
 GL_EXPORT CUresult cuArrayCreate(void) { static int once; return gl_unsupported("cuArrayCreate", &once); }
@@ -1428,7 +1429,7 @@ GL_EXPORT CUresult cuGLSetBufferObjectMapFlags(void) { static int once; return g
 GL_EXPORT CUresult cuGLUnmapBufferObject(void) { static int once; return gl_unsupported("cuGLUnmapBufferObject", &once); }
 GL_EXPORT CUresult cuGLUnmapBufferObjectAsync(void) { static int once; return gl_unsupported("cuGLUnmapBufferObjectAsync", &once); }
 GL_EXPORT CUresult cuGLUnregisterBufferObject(void) { static int once; return gl_unsupported("cuGLUnregisterBufferObject", &once); }
-GL_EXPORT CUresult cuGetExportTable(void) { static int once; return gl_unsupported("cuGetExportTable", &once); }
+GL_EXPORT CUresult cuGetExportTable(void) { return gl_probed("cuGetExportTable"); }
 GL_EXPORT CUresult cuGraphAddBatchMemOpNode(void) { static int once; return gl_unsupported("cuGraphAddBatchMemOpNode", &once); }
 GL_EXPORT CUresult cuGraphAddChildGraphNode(void) { static int once; return gl_unsupported("cuGraphAddChildGraphNode", &once); }
 GL_EXPORT CUresult cuGraphAddDependencies(void) { static int once; return gl_unsupported("cuGraphAddDependencies", &once); }

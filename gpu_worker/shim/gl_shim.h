@@ -80,10 +80,15 @@ CUresult gl_reply_status(gl_msg *m);
 void gl_end(gl_msg *m);
 void gl_abort(gl_msg *m);
 
-/* log.c */
+/* log.c: gl_log for the shim's own news (connection), gl_say for a refused call's reason
+ * (deduplicated), gl_debug for developers only (GPULAB_DEBUG=1); GPULAB_QUIET=1 silences all but debug. */
 void gl_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-CUresult gl_unsupported(const char *name, int *once);
-CUresult gl_unsupported_arg(const char *fn, const char *arg);
+void gl_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void gl_say(const char *text, size_t n);
+void gl_sayf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+CUresult gl_unsupported(const char *name, int *once);  /* a function a vGPU does not offer: said once */
+CUresult gl_probed(const char *name);                  /* one that libraries probe: debug log only */
+CUresult gl_unsupported_arg(const char *fn, const char *what);
 /* context.c */
 uintptr_t gl_mint_handle(void);
 uintptr_t gl_ctx_current(void);

@@ -3,7 +3,7 @@
 #ifndef GL_WIRE_H
 #define GL_WIRE_H
 
-#define GL_PROTOCOL_VERSION 1u  /* sent in HELLO; a worker refuses any other version */
+#define GL_PROTOCOL_VERSION 2u  /* sent in HELLO; a worker refuses any other version (2: replies carry reasons) */
 #define GL_OP_HELLO 1u  /* opens the session: version, client pid, token */
 #define GL_OP_SET_CONTEXT 2u  /* the calling thread's current context id (never replied) */
 #define GL_OP_LAUNCH 3u  /* a kernel launch with its parameter buffer (never replied) */
@@ -14,10 +14,11 @@
 #define GL_MAX_FRAME 268435456u  /* default largest request the worker accepts (bulk copy data excepted) */
 #define GL_MAX_REPLY 67108864u  /* largest reply payload the shim buffers (bulk copy data excepted) */
 #define GL_PIPELINE_FLUSH 65536u  /* the shim sends pipelined frames once this many bytes are pending */
+#define GL_MAX_REASON 1024u  /* longest reason (UTF-8 bytes) a reply carries for a refused call */
 
 /* Fixed frame parts, little endian, no padding. */
 #define GL_REQ_HEADER_SIZE 16u  /* u64 payload length, u32 opcode, u32 flags */
-#define GL_REP_HEADER_SIZE 16u  /* u64 payload length, i32 CUresult, u32 reserved (0) */
+#define GL_REP_HEADER_SIZE 16u  /* u64 payload length, i32 CUresult, u32 reason length (the payload's last bytes) */
 #define GL_HELLO_SIZE 16u  /* u32 protocol version, u32 client pid, u64 token length (token follows) */
 #define GL_LAUNCH_SIZE 48u  /* u64 function id, u32 grid x,y,z, block x,y,z, shared bytes, u64 stream id, u32 attribute count (attributes, then u64 length + parameter buffer follow) */
 

@@ -93,7 +93,7 @@ GL_EXPORT CUresult cuMemAllocHost_v2(void **pp, size_t n)
 GL_EXPORT CUresult cuMemHostAlloc(void **pp, size_t n, unsigned int flags)
 {
     if (flags & CU_MEMHOSTALLOC_DEVICEMAP)
-        return gl_unsupported_arg("cuMemHostAlloc", "CU_MEMHOSTALLOC_DEVICEMAP flag (host memory mapped into a remote GPU)");
+        return gl_unsupported_arg("cuMemHostAlloc", "the CU_MEMHOSTALLOC_DEVICEMAP flag (host memory mapped into the GPU)");
     return cuMemAllocHost_v2(pp, n);
 }
 
@@ -108,7 +108,7 @@ GL_EXPORT CUresult cuMemHostRegister_v2(void *p, size_t n, unsigned int flags)
     (void)n;
     if (!p) return CUDA_ERROR_INVALID_VALUE;
     if (flags & CU_MEMHOSTREGISTER_DEVICEMAP)
-        return gl_unsupported_arg("cuMemHostRegister", "CU_MEMHOSTREGISTER_DEVICEMAP flag (host memory mapped into a remote GPU)");
+        return gl_unsupported_arg("cuMemHostRegister", "the CU_MEMHOSTREGISTER_DEVICEMAP flag (host memory mapped into the GPU)");
     return CUDA_SUCCESS;
 }
 

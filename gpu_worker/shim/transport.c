@@ -174,18 +174,31 @@ static CUresult connect_worker(void)
         mark_dead(CUDA_ERROR_NO_DEVICE, "handshake failed");
         return C.dead_error;
     }
+    /* The whole payload is a message (a refusal's reason, or the backend's name): read the
+     * start of it and drop the rest, so that any length keeps the stream in step. */
     uint64_t rlen; int32_t res;
     memcpy(&rlen, rep, 8); memcpy(&res, rep + 8, 4);
     char msg[512] = "";
-    if (rlen > 0 && rlen < sizeof msg) {
-        if (read_all(msg, rlen) != 0) rlen = 0;
-        msg[rlen] = 0;
+    size_t keep = rlen < sizeof msg - 1 ? (size_t)rlen : sizeof msg - 1;
+    int ok = read_all(msg, keep) == 0;
+    msg[ok ? keep : 0] = 0;
+    for (uint64_t left = rlen - keep; ok && left > 0;) {
+        char sink[512];
+        size_t k = left < sizeof sink ? (size_t)left : sizeof sink;
+        ok = read_all(sink, k) == 0;
+        left -= k;
     }
     if (res != CUDA_SUCCESS) {
         gl_log("the worker refused the session: %s", msg[0] ? msg : "no reason given");
         mark_dead(res, "session refused");
         return C.dead_error;
     }
+    if (!ok) {
+        gl_log("the worker at %s closed the session during the handshake", addr);
+        mark_dead(CUDA_ERROR_NO_DEVICE, "handshake failed");
+        return C.dead_error;
+    }
+    gl_debug("session opened with the worker at %s: %s", addr, msg);
     return CUDA_SUCCESS;
 bad_addr:
     gl_log("GPULAB_WORKER=%s is not tcp://host:port or unix:///path", addr);
@@ -317,11 +330,15 @@ CUresult gl_call(gl_msg *m, void *bulk_out, size_t bulk_n)
         mark_dead(CUDA_ERROR_DEVICE_UNAVAILABLE, strerror(errno));
         return C.dead_error;
     }
-    uint64_t plen; int32_t res;
-    memcpy(&plen, rep, 8); memcpy(&res, rep + 8, 4);
+    uint64_t plen; int32_t res; uint32_t reason_len;
+    memcpy(&plen, rep, 8); memcpy(&res, rep + 8, 4); memcpy(&reason_len, rep + 12, 4);
     C.rlen = 0;
     m->rpos = 0;
-    if (bulk_out && res == CUDA_SUCCESS && plen == bulk_n) {
+    if (reason_len > plen || reason_len > GL_MAX_REASON) {
+        mark_dead(CUDA_ERROR_DEVICE_UNAVAILABLE, "malformed reply");
+        return C.dead_error;
+    }
+    if (bulk_out && res == CUDA_SUCCESS && reason_len == 0 && plen == bulk_n) {
         if (read_all(bulk_out, bulk_n) != 0) {
             mark_dead(CUDA_ERROR_DEVICE_UNAVAILABLE, strerror(errno));
             return C.dead_error;
@@ -336,7 +353,9 @@ CUresult gl_call(gl_msg *m, void *bulk_out, size_t bulk_n)
         mark_dead(CUDA_ERROR_DEVICE_UNAVAILABLE, strerror(errno));
         return C.dead_error;
     }
-    C.rlen = plen;
+    /* the reason closes the payload: the person reads it, the stub never sees it */
+    C.rlen = plen - reason_len;
+    if (reason_len) gl_say(C.rbuf + C.rlen, reason_len);
     if (bulk_out && res == CUDA_SUCCESS) {
         mark_dead(CUDA_ERROR_DEVICE_UNAVAILABLE, "reply of the wrong size");
         return C.dead_error;

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from gpu_worker.client import parse_size
 
 from .db import GPU, Allocation, Worker, make_sessionmaker
-from .scheduler import GPUState, InvalidRequest, Limits, NoFit, Request, place
+from .scheduler import GPUState, InvalidRequest, Limits, NoFit, Request, place, validate
 
 log = logging.getLogger("gpulab.pool")
 
@@ -26,10 +26,12 @@ class AllocationBook:
         self.limits = limits
 
     def gpu_states(self, db, lock: bool = False) -> list[GPUState]:
-        """GPUs of live workers with what active allocations already hold (``lock``: for placing)."""
-        q = select(GPU, Worker).join(Worker).where(Worker.status == "up")
+        """GPUs with what active allocations already hold (``lock``: for placing).  Lost workers' GPUs
+        are included so that the scheduler can say a worker was lost; it places nothing on them."""
+        q = select(GPU, Worker).join(Worker)
         rows = db.execute(q.with_for_update() if lock else q).all()
-        states = {g.uuid: GPUState(g.uuid, w.name, w.node, g.memory) for g, w in rows}
+        states = {g.uuid: GPUState(g.uuid, w.name, w.node, g.memory, worker_status=w.status,
+                                   last_seen=w.last_seen) for g, w in rows}
         for a in db.scalars(select(Allocation).where(Allocation.status == "active")):
             for u in a.gpu_list:
                 if u in states:
@@ -63,18 +65,21 @@ class AllocationBook:
         return True
 
     def availability(self, specs: list[dict]) -> list[dict]:
-        """For each request: does it fit now, and how many such vGPUs could still be placed."""
+        """For each request: does it fit now, and how many such vGPUs could still be placed.  A request
+        that does not fit carries the NoFit's constraint, numbers, ``reason`` (a phrase) and ``message``."""
         out = []
         with self.Session.begin() as db:
             states = self.gpu_states(db)
         for spec in specs:
             try:
                 req = request_from(spec)
-            except (InvalidRequest, NoFit) as exc:
-                out.append({"fits": False, "slots": 0, "reason": str(exc)})
+                validate(req)
+            except InvalidRequest as exc:
+                out.append({"fits": False, "slots": 0, "constraint": "invalid", "reason": str(exc),
+                            "message": str(exc)})
                 continue
             trial = [GPUState(**vars(s)) for s in states]
-            slots, reason = 0, ""
+            slots, nofit = 0, None
             while slots < 100:
                 try:
                     for g in place(req, trial, self.strategy, self.limits):
@@ -82,9 +87,12 @@ class AllocationBook:
                         g.used_compute += req.compute
                     slots += 1
                 except NoFit as exc:
-                    reason = str(exc)
+                    nofit = exc
                     break
-            out.append({"fits": slots > 0, "slots": slots, "reason": "" if slots else reason})
+            if slots:
+                out.append({"fits": True, "slots": slots, "reason": ""})
+            else:
+                out.append({"fits": False, "slots": 0, **nofit.to_json()})
         return out
 
     def check_heartbeats(self, heartbeat_timeout: float) -> None:

@@ -156,7 +156,7 @@ class AllocationsHandler(APIHandler):
             raise web.HTTPError(400, str(exc)) from None
         except NoFit as exc:
             log.info("no room for %s: %s", spec.get("user"), exc)
-            self.send({"status": 503, "message": str(exc)}, status=503)
+            self.send({"status": 503, **exc.to_json()}, status=503)
             return
         with self.book.Session() as db:
             data = allocation_json(alloc, db.get(Worker, alloc.worker_name))

@@ -1,10 +1,13 @@
 """Placement of vGPU requests on GPUs: pure functions over the pool's current state.
 
 Kept free of the database so that strategies and oversubscription are easy to reason
-about and to test; the pool calls :func:`place` inside one write transaction.
+about and to test; the pool calls :func:`place` inside one write transaction.  When
+nothing fits, :class:`NoFit` names the constraint that failed and its numbers, so the
+spawn form and the spawn error can tell a user what is short and what to do.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 STRATEGIES = ("compact-first", "low-load-first")
@@ -30,6 +33,8 @@ class GPUState:
     used_compute: int = 0
     sessions: int = 0
     labels: dict = field(default_factory=dict)
+    worker_status: str = "up"  # up | lost: a lost worker's GPUs take nothing, but explain a failure
+    last_seen: float = 0.0     # the worker's last heartbeat (seconds since the epoch)
 
 
 @dataclass(frozen=True)
@@ -38,8 +43,22 @@ class Limits:
     compute_oversubscription: float = 1.0  # how many times 100% compute may be promised
 
 
+CONSTRAINTS = ("no-workers", "lost", "node", "size", "memory", "compute", "count")
+
+
 class NoFit(Exception):
-    """Nothing fits: the message says why, in words a user understands."""
+    """Nothing fits.  ``constraint`` (one of CONSTRAINTS) names what failed, ``need`` and ``free``
+    its numbers (bytes, percent or GPUs); ``why`` is a phrase for a profile's "Full: ..." line and
+    ``str()`` the sentence a user reads when a spawn fails, with what to do about it."""
+
+    def __init__(self, constraint: str, why: str, advice: str, need: float | None = None,
+                 free: float | None = None):
+        self.constraint, self.why, self.advice, self.need, self.free = constraint, why, advice, need, free
+        super().__init__(f"{why[:1].upper()}{why[1:]}. {advice}.")
+
+    def to_json(self) -> dict:
+        return {"constraint": self.constraint, "reason": self.why, "message": str(self),
+                "need": self.need, "free": self.free}
 
 
 class InvalidRequest(ValueError):
@@ -59,33 +78,79 @@ def validate(req: Request) -> None:
         raise InvalidRequest(f"unknown QoS {req.qos!r}")
 
 
+def ratios(req: Request, limits: Limits) -> tuple[float, float]:
+    """How many times memory and compute may be promised to this request.  High QoS is never placed
+    on promises beyond the card: oversubscription is for low and medium."""
+    if req.qos == "high":
+        return 1.0, 1.0
+    return limits.vram_oversubscription, limits.compute_oversubscription
+
+
+def free_vram(gpu: GPUState, req: Request, limits: Limits) -> float:
+    """Bytes that may still be promised on ``gpu`` to this request."""
+    return gpu.memory * ratios(req, limits)[0] - gpu.used_vram
+
+
+def free_compute(gpu: GPUState, req: Request, limits: Limits) -> float:
+    """Percent of compute that may still be promised on ``gpu`` to this request."""
+    return 100 * ratios(req, limits)[1] - gpu.used_compute
+
+
 def fits(gpu: GPUState, req: Request, limits: Limits) -> bool:
-    """High QoS is never placed on promises beyond the card: oversubscription is for low and medium."""
-    vram_ratio = 1.0 if req.qos == "high" else limits.vram_oversubscription
-    compute_ratio = 1.0 if req.qos == "high" else limits.compute_oversubscription
-    return (gpu.used_vram + req.vram <= gpu.memory * vram_ratio
-            and gpu.used_compute + req.compute <= 100 * compute_ratio)
+    return free_vram(gpu, req, limits) >= req.vram and free_compute(gpu, req, limits) >= req.compute
+
+
+def gib(nbytes: float) -> str:
+    """Sizes as a person writes them: 8 GiB, 3.5 GiB, 0.25 GiB."""
+    return f"{round(max(nbytes, 0) / 2**30, 2):g} GiB"
 
 
 def place(req: Request, gpus: list[GPUState], strategy: str, limits: Limits) -> list[GPUState]:
-    """Choose ``req.count`` GPUs of one worker, or raise NoFit with the reason."""
+    """Choose ``req.count`` GPUs of one live worker, or raise NoFit naming the constraint that failed."""
     validate(req)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
     candidates = gpus
-    if req.mode == "local" and req.node:  # no node yet (Kubernetes): the server follows the vGPU
+    local = req.mode == "local" and bool(req.node)  # no node yet (Kubernetes): the server follows the vGPU
+    if local:
         candidates = [g for g in gpus if g.node == req.node]
         if not candidates:
-            raise NoFit("no GPU on the node of your server (a local vGPU needs one); try a remote profile")
-    if not candidates:
-        raise NoFit("no GPU worker is available right now")
-    biggest = max(g.memory for g in candidates) * limits.vram_oversubscription
+            raise NoFit("node", f"no GPU worker runs on the node of your server ({req.node}), and this "
+                        "profile needs a GPU on that node", "Pick a remote profile or ask your hub admin")
+    up = [g for g in candidates if g.worker_status == "up"]
+    if not up:
+        lost = [g for g in candidates if g.worker_status == "lost"]
+        if not lost:
+            raise NoFit("no-workers", "no GPU worker has registered with this hub yet",
+                        "Pick a profile without a GPU, or try again later")
+        last = max(lost, key=lambda g: g.last_seen)
+        where = "the only GPU worker on the node of your server" if local else "no other GPU worker is up"
+        raise NoFit("lost", f"GPU worker {last.worker} stopped responding at "
+                    f"{time.strftime('%H:%M', time.localtime(last.last_seen))} and {where}",
+                    "Try again in a few minutes; if this goes on, tell your hub admin")
+    biggest = max(g.memory for g in up) * ratios(req, limits)[0]
     if req.vram > biggest:
-        raise NoFit(f"the profile asks for {req.vram / 2**30:.1f} GiB but the largest GPU offers "
-                    f"{biggest / 2**30:.1f} GiB")
-    free = [g for g in candidates if fits(g, req, limits)]
+        raise NoFit("size", f"this profile asks for {gib(req.vram)} of GPU memory but the largest GPU here "
+                    f"offers {gib(biggest)}", "Pick a smaller memory option", need=req.vram, free=biggest)
+    per_worker: dict[str, int] = {}
+    for g in up:
+        per_worker[g.worker] = per_worker.get(g.worker, 0) + 1
+    if req.count > max(per_worker.values()):
+        raise NoFit("count", f"this profile asks for {req.count} GPUs on one worker but no worker here has "
+                    f"more than {max(per_worker.values())}", "Pick a profile with fewer GPUs",
+                    need=req.count, free=max(per_worker.values()))
+    free = [g for g in up if fits(g, req, limits)]
     if not free:
-        raise NoFit("all GPUs are busy: no GPU has room for this profile now (try a smaller profile or later)")
+        roomy = [g for g in up if free_vram(g, req, limits) >= req.vram]
+        if not roomy:
+            most = max(0, max(free_vram(g, req, limits) for g in up))
+            raise NoFit("memory", f"no GPU has {gib(req.vram)} of free memory right now (the most free is "
+                        f"{gib(most)})", "Pick a smaller memory option or try again later",
+                        need=req.vram, free=most)
+        most = max(0, max(free_compute(g, req, limits) for g in roomy))
+        raise NoFit("compute", f"all GPUs' compute is promised: your profile needs {req.compute}% and the most "
+                    f"free is {most:g}%", "Pick a profile with a smaller compute share or try again later",
+                    need=req.compute, free=most)
 
     def load(g: GPUState) -> float:
         return max(g.used_vram / g.memory, g.used_compute / 100)
@@ -99,4 +164,6 @@ def place(req: Request, gpus: list[GPUState], strategy: str, limits: Limits) -> 
         group = by_worker[g.worker]
         if len(group) >= req.count:
             return group[:req.count]
-    raise NoFit(f"no worker has {req.count} GPUs with room for this profile")
+    most = max(len(group) for group in by_worker.values())
+    raise NoFit("count", f"this profile needs {req.count} GPUs with room on one worker and the most any worker "
+                f"has free right now is {most}", "Try again later", need=req.count, free=most)

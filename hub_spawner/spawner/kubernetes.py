@@ -7,11 +7,10 @@ worker on the pod's own node, so the pod is pinned to that worker's node.
 """
 from __future__ import annotations
 
-from jupyterhub.spawner import SpawnException
 from kubespawner import KubeSpawner
 from traitlets import Unicode
 
-from .mixin import GPUSpawner, profile_slug
+from .mixin import GPUSpawnError, GPUSpawner, profile_slug
 
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 
@@ -79,8 +78,8 @@ class GPUKubeSpawner(GPUSpawner, KubeSpawner):
             self._validate_user_options(profiles)
             self._load_profile((self.user_options or {}).get("profile"), profiles)
         except (KeyError, ValueError) as exc:
-            raise SpawnException(f"Invalid server options: {exc}", reason="invalid-option",
-                                 status_code=400) from None
+            raise GPUSpawnError(f"Invalid server options: {exc}", reason="invalid-option",
+                                status_code=400) from None
 
     def get_env(self):
         env = super().get_env()

@@ -4,15 +4,17 @@ The form lists ``gpu_profiles`` (KubeSpawner's ``profile_list`` schema plus a ``
 key) with live availability from the pool.  On start the chosen profile is validated
 again (the REST API bypasses the form), a vGPU is allocated and the server gets the
 worker address, its session token, the limits and the shim on ``LD_LIBRARY_PATH``; on
-stop (and when the idle culler stops it) the vGPU is released.
+stop (and when the idle culler stops it) the vGPU is released.  The form is the Jinja
+template ``templates/form.html``; errors are sentences for the user who reads them.
 """
 from __future__ import annotations
 
-import html
 import inspect
 import json
 import os
+from pathlib import Path
 
+import jinja2
 from jupyterhub.spawner import LocalProcessSpawner, SimpleLocalProcessSpawner, SpawnException
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Callable, Dict, List, Unicode, Union, default
@@ -21,6 +23,28 @@ from traitlets.config import Configurable
 from gpu_worker.client import parse_size, shim_dir
 
 GPU_KEYS = {"vram", "compute", "count", "mode", "qos"}
+TEMPLATES = Path(__file__).parent / "templates"
+# A pool failure of these kinds is "Full" on the form; the others (no worker, a lost one, the wrong
+# node, a profile larger than any GPU) make the profile unavailable whatever others do.
+CAPACITY = {"memory", "compute", "count"}
+POOL_UNREACHABLE = ("The GPU pool is unreachable right now, so no GPU can be given out. "
+                    "Try again in a minute; if this goes on, tell your hub admin.")
+
+
+class GPUSpawnError(SpawnException):
+    """A SpawnException whose page shows only its sentence.
+
+    JupyterHub shows ``jupyterhub_message`` on the spawn form, the spawn-pending page and in API
+    errors, and falls back to ``str()`` (``503 SpawnException(reason=...): ...``, meant for the
+    log) where it is missing."""
+
+    @property
+    def jupyterhub_message(self) -> str:
+        return self.message
+
+    @property
+    def jupyterhub_html_message(self) -> str | None:
+        return self.message_html or None
 
 
 class GPUSpawner(Configurable):
@@ -45,6 +69,11 @@ class GPUSpawner(Configurable):
                         "(default: this installation's `gpulab shim-path`).").tag(config=True)
     gpu_node = Unicode(help="Node the user's server runs on, for local vGPUs (default: $GPULAB_NODE or this "
                        "host's name).").tag(config=True)
+    form_template_paths = List(Unicode(), help="""
+        Directories searched, before gpulab's own, for `form.html`, the Jinja template of the spawn form.
+        It gets `profiles` (each with `slug`, `display_name`, `description`, `gpu_text`, `has_gpu`, `fits`,
+        `full_label`, `why`, `slots`, `checked`, `options`), `lost_message`, `emulated` and `pool_error`.
+        """).tag(config=True)
     gpu_allocation = Dict(help="The current vGPU allocation (kept in the spawner state).")
 
     @default("pool_url")
@@ -86,16 +115,16 @@ class GPUSpawner(Configurable):
     def resolve(self, profiles: list[dict], options: dict) -> tuple[dict, dict | None]:
         """The profile and GPU request named by ``options``; SpawnException(400) if invalid."""
         if not profiles:
-            raise SpawnException("No profile is available to you.", reason="no-profile", status_code=400)
+            raise GPUSpawnError("No profile is available to you.", reason="no-profile", status_code=400)
         slug = options.get("profile")
         if slug is None:
             profile = next((p for p in profiles if p.get("default")), profiles[0])
         else:
             profile = next((p for p in profiles if profile_slug(p) == slug), None)
             if profile is None:
-                raise SpawnException(f"Unknown profile {slug!r}: choose one of "
-                                     f"{', '.join(profile_slug(p) for p in profiles)}.",
-                                     reason="invalid-profile", status_code=400)
+                raise GPUSpawnError(f"Unknown profile {slug!r}: choose one of "
+                                    f"{', '.join(profile_slug(p) for p in profiles)}.",
+                                    reason="invalid-profile", status_code=400)
         gpu = dict(profile["gpu"]) if profile.get("gpu") else None
         for name, opt in (profile.get("profile_options") or {}).items():
             choices = opt.get("choices", {})
@@ -103,41 +132,41 @@ class GPUSpawner(Configurable):
             if key is None:
                 key = next((k for k, c in choices.items() if c.get("default")), next(iter(choices), None))
             if key not in choices:
-                raise SpawnException(f"Invalid choice {key!r} for {opt.get('display_name', name)}.",
-                                     reason="invalid-option", status_code=400)
+                raise GPUSpawnError(f"Invalid choice {key!r} for {opt.get('display_name', name)}.",
+                                    reason="invalid-option", status_code=400)
             override = choices[key].get("gpu") or {}
             if override:
                 gpu = {**(gpu or {}), **override}
         if gpu is not None:
             unknown = set(gpu) - GPU_KEYS
             if unknown:
-                raise SpawnException(f"Unknown GPU setting(s) {sorted(unknown)} in profile "
-                                     f"{profile_slug(profile)!r}.", reason="invalid-profile", status_code=400)
+                raise GPUSpawnError(f"Unknown GPU setting(s) {sorted(unknown)} in profile "
+                                    f"{profile_slug(profile)!r}.", reason="invalid-profile", status_code=400)
             try:
                 gpu["vram"] = parse_size(gpu["vram"])
             except (KeyError, ValueError):
-                raise SpawnException(f"Profile {profile_slug(profile)!r} has no valid GPU memory size.",
-                                     reason="invalid-profile", status_code=400) from None
+                raise GPUSpawnError(f"Profile {profile_slug(profile)!r} has no valid GPU memory size.",
+                                    reason="invalid-profile", status_code=400) from None
         return profile, gpu
 
     # ------------------------------------------------------------------- pool
     async def pool_call(self, method: str, path: str, body=None):
         if not self.pool_url:
-            raise SpawnException("gpulab is not configured with a GPU pool URL.", reason="gpu-pool",
-                                 status_code=503)
+            raise PoolError(503, "gpulab is not configured with a GPU pool URL (c.GPUSpawner.pool_url)")
         req = HTTPRequest(self.pool_url.rstrip("/") + "/" + path, method=method,
                           headers={"Authorization": f"token {self.pool_token}", "Content-Type": "application/json"},
                           body=json.dumps(body) if body is not None else None, request_timeout=20)
         try:
             resp = await AsyncHTTPClient().fetch(req)
         except HTTPClientError as exc:
-            detail = ""
+            detail, body = "", {}
             if exc.response is not None and exc.response.body:
                 try:
-                    detail = json.loads(exc.response.body).get("message", "")
-                except ValueError:
+                    body = json.loads(exc.response.body)
+                    detail = body.get("message", "")
+                except (ValueError, AttributeError):
                     detail = exc.response.body.decode(errors="replace")[:200]
-            raise PoolError(exc.code, detail or str(exc)) from None
+            raise PoolError(exc.code, detail or str(exc), body) from None
         except OSError as exc:
             raise PoolError(503, f"the GPU pool is unreachable ({exc})") from None
         return json.loads(resp.body) if resp.body else None
@@ -148,11 +177,14 @@ class GPUSpawner(Configurable):
         try:
             return await self.pool_call("POST", "api/allocations", spec)
         except PoolError as exc:
+            log = f"no vGPU for {self.user.name}'s profile {profile_slug(profile)!r}: {exc.message}"
+            if exc.code == 503 and exc.constraint:  # the scheduler's sentence names what is short
+                raise GPUSpawnError(exc.message, reason=f"gpu-{exc.constraint}", status_code=503,
+                                   log_message=log) from None
             if exc.code == 503:
-                raise SpawnException(f"No GPU is free for “{profile.get('display_name', '')}”: {exc.message}",
-                                     reason="gpu-capacity", status_code=503) from None
-            raise SpawnException(f"The GPU pool refused the request: {exc.message}", reason="gpu-pool",
-                                 status_code=400 if exc.code == 400 else 503) from None
+                raise GPUSpawnError(POOL_UNREACHABLE, reason="gpu-pool", status_code=503, log_message=log) from None
+            raise GPUSpawnError(f"The GPU pool refused the request: {exc.message}", reason="gpu-pool",
+                               status_code=400 if exc.code == 400 else 503, log_message=log) from None
 
     async def release_gpu(self) -> None:
         alloc = self.gpu_allocation
@@ -223,27 +255,46 @@ class GPUSpawner(Configurable):
 
     # ------------------------------------------------------------------ form
     async def render_options_form(self, spawner=None) -> str:
+        """The profiles with live availability; a profile that does not fit now is never preselected."""
         profiles = await self.visible_profiles()
-        gpu_profiles = [(p, self.resolve([p], {})[1]) for p in profiles]
-        specs = [{**g, "node": self.gpu_node} for _, g in gpu_profiles if g]
-        notice = ""
+        # one availability request per GPU profile (its default choices) and per choice of its options
+        views, specs = [], []
+
+        def ask(gpu: dict) -> int:
+            specs.append({**gpu, "node": self.gpu_node})
+            return len(specs) - 1
+
+        for p in profiles:
+            gpu = self.resolve([p], {})[1]
+            view = {"profile": p, "gpu": gpu, "ask": ask(gpu) if gpu else None, "options": []}
+            for name, opt in (p.get("profile_options") or {}).items():
+                choices = []
+                for key, choice in opt.get("choices", {}).items():
+                    choice_gpu = self.resolve([p], {name: key})[1]
+                    choices.append({"key": key, "display_name": choice.get("display_name", key),
+                                    "selected": bool(choice.get("default")),
+                                    "ask": ask(choice_gpu) if choice_gpu else None})
+                view["options"].append({"name": name, "display_name": opt.get("display_name", name),
+                                        "choices": choices})
+            views.append(view)
+        lost_message, emulated, pool_error = "", False, ""
         try:
             avail = await self.pool_call("POST", "api/availability", {"requests": specs}) if specs else []
             lost = await self.pool_call("GET", f"api/allocations?user={self.user.name}&status=lost")
-            if lost:
-                notice = f'<div class="alert alert-warning gpulab-lost">{html.escape(lost[-1]["message"])}</div>'
-            if any(g["emulated"] for g in await self.pool_call("GET", "api/gpus")):
-                notice += ('<div class="alert alert-info gpulab-emulated">The GPUs of this hub are EMULATED: a test '
-                           'double without a real GPU, where only registered kernels run.</div>')
+            lost_message = lost[-1]["message"] if lost else ""
+            emulated = any(g["emulated"] for g in await self.pool_call("GET", "api/gpus"))
         except PoolError as exc:
-            avail = [{"fits": False, "slots": 0, "reason": exc.message}] * len(specs)
-        it = iter(avail)
-        items = []
-        for i, (p, gpu) in enumerate(gpu_profiles):
-            items.append(render_profile(p, gpu, next(it) if gpu else None, checked=p.get("default") or (
-                i == 0 and not any(q.get("default") for q in profiles))))
-        style = "<style>.gpulab-profile{margin-bottom:1em}.gpulab-full{color:#b00}.gpulab-free{color:#070}</style>"
-        return style + notice + '<div class="gpulab-profiles">' + "".join(items) + "</div>"
+            self.log.warning("spawn form without GPU availability: %s", exc.message)
+            pool_error = POOL_UNREACHABLE
+            avail = [{"fits": False, "slots": 0, "constraint": "pool",
+                      "reason": "the GPU pool is unreachable right now"}] * len(specs)
+        return self.form_environment().get_template("form.html").render(
+            profiles=form_profiles(views, avail), lost_message=lost_message, emulated=emulated,
+            pool_error=pool_error)
+
+    def form_environment(self) -> jinja2.Environment:
+        loader = jinja2.FileSystemLoader([*self.form_template_paths, str(TEMPLATES)])
+        return jinja2.Environment(loader=loader, autoescape=True)
 
     def options_from_form(self, formdata):
         slug = (formdata.get("profile") or [None])[0]
@@ -261,10 +312,13 @@ async def _check_user_options(spawner: GPUSpawner, user_options: dict) -> None:
 
 
 class PoolError(Exception):
-    def __init__(self, code: int, message: str):
+    """A failed pool call; ``constraint`` is set when the pool's scheduler found no room (NoFit)."""
+
+    def __init__(self, code: int, message: str, body: dict | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.constraint = (body or {}).get("constraint") if isinstance(body, dict) else None
 
 
 def profile_slug(p: dict) -> str:
@@ -281,27 +335,33 @@ def describe_gpu(gpu: dict | None) -> str:
     return ", ".join(parts)
 
 
-def render_profile(p: dict, gpu: dict | None, avail: dict | None, checked: bool) -> str:
-    slug = html.escape(profile_slug(p))
-    if avail is None:
-        status = ""
-    elif avail["fits"]:
-        status = f'<span class="gpulab-avail gpulab-free">{avail["slots"]} available now</span>'
-    else:
-        status = f'<span class="gpulab-avail gpulab-full">Full: {html.escape(avail["reason"])}</span>'
-    status = f" — {status}" if status else ""
-    options = []
-    for name, opt in (p.get("profile_options") or {}).items():
-        choices = "".join(
-            f'<option value="{html.escape(k)}"{" selected" if c.get("default") else ""}>'
-            f'{html.escape(c.get("display_name", k))}</option>' for k, c in opt.get("choices", {}).items())
-        options.append(f'<label>{html.escape(opt.get("display_name", name))} '
-                       f'<select name="profile-option-{slug}--{html.escape(name)}">{choices}</select></label>')
-    return (f'<div class="gpulab-profile" data-slug="{slug}"><label>'
-            f'<input type="radio" name="profile" value="{slug}"{" checked" if checked else ""}> '
-            f'<strong>{html.escape(p["display_name"])}</strong></label> '
-            f'— <span class="gpulab-gpu">{html.escape(describe_gpu(gpu))}</span>{status}'
-            f'<p>{html.escape(p.get("description", ""))}</p>{"".join(options)}</div>')
+def form_profiles(views: list[dict], avail: list[dict]) -> list[dict]:
+    """What form.html shows for each profile; preselects the default profile only if it fits now,
+    else the first that fits, else none (the user then sees why each one is unavailable)."""
+    out = []
+    for v in views:
+        p, a = v["profile"], avail[v["ask"]] if v["ask"] is not None else None
+        item = {"slug": profile_slug(p), "display_name": p["display_name"], "description": p.get("description", ""),
+                "gpu_text": describe_gpu(v["gpu"]), "has_gpu": v["gpu"] is not None, "default": bool(p.get("default")),
+                "checked": False, **availability_view(a)}
+        item["options"] = [{**o, "choices": [{**c, **availability_view(avail[c["ask"]] if c["ask"] is not None
+                                                                         else None)} for c in o["choices"]]}
+                           for o in v["options"]]
+        out.append(item)
+    default = next((i for i in out if i["default"]), out[0] if out else None)
+    chosen = default if default and default["fits"] else next((i for i in out if i["fits"]), None)
+    if chosen:
+        chosen["checked"] = True
+    return out
+
+
+def availability_view(a: dict | None) -> dict:
+    if a is None:  # no GPU: always fits
+        return {"fits": True, "slots": None, "why": "", "full_label": ""}
+    if a["fits"]:
+        return {"fits": True, "slots": a["slots"], "why": "", "full_label": ""}
+    return {"fits": False, "slots": 0, "why": a.get("reason", ""),
+            "full_label": "Full" if a.get("constraint") in CAPACITY else "Unavailable"}
 
 
 class GPUSimpleLocalProcessSpawner(GPUSpawner, SimpleLocalProcessSpawner):

@@ -75,33 +75,81 @@ def test_user_outside_the_group_does_not_see_its_profile(page, hub):
     assert set(open_form(page, hub)) == {"small", "half", "cpu"}
 
 
-def test_full_pool_shows_the_503_message(page, hub):
-    status, _ = hub.api("POST", "users/alice/server", {"profile": "full"})
-    assert status in (201, 202)
-    hub.wait_ready("alice")
-    try:
-        login(page, hub, "bob")
-        profiles = open_form(page, hub)
-        assert "Full: all GPUs are busy" in profiles["small"]
-        page.check("input[name=profile][value=small]")
-        page.click("#spawn_form button[type=submit], #spawn_form input[type=submit]")
-        page.wait_for_selector("text=No GPU is free", timeout=60000)
+class Hog:
+    """Books GPU capacity straight from the pool (as another user's server would) for one test."""
+
+    def __init__(self, hub, vram: str, compute: int):
+        self.hub = hub
+        status, self.alloc = hub.pool("POST", "api/allocations", {"user": "hog", "vram": vram, "compute": compute})
+        assert status == 201, self.alloc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.hub.pool("DELETE", f"api/allocations/{self.alloc['id']}")
+
+
+def start_button(page):
+    return page.locator("#spawn_form button[type=submit]")
+
+
+@pytest.mark.parametrize("hog, sentence", [
+    (("15G", 10), "No GPU has 2 GiB of free memory right now (the most free is 1 GiB). "
+                  "Pick a smaller memory option or try again later."),
+    (("1G", 100), "All GPUs' compute is promised: your profile needs 25% and the most free is 0%. "
+                  "Pick a profile with a smaller compute share or try again later."),
+], ids=["memory", "compute"])
+def test_spawn_error_names_what_is_short(page, hub, hog, sentence):
+    login(page, hub, "bob")
+    profiles = open_form(page, hub)
+    assert "available now" in profiles["small"]
+    with Hog(hub, *hog):  # the GPU fills up between showing the form and pressing Start
+        page.click("#spawn_form button[type=submit]")
+        page.wait_for_selector(f"text={sentence}", timeout=60000)
+        text = page.inner_text("body")
+        assert "SpawnException(" not in text and "reason=" not in text, text
         assert hub.allocations("bob") == []
-    finally:
-        hub.api("DELETE", "users/alice/server")
-        hub.wait_stopped("alice")
+
+
+def test_full_profile_is_not_preselected_and_cannot_be_started(page, hub):
+    login(page, hub, "bob")
+    with Hog(hub, "15G", 10):  # 1 GiB left: Small's default 2 GiB and Half's 8 GiB do not fit
+        profiles = open_form(page, hub)
+        assert "Full: no GPU has 2 GiB of free memory right now (the most free is 1 GiB)" in profiles["small"]
+        assert "Full: no GPU has 8 GiB of free memory" in profiles["half"]
+        assert page.is_checked("input[name=profile][value=cpu]")  # the default (Small) is full
+        assert not page.is_checked("input[name=profile][value=small]")
+        assert start_button(page).is_enabled()
+        page.check("input[name=profile][value=small]")
+        assert start_button(page).is_disabled()
+        assert "Small vGPU, GPU memory 2 GiB: no GPU has 2 GiB of free memory" in page.inner_text(".gpulab-start-why")
+        page.select_option("select[name='profile-option-small--vram']", "1g")  # 1 GiB fits
+        assert start_button(page).is_enabled() and not page.is_visible(".gpulab-start-why")
+        page.select_option("select[name='profile-option-small--vram']", "4g")
+        assert start_button(page).is_disabled()
+        page.check("input[name=profile][value=half]")
+        assert start_button(page).is_disabled()
 
 
 def test_admin_dashboard_lists_gpus_workers_sessions(page, hub):
+    login(page, hub, "admin", hub.admin_password)
+    page.goto(f"{hub.url}/services/gpulab-pool/")
+    page.wait_for_selector("h1:has-text('gpulab GPU pool')")
+    # the hub's page: its navbar and its styles, served by the hub
+    assert page.is_visible("nav.navbar #jupyterhub-logo")
+    assert page.get_attribute("nav.navbar a.nav-link:has-text('Home')", "href") == "/hub/home"
+    assert page.evaluate("getComputedStyle(document.querySelector('nav.navbar')).display") == "flex"
+    assert "No sessions: no server holds a vGPU right now." in page.inner_text("body")
+    rows = [r.inner_text() for r in page.query_selector_all(".gpulab-gpus tbody tr")]
+    assert rows and all(r.lower().count("emulated") == 1 for r in rows), rows
     status, _ = hub.api("POST", "users/carol/server", {"profile": "half"})
     assert status in (201, 202)
     hub.wait_ready("carol")
     try:
-        login(page, hub, "admin", hub.admin_password)
-        page.goto(f"{hub.url}/services/gpulab-pool/")
-        page.wait_for_selector("h1:has-text('gpulab GPU pool')")
+        page.reload()
         text = page.inner_text("body")
-        assert "EMULATED test double" in text and "(test double)" in text
+        assert "(test double)" in text and "No sessions" not in text
         assert re.search(r"carol\s+\(default\)\s+half\s+local\s+8\.0 GiB\s+\d+ MiB\s+50%\s+active", text), text
         assert "GPU-hours per user" in text
     finally:

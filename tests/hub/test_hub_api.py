@@ -63,7 +63,8 @@ def test_full_pool_refuses_with_503(hub):
     hub.wait_ready("alice")
     status, body = hub.api("POST", "users/bob/server", {"profile": "small", "vram": "2g"})
     assert status == 503, body
-    assert "No GPU is free" in body["message"] and "busy" in body["message"]
+    assert body["message"] == ("No GPU has 2 GiB of free memory right now (the most free is 0 GiB). "
+                               "Pick a smaller memory option or try again later.")
     hub.api("DELETE", "users/alice/server")
     hub.wait_stopped("alice")
     assert hub.allocations("alice") == []

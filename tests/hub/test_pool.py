@@ -50,7 +50,7 @@ def test_bad_input_and_wrong_tokens(pool):
     assert pool.call("POST", "api/allocations", {"vram": "4G"})[0] == 400
     assert pool.call("DELETE", "api/allocations/999")[0] == 404
     status, body = pool.call("POST", "api/allocations", {"user": "ann", "vram": "64G"})
-    assert status == 503 and "largest GPU offers 16.0 GiB" in body["message"]
+    assert status == 503 and "largest GPU here offers 16 GiB" in body["message"] and body["constraint"] == "size"
     assert pool.call("GET", "api/allocations")[1] == []  # nothing was booked by the failures
 
 
@@ -73,7 +73,7 @@ def test_heartbeat_loss_marks_worker_and_sessions_lost(tmp_path):
         _, a = p.call("GET", f"api/allocations/{alloc['id']}")
         assert a["status"] == "lost" and "stopped responding" in a["message"]
         status, body = p.call("POST", "api/allocations", {"user": "bob", "vram": "1G"})
-        assert status == 503 and "no GPU worker" in body["message"]
+        assert status == 503 and body["constraint"] == "lost" and "no other GPU worker is up" in body["message"]
         # the worker comes back: it can be used again
         assert p.call("POST", "api/workers/w1/heartbeat", {}, WORKER_TOKEN)[0] == 200
         assert p.call("POST", "api/allocations", {"user": "bob", "vram": "1G"})[0] == 201

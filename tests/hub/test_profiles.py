@@ -1,11 +1,15 @@
-"""Profile resolution rules of GPUSpawner (the hub-level paths are in test_hub_api/test_browser)."""
+"""Profile resolution rules of GPUSpawner, its spawn errors and its form and the pool dashboard as
+rendered from their templates (the hub-level paths are in test_hub_api/test_browser)."""
 import asyncio
+import re
 from types import SimpleNamespace
 
 import pytest
 from jupyterhub.spawner import SpawnException
+from jupyterhub.utils import format_exception
 
 from hub_spawner.spawner import GPUSimpleLocalProcessSpawner
+from hub_spawner.spawner.mixin import PoolError
 
 PROFILES = [
     {"display_name": "Small", "slug": "small", "gpu": {"vram": "2G", "compute": 25},
@@ -74,9 +78,11 @@ def test_unreachable_pool_is_a_clear_503():
     s.pool_url = f"http://127.0.0.1:{port}/"
     with pytest.raises(SpawnException, match="unreachable") as err:
         asyncio.run(s.allocate_gpu(PROFILES[0], {"vram": 2 << 30}))
-    assert err.value.status_code == 503
+    assert err.value.status_code == 503 and "Connection refused" not in format_exception(err.value)[0]
     form = asyncio.run(s.render_options_form())
-    assert "Full: the GPU pool is unreachable" in form
+    assert "Unavailable: the GPU pool is unreachable right now" in form
+    assert 'class="alert alert-danger gpulab-pool-error"' in form
+    assert re.search(r'value="cpu"\s+checked', form)  # the one profile that needs no pool
 
 
 def test_form_tells_the_user_their_vgpu_was_lost(tmp_path):
@@ -96,6 +102,97 @@ def test_form_tells_the_user_their_vgpu_was_lost(tmp_path):
         s.pool_url, s.pool_token = pool.url, HUB_TOKEN
         form = asyncio.run(s.render_options_form())
         assert "Your vGPU was lost: GPU worker w1 stopped responding" in form
-        assert "no GPU worker is available" in form  # and nothing can be placed now
+        assert "Unavailable: GPU worker w1 stopped responding at" in form  # and nothing can be placed now
+        with pytest.raises(SpawnException) as err:
+            asyncio.run(s.allocate_gpu(PROFILES[0], {"vram": 1 << 30}))
+        assert err.value.reason == "gpu-lost" and format_exception(err.value)[0].startswith(
+            "GPU worker w1 stopped responding at ")
     finally:
         pool.stop()
+
+
+# --------------------------------------------------------------- spawn errors and the form template
+MEMORY_SHORT = {"fits": False, "slots": 0, "constraint": "memory", "need": 2 << 30, "free": 1 << 30,
+                "reason": "no GPU has 2 GiB of free memory right now (the most free is 1 GiB)",
+                "message": "No GPU has 2 GiB of free memory right now (the most free is 1 GiB). "
+                           "Pick a smaller memory option or try again later."}
+
+
+def canned_pool(s, avail):
+    """Answers the form's pool calls with ``avail(spec)`` for each availability request."""
+    async def pool_call(method, path, body=None):
+        if path == "api/availability":
+            return [avail(spec) for spec in body["requests"]]
+        return [] if path.startswith("api/allocations") else [{"emulated": True}]
+    s.pool_call = pool_call
+
+
+def test_spawn_errors_are_the_pools_sentence():
+    s = spawner()
+
+    async def full(method, path, body=None):
+        raise PoolError(503, MEMORY_SHORT["message"], {"status": 503, **MEMORY_SHORT})
+    s.pool_call = full
+    with pytest.raises(SpawnException) as err:
+        asyncio.run(s.allocate_gpu(PROFILES[0], {"vram": 2 << 30}))
+    e = err.value
+    assert (e.status_code, e.reason) == (503, "gpu-memory")
+    # what JupyterHub puts on the spawn form, the spawn-pending page and in API errors
+    assert format_exception(e) == (MEMORY_SHORT["message"], None)
+    assert format_exception(e, only_jupyterhub=True)[0] == MEMORY_SHORT["message"]
+    assert "(reason=gpu-memory)" in str(e)  # the log keeps the reason label
+    with pytest.raises(SpawnException) as err:  # an invalid profile is a sentence too
+        s.resolve(PROFILES, {"profile": "nope"})
+    assert format_exception(err.value)[0].startswith("Unknown profile 'nope'")
+
+
+def test_form_never_preselects_a_full_profile():
+    # nothing with a GPU fits: not Staff GPU (the default), not Small with 2 or 6 GiB; CPU is the first that fits
+    s = spawner(groups=["staff"])
+    canned_pool(s, lambda spec: MEMORY_SHORT)
+    form = asyncio.run(s.render_options_form())
+    checked = re.findall(r'name="profile"[^>]*value="([^"]+)"\s+checked', form)
+    assert checked == ["cpu"], form
+    assert form.count('gpulab-full">Full: no GPU has 2 GiB of free memory right now (the most free is 1 GiB)') == 2
+    assert 'data-slug="staff"' in form and 'data-fits="0" data-why="Staff GPU: no GPU has' in form
+    assert "2 GiB (full)" in form and "6 GiB (full)" in form
+    assert "EMULATED" in form and "start.disabled" in form
+
+
+def test_form_preselects_the_default_profile_when_it_fits():
+    s = spawner(groups=["staff"])
+    canned_pool(s, lambda spec: {"fits": True, "slots": 3, "reason": ""} if spec["vram"] < 4 << 30 else MEMORY_SHORT)
+    form = asyncio.run(s.render_options_form())
+    assert re.findall(r'name="profile"[^>]*value="([^"]+)"\s+checked', form) == ["small"]  # staff does not fit
+    assert "3 available now" in form and "6 GiB (full)" in form and "2 GiB (full)" not in form
+    canned_pool(s, lambda spec: {"fits": True, "slots": 1, "reason": ""})
+    form = asyncio.run(s.render_options_form())
+    assert re.findall(r'name="profile"[^>]*value="([^"]+)"\s+checked', form) == ["staff"]
+
+
+def test_form_escapes_profile_text():
+    s = spawner(profiles=[{"display_name": "<b>x</b>", "slug": "x", "description": "a & b"}])
+    canned_pool(s, lambda spec: MEMORY_SHORT)
+    form = asyncio.run(s.render_options_form())
+    assert "&lt;b&gt;x&lt;/b&gt;" in form and "a &amp; b" in form and "<b>x</b>" not in form
+
+
+def test_dashboard_template_uses_the_hubs_page():
+    from hub_spawner.pool.dashboard import dashboard_rows, environment, page_namespace
+
+    gpus = [{"worker": "local", "model": "gpulab emulated vGPU (test double, no GPU)", "capability": "9.0",
+             "memory": 16 << 30, "used_vram": 0, "used_compute": 0, "sessions": 0, "emulated": True,
+             "worker_status": "up"},
+            {"worker": "w2", "model": "Fake H100", "capability": "9.0", "memory": 80 << 30, "used_vram": 0,
+             "used_compute": 0, "sessions": 0, "emulated": True, "worker_status": "up"}]
+    ns = page_namespace({"name": "admin", "admin": True}, "/hub/", "/services/gpulab-pool/")
+    html = environment().get_template("dashboard.html").render(**ns, **dashboard_rows(gpus, [], [], []))
+    assert 'id="jupyterhub-logo"' in html and 'href="/hub/home"' in html and 'href="/hub/admin"' in html
+    assert 'href="/hub/static/css/style.min.css"' in html and 'href="/hub/logout"' in html
+    rows = re.findall(r"<tr><td>(?:local|w2)</td>.*?</tr>", html, re.S)
+    assert len(rows) == 2 and all(r.lower().count("emulated") == 1 for r in rows), rows
+    assert "No GPU workers" not in html
+    assert "No workers yet." in html and "No sessions: no server holds a vGPU right now." in html
+    assert "No GPU time used yet." in html
+    empty = environment().get_template("dashboard.html").render(**ns, **dashboard_rows([], [], [], []))
+    assert "No GPU workers have registered yet" in empty

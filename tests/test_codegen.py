@@ -31,6 +31,9 @@ def test_async_functions_return_nothing():
     for f in T.FORWARDED:
         if f.mode == "async":
             assert not [p for p in f.params if p.rule in ("out", "outstr", "outbytes", "outvar", "hostout")], f.name
+        assert not f.send_now or f.mode == "async", f"{f.name}: send_now is for pipelined calls"
+    # what frees device memory reaches the worker at once (the vGPU's usage figure stays current)
+    assert T.by_name()["cuMemFree"].send_now
 
 
 def test_wire_constants_agree_with_the_table():

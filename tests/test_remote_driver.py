@@ -166,6 +166,47 @@ done(launches=sorted(set(launches)), bad=bad, sync1=sync1, sync2=sync2,
     assert res["after"] == "CUDA_ERROR_ILLEGAL_ADDRESS"  # sticky for the rest of the session
 
 
+def test_a_pipelined_free_reaches_the_worker_at_once(make_worker, tmp_path):
+    """cuMemFree needs no reply, yet the worker's usage figure (what the pool and its dashboard
+    show) drops at once, while the program goes on without any synchronizing call."""
+    from gpu_worker.daemon.usage import read_usage
+
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    # a pool address makes the worker publish usage; nothing listens there, and tokens are local
+    w = make_worker(extra=("--pool-url", "http://127.0.0.1:9", "--name", "w-free"),
+                    env=dict(os.environ, XDG_RUNTIME_DIR=str(runtime)))
+    client = subprocess.Popen([sys.executable, "-c", PRELUDE + """
+import time
+setup()
+p = ok(d.cuMemAlloc(8 << 20))
+print("allocated", flush=True)
+sys.stdin.readline()
+ok(d.cuMemFree(p))
+print("freed", flush=True)
+time.sleep(60)  # no synchronizing call: only the shim can have sent the free
+"""], env=w.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+    def used() -> int:
+        dirs = list(runtime.glob("gpulab-usage-*"))
+        return sum(read_usage(str(dirs[0])).values()) if dirs else -1
+
+    try:
+        assert client.stdout.readline().strip() == "allocated"
+        assert used() == 8 << 20
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "freed"
+        t0 = time.monotonic()
+        while used() != 0 and time.monotonic() - t0 < 5:
+            time.sleep(0.005)
+        assert used() == 0
+        assert time.monotonic() - t0 < 1.0, "the free reached the worker late"
+    finally:
+        client.kill()
+        client.wait()
+
+
 def test_sessions_cannot_touch_each_others_memory(worker):
     owner = subprocess.Popen(
         [sys.executable, "-c", PRELUDE + """

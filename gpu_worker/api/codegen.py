@@ -121,7 +121,7 @@ def gen_c_stub(f: T.Func) -> str:
     ofixed, ovar, obulk = wire_out(f)
     if f.mode == "async":
         assert not ofixed and ovar is None and obulk is None, f.name
-        lines.append("    r = gl_post(&m);")
+        lines.append(f"    r = gl_post(&m, {int(f.send_now)});")
     else:
         if obulk is not None:
             lines.append(f"    r = gl_call(&m, {obulk.name}, {obulk.arg});")

@@ -31,7 +31,8 @@ and ``gpu_worker/api/wire.py``.
 
 Modes: ``sync`` waits for the reply; ``async`` is pipelined (no reply; an error is
 latched and returned by the next synchronizing call); ``syncpoint`` is a synchronizing
-call that returns a latched error.  ``c_after`` is C code run by the stub after success
+call that returns a latched error; ``send_now`` sends an ``async`` call at once instead of
+buffering it (still without a reply).  ``c_after`` is C code run by the stub after success
 (used to track allocations in the shim).  ``server`` = ``"special"`` marks functions whose
 worker side is hand-written in :mod:`gpu_worker.session` (bulk data paths, launches).
 """
@@ -114,6 +115,7 @@ class Func:
     server: str = "generic"
     c_after: str = ""
     extra_names: tuple = field(default_factory=tuple)
+    send_now: bool = False  # async, yet sent at once (no reply awaited): the worker must see it promptly
 
     @property
     def symbol(self) -> str:
@@ -212,7 +214,9 @@ FORWARDED = [
     # --- memory ---------------------------------------------------------------------
     F("cuMemAlloc", [Out("dptr", "dptr"), In("bytesize", "size")], abi="cuMemAlloc_v2", since=3020,
       c_after="gl_track_alloc(*dptr, bytesize)"),
-    F("cuMemFree", [In("dptr", "dptr")], abi="cuMemFree_v2", since=3020, mode="async",
+    # a free is pipelined but sent at once: the vGPU's usage figure (dashboard, quota) drops within
+    # milliseconds, not at the program's next synchronizing call, which may be minutes away
+    F("cuMemFree", [In("dptr", "dptr")], abi="cuMemFree_v2", since=3020, mode="async", send_now=True,
       c_after="gl_untrack_alloc(dptr)"),
     F("cuMemGetInfo", [Out("free", "size"), Out("total", "size")], abi="cuMemGetInfo_v2", since=3020),
     F("cuMemGetAddressRange", [Out("pbase", "dptr"), Out("psize", "size"), In("dptr", "dptr")],

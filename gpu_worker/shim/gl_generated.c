@@ -467,7 +467,7 @@ GL_EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr)
     CUresult r = gl_begin(&m, 47 /* cuMemFree */, 0);
     if (r != CUDA_SUCCESS) return r;
     gl_put_Q(&m, dptr);
-    r = gl_post(&m);
+    r = gl_post(&m, 1);
     gl_end(&m);
     if (r == CUDA_SUCCESS) gl_untrack_alloc(dptr);
     return r;
@@ -558,7 +558,7 @@ GL_EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dstDevice, const void *srcHo
     gl_put_Q(&m, ByteCount);
     gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
     gl_put_bulk(&m, srcHost, ByteCount);
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }
@@ -586,7 +586,7 @@ GL_EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dstDevice, CUdeviceptr srcDe
     gl_put_Q(&m, srcDevice);
     gl_put_Q(&m, ByteCount);
     gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }
@@ -639,7 +639,7 @@ GL_EXPORT CUresult cuMemsetD8Async(CUdeviceptr dstDevice, unsigned int uc, size_
     gl_put_I(&m, uc);
     gl_put_Q(&m, N);
     gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }
@@ -653,7 +653,7 @@ GL_EXPORT CUresult cuMemsetD16Async(CUdeviceptr dstDevice, unsigned int us, size
     gl_put_I(&m, us);
     gl_put_Q(&m, N);
     gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }
@@ -667,7 +667,7 @@ GL_EXPORT CUresult cuMemsetD32Async(CUdeviceptr dstDevice, unsigned int ui, size
     gl_put_I(&m, ui);
     gl_put_Q(&m, N);
     gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }
@@ -752,7 +752,7 @@ GL_EXPORT CUresult cuModuleUnload(CUmodule hmod)
     CUresult r = gl_begin(&m, 66 /* cuModuleUnload */, 0);
     if (r != CUDA_SUCCESS) return r;
     gl_put_u64(&m, (unsigned long long)(uintptr_t)hmod);
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }
@@ -838,7 +838,7 @@ GL_EXPORT CUresult cuLibraryUnload(CUlibrary library)
     CUresult r = gl_begin(&m, 71 /* cuLibraryUnload */, 0);
     if (r != CUDA_SUCCESS) return r;
     gl_put_u64(&m, (unsigned long long)(uintptr_t)library);
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }
@@ -1101,7 +1101,7 @@ GL_EXPORT CUresult cuStreamCreate(CUstream *phStream, unsigned int Flags)
     *phStream = (CUstream)gl_mint_handle();
     gl_put_u64(&m, (unsigned long long)(uintptr_t)*phStream);
     gl_put_I(&m, Flags);
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }
@@ -1116,7 +1116,7 @@ GL_EXPORT CUresult cuStreamCreateWithPriority(CUstream *phStream, unsigned int f
     gl_put_u64(&m, (unsigned long long)(uintptr_t)*phStream);
     gl_put_I(&m, flags);
     gl_put_i(&m, priority);
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }
@@ -1127,7 +1127,7 @@ GL_EXPORT CUresult cuStreamDestroy_v2(CUstream hStream)
     CUresult r = gl_begin(&m, 89 /* cuStreamDestroy */, 0);
     if (r != CUDA_SUCCESS) return r;
     gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }
@@ -1162,7 +1162,7 @@ GL_EXPORT CUresult cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned 
     gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
     gl_put_u64(&m, (unsigned long long)(uintptr_t)hEvent);
     gl_put_I(&m, Flags);
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }
@@ -1241,7 +1241,7 @@ GL_EXPORT CUresult cuEventCreate(CUevent *phEvent, unsigned int Flags)
     *phEvent = (CUevent)gl_mint_handle();
     gl_put_u64(&m, (unsigned long long)(uintptr_t)*phEvent);
     gl_put_I(&m, Flags);
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }
@@ -1252,7 +1252,7 @@ GL_EXPORT CUresult cuEventDestroy_v2(CUevent hEvent)
     CUresult r = gl_begin(&m, 98 /* cuEventDestroy */, 0);
     if (r != CUDA_SUCCESS) return r;
     gl_put_u64(&m, (unsigned long long)(uintptr_t)hEvent);
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }
@@ -1264,7 +1264,7 @@ GL_EXPORT CUresult cuEventRecord(CUevent hEvent, CUstream hStream)
     if (r != CUDA_SUCCESS) return r;
     gl_put_u64(&m, (unsigned long long)(uintptr_t)hEvent);
     gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }
@@ -1277,7 +1277,7 @@ GL_EXPORT CUresult cuEventRecordWithFlags(CUevent hEvent, CUstream hStream, unsi
     gl_put_u64(&m, (unsigned long long)(uintptr_t)hEvent);
     gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
     gl_put_I(&m, flags);
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }

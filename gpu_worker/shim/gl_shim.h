@@ -71,7 +71,7 @@ void gl_put_Q(gl_msg *m, unsigned long long v);
 void gl_put_f(gl_msg *m, float v);
 void gl_put_u64(gl_msg *m, unsigned long long v);
 void gl_put_bulk(gl_msg *m, const void *p, size_t n);
-CUresult gl_post(gl_msg *m);
+CUresult gl_post(gl_msg *m, int send_now);
 CUresult gl_call(gl_msg *m, void *bulk_out, size_t bulk_n);
 void gl_get(gl_msg *m, void *out, size_t n);
 void gl_get_str(gl_msg *m, char *out, int len);

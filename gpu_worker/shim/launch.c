@@ -92,7 +92,7 @@ static CUresult launch(uintptr_t f, const unsigned int dims[7], CUstream s, cons
         memset(dst, 0, buflen);
         for (uint32_t i = 0; i < l->count; i++) memcpy(dst + l->off[i], kernelParams[i], l->size[i]);
     }
-    r = gl_post(&m);
+    r = gl_post(&m, 0);
     gl_end(&m);
     return r;
 }

@@ -297,10 +297,12 @@ static void seal(gl_msg *m)
     memcpy(C.sbuf + m->start, &plen, 8);
 }
 
-CUresult gl_post(gl_msg *m)
+/* A pipelined frame waits in the send buffer, unless it carries bulk data, the buffer is full, or
+ * the worker must see it now (send_now: a free, so that the vGPU's usage figure is current). */
+CUresult gl_post(gl_msg *m, int send_now)
 {
     seal(m);
-    if (m->bulk_len || C.slen >= GL_PIPELINE_FLUSH) {
+    if (send_now || m->bulk_len || C.slen >= GL_PIPELINE_FLUSH) {
         if (flush_with(m->bulk, m->bulk_len) != 0) {
             mark_dead(CUDA_ERROR_DEVICE_UNAVAILABLE, strerror(errno));
             return C.dead_error;

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from cuda.bindings import driver as drv
 
 from ..api import errors as E
-from ..api.errors import CudaError
+from ..api.errors import CudaError, Refusal
 
 if TYPE_CHECKING:
     from .base import Backend
@@ -221,7 +221,8 @@ class CudaBackend:
 
     def launch(self, func, grid, block, shmem, stream, params, attrs, nattrs):
         if nattrs:
-            raise CudaError(E.NOT_SUPPORTED, "launch attributes are not forwarded to the cuda backend yet")
+            raise Refusal(E.NOT_SUPPORTED, "launch attributes (cluster dimensions, priority, ...) are not supported "
+                                           "on a gpulab vGPU yet", call="kernel launch")
         layout = self.param_layout(func)
         buf = ctypes.create_string_buffer(bytes(params), max(len(params), 1))
         base = ctypes.addressof(buf)

@@ -16,6 +16,7 @@ from gpu_worker.daemon.dispatch_generated import OPS
 FIXED_SIZE = {api_table.opcode(f): struct.calcsize(in_struct(f)) for f in api_table.FORWARDED}
 from gpu_worker.api.protocol import (FLAG_REPLY, HELLO, OP_HELLO, OP_LAUNCH, OP_PARAM_LAYOUT, OP_SET_CONTEXT,
                                      PROTOCOL_VERSION, REP_HEADER, REQ_HEADER)
+from gpu_worker.api.wire import MAX_REASON
 
 
 def open_session(worker) -> socket.socket:
@@ -47,9 +48,11 @@ def test_random_requests_in_valid_frames(worker):
             header = s.recv(REP_HEADER.size, socket.MSG_WAITALL)
             if len(header) < REP_HEADER.size:
                 raise ConnectionError("closed")
-            plen, _res, _ = REP_HEADER.unpack(header)
-            if plen:
-                s.recv(plen, socket.MSG_WAITALL)
+            plen, res, reason_len = REP_HEADER.unpack(header)
+            payload = s.recv(plen, socket.MSG_WAITALL) if plen else b""
+            # a reason closes the payload, is UTF-8, and only a failed call has one
+            assert reason_len <= min(plen, MAX_REASON) and (res != 0 or reason_len == 0)
+            payload[len(payload) - reason_len:].decode("utf-8")
             replies += 1
         except (ConnectionError, OSError):
             closed += 1

@@ -4,6 +4,6 @@ Anything outside gpu_worker uses these, never the daemon's or the shim's interna
 from ..shim import shim_dir
 from .env import shim_env
 from .tokens import token_hash
-from .units import parse_size
+from .units import format_size, parse_size
 
-__all__ = ["parse_size", "shim_dir", "shim_env", "token_hash"]
+__all__ = ["format_size", "parse_size", "shim_dir", "shim_env", "token_hash"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Loopback benchmark of the gpulab remote driver, each figure against a raw-socket baseline.
+"""Loopback benchmark of the gpulab remote driver, each figure against a baseline from the same run.
 
-    python benchmarks/remote_driver.py [--transport unix|tcp|both] [--quick]
+    python benchmarks/remote_driver.py [--backend emulated|cuda] [--transport unix|tcp|both] [--quick]
 
 Absolute numbers from a small, shared machine say little, so every figure measured through the
 shim (libcuda.so.1 -> socket -> emulated worker) is set against what plain Python sockets achieve
@@ -23,6 +23,14 @@ and ~45 us across cores (wake-up IPIs through the hypervisor), and it keeps one 
 other for seconds at a time: shim and baseline would be measured under different placements.
 One core is also where the transport costs least, so the shim's own overhead shows most. Copies
 and launches run unpinned, where the two ends can overlap as they would in real use.
+
+With `--backend cuda` the worker runs the real GPU (refused at once, exit 2, where no NVIDIA GPU is
+visible). The null call keeps its ping-pong baseline and the copies their raw-stream one; copies and
+launches are also set against the same program done natively: a child process with the real libcuda
+(no shim on its library path) runs cuda-python in-process on the same GPU, with the same pageable
+numpy host buffers and the same no-op kernel, and measures one sample whenever the shim side asks, so
+the three sides still alternate back to back. The kernel is compiled by NVRTC to a cubin for the
+device: a driver older than NVRTC's PTX ISA (tests/data/kernels.ptx) could not JIT PTX.
 
 The exit status is 0 whether or not the targets are met (a benchmark, not a test) and non-zero on
 errors.
@@ -56,6 +64,10 @@ COPY_BYTES = 64 << 20
 PING_BYTES = 16
 LENGTH = struct.Struct("<Q")  # prefix of each transfer to the sink / request to the source
 ACK = b"k"
+NOOP_SOURCE = b'extern "C" __global__ void gpulab_noop() {}'
+NATIVE_START_S = 120  # cuInit, a context and an NVRTC compile; a GPU that takes longer is reported
+NO_GPU = ("no NVIDIA GPU visible ({}): `--backend cuda` measures a real GPU, so nothing was run. "
+          "Run it on a GPU machine, or measure the transport alone with --backend emulated.")
 
 
 @dataclass
@@ -71,6 +83,8 @@ class Plan:
 
 FULL = Plan(call_reps=31, calls=2000, copy_reps=21, launch_reps=9, launches=200_000)
 QUICK = Plan(call_reps=9, calls=1000, copy_reps=7, launch_reps=5, launches=30_000)
+# --chained (a smoke test of the cuda path without a GPU) goes through two workers: only enough to run every step.
+CHAINED = Plan(call_reps=2, calls=100, copy_reps=2, launch_reps=2, launches=500)
 
 
 def launch_frame_bytes() -> int:
@@ -101,64 +115,111 @@ def rate(fn, amount: int) -> float:
 def paired(shim, raw, reps: int) -> list[list[float]]:
     """`reps` [shim, raw] samples taken back to back, alternating which side goes first so that
     neither side always runs on the caches / scheduler state the other leaves behind."""
-    shim(), raw()  # warm-up: connections, page faults, lazy initialisation
-    pairs = []
+    return interleaved([shim, raw], reps)
+
+
+def interleaved(sides: list, reps: int) -> list[list[float]]:
+    """`reps` samples of every side, one of each back to back, the side that goes first rotating
+    (for two sides: alternating, as in paired()); each row lists the sides in the given order."""
+    for side in sides:
+        side()  # warm-up: connections, page faults, lazy initialisation
+    rows = []
     for i in range(reps):
-        if i % 2:
-            r = raw()
-            s = shim()
-        else:
-            s = shim()
-            r = raw()
-        pairs.append([s, r])
-    return pairs
+        k = i % len(sides)
+        row = [0.0] * len(sides)
+        for j in list(range(k, len(sides))) + list(range(k)):
+            row[j] = sides[j]()
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------- client process (through the shim)
 
 
-def client_main(plan: Plan, phase: str, transport: str, peers: dict, cpus: list | None) -> None:
-    """Child process entry: measure one phase, shim and raw baselines pairwise; print one JSON line."""
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-    from cuda.bindings import driver as d
-
+def checker(d):
+    """`ok(result)`: the value of a cuda.bindings result tuple, or exit naming the CUresult."""
     def ok(res):
         if res[0] != d.CUresult.CUDA_SUCCESS:
             raise SystemExit(f"CUDA call failed: {res[0].name}")
         return res[1] if len(res) == 2 else None
 
+    return ok
+
+
+def client_main(plan: Plan, phase: str, transport: str, peers: dict, cpus: list | None,
+                backend: str = "emulated", chained: bool = False) -> None:
+    """Child process entry: measure one phase, shim and baselines interleaved; print one JSON line."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    from cuda.bindings import driver as d
+
+    ok = checker(d)
     ok(d.cuInit(0))
-    assert_shim_loaded()
-    ok(d.cuCtxSetCurrent(ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(0))))))
-    conns = {name: connect(transport, address) for name, address in peers.items()}
+    assert_libcuda(shim=True)
+    dev = ok(d.cuDeviceGet(0))
+    ok(d.cuCtxSetCurrent(ok(d.cuDevicePrimaryCtxRetain(dev))))
+    # the native peer's control channel is local whatever the transport: it carries no timed bytes
+    conns = {name: connect("unix" if name == "native" else transport, address) for name, address in peers.items()}
     if phase == "latency":
         echo = conns["echo"]
         null = lambda: seconds_per_call(d.cuDriverGetVersion, plan.calls)  # noqa: E731
         ping = lambda: seconds_per_call(functools.partial(ping_once, echo), plan.calls)  # noqa: E731
         out = {"null_call_s": paired(null, ping, plan.call_reps)}
-    else:
+    elif backend == "emulated":
         out = copy_figures(d, ok, conns["sink"], conns["source"], plan)
         out["launch_rate"] = paired(shim_launches(d, ok, plan.launches), raw_frames(conns["sink"], plan.launches),
                                     plan.launch_reps)
+    else:
+        native = NativeLink(conns["native"])
+        htod, dtoh, check, buf = copy_samplers(d, ok)
+        out = {"htod_Bps": interleaved([htod, raw_stream_out(conns["sink"]), native.sampler("htod")], plan.copy_reps),
+               "dtoh_Bps": interleaved([dtoh, raw_stream_in(conns["source"]), native.sampler("dtoh")], plan.copy_reps)}
+        check()
+        native.sampler("check")()
+        ok(d.cuMemFree(buf))
+        fn = nvrtc_noop(d, ok, dev, chained)
+        out["launch_rate"] = interleaved([launch_sampler(d, ok, fn, plan.launches), native.sampler("launch")],
+                                         plan.launch_reps)
+        out["device"] = device_facts(d, ok, dev)
     ok(d.cuDriverGetVersion())  # the session is still healthy after all of it
     print(json.dumps(out))
 
 
-def assert_shim_loaded() -> None:
-    """Refuse to report numbers unless this process's libcuda is the gpulab shim, not a driver."""
+def loaded_libcuda() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {os.path.realpath(line.split()[-1]) for line in f if "libcuda.so" in line}
+
+
+def assert_libcuda(shim: bool) -> str:
+    """Refuse to report numbers unless this process's libcuda is the gpulab shim (shim=True) or,
+    for the native baseline, a driver that is not the shim; returns its path."""
     from gpu_worker.client import shim_dir
 
-    with open("/proc/self/maps") as f:
-        libs = {os.path.realpath(line.split()[-1]) for line in f if "libcuda.so" in line}
+    libs = loaded_libcuda()
     expected = os.path.realpath(shim_dir() / "libcuda.so.1")
-    if libs != {expected}:
+    if shim and libs != {expected}:
         raise SystemExit(f"libcuda loaded from {sorted(libs)}, expected only {expected}")
+    if not shim and (expected in libs or len(libs) != 1):
+        raise SystemExit(f"libcuda loaded from {sorted(libs)}, expected one driver library, not the shim {expected}")
+    return libs.pop()
 
 
 def copy_figures(d, ok, sink, source, plan: Plan) -> dict:
     """Paired samples of 64 MiB copies each way; the data is checked afterwards so a fast but
-    wrong copy cannot pass. Host buffers are touched first so page faults are not timed."""
+    wrong copy cannot pass."""
+    htod, dtoh, check, dev = copy_samplers(d, ok)
+    out = {"htod_Bps": paired(htod, raw_stream_out(sink), plan.copy_reps),
+           "dtoh_Bps": paired(dtoh, raw_stream_in(source), plan.copy_reps)}
+    check()
+    ok(d.cuMemFree(dev))
+    return out
+
+
+def copy_samplers(d, ok):
+    """(htod, dtoh, check, device buffer): sample functions of synchronous 64 MiB copies between
+    pageable numpy arrays and one device buffer, and a check that what came back is what went in.
+    The shim and the native baseline both use these. Host buffers are touched first so page faults
+    are not timed."""
     import numpy as np
 
     host = np.full(COPY_BYTES, 7, np.uint8)
@@ -166,18 +227,24 @@ def copy_figures(d, ok, sink, source, plan: Plan) -> dict:
     dev = ok(d.cuMemAlloc(COPY_BYTES))
     htod = lambda: rate(lambda: ok(d.cuMemcpyHtoD(dev, host, COPY_BYTES)), COPY_BYTES)  # noqa: E731
     dtoh = lambda: rate(lambda: ok(d.cuMemcpyDtoH(back, dev, COPY_BYTES)), COPY_BYTES)  # noqa: E731
-    out = {"htod_Bps": paired(htod, raw_stream_out(sink), plan.copy_reps),
-           "dtoh_Bps": paired(dtoh, raw_stream_in(source), plan.copy_reps)}
-    if not (back == 7).all():
-        raise SystemExit("cuMemcpyDtoH returned other bytes than cuMemcpyHtoD sent")
-    ok(d.cuMemFree(dev))
-    return out
+
+    def check():
+        if not (back == 7).all():
+            raise SystemExit("cuMemcpyDtoH returned other bytes than cuMemcpyHtoD sent")
+
+    return htod, dtoh, check, dev
 
 
 def shim_launches(d, ok, n: int):
-    """A sample function: launches/s of `n` pipelined gpulab_noop launches, up to the
-    cuCtxSynchronize that waits for the worker to have run them all."""
+    """A sample function: launches/s of `n` pipelined gpulab_noop launches (from the repository's
+    PTX, which the emulated device runs), up to the cuCtxSynchronize that waits for them all."""
     fn = ok(d.cuModuleGetFunction(ok(d.cuModuleLoadData(PTX_FILE.read_bytes())), b"gpulab_noop"))
+    return launch_sampler(d, ok, fn, n)
+
+
+def launch_sampler(d, ok, fn, n: int):
+    """A sample function: launches/s of `n` back-to-back launches of the parameterless `fn`, up to
+    the cuCtxSynchronize that waits for them all (through the shim: for the worker to have run them)."""
     launch = d.cuLaunchKernel
 
     def burst():
@@ -189,16 +256,173 @@ def shim_launches(d, ok, n: int):
     return lambda: rate(burst, n)
 
 
-def run_client(address: str, plan: Plan, phase: str, transport: str, peers: dict, cpus=None) -> dict:
+def run_client(address: str, plan: Plan, phase: str, transport: str, peers: dict, cpus=None,
+               backend: str = "emulated", chained: bool = False) -> dict:
     """Run client_main in a child whose environment routes libcuda.so.1 to the worker."""
     from gpu_worker.client import shim_env
 
-    args = [asdict(plan), phase, transport, peers, sorted(cpus) if cpus else None]
+    args = [asdict(plan), phase, transport, peers, sorted(cpus) if cpus else None, backend, chained]
     cmd = [sys.executable, __file__, "--client", json.dumps(args)]
     p = subprocess.run(cmd, env=shim_env(address, TOKEN), cwd=ROOT, capture_output=True, text=True, timeout=300)
     if p.returncode != 0:
         raise RuntimeError(f"client on {address} failed ({p.returncode}):\n{p.stdout}{p.stderr}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the cuda backend: kernel, device, native baseline
+
+
+def compile_noop(major: int, minor: int, kind: str = "cubin") -> bytes:
+    """gpulab_noop compiled by NVRTC (which needs no GPU) for compute capability major.minor: a cubin
+    (SASS, which loads on a driver older than this NVRTC) or PTX (what the emulated device runs)."""
+    from cuda.bindings import nvrtc
+
+    def check(res, what):
+        if res[0] != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise SystemExit(f"NVRTC {what} failed: {res[0].name}")
+        return res[1] if len(res) == 2 else None
+
+    arch = f"--gpu-architecture={'sm' if kind == 'cubin' else 'compute'}_{major}{minor}"
+    prog = check(nvrtc.nvrtcCreateProgram(NOOP_SOURCE, b"gpulab_noop.cu", 0, [], []), "nvrtcCreateProgram")
+    try:
+        err = nvrtc.nvrtcCompileProgram(prog, 1, [arch.encode()])[0]
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            log = b" " * check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+            nvrtc.nvrtcGetProgramLog(prog, log)
+            raise SystemExit(f"NVRTC could not compile gpulab_noop with {arch}: {err.name}\n"
+                             f"{log.rstrip(b' ').rstrip(bytes(1)).decode(errors='replace')}")
+        size_of, get = ((nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN) if kind == "cubin"
+                        else (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX))
+        image = b" " * check(size_of(prog), size_of.__name__)
+        check(get(prog, image), get.__name__)
+        return image
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def compute_capability(d, ok, dev) -> tuple[int, int]:
+    A = d.CUdevice_attribute
+    return (ok(d.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)),
+            ok(d.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)))
+
+
+def nvrtc_noop(d, ok, dev, chained: bool):
+    """The gpulab_noop function for this device, compiled here: a cubin on a GPU; PTX in a chained
+    smoke test, whose emulated device at the end of the chain loads PTX only."""
+    image = compile_noop(*compute_capability(d, ok, dev), "ptx" if chained else "cubin")
+    return ok(d.cuModuleGetFunction(ok(d.cuModuleLoadData(image)), b"gpulab_noop"))
+
+
+def device_facts(d, ok, dev) -> dict:
+    """What the report says the figures are from: the device's name and compute capability, and the
+    CUDA version of the driver (through the shim: as the worker reports them)."""
+    version = ok(d.cuDriverGetVersion())
+    return {"name": ok(d.cuDeviceGetName(128, dev)).split(b"\0")[0].decode(errors="replace"),
+            "cc": "{}.{}".format(*compute_capability(d, ok, dev)),
+            "driver": f"{version // 1000}.{version % 1000 // 10}"}
+
+
+class NativeLink:
+    """The shim side's end of the native peer's control connection: one line asks for a sample,
+    one JSON line answers with the value the peer measured in its own process."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.reader = conn.makefile("rb")
+
+    def sampler(self, what: str):
+        def sample() -> float:
+            self.conn.sendall(what.encode() + b"\n")
+            reply = json.loads(self.reader.readline() or b'{"error": "the native peer closed the connection"}')
+            if "error" in reply:
+                raise SystemExit(f"native baseline ({what}): {reply['error']}")
+            return reply["value"]
+
+        return sample
+
+
+def native_main(address: str, launches: int, chained: bool) -> None:
+    """Child process entry: the native baseline. cuda-python on the real libcuda in this process
+    (checked), the same copies and kernel as the shim side; prints its facts once ready, then
+    measures one sample per request on `address` (a Unix socket), for one client after another."""
+    from cuda.bindings import driver as d
+
+    ok = checker(d)
+    ok(d.cuInit(0))
+    libcuda = assert_libcuda(shim=chained)
+    dev = ok(d.cuDeviceGet(0))
+    ok(d.cuCtxSetCurrent(ok(d.cuDevicePrimaryCtxRetain(dev))))
+    htod, dtoh, check, _ = copy_samplers(d, ok)
+    samplers = {"htod": htod, "dtoh": dtoh, "launch": launch_sampler(d, ok, nvrtc_noop(d, ok, dev, chained), launches),
+                "check": lambda: check() or 1.0}
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(address)
+    listener.listen(1)
+    print(json.dumps({**device_facts(d, ok, dev), "libcuda": libcuda}), flush=True)
+    while True:
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as requests:
+            for line in requests:
+                try:
+                    reply = {"value": samplers[line.decode().strip()]()}
+                except (SystemExit, KeyError) as exc:
+                    reply = {"error": f"{type(exc).__name__}: {exc}"}
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+
+def without_shim(env: dict) -> dict:
+    """`env` for a process that must load the real libcuda: the shim's directory off
+    LD_LIBRARY_PATH, no worker address or token."""
+    from gpu_worker.client import shim_dir
+
+    lib = os.path.realpath(shim_dir())
+    out = {k: v for k, v in env.items() if k not in ("GPULAB_WORKER", "GPULAB_TOKEN", "GPULAB_CHAIN_TO_WORKER")}
+    kept = [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p and os.path.realpath(p) != lib]
+    if kept:
+        out["LD_LIBRARY_PATH"] = ":".join(kept)
+    else:
+        out.pop("LD_LIBRARY_PATH", None)
+    return out
+
+
+@contextlib.contextmanager
+def native_peer(tmp: Path, env: dict, plan: Plan, chained: bool):
+    """The native baseline process, started and ready; yields (its Unix socket path, its facts)."""
+    address = str(tmp / "native.sock")
+    log_path = tmp / "native.log"
+    cmd = [sys.executable, __file__, "--native", json.dumps([address, plan.launches, chained])]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+                                start_new_session=True)
+        try:
+            line = read_line(proc, NATIVE_START_S)
+            if not line.startswith("{"):
+                raise RuntimeError(f"the native baseline (cuda-python without the shim) did not start: {line!r}\n"
+                                   f"{log_path.read_text()}")
+            yield address, json.loads(line)
+        finally:
+            stop_group(proc)
+
+
+def read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The first line `proc` prints, or "" if it exits or stays silent for `timeout` seconds."""
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            return ""
+    return proc.stdout.readline()
+
+
+def no_gpu_reason() -> str | None:
+    """None where an NVIDIA GPU is visible, else why not; the same check as `make validate-gpu`."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from validate_gpu import no_gpu_reason as check
+
+    return check()
 
 
 # ---------------------------------------------------------------- raw-socket baselines, client side
@@ -367,15 +591,16 @@ def raw_peers(transport: str, tmp: Path, names: list[str], cpus=None):
 
 
 @contextlib.contextmanager
-def running_worker(tmp: Path):
-    """An emulated worker listening on both transports; yields (pid, {"unix": addr, "tcp": addr})."""
-    cmd = [sys.executable, "-m", "gpu_worker.daemon", "--backend", "emulated",
-           "--unix-socket", str(tmp / "worker.sock"), "--tcp", "127.0.0.1:0", "--token", TOKEN,
-           "--emulated-kernels", str(KERNELS)]
-    log_path = tmp / "worker.log"
+def running_worker(tmp: Path, backend: str = "emulated", env: dict | None = None, name: str = "worker"):
+    """A worker listening on both transports; yields (pid, {"unix": addr, "tcp": addr})."""
+    cmd = [sys.executable, "-m", "gpu_worker.daemon", "--backend", backend,
+           "--unix-socket", str(tmp / f"{name}.sock"), "--tcp", "127.0.0.1:0", "--token", TOKEN]
+    if backend == "emulated":
+        cmd += ["--emulated-kernels", str(KERNELS)]
+    log_path = tmp / f"{name}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
         try:
             line = proc.stdout.readline()
             if "listening on" not in line:
@@ -422,7 +647,8 @@ class Figure:
     fmt: str  # format of the value after scaling
     scale: float
     target: str
-    passes: Callable[[float, float], bool]  # (median shim value, median per-pair ratio) -> verdict
+    passes: Callable[[float, float], bool] | None  # (median shim value, median per-pair ratio) -> verdict
+    base: int = 1  # which side of each sample is the baseline (0 is the shim)
 
 
 FIGURES = [
@@ -432,16 +658,30 @@ FIGURES = [
     Figure("launch_rate", "pipelined no-op launches", "{:,.0f} /s", 1, ">= 50,000 /s", lambda v, r: v >= 50_000),
 ]
 
+# --backend cuda: samples are [shim, raw, native] for copies and [shim, native] for launches. The copies
+# vs native carry no target: forwarding is bounded by the transport, which the raw-socket rows judge.
+CUDA_FIGURES = [
+    Figure("null_call_s", "null call (cuDriverGetVersion) vs raw ping-pong", "{:.1f} us", 1e6, "ratio <= 2.0",
+           lambda v, r: r <= 2.0),
+    Figure("htod_Bps", "64 MiB cuMemcpyHtoD vs raw socket", "{:.2f} GB/s", 1e-9, "ratio >= 0.8", lambda v, r: r >= 0.8),
+    Figure("htod_Bps", "64 MiB cuMemcpyHtoD vs native", "{:.2f} GB/s", 1e-9, "(reference)", None, base=2),
+    Figure("dtoh_Bps", "64 MiB cuMemcpyDtoH vs raw socket", "{:.2f} GB/s", 1e-9, "ratio >= 0.8", lambda v, r: r >= 0.8),
+    Figure("dtoh_Bps", "64 MiB cuMemcpyDtoH vs native", "{:.2f} GB/s", 1e-9, "(reference)", None, base=2),
+    Figure("launch_rate", "pipelined no-op launches vs native", "{:,.0f} /s", 1, ">= 50,000 /s",
+           lambda v, r: v >= 50_000),
+]
 
-def table_rows(transport: str, samples: dict) -> list[tuple]:
-    """One row per figure: median of each side, median of the per-pair shim/raw ratios, verdict."""
+
+def table_rows(transport: str, samples: dict, figures=FIGURES) -> list[tuple]:
+    """One row per figure: median of each side, median of the per-sample shim/baseline ratios, verdict."""
     rows = []
-    for f in FIGURES:
+    for f in figures:
         pairs = samples[f.key]
-        shim, raw = (statistics.median(p[i] for p in pairs) for i in (0, 1))
-        ratio = statistics.median(s / r for s, r in pairs)
+        shim, raw = (statistics.median(p[i] for p in pairs) for i in (0, f.base))
+        ratio = statistics.median(p[0] / p[f.base] for p in pairs)
+        verdict = "-" if f.passes is None else "PASS" if f.passes(shim, ratio) else "MISS"
         rows.append((transport, f.name, f.fmt.format(shim * f.scale), f.fmt.format(raw * f.scale), f"{ratio:.2f}",
-                     f.target, "PASS" if f.passes(shim, ratio) else "MISS"))
+                     f.target, verdict))
     return rows
 
 
@@ -456,21 +696,90 @@ def print_table(rows: list[tuple]) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", choices=["emulated", "cuda"], default="emulated",
+                    help="the worker's backend: emulated (a test double: transport figures) or cuda (the real GPU, "
+                         "also against cuda-python in-process without the shim)")
     ap.add_argument("--transport", choices=["unix", "tcp", "both"], default="both")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and launches (~30 s)")
     ap.add_argument("--client", help=argparse.SUPPRESS)  # internal: the measuring child process
-    return ap.parse_args(argv)
+    ap.add_argument("--native", help=argparse.SUPPRESS)  # internal: the native-baseline child process
+    # internal, a smoke test without a GPU: the cuda worker and the native baseline drive an emulated
+    # worker through the shim (GPULAB_CHAIN_TO_WORKER); every step runs, no figure means anything
+    ap.add_argument("--chained", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.chained and args.backend != "cuda":
+        ap.error("--chained goes with --backend cuda")
+    return args
 
 
-def measure(transport: str, worker: tuple, tmp: Path, plan: Plan) -> dict:
-    """Both phases on one transport: latency pinned to one CPU, bulk transfers unpinned."""
+def measure(transport: str, worker: tuple, tmp: Path, plan: Plan, native: str | None = None,
+            chained: bool = False) -> dict:
+    """Both phases on one transport: latency pinned to one CPU, bulk transfers unpinned. With the
+    native peer's address, the bulk phase is the cuda backend's (copies also against native)."""
     pid, addresses = worker
+    backend = "cuda" if native else "emulated"
     cpu = {min(os.sched_getaffinity(0))}
     with pinned(pid, cpu), raw_peers(transport, tmp, ["echo"], cpu) as peers:
-        out = run_client(addresses[transport], plan, "latency", transport, peers, cpu)
+        out = run_client(addresses[transport], plan, "latency", transport, peers, cpu, backend, chained)
     with raw_peers(transport, tmp, ["sink", "source"]) as peers:
-        out.update(run_client(addresses[transport], plan, "bulk", transport, peers))
+        if native:
+            peers["native"] = native
+        out.update(run_client(addresses[transport], plan, "bulk", transport, peers, None, backend, chained))
     return out
+
+
+@contextlib.contextmanager
+def logs_on_failure(tmp: Path):
+    """On a failure, print the last lines of the workers' and the native baseline's logs to stderr
+    before the temporary directory goes: a run on a lent GPU must say what went wrong."""
+    try:
+        yield
+    except BaseException:
+        for log in sorted(tmp.glob("*.log")):
+            lines = log.read_text(errors="replace").strip().splitlines()[-30:]
+            if lines:
+                print(f"--- {log.name}, last lines:", *lines, sep="\n", file=sys.stderr)
+        raise
+
+
+def main_cuda(plan: Plan, transports: list, quick: bool, chained: bool) -> int:
+    """--backend cuda: a cuda worker and the native baseline on the same GPU (on the emulated worker
+    at the end of the chain with --chained)."""
+    from gpu_worker.client import shim_env
+
+    t0 = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gpulab-bench-") as tmp, contextlib.ExitStack() as stack:
+        tmp = Path(tmp)
+        stack.enter_context(logs_on_failure(tmp))  # entered first: shows the logs once every process has stopped
+        if chained:
+            _, upstream = stack.enter_context(running_worker(tmp, name="upstream"))
+            env = dict(shim_env(upstream["unix"], TOKEN), GPULAB_CHAIN_TO_WORKER="1")
+        else:
+            env = without_shim(os.environ)
+        native, native_facts = stack.enter_context(native_peer(tmp, env, plan, chained))
+        worker = stack.enter_context(running_worker(tmp, "cuda", env, "cuda-worker"))
+        for transport in transports:
+            samples = measure(transport, worker, tmp, plan, native, chained)
+            facts = samples.pop("device")
+            rows += table_rows(transport, samples, CUDA_FIGURES)
+    run = "chained smoke" if chained else "quick" if quick else "full"
+    if chained:
+        print("CHAINED SMOKE TEST, NOT GPU FIGURES: the cuda worker and the native baseline drove an emulated "
+              "worker through the shim")
+    print(f"gpulab remote driver, worker backend cuda, on {facts['name']} (compute capability {facts['cc']}, "
+          f"CUDA driver {facts['driver']}) ({run} run, {time.perf_counter() - t0:.0f} s)")
+    where = ("through the shim to the emulated worker" if chained else "without the shim")
+    if native_facts["name"] not in facts["name"]:
+        where += f" on {native_facts['name']}, NOT the worker's device"
+    print(f"baselines from the same run: raw Python sockets on loopback (null call, copies); cuda-python in-process "
+          f"on device 0 {where}, libcuda {native_facts['libcuda']} (copies, launches); host buffers are pageable "
+          f"numpy arrays on every side; no-op kernel compiled by NVRTC ({'PTX' if chained else 'cubin'})")
+    print(f"medians of interleaved samples: {plan.call_reps} x {plan.calls:,} null calls (pinned to one CPU), "
+          f"{plan.copy_reps} copies, {plan.launch_reps} x {plan.launches:,} launches; "
+          f"ratio = median per-sample ratio to the baseline the metric names")
+    print_table(rows)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -479,8 +788,18 @@ def main(argv=None) -> int:
         plan, *rest = json.loads(args.client)
         client_main(Plan(**plan), *rest)
         return 0
-    plan = QUICK if args.quick else FULL
+    if args.native:
+        native_main(*json.loads(args.native))
+        return 0
     transports = ["unix", "tcp"] if args.transport == "both" else [args.transport]
+    if args.backend == "cuda":
+        why = None if args.chained else no_gpu_reason()
+        if why:
+            print(NO_GPU.format(why), file=sys.stderr)
+            return 2
+        return main_cuda(CHAINED if args.chained else QUICK if args.quick else FULL, transports, args.quick,
+                         args.chained)
+    plan = QUICK if args.quick else FULL
     t0 = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpulab-bench-") as tmp, running_worker(Path(tmp)) as worker:

@@ -32,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEV_NODES = ("/dev/nvidiactl", "/dev/nvidia0")  # what tests/workertools.gpu_present looks at
 PYTEST_TIMEOUT_S = 300
-BENCH_TIMEOUT_S = 240  # with the pytest run and the install, inside 8 minutes on an H100 machine
+BENCH_TIMEOUT_S = 150  # `remote_driver.py --backend cuda --quick` aims at under a minute; with the pytest
+                       # run and the install, inside 8 minutes on an H100 machine
 
 # Distributions whose versions say what the run used (absent ones are reported as absent).
 VERSIONS = ["gpulab", "cuda-python", "cuda-bindings", "cuda-core", "cuda-pathfinder", "nvidia-cuda-nvrtc",
@@ -63,11 +64,17 @@ def _smi(*args: str) -> str | None:
     return r.stdout if r.returncode == 0 else None
 
 
+def no_gpu_reason() -> str | None:
+    """None where an NVIDIA GPU is visible, else why not (benchmarks/remote_driver.py asks this too)."""
+    if gpu_visible({p: os.path.exists(p) for p in DEV_NODES}, _smi("-L")):
+        return None
+    return "nvidia-smi lists no GPU" if shutil.which("nvidia-smi") else f"no nvidia-smi and no {' or '.join(DEV_NODES)}"
+
+
 def preflight() -> int:
-    nodes = {p: os.path.exists(p) for p in DEV_NODES}
-    if gpu_visible(nodes, _smi("-L")):
+    why = no_gpu_reason()
+    if why is None:
         return 0
-    why = "nvidia-smi lists no GPU" if shutil.which("nvidia-smi") else f"no nvidia-smi and no {' or '.join(DEV_NODES)}"
     print(NO_GPU.format(why), file=sys.stderr)
     return 2
 
@@ -150,21 +157,34 @@ def pytest_problems(output: str) -> list[str]:
     return [line.strip() for line in output.splitlines() if re.match(r"(FAILED|ERROR|SKIPPED) ", line.strip())]
 
 
+def _rule(lines: list[str]) -> int | None:
+    """Index of the dashed rule under the header of the table benchmarks/remote_driver.py prints."""
+    return next((i for i, line in enumerate(lines[1:], 1) if re.fullmatch(r"-+( +-+)+", line.strip())), None)
+
+
 def bench_rows(output: str) -> tuple[list[str], list[list[str]]]:
     """The table benchmarks/remote_driver.py prints (columns two or more spaces apart, a dashed
     rule under the header) as (header, rows)."""
     lines = output.splitlines()
-    for i, line in enumerate(lines[1:], 1):
-        if re.fullmatch(r"-+( +-+)+", line.strip()):
-            header = re.split(r"\s{2,}", lines[i - 1].strip())
-            rows = []
-            for row in lines[i + 1:]:
-                cells = re.split(r"\s{2,}", row.strip())
-                if len(cells) != len(header):
-                    break
-                rows.append(cells)
-            return header, rows
-    return [], []
+    i = _rule(lines)
+    if i is None:
+        return [], []
+    header = re.split(r"\s{2,}", lines[i - 1].strip())
+    rows = []
+    for row in lines[i + 1:]:
+        cells = re.split(r"\s{2,}", row.strip())
+        if len(cells) != len(header):
+            break
+        rows.append(cells)
+    return header, rows
+
+
+def bench_preamble(output: str) -> list[str]:
+    """The lines the benchmark prints above its table: what the figures are from (backend, device,
+    driver, baselines, repetitions), which the table alone does not say."""
+    lines = output.splitlines()
+    i = _rule(lines)
+    return [] if i is None else [line.strip() for line in lines[:i - 1] if line.strip()][-6:]
 
 
 def pytest_passed(r: Run) -> bool:
@@ -238,6 +258,7 @@ def format_report(rep: Report) -> str:
             out += [b.note, ""]
         header, rows = bench_rows(b.output)
         if rows:
+            out += [f"- {line}" for line in bench_preamble(b.output)] + [""]
             out += _markdown_table(header, rows) + [""]
         else:
             out += ["No figures: the benchmark printed no table. Its last lines:", "", "```",
@@ -249,15 +270,10 @@ def format_report(rep: Report) -> str:
 
 
 def remote_driver_command() -> tuple[list, str]:
-    """benchmarks/remote_driver.py against the `cuda` backend where it offers one, else as it is."""
-    script = ROOT / "benchmarks" / "remote_driver.py"
-    helptext = subprocess.run([sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=60).stdout
-    if "--backend" in helptext:
-        return [sys.executable, str(script), "--backend", "cuda"], "Worker backend: cuda (the real GPU)."
-    return ([sys.executable, str(script)],
-            "Worker backend: **emulated** — remote_driver.py has no `--backend` option yet, so these are the "
-            "loopback transport figures on this machine's CPUs, not GPU figures.")
+    """benchmarks/remote_driver.py on the `cuda` backend, quick: the lent machine's minutes are few."""
+    return ([sys.executable, str(ROOT / "benchmarks" / "remote_driver.py"), "--backend", "cuda", "--quick"],
+            "Worker backend: cuda (the real GPU). Baselines from the same run: raw Python sockets on loopback, and "
+            "cuda-python in-process on the same GPU without the shim (pageable host buffers on every side).")
 
 
 def pytest_command() -> tuple[list, str]:

@@ -1,0 +1,63 @@
+"""benchmarks/remote_driver.py's cuda mode, in the parts that can be checked without a GPU: it refuses
+at once where none is visible, its samples interleave fairly, and NVRTC gives the image it loads.
+(Its whole cuda path runs without a GPU with `--backend cuda --chained`, a few seconds; a GPU run
+happens in `make validate-gpu`.)"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from workertools import ROOT, gpu_present
+
+SCRIPT = ROOT / "benchmarks" / "remote_driver.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpulab_bench_remote_driver", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+rd = _load()
+
+
+@pytest.mark.skipif(gpu_present(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_backend_refuses_at_once_without_a_gpu(tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), "--backend", "cuda", "--quick"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=30, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert r.returncode == 2
+    assert r.stderr.startswith("no NVIDIA GPU visible (") and "--backend emulated" in r.stderr
+    assert r.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # no worker, no native baseline was started
+
+
+def test_backend_option():
+    assert rd.parse_args([]).backend == "emulated"
+    assert rd.parse_args(["--backend", "cuda", "--quick"]).backend == "cuda"
+    with pytest.raises(SystemExit):
+        rd.parse_args(["--chained"])  # the chained smoke test is a cuda-mode run only
+
+
+def test_samples_interleave_with_the_first_side_rotating():
+    calls = []
+    sides = [lambda name=name, value=value: calls.append(name) or value for name, value in zip("abc", (1.0, 2.0, 3.0))]
+    assert rd.interleaved(sides, 4) == [[1.0, 2.0, 3.0]] * 4  # each row in the sides' order, whoever went first
+    assert "".join(calls) == "abc" + "abc" + "bca" + "cab" + "abc"  # warm-up, then each side first in turn
+    calls.clear()
+    rd.paired(lambda: calls.append("s") or 1.0, lambda: calls.append("r") or 2.0, 3)
+    assert "".join(calls) == "sr" + "sr" + "rs" + "sr"  # the emulated run's order, unchanged
+
+
+def test_nvrtc_compiles_the_noop_kernel_to_a_cubin_for_the_device():
+    cubin = rd.compile_noop(9, 0)
+    assert cubin[:4] == b"\x7fELF"
+    ptx = rd.compile_noop(9, 0, "ptx")
+    assert b".entry gpulab_noop" in ptx and b".target sm_90" in ptx
+    with pytest.raises(SystemExit, match="could not compile gpulab_noop with --gpu-architecture=sm_11"):
+        rd.compile_noop(1, 1)

@@ -347,12 +347,32 @@ def form_profiles(views: list[dict], avail: list[dict]) -> list[dict]:
         item["options"] = [{**o, "choices": [{**c, **availability_view(avail[c["ask"]] if c["ask"] is not None
                                                                          else None)} for c in o["choices"]]}
                            for o in v["options"]]
+        if not item["fits"] and item["options"] and all(any(c["fits"] for c in o["choices"])
+                                                       for o in item["options"]):
+            fit_with_other_choices(item)
         out.append(item)
     default = next((i for i in out if i["default"]), out[0] if out else None)
     chosen = default if default and default["fits"] else next((i for i in out if i["fits"]), None)
     if chosen:
         chosen["checked"] = True
     return out
+
+
+def fit_with_other_choices(item: dict) -> None:
+    """A profile whose default choices are full but whose other choices fit (a smaller memory
+    option, say) is not full: select the first choice that fits in each option and say so."""
+    changed = []
+    for o in item["options"]:
+        selected = next((c for c in o["choices"] if c["selected"]), o["choices"][0])
+        if not selected["fits"]:
+            first = next(c for c in o["choices"] if c["fits"])
+            for c in o["choices"]:
+                c["selected"] = c is first
+            changed.append(f"{o['display_name']} {first['display_name']}")
+    chosen = [next(c for c in o["choices"] if c["selected"]) for o in item["options"]]
+    slots = [c["slots"] for c in chosen if c["slots"] is not None]
+    item.update(fits=True, slots=min(slots) if slots else None, why="",
+                fits_note=f"with {', '.join(changed)}" if changed else "")
 
 
 def availability_view(a: dict | None) -> dict:

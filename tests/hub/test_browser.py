@@ -114,22 +114,28 @@ def test_spawn_error_names_what_is_short(page, hub, hog, sentence):
 
 def test_full_profile_is_not_preselected_and_cannot_be_started(page, hub):
     login(page, hub, "bob")
-    with Hog(hub, "15G", 10):  # 1 GiB left: Small's default 2 GiB and Half's 8 GiB do not fit
+    with Hog(hub, "15G", 10):  # 1 GiB left: Small's default 2 GiB and Half's 8 GiB do not fit, Small's 1 GiB does
         profiles = open_form(page, hub)
-        assert "Full: no GPU has 2 GiB of free memory right now (the most free is 1 GiB)" in profiles["small"]
+        assert "1 available now with GPU memory 1 GiB" in profiles["small"] and "Full" not in profiles["small"]
         assert "Full: no GPU has 8 GiB of free memory" in profiles["half"]
-        assert page.is_checked("input[name=profile][value=cpu]")  # the default (Small) is full
-        assert not page.is_checked("input[name=profile][value=small]")
+        assert page.is_checked("input[name=profile][value=small]")  # the default, with the choice that fits
+        assert page.input_value("select[name='profile-option-small--vram']") == "1g"
         assert start_button(page).is_enabled()
-        page.check("input[name=profile][value=small]")
+        page.select_option("select[name='profile-option-small--vram']", "2g")
         assert start_button(page).is_disabled()
         assert "Small vGPU, GPU memory 2 GiB: no GPU has 2 GiB of free memory" in page.inner_text(".gpulab-start-why")
-        page.select_option("select[name='profile-option-small--vram']", "1g")  # 1 GiB fits
+        page.select_option("select[name='profile-option-small--vram']", "1g")
         assert start_button(page).is_enabled() and not page.is_visible(".gpulab-start-why")
-        page.select_option("select[name='profile-option-small--vram']", "4g")
-        assert start_button(page).is_disabled()
         page.check("input[name=profile][value=half]")
         assert start_button(page).is_disabled()
+        with Hog(hub, "768M", 10):  # 0.25 GiB left: no GPU profile fits, CPU only is preselected
+            profiles = open_form(page, hub)
+            assert "Full: no GPU has 2 GiB of free memory right now" in profiles["small"]
+            assert page.is_checked("input[name=profile][value=cpu]")
+            assert not page.is_checked("input[name=profile][value=small]")
+            assert start_button(page).is_enabled()
+            page.check("input[name=profile][value=small]")
+            assert start_button(page).is_disabled()
 
 
 def test_admin_dashboard_lists_gpus_workers_sessions(page, hub):

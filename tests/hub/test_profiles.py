@@ -170,6 +170,21 @@ def test_form_preselects_the_default_profile_when_it_fits():
     assert re.findall(r'name="profile"[^>]*value="([^"]+)"\s+checked', form) == ["staff"]
 
 
+def test_a_profile_whose_default_choice_is_full_offers_the_choice_that_fits():
+    # Small's default 2 GiB is full, but 1 GiB fits: Small is not "Full", 1 GiB is selected, and
+    # Small (the first that fits now) is preselected rather than CPU
+    profiles = [{**PROFILES[0], "profile_options": {"vram": {"display_name": "GPU memory", "choices": {
+        "1g": {"display_name": "1 GiB", "gpu": {"vram": "1G"}},
+        "2g": {"display_name": "2 GiB", "default": True, "gpu": {"vram": "2G"}}}}}}, PROFILES[2]]
+    s = spawner(profiles=profiles)
+    canned_pool(s, lambda spec: {"fits": True, "slots": 2, "reason": ""} if spec["vram"] <= 1 << 30 else MEMORY_SHORT)
+    form = asyncio.run(s.render_options_form())
+    assert re.findall(r'name="profile"[^>]*value="([^"]+)"\s+checked', form) == ["small"]
+    assert "2 available now with GPU memory 1 GiB" in form and "Full:" not in form
+    assert re.search(r'<option value="1g" selected data-fits="1"', form), form
+    assert re.search(r'<option value="2g" data-fits="0"', form) and "2 GiB (full)" in form
+
+
 def test_form_escapes_profile_text():
     s = spawner(profiles=[{"display_name": "<b>x</b>", "slug": "x", "description": "a & b"}])
     canned_pool(s, lambda spec: MEMORY_SHORT)

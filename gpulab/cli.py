@@ -1,65 +1,136 @@
-"""`gpulab` command line: the one entry point above hub_spawner and gpu_worker."""
+"""`gpulab` command line: the one entry point above hub_spawner and gpu_worker.
+
+One traitlets application whose subcommands are applications too, so every option is a
+trait and its help is the documentation (`gpulab <cmd> --help`, `--help-all`).  Subcommands
+are named by import string: `gpulab --help` imports none of them and answers at once.
+"""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from gpu_worker.client import shim_dir, shim_env
+from traitlets import Enum, Unicode
+from traitlets.config import Application
 
 
-def cmd_run(args) -> int:
-    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not cmd:
-        print("gpulab run: give a command after --", file=sys.stderr)
-        return 2
-    env = shim_env(args.worker, args.token)
-    if not env.get("GPULAB_WORKER"):
-        print("gpulab run: set GPULAB_WORKER or pass --worker", file=sys.stderr)
-        return 2
-    os.execvpe(cmd[0], cmd, env)
+class RunApp(Application):
+    name = "gpulab-run"
+    description = """Run a command with the gpulab shim as its libcuda.so.1.
+
+    The command and its children reach the vGPU on a worker: LD_LIBRARY_PATH starts with the
+    shim's directory and GPULAB_WORKER and GPULAB_TOKEN are set. Put the command after `--`.
+    """
+    examples = """
+gpulab run --worker unix:///tmp/gpulab.sock --token s3cret -- python my_cuda_program.py
+GPULAB_WORKER=tcp://gpuhost:7000 GPULAB_TOKEN=s3cret gpulab run -- python my_cuda_program.py
+"""
+    worker = Unicode("", help="Address of the worker, tcp://host:port or unix:///path "
+                              "(default: $GPULAB_WORKER).").tag(config=True)
+    token = Unicode("", help="Session token the worker accepts (default: $GPULAB_TOKEN).").tag(config=True)
+    aliases = {"worker": "RunApp.worker", "token": "RunApp.token"}
+    flags: dict = {}
+
+    def parse_command_line(self, argv=None):
+        """Options end where the command begins, so the command's own options stay its own
+        (`gpulab run python -c ...` works without `--` too)."""
+        argv = sys.argv[1:] if argv is None else list(argv)
+        ours, i = [], 0
+        while i < len(argv) and argv[i] != "--" and argv[i].startswith("-"):
+            takes_value = argv[i].lstrip("-") in self.aliases
+            ours += argv[i:i + 1 + takes_value]
+            i += 1 + takes_value
+        command = argv[i + 1:] if argv[i:i + 1] == ["--"] else argv[i:]
+        super().parse_command_line(ours)
+        self.extra_args = command
+
+    def start(self):
+        from gpu_worker.client import shim_env
+
+        cmd = self.extra_args
+        if not cmd:
+            print("gpulab run: give a command after --", file=sys.stderr)
+            self.exit(2)
+        env = shim_env(self.worker or None, self.token or None)
+        if not env.get("GPULAB_WORKER"):
+            print("gpulab run: set GPULAB_WORKER or pass --worker", file=sys.stderr)
+            self.exit(2)
+        os.execvpe(cmd[0], cmd, env)
 
 
-def cmd_shim_path(args) -> int:
-    print(shim_dir())
-    return 0
+class ShimPathApp(Application):
+    name = "gpulab-shim-path"
+    description = """Print the directory of the shim (libcuda.so.1), to put first on LD_LIBRARY_PATH.
+
+    export LD_LIBRARY_PATH=$(gpulab shim-path)
+    """
+    aliases: dict = {}
+    flags: dict = {}
+
+    def start(self):
+        from gpu_worker.client import shim_dir
+
+        print(shim_dir())
 
 
-def cmd_demo(args) -> int:
-    from gpu_worker.client.demo import main as demo_main
+class DemoApp(Application):
+    name = "gpulab-demo"
+    description = """Start a worker and run a short cuda-python program through the shim.
 
-    return demo_main(args.backend)
+    The program does not know it runs on a vGPU: it allocates, copies, compiles and launches a
+    kernel and checks the result. It shows the remote-CUDA path alone, without JupyterHub
+    (for the whole lab, see `gpulab up`).
+    """
+    backend = Enum(["auto", "cuda", "emulated"], "auto", help="The worker's backend: 'cuda' (the GPU), "
+                   "'emulated' (a test double, no GPU needed) or 'auto' (cuda when a GPU is visible)."
+                   ).tag(config=True)
+    aliases = {"backend": "DemoApp.backend"}
+    flags: dict = {}
+
+    def start(self):
+        from gpu_worker.client.demo import main as demo_main
+
+        self.exit(demo_main(self.backend))
 
 
-# Commands with parsers of their own: `gpulab up --help`, `gpulab pool --help-all`.
-DELEGATED = {"up": "hub_spawner.launcher.up", "pool": "hub_spawner.pool.app", "worker": "gpu_worker.daemon.app"}
+class GPULab(Application):
+    name = "gpulab"
+    description = """gpulab: GPU labs for JupyterHub, with remote and fractional vGPUs.
+
+    `gpulab up` starts everything on one machine (JupyterHub, the GPU pool, a worker); the other
+    subcommands run one part each. `gpulab <subcommand> --help` describes its options.
+    """
+    subcommand_description = "Subcommands are launched as `{app} cmd [args]`."
+    subcommands = {
+        "up": ("hub_spawner.launcher.up.GPULabUp",
+               "Start a GPU lab: JupyterHub with the GPU pool and a local worker, demo users and profiles."),
+        "worker": ("gpu_worker.daemon.app.GPUWorkerApp",
+                   "Run a GPU worker: serves vGPU sessions from the shim on this machine's GPU (or the "
+                   "emulated device)."),
+        "pool": ("hub_spawner.pool.app.GPUPool",
+                 "Run the GPU pool service: worker registry, vGPU placement, dashboard (a JupyterHub service)."),
+        "run": ("gpulab.cli.RunApp", "Run a command with the shim as its libcuda.so.1, on a worker's vGPU."),
+        "shim-path": ("gpulab.cli.ShimPathApp", "Print the directory to put first on LD_LIBRARY_PATH."),
+        "demo": ("gpulab.cli.DemoApp", "Start a worker and run a short CUDA program through the shim."),
+    }
+    aliases: dict = {}
+    flags: dict = {}
+
+    def emit_help_epilogue(self, classes):
+        yield "Each subcommand's options: `gpulab <subcommand> --help` (every setting: `--help-all`)."
+
+    def start(self):
+        if self.subapp is None:
+            self.print_help()
+            print("gpulab: give a subcommand", file=sys.stderr)
+            self.exit(2)
+        self.subapp.start()
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in DELEGATED:
-        import importlib
-
-        return importlib.import_module(DELEGATED[argv[0]]).main(argv[1:]) or 0
-    ap = argparse.ArgumentParser(prog="gpulab", description="gpulab: remote vGPUs for Jupyter. Also: "
-                                 "`gpulab up` (JupyterHub with GPU pool, the embedded default), `gpulab pool`.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
-    r = sub.add_parser("run", help="run a command with the shim as libcuda.so.1")
-    r.add_argument("--worker", help="tcp://host:port or unix:///path (default: $GPULAB_WORKER)")
-    r.add_argument("--token", help="session token (default: $GPULAB_TOKEN)")
-    r.add_argument("command", nargs=argparse.REMAINDER)
-    r.set_defaults(fn=cmd_run)
-
-    s = sub.add_parser("shim-path", help="print the directory to put on LD_LIBRARY_PATH")
-    s.set_defaults(fn=cmd_shim_path)
-
-    d = sub.add_parser("demo", help="start a worker and run a short CUDA program through the shim")
-    d.add_argument("--backend", choices=["auto", "cuda", "emulated"], default="auto")
-    d.set_defaults(fn=cmd_demo)
-
-    args = ap.parse_args(argv)
-    return args.fn(args) or 0
+    app = GPULab.instance()
+    app.initialize(argv)
+    app.start()
+    return 0
 
 
 if __name__ == "__main__":

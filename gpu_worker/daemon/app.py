@@ -1,15 +1,20 @@
-"""`gpulab worker` (also `python -m gpu_worker.daemon`): run a GPU worker daemon."""
+"""`gpulab worker` (also `python -m gpu_worker.daemon`): the command line of a GPU worker daemon.
+
+A traitlets application whose options are aliases of the `GPUWorker` traits, so the trait help
+is the one description of each option (`gpulab worker --help`, `--help-all`, config files).
+"""
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+import signal
 import sys
 
-from traitlets.config import Config, PyFileConfigLoader
+from traitlets import Bool, Unicode
+from traitlets.config import Application
 
 
-def _strip_shim_from_env() -> None:
+def _strip_shim_from_env(argv: list[str]) -> None:
     """The worker must load the real libcuda: re-exec without the shim on the library path.
 
     GPULAB_CHAIN_TO_WORKER=1 keeps the shim on purpose: the cuda backend then drives another
@@ -22,62 +27,101 @@ def _strip_shim_from_env() -> None:
     kept = [p for p in parts if os.path.realpath(p) != os.path.realpath(LIB_DIR)]
     if kept != parts:
         env = dict(os.environ, LD_LIBRARY_PATH=":".join(kept))
-        os.execve(sys.executable, [sys.executable, "-m", "gpu_worker.daemon", *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, "-m", "gpu_worker.daemon", *argv], env)
 
 
-def cmd_worker(args) -> int:
-    _strip_shim_from_env()
-    from .worker import GPUWorker
+def _quiet_exit(*_):
+    """SIGINT/SIGTERM before the accept loop runs: nothing to clean up, so no KeyboardInterrupt trace."""
+    raise SystemExit(0)
 
-    cfg = Config()
-    if args.config:
-        cfg.merge(PyFileConfigLoader(os.path.basename(args.config), os.path.dirname(os.path.abspath(args.config))).load_config())
-    for flag, trait in [("tcp", "tcp"), ("unix_socket", "unix_socket"), ("backend", "backend"), ("token", "token"),
-                        ("tokens_file", "tokens_file"), ("vram_quota", "vram_quota"),
-                        ("emulated_memory", "emulated_memory"), ("pool_url", "pool_url"), ("name", "name"),
-                        ("advertise", "advertise"), ("node", "node")]:
-        value = getattr(args, flag)
-        if value is not None:
-            cfg.GPUWorker[trait] = value
-    if args.heartbeat_interval is not None:
-        cfg.GPUWorker.heartbeat_interval = args.heartbeat_interval
-    if args.emulated_kernels:
-        cfg.GPUWorker.emulated_kernels = args.emulated_kernels
-    if args.token is None and "GPULAB_TOKEN" in os.environ and not args.tokens_file:
-        cfg.GPUWorker.token = os.environ["GPULAB_TOKEN"]
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s gpulab-worker[%(process)d] %(levelname)s %(message)s")
-    worker = GPUWorker(config=cfg)
-    worker.prepare()
-    addrs = worker.listen()
-    label = worker.kind + (" (TEST DOUBLE: no GPU)" if worker.kind == "emulated" else "")
-    print(f"gpulab worker listening on {' '.join(addrs)} backend={label}", flush=True)
-    worker.connect_pool(addrs)
-    worker.serve_forever()
-    return 0
+
+class GPUWorkerApp(Application):
+    name = "gpulab-worker"
+    description = """Run a gpulab worker: the GPU side of remote vGPUs.
+
+    It accepts sessions from the gpulab shim (libcuda.so.1 in a user's kernel) over TCP
+    and/or a Unix socket, checks each session's token and forks one executor process per
+    session. With --pool-url it registers with a GPU pool and takes the tokens the pool
+    issues. SIGINT or SIGTERM stops it and its sessions.
+    """
+    examples = """
+gpulab worker --unix-socket /tmp/gpulab.sock --token s3cret --vram-quota 8G
+gpulab worker --backend emulated --tcp 127.0.0.1:7000 --emulated-kernels tests/emulated_kernels.py
+GPULAB_POOL_TOKEN=... gpulab worker --tcp 0.0.0.0:7000 --pool-url http://hub:8000/services/gpulab-pool/
+gpulab worker --config worker_config.py     # c.GPUWorker.vram_quota = "8G", ...
+"""
+
+    config_file = Unicode("", help="A traitlets config file (Python: `c.GPUWorker.vram_quota = '8G'`) "
+                                   "loaded before the command line, whose options win.").tag(config=True)
+    verbose = Bool(False, help="Log at DEBUG level (every session event).").tag(config=True)
+
+    aliases = {
+        "tcp": "GPUWorker.tcp",
+        "unix-socket": "GPUWorker.unix_socket",
+        "backend": "GPUWorker.backend",
+        "token": "GPUWorker.token",
+        "tokens-file": "GPUWorker.tokens_file",
+        "vram-quota": "GPUWorker.vram_quota",
+        "emulated-memory": "GPUWorker.emulated_memory",
+        "emulated-kernels": "GPUWorker.emulated_kernels",
+        "pool-url": "GPUWorker.pool_url",
+        "name": "GPUWorker.name",
+        "advertise": "GPUWorker.advertise",
+        "node": "GPUWorker.node",
+        "heartbeat-interval": "GPUWorker.heartbeat_interval",
+        "config": "GPUWorkerApp.config_file",
+    }
+    flags = {
+        ("v", "verbose"): ({"GPUWorkerApp": {"verbose": True}}, "Log at DEBUG level (every session event)."),
+        "show-config": Application.flags["show-config"],
+    }
+
+    def initialize(self, argv=None):
+        argv = sys.argv[1:] if argv is None else list(argv)
+        _strip_shim_from_env(argv)  # before anything imports cuda-python
+        from .worker import GPUWorker
+
+        self.classes = [GPUWorkerApp, GPUWorker]  # for --help-all; GPUWorker imported after the re-exec
+        super().initialize(argv)
+        if self.config_file:
+            if not os.path.isfile(self.config_file):
+                self.exit_with(f"config file {self.config_file} not found")
+            path = os.path.abspath(self.config_file)
+            self.load_config_file(os.path.basename(path), os.path.dirname(path))
+
+    def exit_with(self, message: str) -> None:
+        print(f"gpulab worker: {message}", file=sys.stderr)
+        self.exit(2)
+
+    def start(self):
+        signal.signal(signal.SIGINT, _quiet_exit)
+        signal.signal(signal.SIGTERM, _quiet_exit)
+        logging.basicConfig(level=logging.DEBUG if self.verbose else logging.INFO,
+                            format="%(asctime)s gpulab-worker[%(process)d] %(levelname)s %(message)s")
+        from .worker import GPUWorker
+
+        worker = GPUWorker(parent=self)
+        if not worker.token and not worker.tokens_file and "token" not in self.config.GPUWorker:
+            worker.token = os.environ.get("GPULAB_TOKEN", "")
+        worker.prepare()
+        try:
+            addrs = worker.listen()
+        except (ValueError, OSError) as exc:
+            self.exit_with(str(exc))
+        label = worker.kind + (" (TEST DOUBLE: no GPU)" if worker.kind == "emulated" else "")
+        print(f"gpulab worker listening on {' '.join(addrs)} backend={label}", flush=True)
+        # From here a signal ends the accept loop, which stops the sessions before the worker exits.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: worker.stop())
+        worker.connect_pool(addrs)
+        worker.serve_forever()
 
 
 def main(argv=None) -> int:
-    w = argparse.ArgumentParser(prog="gpulab worker", description="Run a GPU worker daemon.")
-    w.add_argument("--tcp", help="host:port to listen on")
-    w.add_argument("--unix-socket", dest="unix_socket", help="Unix socket path to listen on")
-    w.add_argument("--backend", choices=["auto", "cuda", "emulated"])
-    w.add_argument("--token", help="accepted session token (default: $GPULAB_TOKEN)")
-    w.add_argument("--tokens-file", dest="tokens_file", help="JSON {token: {vram: bytes}}, re-read per session")
-    w.add_argument("--vram-quota", dest="vram_quota", help="default per-session VRAM quota, e.g. 8G")
-    w.add_argument("--emulated-memory", dest="emulated_memory", help="memory of the emulated device, e.g. 16G")
-    w.add_argument("--emulated-kernels", dest="emulated_kernels", action="append",
-                   help="module registering host kernels for the emulated backend (repeatable)")
-    w.add_argument("--pool-url", dest="pool_url", help="GPU pool service URL to register with")
-    w.add_argument("--name", help="worker name in the pool")
-    w.add_argument("--advertise", help="tcp://host:port clients use to reach this worker")
-    w.add_argument("--node", help="node this worker runs on (for local vGPUs)")
-    w.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float,
-                   help="seconds between heartbeats to the pool (default 5)")
-    w.add_argument("--config", help="traitlets config file (c.GPUWorker.*)")
-    w.add_argument("-v", "--verbose", action="store_true")
-
-    return cmd_worker(w.parse_args(argv)) or 0
+    app = GPUWorkerApp.instance()
+    app.initialize(argv)
+    app.start()
+    return 0
 
 
 if __name__ == "__main__":

@@ -36,12 +36,14 @@ log = logging.getLogger("gpulab.worker")
 class GPUWorker(Configurable):
     """Configuration and accept loop of a gpulab worker."""
 
-    tcp = Unicode("", help="Listen on this host:port for TCP sessions (empty: no TCP).").tag(config=True)
+    tcp = Unicode("", help="Listen on this host:port for TCP sessions (port 0 picks a free one; the address "
+                           "is printed). Empty: no TCP.").tag(config=True)
     unix_socket = Unicode("", help="Listen on this Unix socket path (empty: none).").tag(config=True)
     backend = Enum(["auto", "cuda", "emulated"], "auto",
                    help="Device backend: 'cuda' runs real driver calls with cuda-python; 'emulated' is a test "
                         "double with no GPU; 'auto' picks cuda when a GPU is visible.").tag(config=True)
-    token = Unicode("", help="A session token accepted by this worker (with the default quota).").tag(config=True)
+    token = Unicode("", help="A session token accepted by this worker (with the default quota). `gpulab worker` "
+                             "takes $GPULAB_TOKEN when neither this nor tokens_file is set.").tag(config=True)
     tokens = Dict(help="Session tokens and their limits: {token: {'vram': bytes}}.").tag(config=True)
     tokens_file = Unicode("", help="JSON file of tokens and limits like `tokens`, re-read at every new "
                                    "session so that a pool can issue tokens while the worker runs.").tag(config=True)
@@ -158,6 +160,10 @@ class GPUWorker(Configurable):
         self.pool_link.start()
 
     # ------------------------------------------------------------ accept loop
+    def stop(self) -> None:
+        """End the accept loop (safe in a signal handler); serve_forever then stops the sessions."""
+        self._stop = True
+
     def serve_forever(self) -> None:
         sel = selectors.DefaultSelector()
         for s in self.listeners:

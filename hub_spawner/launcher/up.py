@@ -3,10 +3,14 @@
 JupyterHub (SQLite, configurable-http-proxy) with the GPU pool and a local worker as
 managed services, demo users and example profiles.  The worker uses the real GPU when
 one is visible, else the emulated device, which the form and the dashboard label.
+
+Stopping is JupyterHub's own clean-up (it stops the services with SIGINT, which they take
+quietly, then the proxy); whatever is still running after `stop_timeout` is killed.  This
+process is a child subreaper, so it still finds processes whose parent died first.
 """
 from __future__ import annotations
 
-import argparse
+import ctypes
 import json
 import os
 import secrets
@@ -17,6 +21,9 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from traitlets import Enum, Float, Int, List, Unicode, default
+from traitlets.config import Application
 
 DEMO_USERS = ["alice", "bob", "carol"]
 GPU_GROUP = "gpu-users"
@@ -46,6 +53,10 @@ state = settings["state"]
 c.JupyterHub.bind_url = settings["hub_url"]
 c.JupyterHub.hub_bind_url = settings["hub_internal_url"]
 c.ConfigurableHTTPProxy.api_url = settings["proxy_api_url"]
+c.ConfigurableHTTPProxy.auth_token = settings["proxy_auth_token"]  # `gpulab up` asks the proxy when it is ready
+# JupyterHub's periodic service check raises AttributeError when it fires while shutdown has
+# already removed a service's server; the hub restarts a managed service that exits anyway.
+c.JupyterHub.service_check_interval = 0
 c.JupyterHub.db_url = f"sqlite:///{{state}}/jupyterhub.sqlite"
 c.JupyterHub.cookie_secret_file = f"{{state}}/jupyterhub_cookie_secret"
 c.ConfigurableHTTPProxy.pid_file = f"{{state}}/proxy.pid"
@@ -95,6 +106,14 @@ def free_port(ip: str) -> int:
         return s.getsockname()[1]
 
 
+def default_state_dir() -> str:
+    """$GPULAB_STATE_DIR, else the XDG state directory: a lab's databases and secrets are state, not config."""
+    if os.environ.get("GPULAB_STATE_DIR"):
+        return os.environ["GPULAB_STATE_DIR"]
+    xdg = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(xdg, "gpulab")
+
+
 def load_secrets(state: Path) -> dict:
     """Secrets made once per state directory (readable by the owner only)."""
     path = state / "secrets.json"
@@ -107,83 +126,242 @@ def load_secrets(state: Path) -> dict:
     return values
 
 
-def write_config(args) -> Path:
-    state = Path(args.state_dir).resolve()
-    (state / "homes").mkdir(parents=True, exist_ok=True)
-    sec = load_secrets(state)
-    pool_port = args.pool_port or free_port(args.ip)
-    pool_prefix = "/services/gpulab-pool/"
-    settings = {
-        "state": str(state), "hub_url": f"http://{args.ip}:{args.port}",
-        "hub_internal_url": f"http://127.0.0.1:{free_port('127.0.0.1')}",
-        "proxy_api_url": f"http://127.0.0.1:{free_port('127.0.0.1')}",
-        "users": DEMO_USERS + ["admin"], "gpu_group": GPU_GROUP, "gpu_group_members": GPU_GROUP_MEMBERS,
-        "user_password": USER_PASSWORD, "admin_password": sec["admin_password"],
-        "pool_bind": f"http://127.0.0.1:{pool_port}", "pool_url": f"http://127.0.0.1:{pool_port}{pool_prefix}",
-        "pool_api_token": sec["pool_api_token"], "pool_worker_token": sec["pool_worker_token"],
-        "worker_bind": f"127.0.0.1:{args.worker_port or free_port('127.0.0.1')}", "backend": args.backend,
-        "emulated_kernels": ["gpu_worker.backends.demo_kernels", *(args.emulated_kernels or [])],
-        "heartbeat_timeout": args.heartbeat_timeout, "profiles": EXAMPLE_PROFILES,
-        "api_token": args.api_token or os.environ.get("GPULAB_HUB_API_TOKEN", ""),
-        "extra_configs": [str(Path(c).resolve()) for c in (args.config or [])],
-    }
-    path = state / "jupyterhub_config.py"
-    path.write_text(CONFIG_TEMPLATE.format(settings=json.dumps(settings)))
-    return path
+def http_ok(url: str, token: str = "") -> bytes | None:
+    """The body of a 200 answer, or None: the probes must stay silent while nothing listens yet."""
+    req = urllib.request.Request(url, headers={"Authorization": f"token {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return r.read() if r.status == 200 else None
+    except OSError:
+        return None
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
         try:
-            with urllib.request.urlopen(url + "/hub/health", timeout=2) as r:
-                if r.status == 200:
-                    return True
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
         except OSError:
-            pass
-        time.sleep(0.3)
-    return False
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="gpulab up", description=__doc__.splitlines()[0])
-    ap.add_argument("--ip", default="127.0.0.1", help="address the hub listens on (default 127.0.0.1)")
-    ap.add_argument("--port", type=int, default=8000, help="hub port (default 8000)")
-    ap.add_argument("--state-dir", default=os.path.expanduser("~/.gpulab"),
-                    help="where the hub and pool databases, secrets and user homes live (default ~/.gpulab)")
-    ap.add_argument("--backend", choices=["auto", "cuda", "emulated"], default="auto",
-                    help="worker backend: the GPU if present (auto), or the emulated test double")
-    ap.add_argument("--pool-port", type=int, default=0, help="pool service port (default: a free one)")
-    ap.add_argument("--worker-port", type=int, default=0, help="worker port (default: a free one)")
-    ap.add_argument("--emulated-kernels", action="append", help="extra host-kernel modules for the emulated worker")
-    ap.add_argument("--heartbeat-timeout", type=float, default=30.0, help="seconds before a silent worker is lost")
-    ap.add_argument("--api-token", help="create a hub API token with admin rights over users and servers "
-                                        "(for automation; default $GPULAB_HUB_API_TOKEN)")
-    ap.add_argument("--config", action="append", help="extra JupyterHub config file(s) loaded last")
-    return ap.parse_args(argv)
+def become_subreaper() -> None:
+    """Orphans (the proxy or a service whose hub died first) become our children, not init's."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass  # not Linux: the hub's own clean-up is all there is
+
+
+class GPULabUp(Application):
+    name = "gpulab-up"
+    description = f"""Start a GPU lab: JupyterHub with the gpulab pool and a local worker.
+
+    JupyterHub (SQLite, configurable-http-proxy) runs with the GPU pool service and one
+    worker on this machine: on its GPU if one is visible, else on the emulated device
+    (a test double, labelled so in the spawn form and on the dashboard).
+
+    Users: {", ".join(DEMO_USERS)}, password '{USER_PASSWORD}'. {" and ".join(GPU_GROUP_MEMBERS)} are in
+    '{GPU_GROUP}', the only group that sees the "Full GPU" profile.
+
+    Admin: 'admin'. Its password is made once per state directory and kept as
+    "admin_password" in <state dir>/secrets.json.
+
+    Hub: http://<ip>:<port>/hub/ -- GPU pool dashboard (admins):
+    http://<ip>:<port>/services/gpulab-pool/
+
+    State (hub and pool databases, secrets, user homes): --state-dir, by default
+    $GPULAB_STATE_DIR, else $XDG_STATE_HOME/gpulab, else ~/.local/state/gpulab.
+
+    Ctrl-C (SIGINT) or SIGTERM stops the hub, its proxy, the pool, the worker and users' servers.
+    """
+    examples = """
+gpulab up                                      # http://127.0.0.1:8000/hub/, state in ~/.local/state/gpulab
+gpulab up --ip 0.0.0.0 --port 8080 --state-dir /srv/gpulab
+gpulab up --backend emulated --config my_jupyterhub_config.py
+"""
+
+    ip = Unicode("127.0.0.1", help="Address the hub listens on (0.0.0.0: every interface).").tag(config=True)
+    port = Int(8000, help="Port of the hub (the proxy's public port).").tag(config=True)
+    state_dir = Unicode(default_state_dir(), help="Directory of the hub and pool databases, secrets.json (the "
+                        "admin password and the pool's tokens) and user homes (a new one is made private to its "
+                        "owner). Default: $GPULAB_STATE_DIR, else $XDG_STATE_HOME/gpulab, else "
+                        "~/.local/state/gpulab.").tag(config=True)
+    backend = Enum(["auto", "cuda", "emulated"], "auto", help="The worker's backend: 'cuda' (the GPU), 'emulated' "
+                   "(a test double, no GPU needed) or 'auto' (cuda when a GPU is visible).").tag(config=True)
+    pool_port = Int(0, help="Port of the GPU pool service on 127.0.0.1 (0: a free one).").tag(config=True)
+    worker_port = Int(0, help="Port of the worker on 127.0.0.1 (0: a free one).").tag(config=True)
+    emulated_kernels = List(Unicode(), help="More modules (dotted names or .py paths) registering host kernels "
+                            "for the emulated worker; the demo kernels are always loaded.").tag(config=True)
+    heartbeat_timeout = Float(30.0, help="Seconds without a heartbeat before the pool marks a worker lost."
+                              ).tag(config=True)
+    api_token = Unicode(help="Create a hub API token with admin rights over users and servers, for automation "
+                             "(default: $GPULAB_HUB_API_TOKEN; empty: none).").tag(config=True)
+    config_files = List(Unicode(), help="Extra JupyterHub config files, loaded after gpulab's own "
+                                        "(c.JupyterHub.*, c.GPUSpawner.*, ...).").tag(config=True)
+    ready_timeout = Float(120.0, help="Seconds to wait for the hub to come up before giving up.").tag(config=True)
+    stop_timeout = Float(3.5, help="Seconds JupyterHub gets to stop its services, proxy and servers before "
+                                   "whatever is left is killed.").tag(config=True)
+
+    aliases = {"ip": "GPULabUp.ip", "port": "GPULabUp.port", "state-dir": "GPULabUp.state_dir",
+               "backend": "GPULabUp.backend", "pool-port": "GPULabUp.pool_port",
+               "worker-port": "GPULabUp.worker_port", "emulated-kernels": "GPULabUp.emulated_kernels",
+               "heartbeat-timeout": "GPULabUp.heartbeat_timeout", "api-token": "GPULabUp.api_token",
+               "config": "GPULabUp.config_files"}
+    flags = {"show-config": Application.flags["show-config"]}
+
+    @default("api_token")
+    def _api_token(self):
+        return os.environ.get("GPULAB_HUB_API_TOKEN", "")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ip}:{self.port}"
+
+    def write_config(self) -> tuple[Path, dict]:
+        """The hub's config file for this start, and the settings written into it."""
+        state = Path(self.state_dir).expanduser().resolve()
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one is private: it holds the lab's secrets
+        (state / "homes").mkdir(exist_ok=True)
+        sec = load_secrets(state)
+        pool_port = self.pool_port or free_port("127.0.0.1")
+        pool_prefix = "/services/gpulab-pool/"
+        settings = {
+            "state": str(state), "hub_url": self.url,
+            "hub_internal_url": f"http://127.0.0.1:{free_port('127.0.0.1')}",
+            "proxy_api_url": f"http://127.0.0.1:{free_port('127.0.0.1')}",
+            "proxy_auth_token": secrets.token_urlsafe(32),
+            "users": DEMO_USERS + ["admin"], "gpu_group": GPU_GROUP, "gpu_group_members": GPU_GROUP_MEMBERS,
+            "user_password": USER_PASSWORD, "admin_password": sec["admin_password"],
+            "pool_bind": f"http://127.0.0.1:{pool_port}", "pool_url": f"http://127.0.0.1:{pool_port}{pool_prefix}",
+            "pool_api_token": sec["pool_api_token"], "pool_worker_token": sec["pool_worker_token"],
+            "worker_bind": f"127.0.0.1:{self.worker_port or free_port('127.0.0.1')}", "backend": self.backend,
+            "emulated_kernels": ["gpu_worker.backends.demo_kernels", *self.emulated_kernels],
+            "heartbeat_timeout": self.heartbeat_timeout, "profiles": EXAMPLE_PROFILES,
+            "api_token": self.api_token,
+            "extra_configs": [str(Path(c).resolve()) for c in self.config_files],
+        }
+        path = state / "jupyterhub_config.py"
+        path.touch(mode=0o600)
+        path.chmod(0o600)  # it holds the secrets too
+        path.write_text(CONFIG_TEMPLATE.format(settings=json.dumps(settings)))
+        return path, settings
+
+    def wait_ready(self, settings: dict) -> str:
+        """Until the proxy routes the hub and the pool, and the worker has joined the pool: the lab
+        is then usable. Returns what is still missing ("" when ready).
+
+        Probing the public URL earlier makes the proxy log a 404 and an ECONNREFUSED stack
+        trace (it asks the not-yet-listening hub for an error page), so ask the hub directly,
+        then the proxy's API, then the pool, each only once the one before answers."""
+        deadline = time.monotonic() + self.ready_timeout
+        missing = "JupyterHub"
+        while time.monotonic() < deadline and not self.stopping and self.hub.poll() is None:
+            if missing == "JupyterHub" and http_ok(settings["hub_internal_url"] + "/hub/health") is not None:
+                missing = "the proxy's routes"
+            if missing == "the proxy's routes":
+                body = http_ok(settings["proxy_api_url"] + "/api/routes", settings["proxy_auth_token"])
+                if {"/", "/services/gpulab-pool"} <= set(json.loads(body) if body else {}):
+                    missing = "the worker"
+            if missing == "the worker":
+                body = http_ok(settings["pool_url"] + "api/gpus", settings["pool_api_token"])
+                if any(g.get("worker_status") == "up" for g in (json.loads(body) if body else [])):
+                    return ""
+            time.sleep(0.2)
+        return missing
+
+    def banner(self, state: Path) -> str:
+        return (f"\ngpulab is up: {self.url}/hub/\n"
+                f"  users: {', '.join(DEMO_USERS)} (password {USER_PASSWORD}); "
+                f"{' and '.join(GPU_GROUP_MEMBERS)} are in {GPU_GROUP}\n"
+                f"  admin: admin (password: \"admin_password\" in {state / 'secrets.json'})\n"
+                f"  GPU pool dashboard: {self.url}/services/gpulab-pool/\n"
+                f"  state: {state}\n"
+                f"  stop: Ctrl-C\n")
+
+    def on_signal(self, signum, _frame):
+        if self.stopping:  # a second Ctrl-C: no more waiting
+            self.kill_all(signal.SIGKILL)
+        self.stopping = True
+
+    def kill_all(self, sig) -> None:
+        for pid in descendants(os.getpid()):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def shut_down(self) -> None:
+        """JupyterHub's clean-up first; then SIGTERM, then SIGKILL, whatever is left."""
+        if self.hub.poll() is None:
+            self.hub.send_signal(signal.SIGTERM)
+            try:
+                self.hub.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                print(f"gpulab up: JupyterHub did not stop in {self.stop_timeout:g} s; killing it", file=sys.stderr)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline:
+                self._reap()
+                if not descendants(os.getpid()):
+                    return
+                time.sleep(0.05)
+            self.kill_all(sig)
+        self._reap()
+
+    def _reap(self) -> None:
+        """Collect exited children, the hub and adopted orphans alike."""
+        self.hub.poll()
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+
+    def start(self):
+        self.stopping = False
+        become_subreaper()
+        config, settings = self.write_config()
+        signal.signal(signal.SIGINT, self.on_signal)
+        signal.signal(signal.SIGTERM, self.on_signal)
+        # Its own session: a terminal's Ctrl-C reaches only us, and we stop the hub in order.
+        self.hub = subprocess.Popen([sys.executable, "-m", "hub_spawner.launcher.hub", "-f", str(config)],
+                                    cwd=config.parent, start_new_session=True)
+        code = 0
+        missing = self.wait_ready(settings)
+        if not missing:
+            print(self.banner(config.parent), flush=True)
+            while not self.stopping and self.hub.poll() is None:
+                time.sleep(0.2)
+        if self.stopping:
+            print("gpulab up: stopping", flush=True)
+        elif self.hub.poll() is None:
+            print(f"gpulab up: {missing} did not come up in {self.ready_timeout:g} s; see the log above",
+                  file=sys.stderr)
+            code = 1
+        else:
+            print("gpulab up: JupyterHub exited; see its log above", file=sys.stderr)
+            code = 1
+        self.shut_down()
+        self.exit(code)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    config = write_config(args)
-    url = f"http://{args.ip}:{args.port}"
-    hub = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(config)], cwd=config.parent,
-                           start_new_session=True)
-    stop = lambda *_: os.killpg(hub.pid, signal.SIGTERM)  # noqa: E731
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        if not wait_ready(url, hub, 120):
-            print("gpulab up: JupyterHub did not start; see the log above", file=sys.stderr)
-            stop()
-            return 1
-        sec = load_secrets(config.parent)
-        print(f"\ngpulab is up: {url}/hub/\n"
-              f"  users: {', '.join(DEMO_USERS)} (password {USER_PASSWORD}); {', '.join(GPU_GROUP_MEMBERS)} "
-              f"are in {GPU_GROUP}\n  admin: admin (password {sec['admin_password']})\n"
-              f"  GPU pool dashboard: {url}/services/gpulab-pool/\n  state: {config.parent}\n", flush=True)
-        return hub.wait()
-    except KeyboardInterrupt:
-        stop()
-        return hub.wait()
+    app = GPULabUp.instance()
+    app.initialize(argv)
+    app.start()
+    return 0

@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
+import sys
 from urllib.parse import urlparse
 
 from jupyterhub.services.auth import HubOAuthCallbackHandler
@@ -40,7 +42,18 @@ class GPUPool(Application):
     """Configuration and state of the pool service (``c.GPUPool.*``)."""
 
     name = "gpulab-pool"
-    description = "gpulab GPU pool service"
+    description = """The gpulab GPU pool: a JupyterHub service that knows the workers and places vGPUs.
+
+    Workers register and send heartbeats; the hub's spawner asks it for a vGPU at every
+    server start and releases it at stop; admins see a dashboard at its prefix. Run it as a
+    managed JupyterHub service (`gpulab up` does), which sets its URL, prefix and hub token.
+    Secrets come from the environment: $GPULAB_POOL_API_TOKEN (the hub's) and
+    $GPULAB_POOL_WORKER_TOKEN (the workers'). SIGINT or SIGTERM stops it.
+    """
+    examples = """
+GPULAB_POOL_API_TOKEN=... GPULAB_POOL_WORKER_TOKEN=... gpulab pool --bind-url http://0.0.0.0:8765
+gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vram-oversubscription 2
+"""
 
     db_url = Unicode("sqlite:///gpulab-pool.sqlite", help="SQLAlchemy URL of the pool database "
                      "(SQLite file by default; e.g. postgresql://user:pw@host/db).").tag(config=True)
@@ -62,8 +75,25 @@ class GPUPool(Application):
                        ).tag(config=True)
     prefix = Unicode(help="URL prefix (default: $JUPYTERHUB_SERVICE_PREFIX or /).").tag(config=True)
 
+    config_file = Unicode("", help="A traitlets config file (Python: `c.GPUPool.strategy = 'low-load-first'`) "
+                          "loaded before the command line, whose options win.").tag(config=True)
+
+    # Secrets have no alias on purpose: a command line is visible to every user of the host.
     aliases = {"db-url": "GPUPool.db_url", "strategy": "GPUPool.strategy", "bind-url": "GPUPool.bind_url",
-               "heartbeat-timeout": "GPUPool.heartbeat_timeout"}
+               "prefix": "GPUPool.prefix", "heartbeat-timeout": "GPUPool.heartbeat_timeout",
+               "vram-oversubscription": "GPUPool.vram_oversubscription",
+               "compute-oversubscription": "GPUPool.compute_oversubscription",
+               "admin-users": "GPUPool.admin_users", "config": "GPUPool.config_file"}
+    flags = {"show-config": Application.flags["show-config"]}
+
+    def initialize(self, argv=None):
+        super().initialize(argv)
+        if self.config_file:
+            path = os.path.abspath(self.config_file)
+            if not os.path.isfile(path):
+                print(f"gpulab pool: config file {self.config_file} not found", file=sys.stderr)
+                self.exit(2)
+            self.load_config_file(os.path.basename(path), os.path.dirname(path))
 
     @default("api_token")
     def _api_token(self):
@@ -102,6 +132,11 @@ class GPUPool(Application):
         return web.Application(routes, **settings)
 
     def start(self):
+        # JupyterHub stops a managed service with SIGINT: end quietly, with no KeyboardInterrupt trace.
+        loop = ioloop.IOLoop.current().asyncio_loop
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, loop.stop)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s gpulab-pool %(levelname)s %(message)s")
         self.book = AllocationBook(self.db_url, self.strategy,
                                    Limits(self.vram_oversubscription, self.compute_oversubscription))
         url = urlparse(self.bind_url)
@@ -115,7 +150,6 @@ class GPUPool(Application):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s gpulab-pool %(levelname)s %(message)s")
     app = GPUPool.instance()
     app.initialize(argv)
     app.start()

@@ -1,4 +1,5 @@
-"""Helpers for hub tests: a real `gpulab up` (JupyterHub + configurable-http-proxy + pool + emulated worker)."""
+"""Helpers for hub tests: a real `gpulab up` (JupyterHub + configurable-http-proxy + pool + emulated worker),
+a pool on its own, and the process tree of a command (to prove that stopping it stopped everything)."""
 from __future__ import annotations
 
 import json
@@ -24,7 +25,9 @@ def free_port() -> int:
 
 
 class Hub:
-    def __init__(self, state: Path, extra=()):
+    def __init__(self, state: Path, extra=(), sigint_ignored=False):
+        """`sigint_ignored`: start it as a script's background job (`gpulab up &`) is started, with
+        SIGINT ignored, which its children inherit unless they take the signal themselves."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state = state
@@ -33,7 +36,8 @@ class Hub:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpulab.cli", "up", "--state-dir", str(state), "--port", str(self.port),
              "--backend", "emulated", "--api-token", API_TOKEN, "--emulated-kernels", KERNELS, *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
         deadline = time.time() + 120
         while "gpulab is up" not in self.log_path.read_text(errors="replace"):
             if self.proc.poll() is not None or time.time() > deadline:
@@ -86,22 +90,66 @@ class Hub:
         return rows
 
     def log_text(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self):
+        """SIGTERM `gpulab up`, which stops the hub, proxy, services and servers; kill any left.
+
+        They run in sessions of their own (JupyterHub starts them so), so a process group
+        signal would miss them: take the process tree before asking."""
+        parts = tree(self.proc.pid)
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(15)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        # JupyterHub's children (proxy, services, servers) live in the same process group
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+                self.proc.kill()
+                self.proc.wait()
+        for pid in alive(parts):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.log.close()
+
+
+def tree(pid: int) -> dict[int, str]:
+    """{pid: command line} of every live process below `pid` (zombies count as gone)."""
+    parent, cmd = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        if fields[0] != b"Z":
+            parent[int(entry)], cmd[int(entry)] = int(fields[1]), args
+    below, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        for child, pp in parent.items():
+            if pp == p and child not in below:
+                below[child] = cmd[child]
+                todo.append(child)
+    return below
+
+
+def alive(pids) -> list[int]:
+    """Those of `pids` still running (a zombie has stopped)."""
+    def live(pid):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+        except OSError:
+            return False
+    return [p for p in pids if live(p)]
 
 
 def _call(method, url, body, token):

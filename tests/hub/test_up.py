@@ -1,0 +1,80 @@
+"""`gpulab up` starts without stack traces, says how to use the lab, and stops within 5 s of
+SIGINT or SIGTERM, taking the hub, the proxy, the pool and the worker with it, quietly."""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from hubtools import Hub, alive, tree
+from hub_spawner.launcher.up import default_state_dir
+
+STOP_WITHIN = 5.0
+# What a clean start and stop must not print: Python tracebacks (JupyterHub's service check during
+# shutdown, a worker's KeyboardInterrupt), and the proxy's complaints about a probe that came too early.
+NOISE = re.compile(r"Traceback|ECONNREFUSED|404 GET /hub/health|KeyboardInterrupt|AttributeError")
+
+
+def start_and_stop(state, sig, **kw) -> tuple[Hub, dict[int, str], float]:
+    """A real `gpulab up` (emulated worker registered), then `sig`: its parts and the seconds to exit."""
+    hub = Hub(state, **kw)
+    try:
+        parts = tree(hub.proc.pid)
+        t = time.monotonic()
+        hub.proc.send_signal(sig)
+        try:
+            hub.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        return hub, parts, time.monotonic() - t
+    finally:
+        hub.stop()  # kills what is left if the test fails
+
+
+def kinds(parts: dict[int, str]) -> set[str]:
+    named = {"hub": "hub_spawner.launcher.hub", "proxy": "configurable-http-proxy",
+             "pool": "-m hub_spawner.pool", "worker": "-m gpu_worker.daemon"}
+    return {kind for kind, marker in named.items() if any(marker in c for c in parts.values())}
+
+
+def test_sigint_stops_everything_quickly_and_quietly(tmp_path):
+    hub, parts, took = start_and_stop(tmp_path / "state", signal.SIGINT)
+    log = hub.log_text()
+    assert kinds(parts) == {"hub", "proxy", "pool", "worker"}, parts
+    assert hub.proc.returncode == 0, log[-3000:]
+    assert took < STOP_WITHIN, f"`gpulab up` took {took:.1f} s to stop:\n{log[-3000:]}"
+    assert not alive(parts), f"left running: {[parts[p] for p in alive(parts)]}"
+    noise = [line for line in log.splitlines() if NOISE.search(line)]
+    assert not noise, "\n".join(noise)
+
+    banner = log[log.index("gpulab is up"):]
+    for fact in ("alice", "bob", "carol", "gpulab-demo", "admin", f"{tmp_path / 'state' / 'secrets.json'}",
+                 f"{hub.url}/services/gpulab-pool/", f"state: {tmp_path / 'state'}"):
+        assert fact in banner, f"the banner does not name {fact}:\n{banner[:800]}"
+    assert hub.admin_password not in log  # the banner says where the password is, not what
+
+
+def test_sigterm_stops_everything_quickly_even_started_in_the_background(tmp_path):
+    """Started with SIGINT ignored, as `gpulab up &` in a script is: JupyterHub stops its services
+    with SIGINT, so they must take that signal themselves or it waits 30 s for each."""
+    hub, parts, took = start_and_stop(tmp_path / "state", signal.SIGTERM, sigint_ignored=True)
+    assert hub.proc.returncode == 0
+    assert took < STOP_WITHIN, f"`gpulab up` took {took:.1f} s to stop:\n{hub.log_text()[-3000:]}"
+    assert not alive(parts), f"left running: {[parts[p] for p in alive(parts)]}"
+    assert not [line for line in hub.log_text().splitlines() if NOISE.search(line)]
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"GPULAB_STATE_DIR": "/srv/lab", "XDG_STATE_HOME": "/x"}, "/srv/lab"),
+    ({"XDG_STATE_HOME": "/x"}, "/x/gpulab"),
+    ({"HOME": "/home/u"}, "/home/u/.local/state/gpulab"),
+])
+def test_the_state_directory_default(monkeypatch, env, expected):
+    for name in ("GPULAB_STATE_DIR", "XDG_STATE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert default_state_dir() == expected

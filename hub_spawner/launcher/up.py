@@ -332,8 +332,23 @@ gpulab up --backend emulated --config my_jupyterhub_config.py
             if not pid:
                 return
 
+    def port_taken(self) -> str:
+        """Why the hub's address cannot be had, or "": the proxy only logs a failed bind and runs on,
+        so a lab started anyway would answer at its API while its URL served someone else."""
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in self.ip else socket.AF_INET) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((self.ip, self.port))
+        except OSError as exc:
+            return f"cannot listen on {self.ip}:{self.port} ({exc.strerror}); choose another with --port"
+        return ""
+
     def start(self):
         self.stopping = False
+        taken = self.port_taken()
+        if taken:
+            print(f"gpulab up: {taken}", file=sys.stderr)
+            self.exit(1)
         become_subreaper()
         config, settings = self.write_config()
         signal.signal(signal.SIGINT, self.on_signal)

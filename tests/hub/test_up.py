@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
 
 import pytest
 
-from hubtools import Hub, alive, tree
+from hubtools import ROOT, Hub, alive, tree
 from hub_spawner.launcher.up import default_state_dir
 
 STOP_WITHIN = 5.0
@@ -78,3 +80,16 @@ def test_the_state_directory_default(monkeypatch, env, expected):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert default_state_dir() == expected
+
+
+def test_a_taken_port_fails_at_once(tmp_path):
+    """The proxy only logs a failed bind and runs on: `gpulab up` must not report a lab whose URL
+    is someone else's."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "gpulab.cli", "up", "--port", str(port), "--state-dir",
+                            str(tmp_path / "state")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 1 and f"127.0.0.1:{port}" in p.stderr and "--port" in p.stderr
+    assert not (tmp_path / "state").exists()

@@ -143,37 +143,4 @@ done(codes=[over, foreign, managed])
     assert "CUDA_ERROR_NOT_SUPPORTED" in r.result["error"] and r.stderr == ""
 
 
-def test_a_successful_cuda_core_program_prints_nothing(worker):
-    """Compile with NVRTC, launch, copy back: no gpulab line, no library warning (the emulated driver
-    version is as new as the installed NVRTC), nothing at all on stderr."""
-    r = worker.run("""
-import json
-import numpy as np
-from cuda.core import Device, LaunchConfig, LegacyPinnedMemoryResource, Program, ProgramOptions, launch
-dev = Device()
-dev.set_current()
-src = r'''
-extern "C" __global__ void vec_add(const float* a, const float* b, float* out, int n) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = a[i] + b[i];
-}'''
-kernel = Program(src, code_type="c++", options=ProgramOptions(arch=f"compute_{dev.arch}")).compile("ptx") \\
-    .get_kernel("vec_add")
-stream = dev.create_stream()
-n = 1000
-a = np.arange(n, dtype=np.float32); b = np.full(n, 0.5, np.float32)
-bufs = [dev.allocate(a.nbytes, stream=stream) for _ in range(3)]
-pinned = LegacyPinnedMemoryResource()
-import ctypes
-def host_view(buf):
-    return np.frombuffer((ctypes.c_char * buf.size).from_address(int(buf.handle)), np.float32)
-ha, hb, hout = (pinned.allocate(a.nbytes) for _ in range(3))
-host_view(ha)[:] = a; host_view(hb)[:] = b
-bufs[0].copy_from(ha, stream=stream); bufs[1].copy_from(hb, stream=stream)
-launch(stream, LaunchConfig(grid=(n + 255) // 256, block=256), kernel, bufs[0], bufs[1], bufs[2], np.int32(n))
-bufs[2].copy_to(hout, stream=stream)
-stream.sync()
-print(json.dumps({"match": bool(np.allclose(host_view(hout), a + b))}))
-""", env_extra={"PYTHONWARNINGS": "default"})
-    assert r.result == {"match": True}
-    assert r.stderr == ""
+# A successful program printing nothing at all: test_remote_driver.test_cuda_core_program_unmodified.

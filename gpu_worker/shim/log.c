@@ -46,26 +46,29 @@ static void emit(const char *prefix, const char *text, size_t n, const char *suf
     fflush(stderr);
 }
 
+static void emit_formatted(const char *prefix, const char *fmt, va_list ap)
+{
+    char line[512];
+    vsnprintf(line, sizeof line, fmt, ap);
+    emit(prefix, line, strlen(line), "");
+}
+
 void gl_log(const char *fmt, ...)
 {
     if (quiet()) return;
-    char line[512];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
+    emit_formatted("gpulab: ", fmt, ap);
     va_end(ap);
-    emit("gpulab: ", line, strlen(line), "");
 }
 
 void gl_debug(const char *fmt, ...)
 {
     if (!debug()) return;
-    char line[512];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
+    emit_formatted("gpulab debug: ", fmt, ap);
     va_end(ap);
-    emit("gpulab debug: ", line, strlen(line), "");
 }
 
 /* --------------------------------------------------------------- reasons, deduplicated */

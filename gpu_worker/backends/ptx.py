@@ -1,14 +1,18 @@
-"""Read kernel signatures from PTX text: the emulated backend's source of parameter layouts."""
+"""Read kernel signatures from PTX text: the emulated backend's source of parameter layouts.
+
+The text comes from a client, so every scan here is linear in its length: a regex whose failed
+match runs to the end of the text, retried at each position, made 100 KiB of crafted PTX cost
+seconds of the worker's CPU."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-_ENTRY = re.compile(r"\.entry\s+([A-Za-z_$][\w$]*)\s*\((.*?)\)", re.S)
+_ENTRY_HEAD = re.compile(r"\.entry\s+([A-Za-z_$][\w$]*)\s*\(")
 _PARAM = re.compile(
     r"\.param\s+(?:\.align\s+(\d+)\s+)?\.([a-z]\d+)(?:\s+\.ptr(?:\s+\.(?:global|const|shared|local))?"
     r"(?:\s+\.align\s+\d+)?)?\s+([A-Za-z_$][\w$]*)(?:\[(\d+)\])?")
-_VERSION = re.compile(r"^\s*\.version\s+(\d+)\.(\d+)", re.M)
+_VERSION = re.compile(r"^[ \t]*\.version[ \t]+(\d+)\.(\d+)", re.M)  # [ \t]: \s would span lines
 _SIZES = {"8": 1, "16": 2, "32": 4, "64": 8}
 
 
@@ -31,9 +35,9 @@ class Param:
 def parse_entries(ptx: str) -> dict[str, list[Param]]:
     """Map each ``.entry`` in ``ptx`` to its parameters with offsets and sizes."""
     entries = {}
-    for m in _ENTRY.finditer(ptx):
+    for name, plist in _entry_lists(ptx):
         params, offset = [], 0
-        for pm in _PARAM.finditer(m.group(2)):
+        for pm in _PARAM.finditer(plist):
             align, ty, _name, count = pm.groups()
             elem = _SIZES.get(ty[1:])
             if elem is None:
@@ -44,8 +48,26 @@ def parse_entries(ptx: str) -> dict[str, list[Param]]:
             offset = -(-offset // a) * a
             params.append(Param(ty, offset, size, n))
             offset += size
-        entries[m.group(1)] = params
+        entries[name] = params
     return entries
+
+
+def _entry_lists(ptx: str):
+    """(name, parameter list text) of each ``.entry``, in one pass over the text."""
+    pos = 0
+    while True:
+        at = ptx.find(".entry", pos)
+        if at < 0:
+            return
+        m = _ENTRY_HEAD.match(ptx, at)
+        if m is None:
+            pos = at + len(".entry")
+            continue
+        close = ptx.find(")", m.end())
+        if close < 0:
+            return  # no ')' left: no later entry can have a parameter list either
+        yield m.group(1), ptx[m.end():close]
+        pos = close + 1
 
 
 def ptx_version(ptx: str) -> tuple[int, int] | None:

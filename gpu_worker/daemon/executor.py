@@ -55,8 +55,12 @@ class FrameReader:
             v = self.mv[self.start:self.start + n]
             self.start += n
             return v
-        out = bytearray(n)
-        self.read_into(memoryview(out))
+        # grown as the bytes arrive, a buffer at a time: a header announcing a huge frame costs
+        # nothing until its data comes (memory follows bytes received, not bytes announced)
+        out = bytearray()
+        step = len(self.buf)
+        while len(out) < n:
+            out += self.read(min(step, n - len(out)))
         return memoryview(out)
 
     def read_into(self, dst: memoryview) -> None:

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from traitlets import Bool, Unicode
+from traitlets import Bool, TraitError, Unicode
 from traitlets.config import Application
 
 
@@ -100,7 +100,10 @@ gpulab worker --config worker_config.py     # c.GPUWorker.vram_quota = "8G", ...
                             format="%(asctime)s gpulab-worker[%(process)d] %(levelname)s %(message)s")
         from .worker import GPUWorker
 
-        worker = GPUWorker(parent=self)
+        try:
+            worker = GPUWorker(parent=self)
+        except TraitError as exc:  # a limit that is not one: its sentence names the setting
+            self.exit_with(str(exc))
         if not worker.token and not worker.tokens_file and "token" not in self.config.GPUWorker:
             worker.token = os.environ.get("GPULAB_TOKEN", "")
         worker.prepare()

@@ -18,7 +18,7 @@ import signal
 import socket
 import struct
 
-from traitlets import Dict, Enum, Float, Int, List, Unicode
+from traitlets import Dict, Enum, Float, Int, List, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
 from ..api import errors as E
@@ -28,7 +28,7 @@ from ..client.tokens import token_hash
 from .session import Session
 from .usage import UsageCounter, default_dir, prepare_dir
 from ..backends.base import Backend
-from ..client.units import parse_size
+from ..client.limits import LimitError, Size, token_limits
 
 log = logging.getLogger("gpulab.worker")
 
@@ -44,14 +44,16 @@ class GPUWorker(Configurable):
                         "double with no GPU; 'auto' picks cuda when a GPU is visible.").tag(config=True)
     token = Unicode("", help="A session token accepted by this worker (with the default quota). `gpulab worker` "
                              "takes $GPULAB_TOKEN when neither this nor tokens_file is set.").tag(config=True)
-    tokens = Dict(help="Session tokens and their limits: {token: {'vram': bytes}}.").tag(config=True)
+    tokens = Dict(help="Session tokens and their limits: {token: {'vram': '8G'}} (a size, see "
+                       "docs/configuration.md; {} or None: the default quota).").tag(config=True)
     tokens_file = Unicode("", help="JSON file of tokens and limits like `tokens`, re-read at every new "
                                    "session so that a pool can issue tokens while the worker runs.").tag(config=True)
-    vram_quota = Unicode("", help="Default VRAM quota of a session (e.g. '8G'); empty: the whole device."
-                         ).tag(config=True)
+    vram_quota = Size(None, allow_none=True, help="Default VRAM quota of a session, a size such as '8G' or "
+                      "'512M' (docs/configuration.md); empty: the whole device.").tag(config=True)
     emulated_kernels = List(Unicode(), help="Python modules (dotted names or .py paths) to import that register "
                                             "host implementations of kernels for the emulated backend.").tag(config=True)
-    emulated_memory = Unicode("16G", help="Memory size the emulated device reports.").tag(config=True)
+    emulated_memory = Size(16 << 30, help="Memory size the emulated device reports (a size, e.g. '16G')."
+                           ).tag(config=True)
     pool_url = Unicode("", help="URL of the GPU pool service to register with (empty: standalone worker)."
                        ).tag(config=True)
     pool_token = Unicode("", help="Credential for the GPU pool's worker API (default: $GPULAB_POOL_TOKEN)."
@@ -121,25 +123,49 @@ class GPUWorker(Configurable):
         return addrs
 
     # ------------------------------------------------------------------ tokens
+    @validate("tokens")
+    def _check_tokens(self, proposal):
+        """Limits in the config are checked at start-up: a bad one stops the worker, not a session."""
+        try:
+            return {str(t): token_limits(v, f"c.GPUWorker.tokens[token {token_hash(str(t))[:8]}]")
+                    for t, v in proposal["value"].items()}
+        except LimitError as exc:
+            raise TraitError(str(exc)) from None
+
     def limits_for(self, token: str):
-        """The limits of a valid token, or None."""
+        """The limits of a valid token (``vram`` in bytes when set), or None.
+
+        A tokens-file entry is checked when the file is read for a session; a bad one raises LimitError
+        (that token is refused with the reason), so the executor only ever gets integers."""
         table = dict(self.tokens)
         if self.token:
             table.setdefault(self.token, {})
+        source = "c.GPUWorker.tokens"
         if self.tokens_file:
             try:
                 with open(self.tokens_file) as f:
-                    table.update(json.load(f))
+                    entries = json.load(f)
+                if not isinstance(entries, dict):
+                    raise ValueError("it is not a JSON object of {token: limits}")
+                table.update(entries)
             except (OSError, ValueError) as exc:
                 log.error("cannot read tokens file %s: %s", self.tokens_file, exc)
         for known, limits in table.items():
-            if hmac.compare_digest(known.encode(), token.encode()):
-                return dict(limits or {})
+            if hmac.compare_digest(str(known).encode(), token.encode()):
+                if self.tokens_file and known not in self.tokens and known != self.token:
+                    source = f"tokens file {self.tokens_file}"
+                try:
+                    return token_limits(limits, f"{source}, token {token_hash(token)[:8]}")
+                except LimitError as exc:
+                    log.error("refusing a session: %s", exc)
+                    raise
         if self.pool_link is not None and token:
             try:
-                return self.pool_link.session_limits(token)
+                limits = self.pool_link.session_limits(token)
             except OSError as exc:
                 log.error("cannot ask the GPU pool about a session token: %s", exc)
+                return None
+            return None if limits is None else token_limits(limits, "the GPU pool's limits")
         return None
 
     def connect_pool(self, addrs: list[str]) -> None:
@@ -153,7 +179,7 @@ class GPUWorker(Configurable):
         name = self.name or f"{socket.gethostname()}-{address.rsplit(':', 1)[-1]}"
         # named after the worker, not this process: a restarted daemon finds the surviving executors
         self.usage_dir = prepare_dir(self.usage_dir or default_dir(name, self.pool_url))
-        gpus = describe_gpus(self.kind, name, parse_size(self.emulated_memory))
+        gpus = describe_gpus(self.kind, name, self.emulated_memory)
         token = self.pool_token or os.environ.get("GPULAB_POOL_TOKEN", "")
         self.pool_link = PoolLink(self.pool_url, token, name, address, self.node, self.kind, gpus,
                                   self.heartbeat_interval, usage_dir=self.usage_dir)
@@ -221,11 +247,15 @@ class GPUWorker(Configurable):
             if version != PROTOCOL_VERSION:
                 return _refuse(conn, E.NOT_SUPPORTED, f"the shim speaks gpulab protocol version {version}, this worker "
                                                       f"{PROTOCOL_VERSION}: use the same gpulab release on both sides")
-            limits = self.limits_for(token)
+            try:
+                limits = self.limits_for(token)
+            except LimitError as exc:
+                return _refuse(conn, E.NOT_PERMITTED, f"this worker's limits for the session token are not valid "
+                                                      f"({exc}); tell your hub admin")
             if limits is None:
                 log.warning("%s: wrong session token", label)
                 return _refuse(conn, E.NOT_PERMITTED, "the session token is not valid for this worker")
-            quota = limits.get("vram") or (parse_size(self.vram_quota) if self.vram_quota else None)
+            quota = limits.get("vram") or self.vram_quota  # integers: checked where they entered
             backend = self.make_backend()
             msg = f"{backend.name} backend".encode()
             conn.sendall(REP_HEADER.pack(len(msg), 0, 0) + msg)
@@ -262,7 +292,7 @@ class GPUWorker(Configurable):
         if self.kind == "emulated":
             from ..backends.emulated import EmulatedBackend
 
-            return EmulatedBackend(total_memory=parse_size(self.emulated_memory))
+            return EmulatedBackend(total_memory=self.emulated_memory)
         from ..backends.cuda import CudaBackend
 
         return CudaBackend()

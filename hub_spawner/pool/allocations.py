@@ -9,7 +9,7 @@ import time
 
 from sqlalchemy import select
 
-from gpu_worker.client import parse_size
+from gpu_worker.client import LimitError, gpu_settings
 
 from .db import GPU, Allocation, Worker, make_sessionmaker
 from .scheduler import GPUState, InvalidRequest, Limits, NoFit, Request, place, validate
@@ -70,14 +70,9 @@ class AllocationBook:
         out = []
         with self.Session.begin() as db:
             states = self.gpu_states(db)
-        for spec in specs:
-            try:
-                req = request_from(spec)
-                validate(req)
-            except InvalidRequest as exc:
-                out.append({"fits": False, "slots": 0, "constraint": "invalid", "reason": str(exc),
-                            "message": str(exc)})
-                continue
+        # every request is checked before any is placed: one bad one makes the whole body a 400
+        reqs = [request_from(spec, f"requests[{i}]") for i, spec in enumerate(specs)]
+        for req in reqs:
             trial = [GPUState(**vars(s)) for s in states]
             slots, nofit = 0, None
             while slots < 100:
@@ -133,13 +128,21 @@ class AllocationBook:
         return sorted(per_user.values(), key=lambda u: u["user"])
 
 
-def request_from(spec: dict) -> Request:
+def request_from(spec, where: str = "") -> Request:
+    """A request body's GPU settings as integers (gpu_settings is the one validator of each kind);
+    InvalidRequest with a sentence naming the field when one is not valid."""
+    prefix = f"{where}." if where else ""
     try:
-        return Request(vram=parse_size(spec["vram"]), compute=int(spec.get("compute", 100)),
-                       count=int(spec.get("count", 1)), mode=str(spec.get("mode", "any")),
-                       qos=str(spec.get("qos", "medium")), node=str(spec.get("node", "")))
-    except (KeyError, ValueError, TypeError) as exc:
+        if not isinstance(spec, dict):
+            raise LimitError(f"{where or 'the request'} must be a JSON object of GPU settings")
+        node = spec.get("node", "")
+        if not isinstance(node, str) or len(node) > 255:
+            raise LimitError(f"{prefix}node must be a host name")
+        req = Request(**gpu_settings(spec, where), node=node)
+    except LimitError as exc:
         raise InvalidRequest(f"invalid GPU request: {exc}") from None
+    validate(req)
+    return req
 
 
 def allocation_json(a: Allocation, worker: Worker | None) -> dict:

@@ -13,7 +13,7 @@ from gpu_worker.client import token_hash
 
 from .allocations import AllocationBook, allocation_json
 from .db import GPU, Allocation, Worker
-from .scheduler import InvalidRequest, NoFit
+from .scheduler import MAX_AVAILABILITY_REQUESTS, InvalidRequest, NoFit
 
 log = logging.getLogger("gpulab.pool")
 
@@ -145,11 +145,26 @@ class SessionTokenHandler(APIHandler):
             self.send({"vram": a.vram, "compute": a.compute, "allocation": a.id, "user": a.user})
 
 
+MAX_ID = (1 << 63) - 1  # SQLite's largest integer: a larger id names no allocation
+
+
+def allocation_id(text: str) -> int:
+    """An allocation id from the URL (digits by the route); one beyond the database's range is a 404."""
+    n = int(text)
+    if n > MAX_ID:
+        raise web.HTTPError(404, f"no allocation {text[:30]}")
+    return n
+
+
 class AllocationsHandler(APIHandler):
     def post(self):
         spec = self.body()
         if not spec.get("user"):
             raise web.HTTPError(400, "user is required")
+        for field in ("user", "server_name", "profile"):
+            value = spec.get(field, "")
+            if not isinstance(value, str) or len(value) > 255:
+                raise web.HTTPError(400, f"{field} must be a string of at most 255 characters")
         try:
             alloc = self.book.allocate(spec)
         except InvalidRequest as exc:
@@ -177,13 +192,13 @@ class AllocationsHandler(APIHandler):
 class AllocationHandler(APIHandler):
     def get(self, alloc_id):
         with self.book.Session() as db:
-            a = db.get(Allocation, int(alloc_id))
+            a = db.get(Allocation, allocation_id(alloc_id))
             if a is None:
                 raise web.HTTPError(404, f"no allocation {alloc_id}")
             self.send(allocation_json(a, db.get(Worker, a.worker_name)))
 
     def delete(self, alloc_id):
-        if not self.book.release(int(alloc_id)):
+        if not self.book.release(allocation_id(alloc_id)):
             raise web.HTTPError(404, f"no allocation {alloc_id}")
         self.set_status(204)
         self.finish()
@@ -194,7 +209,13 @@ class AvailabilityHandler(APIHandler):
         specs = self.body().get("requests", [])
         if not isinstance(specs, list):
             raise web.HTTPError(400, "requests must be a list")
-        self.send(self.book.availability(specs))
+        if len(specs) > MAX_AVAILABILITY_REQUESTS:
+            raise web.HTTPError(400, f"at most {MAX_AVAILABILITY_REQUESTS} requests per availability call, "
+                                     f"not {len(specs)}: split the list")
+        try:
+            self.send(self.book.availability(specs))
+        except InvalidRequest as exc:
+            raise web.HTTPError(400, str(exc)) from None
 
 
 class GPUsHandler(APIHandler):

@@ -11,6 +11,9 @@ import time
 from dataclasses import dataclass, field
 
 STRATEGIES = ("compact-first", "low-load-first")
+# Requests one availability call may ask about: each costs up to 100 trial placements on the pool's
+# event loop.  The spawn form asks once per distinct GPU request and splits longer lists (mixin.py).
+MAX_AVAILABILITY_REQUESTS = 100
 
 
 @dataclass(frozen=True)

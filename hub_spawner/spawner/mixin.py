@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 from pathlib import Path
+from urllib.parse import urlencode
 
 import jinja2
 from jupyterhub.spawner import LocalProcessSpawner, SimpleLocalProcessSpawner, SpawnException
@@ -20,7 +21,9 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Callable, Dict, List, Unicode, Union, default
 from traitlets.config import Configurable
 
-from gpu_worker.client import parse_size, shim_dir
+from gpu_worker.client import LimitError, gpu_settings, shim_dir
+
+from ..pool.scheduler import MAX_AVAILABILITY_REQUESTS
 
 GPU_KEYS = {"vram", "compute", "count", "mode", "qos"}
 TEMPLATES = Path(__file__).parent / "templates"
@@ -60,7 +63,9 @@ class GPUSpawner(Configurable):
         - `groups`: hub groups whose members see the profile (absent: everybody).
 
         May be a callable `f(spawner) -> list` (or a coroutine) to choose profiles per user.
-        Options are validated again on every start.""").tag(config=True)
+        Sizes follow docs/configuration.md (*Sizes*), `compute` is 1..100 and `count` 1..16.  Each
+        profile is checked when the list is read: a bad one is left out with one log line naming it,
+        so the form still works for everyone.  Options are validated again on every start.""").tag(config=True)
     pool_url = Unicode(help="URL of the GPU pool API, e.g. http://127.0.0.1:8765/services/gpulab-pool/ "
                        "(default: $GPULAB_POOL_URL).").tag(config=True)
     pool_token = Unicode(help="Secret for the pool's allocation API (default: $GPULAB_POOL_API_TOKEN)."
@@ -104,18 +109,39 @@ class GPUSpawner(Configurable):
 
     # --------------------------------------------------------------- profiles
     async def visible_profiles(self) -> list[dict]:
+        """The user's profiles, each checked (check_profile): a bad admin profile is left out and logged."""
         profiles = self.gpu_profiles
         if callable(profiles):
             profiles = profiles(self)
             if inspect.isawaitable(profiles):
                 profiles = await profiles
+        if not isinstance(profiles, (list, tuple)):
+            self.log.error("c.GPUSpawner.gpu_profiles gave %s, not a list of profiles: no profile offered",
+                           type(profiles).__name__)
+            return []
+        good = []
+        for i, p in enumerate(profiles):
+            try:
+                good.append(check_profile(p))
+            except LimitError as exc:
+                name = p.get("slug") or p.get("display_name") if isinstance(p, dict) else None
+                self.log.error("c.GPUSpawner.gpu_profiles: left out profile %s: %s",
+                               repr(name) if name else f"#{i + 1}", exc)
         groups = {g.name for g in getattr(self.user, "groups", [])}
-        return [p for p in profiles if not p.get("groups") or groups & set(p["groups"])]
+        return [p for p in good if not p.get("groups") or groups & set(p["groups"])]
 
     def resolve(self, profiles: list[dict], options: dict) -> tuple[dict, dict | None]:
         """The profile and GPU request named by ``options``; SpawnException(400) if invalid."""
         if not profiles:
             raise GPUSpawnError("No profile is available to you.", reason="no-profile", status_code=400)
+        if not isinstance(options, dict):
+            raise GPUSpawnError("The server options must be a JSON object such as {\"profile\": \"small\"}.",
+                                reason="invalid-option", status_code=400)
+        for name, value in options.items():
+            if value is not None and not isinstance(value, str):
+                raise GPUSpawnError(f"The option {str(name)[:40]!r} must be a string (a profile's slug or a "
+                                    f"choice's key), not {json_kind(value)}.", reason="invalid-option",
+                                    status_code=400)
         slug = options.get("profile")
         if slug is None:
             profile = next((p for p in profiles if p.get("default")), profiles[0])
@@ -143,10 +169,11 @@ class GPUSpawner(Configurable):
                 raise GPUSpawnError(f"Unknown GPU setting(s) {sorted(unknown)} in profile "
                                     f"{profile_slug(profile)!r}.", reason="invalid-profile", status_code=400)
             try:
-                gpu["vram"] = parse_size(gpu["vram"])
-            except (KeyError, ValueError):
-                raise GPUSpawnError(f"Profile {profile_slug(profile)!r} has no valid GPU memory size.",
+                checked = gpu_settings(gpu, "gpu")  # vram required; the pool fills in what is left out
+            except LimitError as exc:
+                raise GPUSpawnError(f"Profile {profile_slug(profile)!r} has a GPU setting that is not valid: {exc}.",
                                     reason="invalid-profile", status_code=400) from None
+            gpu = {k: checked[k] for k in gpu}
         return profile, gpu
 
     # ------------------------------------------------------------------- pool
@@ -257,12 +284,16 @@ class GPUSpawner(Configurable):
     async def render_options_form(self, spawner=None) -> str:
         """The profiles with live availability; a profile that does not fit now is never preselected."""
         profiles = await self.visible_profiles()
-        # one availability request per GPU profile (its default choices) and per choice of its options
-        views, specs = [], []
+        # one availability request per distinct GPU request (a profile's default choices, each choice)
+        views, specs, asked = [], [], {}
 
         def ask(gpu: dict) -> int:
-            specs.append({**gpu, "node": self.gpu_node})
-            return len(specs) - 1
+            spec = {**gpu, "node": self.gpu_node}
+            key = json.dumps(spec, sort_keys=True)
+            if key not in asked:
+                asked[key] = len(specs)
+                specs.append(spec)
+            return asked[key]
 
         for p in profiles:
             gpu = self.resolve([p], {})[1]
@@ -279,8 +310,12 @@ class GPUSpawner(Configurable):
             views.append(view)
         lost_message, emulated, pool_error = "", False, ""
         try:
-            avail = await self.pool_call("POST", "api/availability", {"requests": specs}) if specs else []
-            lost = await self.pool_call("GET", f"api/allocations?user={self.user.name}&status=lost")
+            avail = []
+            for start in range(0, len(specs), MAX_AVAILABILITY_REQUESTS):  # the pool's cap per call
+                chunk = specs[start:start + MAX_AVAILABILITY_REQUESTS]
+                avail += await self.pool_call("POST", "api/availability", {"requests": chunk})
+            query = urlencode({"user": self.user.name, "status": "lost"})
+            lost = await self.pool_call("GET", f"api/allocations?{query}")
             lost_message = lost[-1]["message"] if lost else ""
             emulated = any(g["emulated"] for g in await self.pool_call("GET", "api/gpus"))
         except PoolError as exc:
@@ -319,6 +354,73 @@ class PoolError(Exception):
         self.code = code
         self.message = message
         self.constraint = (body or {}).get("constraint") if isinstance(body, dict) else None
+
+
+def json_kind(value) -> str:
+    """What a JSON value is, for a sentence: 'a list', 'an object', 'a number'."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "a list", tuple: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
+
+
+def check_profile(p) -> dict:
+    """One admin profile, checked once when the list is read: its structure, and every GPU request it can
+    make (its own and each choice's) through the one validator of each kind.  LimitError names the part."""
+    if not isinstance(p, dict):
+        raise LimitError(f"a profile must be a dict, not {json_kind(p)}")
+    for key in ("display_name", "slug", "description"):
+        if p.get(key) is not None and not isinstance(p[key], str):
+            raise LimitError(f"{key} must be a string, not {json_kind(p[key])}")
+    if not p.get("display_name") and not p.get("slug"):
+        raise LimitError("it has neither display_name nor slug")
+    groups = p.get("groups")
+    if groups is not None and not (isinstance(groups, (list, tuple)) and all(isinstance(g, str) for g in groups)):
+        raise LimitError("groups must be a list of group names")
+    gpu = p.get("gpu") or None
+    for part, value in [("gpu", gpu)] + [(f"{name} choice {key!r} gpu", c.get("gpu"))
+                                         for name, opt in _options(p) for key, c in opt["choices"].items()]:
+        if value is not None and not isinstance(value, dict):
+            raise LimitError(f"{part}: {json_kind(value)} is not a mapping of GPU settings")
+        unknown = set(value or {}) - GPU_KEYS
+        if unknown:
+            raise LimitError(f"{part}: unknown GPU setting(s) {sorted(unknown)}")
+        gpu_settings(value or {}, part, partial=True)
+    # the requests the form asks about (as resolve() merges them): the default choices, and each choice
+    # in turn with the other options at their defaults
+    options = _options(p)
+    defaults = {name: next((k for k, c in opt["choices"].items() if c.get("default")), next(iter(opt["choices"]),
+                                                                                          None))
+                for name, opt in options}
+
+    def merged(selection: dict) -> dict | None:
+        out = gpu
+        for name, opt in options:
+            override = opt["choices"].get(selection[name], {}).get("gpu") if selection[name] is not None else None
+            if override:
+                out = {**(out or {}), **override}
+        return out
+
+    for selection in [defaults] + [{**defaults, name: key} for name, opt in options for key in opt["choices"]]:
+        combo = merged(selection)
+        if combo is not None:
+            gpu_settings(combo, "gpu")
+    return p
+
+
+def _options(p: dict) -> list[tuple[str, dict]]:
+    """A profile's profile_options as (name, option) pairs, their structure checked."""
+    opts = p.get("profile_options") or {}
+    if not isinstance(opts, dict):
+        raise LimitError("profile_options must be a mapping of option names to options")
+    out = []
+    for name, opt in opts.items():
+        if not isinstance(opt, dict) or not isinstance(opt.get("choices", {}), dict) or not all(
+                isinstance(c, dict) for c in opt.get("choices", {}).values()):
+            raise LimitError(f"profile option {name!r} must be a mapping with choices, each a mapping")
+        out.append((name, {**opt, "choices": opt.get("choices", {})}))
+    return out
 
 
 def profile_slug(p: dict) -> str:

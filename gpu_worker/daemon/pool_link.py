@@ -1,4 +1,10 @@
-"""The worker's side of the GPU pool: register, send heartbeats, ask about session tokens.
+"""The worker's side of the GPU pool: enrol, register, send heartbeats, ask about session tokens.
+
+The shared worker secret only enrols: the first registration of this worker's name answers a
+credential of its own, which the link keeps in a private file and uses for everything after
+(re-registering, heartbeats, session look-ups), so that no holder of the shared secret can
+take this worker's name over.  A pool that no longer knows the credential (a new database, an
+admin released the name) refuses it; the link then enrols again.
 
 Tokens are issued by the pool when it places a vGPU here; the worker asks the pool about
 a token it does not know when a session presents it, so a token works the moment the pool
@@ -11,6 +17,7 @@ without the pool being written to when nothing moves.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -52,15 +59,30 @@ def describe_gpus(kind: str, worker_name: str, emulated_memory: int) -> list[dic
         pynvml.nvmlShutdown()
 
 
+def default_credential_file(worker_name: str, pool_url: str) -> str:
+    """Where a worker keeps its pool credential: state that must survive reboots, one file per pool
+    and name ($GPULAB_STATE_DIR, else $XDG_STATE_HOME/gpulab, else ~/.local/state/gpulab)."""
+    state = os.environ.get("GPULAB_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state"), "gpulab")
+    tag = hashlib.sha256(f"{pool_url}\0{worker_name}".encode()).hexdigest()[:12]
+    return os.path.join(state, f"worker-{worker_name}-{tag}.credential")
+
+
+class PoolRefused(Exception):
+    """The pool refused this worker, with its sentence."""
+
+
 def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
 class PoolLink:
     def __init__(self, url: str, token: str, name: str, address: str, node: str, backend: str, gpus: list[dict],
-                 interval: float = 5.0, usage_dir: str = ""):
+                 interval: float = 5.0, usage_dir: str = "", credential_file: str = ""):
         self.url = url.rstrip("/")
-        self.token = token
+        self.token = token  # the enrolment secret
+        self.credential_file = credential_file or default_credential_file(name, self.url)
+        self.credential = self._load_credential()
         self.name = name
         self.info = {"name": name, "address": address, "node": node or socket.gethostname(), "backend": backend,
                      "gpus": gpus}
@@ -68,18 +90,52 @@ class PoolLink:
         self.usage_dir = usage_dir
         self._stop = threading.Event()
 
-    def _request(self, method: str, path: str, body=None, timeout: float = 5.0):
+    def _load_credential(self) -> str:
+        try:
+            with open(self.credential_file) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return ""
+
+    def _save_credential(self, credential: str) -> None:
+        """Private to the worker's user, written whole (a crash never leaves half a credential)."""
+        os.makedirs(os.path.dirname(self.credential_file) or ".", mode=0o700, exist_ok=True)
+        tmp = f"{self.credential_file}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(credential + "\n")
+        os.replace(tmp, self.credential_file)
+        self.credential = credential
+
+    def _request(self, method: str, path: str, body=None, timeout: float = 5.0, token: str | None = None):
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Authorization": f"token {self.token}",
+                                     headers={"Authorization": f"token {token or self.credential}",
                                               "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
             return json.loads(raw) if raw else None
 
     def register(self) -> None:
-        self._request("POST", "/api/workers", self.info)
-        log.info("registered with the GPU pool at %s as %s", self.url, self.name)
+        """Register with this worker's credential; without one, or when the pool no longer knows
+        it, enrol with the shared secret.  PoolRefused says why the pool will not have us."""
+        if self.credential:
+            try:
+                self._request("POST", "/api/workers", self.info)
+                log.info("registered with the GPU pool at %s as %s", self.url, self.name)
+                return
+            except urllib.error.HTTPError as exc:
+                if exc.code != 403:
+                    raise PoolRefused(_reason(exc)) from None
+                log.warning("the GPU pool does not accept this worker's credential (%s): enrolling again",
+                            _reason(exc))
+        try:
+            answer = self._request("POST", "/api/workers", self.info, token=self.token)
+        except urllib.error.HTTPError as exc:
+            raise PoolRefused(_reason(exc)) from None
+        self._save_credential(answer["credential"])
+        log.info("enrolled with the GPU pool at %s as %s (credential in %s)", self.url, self.name,
+                 self.credential_file)
 
     def heartbeat(self, usage: dict | None) -> None:
         """Tell the pool this worker lives and what its sessions hold (None: not known, leave the figures)."""
@@ -89,7 +145,7 @@ class PoolLink:
         try:
             self._request("POST", f"/api/workers/{self.name}/heartbeat", body)
         except urllib.error.HTTPError as exc:
-            if exc.code == 404:  # the pool forgot us (new database): register again
+            if exc.code in (403, 404):  # the pool forgot us (new database, name released): again
                 self.register()
             else:
                 raise
@@ -100,6 +156,8 @@ class PoolLink:
 
     def session_limits(self, token: str):
         """Limits of a session token the pool issued for this worker, or None."""
+        if not self.credential:
+            return None
         try:
             return self._request("POST", f"/api/workers/{self.name}/sessions", {"token": token})
         except urllib.error.HTTPError as exc:
@@ -116,6 +174,9 @@ class PoolLink:
             try:
                 self.register()
                 break
+            except PoolRefused as exc:  # e.g. the name is taken: an admin may release it
+                log.error("the GPU pool at %s refuses worker %s: %s (retrying)", self.url, self.name, exc)
+                self._stop.wait(max(self.interval, 2.0))
             except OSError as exc:
                 log.warning("cannot register with the GPU pool at %s: %s (retrying)", self.url, exc)
                 self._stop.wait(min(self.interval, 2.0))
@@ -133,8 +194,8 @@ class PoolLink:
                 try:
                     self.heartbeat(usage)
                     sent, failing = usage, False
-                except OSError as exc:
-                    log.warning("heartbeat to the GPU pool failed: %s", exc)
+                except (OSError, PoolRefused) as exc:
+                    log.warning("heartbeat to the GPU pool failed: %s", _reason(exc))
                     failing = True
             self._stop.wait(max(min(self.interval, WATCH_PERIOD) - (time.monotonic() - now), 0.01))
 
@@ -145,3 +206,13 @@ class PoolLink:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _reason(exc: Exception) -> str:
+    """The pool's sentence from an error answer, else the error itself."""
+    if isinstance(exc, urllib.error.HTTPError):
+        try:
+            return f"{exc.code}: {json.loads(exc.read())['message']}"
+        except (ValueError, KeyError, TypeError, OSError):
+            return f"{exc.code} {exc.reason}"
+    return str(exc)

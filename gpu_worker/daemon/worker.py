@@ -56,8 +56,14 @@ class GPUWorker(Configurable):
                            ).tag(config=True)
     pool_url = Unicode("", help="URL of the GPU pool service to register with (empty: standalone worker)."
                        ).tag(config=True)
-    pool_token = Unicode("", help="Credential for the GPU pool's worker API (default: $GPULAB_POOL_TOKEN)."
-                         ).tag(config=True)
+    pool_token = Unicode("", help="The pool's shared enrolment secret (default: $GPULAB_POOL_TOKEN). It only "
+                         "enrols this worker's name once; the credential the pool then issues to this worker "
+                         "is kept in pool_credential_file and used from then on.").tag(config=True)
+    pool_credential_file = Unicode("", help="Private file where this worker keeps the credential the pool "
+                                   "issued to it (it must survive restarts: a name already enrolled takes only "
+                                   "its own credential). Default: worker-<name>-<hash of pool URL and name>"
+                                   ".credential in $GPULAB_STATE_DIR, else $XDG_STATE_HOME/gpulab, else "
+                                   "~/.local/state/gpulab.").tag(config=True)
     name = Unicode("", help="Name of this worker in the pool (default: host name and port).").tag(config=True)
     advertise = Unicode("", help="Address clients use to reach this worker, tcp://host:port (default: the TCP "
                                  "listening address).").tag(config=True)
@@ -182,7 +188,8 @@ class GPUWorker(Configurable):
         gpus = describe_gpus(self.kind, name, self.emulated_memory)
         token = self.pool_token or os.environ.get("GPULAB_POOL_TOKEN", "")
         self.pool_link = PoolLink(self.pool_url, token, name, address, self.node, self.kind, gpus,
-                                  self.heartbeat_interval, usage_dir=self.usage_dir)
+                                  self.heartbeat_interval, usage_dir=self.usage_dir,
+                                  credential_file=self.pool_credential_file)
         self.pool_link.start()
 
     # ------------------------------------------------------------ accept loop

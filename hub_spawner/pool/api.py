@@ -1,15 +1,14 @@
-"""The pool's REST API (JSON, ``Authorization: token <secret>``); see app.py for the routes."""
+"""The pool's REST API for the hub (JSON, ``Authorization: token <secret>``); see app.py for the routes.
+
+The workers' routes live in worker_api.py."""
 from __future__ import annotations
 
 import hmac
 import json
 import logging
-import time
 
 from sqlalchemy import select
 from tornado import web
-
-from gpu_worker.client import token_hash
 
 from .allocations import AllocationBook, allocation_json
 from .db import GPU, Allocation, Worker
@@ -78,82 +77,6 @@ class HealthHandler(APIHandler):
 
     def get(self):
         self.send({"status": "ok"})
-
-
-class WorkersHandler(APIHandler):
-    who = ("worker",)
-
-    def post(self):
-        data = self.body()
-        try:
-            name, address, gpus = str(data["name"]), str(data["address"]), list(data["gpus"])
-        except (KeyError, TypeError):
-            raise web.HTTPError(400, "name, address and gpus are required") from None
-        with self.book.Session.begin() as db:
-            w = db.get(Worker, name) or Worker(name=name)
-            w.address, w.node, w.backend = address, str(data.get("node", "")), str(data.get("backend", "cuda"))
-            w.status, w.last_seen = "up", time.time()
-            db.add(w)
-            known = {g.uuid: g for g in w.gpus}
-            for g in gpus:
-                row = known.get(g["uuid"]) or GPU(uuid=g["uuid"])
-                row.index, row.model = int(g.get("index", 0)), str(g.get("model", ""))
-                row.memory, row.emulated = int(g["memory"]), bool(g.get("emulated", False))
-                row.capability = str(g.get("capability", ""))
-                if row.uuid not in known:
-                    w.gpus.append(row)
-        log.info("worker %s registered at %s with %d GPU(s)", name, address, len(gpus))
-        self.send({"name": name})
-
-
-class HeartbeatHandler(APIHandler):
-    """A worker is alive; with ``sessions`` ({token hash: bytes}), what each of its live sessions holds.
-
-    The figures are the whole truth at that moment: an active allocation on the worker that is
-    missing from them holds nothing.  A heartbeat without ``sessions`` leaves the figures alone."""
-
-    who = ("worker",)
-
-    def post(self, name):
-        usage = self.body().get("sessions")
-        if usage is not None and not (isinstance(usage, dict) and all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in usage.values())):
-            raise web.HTTPError(400, "sessions must map token hashes to bytes in use")
-        with self.book.Session.begin() as db:
-            w = db.get(Worker, name)
-            if w is None:
-                raise web.HTTPError(404, f"unknown worker {name}")
-            if w.status != "up":
-                log.info("worker %s is back", name)
-            w.status, w.last_seen = "up", time.time()
-            if usage is not None:
-                for a in db.scalars(select(Allocation).where(Allocation.worker_name == name,
-                                                             Allocation.status == "active")):
-                    a.used_vram = usage.get(token_hash(a.token), 0)
-        self.send({})
-
-
-class SessionTokenHandler(APIHandler):
-    who = ("worker",)
-
-    def post(self, name):
-        token = str(self.body().get("token", ""))
-        with self.book.Session.begin() as db:
-            a = db.scalars(select(Allocation).where(Allocation.token == token)).first()
-            if a is None or a.worker_name != name or a.status != "active":
-                raise web.HTTPError(404, "no active allocation with this token on this worker")
-            self.send({"vram": a.vram, "compute": a.compute, "allocation": a.id, "user": a.user})
-
-
-MAX_ID = (1 << 63) - 1  # SQLite's largest integer: a larger id names no allocation
-
-
-def allocation_id(text: str) -> int:
-    """An allocation id from the URL (digits by the route); one beyond the database's range is a 404."""
-    n = int(text)
-    if n > MAX_ID:
-        raise web.HTTPError(404, f"no allocation {text[:30]}")
-    return n
 
 
 class AllocationsHandler(APIHandler):

@@ -1,12 +1,22 @@
 """The GPU pool: a JupyterHub service that knows the workers and places vGPUs on their GPUs.
 
-REST API (JSON, ``Authorization: token <secret>``), under the service prefix:
+REST API (JSON, ``Authorization: token <secret>``).  On the worker listener (``worker_bind_url``,
+internal; the hub's proxy does not route it), at its root (worker_api.py):
 
 ==========================================  =======  ==============================================
-``POST   api/workers``                       worker   register (name, address, node, backend, gpus)
+``POST   api/workers``                       worker   enrol (enrolment secret: a new name, answers
+                                                      the worker's own credential) or register again
+                                                      (that credential); name, address, node, gpus
 ``POST   api/workers/<name>/heartbeat``      worker   keep-alive; a worker silent for
                                                       ``heartbeat_timeout`` is marked lost
 ``POST   api/workers/<name>/sessions``       worker   limits of a session token issued for it
+==========================================  =======  ==============================================
+
+On the service URL (``bind_url``, which the hub's proxy publishes), under the service prefix;
+the worker routes above answer 404 there:
+
+==========================================  =======  ==============================================
+``DELETE api/workers/<name>/credential``    hub      release a worker name to enrol it again
 ``POST   api/allocations``                   hub      place a vGPU request; 201 or 503 with a reason
 ``GET    api/allocations[/<id>]``            hub      allocations (``?user=``, ``?status=``)
 ``DELETE api/allocations/<id>``              hub      release (idempotent)
@@ -31,7 +41,9 @@ from traitlets.config import Application
 
 from .allocations import AllocationBook
 from .api import (AllocationHandler, AllocationsHandler, AvailabilityHandler, GPUsHandler, HealthHandler,
-                  HeartbeatHandler, SessionTokenHandler, UsageHandler, WorkersHandler, log_request)
+                  UsageHandler, log_request)
+from .worker_api import (HeartbeatHandler, NotHereHandler, SessionTokenHandler, WorkerCredentialHandler,
+                         WorkersHandler)
 from .dashboard import DashboardHandler
 from .scheduler import STRATEGIES, Limits
 
@@ -48,10 +60,12 @@ class GPUPool(Application):
     server start and releases it at stop; admins see a dashboard at its prefix. Run it as a
     managed JupyterHub service (`gpulab up` does), which sets its URL, prefix and hub token.
     Secrets come from the environment: $GPULAB_POOL_API_TOKEN (the hub's) and
-    $GPULAB_POOL_WORKER_TOKEN (the workers'). SIGINT or SIGTERM stops it.
+    $GPULAB_POOL_WORKER_TOKEN (the workers' enrolment secret; each worker then gets its own
+    credential). Workers talk to a second, internal listener (--worker-bind-url), which the
+    hub's proxy does not route. SIGINT or SIGTERM stops it.
     """
     examples = """
-GPULAB_POOL_API_TOKEN=... GPULAB_POOL_WORKER_TOKEN=... gpulab pool --bind-url http://0.0.0.0:8765
+GPULAB_POOL_API_TOKEN=... GPULAB_POOL_WORKER_TOKEN=... gpulab pool --bind-url http://0.0.0.0:8765 --worker-bind-url http://10.0.0.5:8766
 gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vram-oversubscription 2
 """
 
@@ -67,8 +81,15 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
                               ).tag(config=True)
     api_token = Unicode(help="Secret the hub (spawner) uses for the allocation API "
                         "(default: $GPULAB_POOL_API_TOKEN).").tag(config=True)
-    worker_token = Unicode(help="Secret workers use to register (default: $GPULAB_POOL_WORKER_TOKEN)."
-                           ).tag(config=True)
+    worker_token = Unicode(help="Enrolment secret of the workers (default: $GPULAB_POOL_WORKER_TOKEN). It "
+                           "only claims a worker name nobody holds yet; the pool answers a credential of that "
+                           "worker's own, kept here as a hash, which alone may register that name again, send "
+                           "its heartbeats and look up its sessions.").tag(config=True)
+    worker_bind_url = Unicode("http://127.0.0.1:8766", help="URL of the internal listener that serves the "
+                              "worker API at its root. Keep it off the hub's proxy: the service URL (bind_url) "
+                              "answers 404 to worker routes. Listen on an address the workers reach, e.g. "
+                              "http://0.0.0.0:8766 in a cluster (a network policy limits who reaches it)."
+                              ).tag(config=True)
     admin_users = Set(Unicode(), help="Hub users who may see the dashboard (hub admins always may)."
                       ).tag(config=True)
     bind_url = Unicode(help="URL to listen on (default: $JUPYTERHUB_SERVICE_URL or http://127.0.0.1:8765)."
@@ -80,6 +101,7 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
 
     # Secrets have no alias on purpose: a command line is visible to every user of the host.
     aliases = {"db-url": "GPUPool.db_url", "strategy": "GPUPool.strategy", "bind-url": "GPUPool.bind_url",
+               "worker-bind-url": "GPUPool.worker_bind_url",
                "prefix": "GPUPool.prefix", "heartbeat-timeout": "GPUPool.heartbeat_timeout",
                "vram-oversubscription": "GPUPool.vram_oversubscription",
                "compute-oversubscription": "GPUPool.compute_oversubscription",
@@ -116,9 +138,8 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         p = self.prefix if self.prefix.endswith("/") else self.prefix + "/"
         routes = [
             (p + "api/health", HealthHandler),
-            (p + "api/workers", WorkersHandler),
-            (p + r"api/workers/([^/]+)/heartbeat", HeartbeatHandler),
-            (p + r"api/workers/([^/]+)/sessions", SessionTokenHandler),
+            (p + r"api/workers/([^/]+)/credential", WorkerCredentialHandler),
+            (p + r"api/workers(/.*)?", NotHereHandler),
             (p + "api/allocations", AllocationsHandler),
             (p + r"api/allocations/(\d+)", AllocationHandler),
             (p + "api/availability", AvailabilityHandler),
@@ -131,6 +152,16 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
             settings["cookie_secret"] = os.environ.get("JUPYTERHUB_COOKIE_SECRET") or secrets.token_bytes(32)
         return web.Application(routes, **settings)
 
+    def make_worker_app(self) -> web.Application:
+        """The worker API on its own listener, so that publishing the service does not publish it."""
+        routes = [
+            ("/api/health", HealthHandler),
+            ("/api/workers", WorkersHandler),
+            (r"/api/workers/([^/]+)/heartbeat", HeartbeatHandler),
+            (r"/api/workers/([^/]+)/sessions", SessionTokenHandler),
+        ]
+        return web.Application(routes, pool=self, log_function=log_request)
+
     def start(self):
         # JupyterHub stops a managed service with SIGINT: end quietly, with no KeyboardInterrupt trace.
         loop = ioloop.IOLoop.current().asyncio_loop
@@ -142,8 +173,11 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         url = urlparse(self.bind_url)
         app = self.make_app()
         app.listen(url.port or 80, url.hostname or "127.0.0.1")
+        wurl = urlparse(self.worker_bind_url)
+        self.make_worker_app().listen(wurl.port or 80, wurl.hostname or "127.0.0.1")
         ioloop.PeriodicCallback(lambda: self.book.check_heartbeats(self.heartbeat_timeout), max(self.heartbeat_timeout / 3, 0.2) * 1000).start()
-        print(f"gpulab pool listening on {self.bind_url}{self.prefix} (database {self.db_url}, "
+        print(f"gpulab pool listening on {self.bind_url}{self.prefix}, workers on {self.worker_bind_url} "
+              f"(database {self.db_url}, "
               f"strategy {self.strategy})", flush=True)
         ioloop.IOLoop.current().start()
 

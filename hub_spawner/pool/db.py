@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Integer, String, create_engine, event
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Integer, String, create_engine, event, inspect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 
@@ -23,6 +23,8 @@ class Worker(Base):
     backend: Mapped[str] = mapped_column(String(32), default="cuda")
     status: Mapped[str] = mapped_column(String(16), default="up")  # up | lost
     last_seen: Mapped[float] = mapped_column(Float, default=time.time)
+    # sha256 of the credential issued at enrolment (worker_api.py); None: the name may be enrolled
+    credential_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
     gpus: Mapped[list["GPU"]] = relationship(back_populates="worker", cascade="all, delete-orphan")
 
 
@@ -86,4 +88,13 @@ def make_sessionmaker(url: str):
             # take the write lock at the start: two pools placing at once cannot double book
             conn.exec_driver_sql("BEGIN IMMEDIATE")
     Base.metadata.create_all(engine)
+    _add_credential_column(engine)
     return engine, sessionmaker(engine, expire_on_commit=False)
+
+
+def _add_credential_column(engine) -> None:
+    """The pool has no migrations; this one column is added in place to a database made before
+    per-worker credentials, whose workers then enrol again (their names are free until they do)."""
+    if "credential_hash" not in {c["name"] for c in inspect(engine).get_columns("workers")}:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE workers ADD COLUMN credential_hash VARCHAR(64)")

@@ -172,25 +172,37 @@ G = 2**30
 
 
 class Pool:
+    """A pool process: `url` is its service URL (the hub's API), `worker_url` its internal worker listener."""
+
     def __init__(self, db: str, timeout: float = 30.0, extra=()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
+        self.worker_url = f"http://127.0.0.1:{free_port()}/"
+        self.credentials: dict[str, str] = {}  # worker name -> the credential the pool issued at enrolment
         env = dict(os.environ, GPULAB_POOL_API_TOKEN=HUB_TOKEN, GPULAB_POOL_WORKER_TOKEN=WORKER_TOKEN)
         env.pop("JUPYTERHUB_API_TOKEN", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hub_spawner.pool", f"--GPUPool.db_url=sqlite:///{db}",
-             f"--GPUPool.bind_url=http://127.0.0.1:{self.port}", f"--GPUPool.heartbeat_timeout={timeout}", *extra],
+             f"--GPUPool.bind_url=http://127.0.0.1:{self.port}", f"--GPUPool.worker_bind_url={self.worker_url}",
+             f"--GPUPool.heartbeat_timeout={timeout}", *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert "listening" in self.proc.stdout.readline()
 
     def call(self, method, path, body=None, token=HUB_TOKEN):
         return _call(method, self.url + path, body, token)
 
+    def worker_call(self, method, path, body=None, token=None, worker="w1"):
+        """A call on the worker listener, by default with worker `worker`'s own credential."""
+        return _call(method, self.worker_url + path, body, token or self.credentials[worker])
+
     def register(self, name="w1", gpus=1, memory=16 * G, node="n1"):
+        """Enrol `name` (or register it again with its credential), keeping its credential."""
         body = {"name": name, "address": f"tcp://10.0.0.1:{7000 + gpus}", "node": node, "backend": "emulated",
                 "gpus": [{"uuid": f"GPU-{name}-{i}", "index": i, "model": "test GPU", "memory": memory}
                          for i in range(gpus)]}
-        assert self.call("POST", "api/workers", body, WORKER_TOKEN)[0] == 200
+        status, answer = self.worker_call("POST", "api/workers", body, self.credentials.get(name, WORKER_TOKEN))
+        assert status == 200, answer
+        self.credentials.setdefault(name, answer.get("credential"))
 
     def stop(self):
         self.proc.send_signal(signal.SIGKILL)

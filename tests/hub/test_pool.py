@@ -27,12 +27,12 @@ def test_allocate_issue_token_and_release(pool):
     status, alloc = pool.call("POST", "api/allocations", {"user": "ann", "vram": "4G", "compute": 25})
     assert status == 201 and alloc["address"] == "tcp://10.0.0.1:7001" and alloc["token"]
     # the worker asks about the token a session presents
-    status, limits = pool.call("POST", "api/workers/w1/sessions", {"token": alloc["token"]}, WORKER_TOKEN)
+    status, limits = pool.worker_call("POST", "api/workers/w1/sessions", {"token": alloc["token"]})
     assert status == 200 and limits["vram"] == 4 * G
-    assert pool.call("POST", "api/workers/w1/sessions", {"token": "forged"}, WORKER_TOKEN)[0] == 404
+    assert pool.worker_call("POST", "api/workers/w1/sessions", {"token": "forged"})[0] == 404
     assert pool.call("DELETE", f"api/allocations/{alloc['id']}")[0] == 204
     assert pool.call("DELETE", f"api/allocations/{alloc['id']}")[0] == 204  # idempotent
-    assert pool.call("POST", "api/workers/w1/sessions", {"token": alloc["token"]}, WORKER_TOKEN)[0] == 404
+    assert pool.worker_call("POST", "api/workers/w1/sessions", {"token": alloc["token"]})[0] == 404
     _, usage = pool.call("GET", "api/usage")
     assert usage[0]["user"] == "ann" and usage[0]["active"] == 0 and usage[0]["gpu_hours"] > 0
 
@@ -41,8 +41,8 @@ def test_bad_input_and_wrong_tokens(pool):
     pool.register()
     assert pool.call("POST", "api/allocations", {"user": "ann", "vram": "4G"}, token="wrong")[0] == 403
     assert pool.call("POST", "api/allocations", {"user": "ann", "vram": "4G"}, token=WORKER_TOKEN)[0] == 403
-    assert pool.call("POST", "api/workers", {"name": "x"}, HUB_TOKEN)[0] == 403
-    assert pool.call("POST", "api/workers", {"name": "x"}, WORKER_TOKEN)[0] == 400
+    assert pool.worker_call("POST", "api/workers", {"name": "x"}, HUB_TOKEN)[0] == 403
+    assert pool.worker_call("POST", "api/workers", {"name": "x"}, WORKER_TOKEN)[0] == 400
     status, body = pool.call("POST", "api/allocations", {"user": "ann", "vram": "lots"})
     assert status == 400 and "invalid GPU request" in body["message"]
     status, body = pool.call("POST", "api/allocations", {"user": "ann", "vram": "4G", "compute": 300})
@@ -75,9 +75,9 @@ def test_heartbeat_loss_marks_worker_and_sessions_lost(tmp_path):
         status, body = p.call("POST", "api/allocations", {"user": "bob", "vram": "1G"})
         assert status == 503 and body["constraint"] == "lost" and "no other GPU worker is up" in body["message"]
         # the worker comes back: it can be used again
-        assert p.call("POST", "api/workers/w1/heartbeat", {}, WORKER_TOKEN)[0] == 200
+        assert p.worker_call("POST", "api/workers/w1/heartbeat", {})[0] == 200
         assert p.call("POST", "api/allocations", {"user": "bob", "vram": "1G"})[0] == 201
-        assert p.call("POST", "api/workers/nobody/heartbeat", {}, WORKER_TOKEN)[0] == 404
+        assert p.worker_call("POST", "api/workers/nobody/heartbeat", {})[0] == 403  # not its own name
     finally:
         p.stop()
 
@@ -88,13 +88,14 @@ def test_allocations_survive_a_restart(tmp_path):
     p.register()
     _, alloc = p.call("POST", "api/allocations", {"user": "ann", "vram": "12G"})
     p.stop()
-    p = Pool(db)
+    credentials, p = p.credentials, Pool(db)
+    p.credentials = credentials  # the worker keeps its credential across the pool's restart
     try:
         _, a = p.call("GET", f"api/allocations/{alloc['id']}")
         assert a["status"] == "active" and a["user"] == "ann"
         status, body = p.call("POST", "api/allocations", {"user": "bob", "vram": "8G"})
         assert status == 503  # the 12 GiB are still promised
-        assert p.call("POST", "api/workers/w1/sessions", {"token": alloc["token"]}, WORKER_TOKEN)[0] == 200
+        assert p.worker_call("POST", "api/workers/w1/sessions", {"token": alloc["token"]})[0] == 200
     finally:
         p.stop()
 
@@ -119,11 +120,11 @@ def test_concurrent_allocations_never_double_book(tmp_path):
         b.stop()
 
 
-def test_worker_reports_session_vram_use(pool):
+def test_worker_reports_session_vram_use(pool, tmp_path):
     """A real worker registers, serves a session with a pool-issued token and reports its use."""
-    env = dict(os.environ, GPULAB_POOL_TOKEN=WORKER_TOKEN)
+    env = dict(os.environ, GPULAB_POOL_TOKEN=WORKER_TOKEN, XDG_STATE_HOME=str(tmp_path))  # its credential
     worker = subprocess.Popen([sys.executable, "-m", "gpu_worker.daemon", "--backend", "emulated",
-                               "--tcp", "127.0.0.1:0", "--pool-url", pool.url, "--name", "real",
+                               "--tcp", "127.0.0.1:0", "--pool-url", pool.worker_url, "--name", "real",
                                "--heartbeat-interval", "0.3"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     client = None

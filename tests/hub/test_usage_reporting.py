@@ -43,9 +43,11 @@ class Daemon:
 
     def __init__(self, pool: Pool, name: str, port: int, runtime_dir: str):
         env = dict(os.environ, GPULAB_POOL_TOKEN=WORKER_TOKEN, XDG_RUNTIME_DIR=runtime_dir)
+        self.credential_file = os.path.join(runtime_dir, f"{name}.credential")  # kept across its restarts
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpu_worker.daemon", "--backend", "emulated", "--tcp", f"127.0.0.1:{port}",
-             "--pool-url", pool.url, "--name", name, "--heartbeat-interval", str(INTERVAL)],
+             "--pool-url", pool.worker_url, "--name", name, "--heartbeat-interval", str(INTERVAL),
+             f"--GPUWorker.pool_credential_file={self.credential_file}"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
         self.address = self.proc.stdout.readline().split("listening on ")[1].split()[0]
 
@@ -72,6 +74,12 @@ class Client:
     def close(self):
         self.proc.kill()
         self.proc.wait()
+
+
+def beat(pool, daemon: Daemon, body: dict) -> int:
+    """A heartbeat as the worker would send it, with its own credential; the status."""
+    with open(daemon.credential_file) as f:
+        return pool.worker_call("POST", "api/workers/w-usage/heartbeat", body, f.read().strip())[0]
 
 
 def used_vram(pool, alloc_id) -> int:
@@ -169,7 +177,7 @@ def test_a_restarted_daemon_reports_the_sessions_that_outlived_the_old_one(setup
     client("sync")
     # while no daemon runs, the pool hears nothing; make its figure wrong on purpose so that only
     # a heartbeat of the new daemon can put it right
-    assert pool.call("POST", "api/workers/w-usage/heartbeat", {"sessions": {}}, WORKER_TOKEN)[0] == 200
+    assert beat(pool, old, {"sessions": {}}) == 200
     assert used_vram(pool, alloc["id"]) == 0
     start_daemon()
     wait_used(pool, alloc["id"], 4 * MiB, 20)  # start-up, registration, then its first heartbeat
@@ -196,8 +204,8 @@ def test_heartbeats_without_session_figures_leave_them_alone(setup):
     connect(alloc["token"])("alloc", "a", 3 * MiB)
     wait_used(pool, alloc["id"], 3 * MiB, INTERVAL + SLACK)
     daemons[-1].kill_group()
-    assert pool.call("POST", "api/workers/w-usage/heartbeat", {}, WORKER_TOKEN)[0] == 200
+    assert beat(pool, daemons[-1], {}) == 200
     assert used_vram(pool, alloc["id"]) == 3 * MiB
     for bad in ({"sessions": []}, {"sessions": {"x": "lots"}}, {"sessions": {"x": -1}}):
-        assert pool.call("POST", "api/workers/w-usage/heartbeat", bad, WORKER_TOKEN)[0] == 400
+        assert beat(pool, daemons[-1], bad) == 400
     assert used_vram(pool, alloc["id"]) == 3 * MiB

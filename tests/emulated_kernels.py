@@ -22,3 +22,11 @@ def axpy_mixed(launch, alpha, x, y, n, offset):
 def scale_inplace(launch, data, factor, n):
     d = launch.array(data, np.int32, n)
     d *= factor
+
+
+@kernel("sleep_ms")
+def sleep_ms(launch, ms):
+    """A long-running kernel: the worker is busy (and alive) for ``ms`` milliseconds."""
+    import time
+
+    time.sleep(ms / 1000)

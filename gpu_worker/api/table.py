@@ -145,7 +145,8 @@ class Layout:
 
 
 WIRE = [
-    Const("PROTOCOL_VERSION", 2, "sent in HELLO; a worker refuses any other version (2: replies carry reasons)"),
+    Const("PROTOCOL_VERSION", 3, "sent in HELLO; a worker refuses any other version (2: replies carry reasons, "
+                                 "3: keepalives)"),
     Const("OP_HELLO", 1, "opens the session: version, client pid, token"),
     Const("OP_SET_CONTEXT", 2, "the calling thread's current context id (never replied)"),
     Const("OP_LAUNCH", 3, "a kernel launch with its parameter buffer (never replied)"),
@@ -157,6 +158,12 @@ WIRE = [
     Const("MAX_REPLY", 64 << 20, "largest reply payload the shim buffers (bulk copy data excepted)"),
     Const("PIPELINE_FLUSH", 64 << 10, "the shim sends pipelined frames once this many bytes are pending"),
     Const("MAX_REASON", 1024, "longest reason (UTF-8 bytes) a reply carries for a refused call"),
+    Const("REPLY_KEEPALIVE", 1 << 31, "reply header's reason-length word: not a reply but a keepalive (no payload, "
+                                      "result 0): the worker is alive and still running a call"),
+    Const("KEEPALIVE_AFTER_MS", 1000, "the worker sends keepalives once a call has run this long"),
+    Const("KEEPALIVE_EVERY_MS", 2000, "and then this often until the call ends"),
+    Const("DEFAULT_TIMEOUT_MS", 10000, "the shim gives up on a silent worker after this long (GPULAB_TIMEOUT)"),
+    Const("MIN_TIMEOUT_MS", 3000, "the shortest liveness limit the shim accepts: above KEEPALIVE_AFTER + EVERY"),
 ]
 
 LAYOUTS = [
@@ -213,7 +220,7 @@ FORWARDED = [
     F("cuCtxSetCacheConfig", [In("config", "i32")], since=3020),
     # --- memory ---------------------------------------------------------------------
     F("cuMemAlloc", [Out("dptr", "dptr"), In("bytesize", "size")], abi="cuMemAlloc_v2", since=3020,
-      c_after="gl_track_alloc(*dptr, bytesize)"),
+      c_after="r = gl_track_new_alloc(*dptr, bytesize)"),
     # a free is pipelined but sent at once: the vGPU's usage figure (dashboard, quota) drops within
     # milliseconds, not at the program's next synchronizing call, which may be minutes away
     F("cuMemFree", [In("dptr", "dptr")], abi="cuMemFree_v2", since=3020, mode="async", send_now=True,
@@ -256,8 +263,9 @@ FORWARDED = [
     F("cuModuleLoadFatBinary", [Mint("module", "module"), Image("fatCubin")]),
     F("cuModuleUnload", [In("hmod", "h:module")], mode="async"),
     F("cuModuleGetFunction", [Mint("hfunc", "function"), In("hmod", "h:module"), CStr("name")]),
+    # a global is device memory: tracked so that a unified cuMemcpy to it goes to the worker
     F("cuModuleGetGlobal", [Out("dptr", "dptr"), Out("bytes", "size"), In("hmod", "h:module"), CStr("name")],
-      abi="cuModuleGetGlobal_v2", since=3020),
+      abi="cuModuleGetGlobal_v2", since=3020, c_after="r = gl_track_global(*dptr, *bytes)"),
     F("cuModuleGetLoadingMode", [Out("mode", "i32")], since=11070),
     F("cuLibraryLoadData", [Mint("library", "library"), Image("code"), Ignored("jitOptions", "int*"),
                             Ignored("jitOptionsValues", "void**"), Ignored("numJitOptions", "unsigned int"),

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ..api import errors as E
 from .emulated_kernels import REGISTRY, Launch
 from ..api.errors import CudaError, Refusal
-from .ptx import looks_like_ptx, parse_entries
+from .ptx import looks_like_ptx, parse_entries, parse_globals
 
 if TYPE_CHECKING:
     from .base import Backend
@@ -344,11 +344,12 @@ class EmulatedBackend:
             kind = {b"\x7fELF": "cubin", b"\x50\xed\x55\xba": "fatbin"}.get(data[:4], "unknown image")
             raise Refusal(E.NOT_SUPPORTED, f"the emulated device (a test double, no GPU) loads PTX only (got a "
                                            f"{len(data)}-byte {kind})")
+        text = data.decode("utf-8", "replace")
         try:
-            entries = parse_entries(data.decode("utf-8", "replace"))
+            entries = parse_entries(text)
         except ValueError as exc:
             raise CudaError(E.INVALID_PTX, str(exc)) from None
-        return _Obj("module", entries=entries, functions={})
+        return _Obj("module", entries=entries, functions={}, globals=parse_globals(text), global_ptrs={})
 
     def cuModuleLoadData(self, image):
         return (self._load(image),)
@@ -374,7 +375,15 @@ class EmulatedBackend:
         return (self._function(mod, name),)
 
     def cuModuleGetGlobal(self, mod, name):
-        raise CudaError(E.NOT_FOUND, f"the emulated device has no module globals ({name!r})")
+        """A module-scope ``.global`` variable: zero-filled device memory, made on first request
+        (initializers in the PTX are not emulated)."""
+        size = getattr(mod, "globals", {}).get(name)
+        if size is None:
+            raise CudaError(E.NOT_FOUND, f"no global named {name!r} in the module")
+        ptr = mod.global_ptrs.get(name)
+        if ptr is None:
+            ptr = mod.global_ptrs[name] = self.mem_alloc(size)
+        return (ptr, size)
 
     def cuModuleGetLoadingMode(self):
         return (1,)  # CU_MODULE_EAGER_LOADING

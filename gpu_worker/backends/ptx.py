@@ -14,6 +14,9 @@ _PARAM = re.compile(
     r"(?:\s+\.align\s+\d+)?)?\s+([A-Za-z_$][\w$]*)(?:\[(\d+)\])?")
 _VERSION = re.compile(r"^[ \t]*\.version[ \t]+(\d+)\.(\d+)", re.M)  # [ \t]: \s would span lines
 _SIZES = {"8": 1, "16": 2, "32": 4, "64": 8}
+# a module-scope variable: `.visible .global .align 4 .b8 table[64];` ([ \t]: one line only)
+_GLOBAL = re.compile(r"^[ \t]*(?:\.(?:visible|weak)[ \t]+)?\.global[ \t]+(?:\.align[ \t]+\d+[ \t]+)?"
+                     r"\.([a-z]\d+)[ \t]+([A-Za-z_$][\w$]*)(?:\[(\d+)\])?", re.M)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,16 @@ class Param:
             return bytes(raw)
         code = {"u": "BHIQ", "s": "bhiq", "b": "BHIQ", "f": "xefd"}[self.type[0]]["8 16 32 64".split().index(self.type[1:])]
         return struct.unpack("<" + code, raw)[0]
+
+
+def parse_globals(ptx: str) -> dict[str, int]:
+    """Map each module-scope ``.global`` variable in ``ptx`` to its size in bytes."""
+    out = {}
+    for ty, name, count in _GLOBAL.findall(ptx):
+        elem = _SIZES.get(ty[1:])
+        if elem is not None:
+            out[name] = elem * (int(count) if count else 1)
+    return out
 
 
 def parse_entries(ptx: str) -> dict[str, list[Param]]:

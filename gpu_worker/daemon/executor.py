@@ -8,16 +8,22 @@ returns; errors in STICKY stay for the rest of the session, as on a GPU.
 A refusal's reason (:class:`~gpu_worker.api.errors.Refusal`) travels with the CUresult
 at the end of the reply, and a latched error keeps its reason until it is returned, so
 the person running the program reads why, not only the code.
+
+Liveness: while a call has run for more than ``KEEPALIVE_AFTER_MS`` a small thread sends a
+keepalive (a reply header flagged ``REPLY_KEEPALIVE``) every ``KEEPALIVE_EVERY_MS``, so the
+shim, which gives up on a worker silent for its limit, tells a long kernel from a hung worker.
 """
 from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
 
 from ..api import errors as E
 from ..api.errors import CudaError, Refusal
 from ..api.protocol import FLAG_REPLY, REP_HEADER, REQ_HEADER, ProtocolError
-from ..api.wire import MAX_REASON
+from ..api.wire import KEEPALIVE_AFTER_MS, KEEPALIVE_EVERY_MS, MAX_REASON, REPLY_KEEPALIVE
 from .dispatch_generated import IN_STRUCTS
 
 log = logging.getLogger("gpulab.worker")
@@ -94,13 +100,41 @@ class Executor:
         self.sticky = 0
         self.sticky_untold = ""  # why a pipelined call made the context unusable, not yet returned
         self.calls = 0
+        # replies and keepalives share the socket: one whole frame at a time
+        self.send_lock = threading.Lock()
+        self.busy_since = None  # monotonic start of the frame being run, None while waiting for one
+        self._keepalive = None
+
+    def _start_keepalive(self) -> None:
+        if self._keepalive is None:
+            self._keepalive = threading.Thread(target=self._keepalive_loop, name="gpulab-keepalive", daemon=True)
+            self._keepalive.start()
+
+    def _keepalive_loop(self) -> None:
+        after, every = KEEPALIVE_AFTER_MS / 1000, KEEPALIVE_EVERY_MS / 1000
+        last = 0.0
+        frame = REP_HEADER.pack(0, 0, REPLY_KEEPALIVE)
+        while True:
+            time.sleep(0.25)
+            since, now = self.busy_since, time.monotonic()
+            if since is None or now - since < after or now - last < every:
+                continue
+            try:
+                with self.send_lock:
+                    self.sock.sendall(frame)
+            except OSError:
+                return  # the session is ending; serve() notices on its own
+            last = now
 
     def serve(self) -> None:
         """Run frames until the client goes away or breaks the protocol."""
         reader = self.reader
         handlers = self.handlers
+        self._start_keepalive()
         while True:
+            self.busy_since = None
             plen, op, flags = REQ_HEADER.unpack(reader.read(REQ_HEADER.size))
+            self.busy_since = time.monotonic()
             want_reply = flags & FLAG_REPLY
             entry = handlers.get(op)
             if entry is None:
@@ -182,11 +216,12 @@ class Executor:
             if result:
                 out = b""
             header = REP_HEADER.pack(len(out) + len(why), result, len(why))
-            if len(out) > 65536:
-                self.sock.sendall(header)
-                self.sock.sendall(out)
-            else:
-                self.sock.sendall(header + bytes(out) + why)
+            with self.send_lock:
+                if len(out) > 65536:
+                    self.sock.sendall(header)
+                    self.sock.sendall(out)
+                else:
+                    self.sock.sendall(header + bytes(out) + why)
         elif result and not self.latched:
             self.latched, self.latched_reason = result, reason
 

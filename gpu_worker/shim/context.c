@@ -16,6 +16,9 @@ void gl_ctx_set_current(CUcontext c)
     else tls_ctx[tls_depth - 1] = (uintptr_t)c;
 }
 
+/* fork(): only the forking thread lives on in the child, and its contexts were the parent's. */
+void gl_ctx_reset_after_fork(void) { tls_depth = 0; }
+
 void gl_ctx_forget(CUcontext c)
 {
     for (int i = 0; i < tls_depth; i++)

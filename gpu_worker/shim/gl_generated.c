@@ -457,7 +457,7 @@ GL_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize)
         r = gl_reply_status(&m);
     }
     gl_end(&m);
-    if (r == CUDA_SUCCESS) gl_track_alloc(*dptr, bytesize);
+    if (r == CUDA_SUCCESS) r = gl_track_new_alloc(*dptr, bytesize);
     return r;
 }
 
@@ -790,6 +790,7 @@ GL_EXPORT CUresult cuModuleGetGlobal_v2(CUdeviceptr *dptr, size_t *bytes, CUmodu
         r = gl_reply_status(&m);
     }
     gl_end(&m);
+    if (r == CUDA_SUCCESS) r = gl_track_global(*dptr, *bytes);
     return r;
 }
 

@@ -94,11 +94,17 @@ uintptr_t gl_mint_handle(void);
 uintptr_t gl_ctx_current(void);
 void gl_ctx_set_current(CUcontext c);
 void gl_ctx_forget(CUcontext c);
+void gl_ctx_reset_after_fork(void);
 /* images.c */
 const void *gl_image_data(const void *image, size_t *size);
 /* memory.c */
-void gl_track_alloc(CUdeviceptr p, size_t n);
+int gl_track_alloc(CUdeviceptr p, size_t n);
+CUresult gl_track_new_alloc(CUdeviceptr p, size_t n);  /* cuMemAlloc: tracked, or freed and OUT_OF_MEMORY */
+CUresult gl_track_global(CUdeviceptr p, size_t n);     /* cuModuleGetGlobal */
 void gl_untrack_alloc(CUdeviceptr p);
+void gl_memory_reset_after_fork(void);
+/* launch.c */
+void gl_launch_reset_after_fork(void);
 
 /* Generated entry points that the hand-written code calls. */
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n);
@@ -108,5 +114,6 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstre
 CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstream s);
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s);
 CUresult cuStreamSynchronize(CUstream s);
+CUresult cuMemFree_v2(CUdeviceptr p);
 
 #endif

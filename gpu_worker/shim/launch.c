@@ -5,17 +5,26 @@
 
 #include <stdlib.h>
 
+/* A layout is immutable once published: it is filled first, then its pointer is stored into
+ * the table with release order, so that a thread that finds it sees it whole. */
 typedef struct { uintptr_t fn; uint32_t count; uint64_t total; uint64_t *off; uint64_t *size; } layout_t;
 #define LAYOUT_SLOTS 4096
-static layout_t layouts[LAYOUT_SLOTS];
+static layout_t *layouts[LAYOUT_SLOTS];
+static __thread layout_t *spill;  /* table crowded: this thread's private copy for one launch */
+
+static void free_layout(layout_t *l)
+{
+    if (!l) return;
+    free(l->off); free(l->size); free(l);
+}
 
 static CUresult get_layout(uintptr_t fn, layout_t **out)
 {
     size_t h = (fn * 0x9E3779B97F4A7C15ull) >> 52;
     for (size_t i = 0; i < 16; i++) {
-        layout_t *l = &layouts[(h + i) % LAYOUT_SLOTS];
+        layout_t *l = __atomic_load_n(&layouts[(h + i) % LAYOUT_SLOTS], __ATOMIC_ACQUIRE);
+        if (!l) break;
         if (l->fn == fn) { *out = l; return CUDA_SUCCESS; }
-        if (l->fn == 0) break;
     }
     gl_msg m;
     CUresult r = gl_begin(&m, GL_OP_PARAM_LAYOUT, 1);
@@ -25,30 +34,51 @@ static CUresult get_layout(uintptr_t fn, layout_t **out)
     if (r != CUDA_SUCCESS) { gl_end(&m); return r; }
     uint32_t count = 0;
     gl_get(&m, &count, 4);
-    layout_t tmp = { fn, count, 0, calloc(count + 1, 8), calloc(count + 1, 8) };
+    layout_t *tmp = calloc(1, sizeof *tmp);
+    if (tmp) {
+        tmp->fn = fn;
+        tmp->count = count;
+        tmp->off = calloc((size_t)count + 1, 8);
+        tmp->size = calloc((size_t)count + 1, 8);
+    }
+    if (!tmp || !tmp->off || !tmp->size) {
+        gl_end(&m);
+        free_layout(tmp);
+        gl_sayf("out of host memory for a kernel's parameter layout (CUDA_ERROR_OUT_OF_MEMORY)");
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
     for (uint32_t i = 0; i < count && !m.bad; i++) {
-        gl_get(&m, &tmp.off[i], 8);
-        gl_get(&m, &tmp.size[i], 8);
-        if (tmp.off[i] + tmp.size[i] > tmp.total) tmp.total = tmp.off[i] + tmp.size[i];
+        gl_get(&m, &tmp->off[i], 8);
+        gl_get(&m, &tmp->size[i], 8);
+        if (tmp->off[i] + tmp->size[i] > tmp->total) tmp->total = tmp->off[i] + tmp->size[i];
     }
     r = gl_reply_status(&m);
     gl_end(&m);
-    if (r != CUDA_SUCCESS) { free(tmp.off); free(tmp.size); return r; }
+    if (r != CUDA_SUCCESS) { free_layout(tmp); return r; }
     for (size_t i = 0; i < 16; i++) {
-        layout_t *l = &layouts[(h + i) % LAYOUT_SLOTS];
-        if (__sync_bool_compare_and_swap(&l->fn, 0, fn)) {
-            l->count = tmp.count; l->total = tmp.total; l->off = tmp.off; l->size = tmp.size;
-            __sync_synchronize();
-            *out = l;
+        layout_t **slot = &layouts[(h + i) % LAYOUT_SLOTS];
+        layout_t *expected = NULL;
+        if (__atomic_compare_exchange_n(slot, &expected, tmp, 0, __ATOMIC_RELEASE, __ATOMIC_ACQUIRE)) {
+            *out = tmp;
+            return CUDA_SUCCESS;
+        }
+        if (expected->fn == fn) {  /* another thread published it meanwhile */
+            free_layout(tmp);
+            *out = expected;
             return CUDA_SUCCESS;
         }
     }
-    /* table crowded: use a private copy for this launch */
-    static __thread layout_t spill;
-    free(spill.off); free(spill.size);
+    free_layout(spill);
     spill = tmp;
-    *out = &spill;
+    *out = spill;
     return CUDA_SUCCESS;
+}
+
+/* fork(): function ids are per session; the child's session starts with none. The parent's
+ * entries are dropped, not freed (another thread of the parent may have been reading one). */
+void gl_launch_reset_after_fork(void)
+{
+    memset(layouts, 0, sizeof layouts);
 }
 
 #define CU_LAUNCH_PARAM_END ((void *)0x00)
@@ -89,6 +119,11 @@ static CUresult launch(uintptr_t f, const unsigned int dims[7], CUstream s, cons
         gl_put(&m, buf, buflen);
     } else {
         char *dst = gl_put_space(&m, buflen);
+        if (!dst) {
+            r = gl_post(&m, 0);  /* drops the frame, says why */
+            gl_end(&m);
+            return r;
+        }
         memset(dst, 0, buflen);
         for (uint32_t i = 0; i < l->count; i++) memcpy(dst + l->off[i], kernelParams[i], l->size[i]);
     }

@@ -2,31 +2,103 @@
  * (cuMemcpy, cuMemcpyAsync) and page-locked host memory, which stays in this process.
  *
  * The worker's device addresses live in another process, so to tell a device pointer from a
- * host pointer the shim keeps the spans of the allocations it has seen succeed. */
+ * host pointer the shim keeps the spans of the allocations it has seen succeed (cuMemAlloc and
+ * friends, and module globals from cuModuleGetGlobal).
+ *
+ * So that no host buffer of this process can ever sit at an address that is device memory on
+ * the worker (a unified cuMemcpy could not tell them apart), the pages of every tracked span are
+ * reserved here with an inaccessible mapping (PROT_NONE, MAP_FIXED_NOREPLACE), released on free.
+ * If host memory already lives there, the shim says so once and goes on: the address means
+ * device memory to cuMemcpy, as on a GPU with unified addressing. */
+#define _GNU_SOURCE
 #include "gl_shim.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
-typedef struct { CUdeviceptr base; size_t size; } span_t;
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+
+/* own_lo..own_hi: the pages this span reserved itself (a page it shares with a neighbour is
+ * reserved once, by whichever came first) */
+typedef struct { CUdeviceptr base; size_t size; uintptr_t own_lo, own_hi; } span_t;
 static span_t *spans;
 static size_t nspans, capspans;
 static pthread_mutex_t spans_mu = PTHREAD_MUTEX_INITIALIZER;
 
-void gl_track_alloc(CUdeviceptr p, size_t n)
+static uintptr_t page_size(void)
+{
+    static uintptr_t ps;
+    if (!ps) ps = (uintptr_t)sysconf(_SC_PAGESIZE);
+    return ps;
+}
+static uintptr_t page_down(uintptr_t a) { return a & ~(page_size() - 1); }
+static uintptr_t page_up(uintptr_t a) { return (a + page_size() - 1) & ~(page_size() - 1); }
+static uintptr_t span_end(const span_t *s) { return (uintptr_t)(s->base + (s->size ? s->size : 1)); }
+
+/* Reserve [lo, hi) unless something is mapped there; the range we got (possibly empty). */
+static void reserve_pages(span_t *s, uintptr_t lo, uintptr_t hi)
+{
+    static int said;
+    s->own_lo = s->own_hi = 0;
+    if (lo >= hi || hi < lo) return;
+    void *want = (void *)lo;
+    void *got = mmap(want, hi - lo, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE,
+                     -1, 0);
+    if (got == want) { s->own_lo = lo; s->own_hi = hi; return; }
+    int err = errno;
+    if (got != MAP_FAILED) munmap(got, hi - lo);  /* a kernel without MAP_FIXED_NOREPLACE put it elsewhere */
+    if (err == EEXIST && !__atomic_exchange_n(&said, 1, __ATOMIC_RELAXED))
+        gl_sayf("device memory at 0x%llx (%zu bytes) shares its addresses with host memory of this process: "
+                "cuMemcpy takes such addresses as device memory", (unsigned long long)s->base, s->size);
+    else
+        gl_debug("could not reserve the addresses of device memory at 0x%llx: %s", (unsigned long long)s->base,
+                 strerror(err));
+}
+
+/* Returns 0, or -1 when host memory for the table ran out (the span is then not tracked). */
+int gl_track_alloc(CUdeviceptr p, size_t n)
 {
     pthread_mutex_lock(&spans_mu);
+    for (size_t k = 0; k < nspans; k++)
+        if (spans[k].base == p) { pthread_mutex_unlock(&spans_mu); return 0; }  /* a global asked twice */
     if (nspans == capspans) {
         size_t cap = capspans ? capspans * 2 : 64;
         span_t *ns = realloc(spans, cap * sizeof *ns);
-        if (!ns) { pthread_mutex_unlock(&spans_mu); return; }
+        if (!ns) { pthread_mutex_unlock(&spans_mu); return -1; }
         spans = ns; capspans = cap;
     }
     size_t i = nspans;
     while (i > 0 && spans[i - 1].base > p) { spans[i] = spans[i - 1]; i--; }
-    spans[i].base = p; spans[i].size = n;
+    span_t *s = &spans[i];
+    s->base = p; s->size = n;
     nspans++;
+    uintptr_t lo = page_down((uintptr_t)p), hi = page_up(span_end(s));
+    if (i > 0 && page_up(span_end(&spans[i - 1])) > lo) lo = page_up(span_end(&spans[i - 1]));
+    if (i + 1 < nspans && page_down((uintptr_t)spans[i + 1].base) < hi) hi = page_down((uintptr_t)spans[i + 1].base);
+    reserve_pages(s, lo, hi);
     pthread_mutex_unlock(&spans_mu);
+    return 0;
+}
+
+CUresult gl_track_new_alloc(CUdeviceptr p, size_t n)
+{
+    if (gl_track_alloc(p, n) == 0) return CUDA_SUCCESS;
+    /* untracked device memory would pass for host memory in cuMemcpy: give it back */
+    cuMemFree_v2(p);
+    gl_sayf("cuMemAlloc refused: out of host memory to track the allocation (CUDA_ERROR_OUT_OF_MEMORY)");
+    return CUDA_ERROR_OUT_OF_MEMORY;
+}
+
+CUresult gl_track_global(CUdeviceptr p, size_t n)
+{
+    if (gl_track_alloc(p, n) == 0) return CUDA_SUCCESS;
+    gl_sayf("cuModuleGetGlobal refused: out of host memory to track the global (CUDA_ERROR_OUT_OF_MEMORY)");
+    return CUDA_ERROR_OUT_OF_MEMORY;
 }
 
 void gl_untrack_alloc(CUdeviceptr p)
@@ -34,12 +106,28 @@ void gl_untrack_alloc(CUdeviceptr p)
     pthread_mutex_lock(&spans_mu);
     for (size_t i = 0; i < nspans; i++) {
         if (spans[i].base == p) {
+            /* release our own pages, but not one a neighbour still lies on */
+            uintptr_t lo = spans[i].own_lo, hi = spans[i].own_hi;
+            if (i > 0 && page_up(span_end(&spans[i - 1])) > lo) lo = page_up(span_end(&spans[i - 1]));
+            if (i + 1 < nspans && page_down((uintptr_t)spans[i + 1].base) < hi)
+                hi = page_down((uintptr_t)spans[i + 1].base);
+            if (lo < hi) munmap((void *)lo, hi - lo);
             memmove(&spans[i], &spans[i + 1], (nspans - i - 1) * sizeof *spans);
             nspans--;
             break;
         }
     }
     pthread_mutex_unlock(&spans_mu);
+}
+
+/* fork(): the child's session starts empty. The parent's reservations are released so that the
+ * child's own memory may use those addresses. */
+void gl_memory_reset_after_fork(void)
+{
+    pthread_mutex_init(&spans_mu, NULL);
+    for (size_t i = 0; i < nspans; i++)
+        if (spans[i].own_lo < spans[i].own_hi) munmap((void *)spans[i].own_lo, spans[i].own_hi - spans[i].own_lo);
+    nspans = 0;
 }
 
 static int is_device_ptr(CUdeviceptr p)

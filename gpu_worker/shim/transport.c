@@ -1,6 +1,11 @@
 /* gpulab shim: the connection to the worker. Connecting and the HELLO handshake, framing,
  * the send buffer that pipelines calls without a reply, reading replies, and what a forked
- * child and process exit need. The wire format is docs/protocol.md. */
+ * child and process exit need. The wire format is docs/protocol.md.
+ *
+ * Liveness: every wait on the socket (connect, send, receive) has a deadline. The worker sends
+ * keepalives while a call runs long, so the deadline is "nothing at all arrived for the limit"
+ * (GPULAB_TIMEOUT seconds, default 10): a long kernel never times out, a hung or stopped worker
+ * does, and the program gets an error with a reason instead of waiting forever. */
 #define _GNU_SOURCE
 #include "gl_shim.h"
 
@@ -8,9 +13,12 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/un.h>
@@ -26,60 +34,189 @@ static struct {
     char *rbuf; size_t rlen, rcap;
     uintptr_t server_ctx;   /* context the worker believes is current */
     int server_ctx_known;
-} C = { PTHREAD_MUTEX_INITIALIZER, -1, 0, CUDA_SUCCESS, 0, NULL, 0, 0, NULL, 0, 0, 0, 0 };
+    int oom;                /* the frame being built did not fit in host memory */
+    unsigned char early[GL_REP_HEADER_SIZE];  /* a reply header that arrived while we were sending */
+    int have_early;
+    const char *addr;       /* GPULAB_WORKER, for messages */
+    volatile int exiting;   /* process exit: waits are short, nothing blocks the exit */
+} C = { PTHREAD_MUTEX_INITIALIZER, -1, 0, CUDA_SUCCESS, 0, NULL, 0, 0, NULL, 0, 0, 0, 0, 0, {0}, 0, "", 0 };
+
+/* The liveness limit in milliseconds (GPULAB_TIMEOUT, seconds; 0 = wait forever). */
+static int timeout_ms(void)
+{
+    static int cached = -1;
+    int v = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (v >= 0) return C.exiting && (v == 0 || v > 1000) ? 1000 : v;
+    const char *s = getenv("GPULAB_TIMEOUT");
+    v = GL_DEFAULT_TIMEOUT_MS;
+    if (s && *s) {
+        char *end;
+        double sec = strtod(s, &end);
+        if (end == s || *end || sec < 0 || sec > 86400) {
+            gl_log("GPULAB_TIMEOUT=%s is not a number of seconds: using %u s", s, GL_DEFAULT_TIMEOUT_MS / 1000);
+        } else if (sec == 0) {
+            v = 0;
+        } else {
+            v = (int)(sec * 1000);
+            /* shorter than the worker's keepalive period would fail long calls that are fine */
+            if (v < (int)GL_MIN_TIMEOUT_MS) {
+                gl_log("GPULAB_TIMEOUT=%s is below the minimum of %u s: using %u s", s, GL_MIN_TIMEOUT_MS / 1000,
+                       GL_MIN_TIMEOUT_MS / 1000);
+                v = GL_MIN_TIMEOUT_MS;
+            }
+        }
+    }
+    __atomic_store_n(&cached, v, __ATOMIC_RELAXED);
+    return C.exiting && (v == 0 || v > 1000) ? 1000 : v;
+}
+
+static long long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
 static void mark_dead(CUresult err, const char *why)
 {
     if (C.state != -1)
-        gl_log("connection to the worker lost (%s): CUDA calls now return %d", why, err);
+        gl_sayf("connection to the worker lost (%s): CUDA calls now return %d", why, err);
     C.state = -1;
     C.dead_error = err;
     if (C.fd >= 0) close(C.fd);
     C.fd = -1;
     C.slen = 0;
+    C.have_early = 0;
+}
+
+/* Wait until fd is ready for `events` or the deadline (ms since boot, 0: none) passes.
+ * Returns the poll revents, or 0 with errno = ETIMEDOUT. */
+static int wait_fd(int fd, short events, long long deadline)
+{
+    for (;;) {
+        int ms = -1;
+        if (deadline) {
+            long long left = deadline - now_ms();
+            if (left <= 0) { errno = ETIMEDOUT; return 0; }
+            ms = left > 1000000 ? 1000000 : (int)left;
+        }
+        struct pollfd pf = { fd, events, 0 };
+        int r = poll(&pf, 1, ms);
+        if (r > 0) return pf.revents;
+        if (r < 0 && errno != EINTR) return POLLERR;
+    }
+}
+
+static long long deadline_from_now(void)
+{
+    int t = timeout_ms();
+    return t ? now_ms() + t : 0;
+}
+
+static int is_keepalive(const unsigned char *h)
+{
+    uint32_t w;
+    memcpy(&w, h + 12, 4);
+    return (w & GL_REPLY_KEEPALIVE) != 0;
+}
+
+/* recv n bytes; the deadline restarts whenever bytes arrive (a keepalive is 16 of them). */
+static int read_all(void *p, size_t n)
+{
+    char *c = p;
+    long long deadline = deadline_from_now();
+    while (n > 0) {
+        int ev = wait_fd(C.fd, POLLIN, deadline);
+        if (ev == 0) return -1;
+        ssize_t r = recv(C.fd, c, n, MSG_DONTWAIT);
+        if (r == 0) { errno = ECONNRESET; return -1; }
+        if (r < 0) {
+            if (errno == EINTR || errno == EAGAIN) continue;
+            return -1;
+        }
+        c += r; n -= (size_t)r;
+        deadline = deadline_from_now();
+    }
+    return 0;
+}
+
+/* While we send, the worker may send keepalives (it runs an earlier long call and is not
+ * reading): take them as signs of life, and keep anything else for the reply reader. */
+static int drain_while_sending(long long *deadline)
+{
+    unsigned char h[GL_REP_HEADER_SIZE];
+    if (read_all(h, sizeof h) != 0) return -1;
+    if (is_keepalive(h)) { *deadline = deadline_from_now(); return 0; }
+    memcpy(C.early, h, sizeof h);
+    C.have_early = 1;
+    return 0;
 }
 
 static int write_all_iov(struct iovec *iov, int n)
 {
+    long long deadline = deadline_from_now();
     while (n > 0) {
         struct msghdr mh;
         memset(&mh, 0, sizeof mh);
         mh.msg_iov = iov;
         mh.msg_iovlen = (size_t)n;
-        ssize_t w = sendmsg(C.fd, &mh, MSG_NOSIGNAL);
+        ssize_t w = sendmsg(C.fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (w < 0) {
             if (errno == EINTR) continue;
-            return -1;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+            int ev = wait_fd(C.fd, C.have_early ? POLLOUT : POLLOUT | POLLIN, deadline);
+            if (ev == 0) return -1;
+            if ((ev & POLLIN) && !(ev & POLLOUT) && drain_while_sending(&deadline) != 0) return -1;
+            continue;
         }
+        deadline = deadline_from_now();
         while (n > 0 && (size_t)w >= iov->iov_len) { w -= (ssize_t)iov->iov_len; iov++; n--; }
         if (n > 0) { iov->iov_base = (char *)iov->iov_base + w; iov->iov_len -= (size_t)w; }
     }
     return 0;
 }
 
-static int read_all(void *p, size_t n)
+/* The next reply header, skipping keepalives. */
+static int read_reply_header(unsigned char *rep)
 {
-    char *c = p;
-    while (n > 0) {
-        ssize_t r = recv(C.fd, c, n, 0);
-        if (r == 0) { errno = ECONNRESET; return -1; }
-        if (r < 0) {
-            if (errno == EINTR) continue;
+    for (;;) {
+        if (C.have_early) {
+            memcpy(rep, C.early, GL_REP_HEADER_SIZE);
+            C.have_early = 0;
+        } else if (read_all(rep, GL_REP_HEADER_SIZE) != 0) {
             return -1;
         }
-        c += r; n -= (size_t)r;
+        if (!is_keepalive(rep)) return 0;
+        uint64_t plen;
+        memcpy(&plen, rep, 8);
+        if (plen) { errno = EPROTO; return -1; }
     }
-    return 0;
 }
 
-static void reserve(size_t extra)
+/* Why the connection failed, in words; a silent worker gets its own sentence. */
+static void lost(CUresult err, const char *what)
 {
-    if (C.slen + extra <= C.scap) return;
+    if (errno == ETIMEDOUT && C.state != -1) {
+        int t = timeout_ms();
+        gl_sayf("%s: the worker at %s has not answered for %d s (GPULAB_TIMEOUT): it is hung, stopped or "
+                "unreachable; CUDA calls now return %d", what, C.addr, t / 1000, err);
+        C.state = -1;  /* said: mark_dead need not say it again */
+    }
+    mark_dead(err, strerror(errno));
+}
+
+static int reserve(size_t extra)
+{
+    if (C.slen + extra <= C.scap) return 0;
     size_t cap = C.scap ? C.scap : 65536;
-    while (cap < C.slen + extra) cap *= 2;
+    while (cap < C.slen + extra) {
+        if (cap > ((size_t)-1) / 2) { C.oom = 1; return -1; }
+        cap *= 2;
+    }
     char *nb = realloc(C.sbuf, cap);
-    if (!nb) { gl_log("out of host memory for the send buffer"); abort(); }
+    if (!nb) { C.oom = 1; return -1; }
     C.sbuf = nb; C.scap = cap;
+    return 0;
 }
 
 static int flush_with(const void *bulk, size_t bulk_len)
@@ -116,6 +253,7 @@ static CUresult connect_worker(void)
 {
     const char *addr = getenv("GPULAB_WORKER");
     const char *token = getenv("GPULAB_TOKEN");
+    C.addr = addr ? addr : "";
     if (!addr || !*addr) {
         gl_log("GPULAB_WORKER is not set (expected tcp://host:port or unix:///path)");
         mark_dead(CUDA_ERROR_NO_DEVICE, "no worker address");
@@ -137,8 +275,17 @@ static CUresult connect_worker(void)
     } else {
         goto bad_addr;
     }
-    int fd = socket(sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0 || connect(fd, (struct sockaddr *)&sa, salen) != 0) {
+    /* non-blocking for good: every wait on this socket goes through poll with a deadline */
+    int fd = socket(sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    int crc = fd < 0 ? -1 : connect(fd, (struct sockaddr *)&sa, salen);
+    if (crc != 0 && fd >= 0 && errno == EINPROGRESS) {
+        int ev = wait_fd(fd, POLLOUT, deadline_from_now()), err = 0;
+        socklen_t el = sizeof err;
+        if (ev == 0) errno = ETIMEDOUT;
+        else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el) == 0 && err == 0) crc = 0;
+        else errno = err ? err : ECONNREFUSED;
+    }
+    if (crc != 0) {
         gl_log("cannot reach the worker at %s: %s", addr, strerror(errno));
         if (fd >= 0) close(fd);
         mark_dead(CUDA_ERROR_NO_DEVICE, "connect failed");
@@ -170,6 +317,10 @@ static CUresult connect_worker(void)
     struct iovec iov[2] = { { hdr, sizeof hdr }, { (void *)(token ? token : ""), tlen } };
     unsigned char rep[GL_REP_HEADER_SIZE];
     if (write_all_iov(iov, tlen ? 2 : 1) != 0 || read_all(rep, sizeof rep) != 0) {
+        if (errno == ETIMEDOUT) {
+            lost(CUDA_ERROR_NO_DEVICE, "opening the session");
+            return C.dead_error;
+        }
         gl_log("the worker at %s closed the session during the handshake", addr);
         mark_dead(CUDA_ERROR_NO_DEVICE, "handshake failed");
         return C.dead_error;
@@ -215,8 +366,8 @@ static void put_header(size_t at, uint64_t plen, uint32_t op, uint32_t flags)
 
 static void frame_begin(gl_msg *m, unsigned op, int want_reply)
 {
-    reserve(GL_REQ_HEADER_SIZE);
     m->start = C.slen;
+    if (reserve(GL_REQ_HEADER_SIZE) != 0) return;
     put_header(C.slen, 0, op, want_reply ? GL_FLAG_REPLY : 0);
     C.slen += GL_REQ_HEADER_SIZE;
 }
@@ -230,8 +381,15 @@ static void atfork_child(void)
     if (C.fd >= 0) close(C.fd);
     C.fd = -1;
     C.state = 0;
+    C.dead_error = CUDA_SUCCESS;
     C.slen = 0;
+    C.oom = 0;
+    C.have_early = 0;
     C.server_ctx_known = 0;
+    /* the parent's contexts, allocations and layouts name its session, not the child's */
+    gl_ctx_reset_after_fork();
+    gl_memory_reset_after_fork();
+    gl_launch_reset_after_fork();
     pthread_mutex_unlock(&C.mu);
 }
 
@@ -250,6 +408,13 @@ CUresult gl_begin(gl_msg *m, unsigned op, int want_reply)
         pthread_mutex_unlock(&C.mu);
         return e;
     }
+    /* room for SET_CONTEXT and this header now, so that neither can fail half-written */
+    if (reserve(2 * GL_REQ_HEADER_SIZE + 8) != 0) {
+        C.oom = 0;
+        pthread_mutex_unlock(&C.mu);
+        gl_sayf("out of host memory for a request to the worker (CUDA_ERROR_OUT_OF_MEMORY)");
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
     uintptr_t ctx = gl_ctx_current();
     if (!C.server_ctx_known || C.server_ctx != ctx) {
         gl_msg sc;
@@ -266,14 +431,15 @@ CUresult gl_begin(gl_msg *m, unsigned op, int want_reply)
 void gl_put(gl_msg *m, const void *p, size_t n)
 {
     (void)m;
-    reserve(n);
+    if (C.oom || reserve(n) != 0) return;
     memcpy(C.sbuf + C.slen, p, n);
     C.slen += n;
 }
+/* NULL when host memory ran out; gl_post / gl_call then fail the call. */
 void *gl_put_space(gl_msg *m, size_t n)
 {
     (void)m;
-    reserve(n);
+    if (C.oom || reserve(n) != 0) return NULL;
     C.slen += n;
     return C.sbuf + C.slen - n;
 }
@@ -291,6 +457,16 @@ void gl_put_bulk(gl_msg *m, const void *p, size_t n)
     m->bulk_len = n;
 }
 
+/* A frame that did not fit in host memory is dropped whole; the call fails cleanly. */
+static int dropped_for_oom(gl_msg *m)
+{
+    if (!C.oom) return 0;
+    C.oom = 0;
+    C.slen = m->start;
+    gl_sayf("out of host memory for a request to the worker (CUDA_ERROR_OUT_OF_MEMORY)");
+    return 1;
+}
+
 static void seal(gl_msg *m)
 {
     uint64_t plen = C.slen - m->start - GL_REQ_HEADER_SIZE + m->bulk_len;
@@ -301,10 +477,11 @@ static void seal(gl_msg *m)
  * the worker must see it now (send_now: a free, so that the vGPU's usage figure is current). */
 CUresult gl_post(gl_msg *m, int send_now)
 {
+    if (dropped_for_oom(m)) return CUDA_ERROR_OUT_OF_MEMORY;
     seal(m);
     if (send_now || m->bulk_len || C.slen >= GL_PIPELINE_FLUSH) {
         if (flush_with(m->bulk, m->bulk_len) != 0) {
-            mark_dead(CUDA_ERROR_DEVICE_UNAVAILABLE, strerror(errno));
+            lost(CUDA_ERROR_DEVICE_UNAVAILABLE, "sending to the worker");
             return C.dead_error;
         }
     }
@@ -322,14 +499,15 @@ static int ensure_rbuf(size_t n)
 
 CUresult gl_call(gl_msg *m, void *bulk_out, size_t bulk_n)
 {
+    if (dropped_for_oom(m)) return CUDA_ERROR_OUT_OF_MEMORY;
     seal(m);
     if (flush_with(m->bulk, m->bulk_len) != 0) {
-        mark_dead(CUDA_ERROR_DEVICE_UNAVAILABLE, strerror(errno));
+        lost(CUDA_ERROR_DEVICE_UNAVAILABLE, "sending to the worker");
         return C.dead_error;
     }
     unsigned char rep[GL_REP_HEADER_SIZE];
-    if (read_all(rep, sizeof rep) != 0) {
-        mark_dead(CUDA_ERROR_DEVICE_UNAVAILABLE, strerror(errno));
+    if (read_reply_header(rep) != 0) {
+        lost(CUDA_ERROR_DEVICE_UNAVAILABLE, "waiting for the worker's reply");
         return C.dead_error;
     }
     uint64_t plen; int32_t res; uint32_t reason_len;
@@ -342,17 +520,22 @@ CUresult gl_call(gl_msg *m, void *bulk_out, size_t bulk_n)
     }
     if (bulk_out && res == CUDA_SUCCESS && reason_len == 0 && plen == bulk_n) {
         if (read_all(bulk_out, bulk_n) != 0) {
-            mark_dead(CUDA_ERROR_DEVICE_UNAVAILABLE, strerror(errno));
+            lost(CUDA_ERROR_DEVICE_UNAVAILABLE, "receiving the worker's reply");
             return C.dead_error;
         }
         return res;
     }
-    if (plen > GL_MAX_REPLY || ensure_rbuf(plen) != 0) {
+    if (plen > GL_MAX_REPLY) {
         mark_dead(CUDA_ERROR_DEVICE_UNAVAILABLE, "oversized reply");
         return C.dead_error;
     }
+    if (ensure_rbuf(plen) != 0) {
+        /* the reply is still in the socket: the stream cannot stay in step without it */
+        mark_dead(CUDA_ERROR_OUT_OF_MEMORY, "out of host memory for the worker's reply");
+        return C.dead_error;
+    }
     if (plen && read_all(C.rbuf, plen) != 0) {
-        mark_dead(CUDA_ERROR_DEVICE_UNAVAILABLE, strerror(errno));
+        lost(CUDA_ERROR_DEVICE_UNAVAILABLE, "receiving the worker's reply");
         return C.dead_error;
     }
     /* the reason closes the payload: the person reads it, the stub never sees it */
@@ -413,9 +596,12 @@ void gl_abort(gl_msg *m)
     pthread_mutex_unlock(&C.mu);
 }
 
+/* Exit sends what is still buffered, but never waits on a round trip: another thread may be
+ * blocked in one (holding the lock) on a worker that does not answer. */
 __attribute__((destructor)) static void gl_flush_at_exit(void)
 {
-    pthread_mutex_lock(&C.mu);
+    C.exiting = 1;
+    if (pthread_mutex_trylock(&C.mu) != 0) return;
     if (C.state == 1 && C.pid == getpid() && C.slen) flush_with(NULL, 0);
     pthread_mutex_unlock(&C.mu);
 }

@@ -1,0 +1,162 @@
+"""Liveness: a worker that stops answering becomes a CUDA error with a reason within the
+client's limit (GPULAB_TIMEOUT), while a legitimately long call (a synchronize waiting on a long
+kernel) keeps going, because the executor sends keepalives while a call runs.
+
+Real worker processes on the emulated backend and real cuda.bindings programs through the shim."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+from workertools import PRELUDE, ROOT
+
+LIMIT = 3  # seconds: GPULAB_TIMEOUT for these tests (the shim's minimum)
+SLACK = 3
+
+
+def executor_pid(worker) -> int:
+    """The executor the worker forked for our one session (its only child)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == worker.proc.pid:
+                return int(name)
+        time.sleep(0.05)
+    raise AssertionError("the worker forked no executor")
+
+
+def client(env, code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_a_worker_that_never_answers_the_handshake_fails_cuinit_with_a_reason(tmp_path):
+    path = str(tmp_path / "silent.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+    held = []
+    threading.Thread(target=lambda: held.append(srv.accept()), daemon=True).start()
+    from gpu_worker.client import shim_env
+
+    env = shim_env("unix://" + path, "t0ken")
+    env["GPULAB_TIMEOUT"] = str(LIMIT)
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", PRELUDE + "done(r=name(d.cuInit(0)))"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    srv.close()
+    assert json.loads(p.stdout)["r"] == "CUDA_ERROR_NO_DEVICE", p.stderr
+    assert "has not answered for 3 s" in p.stderr and "GPULAB_TIMEOUT" in p.stderr
+    assert LIMIT <= took < LIMIT + SLACK + 2  # + the interpreter's start
+
+
+def test_a_stopped_executor_fails_the_next_call_within_the_limit(worker):
+    env = worker.env()
+    env["GPULAB_TIMEOUT"] = str(LIMIT)
+    p = client(env, PRELUDE + """
+import time
+setup()
+p = ok(d.cuMemAlloc(64))
+print("ready", flush=True)
+sys.stdin.readline()
+t0 = time.monotonic()
+r = name(d.cuCtxSynchronize())
+took = time.monotonic() - t0
+done(r=r, took=took, after=name(d.cuMemAlloc(64)))
+""")
+    pid = None
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        pid = executor_pid(worker)
+        os.kill(pid, signal.SIGSTOP)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        out, err = p.communicate(timeout=LIMIT + SLACK + 10)
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGCONT)
+        p.kill()
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["r"] == "CUDA_ERROR_DEVICE_UNAVAILABLE" and res["after"] == "CUDA_ERROR_DEVICE_UNAVAILABLE"
+    assert LIMIT - 0.2 <= res["took"] < LIMIT + SLACK
+    assert "has not answered for 3 s" in err and err.count("has not answered") == 1, err
+
+
+SLEEP_PTX = r"""
+.version 8.0
+.target sm_90
+.address_size 64
+.visible .entry sleep_ms(.param .u32 sleep_ms_param_0)
+{
+    ret;
+}
+"""
+
+
+def test_a_long_kernel_is_not_a_hung_worker(worker):
+    """A synchronize waiting 15 s on a kernel succeeds with a 5 s limit: the worker keeps it alive."""
+    r = worker.run(PRELUDE + f"""
+import time
+setup()
+mod = ok(d.cuModuleLoadData({SLEEP_PTX!r}.encode() + b"\\0"))
+fn = ok(d.cuModuleGetFunction(mod, b"sleep_ms"))
+ms = np.array([15000], np.uint32)
+args = np.array([ms.ctypes.data], np.uint64)
+t0 = time.monotonic()
+ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, args.ctypes.data, 0))
+r = name(d.cuCtxSynchronize())
+done(r=r, took=time.monotonic() - t0)
+""", env_extra={"GPULAB_TIMEOUT": "5"}, timeout=60)
+    assert r.result["r"] == "CUDA_SUCCESS", r.stderr
+    assert r.result["took"] >= 14.5
+    assert "has not answered" not in r.stderr
+
+
+def test_exit_does_not_wait_for_a_thread_blocked_on_the_worker(worker):
+    """A thread waits on a stopped executor (holding the connection); the program still exits at once."""
+    env = worker.env()
+    env["GPULAB_TIMEOUT"] = "60"
+    p = client(env, PRELUDE + """
+import threading, time
+setup()
+print("ready", flush=True)
+sys.stdin.readline()
+threading.Thread(target=d.cuCtxSynchronize, daemon=True).start()
+time.sleep(0.5)
+print("exiting", flush=True)
+""")
+    pid = None
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        pid = executor_pid(worker)
+        os.kill(pid, signal.SIGSTOP)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "exiting"
+        t0 = time.monotonic()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        took = time.monotonic() - t0
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGCONT)
+        p.kill()
+        p.wait()
+    assert took <= 2, f"exit took {took:.1f} s"

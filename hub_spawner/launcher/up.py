@@ -82,12 +82,14 @@ c.GPUSpawner.gpu_profiles = settings["profiles"]
 c.JupyterHub.services = [
     {{"name": "gpulab-pool", "url": settings["pool_bind"], "display": True, "oauth_no_confirm": True,
       "command": [sys.executable, "-m", "hub_spawner.pool", f"--GPUPool.db_url=sqlite:///{{state}}/pool.sqlite",
-                  f"--GPUPool.heartbeat_timeout={{settings['heartbeat_timeout']}}"],
+                  f"--GPUPool.heartbeat_timeout={{settings['heartbeat_timeout']}}",
+                  f"--GPUPool.worker_bind_url={{settings['pool_worker_url']}}"],
       "environment": {{"GPULAB_POOL_API_TOKEN": settings["pool_api_token"],
                        "GPULAB_POOL_WORKER_TOKEN": settings["pool_worker_token"]}}}},
     {{"name": "gpulab-worker",
       "command": [sys.executable, "-m", "gpu_worker.daemon", "--backend", settings["backend"],
-                  "--tcp", settings["worker_bind"], "--pool-url", settings["pool_url"], "--name", "local",
+                  "--tcp", settings["worker_bind"], "--pool-url", settings["pool_worker_url"], "--name", "local",
+                  f"--GPUWorker.pool_credential_file={{state}}/worker-local.credential",
                   *sum((["--emulated-kernels", k] for k in settings["emulated_kernels"]), [])],
       "environment": {{"GPULAB_POOL_TOKEN": settings["pool_worker_token"]}}}},
 ]
@@ -246,6 +248,8 @@ gpulab up --backend emulated --config my_jupyterhub_config.py
             "users": DEMO_USERS + ["admin"], "gpu_group": GPU_GROUP, "gpu_group_members": GPU_GROUP_MEMBERS,
             "user_password": USER_PASSWORD, "admin_password": sec["admin_password"],
             "pool_bind": f"http://127.0.0.1:{pool_port}", "pool_url": f"http://127.0.0.1:{pool_port}{pool_prefix}",
+            # the worker API: its own listener, which the proxy does not route (pool/worker_api.py)
+            "pool_worker_url": f"http://127.0.0.1:{free_port('127.0.0.1')}/",
             "pool_api_token": sec["pool_api_token"], "pool_worker_token": sec["pool_worker_token"],
             "worker_bind": f"127.0.0.1:{self.worker_port or free_port('127.0.0.1')}", "backend": self.backend,
             "emulated_kernels": ["gpu_worker.backends.demo_kernels", *self.emulated_kernels],

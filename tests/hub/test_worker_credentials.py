@@ -1,0 +1,171 @@
+"""A credential per worker: the shared secret only enrols a new name, each worker changes only its
+own record and its own allocations' usage, bad bodies are refused with a sentence and stored
+nowhere, and the worker API is not published through the hub's proxy.  Real pool processes, and
+the module's real `gpulab up` (conftest.py) for the proxy."""
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+import pytest
+
+from gpu_worker.client import token_hash
+from hubtools import G, HUB_TOKEN, WORKER_TOKEN, Pool, _call
+
+
+@pytest.fixture
+def pool(tmp_path):
+    p = Pool(str(tmp_path / "pool.sqlite"))
+    yield p
+    p.stop()
+
+
+def registration(name="w1", address="tcp://10.0.0.1:7001", **gpu):
+    return {"name": name, "address": address, "node": "n1", "backend": "emulated",
+            "gpus": [{"uuid": f"GPU-{name}-0", "index": 0, "model": "test GPU", "memory": 16 * G, **gpu}]}
+
+
+def test_another_worker_or_the_shared_secret_cannot_take_a_name_over(pool):
+    pool.register("w1")
+    pool.register("w2")
+    _, alloc = pool.call("POST", "api/allocations", {"user": "ann", "vram": "4G", "count": 1})
+    victim = alloc["worker"]
+    thief = "w2" if victim == "w1" else "w1"
+    attack = registration(victim, "tcp://attacker.example:6666")
+    status, body = pool.worker_call("POST", "api/workers", attack, WORKER_TOKEN)
+    assert status == 403 and f"worker {victim} is already enrolled" in body["message"]
+    status, body = pool.worker_call("POST", "api/workers", attack, worker=thief)
+    assert status == 403 and f"belongs to worker {thief}, not {victim}" in body["message"]
+    assert pool.call("GET", f"api/allocations/{alloc['id']}")[1]["address"] == "tcp://10.0.0.1:7001"
+    # its own credential may move it
+    moved = registration(victim, "tcp://10.0.0.9:7001")
+    assert pool.worker_call("POST", "api/workers", moved, worker=victim)[0] == 200
+    assert pool.call("GET", f"api/allocations/{alloc['id']}")[1]["address"] == "tcp://10.0.0.9:7001"
+    # a GPU uuid of another worker cannot be claimed either
+    status, body = pool.worker_call("POST", "api/workers", registration(thief, uuid=f"GPU-{victim}-0"),
+                                    worker=thief)
+    assert status == 409 and f"registered by worker {victim}" in body["message"]
+
+
+def test_a_worker_touches_only_its_own_allocations(pool):
+    pool.register("w1", node="n1")
+    pool.register("w2", node="n2")
+    _, a1 = pool.call("POST", "api/allocations", {"user": "ann", "vram": "4G", "mode": "local", "node": "n1"})
+    assert a1["worker"] == "w1", a1
+    mine = {token_hash(a1["token"]): 3 * G}
+    assert pool.worker_call("POST", "api/workers/w1/heartbeat", {"sessions": mine})[0] == 200
+    # w2 cannot beat for w1, nor does its own heartbeat reach w1's allocation
+    status, body = pool.worker_call("POST", "api/workers/w1/heartbeat", {"sessions": {}}, worker="w2")
+    assert status == 403 and "belongs to worker w2" in body["message"]
+    assert pool.worker_call("POST", "api/workers/w2/heartbeat", {"sessions": {token_hash(a1["token"]): 5}},
+                            worker="w2")[0] == 200
+    status, body = pool.worker_call("POST", "api/workers/w1/heartbeat", {"sessions": {}}, WORKER_TOKEN)
+    assert status == 403 and "enrolment secret cannot act for worker w1" in body["message"]
+    assert pool.call("GET", f"api/allocations/{a1['id']}")[1]["used_vram"] == 3 * G
+    # nor learn the limits of w1's session tokens
+    assert pool.worker_call("POST", "api/workers/w1/sessions", {"token": a1["token"]}, worker="w2")[0] == 403
+    assert pool.worker_call("POST", "api/workers/w2/sessions", {"token": a1["token"]}, worker="w2")[0] == 404
+    assert pool.worker_call("POST", "api/workers/w1/sessions", {"token": a1["token"]}, WORKER_TOKEN)[0] == 403
+
+
+def test_an_admin_releases_a_lost_credential(pool):
+    pool.register("w1")
+    old = pool.credentials["w1"]
+    assert pool.call("DELETE", "api/workers/w1/credential", token=WORKER_TOKEN)[0] == 403  # the hub's only
+    assert pool.call("DELETE", "api/workers/w1/credential")[0] == 204
+    status, body = pool.worker_call("POST", "api/workers", registration("w1"), WORKER_TOKEN)
+    assert status == 200 and body["credential"] != old
+    assert pool.worker_call("POST", "api/workers/w1/heartbeat", {}, old)[0] == 403
+    assert pool.worker_call("POST", "api/workers/w1/heartbeat", {}, body["credential"])[0] == 200
+
+
+BAD_REGISTRATIONS = [
+    ({"memory": 2**62}, "memory (bytes) must be between 1 and 17592186044416"),
+    ({"memory": -1}, "memory (bytes) must be between 1"),
+    ({"memory": 0}, "memory (bytes) must be between 1"),
+    ({"memory": 1e30}, "memory (bytes) must be an integer"),
+    ({"memory": "16G"}, "memory (bytes) must be an integer"),
+    ({"uuid": ""}, "uuid must be a non-empty string"),
+    ({"capability": "nine"}, "capability must look like '9.0'"),
+]
+
+
+@pytest.mark.parametrize("gpu, sentence", BAD_REGISTRATIONS)
+def test_bad_gpus_are_refused_with_a_sentence(pool, gpu, sentence):
+    status, body = pool.worker_call("POST", "api/workers", registration(**gpu), WORKER_TOKEN)
+    assert status == 400 and sentence in body["message"], body
+    assert pool.call("GET", "api/gpus")[1] == []  # nothing stored, and the name is still free
+    pool.register("w1")
+
+
+@pytest.mark.parametrize("change, sentence", [
+    ({"gpus": "abc"}, "gpus must be a list of GPUs"),
+    ({"gpus": [1]}, "gpus[0] must be an object"),
+    ({"gpus": [{"uuid": f"GPU-{i}", "memory": G} for i in range(65)]}, "at most 64 GPUs"),
+    ({"gpus": [{"uuid": "GPU-x", "memory": G}, {"uuid": "GPU-x", "memory": G}]}, "GPU uuid GPU-x appears twice"),
+    ({"address": "attacker.example:6666"}, "address must be tcp://host:port or unix:///path"),
+    ({"address": "http://10.0.0.1:80"}, "address must be tcp://host:port"),
+    ({"address": "tcp://10.0.0.1"}, "address must be tcp://host:port"),
+    ({"address": "tcp://10.0.0.1:99999"}, "address must be tcp://host:port"),
+    ({"name": "../w1"}, "name must be 1 to 128 letters"),
+    ({"name": None}, "name must be 1 to 128 letters"),
+    ({"backend": "quantum"}, "backend must be 'cuda' or 'emulated'"),
+])
+def test_bad_registrations_are_refused_with_a_sentence(pool, change, sentence):
+    status, body = pool.worker_call("POST", "api/workers", {**registration(), **change}, WORKER_TOKEN)
+    assert status == 400 and sentence in body["message"], body
+    assert pool.call("GET", "api/gpus")[1] == []
+
+
+@pytest.mark.parametrize("sessions, sentence", [
+    ({"x": -5}, "must be between 0"),
+    ({"x": "lots"}, "must be an integer"),
+    ({"x": 1e30}, "must be an integer"),
+    ({"x": True}, "must be an integer"),
+    ([], "sessions must map token hashes to bytes in use"),
+    ("abc", "sessions must map token hashes to bytes in use"),
+    ("own", "its GPUs have 17179869184 bytes"),  # more than the allocation's GPU holds
+])
+def test_bad_heartbeats_are_refused_with_a_sentence(pool, sessions, sentence):
+    pool.register("w1")
+    _, alloc = pool.call("POST", "api/allocations", {"user": "ann", "vram": "4G"})
+    good = {token_hash(alloc["token"]): 2 * G}
+    assert pool.worker_call("POST", "api/workers/w1/heartbeat", {"sessions": good})[0] == 200
+    if sessions == "own":
+        sessions = {token_hash(alloc["token"]): 16 * G + 1}
+    status, body = pool.worker_call("POST", "api/workers/w1/heartbeat", {"sessions": sessions})
+    assert status == 400 and sentence in body["message"], body
+    assert pool.call("GET", f"api/allocations/{alloc['id']}")[1]["used_vram"] == 2 * G  # untouched
+
+
+def test_the_service_url_does_not_serve_the_worker_api(pool):
+    pool.register("w1")
+    for path in ("api/workers", "api/workers/w1/heartbeat", "api/workers/w1/sessions"):
+        for token in (WORKER_TOKEN, pool.credentials["w1"], HUB_TOKEN):
+            status, body = pool.call("POST", path, {}, token)
+            assert status == 404 and "worker API is not served here" in body["message"], (path, body)
+
+
+def hub_settings(hub) -> dict:
+    """The settings `gpulab up` wrote into the hub's config file."""
+    text = (hub.state / "jupyterhub_config.py").read_text()
+    return json.loads(ast.literal_eval(re.search(r"settings = json\.loads\((.*)\)\n", text).group(1)))
+
+
+def test_gpulab_up_keeps_the_worker_api_off_its_proxy(hub):
+    """The hub's public URL refuses worker routes; the pool's internal listener serves them, and the
+    lab's worker enrolled there with a credential of its own."""
+    secret = json.loads((hub.state / "secrets.json").read_text())["pool_worker_token"]
+    for path in ("api/workers", "api/workers/local/heartbeat", "api/workers/local/sessions"):
+        status, body = _call("POST", f"{hub.url}/services/gpulab-pool/{path}", registration("local"), secret)
+        assert status == 404 and "worker API is not served here" in body["message"], (path, body)
+    internal = hub_settings(hub)["pool_worker_url"]
+    assert internal.startswith("http://127.0.0.1:")
+    credential = (hub.state / "worker-local.credential").read_text().strip()
+    assert credential and credential != secret
+    assert _call("POST", internal + "api/workers/local/heartbeat", {}, credential)[0] == 200
+    status, body = _call("POST", internal + "api/workers", registration("local", "tcp://attacker.example:6666"),
+                         secret)
+    assert status == 403 and "already enrolled" in body["message"]
+    assert hub.wait_for_worker()[0]["worker"] == "local"

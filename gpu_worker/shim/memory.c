@@ -101,16 +101,31 @@ CUresult gl_track_global(CUdeviceptr p, size_t n)
     return CUDA_ERROR_OUT_OF_MEMORY;
 }
 
+/* Pages [lo, hi) adjoin s's own reserved pages (or s has none): s owns them from now on. */
+static void give_pages(span_t *s, uintptr_t lo, uintptr_t hi)
+{
+    if (s->own_lo == s->own_hi) { s->own_lo = lo; s->own_hi = hi; return; }
+    if (lo < s->own_lo) s->own_lo = lo;
+    if (hi > s->own_hi) s->own_hi = hi;
+}
+
 void gl_untrack_alloc(CUdeviceptr p)
 {
     pthread_mutex_lock(&spans_mu);
     for (size_t i = 0; i < nspans; i++) {
         if (spans[i].base == p) {
-            /* release our own pages, but not one a neighbour still lies on */
+            /* release our own pages; one a neighbour still lies on becomes the neighbour's */
             uintptr_t lo = spans[i].own_lo, hi = spans[i].own_hi;
-            if (i > 0 && page_up(span_end(&spans[i - 1])) > lo) lo = page_up(span_end(&spans[i - 1]));
-            if (i + 1 < nspans && page_down((uintptr_t)spans[i + 1].base) < hi)
-                hi = page_down((uintptr_t)spans[i + 1].base);
+            if (lo < hi && i > 0 && page_up(span_end(&spans[i - 1])) > lo) {
+                uintptr_t to = page_up(span_end(&spans[i - 1])) < hi ? page_up(span_end(&spans[i - 1])) : hi;
+                give_pages(&spans[i - 1], lo, to);
+                lo = to;
+            }
+            if (lo < hi && i + 1 < nspans && page_down((uintptr_t)spans[i + 1].base) < hi) {
+                uintptr_t nb = page_down((uintptr_t)spans[i + 1].base), from = nb > lo ? nb : lo;
+                give_pages(&spans[i + 1], from, hi);
+                hi = from;
+            }
             if (lo < hi) munmap((void *)lo, hi - lo);
             memmove(&spans[i], &spans[i + 1], (nspans - i - 1) * sizeof *spans);
             nspans--;

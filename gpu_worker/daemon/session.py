@@ -38,12 +38,36 @@ def _hidden_attributes() -> frozenset:
 
 HIDDEN_ATTRIBUTES = _hidden_attributes()
 LAYOUT_ENTRY = struct.Struct("<QQ")
+MODULE_KINDS = ("module", "library")  # each holds a loaded image: counted against max_modules too
+ENDING = ("cuCtxDestroy", "cuModuleUnload", "cuLibraryUnload", "cuStreamDestroy", "cuEventDestroy")
+
+
+def _handle_ops() -> tuple[dict, frozenset]:
+    """Opcodes that mint a handle (-> its kind) and opcodes that end the handle they name first,
+    read from the API table, which owns these facts."""
+    from ..api import table as T
+
+    mints, ends = {}, set()
+    for f in T.FORWARDED:
+        kinds = [p.type[2:] for p in f.params if p.rule == "mint"]
+        if kinds:
+            mints[T.opcode(f)] = kinds[0]
+        if f.name in ENDING:
+            ends.add(T.opcode(f))
+    return mints, frozenset(ends)
+
+
+MINTS, ENDS = _handle_ops()
 
 
 class Session:
     def __init__(self, backend: Backend, quota: int | None = None, label: str = "",
-                 usage: UsageCounter | None = None):
+                 usage: UsageCounter | None = None, max_handles: int = 0, max_modules: int = 0):
         self.backend = backend
+        # a client mints ids for free, each costs the worker memory: a cap per session (0: none)
+        self.max_handles = max_handles
+        self.max_modules = max_modules
+        self.modules = 0
         self.usage = usage  # where the daemon's heartbeat reads this session's VRAM in use
         self.quota = quota
         self.label = label
@@ -68,6 +92,12 @@ class Session:
                 table[op] = (name, mode, factory(self))
             else:
                 table[op] = (name, mode, getattr(self, "special_" + name))
+        for op, kind in MINTS.items():
+            name, mode, handler = table[op]
+            table[op] = (name, mode, self._room_first(kind, handler))
+        for op in ENDS:
+            name, mode, handler = table[op]
+            table[op] = (name, mode, self._then_forget(handler))
         table[OP_SET_CONTEXT] = ("set_context", "async", self.set_context)
         table[OP_LAUNCH] = ("launch", "async", self.launch)
         table[OP_PARAM_LAYOUT] = ("param_layout", "sync", self.param_layout)
@@ -93,6 +123,36 @@ class Session:
         if hid in self.handles or hid < 0x1000:
             raise CudaError(E.INVALID_HANDLE, f"handle id {hid:#x} reused")
         self.handles[hid] = (kind, obj)
+        if kind in MODULE_KINDS:
+            self.modules += 1
+
+    def check_room(self, kind: str) -> None:
+        """Refuse a new handle past the session's caps, before the backend creates anything."""
+        if self.max_handles and len(self.handles) >= self.max_handles:
+            raise Refusal(E.OUT_OF_MEMORY, f"this vGPU already holds {len(self.handles)} handles (contexts, "
+                                           "streams, events, modules, functions), the most one session may have "
+                                           "on this worker: destroy the ones the program no longer uses")
+        if kind in MODULE_KINDS and self.max_modules and self.modules >= self.max_modules:
+            raise Refusal(E.OUT_OF_MEMORY, f"this vGPU already holds {self.modules} loaded modules and "
+                                           "libraries, the most one session may have on this worker: unload the "
+                                           "ones the program no longer uses")
+
+    def _room_first(self, kind: str, handler):
+        def run(p):
+            self.check_room(kind)
+            return handler(p)
+        return run
+
+    def _then_forget(self, handler):
+        """A destroyed handle's id no longer counts (nor resolves)."""
+        def run(p):
+            out = handler(p)
+            (hid,) = U64.unpack_from(p)  # the handler checked the payload's size
+            entry = self.handles.pop(hid, None)
+            if entry is not None and entry[0] in MODULE_KINDS:
+                self.modules -= 1
+            return out
+        return run
 
     def id_of(self, kind: str, obj) -> int:
         """The id the client knows for a backend object (driver handles compare by value)."""

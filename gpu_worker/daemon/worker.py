@@ -6,6 +6,7 @@ fork safely; each executor initialises CUDA for itself.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import hmac
 import importlib
@@ -17,6 +18,8 @@ import selectors
 import signal
 import socket
 import struct
+import sys
+import time
 
 from traitlets import Dict, Enum, Float, Int, List, TraitError, Unicode, validate
 from traitlets.config import Configurable
@@ -54,15 +57,16 @@ class GPUWorker(Configurable):
                                             "host implementations of kernels for the emulated backend.").tag(config=True)
     emulated_memory = Size(16 << 30, help="Memory size the emulated device reports (a size, e.g. '16G')."
                            ).tag(config=True)
-    pool_url = Unicode("", help="URL of the GPU pool service to register with (empty: standalone worker)."
+    pool_url = Unicode("", help="URL of the GPU pool's worker listener to register with (its "
+                       "GPUPool.worker_bind_url, not the hub's service URL; empty: standalone worker)."
                        ).tag(config=True)
     pool_token = Unicode("", help="The pool's shared enrolment secret (default: $GPULAB_POOL_TOKEN). It only "
                          "enrols this worker's name once; the credential the pool then issues to this worker "
                          "is kept in pool_credential_file and used from then on.").tag(config=True)
     pool_credential_file = Unicode("", help="Private file where this worker keeps the credential the pool "
                                    "issued to it (it must survive restarts: a name already enrolled takes only "
-                                   "its own credential). Default: worker-<name>-<hash of pool URL and name>"
-                                   ".credential in $GPULAB_STATE_DIR, else $XDG_STATE_HOME/gpulab, else "
+                                   "its own credential). Default: worker-<name>.credential in "
+                                   "$GPULAB_STATE_DIR, else $XDG_STATE_HOME/gpulab, else "
                                    "~/.local/state/gpulab.").tag(config=True)
     name = Unicode("", help="Name of this worker in the pool (default: host name and port).").tag(config=True)
     advertise = Unicode("", help="Address clients use to reach this worker, tcp://host:port (default: the TCP "
@@ -78,11 +82,40 @@ class GPUWorker(Configurable):
                                  "else /dev/shm, else the temporary directory.").tag(config=True)
     max_frame = Int(DEFAULT_MAX_FRAME, help="Largest request frame accepted (bulk copy data excepted); a "
                                             "larger one closes the session.").tag(config=True)
+    handshake_timeout = Float(10.0, help="Seconds a new connection has to send its HELLO (protocol version and "
+                                         "session token); a slower one is closed.  Until its token is checked a "
+                                         "connection costs the daemon a socket and at most 4 KiB, never a process."
+                              ).tag(config=True)
+    max_handshakes = Int(64, help="Connections that may be in their handshake (not yet authenticated) at once; "
+                                  "a new one past this closes the oldest (one log line per burst), so idle "
+                                  "connections cannot keep a real client, which sends its HELLO at once, out."
+                         ).tag(config=True)
+    max_sessions_per_token = Int(64, help="Sessions (client processes, one executor each) one session token may "
+                                          "hold open on this worker at once; another is refused with "
+                                          "CUDA_ERROR_DEVICE_UNAVAILABLE and a reason.  0: no limit."
+                                 ).tag(config=True)
+    max_handles = Int(65536, help="Handles (contexts, streams, events, modules, functions) one session may hold "
+                                  "at once; creating another fails with CUDA_ERROR_OUT_OF_MEMORY and a reason.  "
+                                  "Each costs the executor a few hundred bytes.  0: no limit.").tag(config=True)
+    max_modules = Int(1024, help="Loaded modules and libraries one session may hold at once (each keeps its "
+                                 "image); loading another fails with CUDA_ERROR_OUT_OF_MEMORY and a reason.  "
+                                 "0: no limit.").tag(config=True)
+    wrong_token_burst = Int(10, help="Wrong session tokens one source (an IP address; a local user for the Unix "
+                                     "socket) may present within wrong_token_window.  After that its connections "
+                                     "are refused unchecked (no tokens file read, no pool look-up) until the "
+                                     "window ends.  The log has one line per source and window.").tag(config=True)
+    wrong_token_window = Float(10.0, help="Seconds over which wrong_token_burst counts wrong tokens per source."
+                               ).tag(config=True)
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self.listeners: list[socket.socket] = []
-        self.children: set[int] = set()
+        self.children: dict[int, str] = {}  # executor pid -> hash of its session token
+        self.per_token: dict[str, int] = {}  # token hash -> live executors
+        self.pending: dict[socket.socket, _Handshake] = {}
+        self.wrong: dict[str, _WrongTokens] = {}
+        self._dropped = 0  # connections closed over max_handshakes since the last log line
+        self._dropped_logged = float("-inf")
         self.sessions = 0
         self._stop = False
         self.pool_link = None
@@ -198,25 +231,25 @@ class GPUWorker(Configurable):
         self._stop = True
 
     def serve_forever(self) -> None:
+        """Accept, run each handshake in this process, fork an executor only for a good token.
+
+        A connection costs a process only once it has proved its token: before that it is a
+        non-blocking socket with a deadline, read as its bytes arrive (at most one HELLO)."""
         sel = selectors.DefaultSelector()
         for s in self.listeners:
-            sel.register(s, selectors.EVENT_READ)
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ, None)
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop", True))
         while not self._stop:
-            for key, _ in sel.select(timeout=0.5):
-                try:
-                    conn, _ = key.fileobj.accept()
-                except OSError:
-                    continue
-                self.sessions += 1
-                pid = os.fork()
-                if pid == 0:
-                    for s in self.listeners:
-                        s.close()
-                    os._exit(self.run_session(conn, self.sessions))
-                conn.close()
-                self.children.add(pid)
+            for key, _ in sel.select(timeout=self._next_wakeup()):
+                if key.data is None:
+                    self._accept(sel, key.fileobj)
+                else:
+                    self._handshake_bytes(sel, key.data)
+            self._expire_handshakes(sel)
             self.reap()
+        for hs in list(self.pending.values()):
+            self._drop(sel, hs)
         for pid in list(self.children):
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -231,44 +264,192 @@ class GPUWorker(Configurable):
             except ChildProcessError:
                 done = pid
             if done:
-                self.children.discard(pid)
+                key = self.children.pop(pid)
+                self.per_token[key] -= 1
+                if not self.per_token[key]:
+                    del self.per_token[key]
+
+    # ------------------------------------------------------- handshake (daemon)
+    def _next_wakeup(self) -> float:
+        if not self.pending:
+            return 0.5
+        first = min(hs.deadline for hs in self.pending.values())
+        return min(0.5, max(first - time.monotonic(), 0.0))
+
+    def _accept(self, sel, listener) -> None:
+        for _ in range(64):  # a bounded batch: the handshakes under way get their turn too
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            if len(self.pending) >= self.max_handshakes:
+                # the oldest makes room: a real client sends its HELLO at once, so idle connections
+                # cannot keep it out, only a flood faster than its round trip could
+                self._drop(sel, next(iter(self.pending.values())))
+                self._dropped += 1
+                now = time.monotonic()
+                if now - self._dropped_logged >= self.handshake_timeout:
+                    log.warning("closed %d connection(s) still in their handshake to make room for new ones "
+                                "(GPUWorker.max_handshakes is %d)", self._dropped, self.max_handshakes)
+                    self._dropped, self._dropped_logged = 0, now
+            conn.setblocking(False)
+            hs = _Handshake(conn, _source_of(conn), time.monotonic() + self.handshake_timeout)
+            self.pending[conn] = hs
+            sel.register(conn, selectors.EVENT_READ, hs)
+
+    def _drop(self, sel, hs: "_Handshake") -> None:
+        self.pending.pop(hs.conn, None)
+        try:
+            sel.unregister(hs.conn)
+        except (KeyError, ValueError):
+            pass
+        try:
+            hs.conn.recv(65536)  # unread bytes would make the close a reset, hiding the reason from the client
+        except OSError:
+            pass
+        hs.conn.close()
+
+    def _expire_handshakes(self, sel) -> None:
+        now = time.monotonic()
+        late = [hs for hs in self.pending.values() if hs.deadline <= now]
+        for hs in late:
+            self._drop(sel, hs)
+        if late:
+            log.warning("closed %d connection(s) that sent no complete HELLO within %.3g s "
+                        "(GPUWorker.handshake_timeout)", len(late), self.handshake_timeout)
+
+    def _handshake_bytes(self, sel, hs: "_Handshake") -> None:
+        """Read what has arrived of the HELLO, never past it (what follows is the executor's)."""
+        need = REQ_HEADER.size if len(hs.data) < REQ_HEADER.size else REQ_HEADER.size + hs.plen
+        try:
+            got = hs.conn.recv(need - len(hs.data))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            got = b""
+        if not got:
+            self._drop(sel, hs)
+            return
+        hs.data += got
+        if len(hs.data) == REQ_HEADER.size:
+            plen, op, _flags = REQ_HEADER.unpack(hs.data)
+            if op != OP_HELLO or plen < HELLO.size or plen > 4096:
+                log.warning("connection from %s: first frame is not a hello; closing", hs.source)
+                self._drop(sel, hs)
+                return
+            hs.plen = plen
+            return
+        if len(hs.data) < REQ_HEADER.size + hs.plen:
+            return
+        self.pending.pop(hs.conn)
+        sel.unregister(hs.conn)
+        try:
+            self._admit(hs, sel)
+        finally:
+            hs.conn.close()  # the executor has its own copy
+
+    def _admit(self, hs: "_Handshake", sel) -> None:
+        """Check the HELLO and the token; fork the session's executor, or refuse with a reason."""
+        conn = hs.conn
+        version, pid, tlen = HELLO.unpack_from(hs.data, REQ_HEADER.size)
+        if tlen != hs.plen - HELLO.size:
+            log.warning("connection from %s: malformed hello; closing", hs.source)
+            return
+        token = bytes(hs.data[REQ_HEADER.size + HELLO.size:]).decode("utf-8", "replace")
+        label = f"session {self.sessions + 1} (client pid {pid})"
+        if version != PROTOCOL_VERSION:
+            _refuse(conn, E.NOT_SUPPORTED, f"the shim speaks gpulab protocol version {version}, this worker "
+                                           f"{PROTOCOL_VERSION}: use the same gpulab release on both sides")
+            return
+        wait = self._throttled(hs.source)
+        if wait:
+            _refuse(conn, E.NOT_PERMITTED, f"too many wrong session tokens came from {hs.source}; this worker "
+                                           f"checks none from there for {wait:.0f} s")
+            return
+        try:
+            limits = self.limits_for(token)
+        except LimitError as exc:
+            _refuse(conn, E.NOT_PERMITTED, f"this worker's limits for the session token are not valid "
+                                           f"({exc}); tell your hub admin")
+            return
+        if limits is None:
+            self._wrong_token(hs.source, label)
+            _refuse(conn, E.NOT_PERMITTED, "the session token is not valid for this worker")
+            return
+        key = token_hash(token)
+        open_now = self.per_token.get(key, 0)
+        if self.max_sessions_per_token and open_now >= self.max_sessions_per_token:
+            log.warning("%s: refused, its token already has %d sessions (GPUWorker.max_sessions_per_token)",
+                        label, open_now)
+            _refuse(conn, E.DEVICE_UNAVAILABLE, f"this vGPU already has {open_now} sessions (client processes) "
+                                                "open on this worker, the most one vGPU may have: end one (e.g. "
+                                                "shut down an idle kernel) and try again")
+            return
+        self.sessions += 1
+        daemon = os.getpid()
+        child = os.fork()
+        if child == 0:
+            try:
+                _die_with(daemon)
+                for s in self.listeners:
+                    s.close()
+                for other in self.pending:
+                    other.close()  # else a timed-out client would wait for this executor's end
+                sel.close()
+                conn.setblocking(True)
+                code = self.run_session(conn, label, token, limits)
+            except BaseException:  # never return into the daemon's loop in a child
+                log.exception("%s: executor failed", label)
+                code = 3
+            os._exit(code)
+        self.children[child] = key
+        self.per_token[key] = open_now + 1
+
+    def _throttled(self, source: str) -> float:
+        """Seconds left of a source's refusal, 0 when its tokens are checked."""
+        rec = self.wrong.get(source)
+        if rec is None:
+            return 0
+        left = rec.start + self.wrong_token_window - time.monotonic()
+        if left <= 0 or rec.count < self.wrong_token_burst:
+            return 0
+        rec.unchecked += 1
+        return left
+
+    def _wrong_token(self, source: str, label: str) -> None:
+        """Count a wrong token; log the first of each window per source, with what the last window had."""
+        now = time.monotonic()
+        rec = self.wrong.get(source)
+        if rec is not None and now - rec.start < self.wrong_token_window:
+            rec.count += 1
+            return
+        before = ""
+        if rec is not None and (rec.count > 1 or rec.unchecked):
+            before = (f" (before: {rec.count - 1} more wrong tokens and {rec.unchecked} connections refused "
+                      f"unchecked in {self.wrong_token_window:.3g} s)")
+        if len(self.wrong) > 4096:  # forget sources whose window has ended
+            self.wrong = {s: r for s, r in self.wrong.items() if now - r.start < self.wrong_token_window}
+        self.wrong[source] = _WrongTokens(now)
+        log.warning("%s: wrong session token from %s%s; further ones from there in the next %.3g s are counted, "
+                    "not logged", label, source, before, self.wrong_token_window)
 
     # ------------------------------------------------------- one session (child)
-    def run_session(self, conn: socket.socket, number: int) -> int:
+    def run_session(self, conn: socket.socket, label: str, token: str, limits: dict) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        label = f"session {number}"
         if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        reader = FrameReader(conn)
         try:
-            plen, op, _flags = REQ_HEADER.unpack(reader.read(REQ_HEADER.size))
-            if op != OP_HELLO or plen < HELLO.size or plen > 4096:
-                log.warning("%s: first frame is not a hello; closing", label)
-                return 2
-            version, pid, tlen = HELLO.unpack(reader.read(HELLO.size))
-            if tlen != plen - HELLO.size:
-                log.warning("%s: malformed hello; closing", label)
-                return 2
-            token = bytes(reader.read(tlen)).decode("utf-8", "replace")
-            label = f"session {number} (client pid {pid})"
-            if version != PROTOCOL_VERSION:
-                return _refuse(conn, E.NOT_SUPPORTED, f"the shim speaks gpulab protocol version {version}, this worker "
-                                                      f"{PROTOCOL_VERSION}: use the same gpulab release on both sides")
-            try:
-                limits = self.limits_for(token)
-            except LimitError as exc:
-                return _refuse(conn, E.NOT_PERMITTED, f"this worker's limits for the session token are not valid "
-                                                      f"({exc}); tell your hub admin")
-            if limits is None:
-                log.warning("%s: wrong session token", label)
-                return _refuse(conn, E.NOT_PERMITTED, "the session token is not valid for this worker")
             quota = limits.get("vram") or self.vram_quota  # integers: checked where they entered
             backend = self.make_backend()
             msg = f"{backend.name} backend".encode()
             conn.sendall(REP_HEADER.pack(len(msg), 0, 0) + msg)
-            session = Session(backend, quota=quota, label=label, usage=self.usage_counter(token, label))
+            session = Session(backend, quota=quota, label=label, usage=self.usage_counter(token, label),
+                              max_handles=self.max_handles, max_modules=self.max_modules)
             log.info("%s: opened (%s, quota %s)", label, backend.name, quota)
-            executor = Executor(reader, session, self.max_frame)
+            executor = Executor(FrameReader(conn), session, self.max_frame)
             try:
                 executor.serve()
             except EOFError:
@@ -281,8 +462,8 @@ class GPUWorker(Configurable):
             finally:
                 session.close()
             return 0
-        except (EOFError, OSError, struct.error) as exc:
-            log.warning("%s: closed during the handshake: %s", label, exc)
+        except OSError as exc:
+            log.warning("%s: closed while opening: %s", label, exc)
             return 2
 
     def usage_counter(self, token: str, label: str) -> UsageCounter | None:
@@ -313,6 +494,53 @@ def _import_kernels(name: str) -> None:
         spec.loader.exec_module(module)
     else:
         importlib.import_module(name)
+
+
+class _Handshake:
+    """A connection in its handshake: all the daemon holds for it before the token is checked."""
+
+    __slots__ = ("conn", "source", "deadline", "data", "plen")
+
+    def __init__(self, conn: socket.socket, source: str, deadline: float):
+        self.conn, self.source, self.deadline = conn, source, deadline
+        self.data = b""
+        self.plen = 0
+
+
+class _WrongTokens:
+    """Wrong tokens from one source in the current window."""
+
+    __slots__ = ("start", "count", "unchecked")
+
+    def __init__(self, start: float):
+        self.start, self.count, self.unchecked = start, 1, 0
+
+
+def _source_of(conn: socket.socket) -> str:
+    """Whom to count wrong tokens against: the peer's IP address, or its user on the Unix socket."""
+    try:
+        if conn.family == socket.AF_UNIX:
+            _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            return f"local uid {uid}"
+        return conn.getpeername()[0]
+    except (OSError, AttributeError):
+        return "unknown"
+
+
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with(daemon: int) -> None:
+    """Make this executor end when the daemon does, however the daemon ends.
+
+    An executor that outlived its daemon would go on holding GPU memory that the pool, having
+    marked the worker lost, places again.  The kernel sends the signal when the parent dies;
+    the pid check covers a daemon that died before the request was made."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != daemon:
+        os._exit(1)
 
 
 def _refuse(conn, code: int, message: str) -> int:

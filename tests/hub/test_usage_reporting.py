@@ -1,8 +1,8 @@
 """VRAM in use as the pool sees it: a real pool, a real worker daemon and a client through the shim.
 
 The dashboard is only worth reading if its number is the worker's: every allocation and free
-within one heartbeat, and still true after the daemon restarts under executors that outlived it,
-or after an executor dies without cleaning up."""
+within one heartbeat, still true after an executor dies without cleaning up, and 0 under a
+restarted daemon once the old one's executors ended with it."""
 from __future__ import annotations
 
 import os
@@ -43,6 +43,7 @@ class Daemon:
 
     def __init__(self, pool: Pool, name: str, port: int, runtime_dir: str):
         env = dict(os.environ, GPULAB_POOL_TOKEN=WORKER_TOKEN, XDG_RUNTIME_DIR=runtime_dir)
+        self.runtime_dir = runtime_dir
         self.credential_file = os.path.join(runtime_dir, f"{name}.credential")  # kept across its restarts
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpu_worker.daemon", "--backend", "emulated", "--tcp", f"127.0.0.1:{port}",
@@ -162,29 +163,58 @@ def test_allocations_and_frees_reach_the_pool_within_one_heartbeat(setup):
     wait_used(pool, alloc["id"], 0, INTERVAL + SLACK)
 
 
-def test_a_restarted_daemon_reports_the_sessions_that_outlived_the_old_one(setup):
-    pool, alloc, start_daemon, connect, daemons = setup
-    client = connect(alloc["token"])
-    client("alloc", "a", 3 * MiB)
-    client("alloc", "b", 4 * MiB)
-    wait_used(pool, alloc["id"], 7 * MiB, INTERVAL + SLACK)
-    old = daemons[-1]
-    executors = executors_of(old.proc.pid)
-    assert len(executors) == 1
-    os.kill(old.proc.pid, signal.SIGKILL)  # the daemon only: its executor keeps serving the client
-    old.proc.wait()
-    client("free", "a")
-    client("sync")
-    # while no daemon runs, the pool hears nothing; make its figure wrong on purpose so that only
-    # a heartbeat of the new daemon can put it right
-    assert beat(pool, old, {"sessions": {}}) == 200
-    assert used_vram(pool, alloc["id"]) == 0
+def test_executors_end_with_their_daemon_and_a_new_daemon_reports_none_of_their_use(setup):
+    """Executors die with their daemon (they ask for PR_SET_PDEATHSIG), so a worker the pool marks
+    lost holds no GPU memory the pool could place again.  The program's next call fails with a
+    reason, the counters the executors left are removed, and the pool's figure goes to 0 under
+    the new daemon.  (Before: executors outlived a killed daemon and went on serving.)"""
+    pool, alloc, start_daemon, _, daemons = setup
+    client = ClientWithStderr(daemons[-1].address, alloc["token"])
+    try:
+        client("alloc", "a", 3 * MiB)
+        client("alloc", "b", 4 * MiB)
+        wait_used(pool, alloc["id"], 7 * MiB, INTERVAL + SLACK)
+        old = daemons[-1]
+        executors = executors_of(old.proc.pid)
+        assert len(executors) == 1
+        os.kill(old.proc.pid, signal.SIGKILL)  # the daemon only
+        old.proc.wait()
+        deadline = time.monotonic() + 1.5
+        while alive(executors[0]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not alive(executors[0]), "the executor outlived its daemon"
+        client.proc.stdin.write("sync\n")
+        client.proc.stdin.flush()
+        assert client.proc.stdout.readline() == ""  # the program stopped at the failed call
+        assert client.proc.wait(10) != 0
+        stderr = client.proc.stderr.read()
+        assert "connection to the worker lost" in stderr and "CUDA_ERROR_DEVICE_UNAVAILABLE" in stderr, stderr
+    finally:
+        client.close()
+    assert used_vram(pool, alloc["id"]) == 7 * MiB  # no daemon, no heartbeat: the pool's last word
     start_daemon()
-    wait_used(pool, alloc["id"], 4 * MiB, 20)  # start-up, registration, then its first heartbeat
-    client("alloc", "c", 2 * MiB)  # the surviving executor's changes keep reaching the new daemon
-    wait_used(pool, alloc["id"], 6 * MiB, INTERVAL + SLACK)
-    os.kill(executors[0], signal.SIGKILL)  # an executor that dies without cleaning up stops counting
-    wait_used(pool, alloc["id"], 0, INTERVAL + SLACK)
+    wait_used(pool, alloc["id"], 0, 20)  # start-up, registration, then its first heartbeat
+    usage_dirs = [d for d in os.listdir(old.runtime_dir) if d.startswith("gpulab-usage-")]
+    assert usage_dirs and all(not os.listdir(os.path.join(old.runtime_dir, d)) for d in usage_dirs)
+
+
+def alive(pid: int) -> bool:
+    """Running, i.e. neither gone nor a zombie waiting for its new parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class ClientWithStderr(Client):
+    """A Client whose stderr, where the shim writes its reasons, the test reads."""
+
+    def __init__(self, address: str, token: str):
+        self.proc = subprocess.Popen([sys.executable, "-c", CLIENT], env=shim_env(address, token),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
 
 
 def test_an_executor_killed_mid_session_stops_counting(setup):

@@ -1,0 +1,225 @@
+"""What one client can cost a worker: bounded whatever it sends, and nothing outlives the daemon.
+
+Real workers on a Unix socket, raw frames from the test (as a hostile client would send them) or
+programs through the shim. Every test is bounded in connections and in time."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import textwrap
+import time
+
+from workertools import PRELUDE
+
+from gpu_worker.api import table as api_table
+from gpu_worker.api.protocol import FLAG_REPLY, HELLO, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER
+from gpu_worker.backends.ptx import parse_entries, ptx_version
+
+MiB = 1 << 20
+PTX = (os.path.dirname(__file__) + "/data/kernels.ptx")
+
+
+def children_of(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def connect(worker) -> socket.socket:
+    deadline = time.monotonic() + 10
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        try:
+            s.connect(worker.unix[len("unix://"):])
+            return s
+        except BlockingIOError:  # the listen backlog is full for a moment: the daemon is accepting
+            s.close()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+
+def hello(worker, token=None) -> tuple[socket.socket, int, str]:
+    """A raw session: the socket, the HELLO's CUresult and its message."""
+    s = connect(worker)
+    tok = (worker.token if token is None else token).encode()
+    s.sendall(REQ_HEADER.pack(HELLO.size + len(tok), OP_HELLO, FLAG_REPLY)
+              + HELLO.pack(PROTOCOL_VERSION, os.getpid(), len(tok)) + tok)
+    plen, res, _ = REP_HEADER.unpack(s.recv(REP_HEADER.size, socket.MSG_WAITALL))
+    return s, res, s.recv(plen, socket.MSG_WAITALL).decode()
+
+
+def executor_of(worker, before: set) -> int:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        new = set(children_of(worker.proc.pid)) - before
+        if new:
+            return new.pop()
+        time.sleep(0.02)
+    raise AssertionError("no executor appeared")
+
+
+def test_idle_connections_cost_no_process_and_end_at_the_deadline(make_worker):
+    worker = make_worker(extra=("--GPUWorker.handshake_timeout=2",))
+    daemon = worker.proc.pid
+    rss_before = rss(daemon)
+    started = time.monotonic()
+    idle = [connect(worker) for _ in range(200)]  # connected, never a byte sent
+    time.sleep(0.5)
+    assert children_of(daemon) == []  # no executor for a connection that has not shown a token
+    grown = rss(daemon) - rss_before
+    assert grown < 16 * MiB, f"the daemon grew by {grown / MiB:.1f} MiB for 200 idle connections"
+    # a real client is served meanwhile
+    s, res, _ = hello(worker)
+    assert res == 0
+    s.close()
+    for c in idle:  # every idle connection is closed by the deadline (those over the cap at once)
+        c.settimeout(max(started + 2 + 3 - time.monotonic(), 0.1))
+        try:
+            assert c.recv(1) == b""
+        except ConnectionResetError:
+            pass
+        c.close()
+    assert time.monotonic() - started < 2 + 3
+    assert "GPUWorker.handshake_timeout" in worker.log_text()
+
+
+def test_an_announced_frame_costs_memory_only_as_its_bytes_arrive(worker):
+    before = set(children_of(worker.proc.pid))
+    s, res, _ = hello(worker)
+    assert res == 0
+    executor = executor_of(worker, before)
+    base = rss(executor)
+    op = api_table.opcode(next(f for f in api_table.FORWARDED if f.name == "cuModuleLoadData"))
+    s.sendall(REQ_HEADER.pack(256 * MiB, op, FLAG_REPLY) + b"\0" * MiB)  # 256 MiB announced, 1 MiB sent
+    time.sleep(0.5)
+    grown = rss(executor) - base
+    assert grown < 24 * MiB, f"the executor grew by {grown / MiB:.0f} MiB for 1 MiB received"
+    s.close()
+
+
+def test_handle_and_module_caps_refuse_with_a_reason(make_worker):
+    worker = make_worker(extra=("--GPUWorker.max_handles=8", "--GPUWorker.max_modules=2"))
+    p = worker.run(PRELUDE + textwrap.dedent(f"""
+        setup()
+        image = open({PTX!r}, "rb").read() + b"\\0"
+        mods = [d.cuModuleLoadData(image) for _ in range(3)]
+        third = name(mods[2])
+        ok(d.cuModuleUnload(mods[0][1]))
+        again = name(d.cuModuleLoadData(image))   # an unloaded module makes room
+        streams = [d.cuStreamCreate(0) for _ in range(10)]  # pipelined: refusals latch
+        sync = name(d.cuCtxSynchronize())
+        done(third=third, again=again, sync=sync)
+    """))
+    assert p.result == {"third": "CUDA_ERROR_OUT_OF_MEMORY", "again": "CUDA_SUCCESS",
+                        "sync": "CUDA_ERROR_OUT_OF_MEMORY"}
+    assert "cuModuleLoadData refused: this vGPU already holds 2 loaded modules" in p.stderr
+    assert "cuStreamCreate refused: this vGPU already holds 8 handles" in p.stderr
+
+
+def test_sessions_per_token_are_capped(make_worker):
+    worker = make_worker(extra=("--GPUWorker.max_sessions_per_token=2",))
+    first, r1, _ = hello(worker)
+    second, r2, _ = hello(worker)
+    third, r3, why = hello(worker)
+    assert (r1, r2, r3) == (0, 0, 46)  # CUDA_ERROR_DEVICE_UNAVAILABLE
+    assert "already has 2 sessions" in why
+    third.close()
+    first.close()
+    deadline = time.monotonic() + 5
+    while True:  # the daemon notices the executor's end within its loop's half second
+        s, res, _ = hello(worker)
+        s.close()
+        if res == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert res == 0
+    second.close()
+
+
+def _best_of(fn, arg, n=3) -> float:
+    best = float("inf")
+    for _ in range(n):
+        t = time.perf_counter()
+        fn(arg)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def test_ptx_parsing_is_linear():
+    """Crafted PTX (entries that never close, endless blank lines) costs time in proportion to
+    its size; the regexes this replaced took 10 s of CPU for 100 KiB."""
+    for unit, fn in ((".entry a(", parse_entries), ("\n", ptx_version), (".entry a(.param .u64 ", parse_entries)):
+        small = unit * (10 * 1024 // len(unit))
+        big = unit * (100 * 1024 // len(unit))
+        t_small, t_big = _best_of(fn, small), _best_of(fn, big)
+        # linear: ~10x; quadratic: ~100x. Loose, and a floor for timer noise on tiny figures
+        assert t_big < 30 * t_small + 0.02, f"{unit!r}: 10 KiB in {t_small:.4f} s, 100 KiB in {t_big:.4f} s"
+        assert t_big < 0.5
+
+
+def test_wrong_tokens_are_throttled_with_one_log_line(make_worker):
+    worker = make_worker(extra=("--GPUWorker.wrong_token_burst=3", "--GPUWorker.wrong_token_window=3"))
+    reasons = []
+    started = time.monotonic()
+    for _ in range(20):
+        s, res, why = hello(worker, token="not-the-token")
+        s.close()
+        assert res == 800  # CUDA_ERROR_NOT_PERMITTED
+        reasons.append(why)
+    assert time.monotonic() - started < 3
+    assert all("not valid" in r for r in reasons[:3])
+    assert all("too many wrong session tokens" in r for r in reasons[3:])
+    assert worker.log_text().count("wrong session token") == 1
+    s, res, _ = hello(worker)  # throttled: even the right token waits for the window's end
+    s.close()
+    assert res == 800
+    time.sleep(max(started + 3.2 - time.monotonic(), 0))
+    s, res, _ = hello(worker)
+    s.close()
+    assert res == 0
+
+
+def test_executors_die_with_their_daemon(worker):
+    before = set(children_of(worker.proc.pid))
+    s, res, _ = hello(worker)
+    assert res == 0
+    executor = executor_of(worker, before)
+    os.kill(worker.proc.pid, signal.SIGKILL)  # the daemon only
+    worker.proc.wait()
+    deadline = time.monotonic() + 1.5
+    while alive(executor) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not alive(executor), "the executor outlived its daemon"
+    s.settimeout(2)
+    try:
+        assert s.recv(1) == b""
+    except ConnectionResetError:
+        pass
+    s.close()

@@ -7,7 +7,7 @@ it sends a heartbeat, so what the pool hears is what the executors hold at that 
 
 The directory is named after the worker's identity in the pool (its name and the pool's URL),
 not after the daemon process: a daemon started again with the same configuration finds the
-executors that outlived the old one.  Each executor holds an exclusive ``flock`` on its file
+files of the old one's executors (which die with their daemon) and removes them.  Each executor holds an exclusive ``flock`` on its file
 for as long as it lives; the kernel releases it when the process ends, however it ends.  That
 is how a reader tells a live executor's file from a dead one's (a pid could be reused; a lock
 cannot outlive its process), and the dead one's file is removed on the spot.

@@ -76,8 +76,8 @@ class GPUWorker(Configurable):
     heartbeat_interval = Float(5.0, help="Seconds between heartbeats to the pool (a change of a session's VRAM "
                                          "use is sent sooner, at most twice a second).").tag(config=True)
     usage_dir = Unicode("", help="Private directory where each executor publishes its session's VRAM in use for "
-                                 "the heartbeat.  It must stay the same across restarts of the daemon, so that a "
-                                 "new daemon reports the sessions whose executors outlived the old one.  Default: "
+                                 "the heartbeat.  It stays the same across restarts of the daemon, so that a new "
+                                 "daemon removes what the old one's executors (which die with it) left.  Default: "
                                  "gpulab-usage-<uid>-<name>-<hash of pool URL and name> in $XDG_RUNTIME_DIR, "
                                  "else /dev/shm, else the temporary directory.").tag(config=True)
     max_frame = Int(DEFAULT_MAX_FRAME, help="Largest request frame accepted (bulk copy data excepted); a "
@@ -216,7 +216,7 @@ class GPUWorker(Configurable):
         tcp = next((a for a in addrs if a.startswith("tcp://")), "")
         address = self.advertise or tcp or addrs[0]
         name = self.name or f"{socket.gethostname()}-{address.rsplit(':', 1)[-1]}"
-        # named after the worker, not this process: a restarted daemon finds the surviving executors
+        # named after the worker, not this process: a restarted daemon finds what the old one left
         self.usage_dir = prepare_dir(self.usage_dir or default_dir(name, self.pool_url))
         gpus = describe_gpus(self.kind, name, self.emulated_memory)
         token = self.pool_token or os.environ.get("GPULAB_POOL_TOKEN", "")

@@ -13,17 +13,21 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import pwd
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
 
 from traitlets import Enum, Float, Int, List, Unicode, default
 from traitlets.config import Application
+
+from hub_spawner.launcher.accounts import ensure_unix_users, shared_account_reason
 
 DEMO_USERS = ["alice", "bob", "carol"]
 GPU_GROUP = "gpu-users"
@@ -67,12 +71,16 @@ c.Authenticator.admin_users = {{"admin"}}
 c.Authenticator.allowed_users = set(settings["users"])
 c.JupyterHub.load_groups = {{settings["gpu_group"]: {{"users": settings["gpu_group_members"]}}}}
 
-c.JupyterHub.spawner_class = "hub_spawner.spawner.GPUSimpleLocalProcessSpawner"
-c.SimpleLocalProcessSpawner.home_dir_template = f"{{state}}/homes/{{{{username}}}}"
+if settings["unix_user_prefix"] is not None:  # one Unix user per lab user (see launcher/accounts.py)
+    c.JupyterHub.spawner_class = "hub_spawner.launcher.accounts.GPULabUserSpawner"
+    c.GPULabUserSpawner.unix_user_prefix = settings["unix_user_prefix"]
+else:  # one shared account, the banner says why
+    c.JupyterHub.spawner_class = "hub_spawner.spawner.GPUSimpleLocalProcessSpawner"
+    c.SimpleLocalProcessSpawner.home_dir_template = f"{{state}}/homes/{{{{username}}}}"
+    if os.geteuid() == 0:  # containers and CI run as root; jupyter-server refuses that unless told
+        c.Spawner.args = ["--allow-root"]
 c.Spawner.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]
 c.Spawner.default_url = "/lab"
-if os.geteuid() == 0:  # containers and CI run as root; jupyter-server refuses that unless told
-    c.Spawner.args = ["--allow-root"]
 c.Spawner.start_timeout = 120
 c.Spawner.http_timeout = 120
 c.GPUSpawner.pool_url = settings["pool_url"]
@@ -120,6 +128,7 @@ def load_secrets(state: Path) -> dict:
     """Secrets made once per state directory (readable by the owner only)."""
     path = state / "secrets.json"
     if path.exists():
+        path.chmod(0o600)  # one written by hand, or by an earlier version, may be open to others
         return json.loads(path.read_text())
     values = {"pool_api_token": secrets.token_urlsafe(32), "pool_worker_token": secrets.token_urlsafe(32),
               "admin_password": secrets.token_urlsafe(32)}
@@ -187,6 +196,12 @@ class GPULabUp(Application):
     State (hub and pool databases, secrets, user homes): --state-dir, by default
     $GPULAB_STATE_DIR, else $XDG_STATE_HOME/gpulab, else ~/.local/state/gpulab.
 
+    Accounts: run as root, each user's server runs as its own Unix user (--unix-user-prefix plus
+    the user's name, e.g. gpulab-alice, made at the first start, home under /home), so no user's code
+    can read another's files or GPU token, nor the lab's secrets. Otherwise (not root, or this
+    Python is not usable by other users) all servers share this process's account, for trying
+    only: the banner says so and why.
+
     Ctrl-C (SIGINT) or SIGTERM stops the hub, its proxy, the pool, the worker and users' servers.
     """
     examples = """
@@ -211,6 +226,14 @@ gpulab up --backend emulated --config my_jupyterhub_config.py
                               ).tag(config=True)
     api_token = Unicode(help="Create a hub API token with admin rights over users and servers, for automation "
                              "(default: $GPULAB_HUB_API_TOKEN; empty: none).").tag(config=True)
+    user_accounts = Enum(["auto", "separate", "shared"], "auto", help="Whose account users' servers run "
+                         "under: 'separate' (one Unix user each; needs root and a Python, gpulab and shim "
+                         "that other users can read and run; refuses to start otherwise), 'shared' (all "
+                         "as this process's user: for trying only) or 'auto' (separate when it can be had, "
+                         "else shared, and the banner says why).").tag(config=True)
+    unix_user_prefix = Unicode("gpulab-", help="Prefix of the Unix user made for each lab user when servers "
+                               "run as separate users (alice runs as gpulab-alice); '' for the plain names. "
+                               "An existing Unix user of that name is used as it is.").tag(config=True)
     config_files = List(Unicode(), help="Extra JupyterHub config files, loaded after gpulab's own "
                                         "(c.JupyterHub.*, c.GPUSpawner.*, ...).").tag(config=True)
     ready_timeout = Float(120.0, help="Seconds to wait for the hub to come up before giving up.").tag(config=True)
@@ -221,6 +244,7 @@ gpulab up --backend emulated --config my_jupyterhub_config.py
                "backend": "GPULabUp.backend", "pool-port": "GPULabUp.pool_port",
                "worker-port": "GPULabUp.worker_port", "emulated-kernels": "GPULabUp.emulated_kernels",
                "heartbeat-timeout": "GPULabUp.heartbeat_timeout", "api-token": "GPULabUp.api_token",
+               "user-accounts": "GPULabUp.user_accounts", "unix-user-prefix": "GPULabUp.unix_user_prefix",
                "config": "GPULabUp.config_files"}
     flags = {"show-config": Application.flags["show-config"]}
 
@@ -235,9 +259,14 @@ gpulab up --backend emulated --config my_jupyterhub_config.py
     def write_config(self) -> tuple[Path, dict]:
         """The hub's config file for this start, and the settings written into it."""
         state = Path(self.state_dir).expanduser().resolve()
-        state.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one is private: it holds the lab's secrets
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state.chmod(0o700)  # it holds the lab's secrets; servers of separate users never need to enter it
         (state / "homes").mkdir(exist_ok=True)
         sec = load_secrets(state)
+        for db in ("jupyterhub.sqlite", "pool.sqlite"):  # SQLite gives its journals the database's mode
+            (state / db).touch(mode=0o600)
+            (state / db).chmod(0o600)
+        self.shared_reason = self.choose_accounts()
         pool_port = self.pool_port or free_port("127.0.0.1")
         pool_prefix = "/services/gpulab-pool/"
         settings = {
@@ -255,6 +284,7 @@ gpulab up --backend emulated --config my_jupyterhub_config.py
             "emulated_kernels": ["gpu_worker.backends.demo_kernels", *self.emulated_kernels],
             "heartbeat_timeout": self.heartbeat_timeout, "profiles": EXAMPLE_PROFILES,
             "api_token": self.api_token,
+            "unix_user_prefix": None if self.shared_reason else self.unix_user_prefix,
             "extra_configs": [str(Path(c).resolve()) for c in self.config_files],
         }
         path = state / "jupyterhub_config.py"
@@ -262,6 +292,16 @@ gpulab up --backend emulated --config my_jupyterhub_config.py
         path.chmod(0o600)  # it holds the secrets too
         path.write_text(CONFIG_TEMPLATE.format(settings=json.dumps(settings)))
         return path, settings
+
+    def choose_accounts(self) -> str:
+        """Make the lab users' Unix users when servers can run as them; else why they cannot ("": they can)."""
+        reason = shared_account_reason(self.user_accounts, os.geteuid(), sys.executable)
+        if not reason:
+            reason = ensure_unix_users(DEMO_USERS + ["admin"], self.unix_user_prefix)
+        if reason and self.user_accounts == "separate":
+            print(f"gpulab up: --user-accounts=separate, but {reason}", file=sys.stderr)
+            self.exit(1)
+        return reason
 
     def wait_ready(self, settings: dict) -> str:
         """Until the proxy routes the hub and the pool, and the worker has joined the pool: the lab
@@ -293,7 +333,22 @@ gpulab up --backend emulated --config my_jupyterhub_config.py
                 f"  admin: admin (password: \"admin_password\" in {state / 'secrets.json'})\n"
                 f"  GPU pool dashboard: {self.url}/services/gpulab-pool/\n"
                 f"  state: {state}\n"
+                f"{self.accounts_text()}"
                 f"  stop: Ctrl-C\n")
+
+    def accounts_text(self) -> str:
+        if not self.shared_reason:
+            names = ", ".join(self.unix_user_prefix + u for u in DEMO_USERS + ["admin"])
+            return f"  accounts: each user's server runs as its own Unix user ({names})\n"
+        try:
+            me = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            me = f"uid {os.geteuid()}"
+        why = textwrap.fill(f"Why: {self.shared_reason}", 94, initial_indent="  !! ", subsequent_indent="  !!      ")
+        return ("  " + "!" * 94 + "\n"
+                f"  !! SHARED ACCOUNT, FOR TRYING ONLY: every user's server runs as {me}, the hub's own user,\n"
+                "  !! so any user's code can read the others' files and GPU tokens and this lab's secrets.\n"
+                f"{why}\n" + "  " + "!" * 94 + "\n")
 
     def on_signal(self, signum, _frame):
         if self.stopping:  # a second Ctrl-C: no more waiting

@@ -25,17 +25,20 @@ def free_port() -> int:
 
 
 class Hub:
-    def __init__(self, state: Path, extra=(), sigint_ignored=False):
+    def __init__(self, state: Path, extra=(), sigint_ignored=False, accounts="shared", python=sys.executable):
         """`sigint_ignored`: start it as a script's background job (`gpulab up &`) is started, with
-        SIGINT ignored, which its children inherit unless they take the signal themselves."""
+        SIGINT ignored, which its children inherit unless they take the signal themselves.
+        `accounts`: --user-accounts; shared unless a test asks, so that no test but those that
+        clean up after themselves makes Unix users. `python`: the interpreter of the whole lab."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state = state
         self.log_path = state.parent / f"{state.name}-hub.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gpulab.cli", "up", "--state-dir", str(state), "--port", str(self.port),
-             "--backend", "emulated", "--api-token", API_TOKEN, "--emulated-kernels", KERNELS, *extra],
+            [python, "-m", "gpulab.cli", "up", "--state-dir", str(state), "--port", str(self.port),
+             "--backend", "emulated", "--api-token", API_TOKEN, "--emulated-kernels", KERNELS,
+             "--user-accounts", accounts, *extra],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
             preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
         deadline = time.time() + 120

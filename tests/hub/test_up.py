@@ -2,9 +2,12 @@
 SIGINT or SIGTERM, taking the hub, the proxy, the pool and the worker with it, quietly."""
 from __future__ import annotations
 
+import os
+import pwd
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -12,6 +15,7 @@ import time
 import pytest
 
 from hubtools import ROOT, Hub, alive, tree
+from hub_spawner.launcher.accounts import closed_to_others, shared_account_reason
 from hub_spawner.launcher.up import default_state_dir
 
 STOP_WITHIN = 5.0
@@ -43,7 +47,16 @@ def kinds(parts: dict[int, str]) -> set[str]:
 
 
 def test_sigint_stops_everything_quickly_and_quietly(tmp_path):
-    hub, parts, took = start_and_stop(tmp_path / "state", signal.SIGINT)
+    """Also: its secrets are its own, and the banner says whose account users' servers run under.
+    Accounts are left to `gpulab up` (auto); any Unix user it makes has a prefix of this test's."""
+    prefix = f"gpulab-t{os.getpid()}-"
+    try:
+        hub, parts, took = start_and_stop(tmp_path / "state", signal.SIGINT, accounts="auto",
+                                          extra=["--unix-user-prefix", prefix])
+    finally:
+        for name in ("alice", "bob", "carol", "admin"):
+            if any(p.pw_name == prefix + name for p in pwd.getpwall()):
+                subprocess.run(["userdel", "--remove", prefix + name], capture_output=True)
     log = hub.log_text()
     assert kinds(parts) == {"hub", "proxy", "pool", "worker"}, parts
     assert hub.proc.returncode == 0, log[-3000:]
@@ -57,6 +70,23 @@ def test_sigint_stops_everything_quickly_and_quietly(tmp_path):
                  f"{hub.url}/services/gpulab-pool/", f"state: {tmp_path / 'state'}"):
         assert fact in banner, f"the banner does not name {fact}:\n{banner[:800]}"
     assert hub.admin_password not in log  # the banner says where the password is, not what
+
+    state = tmp_path / "state"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [state, *state.iterdir()] if p.is_file() or p == state}
+    assert modes[state.name] == 0o700
+    for name in ("secrets.json", "jupyterhub.sqlite", "pool.sqlite", "jupyterhub_cookie_secret",
+                 "jupyterhub_config.py"):
+        assert modes[name] == 0o600, (name, oct(modes[name]))
+    assert not [n for n, m in modes.items() if m & 0o077], modes  # journals and the rest too
+
+    why = shared_account_reason("auto", os.geteuid(), sys.executable)
+    if why:  # here: not root, or this Python is under a private directory (pyenv in a mode-700 /root)
+        assert "SHARED ACCOUNT, FOR TRYING ONLY" in banner, banner
+        assert " ".join(why.split()) in " ".join(banner.replace("!!", "").split()), banner
+        if closed_to_others(sys.executable):
+            assert f"{closed_to_others(sys.executable)} is closed to other users" in why
+    else:
+        assert f"each user's server runs as its own Unix user ({prefix}alice" in banner, banner
 
 
 def test_sigterm_stops_everything_quickly_even_started_in_the_background(tmp_path):

@@ -152,3 +152,77 @@ sys.stdin.readline()
         if client:
             client.kill()
         os.killpg(worker.pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------- bad allocation and availability bodies
+def raw_call(pool, method, path, raw: bytes):
+    """A body no JSON encoder writes (1e400, a huge integer): sent as bytes."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(pool.url + path, data=raw, method=method,
+                                 headers={"Authorization": f"token {HUB_TOKEN}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+SIZE_HINT = "use a number with a unit, e.g. 8G or 512M"
+
+
+@pytest.mark.parametrize("spec, sentence", [
+    ({"vram": "inf"}, f"invalid GPU request: vram: 'inf' is not a size: {SIZE_HINT}"),
+    ({"vram": "8"}, "invalid GPU request: vram: '8' has no unit"),
+    ({"vram": "-1G"}, f"invalid GPU request: vram: '-1G' is not a size above zero: {SIZE_HINT}"),
+    ({"vram": [1]}, f"invalid GPU request: vram: [1] is not a size: {SIZE_HINT}"),
+    ({"vram": {"a": 1}}, f"invalid GPU request: vram: {{'a': 1}} is not a size: {SIZE_HINT}"),
+    ({"vram": "1G", "count": "abc"}, "invalid GPU request: count: 'abc' is not a GPU count: use a whole number "
+                                     "from 1 to 16"),
+    ({"vram": "1G", "compute": [5]}, "invalid GPU request: compute: [5] is not a compute share"),
+    ({"vram": "1G", "mode": ["local"]}, "invalid GPU request: mode: ['local'] is not one of local, remote, any"),
+    ({"vram": "1G", "node": {"n": 1}}, "invalid GPU request: node must be a host name"),
+    ({"compute": 5}, "invalid GPU request: no GPU memory size (vram)"),
+    ({"user": ["ann"], "vram": "1G"}, "user must be a string of at most 255 characters"),
+    ({"server_name": {}, "vram": "1G"}, "server_name must be a string of at most 255 characters"),
+])
+def test_bad_allocation_bodies_are_400_with_a_sentence(pool, spec, sentence):
+    pool.register()
+    status, body = pool.call("POST", "api/allocations", {"user": "ann", **spec})
+    assert status == 400 and body["message"].startswith(sentence), body
+    status, body = pool.call("POST", "api/availability", {"requests": [{"vram": "1G"}, spec]})
+    if "user" in spec or "server_name" in spec:
+        return  # not GPU settings: availability ignores them
+    where = "requests[1]: " if sentence.endswith("(vram)") else "requests[1]."
+    assert status == 400 and body["message"].startswith(sentence.replace("request: ", "request: " + where)), body
+
+
+def test_numbers_json_cannot_hold_are_400_and_ids_out_of_range_404(pool):
+    pool.register()
+    for raw in (b'{"user": "ann", "vram": 1e400}', b'{"user": "ann", "vram": ' + b"9" * 400 + b"}",
+                b'{"user": "ann", "vram": "1G", "compute": 1e400}', b'{"user": "ann", "vram": NaN}'):
+        status, body = raw_call(pool, "POST", "api/allocations", raw)
+        assert status == 400 and body["message"].startswith("invalid GPU request: "), (raw[:60], body)
+    status, body = raw_call(pool, "POST", "api/availability", b'{"requests": [{"vram": 1e400}]}')
+    assert status == 400 and body["message"] == f"invalid GPU request: requests[0].vram: inf is not a size: {SIZE_HINT}"
+    for method in ("GET", "DELETE"):
+        for alloc_id in (10 ** 20, 2 ** 63, 2 ** 63 - 1):
+            status, body = pool.call(method, f"api/allocations/{alloc_id}")
+            assert status == 404 and body["message"].startswith("no allocation "), (method, alloc_id, body)
+    for bad in ({"requests": "all"}, {"requests": ["1G"]}, {"requests": [None]}):
+        status, body = pool.call("POST", "api/availability", bad)
+        assert status == 400 and body["message"], body
+    assert pool.call("GET", "api/allocations")[1] == []
+
+
+def test_availability_caps_the_number_of_requests(pool):
+    pool.register(gpus=2)
+    start = time.monotonic()
+    status, body = pool.call("POST", "api/availability", {"requests": [{"vram": "1G"}] * 3000})
+    assert status == 400 and body["message"] == ("at most 100 requests per availability call, not 3000: "
+                                                 "split the list")
+    assert time.monotonic() - start < 2
+    status, avail = pool.call("POST", "api/availability", {"requests": [{"vram": "1G", "compute": 1}] * 100})
+    assert status == 200 and len(avail) == 100 and avail[0]["slots"] == 32

@@ -211,3 +211,101 @@ def test_dashboard_template_uses_the_hubs_page():
     assert "No GPU time used yet." in html
     empty = environment().get_template("dashboard.html").render(**ns, **dashboard_rows([], [], [], []))
     assert "No GPU workers have registered yet" in empty
+
+
+# --------------------------------------------------------------- limits checked where they enter
+BAD_PROFILES = [
+    ({"display_name": "Infinite", "slug": "inf", "gpu": {"vram": "inf"}}, "gpu.vram: 'inf' is not a size"),
+    ({"display_name": "Negative", "slug": "neg", "gpu": {"vram": "-1G"}}, "gpu.vram: '-1G' is not a size above zero"),
+    ({"display_name": "Count", "slug": "cnt", "gpu": {"vram": "1G", "count": "abc"}},
+     "gpu.count: 'abc' is not a GPU count"),
+    ({"display_name": "Share", "slug": "share", "gpu": {"vram": "1G", "compute": 250}},
+     "gpu.compute: 250 is not a compute share"),
+    ({"display_name": "Choice", "slug": "choice", "gpu": {"vram": "1G"}, "profile_options": {"vram": {
+        "choices": {"a": {"gpu": {"vram": "1G"}}, "b": {"gpu": {"vram": "8X"}}}}}}, "gpu.vram: '8X' is not a size"),
+    ({"display_name": "Colour", "slug": "colour", "gpu": {"vram": "1G", "colour": "red"}},
+     "gpu: unknown GPU setting(s) ['colour']"),
+    ({"display_name": "Listy", "slug": "listy", "gpu": ["1G"]}, "gpu: a list is not a mapping of GPU settings"),
+    (["not", "a", "profile"], "a profile must be a dict, not a list"),
+]
+
+
+@pytest.mark.parametrize("bad, why", BAD_PROFILES)
+def test_a_bad_admin_profile_is_left_out_and_the_form_renders_for_everyone(caplog, bad, why):
+    # a callable: a static list of non-dicts is already refused by the trait when the config loads
+    s = spawner(profiles=lambda spawner: [PROFILES[0], bad, PROFILES[2]])
+    canned_pool(s, lambda spec: {"fits": True, "slots": 1, "reason": ""})
+    with caplog.at_level("ERROR"):
+        assert visible(s) == ["small", "cpu"]
+    lines = [r.getMessage() for r in caplog.records if "gpu_profiles" in r.getMessage()]
+    name = repr(bad["slug"]) if isinstance(bad, dict) else "#2"
+    assert len(lines) == 1 and lines[0].startswith(f"c.GPUSpawner.gpu_profiles: left out profile {name}: "), lines
+    assert why in lines[0]
+    form = asyncio.run(s.render_options_form())
+    assert 'value="small"' in form and 'value="cpu"' in form
+    profile, gpu = s.resolve(asyncio.run(s.visible_profiles()), {"profile": "small", "vram": "6g"})
+    assert gpu == {"vram": 6 << 30, "compute": 25}
+
+
+def test_a_choice_may_supply_what_the_profile_leaves_out():
+    p = {"display_name": "Pick", "slug": "pick", "gpu": {"compute": 10}, "profile_options": {"vram": {"choices": {
+        "1g": {"default": True, "gpu": {"vram": "1G"}}, "2g": {"gpu": {"vram": "2G"}}}}}}
+    s = spawner(profiles=[p])
+    assert visible(s) == ["pick"]
+    assert s.resolve([p], {})[1] == {"compute": 10, "vram": 1 << 30}
+
+
+@pytest.mark.parametrize("options, kind", [({"profile": ["small"]}, "a list"), ({"profile": {"a": 1}}, "an object"),
+                                           ({"profile": "small", "vram": ["6g"]}, "a list"),
+                                           ({"profile": "small", "vram": 6}, "a number")])
+def test_option_values_that_are_not_strings_are_a_400_sentence(options, kind):
+    s = spawner()
+    with pytest.raises(SpawnException) as err:
+        asyncio.run(s.apply_user_options(s, options))
+    assert err.value.status_code == 400
+    name = "vram" if "vram" in options else "profile"
+    assert format_exception(err.value)[0] == (f"The option {name!r} must be a string (a profile's slug or a "
+                                              f"choice's key), not {kind}.")
+
+
+def test_the_form_asks_each_distinct_request_once_within_the_pools_cap():
+    choices = {f"c{i}": {"display_name": f"{i} MiB", "gpu": {"vram": f"{i + 1}M"}} for i in range(250)}
+    profiles = [{"display_name": f"P{n}", "slug": f"p{n}", "gpu": {"vram": "1M"},
+                 "profile_options": {"vram": {"choices": choices}}} for n in range(3)]
+    s = spawner(profiles=profiles)
+    calls = []
+
+    async def pool_call(method, path, body=None):
+        if path == "api/availability":
+            assert len(body["requests"]) <= 100
+            calls.append(len(body["requests"]))
+            return [{"fits": True, "slots": 1, "reason": ""} for _ in body["requests"]]
+        return [] if path.startswith("api/allocations") else [{"emulated": True}]
+    s.pool_call = pool_call
+    form = asyncio.run(s.render_options_form())
+    assert sum(calls) == 250 and len(calls) == 3  # 3 profiles x 251 asks, 250 distinct requests
+    assert 'value="p2"' in form and "Unavailable" not in form
+
+
+def test_the_lost_allocations_query_names_only_this_user(tmp_path):
+    """A user named like a query string must not see someone else's lost vGPU."""
+    import time
+
+    from hubtools import HUB_TOKEN, Pool
+
+    pool = Pool(str(tmp_path / "pool.sqlite"), timeout=0.5)
+    try:
+        pool.register()
+        assert pool.call("POST", "api/allocations", {"user": "alice", "vram": "1G"})[0] == 201
+        deadline = time.time() + 10
+        while pool.call("GET", "api/gpus")[1][0]["worker_status"] != "lost":
+            assert time.time() < deadline
+            time.sleep(0.1)
+        s = spawner()
+        s.user.name = "bob&user=alice"
+        s.pool_url, s.pool_token = pool.url, HUB_TOKEN
+        assert "Your vGPU was lost" not in asyncio.run(s.render_options_form())
+        s.user.name = "alice"
+        assert "Your vGPU was lost" in asyncio.run(s.render_options_form())
+    finally:
+        pool.stop()

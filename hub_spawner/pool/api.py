@@ -79,6 +79,17 @@ class HealthHandler(APIHandler):
         self.send({"status": "ok"})
 
 
+MAX_ID = (1 << 63) - 1  # SQLite's largest integer: a larger id names no allocation
+
+
+def allocation_id(text: str) -> int:
+    """An allocation id from the URL (digits by the route); one beyond the database's range is a 404."""
+    n = int(text)
+    if n > MAX_ID:
+        raise web.HTTPError(404, f"no allocation {text[:30]}")
+    return n
+
+
 class AllocationsHandler(APIHandler):
     def post(self):
         spec = self.body()

@@ -128,3 +128,50 @@ for t in ts: t.join()
 done(errors=errors)
 """)
     assert r.result == {"errors": []}, r.stderr
+
+
+SLEEP_PTX = r"""
+.version 8.0
+.target sm_90
+.address_size 64
+.visible .entry sleep_ms(.param .u32 sleep_ms_param_0)
+{
+    ret;
+}
+"""
+
+
+def test_fork_does_not_wait_for_a_thread_in_a_long_call(worker):
+    """A thread synchronizes on a 4 s kernel (holding the connection); fork() returns at once and the
+    child works."""
+    r = worker.run(PRELUDE + f"""
+import os, threading, time
+setup()
+mod = ok(d.cuModuleLoadData({SLEEP_PTX!r}.encode() + b"\\0"))
+fn = ok(d.cuModuleGetFunction(mod, b"sleep_ms"))
+ms = np.array([4000], np.uint32)
+args = np.array([ms.ctypes.data], np.uint64)
+ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, args.ctypes.data, 0))
+waiter = threading.Thread(target=lambda: ok(d.cuCtxSynchronize()))
+waiter.start()
+time.sleep(0.5)
+t0 = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    try:
+        setup()
+        q = ok(d.cuMemAlloc(16))
+        ok(d.cuMemcpyHtoD(q, np.full(16, 5, np.uint8), 16))
+        back = np.zeros(16, np.uint8)
+        ok(d.cuMemcpyDtoH(back, q, 16))
+        os._exit(0 if (back == 5).all() else 3)
+    except BaseException as exc:
+        print(exc, file=sys.stderr)
+        os._exit(4)
+forked = time.monotonic() - t0
+_, status = os.waitpid(pid, 0)
+waiter.join()
+done(forked=forked, child=os.waitstatus_to_exitcode(status))
+""")
+    assert r.result["child"] == 0, r.stderr
+    assert r.result["forked"] < 1

@@ -89,6 +89,7 @@ void gl_sayf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 CUresult gl_unsupported(const char *name, int *once);  /* a function a vGPU does not offer: said once */
 CUresult gl_probed(const char *name);                  /* one that libraries probe: debug log only */
 CUresult gl_unsupported_arg(const char *fn, const char *what);
+void gl_log_reset_after_fork(void);
 /* context.c */
 uintptr_t gl_mint_handle(void);
 uintptr_t gl_ctx_current(void);

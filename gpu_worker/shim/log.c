@@ -82,6 +82,9 @@ static double now_s(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* fork(): another thread of the parent may have held the lock */
+void gl_log_reset_after_fork(void) { pthread_mutex_init(&said_mu, NULL); }
+
 void gl_say(const char *text, size_t n)
 {
     if (n == 0) return;

@@ -373,11 +373,15 @@ static void frame_begin(gl_msg *m, unsigned op, int want_reply)
 }
 
 /* fork(): the child must not use the parent's session (its handles and memory belong to the
- * parent), nor inherit a lock another thread held. It starts unconnected, like a fresh process. */
-static void atfork_prepare(void) { pthread_mutex_lock(&C.mu); }
-static void atfork_parent(void) { pthread_mutex_unlock(&C.mu); }
+ * parent), nor inherit a lock another thread held. It starts unconnected, like a fresh process.
+ * fork() does not take the connection lock first: a thread of the parent may hold it for the
+ * whole of a long call. So the child trusts nothing that thread may have been changing: it
+ * re-initialises the lock and leaves the buffers (possibly mid-realloc) to the parent. */
 static void atfork_child(void)
 {
+    pthread_mutex_init(&C.mu, NULL);
+    C.sbuf = NULL; C.slen = C.scap = 0;
+    C.rbuf = NULL; C.rlen = C.rcap = 0;
     if (C.fd >= 0) close(C.fd);
     C.fd = -1;
     C.state = 0;
@@ -390,12 +394,12 @@ static void atfork_child(void)
     gl_ctx_reset_after_fork();
     gl_memory_reset_after_fork();
     gl_launch_reset_after_fork();
-    pthread_mutex_unlock(&C.mu);
+    gl_log_reset_after_fork();
 }
 
 __attribute__((constructor)) static void gl_init(void)
 {
-    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+    pthread_atfork(NULL, NULL, atfork_child);
 }
 
 CUresult gl_begin(gl_msg *m, unsigned op, int want_reply)

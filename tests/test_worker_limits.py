@@ -132,7 +132,13 @@ def test_handle_and_module_caps_refuse_with_a_reason(make_worker):
         mods = [d.cuModuleLoadData(image) for _ in range(3)]
         third = name(mods[2])
         ok(d.cuModuleUnload(mods[0][1]))
-        again = name(d.cuModuleLoadData(image))   # an unloaded module makes room
+        res = d.cuModuleLoadData(image)  # an unloaded module makes room
+        again = name(res)
+        ok(d.cuModuleUnload(res[1]))
+        for _ in range(10):  # and so do its functions: a load/get/unload loop never reaches the cap
+            mod = ok(d.cuModuleLoadData(image))
+            ok(d.cuModuleGetFunction(mod, b"vec_add"))
+            ok(d.cuModuleUnload(mod))
         streams = [d.cuStreamCreate(0) for _ in range(10)]  # pipelined: refusals latch
         sync = name(d.cuCtxSynchronize())
         done(third=third, again=again, sync=sync)

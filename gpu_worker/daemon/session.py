@@ -42,22 +42,27 @@ MODULE_KINDS = ("module", "library")  # each holds a loaded image: counted again
 ENDING = ("cuCtxDestroy", "cuModuleUnload", "cuLibraryUnload", "cuStreamDestroy", "cuEventDestroy")
 
 
-def _handle_ops() -> tuple[dict, frozenset]:
-    """Opcodes that mint a handle (-> its kind) and opcodes that end the handle they name first,
+def _handle_ops() -> tuple[dict, frozenset, frozenset]:
+    """Opcodes that mint a handle (-> its kind), opcodes that end the handle they name first, and
+    minting opcodes whose new handle belongs to the one they name second (a module's function),
     read from the API table, which owns these facts."""
     from ..api import table as T
+    from ..api.codegen import wire_in
 
-    mints, ends = {}, set()
+    mints, ends, derived = {}, set(), set()
     for f in T.FORWARDED:
-        kinds = [p.type[2:] for p in f.params if p.rule == "mint"]
-        if kinds:
-            mints[T.opcode(f)] = kinds[0]
+        fixed, _var = wire_in(f)
+        if fixed and fixed[0].rule == "mint":
+            mints[T.opcode(f)] = fixed[0].type[2:]
+            if len(fixed) > 1 and fixed[1].rule == "in" and fixed[1].type[2:] in ("module", "library", "kernel"):
+                derived.add(T.opcode(f))
         if f.name in ENDING:
             ends.add(T.opcode(f))
-    return mints, frozenset(ends)
+    return mints, frozenset(ends), frozenset(derived)
 
 
-MINTS, ENDS = _handle_ops()
+MINTS, ENDS, DERIVED = _handle_ops()
+PAIR = struct.Struct("<QQ")  # the minted id, then the handle it comes from
 
 
 class Session:
@@ -68,6 +73,7 @@ class Session:
         self.max_handles = max_handles
         self.max_modules = max_modules
         self.modules = 0
+        self.derived: dict[int, list[int]] = {}  # module/library/kernel id -> ids taken from it
         self.usage = usage  # where the daemon's heartbeat reads this session's VRAM in use
         self.quota = quota
         self.label = label
@@ -94,7 +100,7 @@ class Session:
                 table[op] = (name, mode, getattr(self, "special_" + name))
         for op, kind in MINTS.items():
             name, mode, handler = table[op]
-            table[op] = (name, mode, self._room_first(kind, handler))
+            table[op] = (name, mode, self._room_first(kind, handler, op in DERIVED))
         for op in ENDS:
             name, mode, handler = table[op]
             table[op] = (name, mode, self._then_forget(handler))
@@ -137,10 +143,14 @@ class Session:
                                            "libraries, the most one session may have on this worker: unload the "
                                            "ones the program no longer uses")
 
-    def _room_first(self, kind: str, handler):
+    def _room_first(self, kind: str, handler, derived: bool):
         def run(p):
             self.check_room(kind)
-            return handler(p)
+            out = handler(p)
+            if derived:  # forgotten with its source, or unloading could never make room
+                hid, source = PAIR.unpack_from(p)
+                self.derived.setdefault(source, []).append(hid)
+            return out
         return run
 
     def _then_forget(self, handler):
@@ -148,11 +158,17 @@ class Session:
         def run(p):
             out = handler(p)
             (hid,) = U64.unpack_from(p)  # the handler checked the payload's size
-            entry = self.handles.pop(hid, None)
-            if entry is not None and entry[0] in MODULE_KINDS:
-                self.modules -= 1
+            self.forget(hid)
             return out
         return run
+
+    def forget(self, hid: int) -> None:
+        """Drop a handle and what was taken from it (an unloaded module's functions)."""
+        entry = self.handles.pop(hid, None)
+        if entry is not None and entry[0] in MODULE_KINDS:
+            self.modules -= 1
+        for child in self.derived.pop(hid, ()):
+            self.forget(child)
 
     def id_of(self, kind: str, obj) -> int:
         """The id the client knows for a backend object (driver handles compare by value)."""

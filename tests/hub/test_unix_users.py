@@ -3,6 +3,7 @@ other users can run, a real lab whose servers run as their own users and cannot 
 GPU token nor the lab's secrets. Unix users made here are `gpulab-t<pid>-*` and are removed."""
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -91,15 +92,17 @@ try:
     print("secrets readable")
 except PermissionError:
     print("secrets denied")
-seen = []
-for path in glob.glob("/proc/[0-9]*/environ"):
+seen, own = [], 0
+for path in glob.glob("/proc/[0-9]*/environ") + glob.glob("/proc/[0-9]*/cmdline"):
     try:
         with open(path, "rb") as f:
-            if {token!r}.encode() in f.read():
-                seen.append(path)
+            text = f.read()
     except OSError:
-        pass
-print("bob's token seen in", len(seen), "processes")
+        continue
+    seen += [path for secret in {secrets_values!r} if secret.encode() in text]
+    own += {own!r}.encode() in text
+print("secrets seen in", len(seen), "places", seen)
+print("own token seen", own > 0)
 """
 
 
@@ -140,10 +143,15 @@ def test_each_server_runs_as_its_own_user_and_sees_no_secrets(tmp_path):
         assert alice["USER"] == PREFIX + "alice" and alice["HOME"] == pwd.getpwnam(PREFIX + "alice").pw_dir
         assert bob["GPULAB_TOKEN"] and alice["GPULAB_TOKEN"] != bob["GPULAB_TOKEN"]
 
+        # what alice's code must not find anywhere in /proc: bob's vGPU token, the lab's secrets, the
+        # worker's pool credential (alice's own token is in her own processes, which is fine)
+        values = [bob["GPULAB_TOKEN"], bob["JUPYTERHUB_API_TOKEN"],
+                  *json.loads((state / "secrets.json").read_text()).values(),
+                  *[p.read_text().strip() for p in state.glob("*.credential")]]
         out = run_in_kernel(hub.url, "alice", API_TOKEN, SEPARATE_PROBE.format(
-            secrets=str(state / "secrets.json"), token=bob["GPULAB_TOKEN"]))
+            secrets=str(state / "secrets.json"), secrets_values=values, own=alice["GPULAB_TOKEN"]))
         assert f"uid {alice['uid']}" in out and "secrets denied" in out, out
-        assert "bob's token seen in 0 processes" in out, out
+        assert "secrets seen in 0 places" in out and "own token seen True" in out, out  # the search works
         # the shim and the vGPU work for a server that is not root's
         out = run_in_kernel(hub.url, "alice", API_TOKEN, "from cuda.bindings import driver as d\n"
                             "d.cuInit(0); d.cuCtxSetCurrent(d.cuDevicePrimaryCtxRetain(0)[1])\n"

@@ -98,9 +98,10 @@ def _known_uid(uid: int) -> bool:
 
 
 def ensure_unix_users(names: list[str], prefix: str) -> str:
-    """Make the Unix user `prefix + name` for each lab user that has none yet (home under /home,
-    made private by useradd's defaults; no login shell: the hub starts the servers). An existing
-    user of that name is used as it is. Returns what failed ("" when all exist)."""
+    """Make the Unix user `prefix + name` for each lab user that has none yet (home under useradd's
+    base directory, normally /home, mode 0700 whatever the distribution's default; no login shell:
+    the hub starts the servers). An existing user of that name is used as it is. Returns what
+    failed ("" when all exist)."""
     useradd = shutil.which("useradd", path=os.pathsep.join([os.environ.get("PATH", ""), SBIN]))
     nologin = next((s for s in ("/usr/sbin/nologin", "/sbin/nologin") if os.path.exists(s)), "/bin/false")
     for name in names:
@@ -114,6 +115,7 @@ def ensure_unix_users(names: list[str], prefix: str) -> str:
                                "--comment", f"gpulab lab user {name}", unix], capture_output=True, text=True)
         if made.returncode:
             return f"useradd {unix} failed: {made.stderr.strip() or made.returncode}"
+        os.chmod(pwd.getpwnam(unix).pw_dir, 0o700)
     return ""
 
 

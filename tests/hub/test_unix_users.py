@@ -8,6 +8,7 @@ import os
 import pwd
 import shutil
 import site
+import stat
 import subprocess
 import sys
 import tempfile
@@ -141,6 +142,7 @@ def test_each_server_runs_as_its_own_user_and_sees_no_secrets(tmp_path):
         assert int(alice["uid"]) == pwd.getpwnam(PREFIX + "alice").pw_uid
         assert int(bob["uid"]) == pwd.getpwnam(PREFIX + "bob").pw_uid
         assert alice["USER"] == PREFIX + "alice" and alice["HOME"] == pwd.getpwnam(PREFIX + "alice").pw_dir
+        assert stat.S_IMODE(os.stat(alice["HOME"]).st_mode) == 0o700
         assert bob["GPULAB_TOKEN"] and alice["GPULAB_TOKEN"] != bob["GPULAB_TOKEN"]
 
         # what alice's code must not find anywhere in /proc: bob's vGPU token, the lab's secrets, the

@@ -47,7 +47,7 @@ class GPUWorkerApp(Application):
     examples = """
 gpulab worker --unix-socket /tmp/gpulab.sock --token s3cret --vram-quota 8G
 gpulab worker --backend emulated --tcp 127.0.0.1:7000 --emulated-kernels tests/emulated_kernels.py
-GPULAB_POOL_TOKEN=... gpulab worker --tcp 0.0.0.0:7000 --pool-url http://hub:8000/services/gpulab-pool/
+GPULAB_POOL_TOKEN=... gpulab worker --tcp 0.0.0.0:7000 --pool-url http://pool-host:8766/ --name gpu-node-1
 gpulab worker --config worker_config.py     # c.GPUWorker.vram_quota = "8G", ...
 """
 

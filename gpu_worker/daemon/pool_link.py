@@ -17,7 +17,6 @@ without the pool being written to when nothing moves.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -59,13 +58,13 @@ def describe_gpus(kind: str, worker_name: str, emulated_memory: int) -> list[dic
         pynvml.nvmlShutdown()
 
 
-def default_credential_file(worker_name: str, pool_url: str) -> str:
-    """Where a worker keeps its pool credential: state that must survive reboots, one file per pool
-    and name ($GPULAB_STATE_DIR, else $XDG_STATE_HOME/gpulab, else ~/.local/state/gpulab)."""
+def default_credential_file(worker_name: str) -> str:
+    """Where a worker keeps its pool credential: state that must survive reboots, one file per name
+    (not per pool URL, which may change while the pool stays the same) in $GPULAB_STATE_DIR, else
+    $XDG_STATE_HOME/gpulab, else ~/.local/state/gpulab."""
     state = os.environ.get("GPULAB_STATE_DIR") or os.path.join(
         os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state"), "gpulab")
-    tag = hashlib.sha256(f"{pool_url}\0{worker_name}".encode()).hexdigest()[:12]
-    return os.path.join(state, f"worker-{worker_name}-{tag}.credential")
+    return os.path.join(state, f"worker-{worker_name}.credential")
 
 
 class PoolRefused(Exception):
@@ -81,7 +80,7 @@ class PoolLink:
                  interval: float = 5.0, usage_dir: str = "", credential_file: str = ""):
         self.url = url.rstrip("/")
         self.token = token  # the enrolment secret
-        self.credential_file = credential_file or default_credential_file(name, self.url)
+        self.credential_file = credential_file or default_credential_file(name)
         self.credential = self._load_credential()
         self.name = name
         self.info = {"name": name, "address": address, "node": node or socket.gethostname(), "backend": backend,

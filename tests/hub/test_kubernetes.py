@@ -248,7 +248,7 @@ def test_worker_daemonset():
     assert flags["--node"] == "$(NODE_NAME)"
     assert flags["--advertise"].startswith("tcp://$(HOST_IP):")
     assert flags["--tcp"].startswith("$(HOST_IP):")
-    assert flags["--pool-url"].startswith("http://gpulab-pool:8765/")
+    assert flags["--pool-url"].startswith("http://gpulab-pool:8766/")  # the pool's worker listener
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
@@ -274,6 +274,9 @@ def test_pool_deployment_service_and_volume():
     svc = objs["Service/gpulab-pool"]
     assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert svc["spec"]["ports"][0]["port"] == 8765
+    # the worker API on its own port, which the hub's proxy (routed to 8765) never reaches
+    assert "--GPUPool.worker_bind_url=http://0.0.0.0:8766" in cmd
+    assert {"name": "workers", "port": 8766, "targetPort": "workers"} in svc["spec"]["ports"]
 
 
 def test_secret_has_every_key_the_manifests_use():

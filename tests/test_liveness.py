@@ -65,6 +65,38 @@ def test_a_worker_that_never_answers_the_handshake_fails_cuinit_with_a_reason(tm
     assert LIMIT <= took < LIMIT + SLACK + 2  # + the interpreter's start
 
 
+def test_connecting_to_a_worker_that_never_accepts_times_out(tmp_path):
+    """A listen queue that stays full (the worker never accepts): connect gives up within the limit."""
+    path = str(tmp_path / "full.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(0)
+    queued = []
+    for _ in range(64):  # fill the queue
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(path)
+        except BlockingIOError:
+            c.close()
+            break
+        queued.append(c)
+    from gpu_worker.client import shim_env
+
+    env = shim_env("unix://" + path, "t0ken")
+    env["GPULAB_TIMEOUT"] = str(LIMIT)
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", PRELUDE + "done(r=name(d.cuInit(0)))"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    for c in queued:
+        c.close()
+    srv.close()
+    assert json.loads(p.stdout)["r"] == "CUDA_ERROR_NO_DEVICE", p.stderr
+    assert "no connection within 3 s (GPULAB_TIMEOUT)" in p.stderr
+    assert LIMIT <= took < LIMIT + SLACK + 2
+
+
 def test_a_stopped_executor_fails_the_next_call_within_the_limit(worker):
     env = worker.env()
     env["GPULAB_TIMEOUT"] = str(LIMIT)

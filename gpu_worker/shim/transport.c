@@ -197,9 +197,11 @@ static int read_reply_header(unsigned char *rep)
 static void lost(CUresult err, const char *what)
 {
     if (errno == ETIMEDOUT && C.state != -1) {
-        int t = timeout_ms();
-        gl_sayf("%s: the worker at %s has not answered for %d s (GPULAB_TIMEOUT): it is hung, stopped or "
-                "unreachable; CUDA calls now return %d", what, C.addr, t / 1000, err);
+        const char *name = "an error";
+        for (size_t i = 0; i < gl_nerrnames; i++)
+            if (gl_errnames[i].code == err) name = gl_errnames[i].name;
+        gl_sayf("%s: the worker at %s has not answered for %g s (GPULAB_TIMEOUT): it is hung, stopped or "
+                "unreachable; CUDA calls now return %s", what, C.addr, timeout_ms() / 1000.0, name);
         C.state = -1;  /* said: mark_dead need not say it again */
     }
     mark_dead(err, strerror(errno));
@@ -278,12 +280,27 @@ static CUresult connect_worker(void)
     /* non-blocking for good: every wait on this socket goes through poll with a deadline */
     int fd = socket(sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     int crc = fd < 0 ? -1 : connect(fd, (struct sockaddr *)&sa, salen);
+    long long connect_deadline = deadline_from_now();
+    /* a Unix socket whose listen queue is full answers EAGAIN at once: the worker is busy, try again */
+    while (crc != 0 && fd >= 0 && errno == EAGAIN && (!connect_deadline || now_ms() < connect_deadline)) {
+        struct timespec pause = { 0, 20 * 1000 * 1000 };
+        nanosleep(&pause, NULL);
+        crc = connect(fd, (struct sockaddr *)&sa, salen);
+    }
+    if (crc != 0 && fd >= 0 && errno == EAGAIN) errno = ETIMEDOUT;
     if (crc != 0 && fd >= 0 && errno == EINPROGRESS) {
         int ev = wait_fd(fd, POLLOUT, deadline_from_now()), err = 0;
         socklen_t el = sizeof err;
         if (ev == 0) errno = ETIMEDOUT;
         else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el) == 0 && err == 0) crc = 0;
         else errno = err ? err : ECONNREFUSED;
+    }
+    if (crc != 0 && errno == ETIMEDOUT) {
+        gl_log("cannot reach the worker at %s: no connection within %g s (GPULAB_TIMEOUT)", addr,
+               timeout_ms() / 1000.0);
+        if (fd >= 0) close(fd);
+        mark_dead(CUDA_ERROR_NO_DEVICE, "connect timed out");
+        return C.dead_error;
     }
     if (crc != 0) {
         gl_log("cannot reach the worker at %s: %s", addr, strerror(errno));

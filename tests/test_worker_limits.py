@@ -229,3 +229,56 @@ def test_executors_die_with_their_daemon(worker):
     except ConnectionResetError:
         pass
     s.close()
+
+
+SLOW_POOL_WORKER = """
+import sys, time
+from gpu_worker.daemon.worker import GPUWorker
+
+class SlowPool:
+    '''Stands in for the pool link: every look-up is printed; the token 'slow' takes 2 s.'''
+    def session_limits(self, token):
+        print("look-up", token, flush=True)
+        time.sleep(2 if token == "slow" else 0)
+        return None
+
+w = GPUWorker(unix_socket=sys.argv[1], backend="emulated", token="good", wrong_token_burst=3,
+              wrong_token_window=60)
+w.prepare()
+w.listen()
+w.pool_link = SlowPool()
+print("ready", flush=True)
+w.serve_forever()
+"""
+
+
+def test_a_slow_pool_look_up_delays_no_other_handshake_and_wrong_tokens_stop_reaching_the_pool(tmp_path):
+    import subprocess
+    import sys
+    import threading
+    from types import SimpleNamespace
+
+    sock = tmp_path / "w.sock"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_POOL_WORKER, str(sock)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        worker = SimpleNamespace(unix=f"unix://{sock}", token="good")
+        slow = {}
+        t = threading.Thread(target=lambda: slow.update(res=hello(worker, token="slow")[1]))
+        t.start()
+        time.sleep(0.3)  # the slow look-up is under way
+        started = time.monotonic()
+        s, res, _ = hello(worker)
+        s.close()
+        assert res == 0 and time.monotonic() - started < 1.0, "a slow pool look-up held up another handshake"
+        t.join(10)
+        assert slow["res"] == 800
+        for _ in range(20):  # 'slow' was the first wrong token from this source; two more reach the pool
+            s, res, _ = hello(worker, token="bad")
+            s.close()
+            assert res == 800
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0]
+    assert out.count("look-up") == 3, out

@@ -6,6 +6,8 @@ fork safely; each executor initialises CUDA for itself.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import ctypes
 import errno
 import hmac
@@ -113,6 +115,10 @@ class GPUWorker(Configurable):
         self.children: dict[int, str] = {}  # executor pid -> hash of its session token
         self.per_token: dict[str, int] = {}  # token hash -> live executors
         self.pending: dict[socket.socket, _Handshake] = {}
+        self.checking: dict[socket.socket, _Handshake] = {}  # token look-ups under way, off the loop
+        self._checked: collections.deque = collections.deque()  # (handshake, limits or exception) to finish
+        self._lookups = None
+        self._wake_r = self._wake_w = None
         self.wrong: dict[str, _WrongTokens] = {}
         self._dropped = 0  # connections closed over max_handshakes since the last log line
         self._dropped_logged = float("-inf")
@@ -239,17 +245,29 @@ class GPUWorker(Configurable):
         for s in self.listeners:
             s.setblocking(False)
             sel.register(s, selectors.EVENT_READ, None)
+        # a token the daemon does not know costs a look-up in the pool: run in threads, so that a
+        # slow pool delays only that handshake, never the accept loop
+        self._lookups = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="gpulab-token")
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop", True))
         while not self._stop:
             for key, _ in sel.select(timeout=self._next_wakeup()):
                 if key.data is None:
                     self._accept(sel, key.fileobj)
+                elif key.data == "wake":
+                    self._finish_lookups(sel)
                 else:
                     self._handshake_bytes(sel, key.data)
             self._expire_handshakes(sel)
             self.reap()
         for hs in list(self.pending.values()):
             self._drop(sel, hs)
+        self._lookups.shutdown(wait=False, cancel_futures=True)
+        for conn in list(self.checking):
+            conn.close()
         for pid in list(self.children):
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -346,34 +364,72 @@ class GPUWorker(Configurable):
             return
         self.pending.pop(hs.conn)
         sel.unregister(hs.conn)
-        try:
-            self._admit(hs, sel)
-        finally:
-            hs.conn.close()  # the executor has its own copy
+        if not self._admit(hs):
+            hs.conn.close()
 
-    def _admit(self, hs: "_Handshake", sel) -> None:
-        """Check the HELLO and the token; fork the session's executor, or refuse with a reason."""
+    def _admit(self, hs: "_Handshake") -> bool:
+        """Check the HELLO, then look the token up in a thread; False: refused (the caller closes)."""
         conn = hs.conn
         version, pid, tlen = HELLO.unpack_from(hs.data, REQ_HEADER.size)
         if tlen != hs.plen - HELLO.size:
             log.warning("connection from %s: malformed hello; closing", hs.source)
-            return
-        token = bytes(hs.data[REQ_HEADER.size + HELLO.size:]).decode("utf-8", "replace")
-        label = f"session {self.sessions + 1} (client pid {pid})"
+            return False
+        hs.token = bytes(hs.data[REQ_HEADER.size + HELLO.size:]).decode("utf-8", "replace")
+        hs.pid = pid
         if version != PROTOCOL_VERSION:
             _refuse(conn, E.NOT_SUPPORTED, f"the shim speaks gpulab protocol version {version}, this worker "
                                            f"{PROTOCOL_VERSION}: use the same gpulab release on both sides")
-            return
+            return False
         wait = self._throttled(hs.source)
         if wait:
             _refuse(conn, E.NOT_PERMITTED, f"too many wrong session tokens came from {hs.source}; this worker "
                                            f"checks none from there for {wait:.0f} s")
-            return
+            return False
+        if len(self.checking) >= self.max_handshakes:
+            _refuse(conn, E.DEVICE_UNAVAILABLE, "the worker is busy checking other sessions' tokens; try again")
+            return False
+        self.checking[conn] = hs
+        self._lookups.submit(self._look_up, hs)
+        return True
+
+    def _look_up(self, hs: "_Handshake") -> None:
+        """(a thread) The token's limits, handed back to the loop."""
         try:
-            limits = self.limits_for(token)
-        except LimitError as exc:
+            result = self.limits_for(hs.token)
+        except Exception as exc:  # LimitError, or a bug: the loop refuses the session either way
+            result = exc
+        self._checked.append((hs, result))
+        try:
+            self._wake_w.send(b"!")
+        except BlockingIOError:
+            pass  # the loop has wake-ups queued already
+
+    def _finish_lookups(self, sel) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._checked:
+            hs, result = self._checked.popleft()
+            self.checking.pop(hs.conn, None)
+            try:
+                self._open(hs, result, sel)
+            finally:
+                hs.conn.close()  # the executor has its own copy
+
+    def _open(self, hs: "_Handshake", limits, sel) -> None:
+        """Fork the session's executor for a good token, or refuse with a reason."""
+        conn, token = hs.conn, hs.token
+        label = f"session {self.sessions + 1} (client pid {hs.pid})"
+        if isinstance(limits, LimitError):
             _refuse(conn, E.NOT_PERMITTED, f"this worker's limits for the session token are not valid "
-                                           f"({exc}); tell your hub admin")
+                                           f"({limits}); tell your hub admin")
+            return
+        if isinstance(limits, Exception):
+            log.error("%s: checking its token failed: %r", label, limits)
+            _refuse(conn, E.NOT_PERMITTED, "the worker could not check the session token (an internal error; "
+                                           "its log has the details)")
             return
         if limits is None:
             self._wrong_token(hs.source, label)
@@ -396,9 +452,11 @@ class GPUWorker(Configurable):
                 _die_with(daemon)
                 for s in self.listeners:
                     s.close()
-                for other in self.pending:
+                for other in [*self.pending, *self.checking]:
                     other.close()  # else a timed-out client would wait for this executor's end
                 sel.close()
+                self._wake_r.close()
+                self._wake_w.close()
                 conn.setblocking(True)
                 code = self.run_session(conn, label, token, limits)
             except BaseException:  # never return into the daemon's loop in a child
@@ -499,12 +557,14 @@ def _import_kernels(name: str) -> None:
 class _Handshake:
     """A connection in its handshake: all the daemon holds for it before the token is checked."""
 
-    __slots__ = ("conn", "source", "deadline", "data", "plen")
+    __slots__ = ("conn", "source", "deadline", "data", "plen", "token", "pid")
 
     def __init__(self, conn: socket.socket, source: str, deadline: float):
         self.conn, self.source, self.deadline = conn, source, deadline
         self.data = b""
         self.plen = 0
+        self.token = ""
+        self.pid = 0
 
 
 class _WrongTokens:

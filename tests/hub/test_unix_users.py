@@ -76,6 +76,10 @@ def public_venv() -> Path | None:
     system = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin:/usr/local/bin")
     if not system or closed_to_others(system):
         return None
+    # the packages and the checkout (the shim) must be open to other users too: a clone under a
+    # private home cannot be shared, whatever interpreter runs it
+    if any(closed_to_others(d) for d in [*site.getsitepackages(), str(Path(__file__).resolve().parent)]):
+        return None
     venv = Path(tempfile.mkdtemp(prefix="gpulab-venv-", dir="/tmp"))
     venv.chmod(0o755)
     subprocess.run([system, "-m", "venv", "--without-pip", str(venv)], check=True)

@@ -192,3 +192,28 @@ print("exiting", flush=True)
         p.kill()
         p.wait()
     assert took <= 2, f"exit took {took:.1f} s"
+
+
+def test_a_big_copy_sent_while_the_worker_runs_a_long_kernel_is_not_a_timeout(worker):
+    """The copy's bytes wait in the socket while the worker runs a 7 s kernel; the shim, blocked sending,
+    reads the worker's keepalives meanwhile and goes on."""
+    r = worker.run(PRELUDE + f"""
+import time
+setup()
+mod = ok(d.cuModuleLoadData({SLEEP_PTX!r}.encode() + b"\\0"))
+fn = ok(d.cuModuleGetFunction(mod, b"sleep_ms"))
+ms = np.array([7000], np.uint32)
+args = np.array([ms.ctypes.data], np.uint64)
+n = 32 << 20
+p = ok(d.cuMemAlloc(n))
+src = np.random.default_rng(1).integers(0, 255, n, dtype=np.uint8)
+t0 = time.monotonic()
+ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, args.ctypes.data, 0))
+r = name(d.cuMemcpyHtoD(p, src, n))
+back = np.zeros(n, np.uint8)
+ok(d.cuMemcpyDtoH(back, p, n))
+done(r=r, took=time.monotonic() - t0, same=bool((back == src).all()))
+""", env_extra={"GPULAB_TIMEOUT": str(LIMIT)}, timeout=60)
+    assert r.result["r"] == "CUDA_SUCCESS" and r.result["same"], r.stderr
+    assert r.result["took"] >= 6.5
+    assert "has not answered" not in r.stderr

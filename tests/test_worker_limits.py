@@ -149,6 +149,22 @@ def test_handle_and_module_caps_refuse_with_a_reason(make_worker):
     assert "cuStreamCreate refused: this vGPU already holds 8 handles" in p.stderr
 
 
+def test_module_image_bytes_are_capped(make_worker):
+    size = os.path.getsize(PTX) + 1
+    worker = make_worker(extra=(f"--GPUWorker.max_module_bytes={2 * size + 100}B",))
+    p = worker.run(PRELUDE + textwrap.dedent(f"""
+        setup()
+        image = open({PTX!r}, "rb").read() + b"\\0"
+        mods = [d.cuModuleLoadData(image) for _ in range(3)]
+        third = name(mods[2])
+        ok(d.cuModuleUnload(mods[0][1]))
+        again = name(d.cuModuleLoadData(image))
+        done(third=third, again=again)
+    """))
+    assert p.result == {"third": "CUDA_ERROR_OUT_OF_MEMORY", "again": "CUDA_SUCCESS"}
+    assert "cuModuleLoadData refused: this vGPU's loaded modules already take" in p.stderr
+
+
 def test_sessions_per_token_are_capped(make_worker):
     worker = make_worker(extra=("--GPUWorker.max_sessions_per_token=2",))
     first, r1, _ = hello(worker)

@@ -42,37 +42,43 @@ MODULE_KINDS = ("module", "library")  # each holds a loaded image: counted again
 ENDING = ("cuCtxDestroy", "cuModuleUnload", "cuLibraryUnload", "cuStreamDestroy", "cuEventDestroy")
 
 
-def _handle_ops() -> tuple[dict, frozenset, frozenset]:
-    """Opcodes that mint a handle (-> its kind), opcodes that end the handle they name first, and
+def _handle_ops() -> tuple[dict, frozenset, frozenset, frozenset]:
+    """Opcodes that mint a handle (-> its kind), opcodes that end the handle they name first,
     minting opcodes whose new handle belongs to the one they name second (a module's function),
-    read from the API table, which owns these facts."""
+    and those that load an image, read from the API table, which owns these facts."""
     from ..api import table as T
     from ..api.codegen import wire_in
 
-    mints, ends, derived = {}, set(), set()
+    mints, ends, derived, images = {}, set(), set(), set()
     for f in T.FORWARDED:
         fixed, _var = wire_in(f)
         if fixed and fixed[0].rule == "mint":
             mints[T.opcode(f)] = fixed[0].type[2:]
             if len(fixed) > 1 and fixed[1].rule == "in" and fixed[1].type[2:] in ("module", "library", "kernel"):
                 derived.add(T.opcode(f))
+            if any(p.rule == "image" for p in f.params):
+                images.add(T.opcode(f))
         if f.name in ENDING:
             ends.add(T.opcode(f))
-    return mints, frozenset(ends), frozenset(derived)
+    return mints, frozenset(ends), frozenset(derived), frozenset(images)
 
 
-MINTS, ENDS, DERIVED = _handle_ops()
+MINTS, ENDS, DERIVED, IMAGES = _handle_ops()
 PAIR = struct.Struct("<QQ")  # the minted id, then the handle it comes from
 
 
 class Session:
     def __init__(self, backend: Backend, quota: int | None = None, label: str = "",
-                 usage: UsageCounter | None = None, max_handles: int = 0, max_modules: int = 0):
+                 usage: UsageCounter | None = None, max_handles: int = 0, max_modules: int = 0,
+                 max_module_bytes: int = 0):
         self.backend = backend
         # a client mints ids for free, each costs the worker memory: a cap per session (0: none)
         self.max_handles = max_handles
         self.max_modules = max_modules
         self.modules = 0
+        self.max_module_bytes = max_module_bytes
+        self.module_bytes = 0
+        self.image_sizes: dict[int, int] = {}  # module/library id -> bytes of the image it was loaded from
         self.derived: dict[int, list[int]] = {}  # module/library/kernel id -> ids taken from it
         self.usage = usage  # where the daemon's heartbeat reads this session's VRAM in use
         self.quota = quota
@@ -100,7 +106,7 @@ class Session:
                 table[op] = (name, mode, getattr(self, "special_" + name))
         for op, kind in MINTS.items():
             name, mode, handler = table[op]
-            table[op] = (name, mode, self._room_first(kind, handler, op in DERIVED))
+            table[op] = (name, mode, self._room_first(kind, handler, op in DERIVED, op in IMAGES))
         for op in ENDS:
             name, mode, handler = table[op]
             table[op] = (name, mode, self._then_forget(handler))
@@ -143,13 +149,23 @@ class Session:
                                            "libraries, the most one session may have on this worker: unload the "
                                            "ones the program no longer uses")
 
-    def _room_first(self, kind: str, handler, derived: bool):
+    def _room_first(self, kind: str, handler, derived: bool, image: bool):
         def run(p):
             self.check_room(kind)
+            if image and self.max_module_bytes and self.module_bytes + len(p) > self.max_module_bytes:
+                raise Refusal(E.OUT_OF_MEMORY, f"this vGPU's loaded modules already take "
+                                               f"{format_size(self.module_bytes)}; another "
+                                               f"{format_size(len(p))} would pass the "
+                                               f"{format_size(self.max_module_bytes)} one session may load on "
+                                               "this worker: unload the modules the program no longer uses")
             out = handler(p)
             if derived:  # forgotten with its source, or unloading could never make room
                 hid, source = PAIR.unpack_from(p)
                 self.derived.setdefault(source, []).append(hid)
+            if image:
+                (hid,) = U64.unpack_from(p)
+                self.image_sizes[hid] = len(p)
+                self.module_bytes += len(p)
             return out
         return run
 
@@ -167,6 +183,7 @@ class Session:
         entry = self.handles.pop(hid, None)
         if entry is not None and entry[0] in MODULE_KINDS:
             self.modules -= 1
+        self.module_bytes -= self.image_sizes.pop(hid, 0)
         for child in self.derived.pop(hid, ()):
             self.forget(child)
 

@@ -102,6 +102,10 @@ class GPUWorker(Configurable):
     max_modules = Int(1024, help="Loaded modules and libraries one session may hold at once (each keeps its "
                                  "image); loading another fails with CUDA_ERROR_OUT_OF_MEMORY and a reason.  "
                                  "0: no limit.").tag(config=True)
+    max_module_bytes = Size(1 << 30, allow_none=True,
+                            help="Bytes of module and library images one session may hold loaded at once (a size, "
+                                 "e.g. '1G'); loading past it fails with CUDA_ERROR_OUT_OF_MEMORY and a reason.  "
+                                 "None: no limit.").tag(config=True)
     wrong_token_burst = Int(10, help="Wrong session tokens one source (an IP address; a local user for the Unix "
                                      "socket) may present within wrong_token_window.  After that its connections "
                                      "are refused unchecked (no tokens file read, no pool look-up) until the "
@@ -505,7 +509,8 @@ class GPUWorker(Configurable):
             msg = f"{backend.name} backend".encode()
             conn.sendall(REP_HEADER.pack(len(msg), 0, 0) + msg)
             session = Session(backend, quota=quota, label=label, usage=self.usage_counter(token, label),
-                              max_handles=self.max_handles, max_modules=self.max_modules)
+                              max_handles=self.max_handles, max_modules=self.max_modules,
+                              max_module_bytes=self.max_module_bytes or 0)
             log.info("%s: opened (%s, quota %s)", label, backend.name, quota)
             executor = Executor(FrameReader(conn), session, self.max_frame)
             try:

@@ -169,3 +169,38 @@ def test_gpulab_up_keeps_the_worker_api_off_its_proxy(hub):
                          secret)
     assert status == 403 and "already enrolled" in body["message"]
     assert hub.wait_for_worker()[0]["worker"] == "local"
+
+
+def test_pool_link_enrols_once_keeps_its_credential_and_enrols_again_for_a_new_database(tmp_path):
+    """The worker side: the credential goes to a private file, a restarted link uses it, a pool that
+    lost its database is enrolled with again, and a name held by another credential is refused
+    with the pool's sentence."""
+    from gpu_worker.daemon.pool_link import PoolLink, PoolRefused
+
+    gpus = registration("wl")["gpus"]
+
+    def link(pool, name="wl", path=tmp_path / "wl.credential"):
+        return PoolLink(pool.worker_url, WORKER_TOKEN, name, "tcp://10.0.0.2:7000", "n1", "emulated", gpus,
+                        credential_file=str(path))
+
+    pool = Pool(str(tmp_path / "one.sqlite"))
+    try:
+        link(pool).register()
+        path = tmp_path / "wl.credential"
+        credential = path.read_text().strip()
+        assert path.stat().st_mode & 0o777 == 0o600 and credential != WORKER_TOKEN
+        again = link(pool)
+        again.register()  # a restarted daemon: the same credential, nothing new issued
+        assert path.read_text().strip() == credential
+        again.heartbeat({})
+        with pytest.raises(PoolRefused, match="worker wl is already enrolled"):
+            link(pool, path=tmp_path / "other.credential").register()
+    finally:
+        pool.stop()
+    pool = Pool(str(tmp_path / "two.sqlite"))  # a new database: the credential means nothing there
+    try:
+        link(pool).register()
+        assert (tmp_path / "wl.credential").read_text().strip() != credential
+        assert [g["worker"] for g in pool.call("GET", "api/gpus")[1]] == ["wl"]
+    finally:
+        pool.stop()

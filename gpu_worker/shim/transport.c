@@ -53,7 +53,8 @@ static int timeout_ms(void)
         char *end;
         double sec = strtod(s, &end);
         if (end == s || *end || sec < 0 || sec > 86400) {
-            gl_log("GPULAB_TIMEOUT=%s is not a number of seconds: using %u s", s, GL_DEFAULT_TIMEOUT_MS / 1000);
+            gl_log("GPULAB_TIMEOUT=%s is not a number of seconds from 0 to 86400: using %u s", s,
+                   GL_DEFAULT_TIMEOUT_MS / 1000);
         } else if (sec == 0) {
             v = 0;
         } else {

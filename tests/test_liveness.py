@@ -217,3 +217,56 @@ done(r=r, took=time.monotonic() - t0, same=bool((back == src).all()))
     assert r.result["r"] == "CUDA_SUCCESS" and r.result["same"], r.stderr
     assert r.result["took"] >= 6.5
     assert "has not answered" not in r.stderr
+
+
+def test_the_executor_sends_keepalives_only_while_a_call_runs_long():
+    """In process: a 2.6 s call is preceded on the wire by keepalives, a quick one by none."""
+    from gpu_worker.api.protocol import FLAG_REPLY, REP_HEADER, REQ_HEADER
+    from gpu_worker.api.wire import REPLY_KEEPALIVE
+    from gpu_worker.daemon.executor import Executor, FrameReader
+
+    class Session:
+        label = "test"
+
+        def handlers(self):
+            return {100: ("slow", "sync", lambda payload: (time.sleep(2.6), b"done")[1]),
+                    101: ("quick", "sync", lambda payload: b"ok")}
+
+    ours, theirs = socket.socketpair()
+    ex = Executor(FrameReader(theirs), Session(), 1 << 20)
+    threading.Thread(target=lambda: _serve_quietly(ex), daemon=True).start()
+
+    def call(op):
+        ours.sendall(REQ_HEADER.pack(0, op, FLAG_REPLY))
+        keepalives = 0
+        while True:
+            plen, res, rlen = REP_HEADER.unpack(_recv(ours, REP_HEADER.size))
+            if rlen & REPLY_KEEPALIVE:
+                assert plen == 0 and res == 0
+                keepalives += 1
+                continue
+            return keepalives, _recv(ours, plen)
+
+    try:
+        assert call(101) == (0, b"ok")
+        assert call(100) == (1, b"done")  # after 1 s, then every 2 s: one within 2.6 s
+        time.sleep(1.5)
+        assert call(101) == (0, b"ok")  # idle time is not a call: nothing queued meanwhile
+    finally:
+        ours.close()
+
+
+def _serve_quietly(ex):
+    try:
+        ex.serve()
+    except (EOFError, OSError):
+        pass
+
+
+def _recv(sock, n):
+    buf = b""
+    while len(buf) < n:
+        got = sock.recv(n - len(buf))
+        assert got, "executor closed the socket"
+        buf += got
+    return buf

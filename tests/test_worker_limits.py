@@ -107,7 +107,9 @@ def test_idle_connections_cost_no_process_and_end_at_the_deadline(make_worker):
             pass
         c.close()
     assert time.monotonic() - started < 2 + 3
-    assert "GPUWorker.handshake_timeout" in worker.log_text()
+    while "GPUWorker.handshake_timeout" not in worker.log_text():  # logged just after the closes
+        assert time.monotonic() - started < 2 + 5
+        time.sleep(0.05)
 
 
 def test_an_announced_frame_costs_memory_only_as_its_bytes_arrive(worker):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import random
 import socket
+import time
+
+import pytest
 
 from workertools import PRELUDE
 import struct
@@ -32,12 +35,18 @@ def open_session(worker) -> socket.socket:
     return s
 
 
-def test_random_requests_in_valid_frames(worker):
-    rng = random.Random(1234)
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def fuzz_frames(worker, frames: int, seed: int) -> dict:
+    """Send `frames` random requests in valid framing; count replies and sessions the worker closed."""
+    rng = random.Random(seed)
     ops = sorted(OPS) + [OP_SET_CONTEXT, OP_LAUNCH, OP_PARAM_LAYOUT, 9999]
     replies = closed = 0
     s = open_session(worker)
-    for _ in range(1500):
+    for _ in range(frames):
         op = rng.choice(ops)
         if op in FIXED_SIZE and rng.random() < 0.6:  # well-formed layout, random values
             payload = rng.randbytes(FIXED_SIZE[op])
@@ -59,10 +68,35 @@ def test_random_requests_in_valid_frames(worker):
             s.close()
             s = open_session(worker)
     s.close()
-    assert replies > 0 and closed > 0  # both outcomes were exercised
+    return {"frames": frames, "replies": replies, "closed": closed}
+
+
+def assert_worker_unharmed(worker) -> None:
     log = worker.log_text()
     assert "internal error" not in log and "Traceback" not in log, log[-3000:]
     assert worker.run(PRELUDE + "setup(); done(n=ok(d.cuDeviceGetCount()))").result == {"n": 1}
+
+
+def test_random_requests_in_valid_frames(worker):
+    stats = fuzz_frames(worker, 1500, seed=1234)
+    assert stats["replies"] > 0 and stats["closed"] > 0  # both outcomes were exercised
+    assert_worker_unharmed(worker)
+
+
+@pytest.mark.long
+def test_a_hundred_thousand_fuzzed_frames(worker):
+    """The long run (`pytest --long -m long`): no crash, no internal error, no growth of the daemon."""
+    daemon_before = rss_kib(worker.proc.pid)
+    start = time.monotonic()
+    stats = fuzz_frames(worker, 100_000, seed=2026)
+    seconds = time.monotonic() - start
+    daemon_after = rss_kib(worker.proc.pid)
+    print(f"\nfuzz: {stats['frames']} frames in {seconds:.1f} s ({stats['frames'] / seconds:,.0f}/s), "
+          f"{stats['replies']} replies, {stats['closed']} sessions closed by the worker, "
+          f"daemon RSS {daemon_before} -> {daemon_after} KiB")
+    assert stats["replies"] + stats["closed"] == stats["frames"] and stats["closed"] > 0
+    assert daemon_after - daemon_before < 16 * 1024  # sessions come and go; the daemon does not keep them
+    assert_worker_unharmed(worker)
 
 
 def test_random_bytes_after_the_handshake(worker):

@@ -161,3 +161,15 @@ def test_a_bad_tokens_file_entry_refuses_that_token_with_a_reason(file_worker, e
     assert why in log and "Traceback" not in log
     # the other entries still work, and the worker is still up
     assert file_worker.run(ALLOC, token="good").result["fits"] == "CUDA_SUCCESS"
+
+
+@pytest.mark.parametrize("setting, sentence", [
+    ("--vram-oversubscription=0.5", "c.GPUPool.vram_oversubscription: 0.5 is not a number from 1 to 100"),
+    ("--GPUPool.compute_oversubscription=nan", "c.GPUPool.compute_oversubscription: nan is not a number from 1 to 100"),
+    ("--GPUPool.heartbeat_timeout=inf", "c.GPUPool.heartbeat_timeout: inf is not a number from 0.1 to 3600"),
+])
+def test_pool_refuses_a_bad_ratio_or_timeout_at_start(setting, sentence):
+    p = subprocess.run([sys.executable, "-m", "hub_spawner.pool", setting, "--bind-url", "http://127.0.0.1:1"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0
+    assert sentence in p.stderr and "Traceback" not in p.stderr

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from tornado import web
 
 from .allocations import AllocationBook, allocation_json
-from .db import GPU, Allocation, Worker
+from .db import Allocation, Worker
 from .scheduler import MAX_AVAILABILITY_REQUESTS, InvalidRequest, NoFit
 
 log = logging.getLogger("gpulab.pool")
@@ -26,7 +26,7 @@ def log_request(handler) -> None:
 
 
 class APIHandler(web.RequestHandler):
-    who = ("hub",)
+    """The hub's side of the API: authenticated with the pool's api_token (workers use worker_api.py)."""
 
     @property
     def pool(self):
@@ -43,11 +43,9 @@ class APIHandler(web.RequestHandler):
     def prepare(self):
         header = self.request.headers.get("Authorization", "")
         token = header[6:].strip() if header.lower().startswith("token ") else ""
-        secrets_by_role = {"hub": self.pool.api_token, "worker": self.pool.worker_token}
-        for role in self.who:
-            expected = secrets_by_role[role]
-            if expected and token and hmac.compare_digest(expected.encode(), token.encode()):
-                return
+        expected = self.pool.api_token
+        if expected and token and hmac.compare_digest(expected.encode(), token.encode()):
+            return
         raise web.HTTPError(403, "a valid token is required")
 
     def body(self) -> dict:

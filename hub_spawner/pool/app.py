@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 
 from jupyterhub.services.auth import HubOAuthCallbackHandler
 from tornado import ioloop, web
-from traitlets import Enum, Float, Set, Unicode, default
+from traitlets import Enum, Float, Set, TraitError, Unicode, default, validate
 from traitlets.config import Application
 
 from .allocations import AllocationBook
@@ -117,6 +117,15 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
                 self.exit(2)
             self.load_config_file(os.path.basename(path), os.path.dirname(path))
 
+    @validate("vram_oversubscription", "compute_oversubscription", "heartbeat_timeout")
+    def _finite_in_range(self, proposal):
+        """A ratio below 1 or an infinite timeout would silently break placement or loss detection."""
+        name, value = proposal["trait"].name, proposal["value"]
+        low, high = (0.1, 3600.0) if name == "heartbeat_timeout" else (1.0, 100.0)
+        if not (low <= value <= high):  # also false for nan
+            raise TraitError(f"c.GPUPool.{name}: {value!r} is not a number from {low:g} to {high:g}")
+        return value
+
     @default("api_token")
     def _api_token(self):
         return os.environ.get("GPULAB_POOL_API_TOKEN", "")
@@ -185,7 +194,7 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
 
 def main(argv=None):
     app = GPUPool.instance()
-    app.initialize(argv)
+    app.initialize(argv)  # a bad setting ends here with its sentence (traitlets' catch_config_error)
     app.start()
 
 

@@ -15,7 +15,7 @@ import textwrap
 import threading
 import time
 
-from workertools import PRELUDE, ROOT
+from workertools import PRELUDE, ROOT, SLEEP_PTX
 
 LIMIT = 3  # seconds: GPULAB_TIMEOUT for these tests (the shim's minimum)
 SLACK = 3
@@ -129,15 +129,6 @@ done(r=r, took=took, after=name(d.cuMemAlloc(64)))
     assert "has not answered for 3 s" in err and err.count("has not answered") == 1, err
 
 
-SLEEP_PTX = r"""
-.version 8.0
-.target sm_90
-.address_size 64
-.visible .entry sleep_ms(.param .u32 sleep_ms_param_0)
-{
-    ret;
-}
-"""
 
 
 def test_a_long_kernel_is_not_a_hung_worker(worker):

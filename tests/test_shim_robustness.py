@@ -5,7 +5,7 @@ a kernel whose layout is not cached yet.
 Real worker processes on the emulated backend and real cuda.bindings programs through the shim."""
 from __future__ import annotations
 
-from workertools import PRELUDE, PTX_FILE
+from workertools import PRELUDE, PTX_FILE, SLEEP_PTX
 
 GLOBAL_PTX = r"""
 .version 8.0
@@ -130,15 +130,6 @@ done(errors=errors)
     assert r.result == {"errors": []}, r.stderr
 
 
-SLEEP_PTX = r"""
-.version 8.0
-.target sm_90
-.address_size 64
-.visible .entry sleep_ms(.param .u32 sleep_ms_param_0)
-{
-    ret;
-}
-"""
 
 
 def test_fork_does_not_wait_for_a_thread_in_a_long_call(worker):

@@ -10,7 +10,7 @@ import socket
 import textwrap
 import time
 
-from workertools import PRELUDE
+from workertools import PRELUDE, children_of
 
 from gpu_worker.api import table as api_table
 from gpu_worker.api.protocol import FLAG_REPLY, HELLO, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER
@@ -18,21 +18,6 @@ from gpu_worker.backends.ptx import parse_entries, ptx_version
 
 MiB = 1 << 20
 PTX = (os.path.dirname(__file__) + "/data/kernels.ptx")
-
-
-def children_of(pid: int) -> list[int]:
-    """Live (not zombie) processes whose parent is ``pid``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out.append(int(entry))
-    return out
 
 
 def alive(pid: int) -> bool:

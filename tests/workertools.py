@@ -99,3 +99,31 @@ def setup():
 def done(**kw):
     print(json.dumps(kw))
 """
+
+
+def children_of(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
+# A kernel whose host implementation (tests/emulated_kernels.py) sleeps its argument in milliseconds:
+# a long call on the emulated device.
+SLEEP_PTX = r"""
+.version 8.0
+.target sm_90
+.address_size 64
+.visible .entry sleep_ms(.param .u32 sleep_ms_param_0)
+{
+    ret;
+}
+"""

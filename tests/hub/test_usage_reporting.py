@@ -15,7 +15,7 @@ import pytest
 
 from gpu_worker.client import shim_env
 from hubtools import WORKER_TOKEN, Pool, free_port
-from workertools import PRELUDE
+from workertools import PRELUDE, children_of
 
 MiB = 1 << 20
 INTERVAL = 1.0  # heartbeat interval of the workers here; a figure must reach the pool within one of them
@@ -99,21 +99,6 @@ def wait_used(pool, alloc_id, expected: int, within: float) -> float:
     raise AssertionError(f"the pool shows {seen} bytes in use, not {expected}, after {within:.1f} s")
 
 
-def executors_of(pid: int) -> list[int]:
-    """Child processes of the daemon: its executors."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
 @pytest.fixture
 def setup(tmp_path):
     """A pool, a daemon registered as worker ``w-usage`` and one vGPU allocated on it."""
@@ -175,7 +160,7 @@ def test_executors_end_with_their_daemon_and_a_new_daemon_reports_none_of_their_
         client("alloc", "b", 4 * MiB)
         wait_used(pool, alloc["id"], 7 * MiB, INTERVAL + SLACK)
         old = daemons[-1]
-        executors = executors_of(old.proc.pid)
+        executors = children_of(old.proc.pid)
         assert len(executors) == 1
         os.kill(old.proc.pid, signal.SIGKILL)  # the daemon only
         old.proc.wait()
@@ -223,7 +208,7 @@ def test_an_executor_killed_mid_session_stops_counting(setup):
     first("alloc", "a", 3 * MiB)
     second("alloc", "a", 2 * MiB)
     wait_used(pool, alloc["id"], 5 * MiB, INTERVAL + SLACK)
-    executors = sorted(executors_of(daemons[-1].proc.pid))
+    executors = sorted(children_of(daemons[-1].proc.pid))
     assert len(executors) == 2
     os.kill(executors[0], signal.SIGKILL)  # the first client's executor (forked first)
     wait_used(pool, alloc["id"], 2 * MiB, INTERVAL + SLACK)

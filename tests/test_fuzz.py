@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from workertools import PRELUDE
+from workertools import PRELUDE, rss
 import struct
 
 from gpu_worker.api import table as api_table
@@ -33,11 +33,6 @@ def open_session(worker) -> socket.socket:
     s.recv(plen, socket.MSG_WAITALL)
     assert res == 0
     return s
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def fuzz_frames(worker, frames: int, seed: int) -> dict:
@@ -86,11 +81,11 @@ def test_random_requests_in_valid_frames(worker):
 @pytest.mark.long
 def test_a_hundred_thousand_fuzzed_frames(worker):
     """The long run (`pytest --long -m long`): no crash, no internal error, no growth of the daemon."""
-    daemon_before = rss_kib(worker.proc.pid)
+    daemon_before = rss(worker.proc.pid) >> 10
     start = time.monotonic()
     stats = fuzz_frames(worker, 100_000, seed=2026)
     seconds = time.monotonic() - start
-    daemon_after = rss_kib(worker.proc.pid)
+    daemon_after = rss(worker.proc.pid) >> 10
     print(f"\nfuzz: {stats['frames']} frames in {seconds:.1f} s ({stats['frames'] / seconds:,.0f}/s), "
           f"{stats['replies']} replies, {stats['closed']} sessions closed by the worker, "
           f"daemon RSS {daemon_before} -> {daemon_after} KiB")

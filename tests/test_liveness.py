@@ -15,7 +15,7 @@ import textwrap
 import threading
 import time
 
-from workertools import PRELUDE, ROOT, SLEEP_PTX
+from workertools import PRELUDE, ROOT, SLEEP_PTX, children_of
 
 LIMIT = 3  # seconds: GPULAB_TIMEOUT for these tests (the shim's minimum)
 SLACK = 3
@@ -25,16 +25,9 @@ def executor_pid(worker) -> int:
     """The executor the worker forked for our one session (its only child)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == worker.proc.pid:
-                return int(name)
+        children = children_of(worker.proc.pid)
+        if children:
+            return children[0]
         time.sleep(0.05)
     raise AssertionError("the worker forked no executor")
 

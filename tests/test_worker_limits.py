@@ -10,7 +10,7 @@ import socket
 import textwrap
 import time
 
-from workertools import PRELUDE, children_of
+from workertools import PRELUDE, alive, children_of, rss
 
 from gpu_worker.api import table as api_table
 from gpu_worker.api.protocol import FLAG_REPLY, HELLO, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER
@@ -18,22 +18,6 @@ from gpu_worker.backends.ptx import parse_entries, ptx_version
 
 MiB = 1 << 20
 PTX = (os.path.dirname(__file__) + "/data/kernels.ptx")
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def connect(worker) -> socket.socket:

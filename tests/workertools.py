@@ -116,6 +116,21 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
+def alive(pid: int) -> bool:
+    """Running, i.e. neither gone nor a zombie waiting for its parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def rss(pid: int) -> int:
+    """Resident memory of `pid` in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
 # A kernel whose host implementation (tests/emulated_kernels.py) sleeps its argument in milliseconds:
 # a long call on the emulated device.
 SLEEP_PTX = r"""

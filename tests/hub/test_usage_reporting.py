@@ -15,7 +15,7 @@ import pytest
 
 from gpu_worker.client import shim_env
 from hubtools import WORKER_TOKEN, Pool, free_port
-from workertools import PRELUDE, children_of
+from workertools import PRELUDE, alive, children_of
 
 MiB = 1 << 20
 INTERVAL = 1.0  # heartbeat interval of the workers here; a figure must reach the pool within one of them
@@ -181,15 +181,6 @@ def test_executors_end_with_their_daemon_and_a_new_daemon_reports_none_of_their_
     wait_used(pool, alloc["id"], 0, 20)  # start-up, registration, then its first heartbeat
     usage_dirs = [d for d in os.listdir(old.runtime_dir) if d.startswith("gpulab-usage-")]
     assert usage_dirs and all(not os.listdir(os.path.join(old.runtime_dir, d)) for d in usage_dirs)
-
-
-def alive(pid: int) -> bool:
-    """Running, i.e. neither gone nor a zombie waiting for its new parent to reap it."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class ClientWithStderr(Client):

@@ -4,27 +4,18 @@ at once where none is visible, its samples interleave fairly, and NVRTC gives th
 happens in `make validate-gpu`.)"""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-from workertools import ROOT, gpu_present
+from workertools import ROOT, gpu_present, load_script
 
 SCRIPT = ROOT / "benchmarks" / "remote_driver.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpulab_bench_remote_driver", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-rd = _load()
+rd = load_script("gpulab_bench_remote_driver", "benchmarks/remote_driver.py")
 
 
 @pytest.mark.skipif(gpu_present(), reason="checks the refusal on a machine without a GPU")

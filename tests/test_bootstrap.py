@@ -7,30 +7,17 @@ is a machine described in a few fields, not a machine changed. The Makefile is c
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from workertools import gpu_present
+from workertools import ROOT, gpu_present, load_script
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bs = _load("gpulab_bootstrap", "tools/bootstrap.py")
-vg = _load("gpulab_validate_gpu", "benchmarks/validate_gpu.py")
+bs = load_script("gpulab_bootstrap", "tools/bootstrap.py")
+vg = load_script("gpulab_validate_gpu", "benchmarks/validate_gpu.py")
 
 VENV = "/srv/lab/.venv"
 EVERYTHING = bs.Facts()  # defaults: root on Debian with every piece present

@@ -15,6 +15,17 @@ KERNELS = str(ROOT / "tests" / "emulated_kernels.py")
 PTX_FILE = ROOT / "tests" / "data" / "kernels.ptx"
 
 
+def load_script(name: str, path: str):
+    """A script of the repository (`tools/bootstrap.py`, a benchmark) imported as module `name`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def gpu_present() -> bool:
     return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
 

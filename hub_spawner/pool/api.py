@@ -35,14 +35,18 @@ class APIHandler(web.RequestHandler):
 
     @property
     def book(self) -> AllocationBook:
-        return self.settings["pool"].book
+        return self.pool.book
 
     def check_xsrf_cookie(self):
         """Token-authenticated API: no cookies, no XSRF."""
 
-    def prepare(self):
+    def request_token(self) -> str:
+        """The secret of ``Authorization: token <secret>`` ("" without one)."""
         header = self.request.headers.get("Authorization", "")
-        token = header[6:].strip() if header.lower().startswith("token ") else ""
+        return header[6:].strip() if header.lower().startswith("token ") else ""
+
+    def prepare(self):
+        token = self.request_token()
         expected = self.pool.api_token
         if expected and token and hmac.compare_digest(expected.encode(), token.encode()):
             return

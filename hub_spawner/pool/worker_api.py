@@ -136,8 +136,7 @@ class WorkerAPIHandler(APIHandler):
     worker = ""  # the name the credential belongs to
 
     def prepare(self):
-        header = self.request.headers.get("Authorization", "")
-        token = header[6:].strip() if header.lower().startswith("token ") else ""
+        token = self.request_token()
         secret = self.pool.worker_token
         if token and secret and hmac.compare_digest(secret.encode(), token.encode()):
             self.enrolling = True

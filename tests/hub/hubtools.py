@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import workertools
+
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = str(ROOT / "tests" / "emulated_kernels.py")
 API_TOKEN = "gpulab-test-automation-token-0123456789"
@@ -146,13 +148,7 @@ def tree(pid: int) -> dict[int, str]:
 
 def alive(pids) -> list[int]:
     """Those of `pids` still running (a zombie has stopped)."""
-    def live(pid):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-        except OSError:
-            return False
-    return [p for p in pids if live(p)]
+    return [p for p in pids if workertools.alive(p)]
 
 
 def _call(method, url, body, token):
@@ -206,6 +202,13 @@ class Pool:
         status, answer = self.worker_call("POST", "api/workers", body, self.credentials.get(name, WORKER_TOKEN))
         assert status == 200, answer
         self.credentials.setdefault(name, answer.get("credential"))
+
+    def wait_lost(self, timeout=10) -> None:
+        """Until the pool has marked its (first) worker lost: no heartbeat came in time."""
+        deadline = time.time() + timeout
+        while self.call("GET", "api/gpus")[1][0]["worker_status"] != "lost":
+            assert time.time() < deadline, "the worker was not marked lost"
+            time.sleep(0.1)
 
     def stop(self):
         self.proc.send_signal(signal.SIGKILL)

@@ -92,12 +92,7 @@ def test_form_tells_the_user_their_vgpu_was_lost(tmp_path):
     try:
         pool.register()
         assert pool.call("POST", "api/allocations", {"user": "ann", "vram": "1G"})[0] == 201
-        import time
-
-        deadline = time.time() + 10
-        while pool.call("GET", "api/gpus")[1][0]["worker_status"] != "lost":
-            assert time.time() < deadline
-            time.sleep(0.1)
+        pool.wait_lost()
         s = spawner()
         s.pool_url, s.pool_token = pool.url, HUB_TOKEN
         form = asyncio.run(s.render_options_form())
@@ -289,18 +284,13 @@ def test_the_form_asks_each_distinct_request_once_within_the_pools_cap():
 
 def test_the_lost_allocations_query_names_only_this_user(tmp_path):
     """A user named like a query string must not see someone else's lost vGPU."""
-    import time
-
     from hubtools import HUB_TOKEN, Pool
 
     pool = Pool(str(tmp_path / "pool.sqlite"), timeout=0.5)
     try:
         pool.register()
         assert pool.call("POST", "api/allocations", {"user": "alice", "vram": "1G"})[0] == 201
-        deadline = time.time() + 10
-        while pool.call("GET", "api/gpus")[1][0]["worker_status"] != "lost":
-            assert time.time() < deadline
-            time.sleep(0.1)
+        pool.wait_lost()
         s = spawner()
         s.user.name = "bob&user=alice"
         s.pool_url, s.pool_token = pool.url, HUB_TOKEN

@@ -33,7 +33,7 @@ class GPUKubeSpawner(GPUSpawner, KubeSpawner):
       of its option choices) with KubeSpawner's own helpers, so profiles can still set the
       image, resources, volumes...  It runs inside KubeSpawner's start, after the vGPU is
       allocated and placed: a failure there still releases the vGPU.
-    - ``start``/``stop``/``poll``/``get_env``/``get_state``/``load_state``/``clear_state``
+    - ``start``/``stop``/``poll``/``get_env``/``get_state``/``load_state``
       chain with ``super()``, so both classes' parts run.
     """
 

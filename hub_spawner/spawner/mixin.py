@@ -79,6 +79,8 @@ class GPUSpawner(Configurable):
         It gets `profiles` (each with `slug`, `display_name`, `description`, `gpu_text`, `has_gpu`, `fits`,
         `full_label`, `why`, `slots`, `checked`, `options`), `lost_message`, `emulated` and `pool_error`.
         """).tag(config=True)
+    # Not cleared by clear_state(): LocalProcessSpawner clears state inside stop() and poll(), before
+    # the vGPU is given back; release_gpu() forgets it once the pool has it back.
     gpu_allocation = Dict(help="The current vGPU allocation (kept in the spawner state).")
 
     @default("pool_url")
@@ -156,7 +158,7 @@ class GPUSpawner(Configurable):
             choices = opt.get("choices", {})
             key = options.get(name)
             if key is None:
-                key = next((k for k, c in choices.items() if c.get("default")), next(iter(choices), None))
+                key = default_choice(choices)
             if key not in choices:
                 raise GPUSpawnError(f"Invalid choice {key!r} for {opt.get('display_name', name)}.",
                                     reason="invalid-option", status_code=400)
@@ -275,11 +277,6 @@ class GPUSpawner(Configurable):
         super().load_state(state)
         self.gpu_allocation = state.get("gpu_allocation", {})
 
-    def clear_state(self):
-        """Keeps an unreleased allocation: LocalProcessSpawner clears state inside stop() and poll(),
-        before the vGPU is given back; release_gpu() forgets it once the pool has it back."""
-        super().clear_state()
-
     # ------------------------------------------------------------------ form
     async def render_options_form(self, spawner=None) -> str:
         """The profiles with live availability; a profile that does not fit now is never preselected."""
@@ -353,7 +350,7 @@ class PoolError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-        self.constraint = (body or {}).get("constraint") if isinstance(body, dict) else None
+        self.constraint = body.get("constraint") if isinstance(body, dict) else None
 
 
 def json_kind(value) -> str:
@@ -390,9 +387,7 @@ def check_profile(p) -> dict:
     # the requests the form asks about (as resolve() merges them): the default choices, and each choice
     # in turn with the other options at their defaults
     options = _options(p)
-    defaults = {name: next((k for k, c in opt["choices"].items() if c.get("default")), next(iter(opt["choices"]),
-                                                                                          None))
-                for name, opt in options}
+    defaults = {name: default_choice(opt["choices"]) for name, opt in options}
 
     def merged(selection: dict) -> dict | None:
         out = gpu
@@ -421,6 +416,11 @@ def _options(p: dict) -> list[tuple[str, dict]]:
             raise LimitError(f"profile option {name!r} must be a mapping with choices, each a mapping")
         out.append((name, {**opt, "choices": opt.get("choices", {})}))
     return out
+
+
+def default_choice(choices: dict) -> str | None:
+    """The key of an option's default choice: the one marked default, else the first (None: no choices)."""
+    return next((k for k, c in choices.items() if c.get("default")), next(iter(choices), None))
 
 
 def profile_slug(p: dict) -> str:

@@ -15,10 +15,6 @@ REP_HEADER = struct.Struct(wire.REP_HEADER_FORMAT)
 HELLO = struct.Struct(wire.HELLO_FORMAT)
 LAUNCH = struct.Struct(wire.LAUNCH_FORMAT)
 
-# Frames larger than this (bulk copies excepted, which are bounded by the destination
-# allocation) close the session: they cannot be a well-formed request.
-DEFAULT_MAX_FRAME = MAX_FRAME
-
 
 class ProtocolError(Exception):
     """A frame that cannot be parsed: the session is closed, the worker goes on."""

@@ -34,7 +34,7 @@ latched and returned by the next synchronizing call); ``syncpoint`` is a synchro
 call that returns a latched error; ``send_now`` sends an ``async`` call at once instead of
 buffering it (still without a reply).  ``c_after`` is C code run by the stub after success
 (used to track allocations in the shim).  ``server`` = ``"special"`` marks functions whose
-worker side is hand-written in :mod:`gpu_worker.session` (bulk data paths, launches).
+worker side is hand-written in :mod:`gpu_worker.daemon.session` (bulk data paths, launches).
 """
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""Sizes as people write them in config files and profiles (the grammar lives in limits.py)."""
-from .limits import LimitError, parse_size
-
-__all__ = ["LimitError", "format_size", "parse_size"]
+"""Sizes as a person reads them in messages (parsing sizes is limits.py's job)."""
 
 
 def format_size(n: int) -> str:

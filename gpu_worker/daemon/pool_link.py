@@ -167,8 +167,8 @@ class PoolLink:
     def run(self) -> None:
         """Register, then beat until stopped (a thread of the daemon).
 
-        The first heartbeat goes right after registering: a restarted daemon tells the pool at
-        once what the sessions that outlived the old one hold."""
+        The first heartbeat goes right after registering, so the pool hears at once what this
+        worker's sessions hold (after a restart: nothing, as the old daemon's executors died with it)."""
         while not self._stop.is_set():
             try:
                 self.register()

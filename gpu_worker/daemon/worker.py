@@ -28,7 +28,7 @@ from traitlets.config import Configurable
 
 from ..api import errors as E
 from .executor import Executor, FrameReader
-from ..api.protocol import DEFAULT_MAX_FRAME, HELLO, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER, ProtocolError
+from ..api.protocol import HELLO, MAX_FRAME, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER, ProtocolError
 from ..client.tokens import token_hash
 from .session import Session
 from .usage import UsageCounter, default_dir, prepare_dir
@@ -82,7 +82,7 @@ class GPUWorker(Configurable):
                                  "daemon removes what the old one's executors (which die with it) left.  Default: "
                                  "gpulab-usage-<uid>-<name>-<hash of pool URL and name> in $XDG_RUNTIME_DIR, "
                                  "else /dev/shm, else the temporary directory.").tag(config=True)
-    max_frame = Int(DEFAULT_MAX_FRAME, help="Largest request frame accepted (bulk copy data excepted); a "
+    max_frame = Int(MAX_FRAME, help="Largest request frame accepted (bulk copy data excepted); a "
                                             "larger one closes the session.").tag(config=True)
     handshake_timeout = Float(10.0, help="Seconds a new connection has to send its HELLO (protocol version and "
                                          "session token); a slower one is closed.  Until its token is checked a "
@@ -608,14 +608,13 @@ def _die_with(daemon: int) -> None:
         os._exit(1)
 
 
-def _refuse(conn, code: int, message: str) -> int:
+def _refuse(conn, code: int, message: str) -> None:
     """Refuse a session: the whole payload is the reason (so any shim version can print it)."""
     data = message.encode()
     try:
         conn.sendall(REP_HEADER.pack(len(data), code, len(data)) + data)
     except OSError:
         pass
-    return 1
 
 
 def _gpu_visible() -> bool:

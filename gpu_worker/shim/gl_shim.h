@@ -99,7 +99,6 @@ void gl_ctx_reset_after_fork(void);
 /* images.c */
 const void *gl_image_data(const void *image, size_t *size);
 /* memory.c */
-int gl_track_alloc(CUdeviceptr p, size_t n);
 CUresult gl_track_new_alloc(CUdeviceptr p, size_t n);  /* cuMemAlloc: tracked, or freed and OUT_OF_MEMORY */
 CUresult gl_track_global(CUdeviceptr p, size_t n);     /* cuModuleGetGlobal */
 void gl_untrack_alloc(CUdeviceptr p);
@@ -107,7 +106,8 @@ void gl_memory_reset_after_fork(void);
 /* launch.c */
 void gl_launch_reset_after_fork(void);
 
-/* Generated entry points that the hand-written code calls. */
+/* Entry points that the hand-written code calls (generated, and procaddress.c's cuGetErrorName). */
+CUresult cuGetErrorName(CUresult e, const char **p);
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n);
 CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n);
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n);

@@ -45,7 +45,7 @@ static void reserve_pages(span_t *s, uintptr_t lo, uintptr_t hi)
 {
     static int said;
     s->own_lo = s->own_hi = 0;
-    if (lo >= hi || hi < lo) return;
+    if (lo >= hi) return;
     void *want = (void *)lo;
     void *got = mmap(want, hi - lo, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE,
                      -1, 0);
@@ -61,7 +61,7 @@ static void reserve_pages(span_t *s, uintptr_t lo, uintptr_t hi)
 }
 
 /* Returns 0, or -1 when host memory for the table ran out (the span is then not tracked). */
-int gl_track_alloc(CUdeviceptr p, size_t n)
+static int track_span(CUdeviceptr p, size_t n)
 {
     pthread_mutex_lock(&spans_mu);
     for (size_t k = 0; k < nspans; k++)
@@ -87,7 +87,7 @@ int gl_track_alloc(CUdeviceptr p, size_t n)
 
 CUresult gl_track_new_alloc(CUdeviceptr p, size_t n)
 {
-    if (gl_track_alloc(p, n) == 0) return CUDA_SUCCESS;
+    if (track_span(p, n) == 0) return CUDA_SUCCESS;
     /* untracked device memory would pass for host memory in cuMemcpy: give it back */
     cuMemFree_v2(p);
     gl_sayf("cuMemAlloc refused: out of host memory to track the allocation (CUDA_ERROR_OUT_OF_MEMORY)");
@@ -96,7 +96,7 @@ CUresult gl_track_new_alloc(CUdeviceptr p, size_t n)
 
 CUresult gl_track_global(CUdeviceptr p, size_t n)
 {
-    if (gl_track_alloc(p, n) == 0) return CUDA_SUCCESS;
+    if (track_span(p, n) == 0) return CUDA_SUCCESS;
     gl_sayf("cuModuleGetGlobal refused: out of host memory to track the global (CUDA_ERROR_OUT_OF_MEMORY)");
     return CUDA_ERROR_OUT_OF_MEMORY;
 }

@@ -198,9 +198,8 @@ static int read_reply_header(unsigned char *rep)
 static void lost(CUresult err, const char *what)
 {
     if (errno == ETIMEDOUT && C.state != -1) {
-        const char *name = "an error";
-        for (size_t i = 0; i < gl_nerrnames; i++)
-            if (gl_errnames[i].code == err) name = gl_errnames[i].name;
+        const char *name = NULL;
+        if (cuGetErrorName(err, &name) != CUDA_SUCCESS) name = "an error";
         gl_sayf("%s: the worker at %s has not answered for %g s (GPULAB_TIMEOUT): it is hung, stopped or "
                 "unreachable; CUDA calls now return %s", what, C.addr, timeout_ms() / 1000.0, name);
         C.state = -1;  /* said: mark_dead need not say it again */
@@ -404,7 +403,6 @@ static void atfork_child(void)
     C.fd = -1;
     C.state = 0;
     C.dead_error = CUDA_SUCCESS;
-    C.slen = 0;
     C.oom = 0;
     C.have_early = 0;
     C.server_ctx_known = 0;

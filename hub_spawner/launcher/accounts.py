@@ -76,7 +76,7 @@ def shared_account_reason(requested: str, euid: int, python: str, check=python_u
         name = pwd.getpwuid(euid).pw_name if _known_uid(euid) else str(euid)
         return (f"gpulab up runs as {name}, not root, so it cannot start servers as other Unix users "
                 "(run it as root for one account per user)")
-    if not shutil.which("useradd", path=os.pathsep.join([os.environ.get("PATH", ""), SBIN])):
+    if not useradd_path():
         return "useradd is missing, so no Unix users can be made (install the passwd package)"
     problem = check(python)
     if problem:
@@ -87,6 +87,11 @@ def shared_account_reason(requested: str, euid: int, python: str, check=python_u
                 "(e.g. `/usr/bin/python3 -m venv /opt/gpulab`, install gpulab into it), and start "
                 "`/opt/gpulab/bin/gpulab up`")
     return ""
+
+
+def useradd_path() -> str | None:
+    """useradd, on PATH or in the sbin directories a non-login root shell may lack."""
+    return shutil.which("useradd", path=os.pathsep.join([os.environ.get("PATH", ""), SBIN]))
 
 
 def _known_uid(uid: int) -> bool:
@@ -102,7 +107,7 @@ def ensure_unix_users(names: list[str], prefix: str) -> str:
     base directory, normally /home, mode 0700 whatever the distribution's default; no login shell:
     the hub starts the servers). An existing user of that name is used as it is. Returns what
     failed ("" when all exist)."""
-    useradd = shutil.which("useradd", path=os.pathsep.join([os.environ.get("PATH", ""), SBIN]))
+    useradd = useradd_path()
     nologin = next((s for s in ("/usr/sbin/nologin", "/sbin/nologin") if os.path.exists(s)), "/bin/false")
     for name in names:
         unix = prefix + name

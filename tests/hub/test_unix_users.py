@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hub_spawner.launcher.accounts import closed_to_others, shared_account_reason
+from hub_spawner.launcher.accounts import closed_to_others, shared_account_reason, useradd_path
 from hubtools import API_TOKEN, Hub
 from kernel_client import run_in_kernel
 
@@ -42,7 +42,7 @@ def test_asked_for_shared_or_not_root_means_shared():
 
 
 def test_root_with_a_python_others_can_run_gets_separate_accounts(monkeypatch):
-    if not shutil.which("useradd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
+    if not useradd_path():
         pytest.skip("no useradd here")
     asked = []
     assert shared_account_reason("auto", 0, "/opt/gpulab/bin/python", lambda py: asked.append(py) or "") == ""
@@ -61,7 +61,7 @@ def test_a_python_under_a_private_directory_is_named_with_the_fix():
         assert closed_to_others(str(top / "open" / "bin" / "python")) == ""
         private = str(top / "private" / "bin" / "python")
         assert closed_to_others(private) == f"{top / 'private'} (mode 700)"
-        if shutil.which("useradd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
+        if useradd_path():
             reason = shared_account_reason("auto", 0, private, lambda py: f"another user cannot run {py}")
             assert f"{top / 'private'} (mode 700) is closed to other users" in reason
             assert "virtual environment that all users can read" in reason and "outside /root" in reason
@@ -125,7 +125,7 @@ def server_environ(user: str) -> dict:
     raise AssertionError(f"no server of {user} found")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd", path="/usr/sbin:/sbin:/usr/bin"),
+@pytest.mark.skipif(os.geteuid() != 0 or not useradd_path(),
                     reason="needs root and useradd")
 def test_each_server_runs_as_its_own_user_and_sees_no_secrets(tmp_path):
     venv = public_venv()

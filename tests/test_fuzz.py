@@ -5,33 +5,26 @@ from __future__ import annotations
 import os
 import random
 import socket
+import struct
 import time
 
 import pytest
 
-from workertools import PRELUDE, rss
-import struct
+from workertools import PRELUDE, hello, rss
 
 from gpu_worker.api import table as api_table
 from gpu_worker.api.codegen import in_struct
+from gpu_worker.api.protocol import FLAG_REPLY, OP_LAUNCH, OP_PARAM_LAYOUT, OP_SET_CONTEXT, REP_HEADER, REQ_HEADER
+from gpu_worker.api.wire import MAX_REASON
 from gpu_worker.daemon.dispatch_generated import OPS
 
 FIXED_SIZE = {api_table.opcode(f): struct.calcsize(in_struct(f)) for f in api_table.FORWARDED}
-from gpu_worker.api.protocol import (FLAG_REPLY, HELLO, OP_HELLO, OP_LAUNCH, OP_PARAM_LAYOUT, OP_SET_CONTEXT,
-                                     PROTOCOL_VERSION, REP_HEADER, REQ_HEADER)
-from gpu_worker.api.wire import MAX_REASON
 
 
 def open_session(worker) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(worker.unix[len("unix://"):])
-    s.settimeout(10)
-    tok = worker.token.encode()
-    hello = HELLO.pack(PROTOCOL_VERSION, os.getpid(), len(tok))
-    s.sendall(REQ_HEADER.pack(HELLO.size + len(tok), OP_HELLO, FLAG_REPLY) + hello + tok)
-    plen, res, _ = REP_HEADER.unpack(s.recv(REP_HEADER.size, socket.MSG_WAITALL))
-    s.recv(plen, socket.MSG_WAITALL)
-    assert res == 0
+    """A session past its handshake."""
+    s, res, why = hello(worker)
+    assert res == 0, why
     return s
 
 

@@ -6,42 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import textwrap
 import time
 
-from workertools import PRELUDE, alive, children_of, rss
+from workertools import PRELUDE, alive, children_of, connect, hello, rss
 
 from gpu_worker.api import table as api_table
-from gpu_worker.api.protocol import FLAG_REPLY, HELLO, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER
+from gpu_worker.api.protocol import FLAG_REPLY, REQ_HEADER
 from gpu_worker.backends.ptx import parse_entries, ptx_version
 
 MiB = 1 << 20
 PTX = (os.path.dirname(__file__) + "/data/kernels.ptx")
-
-
-def connect(worker) -> socket.socket:
-    deadline = time.monotonic() + 10
-    while True:
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(10)
-        try:
-            s.connect(worker.unix[len("unix://"):])
-            return s
-        except BlockingIOError:  # the listen backlog is full for a moment: the daemon is accepting
-            s.close()
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-
-
-def hello(worker, token=None) -> tuple[socket.socket, int, str]:
-    """A raw session: the socket, the HELLO's CUresult and its message."""
-    s = connect(worker)
-    tok = (worker.token if token is None else token).encode()
-    s.sendall(REQ_HEADER.pack(HELLO.size + len(tok), OP_HELLO, FLAG_REPLY)
-              + HELLO.pack(PROTOCOL_VERSION, os.getpid(), len(tok)) + tok)
-    plen, res, _ = REP_HEADER.unpack(s.recv(REP_HEADER.size, socket.MSG_WAITALL))
-    return s, res, s.recv(plen, socket.MSG_WAITALL).decode()
 
 
 def executor_of(worker, before: set) -> int:

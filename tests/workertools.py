@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -153,3 +154,31 @@ SLEEP_PTX = r"""
     ret;
 }
 """
+
+
+def connect(worker: Worker) -> socket.socket:
+    """A raw connection to the worker's Unix socket, retried while its listen queue is full."""
+    deadline = time.monotonic() + 10
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        try:
+            s.connect(worker.unix[len("unix://"):])
+            return s
+        except BlockingIOError:  # the listen backlog is full for a moment: the daemon is accepting
+            s.close()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+
+def hello(worker: Worker, token=None) -> tuple[socket.socket, int, str]:
+    """A raw session: the socket, the HELLO's CUresult and its message."""
+    from gpu_worker.api.protocol import FLAG_REPLY, HELLO, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER
+
+    s = connect(worker)
+    tok = (worker.token if token is None else token).encode()
+    s.sendall(REQ_HEADER.pack(HELLO.size + len(tok), OP_HELLO, FLAG_REPLY)
+              + HELLO.pack(PROTOCOL_VERSION, os.getpid(), len(tok)) + tok)
+    plen, res, _ = REP_HEADER.unpack(s.recv(REP_HEADER.size, socket.MSG_WAITALL))
+    return s, res, s.recv(plen, socket.MSG_WAITALL).decode()
+

@@ -208,20 +208,24 @@ class Session:
         if owned:
             self.owned.add(base)
 
+    def _span_of(self, ptr: int) -> int | None:
+        """The base of the span (allocation or module global) that holds ``ptr``, or None."""
+        i = bisect.bisect_right(self.starts, ptr) - 1
+        if i >= 0 and ptr < self.starts[i] + self.sizes[self.starts[i]]:
+            return self.starts[i]
+        return None
+
     def check_span(self, ptr: int, n: int) -> None:
         """Refuse any device range not inside one of this session's allocations."""
         if n == 0:
             return
-        i = bisect.bisect_right(self.starts, ptr) - 1
-        if i >= 0:
-            base = self.starts[i]
-            end = base + self.sizes[base]
-            if ptr + n <= end:
-                return
-            if ptr < end:  # an overrun, the usual off-by-some: say by how much
-                raise Refusal(E.INVALID_VALUE, f"{format_size(n)} at {ptr:#x} run {ptr + n - end} bytes past the end "
-                                               f"of its {format_size(self.sizes[base])} allocation at {base:#x}")
-        raise Refusal(E.INVALID_VALUE, f"device address {ptr:#x} is not in this vGPU's allocations")
+        base = self._span_of(ptr)
+        if base is None:
+            raise Refusal(E.INVALID_VALUE, f"device address {ptr:#x} is not in this vGPU's allocations")
+        end = base + self.sizes[base]
+        if ptr + n > end:  # an overrun, the usual off-by-some: say by how much
+            raise Refusal(E.INVALID_VALUE, f"{format_size(n)} at {ptr:#x} run {ptr + n - end} bytes past the end "
+                                           f"of its {format_size(self.sizes[base])} allocation at {base:#x}")
 
     def cuMemAlloc(self, bytesize: int):
         if bytesize == 0:
@@ -250,9 +254,9 @@ class Session:
 
     def cuMemFree(self, dptr: int) -> None:
         if dptr not in self.owned:
-            i = bisect.bisect_right(self.starts, dptr) - 1
-            if i >= 0 and dptr < self.starts[i] + self.sizes[self.starts[i]] and self.starts[i] in self.owned:
-                raise Refusal(E.INVALID_VALUE, f"{dptr:#x} is inside the allocation at {self.starts[i]:#x}, not "
+            base = self._span_of(dptr)
+            if base in self.owned:
+                raise Refusal(E.INVALID_VALUE, f"{dptr:#x} is inside the allocation at {base:#x}, not "
                                                "its start", call=f"cuMemFree({dptr:#x})")
             raise Refusal(E.INVALID_VALUE, "the address is not in this vGPU's allocations",
                           call=f"cuMemFree({dptr:#x})")
@@ -278,9 +282,9 @@ class Session:
         return (self.quota,) if self.quota is not None else total
 
     def cuMemGetAddressRange(self, dptr: int):
-        i = bisect.bisect_right(self.starts, dptr) - 1
-        if i >= 0 and dptr < self.starts[i] + self.sizes[self.starts[i]]:
-            return (self.starts[i], self.sizes[self.starts[i]])
+        base = self._span_of(dptr)
+        if base is not None:
+            return (base, self.sizes[base])
         raise CudaError(E.NOT_FOUND, f"{dptr:#x} is not in an allocation of this session")
 
     def cuModuleGetGlobal(self, hmod, name: str):

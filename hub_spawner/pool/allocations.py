@@ -105,17 +105,14 @@ class AllocationBook:
                     a.message = (f"Your vGPU was lost: GPU worker {w.name} stopped responding at {when}. "
                                  "Stop and start your server to get a new one.")
 
-
     def gpu_table(self) -> list[dict]:
         with self.Session.begin() as db:
-            used = {s.uuid: s for s in self.gpu_states(db)}
+            used = {s.uuid: s for s in self.gpu_states(db)}  # every GPU of a worker, as the rows below
             rows = db.execute(select(GPU, Worker).join(Worker).order_by(Worker.name, GPU.index)).all()
             return [{"uuid": g.uuid, "worker": w.name, "worker_status": w.status, "model": g.model,
                      "memory": g.memory, "capability": g.capability, "emulated": g.emulated,
-                     "used_vram": used[g.uuid].used_vram if g.uuid in used else 0,
-                     "used_compute": used[g.uuid].used_compute if g.uuid in used else 0,
-                     "sessions": used[g.uuid].sessions if g.uuid in used else 0} for g, w in rows]
-
+                     "used_vram": used[g.uuid].used_vram, "used_compute": used[g.uuid].used_compute,
+                     "sessions": used[g.uuid].sessions} for g, w in rows]
 
     def usage_table(self) -> list[dict]:
         now = time.time()

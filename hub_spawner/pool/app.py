@@ -191,7 +191,6 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         ioloop.IOLoop.current().start()
 
 
-
 def main(argv=None):
     app = GPUPool.instance()
     app.initialize(argv)  # a bad setting ends here with its sentence (traitlets' catch_config_error)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import workertools
+from hub_spawner.launcher.up import DEMO_USERS
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = str(ROOT / "tests" / "emulated_kernels.py")
@@ -118,6 +120,16 @@ class Hub:
             except ProcessLookupError:
                 pass
         self.log.close()
+
+
+def remove_unix_users(prefix: str) -> None:
+    """The Unix users `gpulab up` made for the lab users under a test's `prefix`, and their homes."""
+    for name in DEMO_USERS + ["admin"]:
+        try:
+            pwd.getpwnam(prefix + name)
+        except KeyError:
+            continue
+        subprocess.run(["userdel", "--remove", prefix + name], capture_output=True)
 
 
 def tree(pid: int) -> dict[int, str]:

@@ -17,21 +17,10 @@ from pathlib import Path
 import pytest
 
 from hub_spawner.launcher.accounts import closed_to_others, shared_account_reason, useradd_path
-from hubtools import API_TOKEN, Hub
+from hubtools import API_TOKEN, Hub, remove_unix_users
 from kernel_client import run_in_kernel
 
 PREFIX = f"gpulab-t{os.getpid()}-"
-LAB_USERS = ["alice", "bob", "carol", "admin"]
-
-
-def remove_unix_users(prefix: str) -> None:
-    """Every Unix user a test made (its prefix) and its home."""
-    for name in LAB_USERS:
-        try:
-            pwd.getpwnam(prefix + name)
-        except KeyError:
-            continue
-        subprocess.run(["userdel", "--remove", prefix + name], capture_output=True)
 
 
 def test_asked_for_shared_or_not_root_means_shared():

@@ -3,7 +3,6 @@ SIGINT or SIGTERM, taking the hub, the proxy, the pool and the worker with it, q
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import signal
 import socket
@@ -14,7 +13,7 @@ import time
 
 import pytest
 
-from hubtools import ROOT, Hub, alive, tree
+from hubtools import ROOT, Hub, alive, remove_unix_users, tree
 from hub_spawner.launcher.accounts import closed_to_others, shared_account_reason
 from hub_spawner.launcher.up import default_state_dir
 
@@ -54,9 +53,7 @@ def test_sigint_stops_everything_quickly_and_quietly(tmp_path):
         hub, parts, took = start_and_stop(tmp_path / "state", signal.SIGINT, accounts="auto",
                                           extra=["--unix-user-prefix", prefix])
     finally:
-        for name in ("alice", "bob", "carol", "admin"):
-            if any(p.pw_name == prefix + name for p in pwd.getpwall()):
-                subprocess.run(["userdel", "--remove", prefix + name], capture_output=True)
+        remove_unix_users(prefix)
     log = hub.log_text()
     assert kinds(parts) == {"hub", "proxy", "pool", "worker"}, parts
     assert hub.proc.returncode == 0, log[-3000:]

@@ -5,6 +5,7 @@ kernel) keeps going, because the executor sends keepalives while a call runs.
 Real worker processes on the emulated backend and real cuda.bindings programs through the shim."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,6 +31,25 @@ def executor_pid(worker) -> int:
             return children[0]
         time.sleep(0.05)
     raise AssertionError("the worker forked no executor")
+
+
+@contextlib.contextmanager
+def executor_stopped(worker, p: subprocess.Popen):
+    """Once client `p` prints "ready": its executor stopped (SIGSTOP) and the client told to go on.
+    Afterwards the executor is resumed and the client killed, whatever happened."""
+    pid = None
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        pid = executor_pid(worker)
+        os.kill(pid, signal.SIGSTOP)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        yield
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGCONT)
+        p.kill()
+        p.wait()
 
 
 def client(env, code: str) -> subprocess.Popen:
@@ -104,24 +124,12 @@ r = name(d.cuCtxSynchronize())
 took = time.monotonic() - t0
 done(r=r, took=took, after=name(d.cuMemAlloc(64)))
 """)
-    pid = None
-    try:
-        assert p.stdout.readline().strip() == "ready"
-        pid = executor_pid(worker)
-        os.kill(pid, signal.SIGSTOP)
-        p.stdin.write("go\n")
-        p.stdin.flush()
+    with executor_stopped(worker, p):
         out, err = p.communicate(timeout=LIMIT + SLACK + 10)
-    finally:
-        if pid:
-            os.kill(pid, signal.SIGCONT)
-        p.kill()
     res = json.loads(out.strip().splitlines()[-1])
     assert res["r"] == "CUDA_ERROR_DEVICE_UNAVAILABLE" and res["after"] == "CUDA_ERROR_DEVICE_UNAVAILABLE"
     assert LIMIT - 0.2 <= res["took"] < LIMIT + SLACK
     assert "has not answered for 3 s" in err and err.count("has not answered") == 1, err
-
-
 
 
 def test_a_long_kernel_is_not_a_hung_worker(worker):
@@ -157,13 +165,7 @@ threading.Thread(target=d.cuCtxSynchronize, daemon=True).start()
 time.sleep(0.5)
 print("exiting", flush=True)
 """)
-    pid = None
-    try:
-        assert p.stdout.readline().strip() == "ready"
-        pid = executor_pid(worker)
-        os.kill(pid, signal.SIGSTOP)
-        p.stdin.write("go\n")
-        p.stdin.flush()
+    with executor_stopped(worker, p):
         assert p.stdout.readline().strip() == "exiting"
         t0 = time.monotonic()
         try:
@@ -171,11 +173,6 @@ print("exiting", flush=True)
         except subprocess.TimeoutExpired:
             pass
         took = time.monotonic() - t0
-    finally:
-        if pid:
-            os.kill(pid, signal.SIGCONT)
-        p.kill()
-        p.wait()
     assert took <= 2, f"exit took {took:.1f} s"
 
 

@@ -58,13 +58,18 @@ back = np.zeros(64, np.uint8)
 ok(d.cuMemcpyDtoH(back, g, 64))
 again = np.zeros(64, np.uint8)
 ok(d.cuMemcpy(int(again.ctypes.data), int(g), 64))          # global -> host
-done(size=int(size), csize=int(csize), back=back.tolist(), again=again.tolist(),
-     missing=name(d.cuModuleGetGlobal(mod, b"nope")))
+missing = name(d.cuModuleGetGlobal(mod, b"nope"))
+ok(d.cuModuleUnload(mod))
+after_unload = name(d.cuMemcpyHtoD(g, src, 64))  # the driver freed the global with its module
+done(size=int(size), csize=int(csize), back=back.tolist(), again=again.tolist(), missing=missing,
+     after_unload=after_unload)
 """)
     res = r.result
     assert res["size"] == 64 and res["csize"] == 4
     assert res["back"] == list(range(1, 65)) == res["again"]
     assert res["missing"] == "CUDA_ERROR_NOT_FOUND"
+    assert res["after_unload"] == "CUDA_ERROR_INVALID_VALUE"
+    assert "is not in this vGPU's allocations" in r.stderr, r.stderr
 
 
 def test_no_host_mapping_can_take_a_device_address(worker):

@@ -362,6 +362,11 @@ class EmulatedBackend:
 
     def cuModuleUnload(self, mod):
         mod.entries = {}
+        for ptr in mod.global_ptrs.values():  # a module's globals go with it, as on a GPU
+            self.mem_free(ptr)
+        mod.global_ptrs = {}
+
+    cuLibraryUnload = cuModuleUnload  # a library is loaded as a module here
 
     def _function(self, mod, name):
         if name not in mod.entries:
@@ -377,7 +382,7 @@ class EmulatedBackend:
     def cuModuleGetGlobal(self, mod, name):
         """A module-scope ``.global`` variable: zero-filled device memory, made on first request
         (initializers in the PTX are not emulated)."""
-        size = getattr(mod, "globals", {}).get(name)
+        size = mod.globals.get(name)
         if size is None:
             raise CudaError(E.NOT_FOUND, f"no global named {name!r} in the module")
         ptr = mod.global_ptrs.get(name)
@@ -390,9 +395,6 @@ class EmulatedBackend:
 
     def cuLibraryLoadData(self, code):
         return (self._load(code),)
-
-    def cuLibraryUnload(self, lib):
-        lib.entries = {}
 
     def cuLibraryGetKernel(self, lib, name):
         return (self._function(lib, name),)

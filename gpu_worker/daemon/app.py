@@ -113,9 +113,6 @@ gpulab worker --config worker_config.py     # c.GPUWorker.vram_quota = "8G", ...
             self.exit_with(str(exc))
         label = worker.kind + (" (TEST DOUBLE: no GPU)" if worker.kind == "emulated" else "")
         print(f"gpulab worker listening on {' '.join(addrs)} backend={label}", flush=True)
-        # From here a signal ends the accept loop, which stops the sessions before the worker exits.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: worker.stop())
         worker.connect_pool(addrs)
         worker.serve_forever()
 

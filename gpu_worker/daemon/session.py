@@ -80,6 +80,7 @@ class Session:
         self.module_bytes = 0
         self.image_sizes: dict[int, int] = {}  # module/library id -> bytes of the image it was loaded from
         self.derived: dict[int, list[int]] = {}  # module/library/kernel id -> ids taken from it
+        self.module_globals: dict[int, list[int]] = {}  # module id -> bases of its globals' spans
         self.usage = usage  # where the daemon's heartbeat reads this session's VRAM in use
         self.quota = quota
         self.label = label
@@ -186,6 +187,8 @@ class Session:
         self.module_bytes -= self.image_sizes.pop(hid, 0)
         for child in self.derived.pop(hid, ()):
             self.forget(child)
+        for base in self.module_globals.pop(hid, ()):  # the driver freed them with the module
+            self._drop_span(base)
 
     def id_of(self, kind: str, obj) -> int:
         """The id the client knows for a backend object (driver handles compare by value)."""
@@ -207,6 +210,11 @@ class Session:
         self.sizes[base] = size
         if owned:
             self.owned.add(base)
+
+    def _drop_span(self, base: int) -> None:
+        self.sizes.pop(base)
+        self.starts.remove(base)
+        self.owned.discard(base)
 
     def _span_of(self, ptr: int) -> int | None:
         """The base of the span (allocation or module global) that holds ``ptr``, or None."""
@@ -261,9 +269,8 @@ class Session:
             raise Refusal(E.INVALID_VALUE, "the address is not in this vGPU's allocations",
                           call=f"cuMemFree({dptr:#x})")
         self.backend.mem_free(dptr)
-        size = self.sizes.pop(dptr)
-        self.starts.remove(dptr)
-        self.owned.discard(dptr)
+        size = self.sizes[dptr]
+        self._drop_span(dptr)
         self.used -= -(-size // ALLOC_ALIGN) * ALLOC_ALIGN
         self.report_usage()
 
@@ -291,6 +298,8 @@ class Session:
         ptr, size = self.backend.cuModuleGetGlobal(hmod, name)
         if ptr not in self.sizes:
             self._add_span(ptr, size, owned=False)
+            # copies to it are allowed only while its module is loaded
+            self.module_globals.setdefault(self.id_of("module", hmod), []).append(ptr)
         return ptr, size
 
     def cuDeviceGetAttribute(self, attrib: int, dev: int):

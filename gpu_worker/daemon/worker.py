@@ -169,6 +169,9 @@ class GPUWorker(Configurable):
             addrs.append(f"unix://{self.unix_socket}")
         if not self.listeners:
             raise ValueError("the worker needs --tcp and/or --unix-socket")
+        # from here SIGINT/SIGTERM end the accept loop quietly, which then stops the sessions
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop())
         return addrs
 
     # ------------------------------------------------------------------ tokens
@@ -256,7 +259,6 @@ class GPUWorker(Configurable):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop", True))
         while not self._stop:
             for key, _ in sel.select(timeout=self._next_wakeup()):
                 if key.data is None:

@@ -9,14 +9,14 @@ import signal
 import textwrap
 import time
 
-from workertools import PRELUDE, alive, children_of, connect, hello, rss
+from workertools import PRELUDE, PTX_FILE, alive, children_of, connect, hello, rss
 
 from gpu_worker.api import table as api_table
 from gpu_worker.api.protocol import FLAG_REPLY, REQ_HEADER
 from gpu_worker.backends.ptx import parse_entries, ptx_version
 
 MiB = 1 << 20
-PTX = (os.path.dirname(__file__) + "/data/kernels.ptx")
+PTX = str(PTX_FILE)
 
 
 def executor_of(worker, before: set) -> int:

@@ -27,8 +27,9 @@ def usage_dir(tmp_path):
 
 
 def open_session(usage_dir, quota=None, key=KEY) -> Session:
+    """A session with its primary context current; it counts into `usage_dir` (None: no counter)."""
     session = Session(EmulatedBackend(total_memory=1 << 30), quota=quota, label="test",
-                      usage=UsageCounter(usage_dir, key))
+                      usage=UsageCounter(usage_dir, key) if usage_dir else None)
     session.cuDevicePrimaryCtxRetain(0)
     session.set_context(struct.pack("<Q", PRIMARY_CTX_BASE))
     return session
@@ -73,10 +74,8 @@ def test_processes_of_one_vgpu_add_up_and_others_stay_apart(usage_dir):
     assert read_usage(usage_dir) == {KEY: 3 << 20, "b" * 16: 4 << 20}
 
 
-def test_without_a_counter_the_session_still_counts(tmp_path):
-    s = Session(EmulatedBackend(), quota=None, label="test")
-    s.cuDevicePrimaryCtxRetain(0)
-    s.set_context(struct.pack("<Q", PRIMARY_CTX_BASE))
+def test_without_a_counter_the_session_still_counts():
+    s = open_session(None)
     s.cuMemAlloc(512)
     assert s.used == 512
     s.close()

@@ -440,25 +440,3 @@ done(r=[r1, r2, r3], cubin=len(cubin), fatbin=16 + len(body))
     log = worker.log_text()
     assert f"got a {res['cubin']}-byte cubin" in log
     assert log.count(f"got a {res['fatbin']}-byte fatbin") == 2
-
-
-def test_forked_child_opens_its_own_session(worker):
-    """A child of fork() does not share (or corrupt) its parent's session."""
-    r = worker.run(PRELUDE + """
-import os
-setup()
-p = ok(d.cuMemAlloc(64))
-ok(d.cuMemcpyHtoD(p, np.full(64, 9, np.uint8), 64))
-pid = os.fork()
-if pid == 0:
-    # a fresh process for the worker: it sets CUDA up again and works; the parent's pointer is not its memory
-    setup()
-    q = ok(d.cuMemAlloc(64))
-    code = 0 if name(d.cuMemsetD8(p, 0, 64)) == "CUDA_ERROR_INVALID_VALUE" and name(d.cuMemsetD8(q, 1, 64)) == \
-        "CUDA_SUCCESS" else 1
-    os._exit(code)
-_, status = os.waitpid(pid, 0)
-back = np.zeros(64, np.uint8); ok(d.cuMemcpyDtoH(back, p, 64))
-done(child=os.waitstatus_to_exitcode(status), intact=bool((back == 9).all()))
-""")
-    assert r.result == {"child": 0, "intact": True}

@@ -17,6 +17,7 @@ GLOBAL_PTX = r"""
 
 
 def test_a_forked_child_sets_cuda_up_again_and_works(worker):
+    """A child of fork() opens a session of its own: it neither shares nor corrupts its parent's."""
     r = worker.run(PRELUDE + """
 import os
 setup()

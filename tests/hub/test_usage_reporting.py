@@ -62,9 +62,11 @@ class Daemon:
 
 
 class Client:
-    def __init__(self, address: str, token: str):
+    """CLIENT driven line by line; `stderr=subprocess.PIPE` keeps the shim's reasons for the test."""
+
+    def __init__(self, address: str, token: str, stderr=None):
         self.proc = subprocess.Popen([sys.executable, "-c", CLIENT], env=shim_env(address, token),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
         assert self.proc.stdout.readline().strip() == "ready"
 
     def __call__(self, *cmd):
@@ -154,7 +156,7 @@ def test_executors_end_with_their_daemon_and_a_new_daemon_reports_none_of_their_
     reason, the counters the executors left are removed, and the pool's figure goes to 0 under
     the new daemon.  (Before: executors outlived a killed daemon and went on serving.)"""
     pool, alloc, start_daemon, _, daemons = setup
-    client = ClientWithStderr(daemons[-1].address, alloc["token"])
+    client = Client(daemons[-1].address, alloc["token"], stderr=subprocess.PIPE)
     try:
         client("alloc", "a", 3 * MiB)
         client("alloc", "b", 4 * MiB)
@@ -181,16 +183,6 @@ def test_executors_end_with_their_daemon_and_a_new_daemon_reports_none_of_their_
     wait_used(pool, alloc["id"], 0, 20)  # start-up, registration, then its first heartbeat
     usage_dirs = [d for d in os.listdir(old.runtime_dir) if d.startswith("gpulab-usage-")]
     assert usage_dirs and all(not os.listdir(os.path.join(old.runtime_dir, d)) for d in usage_dirs)
-
-
-class ClientWithStderr(Client):
-    """A Client whose stderr, where the shim writes its reasons, the test reads."""
-
-    def __init__(self, address: str, token: str):
-        self.proc = subprocess.Popen([sys.executable, "-c", CLIENT], env=shim_env(address, token),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-        assert self.proc.stdout.readline().strip() == "ready"
 
 
 def test_an_executor_killed_mid_session_stops_counting(setup):

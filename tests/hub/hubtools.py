@@ -182,6 +182,13 @@ HUB_TOKEN, WORKER_TOKEN = "hub-secret-for-tests", "worker-secret-for-tests"
 G = 2**30
 
 
+def registration(name="w1", address=None, gpus=1, memory=16 * G, node="n1", **gpu) -> dict:
+    """A worker's registration body: `gpus` test GPUs of `memory` bytes, each with the fields in `gpu`."""
+    return {"name": name, "address": address or f"tcp://10.0.0.1:{7000 + gpus}", "node": node, "backend": "emulated",
+            "gpus": [{"uuid": f"GPU-{name}-{i}", "index": i, "model": "test GPU", "memory": memory, **gpu}
+                     for i in range(gpus)]}
+
+
 class Pool:
     """A pool process: `url` is its service URL (the hub's API), `worker_url` its internal worker listener."""
 
@@ -208,9 +215,7 @@ class Pool:
 
     def register(self, name="w1", gpus=1, memory=16 * G, node="n1"):
         """Enrol `name` (or register it again with its credential), keeping its credential."""
-        body = {"name": name, "address": f"tcp://10.0.0.1:{7000 + gpus}", "node": node, "backend": "emulated",
-                "gpus": [{"uuid": f"GPU-{name}-{i}", "index": i, "model": "test GPU", "memory": memory}
-                         for i in range(gpus)]}
+        body = registration(name, gpus=gpus, memory=memory, node=node)
         status, answer = self.worker_call("POST", "api/workers", body, self.credentials.get(name, WORKER_TOKEN))
         assert status == 200, answer
         self.credentials.setdefault(name, answer.get("credential"))

@@ -15,12 +15,6 @@ from gpu_worker.client import shim_env
 from hubtools import G, HUB_TOKEN, WORKER_TOKEN, Pool
 from workertools import PRELUDE
 
-@pytest.fixture
-def pool(tmp_path):
-    p = Pool(str(tmp_path / "pool.sqlite"))
-    yield p
-    p.stop()
-
 
 def test_allocate_issue_token_and_release(pool):
     pool.register()

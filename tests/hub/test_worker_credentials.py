@@ -11,19 +11,7 @@ import re
 import pytest
 
 from gpu_worker.client import token_hash
-from hubtools import G, HUB_TOKEN, WORKER_TOKEN, Pool, _call
-
-
-@pytest.fixture
-def pool(tmp_path):
-    p = Pool(str(tmp_path / "pool.sqlite"))
-    yield p
-    p.stop()
-
-
-def registration(name="w1", address="tcp://10.0.0.1:7001", **gpu):
-    return {"name": name, "address": address, "node": "n1", "backend": "emulated",
-            "gpus": [{"uuid": f"GPU-{name}-0", "index": 0, "model": "test GPU", "memory": 16 * G, **gpu}]}
+from hubtools import G, HUB_TOKEN, WORKER_TOKEN, Pool, _call, registration
 
 
 def test_another_worker_or_the_shared_secret_cannot_take_a_name_over(pool):

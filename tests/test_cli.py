@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from workertools import ROOT
+
 SUBCOMMANDS = ["up", "worker", "pool", "run", "shim-path", "demo"]
 # Options each subcommand must offer (the spellings scripts, tests and the Makefile use).
 EXPECTED = {

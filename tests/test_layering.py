@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from workertools import ROOT
 
 
 def imported_modules(path: Path, package: str | None = None, strings: bool = True) -> set[str]:

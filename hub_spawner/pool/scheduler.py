@@ -46,13 +46,11 @@ class Limits:
     compute_oversubscription: float = 1.0  # how many times 100% compute may be promised
 
 
-CONSTRAINTS = ("no-workers", "lost", "node", "size", "memory", "compute", "count")
-
-
 class NoFit(Exception):
-    """Nothing fits.  ``constraint`` (one of CONSTRAINTS) names what failed, ``need`` and ``free``
-    its numbers (bytes, percent or GPUs); ``why`` is a phrase for a profile's "Full: ..." line and
-    ``str()`` the sentence a user reads when a spawn fails, with what to do about it."""
+    """Nothing fits.  ``constraint`` (no-workers, lost, node, size, memory, compute or count) names
+    what failed, ``need`` and ``free`` its numbers (bytes, percent or GPUs); ``why`` is a phrase for
+    a profile's "Full: ..." line and ``str()`` the sentence a user reads when a spawn fails, with
+    what to do about it."""
 
     def __init__(self, constraint: str, why: str, advice: str, need: float | None = None,
                  free: float | None = None):

@@ -21,11 +21,10 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Callable, Dict, List, Unicode, Union, default
 from traitlets.config import Configurable
 
-from gpu_worker.client import LimitError, gpu_settings, shim_dir
+from gpu_worker.client import GPU_KEYS, LimitError, gpu_settings, shim_dir
 
 from ..pool.scheduler import MAX_AVAILABILITY_REQUESTS
 
-GPU_KEYS = {"vram", "compute", "count", "mode", "qos"}
 TEMPLATES = Path(__file__).parent / "templates"
 # A pool failure of these kinds is "Full" on the form; the others (no worker, a lost one, the wrong
 # node, a profile larger than any GPU) make the profile unavailable whatever others do.

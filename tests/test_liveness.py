@@ -16,7 +16,7 @@ import textwrap
 import threading
 import time
 
-from workertools import PRELUDE, ROOT, SLEEP_PTX, children_of
+from workertools import PRELUDE, ROOT, SLEEP_PRELUDE, children_of
 
 LIMIT = 3  # seconds: GPULAB_TIMEOUT for these tests (the shim's minimum)
 SLACK = 3
@@ -135,15 +135,11 @@ done(r=r, took=took, after=name(d.cuMemAlloc(64)))
 def test_a_long_kernel_is_not_a_hung_worker(worker):
     """A synchronize waiting 30 s on a kernel succeeds under the default 10 s limit: the worker keeps
     the connection alive while the call runs."""
-    r = worker.run(PRELUDE + f"""
+    r = worker.run(SLEEP_PRELUDE + f"""
 import time
 setup()
-mod = ok(d.cuModuleLoadData({SLEEP_PTX!r}.encode() + b"\\0"))
-fn = ok(d.cuModuleGetFunction(mod, b"sleep_ms"))
-ms = np.array([30000], np.uint32)
-args = np.array([ms.ctypes.data], np.uint64)
 t0 = time.monotonic()
-ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, args.ctypes.data, 0))
+launch_sleep(30000)
 r = name(d.cuCtxSynchronize())
 done(r=r, took=time.monotonic() - t0)
 """, env_extra={"GPULAB_TIMEOUT": ""}, timeout=90)
@@ -179,18 +175,14 @@ print("exiting", flush=True)
 def test_a_big_copy_sent_while_the_worker_runs_a_long_kernel_is_not_a_timeout(worker):
     """The copy's bytes wait in the socket while the worker runs a 7 s kernel; the shim, blocked sending,
     reads the worker's keepalives meanwhile and goes on."""
-    r = worker.run(PRELUDE + f"""
+    r = worker.run(SLEEP_PRELUDE + f"""
 import time
 setup()
-mod = ok(d.cuModuleLoadData({SLEEP_PTX!r}.encode() + b"\\0"))
-fn = ok(d.cuModuleGetFunction(mod, b"sleep_ms"))
-ms = np.array([7000], np.uint32)
-args = np.array([ms.ctypes.data], np.uint64)
 n = 32 << 20
 p = ok(d.cuMemAlloc(n))
 src = np.random.default_rng(1).integers(0, 255, n, dtype=np.uint8)
 t0 = time.monotonic()
-ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, args.ctypes.data, 0))
+launch_sleep(7000)
 r = name(d.cuMemcpyHtoD(p, src, n))
 back = np.zeros(n, np.uint8)
 ok(d.cuMemcpyDtoH(back, p, n))

@@ -5,7 +5,7 @@ a kernel whose layout is not cached yet.
 Real worker processes on the emulated backend and real cuda.bindings programs through the shim."""
 from __future__ import annotations
 
-from workertools import PRELUDE, PTX_FILE, SLEEP_PTX
+from workertools import PRELUDE, PTX_FILE, SLEEP_PRELUDE
 
 GLOBAL_PTX = r"""
 .version 8.0
@@ -141,14 +141,10 @@ done(errors=errors)
 def test_fork_does_not_wait_for_a_thread_in_a_long_call(worker):
     """A thread synchronizes on a 4 s kernel (holding the connection); fork() returns at once and the
     child works."""
-    r = worker.run(PRELUDE + f"""
+    r = worker.run(SLEEP_PRELUDE + f"""
 import os, threading, time
 setup()
-mod = ok(d.cuModuleLoadData({SLEEP_PTX!r}.encode() + b"\\0"))
-fn = ok(d.cuModuleGetFunction(mod, b"sleep_ms"))
-ms = np.array([4000], np.uint32)
-args = np.array([ms.ctypes.data], np.uint64)
-ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, args.ctypes.data, 0))
+launch_sleep(4000)
 waiter = threading.Thread(target=lambda: ok(d.cuCtxSynchronize()))
 waiter.start()
 time.sleep(0.5)

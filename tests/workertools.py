@@ -182,3 +182,12 @@ def hello(worker: Worker, token=None) -> tuple[socket.socket, int, str]:
     plen, res, _ = REP_HEADER.unpack(s.recv(REP_HEADER.size, socket.MSG_WAITALL))
     return s, res, s.recv(plen, socket.MSG_WAITALL).decode()
 
+
+# PRELUDE plus launch_sleep(ms): client programs that need the worker busy in one long call.
+SLEEP_PRELUDE = PRELUDE + f"""
+def launch_sleep(ms):
+    mod = ok(d.cuModuleLoadData({SLEEP_PTX!r}.encode() + b"\\0"))
+    fn = ok(d.cuModuleGetFunction(mod, b"sleep_ms"))
+    arg = np.array([ms], np.uint32)
+    ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, np.array([arg.ctypes.data], np.uint64).ctypes.data, 0))
+"""

@@ -78,12 +78,19 @@ def parse_size(value, setting: str = "size") -> int:
     return n
 
 
+def _small_whole(value, high: int, percent: bool = False) -> int | None:
+    """A whole number 1..high, given as an integer or a short string (with "%" where ``percent``)."""
+    n = _whole(value)
+    if n is None and isinstance(value, str) and re.fullmatch(r"\s*\d{1,3}\s*%?\s*" if percent else r"\s*\d{1,3}\s*",
+                                                            value):
+        n = int(value.strip().rstrip("%"))
+    return n if n is not None and 1 <= n <= high else None
+
+
 def parse_share(value, setting: str = "compute") -> int:
     """A compute share: whole percent of one GPU, 1..100 (``25`` or ``"25%"``)."""
-    n = _whole(value)
-    if n is None and isinstance(value, str) and re.fullmatch(r"\s*\d{1,3}\s*%?\s*", value):
-        n = int(value.strip().rstrip("%"))
-    if n is None or not 1 <= n <= 100:
+    n = _small_whole(value, 100, percent=True)
+    if n is None:
         raise LimitError(f"{setting}: {_shown(value)} is not a compute share: use a whole percent of one GPU "
                          "from 1 to 100, e.g. 25")
     return n
@@ -91,10 +98,8 @@ def parse_share(value, setting: str = "compute") -> int:
 
 def parse_count(value, setting: str = "count") -> int:
     """GPUs per vGPU request: a whole number 1..MAX_COUNT."""
-    n = _whole(value)
-    if n is None and isinstance(value, str) and re.fullmatch(r"\s*\d{1,3}\s*", value):
-        n = int(value)
-    if n is None or not 1 <= n <= MAX_COUNT:
+    n = _small_whole(value, MAX_COUNT)
+    if n is None:
         raise LimitError(f"{setting}: {_shown(value)} is not a GPU count: use a whole number from 1 to {MAX_COUNT}")
     return n
 

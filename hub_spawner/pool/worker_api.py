@@ -251,17 +251,10 @@ class WorkerCredentialHandler(APIHandler):
         self.finish()
 
 
-class NotHereHandler(web.RequestHandler):
-    """The worker API on the public service URL: not found, and where it is instead."""
-
-    def check_xsrf_cookie(self):
-        pass
+class NotHereHandler(APIHandler):
+    """The worker API on the public service URL: not found, and where it is instead (a JSON error, as
+    the rest of the API answers)."""
 
     def prepare(self):
         raise web.HTTPError(404, "the worker API is not served here: workers reach the pool at its internal "
                                  "worker listener (c.GPUPool.worker_bind_url)")
-
-    def write_error(self, status_code, **kwargs):
-        exc = kwargs.get("exc_info", (None, None))[1]
-        self.set_header("Content-Type", "application/json")
-        self.finish({"status": status_code, "message": getattr(exc, "log_message", None) or self._reason})

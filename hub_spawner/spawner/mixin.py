@@ -152,18 +152,18 @@ class GPUSpawner(Configurable):
                 raise GPUSpawnError(f"Unknown profile {slug!r}: choose one of "
                                     f"{', '.join(profile_slug(p) for p in profiles)}.",
                                     reason="invalid-profile", status_code=400)
-        gpu = dict(profile["gpu"]) if profile.get("gpu") else None
-        for name, opt in (profile.get("profile_options") or {}).items():
-            choices = opt.get("choices", {})
+        profile_options = [(name, {**opt, "choices": opt.get("choices", {})})
+                           for name, opt in (profile.get("profile_options") or {}).items()]
+        selection = {}
+        for name, opt in profile_options:
             key = options.get(name)
             if key is None:
-                key = default_choice(choices)
-            if key not in choices:
+                key = default_choice(opt["choices"])
+            if key not in opt["choices"]:
                 raise GPUSpawnError(f"Invalid choice {key!r} for {opt.get('display_name', name)}.",
                                     reason="invalid-option", status_code=400)
-            override = choices[key].get("gpu") or {}
-            if override:
-                gpu = {**(gpu or {}), **override}
+            selection[name] = key
+        gpu = merged_gpu(profile.get("gpu"), profile_options, selection)
         if gpu is not None:
             unknown = set(gpu) - GPU_KEYS
             if unknown:
@@ -387,17 +387,8 @@ def check_profile(p) -> dict:
     # in turn with the other options at their defaults
     options = _options(p)
     defaults = {name: default_choice(opt["choices"]) for name, opt in options}
-
-    def merged(selection: dict) -> dict | None:
-        out = gpu
-        for name, opt in options:
-            override = opt["choices"].get(selection[name], {}).get("gpu") if selection[name] is not None else None
-            if override:
-                out = {**(out or {}), **override}
-        return out
-
     for selection in [defaults] + [{**defaults, name: key} for name, opt in options for key in opt["choices"]]:
-        combo = merged(selection)
+        combo = merged_gpu(gpu, options, selection)
         if combo is not None:
             gpu_settings(combo, "gpu")
     return p
@@ -415,6 +406,18 @@ def _options(p: dict) -> list[tuple[str, dict]]:
             raise LimitError(f"profile option {name!r} must be a mapping with choices, each a mapping")
         out.append((name, {**opt, "choices": opt.get("choices", {})}))
     return out
+
+
+def merged_gpu(base: dict | None, options: list[tuple[str, dict]], selection: dict) -> dict | None:
+    """A profile's GPU request with the selected choice of each option: a choice's ``gpu`` overrides
+    the profile's keys (None: neither asks for a GPU). ``selection`` maps option name -> choice key."""
+    gpu = dict(base) if base else None
+    for name, opt in options:
+        key = selection.get(name)
+        override = opt["choices"].get(key, {}).get("gpu") if key is not None else None
+        if override:
+            gpu = {**(gpu or {}), **override}
+    return gpu
 
 
 def default_choice(choices: dict) -> str | None:

@@ -107,6 +107,7 @@ class AllocationsHandler(APIHandler):
             raise web.HTTPError(400, str(exc)) from None
         except NoFit as exc:
             log.info("no room for %s: %s", spec.get("user"), exc)
+            self.pool.metrics.refused(exc.constraint)
             self.send({"status": 503, **exc.to_json()}, status=503)
             return
         with self.book.Session() as db:

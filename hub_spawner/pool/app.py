@@ -22,6 +22,8 @@ the worker routes above answer 404 there:
 ``DELETE api/allocations/<id>``              hub      release (idempotent)
 ``POST   api/availability``                  hub      how many of each request would fit now
 ``GET    api/gpus``, ``api/usage``           hub      GPUs with their load; GPU-hours per user
+``GET    metrics``                           hub      Prometheus metrics (metrics.py); the API token
+                                                      as ``token <t>`` or ``Bearer <t>``
 ``GET    /``                                 admin    the dashboard (JupyterHub OAuth)
 ==========================================  =======  ==============================================
 """
@@ -35,6 +37,7 @@ import sys
 from urllib.parse import urlparse
 
 from jupyterhub.services.auth import HubOAuthCallbackHandler
+from sqlalchemy import select
 from tornado import ioloop, web
 from traitlets import Enum, Float, Set, TraitError, Unicode, default, validate
 from traitlets.config import Application
@@ -45,6 +48,8 @@ from .api import (AllocationHandler, AllocationsHandler, AvailabilityHandler, GP
 from .worker_api import (HeartbeatHandler, NotHereHandler, SessionTokenHandler, WorkerCredentialHandler,
                          WorkersHandler)
 from .dashboard import DashboardHandler
+from .db import Worker
+from .metrics import MetricsHandler, PoolMetrics
 from .scheduler import STRATEGIES, Limits
 
 log = logging.getLogger("gpulab.pool")
@@ -154,6 +159,7 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
             (p + "api/availability", AvailabilityHandler),
             (p + "api/gpus", GPUsHandler),
             (p + "api/usage", UsageHandler),
+            (p + "metrics", MetricsHandler),
         ]
         settings = {"pool": self, "log_function": log_request}
         if os.environ.get("JUPYTERHUB_API_TOKEN"):  # running as a hub service: the dashboard uses hub OAuth
@@ -171,6 +177,18 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         ]
         return web.Application(routes, pool=self, log_function=log_request)
 
+    def check_heartbeats(self) -> None:
+        """Mark silent workers lost, counting each worker that becomes so.  The two reads and the check run
+        in one callback of the event loop, between which no heartbeat can bring a worker back."""
+        before = self.lost_workers()
+        self.book.check_heartbeats(self.heartbeat_timeout)
+        for name in sorted(self.lost_workers() - before):
+            self.metrics.worker_lost(name)
+
+    def lost_workers(self) -> set[str]:
+        with self.book.Session() as db:
+            return set(db.scalars(select(Worker.name).where(Worker.status == "lost")))
+
     def start(self):
         # JupyterHub stops a managed service with SIGINT: end quietly, with no KeyboardInterrupt trace.
         loop = ioloop.IOLoop.current().asyncio_loop
@@ -179,12 +197,13 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         logging.basicConfig(level=logging.INFO, format="%(asctime)s gpulab-pool %(levelname)s %(message)s")
         self.book = AllocationBook(self.db_url, self.strategy,
                                    Limits(self.vram_oversubscription, self.compute_oversubscription))
+        self.metrics = PoolMetrics(self)
         url = urlparse(self.bind_url)
         app = self.make_app()
         app.listen(url.port or 80, url.hostname or "127.0.0.1")
         wurl = urlparse(self.worker_bind_url)
         self.make_worker_app().listen(wurl.port or 80, wurl.hostname or "127.0.0.1")
-        ioloop.PeriodicCallback(lambda: self.book.check_heartbeats(self.heartbeat_timeout), max(self.heartbeat_timeout / 3, 0.2) * 1000).start()
+        ioloop.PeriodicCallback(self.check_heartbeats, max(self.heartbeat_timeout / 3, 0.2) * 1000).start()
         print(f"gpulab pool listening on {self.bind_url}{self.prefix}, workers on {self.worker_bind_url} "
               f"(database {self.db_url}, "
               f"strategy {self.strategy})", flush=True)

@@ -4,7 +4,7 @@
 #   make test PYTEST_ARGS="-k pool" options for pytest
 #   make validate-gpu               on a GPU machine: `pytest -m gpu`, the benchmarks, a dated report
 #
-# System pieces (C compiler, Debian's Chromium, Node.js, npm, configurable-http-proxy) are checked on
+# System pieces (C compiler, Debian's Chromium and Prometheus, Node.js, npm, configurable-http-proxy) are checked on
 # every run by tools/bootstrap.py, which installs each missing one on its own. Python packages go
 # into a virtual environment: the active one ($VIRTUAL_ENV), else .venv here.
 

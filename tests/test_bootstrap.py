@@ -21,7 +21,8 @@ vg = load_script("gpulab_validate_gpu", "benchmarks/validate_gpu.py")
 
 VENV = "/srv/lab/.venv"
 EVERYTHING = bs.Facts()  # defaults: root on Debian with every piece present
-FRESH_DEBIAN = bs.Facts(cc=False, libc_headers=False, chromium=False, node=False, npm=False, node_path="",
+FRESH_DEBIAN = bs.Facts(cc=False, libc_headers=False, chromium=False, prometheus=False, node=False, npm=False,
+                        node_path="",
                         node_package=None, proxy=False, venv=False, venv_module=False)
 # NodeSource's nodejs 20.20.2-1nodesource1: Provides and Conflicts npm, and ships /usr/bin/npm.
 NODESOURCE = dict(node=True, npm=True, node_package="nodejs", node_provides=("nodejs-dev", "nodejs-legacy", "npm"))
@@ -44,7 +45,7 @@ def test_fresh_debian_installs_each_piece_with_its_own_apt_command_after_one_upd
     assert p.problems == []
     assert [s.kind for s in p.steps][0] == "apt-update"
     assert [s.kind for s in p.steps].count("apt-update") == 1
-    assert apt_packages(p) == ["gcc", "libc6-dev", "python3-venv", "chromium", "nodejs", "npm"]
+    assert apt_packages(p) == ["gcc", "libc6-dev", "python3-venv", "chromium", "prometheus", "nodejs", "npm"]
     for argv in argvs(p):
         if "install" in argv and "apt-get" in argv:  # one package per apt-get install
             assert argv[-5:-1] == ["apt-get", "install", "-y", "--no-install-recommends"], argv
@@ -119,7 +120,7 @@ def test_not_root_without_sudo_names_what_to_install():
     assert p.steps == []  # nothing it can do: even the venv waits for python3-venv
     text = " ".join(p.problems)
     assert "not root, and no sudo" in text
-    for pkg in ("gcc", "libc6-dev", "python3-venv", "chromium", "nodejs", "npm"):
+    for pkg in ("gcc", "libc6-dev", "python3-venv", "chromium", "prometheus", "nodejs", "npm"):
         assert f"apt-get install -y --no-install-recommends {pkg}" in text
     # what needs no root still happens: a venv and the proxy when only chromium is missing
     p = plan(dataclasses.replace(EVERYTHING, root=False, sudo=False, chromium=False, proxy=False, venv=False))
@@ -144,6 +145,28 @@ def test_no_apt_get_names_the_pieces():
     assert "no apt-get" in p.problems[0] and "gcc" in p.problems[0] and "chromium" in p.problems[0]
 
 
+def test_prometheus_is_installed_for_the_tests_without_starting_its_service(tmp_path):
+    """promtool checks the shipped alert rules and a test runs Prometheus on a port of its own: the
+    package's service (port 9090, started by its postinst) must not start on a CI machine, where no
+    policy-rc.d forbids it and no systemd is there to manage it."""
+    p = plan(dataclasses.replace(EVERYTHING, prometheus=False))
+    assert apt_packages(p) == ["prometheus"]
+    assert apt_packages(plan(dataclasses.replace(EVERYTHING, prometheus=False), "demo")) == []
+    argv = bs.command(p.steps[-1])
+    assert argv[-5:] == [*bs.APT_INSTALL, "prometheus"]
+    # the wrapper, run with a policy path of our own and a command that shows what invoke-rc.d would see
+    script = argv[argv.index("-c") + 1].replace("/usr/sbin/policy-rc.d", str(tmp_path / "policy-rc.d"))
+    probe = [f"{tmp_path / 'policy-rc.d'} prometheus start; echo $?"]
+    r = subprocess.run(["sh", "-c", script, "no-service", "sh", "-c", *probe], capture_output=True, text=True)
+    assert r.stdout.strip() == "101"  # "action forbidden": invoke-rc.d does not start the service
+    assert not (tmp_path / "policy-rc.d").exists()  # removed again
+    (tmp_path / "policy-rc.d").write_text("#!/bin/sh\nexit 0\n")  # a machine's own policy is left alone
+    r = subprocess.run(["sh", "-c", script, "no-service", "true"])
+    assert r.returncode == 0 and (tmp_path / "policy-rc.d").read_text() == "#!/bin/sh\nexit 0\n"
+    assert bs.command(bs.Step("apt-install", "chromium")) == ["env", "DEBIAN_FRONTEND=noninteractive",
+                                                              *bs.APT_INSTALL, "chromium"]  # others: plain
+
+
 def test_goals_need_different_pieces():
     bare = dataclasses.replace(EVERYTHING, chromium=False, proxy=False, cc=False)
     assert "chromium" not in apt_packages(plan(bare, "demo"))
@@ -164,6 +187,7 @@ class FakeMachine:
     def execute(self, step, facts, venv):
         self.ran.append((step.kind, step.arg))
         change = {"gcc": {"cc": True}, "libc6-dev": {"libc_headers": True}, "chromium": {"chromium": True},
+                  "prometheus": {"prometheus": True},
                   "python3-venv": {"venv_module": True}, "npm": {"npm": True}}.get(step.arg, {})
         if step.arg == "nodejs":
             change = dict(node=True, node_package="nodejs", npm=self.ships_npm,
@@ -181,7 +205,8 @@ def test_bootstrap_decides_again_after_each_step(ships_npm, capsys):
     m = FakeMachine(FRESH_DEBIAN, nodejs_ships_npm=ships_npm)
     assert bs.bootstrap(bs.NEEDS["test"], VENV, probe=m.probe, execute=m.execute) == 0
     installed = [arg for kind, arg in m.ran if kind == "apt-install"]
-    assert installed == ["gcc", "libc6-dev", "python3-venv", "chromium", "nodejs"] + ([] if ships_npm else ["npm"])
+    assert installed == ["gcc", "libc6-dev", "python3-venv", "chromium", "prometheus", "nodejs"] + (
+        [] if ships_npm else ["npm"])
     assert [k for k, _ in m.ran].count("apt-update") == 1
     assert m.ran[-2:] == [("venv", VENV), ("proxy", VENV)]
 

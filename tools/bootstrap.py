@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,13 +34,19 @@ from pathlib import Path
 # needed only while the proxy is missing; Node.js runs the proxy, so it is always needed.
 NEEDS = {
     "demo": frozenset({"cc", "venv", "node", "proxy"}),
-    "test": frozenset({"cc", "venv", "node", "proxy", "chromium"}),
+    "test": frozenset({"cc", "venv", "node", "proxy", "chromium", "prometheus"}),
     "gpu": frozenset({"cc", "venv"}),
 }
 
 PROXY = "configurable-http-proxy"
 CHROMIUM = "/usr/bin/chromium"  # the tests drive this path (Playwright cannot download a browser here)
 APT_INSTALL = ["apt-get", "install", "-y", "--no-install-recommends"]
+# Packages whose maintainer scripts start a system service we only want as a program (the tests run
+# Prometheus themselves, on a free port): installed under a policy-rc.d that forbids starting it,
+# unless the machine already has a policy-rc.d (Debian's container images do).
+NO_SERVICE = frozenset({"prometheus"})
+NO_START = ('p=/usr/sbin/policy-rc.d; [ -e "$p" ] && exec "$@"; '
+            'printf "#!/bin/sh\\nexit 101\\n" > "$p" && chmod 755 "$p" && trap \'rm -f "$p"\' EXIT; "$@"')
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class Facts:
     cc: bool = True  # a C compiler (`cc`, or $CC) for the shim
     libc_headers: bool = True  # gcc installed without recommends lacks libc6-dev
     chromium: bool = True
+    prometheus: bool = True  # Debian's prometheus package: the prometheus and promtool programs
     node: bool = True
     npm: bool = True
     node_path: str = "/usr/bin/node"
@@ -93,6 +101,9 @@ def decide(f: Facts, needs: frozenset, venv: str = ".venv") -> Plan:
         apt.append(("python3-venv", "python3 -m venv, for the project's virtual environment"))
     if "chromium" in needs and not f.chromium:
         apt.append(("chromium", "Debian's Chromium, the browser the browser tests drive"))
+    if "prometheus" in needs and not f.prometheus:
+        apt.append(("prometheus", "Debian's Prometheus and promtool, which the metrics tests run (its service "
+                                  "is not started)"))
     if "node" in needs and not f.node:
         apt.append(("nodejs", "Node.js, which runs configurable-http-proxy"))
     npm_ok = True
@@ -153,7 +164,8 @@ def command(step: Step, root: bool = True, python: str = sys.executable) -> list
     if step.kind == "apt-update":
         return [*sudo, "apt-get", "update"]
     if step.kind == "apt-install":
-        return [*sudo, "env", "DEBIAN_FRONTEND=noninteractive", *APT_INSTALL, step.arg]
+        no_start = ["sh", "-c", NO_START, "no-service"] if step.arg in NO_SERVICE else []
+        return [*sudo, "env", "DEBIAN_FRONTEND=noninteractive", *no_start, *APT_INSTALL, step.arg]
     if step.kind == "venv":
         return [python, "-m", "venv", step.arg]
     if step.kind == "proxy":
@@ -198,6 +210,7 @@ def probe(venv: str) -> Facts:
         cc=cc is not None,
         libc_headers=Path("/usr/include/stdio.h").exists(),
         chromium=Path(CHROMIUM).exists(),
+        prometheus=all(shutil.which(p) for p in ("prometheus", "promtool")),
         node=node is not None,
         npm=npm is not None,
         node_path=node or "",
@@ -210,7 +223,7 @@ def probe(venv: str) -> Facts:
 
 
 def describe(plan: Plan, root: bool) -> str:
-    lines = [f"  {' '.join(command(s, root))}    # {s.why}" for s in plan.steps]
+    lines = [f"  {shlex.join(command(s, root))}    # {s.why}" for s in plan.steps]
     lines += [f"  cannot: {p}" for p in plan.problems]
     return "\n".join(lines) if lines else "  nothing to do"
 
@@ -230,7 +243,7 @@ def bootstrap(needs: frozenset, venv: str, probe=probe, execute=_execute) -> int
         if not plan.steps:
             break
         step = plan.steps[0]
-        argv = " ".join(command(step, facts.root))
+        argv = shlex.join(command(step, facts.root))
         if step in done:
             print(f"gpulab set-up: `{argv}` ran, but {step.arg or step.kind} is still missing.", file=sys.stderr)
             return 1

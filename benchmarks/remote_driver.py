@@ -2,6 +2,7 @@
 """Loopback benchmark of the gpulab remote driver, each figure against a baseline from the same run.
 
     python benchmarks/remote_driver.py [--backend emulated|cuda] [--transport unix|tcp|both] [--quick]
+    python benchmarks/remote_driver.py --baseline REV [--transport unix|tcp|both] [--quick]
 
 Absolute numbers from a small, shared machine say little, so every figure measured through the
 shim (libcuda.so.1 -> socket -> emulated worker) is set against what plain Python sockets achieve
@@ -31,6 +32,15 @@ launches are also set against the same program done natively: a child process wi
 numpy host buffers and the same no-op kernel, and measures one sample whenever the shim side asks, so
 the three sides still alternate back to back. The kernel is compiled by NVRTC to a cubin for the
 device: a driver older than NVRTC's PTX ISA (tests/data/kernels.ptx) could not JIT PTX.
+
+With `--baseline REV` the comparison is with an older worker instead: REV's committed files (git
+archive into the temporary directory; the repository's own checkout is left alone) run a second
+emulated worker beside the working tree's, each from its own sources (PYTHONPATH) and each reached
+through a shim built from its own sources, since the wire protocol may differ between them. One
+client per worker stays connected while the parent asks the two for a sample in turn (new, old, then
+old, new, ...), so load hits both alike; each row gives both medians and the median per-pair ratio
+new/old. Besides the null call, the copies and the launches (target: within 5% of the old worker),
+it reports cuMemAlloc(1 MiB)+cuMemFree pairs per second, the path of the vGPU's memory accounts.
 
 The exit status is 0 whether or not the targets are met (a benchmark, not a test) and non-zero on
 errors.
@@ -79,12 +89,15 @@ class Plan:
     copy_reps: int  # (shim, raw) pairs per copy direction
     launch_reps: int  # (shim, raw) pairs for the launch rate
     launches: int  # launches (or raw frames) timed per launch-rate repetition
+    alloc_reps: int  # (new, old) pairs for the allocation rate (--baseline)
+    allocs: int  # cuMemAlloc+cuMemFree pairs timed per allocation-rate repetition
 
 
-FULL = Plan(call_reps=31, calls=2000, copy_reps=21, launch_reps=9, launches=200_000)
-QUICK = Plan(call_reps=9, calls=1000, copy_reps=7, launch_reps=5, launches=30_000)
+FULL = Plan(call_reps=31, calls=2000, copy_reps=21, launch_reps=9, launches=200_000, alloc_reps=21, allocs=2000)
+QUICK = Plan(call_reps=9, calls=1000, copy_reps=7, launch_reps=5, launches=30_000, alloc_reps=9, allocs=1000)
 # --chained (a smoke test of the cuda path without a GPU) goes through two workers: only enough to run every step.
-CHAINED = Plan(call_reps=2, calls=100, copy_reps=2, launch_reps=2, launches=500)
+CHAINED = Plan(call_reps=2, calls=100, copy_reps=2, launch_reps=2, launches=500, alloc_reps=2, allocs=100)
+ALLOC_BYTES = 1 << 20
 
 
 def launch_frame_bytes() -> int:
@@ -154,10 +167,7 @@ def client_main(plan: Plan, phase: str, transport: str, peers: dict, cpus: list 
     from cuda.bindings import driver as d
 
     ok = checker(d)
-    ok(d.cuInit(0))
-    assert_libcuda(shim=True)
-    dev = ok(d.cuDeviceGet(0))
-    ok(d.cuCtxSetCurrent(ok(d.cuDevicePrimaryCtxRetain(dev))))
+    dev = shim_context(d, ok)
     # the native peer's control channel is local whatever the transport: it carries no timed bytes
     conns = {name: connect("unix" if name == "native" else transport, address) for name, address in peers.items()}
     if phase == "latency":
@@ -170,7 +180,7 @@ def client_main(plan: Plan, phase: str, transport: str, peers: dict, cpus: list 
         out["launch_rate"] = paired(shim_launches(d, ok, plan.launches), raw_frames(conns["sink"], plan.launches),
                                     plan.launch_reps)
     else:
-        native = NativeLink(conns["native"])
+        native = SampleLink(conns["native"].sendall, conns["native"].makefile("rb"), "native baseline")
         htod, dtoh, check, buf = copy_samplers(d, ok)
         out = {"htod_Bps": interleaved([htod, raw_stream_out(conns["sink"]), native.sampler("htod")], plan.copy_reps),
                "dtoh_Bps": interleaved([dtoh, raw_stream_in(conns["source"]), native.sampler("dtoh")], plan.copy_reps)}
@@ -185,18 +195,29 @@ def client_main(plan: Plan, phase: str, transport: str, peers: dict, cpus: list 
     print(json.dumps(out))
 
 
+def shim_context(d, ok, lib: str | None = None):
+    """cuInit through the shim (checked: the one in `lib`, by default this tree's) and device 0's
+    primary context made current; returns the device."""
+    ok(d.cuInit(0))
+    assert_libcuda(shim=True, lib=lib)
+    dev = ok(d.cuDeviceGet(0))
+    ok(d.cuCtxSetCurrent(ok(d.cuDevicePrimaryCtxRetain(dev))))
+    return dev
+
+
 def loaded_libcuda() -> set[str]:
     with open("/proc/self/maps") as f:
         return {os.path.realpath(line.split()[-1]) for line in f if "libcuda.so" in line}
 
 
-def assert_libcuda(shim: bool) -> str:
-    """Refuse to report numbers unless this process's libcuda is the gpulab shim (shim=True) or,
-    for the native baseline, a driver that is not the shim; returns its path."""
+def assert_libcuda(shim: bool, lib: str | None = None) -> str:
+    """Refuse to report numbers unless this process's libcuda is the gpulab shim (shim=True; the one
+    in the directory `lib`, by default this tree's) or, for the native baseline, a driver that is
+    not the shim; returns its path."""
     from gpu_worker.client import shim_dir
 
     libs = loaded_libcuda()
-    expected = os.path.realpath(shim_dir() / "libcuda.so.1")
+    expected = os.path.realpath(Path(lib or shim_dir()) / "libcuda.so.1")
     if shim and libs != {expected}:
         raise SystemExit(f"libcuda loaded from {sorted(libs)}, expected only {expected}")
     if not shim and (expected in libs or len(libs) != 1):
@@ -254,6 +275,18 @@ def launch_sampler(d, ok, fn, n: int):
         ok(d.cuCtxSynchronize())
 
     return lambda: rate(burst, n)
+
+
+def alloc_free_sampler(d, ok, n: int):
+    """A sample function: cuMemAlloc(1 MiB)+cuMemFree pairs/s of `n` pairs back to back, two round
+    trips each through the shim, on the path where the worker keeps the vGPU's memory accounts."""
+    alloc, free = d.cuMemAlloc, d.cuMemFree
+
+    def pairs():
+        for _ in range(n):
+            ok(free(ok(alloc(ALLOC_BYTES))))
+
+    return lambda: rate(pairs, n)
 
 
 def run_client(address: str, plan: Plan, phase: str, transport: str, peers: dict, cpus=None,
@@ -322,23 +355,33 @@ def device_facts(d, ok, dev) -> dict:
             "driver": f"{version // 1000}.{version % 1000 // 10}"}
 
 
-class NativeLink:
-    """The shim side's end of the native peer's control connection: one line asks for a sample,
-    one JSON line answers with the value the peer measured in its own process."""
+class SampleLink:
+    """The measuring side's end of a control channel to a process that measures in its own process
+    (the native peer, or one worker's client in a --baseline run): one line names a sample, one
+    JSON line answers with its value (answer_samples is the other end)."""
 
-    def __init__(self, conn: socket.socket):
-        self.conn = conn
-        self.reader = conn.makefile("rb")
+    def __init__(self, send: Callable[[bytes], None], reader, who: str):
+        self.send, self.reader, self.who = send, reader, who
 
     def sampler(self, what: str):
         def sample() -> float:
-            self.conn.sendall(what.encode() + b"\n")
-            reply = json.loads(self.reader.readline() or b'{"error": "the native peer closed the connection"}')
+            self.send(what.encode() + b"\n")
+            reply = json.loads(self.reader.readline() or b'{"error": "it closed the connection"}')
             if "error" in reply:
-                raise SystemExit(f"native baseline ({what}): {reply['error']}")
+                raise SystemExit(f"{self.who} ({what}): {reply['error']}")
             return reply["value"]
 
         return sample
+
+
+def answer_samples(samplers: dict, requests, send: Callable[[bytes], None]) -> None:
+    """Measure one sample per line of `requests` naming it; send its value (or the error) as a JSON line."""
+    for line in requests:
+        try:
+            reply = {"value": samplers[line.decode().strip()]()}
+        except (SystemExit, KeyError) as exc:
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        send(json.dumps(reply).encode() + b"\n")
 
 
 def native_main(address: str, launches: int, chained: bool) -> None:
@@ -362,12 +405,7 @@ def native_main(address: str, launches: int, chained: bool) -> None:
     while True:
         conn, _ = listener.accept()
         with conn, conn.makefile("rb") as requests:
-            for line in requests:
-                try:
-                    reply = {"value": samplers[line.decode().strip()]()}
-                except (SystemExit, KeyError) as exc:
-                    reply = {"error": f"{type(exc).__name__}: {exc}"}
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+            answer_samples(samplers, requests, conn.sendall)
 
 
 def without_shim(env: dict) -> dict:
@@ -591,15 +629,17 @@ def raw_peers(transport: str, tmp: Path, names: list[str], cpus=None):
 
 
 @contextlib.contextmanager
-def running_worker(tmp: Path, backend: str = "emulated", env: dict | None = None, name: str = "worker"):
-    """A worker listening on both transports; yields (pid, {"unix": addr, "tcp": addr})."""
+def running_worker(tmp: Path, backend: str = "emulated", env: dict | None = None, name: str = "worker",
+                   tree: Path = ROOT):
+    """A worker listening on both transports; yields (pid, {"unix": addr, "tcp": addr}). It runs in
+    `tree` (another revision's sources with --baseline, which `env` then puts on PYTHONPATH)."""
     cmd = [sys.executable, "-m", "gpu_worker.daemon", "--backend", backend,
            "--unix-socket", str(tmp / f"{name}.sock"), "--tcp", "127.0.0.1:0", "--token", TOKEN]
     if backend == "emulated":
-        cmd += ["--emulated-kernels", str(KERNELS)]
+        cmd += ["--emulated-kernels", str(tree / KERNELS.relative_to(ROOT))]
     log_path = tmp / f"{name}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
+        proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=log, text=True,
                                 start_new_session=True, env=env)
         try:
             line = proc.stdout.readline()
@@ -613,14 +653,33 @@ def running_worker(tmp: Path, backend: str = "emulated", env: dict | None = None
 
 @contextlib.contextmanager
 def pinned(pid: int, cpus: set):
-    """Restrict the (single-threaded) worker daemon to `cpus` meanwhile; the session process it
-    forks for the next client inherits that."""
-    before = os.sched_getaffinity(pid)
-    os.sched_setaffinity(pid, cpus)
+    """Restrict every thread of every process of the worker's process group (it leads one) to
+    `cpus` meanwhile; the session process it forks for the next client inherits that. Threads and
+    helper processes too, so that a worker which hands calls to them is measured on one CPU as well."""
+    before = {}
+    for tid in group_threads(pid):
+        with contextlib.suppress(ProcessLookupError):
+            before[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus)
     try:
         yield
     finally:
-        os.sched_setaffinity(pid, before)
+        for tid, cpus_before in before.items():
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(tid, cpus_before)
+
+
+def group_threads(pgid: int) -> list[int]:
+    """The thread ids of the processes in process group `pgid`."""
+    tids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            # the fields after the command's closing parenthesis: state, ppid, pgrp, ...
+            if int((proc / "stat").read_text().rpartition(")")[2].split()[2]) == pgid:
+                tids += [int(t.name) for t in (proc / "task").iterdir()]
+    return tids
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -633,6 +692,162 @@ def stop_group(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+# ---------------------------------------------------------------- --baseline: an older worker beside this one
+
+
+@dataclass
+class Side:
+    """One worker of a --baseline run: the sources it runs and the shim built from them."""
+
+    tree: Path
+    lib: Path  # the directory holding this side's libcuda.so.1
+    env: dict  # the worker's environment: its tree first on PYTHONPATH
+
+
+# per phase, the figures sampled and the Plan field that says how many (new, old) pairs of each
+BASELINE_SAMPLES = {"latency": [("null_call_s", "call_reps"), ("alloc_free", "alloc_reps")],
+                    "bulk": [("htod_Bps", "copy_reps"), ("dtoh_Bps", "copy_reps"), ("launch_rate", "launch_reps")]}
+
+
+def git(*args: str) -> str:
+    """A read-only git command in this repository (no optional locks: others may be committing)."""
+    r = subprocess.run(["git", "--no-optional-locks", "-C", str(ROOT), *args], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"git {' '.join(args)}: {r.stderr.strip()}")
+    return r.stdout.strip()
+
+
+def export_revision(rev: str, dest: Path) -> str:
+    """`rev`'s committed files into `dest`, by git archive: the repository's checkout, index and
+    worktree list stay untouched, and nothing is left behind if the run is killed; returns the commit id."""
+    commit = git("rev-parse", "--verify", "--end-of-options", f"{rev}^{{commit}}")
+    dest.mkdir()
+    with subprocess.Popen(["git", "-C", str(ROOT), "archive", commit], stdout=subprocess.PIPE) as archive:
+        subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
+    if archive.returncode:
+        raise SystemExit(f"git archive {commit} failed ({archive.returncode})")
+    return commit
+
+
+def tree_state() -> str:
+    """HEAD's short id, and whether the working tree differs from it (what the "new" side runs)."""
+    changed = git("status", "--porcelain")
+    return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if changed else "")
+
+
+def prepare_side(tree: Path, lib: Path) -> Side:
+    """`tree`'s shim built into `lib` by `tree`'s own build script (as `make build` does), after
+    checking that a worker started in `tree` imports gpu_worker from `tree`."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
+    found = subprocess.run([sys.executable, "-c", "import gpu_worker; print(gpu_worker.__file__)"], cwd=tree,
+                           env=env, capture_output=True, text=True).stdout.strip()
+    if not found or not Path(found).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"a worker started in {tree} would import gpu_worker from {found or 'nowhere'}")
+    built = subprocess.run([sys.executable, str(tree / "gpu_worker" / "shim" / "build.py"), str(lib)], cwd=tree,
+                           capture_output=True, text=True)
+    if built.returncode:
+        raise SystemExit(f"building the shim of {tree} failed:\n{built.stdout}{built.stderr}")
+    return Side(tree, lib, env)
+
+
+def side_main(plan: Plan, phase: str, lib: str, cpus: list | None) -> None:
+    """Child process entry of a --baseline run: a client of one worker through that worker's own
+    shim in `lib` (checked); measures one sample of its phase's figures per request on stdin."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    from cuda.bindings import driver as d
+
+    ok = checker(d)
+    shim_context(d, ok, lib)
+    if phase == "latency":
+        samplers = {"null_call_s": lambda: seconds_per_call(d.cuDriverGetVersion, plan.calls),
+                    "alloc_free": alloc_free_sampler(d, ok, plan.allocs)}
+    else:
+        htod, dtoh, check, _ = copy_samplers(d, ok)
+        samplers = {"htod_Bps": htod, "dtoh_Bps": dtoh, "launch_rate": shim_launches(d, ok, plan.launches),
+                    "check": lambda: check() or 1.0}
+    out = sys.stdout.buffer
+
+    def send(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+
+    answer_samples(samplers, sys.stdin.buffer, send)
+
+
+@contextlib.contextmanager
+def side_client(name: str, side: Side, address: str, plan: Plan, phase: str, cpus, tmp: Path):
+    """side_main for one worker, its environment routing libcuda.so.1 to that side's shim and worker;
+    yields its SampleLink. Its stderr goes to `name`-client.log, shown if the run fails."""
+    env = without_shim(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(side.lib), env.get("LD_LIBRARY_PATH")]))
+    env.update(GPULAB_WORKER=address, GPULAB_TOKEN=TOKEN)
+    args = [asdict(plan), phase, str(side.lib), sorted(cpus) if cpus else None]
+    with open(tmp / f"{name}-client.log", "a") as log:
+        proc = subprocess.Popen([sys.executable, __file__, "--side", json.dumps(args)], cwd=ROOT, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+
+    def send(data: bytes) -> None:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+
+    try:
+        yield SampleLink(send, proc.stdout, f"the {name} worker's client")
+    finally:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()  # ends its loop: it exits, and its session on the worker with it
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            stop_group(proc)
+        proc.stdout.close()
+
+
+def measure_sides(transport: str, sides: dict, workers: dict, tmp: Path, plan: Plan) -> dict:
+    """Every figure from the new and the old worker in turn, samples [new, old]: as in measure(),
+    latency with the clients, the workers and their sessions on one CPU, bulk transfers unpinned."""
+    cpu = {min(os.sched_getaffinity(0))}
+    out = {}
+    for phase, figures in BASELINE_SAMPLES.items():
+        cpus = cpu if phase == "latency" else None
+        with contextlib.ExitStack() as stack:
+            if cpus:  # before the clients connect, so that the sessions forked for them inherit it
+                for pid, _ in workers.values():
+                    stack.enter_context(pinned(pid, cpus))
+            links = [stack.enter_context(side_client(name, sides[name], workers[name][1][transport], plan, phase,
+                                                     cpus, tmp)) for name in ("new", "old")]
+            for key, reps in figures:
+                out[key] = interleaved([link.sampler(key) for link in links], getattr(plan, reps))
+            if phase == "bulk":
+                for link in links:
+                    link.sampler("check")()
+    return out
+
+
+def main_baseline(rev: str, plan: Plan, transports: list, quick: bool) -> int:
+    """--baseline REV: this working tree's worker beside REV's, each reached through a shim built
+    from its own sources, sampled in turn."""
+    t0 = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gpulab-bench-") as tmp, contextlib.ExitStack() as stack:
+        tmp = Path(tmp)
+        stack.enter_context(logs_on_failure(tmp))
+        commit = export_revision(rev, tmp / "old-tree")
+        sides = {"new": prepare_side(ROOT, tmp / "new-lib"), "old": prepare_side(tmp / "old-tree", tmp / "old-lib")}
+        workers = {name: stack.enter_context(running_worker(tmp, env=side.env, name=name, tree=side.tree))
+                   for name, side in sides.items()}
+        for transport in transports:
+            rows += table_rows(transport, measure_sides(transport, sides, workers, tmp, plan), BASELINE_FIGURES)
+    print(f"gpulab remote driver: this working tree's worker ({tree_state()}) vs {rev} ({commit[:10]}), side by side "
+          f"on loopback, emulated backend ({'quick' if quick else 'full'} run, {time.perf_counter() - t0:.0f} s)")
+    print(f"each worker runs its own sources, reached through a shim built from them; medians of interleaved "
+          f"new/old samples: {plan.call_reps} x {plan.calls:,} null calls and {plan.alloc_reps} x {plan.allocs:,} "
+          f"alloc/free pairs (pinned to one CPU), {plan.copy_reps} copies, {plan.launch_reps} x {plan.launches:,} "
+          f"launches; ratio = median per-pair new/old")
+    print_table(rows, ("new", "old"))
+    return 0
 
 
 # ---------------------------------------------------------------- report
@@ -672,6 +887,16 @@ CUDA_FIGURES = [
 ]
 
 
+# --baseline: samples are [new, old]; issue 8's target, the forwarding path within 5% of the old worker's
+BASELINE_FIGURES = [
+    Figure("null_call_s", "null call (cuDriverGetVersion)", "{:.1f} us", 1e6, "ratio <= 1.05", lambda v, r: r <= 1.05),
+    Figure("htod_Bps", "64 MiB cuMemcpyHtoD", "{:.2f} GB/s", 1e-9, "ratio >= 0.95", lambda v, r: r >= 0.95),
+    Figure("dtoh_Bps", "64 MiB cuMemcpyDtoH", "{:.2f} GB/s", 1e-9, "ratio >= 0.95", lambda v, r: r >= 0.95),
+    Figure("launch_rate", "pipelined no-op launches", "{:,.0f} /s", 1, "ratio >= 0.95", lambda v, r: r >= 0.95),
+    Figure("alloc_free", "cuMemAlloc(1 MiB)+cuMemFree pairs", "{:,.0f} /s", 1, "(reported)", None),
+]
+
+
 def table_rows(transport: str, samples: dict, figures=FIGURES) -> list[tuple]:
     """One row per figure: median of each side, median of the per-sample shim/baseline ratios, verdict."""
     rows = []
@@ -685,8 +910,8 @@ def table_rows(transport: str, samples: dict, figures=FIGURES) -> list[tuple]:
     return rows
 
 
-def print_table(rows: list[tuple]) -> None:
-    header = ("transport", "metric", "measured", "baseline", "ratio", "target", "result")
+def print_table(rows: list[tuple], sides=("measured", "baseline")) -> None:
+    header = ("transport", "metric", *sides, "ratio", "target", "result")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for i, row in enumerate([header, *rows]):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
@@ -701,6 +926,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "also against cuda-python in-process without the shim)")
     ap.add_argument("--transport", choices=["unix", "tcp", "both"], default="both")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and launches (~30 s)")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="instead of raw sockets, compare with the worker (and shim) of git revision REV, run side by "
+                         "side: ratios new/old, plus cuMemAlloc+cuMemFree pairs per second (emulated backend)")
+    ap.add_argument("--side", help=argparse.SUPPRESS)  # internal: one worker's client in a --baseline run
     ap.add_argument("--client", help=argparse.SUPPRESS)  # internal: the measuring child process
     ap.add_argument("--native", help=argparse.SUPPRESS)  # internal: the native-baseline child process
     # internal, a smoke test without a GPU: the cuda worker and the native baseline drive an emulated
@@ -709,6 +938,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.chained and args.backend != "cuda":
         ap.error("--chained goes with --backend cuda")
+    if args.baseline and args.backend != "emulated":
+        ap.error("--baseline compares workers on the emulated backend")
     return args
 
 
@@ -791,6 +1022,10 @@ def main(argv=None) -> int:
     if args.native:
         native_main(*json.loads(args.native))
         return 0
+    if args.side:
+        plan, *rest = json.loads(args.side)
+        side_main(Plan(**plan), *rest)
+        return 0
     transports = ["unix", "tcp"] if args.transport == "both" else [args.transport]
     if args.backend == "cuda":
         why = None if args.chained else no_gpu_reason()
@@ -800,6 +1035,8 @@ def main(argv=None) -> int:
         return main_cuda(CHAINED if args.chained else QUICK if args.quick else FULL, transports, args.quick,
                          args.chained)
     plan = QUICK if args.quick else FULL
+    if args.baseline:
+        return main_baseline(args.baseline, plan, transports, args.quick)
     t0 = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpulab-bench-") as tmp, running_worker(Path(tmp)) as worker:

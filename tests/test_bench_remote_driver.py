@@ -1,10 +1,12 @@
 """benchmarks/remote_driver.py's cuda mode, in the parts that can be checked without a GPU: it refuses
-at once where none is visible, its samples interleave fairly, and NVRTC gives the image it loads.
+at once where none is visible, its samples interleave fairly, and NVRTC gives the image it loads;
+and its comparison with an older worker (`--baseline REV`) runs end to end.
 (Its whole cuda path runs without a GPU with `--backend cuda --chained`, a few seconds; a GPU run
 happens in `make validate-gpu`.)"""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -52,3 +54,19 @@ def test_nvrtc_compiles_the_noop_kernel_to_a_cubin_for_the_device():
     assert b".entry gpulab_noop" in ptx and b".target sm_90" in ptx
     with pytest.raises(SystemExit, match="could not compile gpulab_noop with --gpu-architecture=sm_11"):
         rd.compile_noop(1, 1)
+
+
+def test_baseline_runs_an_older_worker_beside_this_one(tmp_path):
+    """--baseline HEAD: HEAD's worker and shim beside the working tree's (~15 s); both sides measured,
+    a ratio per figure, and nothing left behind in the temporary directory (HEAD's files, two shims)."""
+    r = subprocess.run([sys.executable, str(SCRIPT), "--baseline", "HEAD", "--quick", "--transport", "unix"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=180, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert "this working tree's worker" in lines[0] and " vs HEAD (" in lines[0]
+    rows = {cells[1]: cells for cells in (re.split(r"\s{2,}", line) for line in lines[4:])}
+    assert set(rows) == {f.name for f in rd.BASELINE_FIGURES}
+    for cells in rows.values():
+        assert cells[0] == "unix" and float(cells[4]) > 0
+    assert rows["cuMemAlloc(1 MiB)+cuMemFree pairs"][2].endswith(" /s")
+    assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,7 @@ written out here.
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import TYPE_CHECKING
 
 from cuda.bindings import driver as drv
@@ -69,7 +70,13 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self):
+    def __init__(self, visible: list[str] | None = None):
+        """``visible``: uuids of the worker's GPUs this vGPU is placed on; None shows every GPU."""
+        if visible is not None:
+            # The driver reads CUDA_VISIBLE_DEVICES once, in cuInit, and then enumerates exactly the GPUs
+            # named there as devices 0..n-1: a vGPU cannot even name another GPU of the worker. It works
+            # only because the executor is a freshly forked process whose parent never initialised CUDA.
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible)
         _check(drv.cuInit(0))
         self.staging = _Staging()
         self.layouts: dict[int, list[tuple[int, int]]] = {}

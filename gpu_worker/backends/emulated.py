@@ -3,6 +3,10 @@
 Real bytes in host memory, real handles, real errors; a kernel runs only if a host
 implementation is registered for its PTX entry name (gpu_worker.backends.emulated_kernels).
 Everything it reports names it as emulated, so no user mistakes it for a GPU.
+
+It can stand for several of a worker's GPUs at once: a vGPU placed on GPUs 1 and 2 of an
+emulated multi-GPU worker sees them as its devices 0 and 1, each with that GPU's uuid and
+memory, so placement can be tested end to end without a GPU.
 """
 from __future__ import annotations
 
@@ -82,6 +86,28 @@ def _attributes():
     return out, known
 
 
+def _attribute(name: str) -> int:
+    from cuda.bindings import driver
+
+    return int(getattr(driver.CUdevice_attribute, "CU_DEVICE_ATTRIBUTE_" + name))
+
+
+class _Device:
+    """One of the worker's GPUs as this backend emulates it, and the bytes allocated on it."""
+
+    def __init__(self, gpu: dict, name: str, attrs: dict[int, int]):
+        self.index = gpu["index"]  # the GPU's index on the worker, not the vGPU's device ordinal
+        self.uuid = uuid.UUID(gpu["uuid"].removeprefix("GPU-")).bytes
+        self.name = name
+        self.memory = gpu["memory"]
+        self.capability = tuple(int(x) for x in gpu["capability"].split("."))
+        self.pci_bus_id = f"0000:{self.index:02x}:00.0"
+        self.attrs = {**attrs, _attribute("PCI_BUS_ID"): self.index,
+                      _attribute("COMPUTE_CAPABILITY_MAJOR"): self.capability[0],
+                      _attribute("COMPUTE_CAPABILITY_MINOR"): self.capability[1]}
+        self.used = 0
+
+
 class _Obj:
     """A handle target; each kind is a small record."""
 
@@ -95,23 +121,31 @@ class EmulatedBackend:
 
     name = "emulated"
 
-    def __init__(self, total_memory: int = 16 << 30, driver_version: int = DRIVER_VERSION):
-        self.total_memory = total_memory
+    def __init__(self, total_memory: int = 16 << 30, driver_version: int = DRIVER_VERSION,
+                 gpus: list[dict] | None = None):
+        """``gpus``: the worker's GPUs this vGPU sees, in device order, as gpu_worker.daemon.gpus describes
+        them; None is one device of ``total_memory`` bytes."""
         self.driver_version = driver_version
-        self.attrs, self.known_attrs = _attributes()
+        attrs, self.known_attrs = _attributes()
+        if gpus is None:
+            default = {"uuid": "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_DNS, "gpulab-emulated-device-0")),
+                       "index": 0, "memory": total_memory, "capability": "9.0"}
+            self.devices = [_Device(default, DEVICE_NAME, attrs)]
+        else:
+            self.devices = [_Device(g, f"{DEVICE_NAME} #{g['index']}", attrs) for g in gpus]
         self.base = (0x200 + secrets.randbelow(0x1000)) << 32  # a different address range for each session
         self.next_addr = self.base
         self.mem: dict[int, bytearray] = {}
         self.starts: list[int] = []
-        self.used = 0
+        self.home: dict[int, int] = {}  # allocation -> ordinal of the device it is on
         self.primary = {}
         self.current = None
-        self.uuid = uuid.uuid5(uuid.NAMESPACE_DNS, "gpulab-emulated-device-0").bytes
 
     # ---------------------------------------------------------------- helpers
-    def _dev(self, dev):
-        if dev != 0:
-            raise CudaError(E.INVALID_DEVICE, f"device {dev} does not exist (the emulated worker has one)")
+    def _dev(self, dev) -> _Device:
+        if not 0 <= dev < len(self.devices):
+            raise CudaError(E.INVALID_DEVICE, f"device {dev} does not exist (this vGPU sees {len(self.devices)})")
+        return self.devices[dev]
 
     def _ctx(self):
         if self.current is None:
@@ -136,6 +170,9 @@ class EmulatedBackend:
     def close(self):
         self.mem.clear()
         self.starts.clear()
+        self.home.clear()
+        for device in self.devices:
+            device.used = 0
 
     # ------------------------------------------------------------ device queries
     def cuInit(self, flags):
@@ -150,35 +187,31 @@ class EmulatedBackend:
         return (0,)
 
     def cuDeviceGetCount(self):
-        return (1,)
+        return (len(self.devices),)
 
     def cuDeviceGetName(self, length, dev):
-        self._dev(dev)
-        return (DEVICE_NAME.encode(),)
+        return (self._dev(dev).name.encode(),)
 
     def cuDeviceGetUuid(self, dev):
-        self._dev(dev)
-        return (self.uuid,)
+        return (self._dev(dev).uuid,)
 
     def cuDeviceTotalMem(self, dev):
-        self._dev(dev)
-        return (self.total_memory,)
+        return (self._dev(dev).memory,)
 
     def cuDeviceGetAttribute(self, attrib, dev):
-        self._dev(dev)
+        device = self._dev(dev)
         if attrib not in self.known_attrs:
             raise CudaError(E.INVALID_VALUE, f"unknown device attribute {attrib}")
-        return (self.attrs.get(attrib, 0),)
+        return (device.attrs.get(attrib, 0),)
 
     def cuDeviceComputeCapability(self, dev):
-        self._dev(dev)
-        return (9, 0)
+        return self._dev(dev).capability
 
     def cuDeviceGetPCIBusId(self, length, dev):
-        self._dev(dev)
-        return (b"0000:00:00.0",)
+        return (self._dev(dev).pci_bus_id.encode(),)
 
     def cuDeviceCanAccessPeer(self, dev, peer):
+        # no peer access: the worker serves none of the calls that would enable or use it
         self._dev(dev)
         self._dev(peer)
         return (0,)
@@ -261,24 +294,26 @@ class EmulatedBackend:
 
     # ------------------------------------------------------------------ memory
     def mem_alloc(self, n: int) -> int:
-        self._ctx()
-        if self.used + n > self.total_memory:
+        ordinal = self._ctx().device  # memory is allocated on the current context's device, as on a GPU
+        device = self.devices[ordinal]
+        if device.used + n > device.memory:
             raise CudaError(E.OUT_OF_MEMORY, "emulated device memory exhausted")
         ptr = self.next_addr
         self.next_addr += -(-n // 512) * 512 + 512  # a gap keeps off-by-one overruns outside any allocation
         self.mem[ptr] = bytearray(n)
         bisect.insort(self.starts, ptr)
-        self.used += n
+        self.home[ptr] = ordinal
+        device.used += n
         return ptr
 
     def mem_free(self, ptr: int) -> None:
         buf = self.mem.pop(ptr)
         self.starts.remove(ptr)
-        self.used -= len(buf)
+        self.devices[self.home.pop(ptr)].used -= len(buf)
 
     def cuMemGetInfo(self):
-        self._ctx()
-        return (self.total_memory - self.used, self.total_memory)
+        device = self.devices[self._ctx().device]
+        return (device.memory - device.used, device.memory)
 
     def write_target(self, ptr, n, stream):
         return self.view(ptr, n), _no_commit
@@ -325,7 +360,7 @@ class EmulatedBackend:
         values = {
             int(A.CU_POINTER_ATTRIBUTE_MEMORY_TYPE): struct.pack("<I", 2),  # CU_MEMORYTYPE_DEVICE
             int(A.CU_POINTER_ATTRIBUTE_DEVICE_POINTER): struct.pack("<Q", ptr),
-            int(A.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL): struct.pack("<i", 0),
+            int(A.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL): struct.pack("<i", self.home[base]),
             int(A.CU_POINTER_ATTRIBUTE_IS_MANAGED): struct.pack("<I", 0),
             int(A.CU_POINTER_ATTRIBUTE_RANGE_START_ADDR): struct.pack("<Q", base),
             int(A.CU_POINTER_ATTRIBUTE_RANGE_SIZE): struct.pack("<Q", len(self.mem[base])),

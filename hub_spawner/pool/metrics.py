@@ -21,7 +21,7 @@ from .scheduler import Request, free_vram
 # that increase() sees the first refusal of a reason too.  test_pool_metrics checks this list against
 # the scheduler's source.
 REASONS = ("no-workers", "lost", "node", "size", "memory", "compute", "count")
-STATES = ("active", "lost", "released")
+STATES = ("active", "lost", "released", "revoked")
 WORKER_STATUSES = ("up", "lost")
 MEDIUM = Request(vram=1)  # capacity left is what a low- or medium-QoS vGPU may still be promised
 

@@ -49,7 +49,7 @@ def test_gpus_capacity_allocations_and_refusals_exact(pool):
     assert m[("gpulab_pool_gpus", (("emulated", "false"), ("worker", "w2")))] == 1
     assert m[("gpulab_pool_workers", (("status", "up"),))] == 2
     assert m[("gpulab_pool_workers", (("status", "lost"),))] == 0
-    assert all(m[("gpulab_pool_allocations", (("state", s),))] == 0 for s in ("active", "lost", "released"))
+    assert all(m[("gpulab_pool_allocations", (("state", s),))] == 0 for s in pool_metrics.STATES)
     assert all(m[("gpulab_pool_refusals_total", (("reason", r),))] == 0 for r in pool_metrics.REASONS)
 
     status, a = pool.call("POST", "api/allocations", {"user": "ann", "vram": "12G", "compute": 25})

@@ -92,7 +92,18 @@ class DemoApp(Application):
         self.exit(demo_main(self.backend))
 
 
-class GPULab(Application):
+class SubcommandApp(Application):
+    """An application that is its subcommands only: without one, its help and exit status 2."""
+
+    def start(self):
+        if self.subapp is None:
+            self.print_help()
+            print(f"{self.name.replace('-', ' ')}: give a subcommand", file=sys.stderr)
+            self.exit(2)
+        self.subapp.start()
+
+
+class GPULab(SubcommandApp):
     name = "gpulab"
     description = """gpulab: GPU labs for JupyterHub, with remote and fractional vGPUs.
 
@@ -108,6 +119,8 @@ class GPULab(Application):
                    "emulated device)."),
         "pool": ("hub_spawner.pool.app.GPUPool",
                  "Run the GPU pool service: worker registry, vGPU placement, dashboard (a JupyterHub service)."),
+        "vgpu": ("gpulab.vgpu_cli.VGPUApp",
+                 "A worker's vGPUs through its control API: list, show, trace (--follow), revoke."),
         "run": ("gpulab.cli.RunApp", "Run a command with the shim as its libcuda.so.1, on a worker's vGPU."),
         "shim-path": ("gpulab.cli.ShimPathApp", "Print the directory to put first on LD_LIBRARY_PATH."),
         "demo": ("gpulab.cli.DemoApp", "Start a worker and run a short CUDA program through the shim."),
@@ -117,13 +130,6 @@ class GPULab(Application):
 
     def emit_help_epilogue(self, classes):
         yield "Each subcommand's options: `gpulab <subcommand> --help` (every setting: `--help-all`)."
-
-    def start(self):
-        if self.subapp is None:
-            self.print_help()
-            print("gpulab: give a subcommand", file=sys.stderr)
-            self.exit(2)
-        self.subapp.start()
 
 
 def main(argv=None) -> int:

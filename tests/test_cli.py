@@ -13,7 +13,7 @@ import pytest
 
 from workertools import ROOT
 
-SUBCOMMANDS = ["up", "worker", "pool", "run", "shim-path", "demo"]
+SUBCOMMANDS = ["up", "worker", "pool", "vgpu", "run", "shim-path", "demo"]
 # Options each subcommand must offer (the spellings scripts, tests and the Makefile use).
 EXPECTED = {
     "up": ["--ip", "--port", "--state-dir", "--backend", "--pool-port", "--worker-port", "--emulated-kernels",
@@ -23,6 +23,7 @@ EXPECTED = {
                "--heartbeat-interval", "--config", "-v", "--verbose"],
     "pool": ["--db-url", "--strategy", "--bind-url", "--prefix", "--heartbeat-timeout",
              "--vram-oversubscription", "--compute-oversubscription", "--admin-users", "--config"],
+    "vgpu": [],  # its subcommands' options: tests/test_control_api.py
     "run": ["--worker", "--token"],
     "shim-path": [],
     "demo": ["--backend"],

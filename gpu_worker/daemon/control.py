@@ -1,0 +1,335 @@
+"""The worker's control API: its vGPUs, their usage and call traces, revocation, /metrics (HTTP, JSON).
+
+Who sees what: the worker's admin token sees and does everything; a vGPU's session token sees and
+does only its own vGPU, and any other vGPU's id answers 404 as an unknown one does, so ids cannot
+be probed; no credential or a wrong one answers 403.  The credential comes as ``Authorization:
+token <t>`` (``Bearer <t>`` too, which is what Prometheus's ``authorization`` setting sends).
+
+    GET  /api/vgpus                     {"vgpus": [vGPU, ...]}
+    GET  /api/vgpus/<id>                vGPU
+    GET  /api/vgpus/<id>/trace?since=N&wait=S&limit=L
+                                        {"records": [...], "next": N'}: records newer than N, oldest
+                                        first; with wait, held up to S seconds (at most MAX_WAIT) until
+                                        one exists.  Pass "next" back as since to follow.
+    POST /api/vgpus/<id>/revoke         {"reason": "..."} -> the vGPU, now revoked
+    GET  /api/gpus                      {"gpus": [GPU with its facts, ...]} (a session: its vGPU's GPUs)
+    GET  /metrics                       Prometheus text (admin token only; metrics.py)
+
+The server is the standard library's ThreadingHTTPServer in a daemon thread: the worker's accept
+loop stays its own, a held long-poll costs one thread, and `gpulab vgpu` (gpulab/vgpu_cli.py) needs
+nothing but urllib to talk to it.  The worker publishes where it listens and its admin token in its
+state directory (`publish`), for `gpulab vgpu` on the same host.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+log = logging.getLogger("gpulab.worker.control")
+
+MAX_BODY = 64 << 10  # a revoke reason is a sentence; nothing else is posted
+MAX_REASON = 1000  # characters of a revoke reason kept
+MAX_WAIT = 30.0  # seconds a trace long-poll may be held
+MAX_LIMIT = 1024  # trace records per answer
+POLL = 0.05  # seconds between looks at the trace while a long-poll waits
+REQUEST_TIMEOUT = 60.0  # seconds a connection may take to send its request
+MAX_CONNECTIONS = 64  # connections served at once (a thread each); more are closed unanswered
+
+_VGPU = re.compile(r"/api/vgpus/([^/]+)(/trace|/revoke)?")
+
+
+class APIError(Exception):
+    """An answer other than 200: its status and the sentence for the person who reads it."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _forbidden() -> APIError:
+    return APIError(403, "this needs a credential: the worker's admin token or a vGPU's session token, sent as "
+                         "'Authorization: token <token>'")
+
+
+def _not_found(vgpu_id: str) -> APIError:
+    return APIError(404, f"there is no vGPU {vgpu_id} on this worker")
+
+
+class ControlServer:
+    """The control API over a VGPURegistry (gpu_worker/daemon/vgpus.py), on `bind` (host:port, port
+    0 picks a free one).  `start()` returns its URL; `stop()` ends it."""
+
+    def __init__(self, registry, admin_token: str, bind: str):
+        self.registry = registry
+        self.admin_token = admin_token
+        self.bind = bind
+        self.httpd: ThreadingHTTPServer | None = None
+        self.thread: threading.Thread | None = None
+        self.stopping = threading.Event()
+
+    def start(self) -> str:
+        host, port = split_bind(self.bind)
+        server_class = _Server6 if ":" in host else _Server
+        self.httpd = server_class((host, port), _Handler)
+        self.httpd.control = self
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.1,), name="gpulab-control", daemon=True)
+        self.thread.start()
+        return self.url
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        if self.httpd is None:
+            return
+        self.stopping.set()  # held long-polls answer now
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+        self.httpd = None
+
+    # ------------------------------------------------------------------ auth
+    def authenticate(self, header: str) -> dict | None:
+        """None for the admin; the vGPU whose session token this is; else APIError 403."""
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() not in ("token", "bearer") or not token:
+            raise _forbidden()
+        if self.admin_token and hmac.compare_digest(self.admin_token.encode(), token.encode()):
+            return None
+        vgpu = self.registry.find_token(token)
+        if vgpu is None:
+            raise _forbidden()
+        return vgpu
+
+    # ------------------------------------------------------------------ routes
+    def handle(self, method: str, path: str, query: dict, body: bytes, caller: dict | None):
+        """(content type, body bytes) of one authenticated request's 200; APIError otherwise."""
+        if path == "/metrics" and method == "GET":
+            if caller is not None:
+                raise APIError(403, "the worker's metrics need its admin token (they cover every vGPU)")
+            from .metrics import CONTENT_TYPE, render
+
+            return CONTENT_TYPE, render(self.registry)
+        if path == "/api/vgpus" and method == "GET":
+            vgpus = self.registry.vgpus()
+            if caller is not None:
+                vgpus = [v for v in vgpus if str(v["id"]) == str(caller["id"])]
+            return _json({"vgpus": vgpus})
+        if path == "/api/gpus" and method == "GET":
+            return _json({"gpus": self.gpus(caller)})
+        m = _VGPU.fullmatch(path)
+        if not m:
+            raise APIError(404, f"no such route: {method} {path}")
+        vgpu_id, action = urllib.parse.unquote(m.group(1)), m.group(2)
+        want = "POST" if action == "/revoke" else "GET"
+        if method != want:
+            raise APIError(405, f"{path} answers {want}, not {method}")
+        if caller is not None and str(caller["id"]) != vgpu_id:
+            raise _not_found(vgpu_id)
+        if action == "/trace":
+            return _json(self.trace(vgpu_id, query))
+        if action == "/revoke":
+            return _json(self.revoke(vgpu_id, body, caller))
+        vgpu = self.registry.get(vgpu_id)
+        if vgpu is None:
+            raise _not_found(vgpu_id)
+        return _json(vgpu)
+
+    def gpus(self, caller: dict | None) -> list[dict]:
+        facts = self.registry.gpu_facts()
+        mine = None if caller is None else set(caller.get("gpus") or [])
+        return [{**g, "facts": facts.get(g["uuid"], {})} for g in self.registry.gpus()
+                if mine is None or g["uuid"] in mine]
+
+    def trace(self, vgpu_id: str, query: dict) -> dict:
+        since = _number(query, "since", 0, int)
+        limit = min(_number(query, "limit", 256, int), MAX_LIMIT)
+        wait = min(_number(query, "wait", 0.0, float), MAX_WAIT)
+        if since < 0 or limit < 1 or wait < 0:
+            raise APIError(400, "since and wait must not be negative, and limit must be at least 1")
+        if self.registry.get(vgpu_id) is None:
+            raise _not_found(vgpu_id)
+        deadline = time.monotonic() + wait
+        while True:
+            records, nxt = self.registry.trace(vgpu_id, since, limit)
+            if records or time.monotonic() >= deadline or self.stopping.wait(POLL):
+                return {"records": records, "next": nxt}
+
+    def revoke(self, vgpu_id: str, body: bytes, caller: dict | None) -> dict:
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            raise APIError(400, "the body must be a JSON object such as {\"reason\": \"...\"}") from None
+        reason = data.get("reason", "") if isinstance(data, dict) else None
+        if not isinstance(reason, str):
+            raise APIError(400, "the body must be a JSON object whose \"reason\" is a string")
+        reason = " ".join(reason.split())[:MAX_REASON]
+        vgpu = self.registry.get(vgpu_id)
+        if vgpu is None:
+            raise _not_found(vgpu_id)
+        if vgpu.get("state") == "revoked":
+            raise APIError(409, f"vGPU {vgpu_id} is already revoked: {vgpu.get('reason') or 'no reason given'}")
+        who = "an admin of its worker" if caller is None else "its own session"
+        sentence = f"{who} revoked this vGPU: {reason}" if reason else f"{who} revoked this vGPU"
+        if not self.registry.revoke(vgpu_id, sentence):
+            raise _not_found(vgpu_id)
+        log.info("vGPU %s revoked through the control API by %s%s", vgpu_id,
+                 "the admin" if caller is None else "its session", f": {reason}" if reason else "")
+        return self.registry.get(vgpu_id) or {"id": vgpu_id, "state": "revoked", "reason": sentence}
+
+
+def _json(data) -> tuple[str, bytes]:
+    return "application/json", json.dumps(data).encode()
+
+
+def _number(query: dict, name: str, default, kind):
+    values = query.get(name)
+    if not values:
+        return default
+    try:
+        return kind(values[-1])
+    except ValueError:
+        word = "a whole number" if kind is int else "a number"
+        raise APIError(400, f"{name} must be {word}, not {values[-1]!r}") from None
+
+
+def split_bind(bind: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port); ValueError with a sentence otherwise."""
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"the control address must be host:port (port 0 picks a free one), not {bind!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    control: ControlServer
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):  # a flood costs a socket, never a thread
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+    timeout = REQUEST_TIMEOUT
+    server_version = "gpulab-worker"
+
+    def do_GET(self):
+        self._serve("GET")
+
+    def do_POST(self):
+        self._serve("POST")
+
+    def do_PUT(self):
+        self._serve("PUT")
+
+    def do_DELETE(self):
+        self._serve("DELETE")
+
+    def _serve(self, method: str):
+        control = self.server.control
+        try:
+            url = urllib.parse.urlsplit(self.path)
+            body = self._body()
+            caller = control.authenticate(self.headers.get("Authorization", ""))
+            ctype, data = control.handle(method, url.path.rstrip("/") or "/", urllib.parse.parse_qs(url.query),
+                                         body, caller)
+            status = 200
+        except APIError as e:
+            status, ctype, data = e.status, "application/json", json.dumps({"message": e.message}).encode()
+        except Exception:  # a bug of ours: the caller gets a sentence, the log the traceback
+            log.exception("control API: %s %s failed", method, self.path)
+            status, ctype = 500, "application/json"
+            data = json.dumps({"message": "the worker failed to answer this request (see its log)"}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        if self._unread:
+            self.close_connection = True  # a body we did not read would be taken for the next request
+        self.end_headers()
+        self.wfile.write(data)
+
+    _unread = False
+
+    def _body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if not length:
+            return b""
+        if not length.isdigit():
+            self._unread = True
+            raise APIError(400, "Content-Length must be a whole number")
+        n = int(length)
+        if n > MAX_BODY:
+            self._unread = True
+            raise APIError(413, f"a request body may have at most {MAX_BODY} bytes")
+        return self.rfile.read(n)
+
+    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+        log.debug("control API %s: %s", self.address_string(), format % args)
+
+
+# ---------------------------------------------------------------------- published for `gpulab vgpu`
+
+
+def state_files(state_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    """Where worker `name` publishes its control URL and its admin token (mode 0600) in `state_dir`."""
+    d = Path(state_dir)
+    return d / f"worker-{name}.control", d / f"worker-{name}.admin-token"
+
+
+def publish(state_dir: str | os.PathLike, name: str, url: str, admin_token: str) -> None:
+    """Write worker `name`'s control URL and admin token for `gpulab vgpu` on this host; the token
+    file is created private (0600) before the token is written into it."""
+    url_file, token_file = state_files(state_dir, name)
+    url_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for path, text, mode in ((token_file, admin_token, 0o600), (url_file, url, 0o644)):
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(text + "\n")
+        os.replace(tmp, path)
+
+
+def published(state_dir: str | os.PathLike) -> dict[str, tuple[str, Path]]:
+    """{worker name: (control URL, its admin-token file)} of the workers that published in `state_dir`."""
+    out = {}
+    for url_file in sorted(Path(state_dir).glob("worker-*.control")):
+        name = url_file.name[len("worker-"):-len(".control")]
+        try:
+            url = url_file.read_text().strip()
+        except OSError:
+            continue
+        out[name] = (url, state_files(state_dir, name)[1])
+    return out

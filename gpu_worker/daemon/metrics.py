@@ -1,0 +1,116 @@
+"""The worker's Prometheus metrics, read from the vGPU registry at each scrape.
+
+Nothing is counted twice: a collector turns `registry.vgpus()` and `registry.gpu_facts()` into
+metric families when Prometheus asks, so the figures are the ledger's own (counters are the
+registry's cumulative totals, ended processes included).  The families live in a private
+CollectorRegistry: the process-wide default one would mix in whatever else the process imports.
+
+A vGPU whose grant asks for the whole GPU (quota None) reports its GPUs' memory as its quota, the
+most it can use, so that `used / quota` means the same for every vGPU.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+VGPU = ["vgpu", "user"]
+
+# (family, help, key in a vGPU's dict, counter?) for the figures that are one number per vGPU.
+_VGPU_FIGURES = [
+    ("gpulab_vgpu_vram_used_bytes", "Device memory the vGPU's programs have allocated (live processes).",
+     "used", False),
+    ("gpulab_vgpu_context_overhead_bytes", "Device memory the driver spends on the vGPU's processes' CUDA "
+     "contexts, charged to its quota.", "overhead", False),
+    ("gpulab_vgpu_calls_total", "Driver calls the vGPU's processes made.", "calls", True),
+    ("gpulab_vgpu_launches_total", "Kernel launches of the vGPU's processes.", "launches", True),
+    ("gpulab_vgpu_restore_failures_total", "Memory the vGPU could not get back from a lower tier (host RAM, "
+     "disk); 0 until tiering.", "restore_failures", True),
+]
+
+# (family, help, key in a GPU's facts) for the optional per-GPU facts (None: not known, no sample).
+_GPU_FACTS = [
+    ("gpulab_gpu_memory_used_bytes", "Device memory in use on the GPU (NVML; the ledgers' sum on an emulated "
+     "GPU).", "memory_used"),
+    ("gpulab_gpu_utilization_ratio", "Fraction of the last sample period a kernel ran on the GPU (0..1).",
+     "utilization"),
+    ("gpulab_gpu_temperature_celsius", "GPU temperature.", "temperature"),
+    ("gpulab_gpu_power_watts", "GPU power draw.", "power"),
+    ("gpulab_gpu_sm_clock_hertz", "GPU streaming-multiprocessor clock.", "sm_clock"),
+]
+
+
+class WorkerCollector:
+    """A prometheus_client collector over a VGPURegistry (see gpu_worker/daemon/vgpus.py)."""
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def collect(self):
+        gpus = {g["uuid"]: g for g in self.registry.gpus()}
+        facts = self.registry.gpu_facts()
+        yield from self._vgpus(gpus, facts)
+        yield from self._gpus(gpus, facts)
+
+    def _vgpus(self, gpus: dict, facts: dict):
+        vgpus = self.registry.vgpus()
+        info = GaugeMetricFamily("gpulab_vgpu_info", "One series per vGPU on this worker (1), with its grant.",
+                                 labels=[*VGPU, "profile", "qos", "state", "gpus"])
+        quota = GaugeMetricFamily("gpulab_vgpu_vram_quota_bytes", "The vGPU's VRAM quota (the memory of its "
+                                  "GPUs when its grant asks for whole GPUs).", labels=VGPU)
+        procs = GaugeMetricFamily("gpulab_vgpu_processes", "Client processes attached to the vGPU.", labels=VGPU)
+        families = [(key, (CounterMetricFamily if counter else GaugeMetricFamily)(name, text, labels=VGPU))
+                    for name, text, key, counter in _VGPU_FIGURES]
+        transfer = CounterMetricFamily("gpulab_vgpu_transfer_bytes", "Bytes copied between the host and the "
+                                       "vGPU's memory (htod: to the device, dtoh: from it).",
+                                       labels=[*VGPU, "direction"])
+        errors = CounterMetricFamily("gpulab_vgpu_errors", "Driver calls of the vGPU that failed, by CUresult.",
+                                     labels=[*VGPU, "result"])
+        for v in vgpus:
+            labels = [str(v["id"]), v.get("user") or ""]
+            info.add_metric([*labels, v.get("profile") or "", v.get("qos") or "", v.get("state") or "",
+                             ",".join(v.get("gpus") or [])], 1)
+            q = v.get("quota")
+            if q is None:
+                q = sum(_gpu_memory(u, gpus, facts) for u in v.get("gpus") or [])
+            quota.add_metric(labels, q)
+            procs.add_metric(labels, len(v.get("processes") or []))
+            for key, family in families:
+                family.add_metric(labels, v.get(key) or 0)
+            transfer.add_metric([*labels, "htod"], v.get("bytes_in") or 0)
+            transfer.add_metric([*labels, "dtoh"], v.get("bytes_out") or 0)
+            for result, n in sorted((v.get("errors") or {}).items()):
+                errors.add_metric([*labels, result], n)
+        yield info
+        yield quota
+        yield procs
+        yield from (f for _, f in families)
+        yield transfer
+        yield errors
+
+    def _gpus(self, gpus: dict, facts: dict):
+        total = GaugeMetricFamily("gpulab_gpu_memory_total_bytes", "Device memory of the GPU (an emulated GPU "
+                                  "says so: emulated=\"true\").", labels=["gpu", "model", "emulated"])
+        optional = [(key, GaugeMetricFamily(name, text, labels=["gpu"])) for name, text, key in _GPU_FACTS]
+        for uuid in sorted(set(gpus) | set(facts)):
+            g, f = gpus.get(uuid, {}), facts.get(uuid, {})
+            emulated = bool(f.get("emulated", g.get("emulated", False)))
+            total.add_metric([uuid, g.get("model") or "", str(emulated).lower()], _gpu_memory(uuid, gpus, facts))
+            for key, family in optional:
+                if f.get(key) is not None:
+                    family.add_metric([uuid], f[key])
+        yield total
+        yield from (f for _, f in optional)
+
+
+def _gpu_memory(uuid: str, gpus: dict, facts: dict) -> int:
+    return (facts.get(uuid) or {}).get("memory_total") or (gpus.get(uuid) or {}).get("memory") or 0
+
+
+def render(registry) -> bytes:
+    """The Prometheus text exposition of a VGPURegistry (CONTENT_TYPE is its media type)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(WorkerCollector(registry))
+    return generate_latest(reg)

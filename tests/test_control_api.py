@@ -1,0 +1,405 @@
+"""The worker's control API, its /metrics and `gpulab vgpu`, over a registry whose figures the test sets.
+
+The server is the real ControlServer on a real port; the registry is a small stand-in with the
+VGPURegistry's methods (gpu_worker/daemon/vgpus.py), so each answer can be checked to the byte.
+Who sees what: the admin token everything, a vGPU's session token its own vGPU only (another's
+id answers 404 like an unknown one), no or a wrong credential 403.  test_prometheus.py scrapes a
+real worker."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gpu_worker.daemon import control
+from gpu_worker.daemon.control import ControlServer, publish, published
+from workertools import ROOT
+
+ADMIN = "admin-s3cret"
+GPU_A, GPU_B = "GPU-aaaaaaaa-0000-0000-0000-000000000000", "GPU-bbbbbbbb-0000-0000-0000-000000000000"
+
+
+def vgpu(vid, user, token, gpus, quota, used, overhead=0, **kw):
+    return {"id": vid, "token_hash": f"hash-of-{token}", "user": user, "profile": "quarter", "qos": "medium",
+            "gpus": gpus, "quota": quota, "compute": 25, "state": "active", "reason": "",
+            "used": used, "overhead": overhead,
+            "processes": [{"pid": 4000 + i, "client_pid": 3000 + i, "used": used // 2, "overhead": overhead // 2,
+                           "calls": 10, "launches": 2, "bytes_in": 0, "bytes_out": 0, "started": 1.7e9}
+                          for i in range(kw.pop("nprocs", 2))],
+            "calls": 20, "launches": 4, "bytes_in": 1 << 20, "bytes_out": 4096,
+            "errors": {}, "sessions_opened": 2, **kw}
+
+
+class FakeRegistry:
+    """The VGPURegistry's methods over fixed vGPUs; `record()` adds a trace record as an executor would."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.tokens = {"tok-alice": "17", "tok-bob": "18"}
+        self.table = {
+            "17": vgpu("17", "alice", "tok-alice", [GPU_A], 1 << 30, 300 << 20, 200 << 20,
+                       errors={"CUDA_ERROR_OUT_OF_MEMORY": 3}),
+            "18": vgpu("18", "bob", "tok-bob", [GPU_B], None, 5 << 20, nprocs=1),
+        }
+        self.records: dict[str, list[dict]] = {"17": [], "18": []}
+        self.revoked: list[tuple[str, str]] = []
+
+    def record(self, vid, function="cuMemAlloc", nbytes=0, error=""):
+        with self.lock:
+            seq = len(self.records[vid]) + 1
+            self.records[vid].append({"seq": seq, "time": time.time(), "pid": 3000, "function": function,
+                                      "duration": 2e-5, "bytes": nbytes, "result": 2 if error else 0, "error": error})
+
+    def vgpus(self):
+        return [dict(v) for v in self.table.values()]
+
+    def get(self, vgpu_id):
+        v = self.table.get(str(vgpu_id))
+        return dict(v) if v else None
+
+    def find_token(self, token):
+        return self.get(self.tokens[token]) if token in self.tokens else None
+
+    def trace(self, vgpu_id, since=0, limit=256):
+        with self.lock:
+            out = [r for r in self.records.get(vgpu_id, []) if r["seq"] > since][:limit]
+        return out, (out[-1]["seq"] if out else since)
+
+    def revoke(self, vgpu_id, reason):
+        v = self.table.get(vgpu_id)
+        if v is None or v["state"] != "active":
+            return False
+        v["state"], v["reason"] = "revoked", reason
+        self.revoked.append((vgpu_id, reason))
+        return True
+
+    def gpus(self):
+        return [{"uuid": GPU_A, "index": 0, "model": "Emulated GPU", "memory": 4 << 30, "capability": "9.0",
+                 "emulated": True},
+                {"uuid": GPU_B, "index": 1, "model": "Emulated GPU", "memory": 2 << 30, "capability": "9.0",
+                 "emulated": True}]
+
+    def gpu_facts(self):
+        return {GPU_A: {"memory_total": 4 << 30, "memory_used": 500 << 20, "utilization": 0.25, "temperature": None,
+                        "power": None, "sm_clock": None, "emulated": True},
+                GPU_B: {"memory_total": 2 << 30, "memory_used": 5 << 20, "utilization": None, "temperature": 41.0,
+                        "power": 70.5, "sm_clock": 1.98e9, "emulated": True}}
+
+
+@pytest.fixture
+def registry():
+    return FakeRegistry()
+
+
+@pytest.fixture
+def server(registry):
+    s = ControlServer(registry, ADMIN, "127.0.0.1:0")
+    s.start()
+    yield s
+    s.stop()
+
+
+def call(server, method, path, token=None, body=None, raw=None, scheme="token"):
+    """(status, parsed JSON or text) of one request."""
+    headers = {"Authorization": f"{scheme} {token}"} if token is not None else {}
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(server.url + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, ctype, text = r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, ctype, text = e.code, e.headers["Content-Type"], e.read().decode()
+    return status, json.loads(text) if ctype == "application/json" else text
+
+
+ROUTES = [("GET", "/api/vgpus"), ("GET", "/api/vgpus/17"), ("GET", "/api/vgpus/17/trace"),
+          ("POST", "/api/vgpus/17/revoke"), ("GET", "/api/gpus"), ("GET", "/metrics")]
+
+
+@pytest.mark.parametrize("method,path", ROUTES)
+@pytest.mark.parametrize("token", [None, "", "wrong", ADMIN + "x", ADMIN[:-1]])
+def test_every_route_refuses_a_missing_or_wrong_credential(server, registry, method, path, token):
+    status, answer = call(server, method, path, token, body={} if method == "POST" else None)
+    assert status == 403
+    assert "admin token" in answer["message"] and "session token" in answer["message"]
+    assert registry.revoked == []
+
+
+def test_the_credential_must_name_its_scheme(server):
+    assert call(server, "GET", "/api/vgpus", ADMIN, scheme="Basic")[0] == 403
+    assert call(server, "GET", "/api/vgpus", ADMIN, scheme="Bearer")[0] == 200  # what Prometheus sends
+
+
+def test_admin_sees_every_vgpu_and_gpu(server):
+    status, answer = call(server, "GET", "/api/vgpus", ADMIN)
+    assert status == 200
+    assert [(v["id"], v["user"], v["used"]) for v in answer["vgpus"]] == [("17", "alice", 300 << 20),
+                                                                         ("18", "bob", 5 << 20)]
+    status, v = call(server, "GET", "/api/vgpus/18", ADMIN)
+    assert (status, v["user"], v["quota"], len(v["processes"])) == (200, "bob", None, 1)
+    status, answer = call(server, "GET", "/api/gpus", ADMIN)
+    assert [(g["uuid"], g["facts"]["memory_used"]) for g in answer["gpus"]] == [(GPU_A, 500 << 20), (GPU_B, 5 << 20)]
+
+
+def test_a_session_token_sees_only_its_own_vgpu(server, registry):
+    status, answer = call(server, "GET", "/api/vgpus", "tok-alice")
+    assert status == 200 and [v["id"] for v in answer["vgpus"]] == ["17"]
+    assert call(server, "GET", "/api/vgpus/17", "tok-alice")[1]["errors"] == {"CUDA_ERROR_OUT_OF_MEMORY": 3}
+    status, answer = call(server, "GET", "/api/gpus", "tok-alice")
+    assert [g["uuid"] for g in answer["gpus"]] == [GPU_A]  # its own GPU, not bob's
+    # bob's vGPU is as unknown to alice as one that does not exist: ids cannot be probed
+    registry.record("18", "cuMemAlloc", 1 << 20)
+    for path in ("/api/vgpus/18", "/api/vgpus/18/trace", "/api/vgpus/99"):
+        status, answer = call(server, "GET", path, "tok-alice")
+        assert status == 404, path
+        assert answer["message"] == f"there is no vGPU {path.split('/')[3]} on this worker"
+    status, answer = call(server, "POST", "/api/vgpus/18/revoke", "tok-alice", {"reason": "mine now"})
+    assert (status, answer["message"]) == (404, "there is no vGPU 18 on this worker")
+    assert registry.revoked == [] and registry.table["18"]["state"] == "active"
+
+
+def test_metrics_need_the_admin_token(server):
+    status, answer = call(server, "GET", "/metrics", "tok-alice")
+    assert status == 403 and "admin token" in answer["message"]
+
+
+def test_admin_revokes_with_a_reason_the_programs_are_told(server, registry):
+    status, v = call(server, "POST", "/api/vgpus/17/revoke", ADMIN, {"reason": "  the course\nended "})
+    assert status == 200
+    assert registry.revoked == [("17", "an admin of its worker revoked this vGPU: the course ended")]
+    assert (v["id"], v["state"], v["reason"]) == ("17", "revoked", registry.revoked[0][1])
+    status, answer = call(server, "POST", "/api/vgpus/17/revoke", ADMIN, {})
+    assert status == 409 and answer["message"] == f"vGPU 17 is already revoked: {registry.revoked[0][1]}"
+    assert call(server, "GET", "/api/vgpus/17", "tok-alice")[1]["state"] == "revoked"  # it still sees why
+
+
+def test_a_session_may_revoke_its_own_vgpu(server, registry):
+    status, v = call(server, "POST", "/api/vgpus/18/revoke", "tok-bob")
+    assert status == 200 and registry.revoked == [("18", "its own session revoked this vGPU")]
+
+
+@pytest.mark.parametrize("method,path,body,status,words", [
+    ("GET", "/api/vgpus/17/trace?since=abc", None, 400, "since must be a whole number, not 'abc'"),
+    ("GET", "/api/vgpus/17/trace?wait=soon", None, 400, "wait must be a number, not 'soon'"),
+    ("GET", "/api/vgpus/17/trace?since=-1", None, 400, "must not be negative"),
+    ("GET", "/api/vgpus/17/trace?limit=0", None, 400, "limit must be at least 1"),
+    ("GET", "/api/nothing", None, 404, "no such route: GET /api/nothing"),
+    ("GET", "/api/vgpus/17/revoke", None, 405, "answers POST, not GET"),
+    ("POST", "/api/vgpus/17", b"{}", 405, "answers GET, not POST"),
+    ("POST", "/api/vgpus/17/revoke", b"{not json", 400, "must be a JSON object"),
+    ("POST", "/api/vgpus/17/revoke", b'{"reason": 5}', 400, "\"reason\" is a string"),
+    ("POST", "/api/vgpus/17/revoke", b'["x"]', 400, "\"reason\" is a string"),
+    ("POST", "/api/vgpus/17/revoke", b"x" * (control.MAX_BODY + 1), 413, "at most 65536 bytes"),
+])
+def test_bad_requests_get_a_sentence(server, registry, method, path, body, status, words):
+    got, answer = call(server, method, path, ADMIN, raw=body)
+    assert got == status and words in answer["message"], answer
+    assert registry.revoked == []
+
+
+def test_trace_pages_and_long_polls(server, registry):
+    for i in range(5):
+        registry.record("17", "cuMemcpyHtoD", 1000 * i)
+    status, page = call(server, "GET", "/api/vgpus/17/trace?limit=3", "tok-alice")
+    assert status == 200 and [r["seq"] for r in page["records"]] == [1, 2, 3] and page["next"] == 3
+    page = call(server, "GET", "/api/vgpus/17/trace?since=3", "tok-alice")[1]
+    assert [(r["seq"], r["bytes"]) for r in page["records"]] == [(4, 3000), (5, 4000)] and page["next"] == 5
+
+    # nothing newer: the request is held until a record comes, then answered at once
+    threading.Timer(0.5, registry.record, ("17", "cuLaunchKernel", 0, "CUDA_ERROR_LAUNCH_FAILED")).start()
+    t0 = time.monotonic()
+    page = call(server, "GET", "/api/vgpus/17/trace?since=5&wait=20", ADMIN)[1]
+    took = time.monotonic() - t0
+    assert 0.4 < took < 5, took
+    assert [(r["seq"], r["function"], r["error"]) for r in page["records"]] == [
+        (6, "cuLaunchKernel", "CUDA_ERROR_LAUNCH_FAILED")]
+    # nothing comes: an empty page after the wait, with the same next
+    t0 = time.monotonic()
+    assert call(server, "GET", "/api/vgpus/17/trace?since=6&wait=0.3", ADMIN)[1] == {"records": [], "next": 6}
+    assert 0.25 < time.monotonic() - t0 < 5
+
+
+def test_a_long_wait_is_capped_and_ends_when_the_server_stops(server, monkeypatch):
+    monkeypatch.setattr(control, "MAX_WAIT", 0.5)
+    t0 = time.monotonic()
+    assert call(server, "GET", "/api/vgpus/17/trace?wait=3600", ADMIN)[1]["records"] == []
+    assert time.monotonic() - t0 < 5
+    monkeypatch.setattr(control, "MAX_WAIT", 30.0)
+    answers = []
+    poll = threading.Thread(target=lambda: answers.append(call(server, "GET", "/api/vgpus/17/trace?wait=30", ADMIN)))
+    poll.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    server.stop()
+    poll.join(10)
+    assert answers and answers[0][0] == 200 and time.monotonic() - t0 < 5
+
+
+def test_idle_connections_cannot_take_every_thread(registry, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(control, "MAX_CONNECTIONS", 2)
+    s = ControlServer(registry, ADMIN, "127.0.0.1:0")
+    s.start()
+    host, port = s.httpd.server_address
+    idle = [socket.create_connection((host, port)) for _ in range(2)]
+    try:
+        time.sleep(0.3)  # both are being served (each waits for its request)
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.RemoteDisconnected)):
+            call(s, "GET", "/api/vgpus", ADMIN)
+    finally:
+        for c in idle:
+            c.close()
+    time.sleep(0.3)
+    assert call(s, "GET", "/api/vgpus", ADMIN)[0] == 200  # their threads are back
+    s.stop()
+
+
+def metric_samples(text: str) -> dict:
+    """{(sample name, ((label, value), ...)): value} of a Prometheus text page."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_are_the_registry_figures(server):
+    status, text = call(server, "GET", "/metrics", ADMIN)
+    assert status == 200
+    m = metric_samples(text)
+    alice, bob = (("user", "alice"), ("vgpu", "17")), (("user", "bob"), ("vgpu", "18"))
+    assert m[("gpulab_vgpu_vram_used_bytes", alice)] == 300 << 20
+    assert m[("gpulab_vgpu_context_overhead_bytes", alice)] == 200 << 20
+    assert m[("gpulab_vgpu_vram_quota_bytes", alice)] == 1 << 30
+    assert m[("gpulab_vgpu_vram_quota_bytes", bob)] == 2 << 30  # a whole GPU: its memory
+    assert m[("gpulab_vgpu_processes", alice)] == 2 and m[("gpulab_vgpu_processes", bob)] == 1
+    assert m[("gpulab_vgpu_calls_total", alice)] == 20 and m[("gpulab_vgpu_launches_total", alice)] == 4
+    assert m[("gpulab_vgpu_transfer_bytes_total", (("direction", "htod"), *alice))] == 1 << 20
+    assert m[("gpulab_vgpu_transfer_bytes_total", (("direction", "dtoh"), *alice))] == 4096
+    assert m[("gpulab_vgpu_errors_total", (("result", "CUDA_ERROR_OUT_OF_MEMORY"), *alice))] == 3
+    assert m[("gpulab_vgpu_restore_failures_total", alice)] == 0
+    assert m[("gpulab_vgpu_info", (("gpus", GPU_A), ("profile", "quarter"), ("qos", "medium"),
+                                   ("state", "active"), *alice))] == 1
+    assert m[("gpulab_gpu_memory_total_bytes", (("emulated", "true"), ("gpu", GPU_A),
+                                                ("model", "Emulated GPU")))] == 4 << 30
+    assert m[("gpulab_gpu_memory_used_bytes", (("gpu", GPU_A),))] == 500 << 20
+    assert m[("gpulab_gpu_utilization_ratio", (("gpu", GPU_A),))] == 0.25
+    assert m[("gpulab_gpu_temperature_celsius", (("gpu", GPU_B),))] == 41.0
+    assert m[("gpulab_gpu_power_watts", (("gpu", GPU_B),))] == 70.5
+    assert m[("gpulab_gpu_sm_clock_hertz", (("gpu", GPU_B),))] == 1.98e9
+    # an unknown fact is no sample, not a made-up 0
+    assert ("gpulab_gpu_temperature_celsius", (("gpu", GPU_A),)) not in m
+
+
+def test_published_state_files(tmp_path):
+    publish(tmp_path / "state", "w1", "http://127.0.0.1:7001", "sekrit")
+    url_file, token_file = control.state_files(tmp_path / "state", "w1")
+    assert url_file.read_text() == "http://127.0.0.1:7001\n" and token_file.read_text() == "sekrit\n"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert published(tmp_path / "state") == {"w1": ("http://127.0.0.1:7001", token_file)}
+
+
+# ------------------------------------------------------------------------------ gpulab vgpu
+
+
+def gpulab_vgpu(*args, env=None, timeout=60):
+    base = {k: v for k, v in os.environ.items() if k not in ("GPULAB_CONTROL_URL", "GPULAB_TOKEN")}
+    return subprocess.run([sys.executable, "-m", "gpulab.cli", "vgpu", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env={**base, **(env or {})})
+
+
+def test_cli_as_admin_from_the_state_directory(server, registry, tmp_path):
+    state = tmp_path / "state"
+    publish(state, "w1", server.url, ADMIN)
+    env = {"GPULAB_STATE_DIR": str(state)}
+    p = gpulab_vgpu("list", env=env)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].split() == ["ID", "USER", "PROFILE", "STATE", "GPUS", "VRAM", "PROCS", "CALLS"]
+    assert lines[1].split() == ["17", "alice", "quarter", "active", "GPU-aaaaaaaa", "500.0", "MiB", "/", "1.0",
+                                "GiB", "2", "20"]
+    assert lines[2].split()[:2] == ["18", "bob"] and "whole GPU" in lines[2]
+    p = gpulab_vgpu("show", "17", env=env)
+    assert p.returncode == 0, p.stderr
+    assert "VRAM:     500.0 MiB / 1.0 GiB (allocations 300.0 MiB, context overhead 200.0 MiB)" in p.stdout
+    assert "errors:   CUDA_ERROR_OUT_OF_MEMORY x3" in p.stdout
+    assert [ln.split()[:2] for ln in p.stdout.splitlines() if ln.startswith("400")] == [["4000", "3000"],
+                                                                                         ["4001", "3001"]]
+    p = gpulab_vgpu("list", "--json", env=env)
+    assert [v["id"] for v in json.loads(p.stdout)] == ["17", "18"]
+    p = gpulab_vgpu("revoke", "18", "--reason", "maintenance", env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "vGPU 18 revoked: an admin of its worker revoked this vGPU: maintenance"
+    assert registry.revoked == [("18", "an admin of its worker revoked this vGPU: maintenance")]
+
+
+def test_cli_as_the_session_from_a_kernels_environment(server, registry):
+    env = {"GPULAB_CONTROL_URL": server.url, "GPULAB_TOKEN": "tok-alice"}
+    registry.record("17", "cuMemAlloc", 1 << 20)
+    registry.record("17", "cuMemAlloc", 2 << 30, "CUDA_ERROR_OUT_OF_MEMORY")
+    p = gpulab_vgpu("trace", "17", env=env)
+    assert p.returncode == 0, p.stderr
+    rows = [ln.split() for ln in p.stdout.splitlines()]
+    assert rows[0] == ["TIME", "PID", "FUNCTION", "DURATION", "BYTES", "RESULT"]
+    assert [r[1:] for r in rows[1:]] == [["3000", "cuMemAlloc", "20", "us", "1.0", "MiB", "CUDA_SUCCESS"],
+                                         ["3000", "cuMemAlloc", "20", "us", "2.0", "GiB", "CUDA_ERROR_OUT_OF_MEMORY"]]
+    p = gpulab_vgpu("show", "18", env=env)  # bob's
+    assert (p.returncode, p.stdout) == (1, "")
+    assert p.stderr.strip() == "gpulab vgpu: there is no vGPU 18 on this worker"
+
+
+def test_cli_trace_follow_prints_calls_as_they_come(server, registry):
+    registry.record("17", "cuInit")
+    env = {"GPULAB_CONTROL_URL": server.url, "GPULAB_TOKEN": "tok-alice"}
+    proc = subprocess.Popen([sys.executable, "-m", "gpulab.cli", "vgpu", "trace", "17", "--follow", "--json"],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, **env})
+    try:
+        first = json.loads(proc.stdout.readline())
+        registry.record("17", "cuMemFree")
+        second = json.loads(proc.stdout.readline())  # within one long-poll, not after it
+        assert (first["function"], second["function"], second["seq"]) == ("cuInit", "cuMemFree", 2)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_cli_errors_are_one_sentence(server, tmp_path):
+    empty = {"GPULAB_STATE_DIR": str(tmp_path / "none")}
+    p = gpulab_vgpu("list", env=empty)
+    assert p.returncode == 1
+    assert p.stderr.strip() == (f"gpulab vgpu: no worker on this host published its control API in "
+                                f"{tmp_path / 'none'}; pass --url and --token, or set GPULAB_CONTROL_URL and "
+                                f"GPULAB_TOKEN")
+    state = tmp_path / "two"
+    publish(state, "w1", server.url, ADMIN)
+    publish(state, "w2", "http://127.0.0.1:9", "x")
+    p = gpulab_vgpu("list", env={"GPULAB_STATE_DIR": str(state)})
+    assert p.returncode == 1 and "several workers" in p.stderr and "w1, w2" in p.stderr
+    p = gpulab_vgpu("list", "--worker", "w1", "--json", env={"GPULAB_STATE_DIR": str(state)})
+    assert p.returncode == 0 and len(json.loads(p.stdout)) == 2
+    p = gpulab_vgpu("list", "--url", server.url, "--token", "wrong")
+    assert p.returncode == 1 and p.stderr.startswith("gpulab vgpu: this needs a credential")
+    assert len(p.stderr.strip().splitlines()) == 1
+    p = gpulab_vgpu("list", "--url", "http://127.0.0.1:9", "--token", "x")  # nothing listens on port 9
+    assert p.returncode == 1 and p.stderr.startswith("gpulab vgpu: cannot reach the worker's control API at "
+                                                     "http://127.0.0.1:9")
+    p = gpulab_vgpu("show", "--url", server.url, "--token", ADMIN)
+    assert p.returncode == 1 and "give one vGPU id" in p.stderr
+
+
+def test_cli_help_describes_every_subcommand():
+    p = gpulab_vgpu("--help")
+    assert p.returncode == 0
+    for cmd in ("list", "show", "trace", "revoke"):
+        assert cmd in p.stdout.splitlines()
+    p = gpulab_vgpu("trace", "--help")
+    assert "--follow" in p.stdout and "--url" in p.stdout and "--json" in p.stdout

@@ -1,19 +1,22 @@
-"""The worker's side of the GPU pool: enrol, register, send heartbeats, ask about session tokens.
+"""The worker's side of the GPU pool: enrol, register, send heartbeats, receive grants.
 
 The shared worker secret only enrols: the first registration of this worker's name answers a
 credential of its own, which the link keeps in a private file and uses for everything after
-(re-registering, heartbeats, session look-ups), so that no holder of the shared secret can
+(re-registering, heartbeats, grant look-ups), so that no holder of the shared secret can
 take this worker's name over.  A pool that no longer knows the credential (a new database, an
 admin released the name) refuses it; the link then enrols again.
 
-Tokens are issued by the pool when it places a vGPU here; the worker asks the pool about
-a token it does not know when a session presents it, so a token works the moment the pool
-has issued it and stops working the moment the allocation is released.
+Grants, not look-ups: every heartbeat's reply lists the vGPUs the pool grants this worker (and
+those it revoked, with why); the link hands them to the worker's registry (vgpus.py), which admits
+their sessions without asking the pool and ends every vGPU no longer granted.  Only a token placed
+since the last heartbeat makes the registry ask the pool (``grant_for``).  The last grants are
+kept in a private file next to the credential, so a worker restarted while the pool is down
+still admits the sessions of the vGPUs it holds.
 
-Each heartbeat carries the VRAM in use of every session whose executor is alive, read from
-the executors' counters (usage.py) at that moment.  The link looks at them twice a second and
-beats at once when a figure changed, so the dashboard follows allocations and frees closely
-without the pool being written to when nothing moves.
+Each heartbeat carries what every vGPU holds (its processes, VRAM used and context overhead, its
+counters and last calls) and the GPUs' facts.  The link looks at the vGPUs twice a second and
+beats at once when a figure changed, so the pool follows allocations and frees closely without
+being written to when nothing moves.
 """
 from __future__ import annotations
 
@@ -25,37 +28,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 
-from .usage import read_usage
 
 log = logging.getLogger("gpulab.worker")
 
-WATCH_PERIOD = 0.5  # seconds between looks at the usage counters; also the least gap between two heartbeats
-
-
-def describe_gpus(kind: str, worker_name: str, emulated_memory: int) -> list[dict]:
-    """The GPUs this worker serves, as the pool records them."""
-    if kind == "emulated":
-        from ..backends.emulated import DEVICE_NAME
-
-        return [{"uuid": "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_DNS, f"gpulab-emulated-{worker_name}")),
-                 "index": 0, "model": DEVICE_NAME, "memory": emulated_memory, "capability": "9.0", "emulated": True}]
-    import pynvml  # nvidia-ml-py: facts without creating a CUDA context in the daemon
-
-    pynvml.nvmlInit()
-    try:
-        gpus = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-            gpus.append({"uuid": _text(pynvml.nvmlDeviceGetUUID(h)), "index": i, "model": _text(name),
-                         "memory": int(pynvml.nvmlDeviceGetMemoryInfo(h).total), "capability": f"{major}.{minor}",
-                         "emulated": False})
-        return gpus
-    finally:
-        pynvml.nvmlShutdown()
+WATCH_PERIOD = 0.5  # seconds between looks at the vGPUs; also the least gap between two heartbeats
+LAST_CALLS = 5      # trace records per vGPU in a heartbeat (the dashboard's "last calls")
+MAX_PROCESSES = 4096  # processes one heartbeat reports over all vGPUs: the pool refuses more
 
 
 def default_credential_file(worker_name: str) -> str:
@@ -71,23 +50,28 @@ class PoolRefused(Exception):
     """The pool refused this worker, with its sentence."""
 
 
-def _text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 class PoolLink:
+    """Registration and heartbeats of one worker; ``registry`` (a VGPURegistry) gives the heartbeat's
+    figures and receives the grants; ``control_url`` (http://host:port) is where its control API
+    listens, which the pool hands the sessions' servers ("" for none)."""
+
     def __init__(self, url: str, token: str, name: str, address: str, node: str, backend: str, gpus: list[dict],
-                 interval: float = 5.0, usage_dir: str = "", credential_file: str = ""):
+                 interval: float = 5.0, credential_file: str = "", registry=None, control_url: str = ""):
         self.url = url.rstrip("/")
         self.token = token  # the enrolment secret
         self.credential_file = credential_file or default_credential_file(name)
+        self.grants_file = os.path.join(os.path.dirname(self.credential_file) or ".", f"worker-{name}.grants")
         self.credential = self._load_credential()
         self.name = name
         self.info = {"name": name, "address": address, "node": node or socket.gethostname(), "backend": backend,
-                     "gpus": gpus}
+                     "control": control_url, "gpus": gpus}
         self.interval = interval
-        self.usage_dir = usage_dir
+        self.registry = registry
+        self._saved = None  # the grants last written to grants_file
         self._stop = threading.Event()
+        if registry is not None:
+            self._restore_grants()
+            registry.set_lookup(self.grant_for)
 
     def _load_credential(self) -> str:
         try:
@@ -96,15 +80,49 @@ class PoolLink:
         except FileNotFoundError:
             return ""
 
-    def _save_credential(self, credential: str) -> None:
-        """Private to the worker's user, written whole (a crash never leaves half a credential)."""
-        os.makedirs(os.path.dirname(self.credential_file) or ".", mode=0o700, exist_ok=True)
-        tmp = f"{self.credential_file}.{os.getpid()}.tmp"
+    def _write_private(self, path: str, text: str) -> None:
+        """Private to the worker's user, written whole (a crash never leaves half a file)."""
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(credential + "\n")
-        os.replace(tmp, self.credential_file)
+            f.write(text)
+        os.replace(tmp, path)
+
+    def _save_credential(self, credential: str) -> None:
+        self._write_private(self.credential_file, credential + "\n")
         self.credential = credential
+
+    def _restore_grants(self) -> None:
+        """The grants of the last reply before this daemon started, so its vGPUs' sessions are admitted
+        while the pool cannot be reached; the first heartbeat's reply replaces them."""
+        try:
+            with open(self.grants_file) as f:
+                saved = json.load(f)
+            grants, revoked = saved["grants"], saved["revoked"]
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("cannot read the saved grants in %s: %s (waiting for the pool's)", self.grants_file, exc)
+            return
+        self.registry.apply_grants(grants, revoked)
+        self._saved = saved
+        log.info("restored %d grant(s) from %s", len(grants), self.grants_file)
+
+    def _apply(self, reply) -> None:
+        """A heartbeat's reply: the registry takes the grants; the file keeps them for a restart."""
+        if not (isinstance(reply, dict) and isinstance(reply.get("grants"), list)
+                and isinstance(reply.get("revoked"), dict)):
+            log.error("the GPU pool's heartbeat reply has no grants: %.200r", reply)
+            return
+        saved = {"grants": reply["grants"], "revoked": reply["revoked"]}
+        self.registry.apply_grants(saved["grants"], saved["revoked"])
+        if saved != self._saved:
+            try:
+                self._write_private(self.grants_file, json.dumps(saved))
+                self._saved = saved
+            except OSError as exc:
+                log.error("cannot save the grants in %s: %s", self.grants_file, exc)
 
     def _request(self, method: str, path: str, body=None, timeout: float = 5.0, token: str | None = None):
         data = json.dumps(body).encode() if body is not None else None
@@ -136,29 +154,54 @@ class PoolLink:
         log.info("enrolled with the GPU pool at %s as %s (credential in %s)", self.url, self.name,
                  self.credential_file)
 
-    def heartbeat(self, usage: dict | None) -> None:
-        """Tell the pool this worker lives and what its sessions hold (None: not known, leave the figures)."""
-        body: dict = {"pid": os.getpid()}
-        if usage is not None:
-            body["sessions"] = usage
+    def vgpu_figures(self) -> list[dict]:
+        """The active vGPUs as the registry describes them (docs/architecture.md, *Worker-side registry*)."""
+        if self.registry is None:
+            return []
+        return [v for v in self.registry.vgpus() if v["state"] == "active"]
+
+    def heartbeat_body(self, vgpus: list[dict]) -> dict:
+        """The heartbeat: every active vGPU (the whole truth) and the GPUs' facts; without a registry
+        only that this worker lives."""
+        if self.registry is None:
+            return {"pid": os.getpid()}
+        body: dict = {"pid": os.getpid(), "vgpus": {}, "gpus": self.registry.gpu_facts()}
+        room = MAX_PROCESSES
+        for v in vgpus:
+            processes = sorted(v["processes"], key=lambda p: -p["used"])[:room]
+            room -= len(processes)
+            body["vgpus"][v["token_hash"]] = {
+                "id": v["id"], "used": v["used"], "overhead": v["overhead"],
+                "processes": [{k: p[k] for k in ("pid", "client_pid", "used", "overhead", "calls")}
+                              for p in processes],
+                **{k: v[k] for k in ("calls", "launches", "bytes_in", "bytes_out")},
+                "errors": sum(v["errors"].values()),
+                "last_calls": self.registry.trace(v["id"], since=0, limit=1 << 30)[0][-LAST_CALLS:]}
+        return body
+
+    def heartbeat(self, body: dict | None = None):
+        """Tell the pool this worker lives and what its vGPUs hold (``body``: as heartbeat_body, built
+        now when None); the reply's grants go to the registry.  The reply, or None."""
+        if body is None:
+            body = self.heartbeat_body(self.vgpu_figures())
         try:
-            self._request("POST", f"/api/workers/{self.name}/heartbeat", body)
+            reply = self._request("POST", f"/api/workers/{self.name}/heartbeat", body)
         except urllib.error.HTTPError as exc:
             if exc.code in (403, 404):  # the pool forgot us (new database, name released): again
                 self.register()
-            else:
-                raise
+                return None
+            raise
+        if self.registry is not None:
+            self._apply(reply)
+        return reply
 
-    def session_usage(self) -> dict:
-        """VRAM in use per session, keyed by token hash, over every live executor of this worker."""
-        return read_usage(self.usage_dir) if self.usage_dir else {}
-
-    def session_limits(self, token: str):
-        """Limits of a session token the pool issued for this worker, or None."""
+    def grant_for(self, hashed: str) -> dict | None:
+        """The pool's grant for a token hash this worker holds no grant for (placed since the last
+        heartbeat), or None; OSError when the pool cannot be asked."""
         if not self.credential:
             return None
         try:
-            return self._request("POST", f"/api/workers/{self.name}/sessions", {"token": token})
+            return self._request("POST", f"/api/workers/{self.name}/grants", {"token_hash": hashed})
         except urllib.error.HTTPError as exc:
             if exc.code in (403, 404):
                 return None
@@ -168,7 +211,8 @@ class PoolLink:
         """Register, then beat until stopped (a thread of the daemon).
 
         The first heartbeat goes right after registering, so the pool hears at once what this
-        worker's sessions hold (after a restart: nothing, as the old daemon's executors died with it)."""
+        worker's vGPUs hold (after a restart: nothing, as the old daemon's executors died with it)
+        and this worker learns its grants."""
         while not self._stop.is_set():
             try:
                 self.register()
@@ -182,17 +226,19 @@ class PoolLink:
         sent, beat_at, failing = None, float("-inf"), False
         while not self._stop.is_set():
             try:
-                usage = self.session_usage()
+                vgpus = self.vgpu_figures()
             except OSError as exc:
-                log.error("cannot read the sessions' VRAM use in %s: %s", self.usage_dir, exc)
-                usage = None
+                log.error("cannot read the vGPUs' figures: %s", exc)
+                vgpus = []
+            # what moves between beats: memory and processes (counters alone wait for the interval)
+            figures = {v["token_hash"]: (v["used"], v["overhead"], len(v["processes"])) for v in vgpus}
             now = time.monotonic()
-            changed = usage != sent and not failing  # an unreachable pool is retried at the interval only
+            changed = figures != sent and not failing  # an unreachable pool is retried at the interval only
             if now - beat_at >= self.interval or (changed and now - beat_at >= WATCH_PERIOD):
                 beat_at = now
                 try:
-                    self.heartbeat(usage)
-                    sent, failing = usage, False
+                    self.heartbeat(self.heartbeat_body(vgpus))
+                    sent, failing = figures, False
                 except (OSError, PoolRefused) as exc:
                     log.warning("heartbeat to the GPU pool failed: %s", _reason(exc))
                     failing = True

@@ -9,12 +9,15 @@ import time
 
 from sqlalchemy import select
 
-from gpu_worker.client import LimitError, gpu_settings
+from gpu_worker.client import LimitError, gpu_settings, token_hash
 
 from .db import GPU, Allocation, Worker, make_sessionmaker
 from .scheduler import GPUState, InvalidRequest, Limits, NoFit, Request, place, validate
 
 log = logging.getLogger("gpulab.pool")
+
+REVOKED_FOR = 3600.0  # seconds an ended allocation stays in its worker's heartbeat replies, with why
+RELEASED = "this vGPU was released: its Jupyter server stopped"
 
 
 class AllocationBook:
@@ -40,21 +43,25 @@ class AllocationBook:
                     states[u].sessions += 1
         return sorted(states.values(), key=lambda s: s.uuid)
 
-    def allocate(self, spec: dict) -> Allocation:
+    def allocate(self, spec: dict) -> tuple[Allocation, str]:
+        """Place a request; the allocation and its session token, which the pool keeps only as a hash:
+        the caller answers it once."""
         req = request_from(spec)
+        token = secrets.token_urlsafe(24)
         with self.Session.begin() as db:
             chosen = place(req, self.gpu_states(db, lock=True), self.strategy, self.limits)
             worker = db.get(Worker, chosen[0].worker)
             alloc = Allocation(user=str(spec["user"]), server_name=str(spec.get("server_name", "")),
                                profile=str(spec.get("profile", "")), worker_name=worker.name,
                                gpu_uuids=",".join(g.uuid for g in chosen), vram=req.vram, compute=req.compute,
-                               count=req.count, mode=req.mode, qos=req.qos, token=secrets.token_urlsafe(24))
+                               count=req.count, mode=req.mode, qos=req.qos, token_hash=token_hash(token))
             db.add(alloc)
         log.info("allocated %s for %s on %s (%d MiB, %d%%)", alloc.id, alloc.user, alloc.worker_name,
                  alloc.vram >> 20, alloc.compute)
-        return alloc
+        return alloc, token
 
     def release(self, alloc_id: int) -> bool:
+        """The spawner gives a vGPU back (its server stopped, or was culled); idempotent."""
         with self.Session.begin() as db:
             alloc = db.get(Allocation, alloc_id)
             if alloc is None:
@@ -63,6 +70,73 @@ class AllocationBook:
                 alloc.status = "released"
                 alloc.ended = alloc.ended or time.time()
         return True
+
+    def revoke(self, alloc_id: int, message: str) -> tuple[Allocation | None, bool]:
+        """An admin ends an active vGPU; its worker ends its sessions at its next heartbeat with
+        ``message``.  The allocation (None: no such one) and whether it was revoked now: one that
+        already ended is left as it was."""
+        with self.Session.begin() as db:
+            alloc = db.get(Allocation, alloc_id)
+            if alloc is None or alloc.status != "active":
+                return alloc, False
+            alloc.status, alloc.ended = "revoked", time.time()
+            alloc.message = f"an admin revoked this vGPU: {message}"
+        log.info("allocation %s of %s revoked by an admin: %s", alloc.id, alloc.user, message)
+        return alloc, True
+
+    def heartbeat(self, name: str, usage: dict | None) -> dict | None:
+        """A worker lives: store what its vGPUs hold (``usage``: {token hash: (used, overhead)}, the whole
+        truth; None leaves the figures alone) and answer its grants and recent revocations.  None: no
+        such worker.  InvalidRequest when a figure is more than the allocation's GPUs have."""
+        with self.Session.begin() as db:
+            w = db.get(Worker, name)
+            if w is None:
+                return None
+            grants, revoked = self._grants(db, w)
+            if usage is not None:
+                memory = {g.uuid: g.memory for g in w.gpus}
+                for a in db.scalars(select(Allocation).where(Allocation.worker_name == name,
+                                                             Allocation.status == "active")):
+                    used, overhead = usage.get(a.token_hash, (0, 0))
+                    bound = sum(memory.get(u, 0) for u in a.gpu_list)
+                    if used + overhead > bound:
+                        raise InvalidRequest(f"allocation {a.id} cannot hold {used + overhead} bytes: its GPUs "
+                                             f"have {bound} bytes")
+                    a.used_vram, a.overhead_vram = used + overhead, overhead
+            if w.status != "up":
+                log.info("worker %s is back", name)
+            w.status, w.last_seen = "up", time.time()
+        return {"grants": grants, "revoked": revoked}
+
+    def grant(self, name: str, hashed: str) -> dict | None:
+        """The grant of worker ``name``'s active allocation with this token hash, or None."""
+        with self.Session.begin() as db:
+            w = db.get(Worker, name)
+            if w is None:
+                return None
+            return next((g for g in self._grants(db, w)[0] if g["token_hash"] == hashed), None)
+
+    def _grants(self, db, w: Worker) -> tuple[list[dict], dict[str, str]]:
+        """Every active allocation on ``w`` as a grant, and {token hash: why} of those that ended in the
+        last REVOKED_FOR seconds.  An allocation whose GPUs the worker no longer offers with room for its
+        quota (it registered again with other GPUs) is revoked here: no grant exceeds its GPU."""
+        now = time.time()
+        memory = {g.uuid: g.memory for g in w.gpus}
+        grants, revoked = [], {}
+        for a in db.scalars(select(Allocation).where(Allocation.worker_name == w.name,
+                                                     (Allocation.status == "active") |
+                                                     (Allocation.ended >= now - REVOKED_FOR))):
+            if a.status == "active":
+                small = [u for u in a.gpu_list if memory.get(u, 0) < a.vram]
+                if not small:
+                    grants.append(grant_json(a))
+                    continue
+                a.status, a.ended = "revoked", now
+                a.message = (f"this vGPU was revoked: worker {w.name} no longer offers GPU {small[0]} with "
+                             f"{a.vram} bytes of memory")
+                log.warning("allocation %s: %s", a.id, a.message)
+            revoked[a.token_hash] = ended_reason(a)
+        return grants, revoked
 
     def availability(self, specs: list[dict]) -> list[dict]:
         """For each request: does it fit now, and how many such vGPUs could still be placed.  A request
@@ -142,10 +216,28 @@ def request_from(spec, where: str = "") -> Request:
     return req
 
 
+def grant_json(a: Allocation) -> dict:
+    """What a worker needs to admit a vGPU's sessions without asking the pool (docs/architecture.md)."""
+    return {"token_hash": a.token_hash, "id": str(a.id), "user": a.user, "profile": a.profile, "qos": a.qos,
+            "gpus": a.gpu_list, "vram": a.vram, "compute": a.compute}
+
+
+def ended_reason(a: Allocation) -> str:
+    """Why an allocation ended, in a sentence its worker gives the vGPU's programs."""
+    if a.status == "released":
+        return RELEASED
+    if a.status == "lost":
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.ended or time.time()))
+        return f"this vGPU was lost: GPU worker {a.worker_name} stopped responding (marked lost at {when})"
+    return a.message  # revoked: the admin's message or why it no longer fits, in a sentence already
+
+
 def allocation_json(a: Allocation, worker: Worker | None) -> dict:
     return {"id": a.id, "user": a.user, "server_name": a.server_name, "profile": a.profile,
             "worker": a.worker_name, "address": worker.address if worker else "",
+            "control_url": worker.control_url if worker else "",
             "node": worker.node if worker else "", "gpus": a.gpu_list,
             "vram": a.vram, "compute": a.compute, "count": a.count, "mode": a.mode, "qos": a.qos,
-            "status": a.status, "message": a.message, "used_vram": a.used_vram, "created": a.created, "ended": a.ended,
+            "status": a.status, "message": a.message, "used_vram": a.used_vram,
+            "overhead_vram": a.overhead_vram, "created": a.created, "ended": a.ended,
             "emulated": worker.backend == "emulated" if worker else False}

@@ -102,7 +102,7 @@ class AllocationsHandler(APIHandler):
             if not isinstance(value, str) or len(value) > 255:
                 raise web.HTTPError(400, f"{field} must be a string of at most 255 characters")
         try:
-            alloc = self.book.allocate(spec)
+            alloc, token = self.book.allocate(spec)
         except InvalidRequest as exc:
             raise web.HTTPError(400, str(exc)) from None
         except NoFit as exc:
@@ -112,7 +112,7 @@ class AllocationsHandler(APIHandler):
             return
         with self.book.Session() as db:
             data = allocation_json(alloc, db.get(Worker, alloc.worker_name))
-        data["token"] = alloc.token
+        data["token"] = token  # once: the pool keeps only its hash
         self.send(data, status=201)
 
     def get(self):
@@ -139,6 +139,23 @@ class AllocationHandler(APIHandler):
             raise web.HTTPError(404, f"no allocation {alloc_id}")
         self.set_status(204)
         self.finish()
+
+
+class RevokeHandler(APIHandler):
+    """An admin ends an active vGPU with a message, which its worker gives the vGPU's programs within
+    one heartbeat (the spawner still releases it when the server stops)."""
+
+    def post(self, alloc_id):
+        message = self.body().get("message")
+        if not isinstance(message, str) or not message.strip() or len(message) > 500:
+            raise web.HTTPError(400, "message must say why, in at most 500 characters")
+        alloc, revoked = self.book.revoke(allocation_id(alloc_id), message.strip())
+        if alloc is None:
+            raise web.HTTPError(404, f"no allocation {alloc_id}")
+        if not revoked:
+            raise web.HTTPError(409, f"allocation {alloc_id} already ended ({alloc.status})")
+        with self.book.Session() as db:
+            self.send(allocation_json(alloc, db.get(Worker, alloc.worker_name)))
 
 
 class AvailabilityHandler(APIHandler):

@@ -7,9 +7,11 @@ internal; the hub's proxy does not route it), at its root (worker_api.py):
 ``POST   api/workers``                       worker   enrol (enrolment secret: a new name, answers
                                                       the worker's own credential) or register again
                                                       (that credential); name, address, node, gpus
-``POST   api/workers/<name>/heartbeat``      worker   keep-alive; a worker silent for
-                                                      ``heartbeat_timeout`` is marked lost
-``POST   api/workers/<name>/sessions``       worker   limits of a session token issued for it
+``POST   api/workers/<name>/heartbeat``      worker   keep-alive with its vGPUs' and GPUs' figures; answers
+                                                      its grants and recent revocations; a worker silent
+                                                      for ``heartbeat_timeout`` is marked lost
+``POST   api/workers/<name>/grants``         worker   the grant of one of its allocations, by token hash
+                                                      (one placed since its last heartbeat)
 ==========================================  =======  ==============================================
 
 On the service URL (``bind_url``, which the hub's proxy publishes), under the service prefix;
@@ -20,6 +22,7 @@ the worker routes above answer 404 there:
 ``POST   api/allocations``                   hub      place a vGPU request; 201 or 503 with a reason
 ``GET    api/allocations[/<id>]``            hub      allocations (``?user=``, ``?status=``)
 ``DELETE api/allocations/<id>``              hub      release (idempotent)
+``POST   api/allocations/<id>/revoke``       hub      an admin ends a vGPU: {"message": why}
 ``POST   api/availability``                  hub      how many of each request would fit now
 ``GET    api/gpus``, ``api/usage``           hub      GPUs with their load; GPU-hours per user
 ``GET    metrics``                           hub      Prometheus metrics (metrics.py); the API token
@@ -44,10 +47,11 @@ from traitlets.config import Application
 
 from .allocations import AllocationBook
 from .api import (AllocationHandler, AllocationsHandler, AvailabilityHandler, GPUsHandler, HealthHandler,
-                  UsageHandler, log_request)
-from .worker_api import (HeartbeatHandler, NotHereHandler, SessionTokenHandler, WorkerCredentialHandler,
+                  RevokeHandler, UsageHandler, log_request)
+from .worker_api import (GrantHandler, HeartbeatHandler, NotHereHandler, WorkerCredentialHandler,
                          WorkersHandler)
 from .dashboard import DashboardHandler
+from .live import LiveFacts
 from .db import Worker
 from .metrics import MetricsHandler, PoolMetrics
 from .scheduler import STRATEGIES, Limits
@@ -156,6 +160,7 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
             (p + r"api/workers(/.*)?", NotHereHandler),
             (p + "api/allocations", AllocationsHandler),
             (p + r"api/allocations/(\d+)", AllocationHandler),
+            (p + r"api/allocations/(\d+)/revoke", RevokeHandler),
             (p + "api/availability", AvailabilityHandler),
             (p + "api/gpus", GPUsHandler),
             (p + "api/usage", UsageHandler),
@@ -173,9 +178,16 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
             ("/api/health", HealthHandler),
             ("/api/workers", WorkersHandler),
             (r"/api/workers/([^/]+)/heartbeat", HeartbeatHandler),
-            (r"/api/workers/([^/]+)/sessions", SessionTokenHandler),
+            (r"/api/workers/([^/]+)/grants", GrantHandler),
         ]
         return web.Application(routes, pool=self, log_function=log_request)
+
+    def open_state(self) -> None:
+        """What the handlers read: the book (the database), the metrics and the workers' last heartbeats."""
+        self.book = AllocationBook(self.db_url, self.strategy,
+                                   Limits(self.vram_oversubscription, self.compute_oversubscription))
+        self.metrics = PoolMetrics(self)
+        self.live = LiveFacts()  # the workers' last heartbeats: vGPU processes, GPU facts (live.py)
 
     def check_heartbeats(self) -> None:
         """Mark silent workers lost, counting each worker that becomes so.  The two reads and the check run
@@ -195,9 +207,7 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, loop.stop)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s gpulab-pool %(levelname)s %(message)s")
-        self.book = AllocationBook(self.db_url, self.strategy,
-                                   Limits(self.vram_oversubscription, self.compute_oversubscription))
-        self.metrics = PoolMetrics(self)
+        self.open_state()
         url = urlparse(self.bind_url)
         app = self.make_app()
         app.listen(url.port or 80, url.hostname or "127.0.0.1")

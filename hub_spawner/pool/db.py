@@ -5,10 +5,16 @@ rows, so they survive restarts of the pool and of the hub.
 """
 from __future__ import annotations
 
+import logging
 import time
 
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Integer, String, create_engine, event, inspect
+from sqlalchemy import (BigInteger, Boolean, Float, ForeignKey, Integer, String, create_engine, event, inspect,
+                        text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+from gpu_worker.client import token_hash
+
+log = logging.getLogger("gpulab.pool")
 
 
 class Base(DeclarativeBase):
@@ -25,6 +31,7 @@ class Worker(Base):
     last_seen: Mapped[float] = mapped_column(Float, default=time.time)
     # sha256 of the credential issued at enrolment (worker_api.py); None: the name may be enrolled
     credential_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    control_url: Mapped[str] = mapped_column(String(255), default="")  # its control API, http://host:port
     gpus: Mapped[list["GPU"]] = relationship(back_populates="worker", cascade="all, delete-orphan")
 
 
@@ -53,9 +60,12 @@ class Allocation(Base):
     count: Mapped[int] = mapped_column(Integer, default=1)
     mode: Mapped[str] = mapped_column(String(16), default="any")
     qos: Mapped[str] = mapped_column(String(16), default="medium")
-    token: Mapped[str] = mapped_column(String(128), unique=True)
-    status: Mapped[str] = mapped_column(String(16), default="active", index=True)  # active | lost | released
-    used_vram: Mapped[int] = mapped_column(BigInteger, default=0)  # reported by the worker's heartbeats
+    # gpu_worker.client.token_hash of the session token; the token itself is answered once, at allocation
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="active", index=True)  # active|lost|released|revoked
+    # reported by the worker's heartbeats: used_vram includes overhead_vram, the CUDA contexts' memory
+    used_vram: Mapped[int] = mapped_column(BigInteger, default=0)
+    overhead_vram: Mapped[int] = mapped_column(BigInteger, default=0)
     message: Mapped[str] = mapped_column(String(1024), default="")
     created: Mapped[float] = mapped_column(Float, default=time.time)
     ended: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -88,13 +98,59 @@ def make_sessionmaker(url: str):
             # take the write lock at the start: two pools placing at once cannot double book
             conn.exec_driver_sql("BEGIN IMMEDIATE")
     Base.metadata.create_all(engine)
-    _add_credential_column(engine)
+    _migrate(engine)
     return engine, sessionmaker(engine, expire_on_commit=False)
 
 
-def _add_credential_column(engine) -> None:
-    """The pool has no migrations; this one column is added in place to a database made before
-    per-worker credentials, whose workers then enrol again (their names are free until they do)."""
-    if "credential_hash" not in {c["name"] for c in inspect(engine).get_columns("workers")}:
-        with engine.begin() as conn:
-            conn.exec_driver_sql("ALTER TABLE workers ADD COLUMN credential_hash VARCHAR(64)")
+# Columns added since the first release, as (table, column, SQL type and default).  The pool has no
+# migration framework: a database made by an older pool is brought up to date in place at start.
+ADDED_COLUMNS = [
+    # per-worker credentials: workers of an older database enrol again (their names are free until they do)
+    ("workers", "credential_hash", "VARCHAR(64)"),
+    ("workers", "control_url", "VARCHAR(255) DEFAULT '' NOT NULL"),
+    ("allocations", "overhead_vram", "BIGINT DEFAULT 0 NOT NULL"),
+    ("allocations", "token_hash", "VARCHAR(64)"),
+]
+
+
+def _migrate(engine) -> None:
+    """Add the columns an older database lacks, then replace its plain session tokens by their hashes."""
+    for table, column, sql in ADDED_COLUMNS:
+        if column not in _columns(engine, table):
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql}")
+    if "token" in _columns(engine, "allocations"):
+        _hash_plain_tokens(engine)
+
+
+def _columns(engine, table: str) -> set[str]:
+    return {c["name"] for c in inspect(engine).get_columns(table)}
+
+
+def _hash_plain_tokens(engine) -> None:
+    """A database from before token hashes: keep each token's hash and drop the tokens, in one
+    transaction.  SQLite cannot drop a UNIQUE column, so there the table is rebuilt."""
+    with engine.begin() as conn:
+        rows = conn.exec_driver_sql("SELECT id, token FROM allocations").all()
+        if rows:
+            conn.execute(text("UPDATE allocations SET token_hash = :hash WHERE id = :id"),
+                         [{"hash": token_hash(token), "id": alloc_id} for alloc_id, token in rows])
+        if engine.dialect.name != "sqlite":
+            conn.exec_driver_sql("ALTER TABLE allocations DROP COLUMN token")
+            return
+        keep = ", ".join(conn.dialect.identifier_preparer.quote(c.name) for c in Allocation.__table__.columns)
+        conn.exec_driver_sql("ALTER TABLE allocations RENAME TO allocations_plain")
+        for index in inspect(conn).get_indexes("allocations_plain"):
+            conn.exec_driver_sql(f"DROP INDEX {index['name']}")
+        Allocation.__table__.create(conn)
+        conn.exec_driver_sql(f"INSERT INTO allocations ({keep}) SELECT {keep} FROM allocations_plain")
+        conn.exec_driver_sql("DROP TABLE allocations_plain")
+    if engine.dialect.name == "sqlite":
+        # the dropped table's pages still hold the tokens' bytes: rewrite the file without them
+        raw = engine.raw_connection()
+        try:
+            raw.cursor().execute("VACUUM")
+            raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            raw.close()
+    log.info("the pool database kept %d session tokens in plain text: only their hashes are kept now", len(rows))

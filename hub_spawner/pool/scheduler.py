@@ -98,7 +98,14 @@ def free_compute(gpu: GPUState, req: Request, limits: Limits) -> float:
 
 
 def fits(gpu: GPUState, req: Request, limits: Limits) -> bool:
-    return free_vram(gpu, req, limits) >= req.vram and free_compute(gpu, req, limits) >= req.compute
+    return (big_enough(gpu, req) and free_vram(gpu, req, limits) >= req.vram
+            and free_compute(gpu, req, limits) >= req.compute)
+
+
+def big_enough(gpu: GPUState, req: Request) -> bool:
+    """One vGPU never holds more than its GPU's memory: oversubscription promises a GPU's memory to
+    several vGPUs, never more of it to one (its worker refuses such a quota at grant)."""
+    return req.vram <= gpu.memory
 
 
 def gib(nbytes: float) -> str:
@@ -129,7 +136,7 @@ def place(req: Request, gpus: list[GPUState], strategy: str, limits: Limits) -> 
         raise NoFit("lost", f"GPU worker {last.worker} stopped responding at "
                     f"{time.strftime('%H:%M', time.localtime(last.last_seen))} and {where}",
                     "Try again in a few minutes; if this goes on, tell your hub admin")
-    biggest = max(g.memory for g in up) * ratios(req, limits)[0]
+    biggest = max(g.memory for g in up)
     if req.vram > biggest:
         raise NoFit("size", f"this profile asks for {gib(req.vram)} of GPU memory but the largest GPU here "
                     f"offers {gib(biggest)}", "Pick a smaller memory option", need=req.vram, free=biggest)
@@ -142,9 +149,9 @@ def place(req: Request, gpus: list[GPUState], strategy: str, limits: Limits) -> 
                     need=req.count, free=max(per_worker.values()))
     free = [g for g in up if fits(g, req, limits)]
     if not free:
-        roomy = [g for g in up if free_vram(g, req, limits) >= req.vram]
+        roomy = [g for g in up if big_enough(g, req) and free_vram(g, req, limits) >= req.vram]
         if not roomy:
-            most = max(0, max(free_vram(g, req, limits) for g in up))
+            most = max(0, max(free_vram(g, req, limits) for g in up if big_enough(g, req)))
             raise NoFit("memory", f"no GPU has {gib(req.vram)} of free memory right now (the most free is "
                         f"{gib(most)})", "Pick a smaller memory option or try again later",
                         need=req.vram, free=most)

@@ -1,4 +1,4 @@
-"""The workers' side of the pool API: enrolment, registration, heartbeats, session look-ups.
+"""The workers' side of the pool API: enrolment, registration, heartbeats and their grants.
 
 A credential per worker, the JupyterHub way (tokens random, stored only as hashes):
 
@@ -6,8 +6,9 @@ A credential per worker, the JupyterHub way (tokens random, stored only as hashe
   only claim a worker name nobody holds yet; the pool then answers a fresh credential for that
   name, once, and keeps its hash.  The worker stores it and uses it from then on.
 * A worker's credential lets it change its own record only: its address, node, GPUs, and the
-  usage figures of its own allocations.  Re-registering another worker's name is refused (403),
-  with the shared secret or with another worker's credential.
+  usage figures of its own allocations; it learns the grants of its own allocations only.
+  Re-registering another worker's name is refused (403), with the shared secret or with another
+  worker's credential.
 * An admin (the hub's token) releases a name whose credential was lost:
   ``DELETE api/workers/<name>/credential``; the next enrolment of that name then succeeds.
 
@@ -29,16 +30,18 @@ from urllib.parse import urlparse
 from sqlalchemy import select
 from tornado import web
 
-from gpu_worker.client import token_hash
-
 from .api import APIHandler
-from .db import GPU, Allocation, Worker
+from .db import GPU, Worker
+from .scheduler import InvalidRequest
 
 log = logging.getLogger("gpulab.pool")
 
 MAX_GPU_MEMORY = 1 << 44   # 16 TiB: far above any GPU, far below what overflows the placement arithmetic
 MAX_GPUS = 64              # GPUs one worker may register
-MAX_SESSIONS = 4096        # usage figures one heartbeat may carry
+MAX_VGPUS = 4096           # vGPUs one heartbeat may report
+MAX_PROCESSES = 4096       # processes one heartbeat may report, over all its vGPUs
+MAX_VRAM = MAX_GPU_MEMORY * MAX_GPUS  # bytes one vGPU may hold at most (its GPUs' bound comes later)
+MAX_COUNT = (1 << 63) - 1  # counters: what a 64-bit integer holds
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # it appears in URL paths and log lines
 CAPABILITY = re.compile(r"(\d{1,3}\.\d{1,3})?")
 
@@ -79,6 +82,22 @@ def check_address(address) -> str:
     raise web.HTTPError(400, f"address must be tcp://host:port or unix:///path, not {address!r:.80}")
 
 
+def check_control(url) -> str:
+    """The worker's control API, http://host:port (or https), or "" where it serves none."""
+    if url == "":
+        return url
+    _text(url, "control", 255)
+    parsed = urlparse(url)
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    if parsed.scheme in ("http", "https") and parsed.hostname and port and not parsed.path.strip("/") \
+            and not parsed.query:
+        return url
+    raise web.HTTPError(400, f"control must be http://host:port or empty, not {url!r:.80}")
+
+
 def check_registration(data: dict) -> dict:
     """The registration body, validated: name, address, node, backend and GPUs."""
     name = data.get("name")
@@ -94,7 +113,8 @@ def check_registration(data: dict) -> dict:
     if backend not in ("cuda", "emulated"):
         raise web.HTTPError(400, f"backend must be 'cuda' or 'emulated', not {backend!r:.40}")
     out = {"name": name, "address": check_address(data.get("address")),
-           "node": _text(data.get("node", ""), "node", 255), "backend": backend, "gpus": []}
+           "node": _text(data.get("node", ""), "node", 255), "backend": backend,
+           "control": check_control(data.get("control", "")), "gpus": []}
     seen = set()
     for i, g in enumerate(gpus):
         if not isinstance(g, dict):
@@ -115,18 +135,102 @@ def check_registration(data: dict) -> dict:
     return out
 
 
-def check_usage(usage) -> dict | None:
-    """A heartbeat's ``sessions`` ({token hash: bytes}) in shape; each allocation's bound comes later."""
-    if usage is None:
+def _number(value, what: str, low: float, high: float, nullable: bool = True):
+    """A finite number in [low, high] (or None where ``nullable``)."""
+    if value is None and nullable:
         return None
-    if not isinstance(usage, dict):
-        raise web.HTTPError(400, "sessions must map token hashes to bytes in use")
-    if len(usage) > MAX_SESSIONS:
-        raise web.HTTPError(400, f"a heartbeat may report at most {MAX_SESSIONS} sessions")
-    for key, value in usage.items():
-        _text(key, "a session's token hash", 128, required=True)
-        _int(value, f"bytes in use of session {key:.32}", 0, MAX_GPU_MEMORY * MAX_GPUS)
-    return usage
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise web.HTTPError(400, f"{what} must be a number from {low:g} to {high:g}"
+                                 f"{' or null' if nullable else ''}, not {value!r:.40}")
+    return value
+
+
+def _object(value, what: str, longest: int) -> dict:
+    return _bounded(value, what, longest, dict, "a JSON object")
+
+
+def _list(value, what: str, longest: int) -> list:
+    return _bounded(value, what, longest, list, "a list")
+
+
+def _bounded(value, what: str, longest: int, kind: type, name: str):
+    """A JSON object or list of at most ``longest`` entries."""
+    if not isinstance(value, kind):
+        raise web.HTTPError(400, f"{what} must be {name}")
+    if len(value) > longest:
+        raise web.HTTPError(400, f"{what} may have at most {longest} entries, not {len(value)}")
+    return value
+
+
+def _counts(entry: dict, what: str, names) -> dict:
+    """The named counters of a heartbeat entry: whole numbers, 0 when absent."""
+    return {k: _int(entry.get(k, 0), f"{what}.{k}", 0, MAX_COUNT) for k in names}
+
+
+def check_call(call, what: str) -> dict:
+    """One trace record of a vGPU's last calls (docs/architecture.md)."""
+    _object(call, what, 16)
+    return {"seq": _int(call.get("seq", 0), f"{what}.seq", 0, MAX_COUNT),
+            "time": _number(call.get("time"), f"{what}.time", 0, 1e11, nullable=False),
+            "pid": _int(call.get("pid", 0), f"{what}.pid", 0, 1 << 32),
+            "function": _text(call.get("function", ""), f"{what}.function", 128),
+            "duration": _number(call.get("duration", 0), f"{what}.duration", 0, 1e9, nullable=False),
+            "bytes": _int(call.get("bytes", 0), f"{what}.bytes", 0, MAX_COUNT),
+            "result": _int(call.get("result", 0), f"{what}.result", 0, 1 << 32),
+            "error": _text(call.get("error", ""), f"{what}.error", 128)}
+
+
+def check_vgpu(entry, what: str) -> dict:
+    """One vGPU of a heartbeat: its figures, processes and last calls.  Each figure has a bound here;
+    the bound of its allocation (the memory of its GPUs) is checked against the database."""
+    _object(entry, what, 32)
+    out = {"id": _text(entry.get("id", ""), f"{what}.id", 64),
+           "used": _int(entry.get("used", 0), f"{what}.used", 0, MAX_VRAM),
+           "overhead": _int(entry.get("overhead", 0), f"{what}.overhead", 0, MAX_VRAM),
+           **_counts(entry, what, ("calls", "launches", "bytes_in", "bytes_out", "errors")), "processes": []}
+    for i, p in enumerate(_list(entry.get("processes", []), f"{what}.processes", MAX_PROCESSES)):
+        where = f"{what}.processes[{i}]"
+        _object(p, where, 16)
+        out["processes"].append({"pid": _int(p.get("pid", 0), f"{where}.pid", 0, 1 << 32),
+                                 "client_pid": _int(p.get("client_pid", 0), f"{where}.client_pid", 0, 1 << 32),
+                                 "used": _int(p.get("used", 0), f"{where}.used", 0, MAX_VRAM),
+                                 "overhead": _int(p.get("overhead", 0), f"{where}.overhead", 0, MAX_VRAM),
+                                 "calls": _int(p.get("calls", 0), f"{where}.calls", 0, MAX_COUNT)})
+    out["last_calls"] = [check_call(c, f"{what}.last_calls[{i}]")
+                         for i, c in enumerate(_list(entry.get("last_calls", []), f"{what}.last_calls", 5))]
+    return out
+
+
+def check_gpu_facts(facts, what: str) -> dict:
+    """One GPU's device facts in a heartbeat (NVML's, or the emulated device's own)."""
+    _object(facts, what, 16)
+    if not isinstance(facts.get("emulated", False), bool):
+        raise web.HTTPError(400, f"{what}.emulated must be true or false")
+    used = facts.get("memory_used")
+    return {"memory_total": _int(facts.get("memory_total"), f"{what}.memory_total", 0, MAX_GPU_MEMORY),
+            "memory_used": None if used is None else _int(used, f"{what}.memory_used", 0, MAX_GPU_MEMORY),
+            "utilization": _number(facts.get("utilization"), f"{what}.utilization", 0, 1),
+            "temperature": _number(facts.get("temperature"), f"{what}.temperature", -273, 1000),
+            "power": _number(facts.get("power"), f"{what}.power", 0, 1e5),
+            "sm_clock": _number(facts.get("sm_clock"), f"{what}.sm_clock", 0, 1e11),
+            "emulated": facts.get("emulated", False)}
+
+
+def check_heartbeat(data: dict) -> dict:
+    """A heartbeat body in shape (docs/architecture.md, *Heartbeat*): "vgpus" {token hash: entry} and
+    "gpus" {uuid: facts}, each optional (absent: that part is left as it was)."""
+    out = {}
+    if "vgpus" in data:
+        vgpus = _object(data["vgpus"], "vgpus", MAX_VGPUS)
+        out["vgpus"] = {_text(h, "a vGPU's token hash", 128, required=True): check_vgpu(e, f"vgpus[{h:.32}]")
+                        for h, e in vgpus.items()}
+        if sum(len(e["processes"]) for e in out["vgpus"].values()) > MAX_PROCESSES:
+            raise web.HTTPError(400, f"a heartbeat may report at most {MAX_PROCESSES} processes")
+    if "gpus" in data:
+        gpus = _object(data["gpus"], "gpus", MAX_GPUS)
+        out["gpus"] = {_text(u, "a GPU uuid", 128, required=True): check_gpu_facts(f, f"gpus[{u:.40}]")
+                       for u, f in gpus.items()}
+    return out
 
 
 class WorkerAPIHandler(APIHandler):
@@ -179,7 +283,7 @@ class WorkersHandler(WorkerAPIHandler):
             w = w or Worker(name=name)
             if credential:
                 w.credential_hash = credential_hash(credential)
-            w.address, w.node, w.backend = reg["address"], reg["node"], reg["backend"]
+            w.address, w.node, w.backend, w.control_url = reg["address"], reg["node"], reg["backend"], reg["control"]
             w.status, w.last_seen = "up", time.time()
             db.add(w)
             known = {g.uuid: g for g in w.gpus}
@@ -195,46 +299,41 @@ class WorkersHandler(WorkerAPIHandler):
 
 
 class HeartbeatHandler(WorkerAPIHandler):
-    """A worker is alive; with ``sessions`` ({token hash: bytes}), what each of its live sessions holds.
+    """A worker is alive; with "vgpus", what each of its vGPUs holds (the whole truth: an active
+    allocation missing from it holds nothing), with "gpus" its devices' facts.  The database keeps
+    each allocation's VRAM in use (used + overhead) and overhead; the rest stays in memory
+    (live.py).  Only the worker's own allocations are touched; figures for other hashes are ignored.
 
-    The figures are the whole truth at that moment: an active allocation on the worker that is
-    missing from them holds nothing.  A heartbeat without ``sessions`` leaves the figures alone.
-    Only the worker's own allocations are touched; figures for other hashes are ignored."""
+    The reply is the worker's grants (every active allocation on it) and "revoked" {token hash: why}
+    of its allocations that ended in the last hour: the worker ends every vGPU not granted."""
 
     def post(self, name):
         self.own(name)
-        usage = check_usage(self.body().get("sessions"))
-        with self.book.Session.begin() as db:
-            w = db.get(Worker, name)
-            if w is None:
-                raise web.HTTPError(404, f"unknown worker {name}")
-            if usage is not None:
-                memory = {g.uuid: g.memory for g in w.gpus}
-                for a in db.scalars(select(Allocation).where(Allocation.worker_name == name,
-                                                             Allocation.status == "active")):
-                    used = usage.get(token_hash(a.token), 0)
-                    bound = sum(memory.get(u, 0) for u in a.gpu_list)
-                    if used > bound:
-                        raise web.HTTPError(400, f"allocation {a.id} cannot hold {used} bytes: its GPUs have "
-                                                 f"{bound} bytes")
-                    a.used_vram = used
-            if w.status != "up":
-                log.info("worker %s is back", name)
-            w.status, w.last_seen = "up", time.time()
-        self.send({})
+        body = check_heartbeat(self.body())
+        usage = None
+        if "vgpus" in body:
+            usage = {h: (e["used"], e["overhead"]) for h, e in body["vgpus"].items()}
+        try:
+            reply = self.book.heartbeat(name, usage)
+        except InvalidRequest as exc:
+            raise web.HTTPError(400, str(exc)) from None
+        if reply is None:
+            raise web.HTTPError(404, f"unknown worker {name}")
+        self.pool.live.record(name, body)
+        self.send(reply)
 
 
-class SessionTokenHandler(WorkerAPIHandler):
+class GrantHandler(WorkerAPIHandler):
+    """A session presents a token the worker has no grant for yet (placed since its last heartbeat):
+    the worker asks by the token's hash; only its own active allocations answer."""
+
     def post(self, name):
         self.own(name)
-        token = self.body().get("token", "")
-        if not isinstance(token, str):
-            raise web.HTTPError(400, "token must be a string")
-        with self.book.Session.begin() as db:
-            a = db.scalars(select(Allocation).where(Allocation.token == token)).first()
-            if a is None or a.worker_name != name or a.status != "active":
-                raise web.HTTPError(404, "no active allocation with this token on this worker")
-            self.send({"vram": a.vram, "compute": a.compute, "allocation": a.id, "user": a.user})
+        hashed = _text(self.body().get("token_hash"), "token_hash", 128, required=True)
+        grant = self.book.grant(name, hashed)
+        if grant is None:
+            raise web.HTTPError(404, "no active allocation with this token hash on this worker")
+        self.send(grant)
 
 
 class WorkerCredentialHandler(APIHandler):

@@ -264,6 +264,8 @@ class GPUSpawner(Configurable):
                         "GPULAB_VRAM": str(alloc["vram"]), "GPULAB_COMPUTE": str(alloc["compute"]),
                         "GPULAB_ALLOCATION": str(alloc["id"]),
                         "LD_LIBRARY_PATH": ":".join(p for p in (self.shim_path, env.get("LD_LIBRARY_PATH")) if p)})
+            if alloc.get("control_url"):  # the worker's control API: `gpulab vgpu` as the session itself
+                env["GPULAB_CONTROL_URL"] = alloc["control_url"]
         return env
 
     def get_state(self):

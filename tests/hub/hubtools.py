@@ -204,7 +204,10 @@ class Pool:
              f"--GPUPool.bind_url=http://127.0.0.1:{self.port}", f"--GPUPool.worker_bind_url={self.worker_url}",
              f"--GPUPool.heartbeat_timeout={timeout}", *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert "listening" in self.proc.stdout.readline()
+        line = self.proc.stdout.readline()
+        while line and "listening" not in line:  # e.g. what a migration of an older database said
+            line = self.proc.stdout.readline()
+        assert "listening" in line
 
     def call(self, method, path, body=None, token=HUB_TOKEN):
         return _call(method, self.url + path, body, token)

@@ -35,7 +35,7 @@ PROFILES = [
 def alloc(mode="remote", node="gpu-node-2", **kw) -> dict:
     """What the pool answers to POST api/allocations (plus the worker's node)."""
     return {"id": 17, "user": "alice", "worker": "gpu-node-2", "address": "tcp://10.1.2.3:7000",
-            "token": "s3ssion-t0ken", "gpus": ["GPU-0"], "vram": 4 << 30, "compute": 25, "count": 1,
+            "token": "s3ssion-t0ken", "control_url": "http://10.1.2.3:7100", "gpus": ["GPU-0"], "vram": 4 << 30, "compute": 25, "count": 1,
             "mode": mode, "node": node, "status": "active", **kw}
 
 
@@ -91,7 +91,7 @@ def test_remote_vgpu_is_environment_only(make_spawner):
     pod = place(make_spawner(), alloc("remote"))
     env = container_env(pod)
     assert env["GPULAB_WORKER"] == "tcp://10.1.2.3:7000"
-    assert env["GPULAB_TOKEN"] == "s3ssion-t0ken"
+    assert env["GPULAB_TOKEN"] == "s3ssion-t0ken" and env["GPULAB_CONTROL_URL"] == "http://10.1.2.3:7100"
     assert env["GPULAB_VRAM"] == str(4 << 30) and env["GPULAB_COMPUTE"] == "25"
     assert env["GPULAB_ALLOCATION"] == "17"
     assert env["LD_LIBRARY_PATH"].split(":")[0] == "/opt/gpulab/lib"

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gpu_worker.client import shim_env
+from gpu_worker.client import shim_env, token_hash
 from hubtools import G, HUB_TOKEN, WORKER_TOKEN, Pool
 from workertools import PRELUDE
 
@@ -20,13 +20,13 @@ def test_allocate_issue_token_and_release(pool):
     pool.register()
     status, alloc = pool.call("POST", "api/allocations", {"user": "ann", "vram": "4G", "compute": 25})
     assert status == 201 and alloc["address"] == "tcp://10.0.0.1:7001" and alloc["token"]
-    # the worker asks about the token a session presents
-    status, limits = pool.worker_call("POST", "api/workers/w1/sessions", {"token": alloc["token"]})
-    assert status == 200 and limits["vram"] == 4 * G
-    assert pool.worker_call("POST", "api/workers/w1/sessions", {"token": "forged"})[0] == 404
+    # the worker asks for the grant of a token a session presents, by its hash
+    status, grant = pool.worker_call("POST", "api/workers/w1/grants", {"token_hash": token_hash(alloc["token"])})
+    assert status == 200 and grant["vram"] == 4 * G and grant["id"] == str(alloc["id"])
+    assert pool.worker_call("POST", "api/workers/w1/grants", {"token_hash": token_hash("forged")})[0] == 404
     assert pool.call("DELETE", f"api/allocations/{alloc['id']}")[0] == 204
     assert pool.call("DELETE", f"api/allocations/{alloc['id']}")[0] == 204  # idempotent
-    assert pool.worker_call("POST", "api/workers/w1/sessions", {"token": alloc["token"]})[0] == 404
+    assert pool.worker_call("POST", "api/workers/w1/grants", {"token_hash": token_hash(alloc["token"])})[0] == 404
     _, usage = pool.call("GET", "api/usage")
     assert usage[0]["user"] == "ann" and usage[0]["active"] == 0 and usage[0]["gpu_hours"] > 0
 
@@ -89,7 +89,7 @@ def test_allocations_survive_a_restart(tmp_path):
         assert a["status"] == "active" and a["user"] == "ann"
         status, body = p.call("POST", "api/allocations", {"user": "bob", "vram": "8G"})
         assert status == 503  # the 12 GiB are still promised
-        assert p.worker_call("POST", "api/workers/w1/sessions", {"token": alloc["token"]})[0] == 200
+        assert p.worker_call("POST", "api/workers/w1/grants", {"token_hash": token_hash(alloc["token"])})[0] == 200
     finally:
         p.stop()
 

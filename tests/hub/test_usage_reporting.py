@@ -153,8 +153,7 @@ def test_allocations_and_frees_reach_the_pool_within_one_heartbeat(setup):
 def test_executors_end_with_their_daemon_and_a_new_daemon_reports_none_of_their_use(setup):
     """Executors die with their daemon (they ask for PR_SET_PDEATHSIG), so a worker the pool marks
     lost holds no GPU memory the pool could place again.  The program's next call fails with a
-    reason, the counters the executors left are removed, and the pool's figure goes to 0 under
-    the new daemon.  (Before: executors outlived a killed daemon and went on serving.)"""
+    reason, and the pool's figure goes to 0 under the new daemon (its vGPUs' ledgers start empty).  (Before: executors outlived a killed daemon and went on serving.)"""
     pool, alloc, start_daemon, _, daemons = setup
     client = Client(daemons[-1].address, alloc["token"], stderr=subprocess.PIPE)
     try:
@@ -181,8 +180,6 @@ def test_executors_end_with_their_daemon_and_a_new_daemon_reports_none_of_their_
     assert used_vram(pool, alloc["id"]) == 7 * MiB  # no daemon, no heartbeat: the pool's last word
     start_daemon()
     wait_used(pool, alloc["id"], 0, 20)  # start-up, registration, then its first heartbeat
-    usage_dirs = [d for d in os.listdir(old.runtime_dir) if d.startswith("gpulab-usage-")]
-    assert usage_dirs and all(not os.listdir(os.path.join(old.runtime_dir, d)) for d in usage_dirs)
 
 
 def test_an_executor_killed_mid_session_stops_counting(setup):
@@ -204,6 +201,43 @@ def test_heartbeats_without_session_figures_leave_them_alone(setup):
     daemons[-1].kill_group()
     assert beat(pool, daemons[-1], {}) == 200
     assert used_vram(pool, alloc["id"]) == 3 * MiB
-    for bad in ({"sessions": []}, {"sessions": {"x": "lots"}}, {"sessions": {"x": -1}}):
+    for bad in ({"vgpus": []}, {"vgpus": {"x": {"used": "lots"}}}, {"vgpus": {"x": {"used": -1}}}):
         assert beat(pool, daemons[-1], bad) == 400
     assert used_vram(pool, alloc["id"]) == 3 * MiB
+
+
+@pytest.mark.parametrize("end, reason", [
+    (("DELETE", ""), "this vGPU was released: its Jupyter server stopped"),
+    (("POST", "/revoke"), "an admin revoked this vGPU: GPU maintenance"),
+])
+def test_a_release_or_revocation_ends_the_live_sessions_within_one_heartbeat(setup, end, reason):
+    """Grants, not look-ups: the spawner releases the vGPU (its server stopped or was culled) or an
+    admin revokes it, and the program's next call fails with the pool's reason within one heartbeat."""
+    pool, alloc, _, _, daemons = setup
+    client = Client(daemons[-1].address, alloc["token"], stderr=subprocess.PIPE)
+    try:
+        client("alloc", "a", 3 * MiB)
+        method, suffix = end
+        status, _ = pool.call(method, f"api/allocations/{alloc['id']}{suffix}", {"message": "GPU maintenance"})
+        assert status in (200, 204)
+        time.sleep(INTERVAL + SLACK)
+        client.proc.stdin.write("alloc b 1024\n")
+        client.proc.stdin.flush()
+        assert client.proc.stdout.readline() == ""  # the program stopped at the refused call
+        stderr = client.proc.stderr.read()
+        assert reason in stderr, stderr
+    finally:
+        client.close()
+
+
+def test_a_pool_outage_does_not_stop_new_kernels(setup):
+    """The worker holds its grants: with the pool down, a running lab opens new kernels on its vGPU,
+    also after the worker itself restarted (the grants it saved)."""
+    pool, alloc, start_daemon, connect, daemons = setup
+    connect(alloc["token"])("alloc", "a", 1 * MiB)
+    wait_used(pool, alloc["id"], 1 * MiB, INTERVAL + SLACK)  # a heartbeat (and its grants) went both ways
+    pool.stop()
+    connect(alloc["token"])("alloc", "b", 2 * MiB)
+    daemons[-1].kill_group()
+    start_daemon()
+    connect(alloc["token"])("alloc", "c", 2 * MiB)

@@ -41,20 +41,21 @@ def test_a_worker_touches_only_its_own_allocations(pool):
     pool.register("w2", node="n2")
     _, a1 = pool.call("POST", "api/allocations", {"user": "ann", "vram": "4G", "mode": "local", "node": "n1"})
     assert a1["worker"] == "w1", a1
-    mine = {token_hash(a1["token"]): 3 * G}
-    assert pool.worker_call("POST", "api/workers/w1/heartbeat", {"sessions": mine})[0] == 200
-    # w2 cannot beat for w1, nor does its own heartbeat reach w1's allocation
-    status, body = pool.worker_call("POST", "api/workers/w1/heartbeat", {"sessions": {}}, worker="w2")
+    h1 = token_hash(a1["token"])
+    status, reply = pool.worker_call("POST", "api/workers/w1/heartbeat", vgpus({h1: 3 * G}))
+    assert status == 200 and [g["token_hash"] for g in reply["grants"]] == [h1]
+    # w2 cannot beat for w1, nor does its own heartbeat reach w1's allocation or learn its grant
+    status, body = pool.worker_call("POST", "api/workers/w1/heartbeat", vgpus({}), worker="w2")
     assert status == 403 and "belongs to worker w2" in body["message"]
-    assert pool.worker_call("POST", "api/workers/w2/heartbeat", {"sessions": {token_hash(a1["token"]): 5}},
-                            worker="w2")[0] == 200
-    status, body = pool.worker_call("POST", "api/workers/w1/heartbeat", {"sessions": {}}, WORKER_TOKEN)
+    status, reply = pool.worker_call("POST", "api/workers/w2/heartbeat", vgpus({h1: 5}), worker="w2")
+    assert status == 200 and reply == {"grants": [], "revoked": {}}
+    status, body = pool.worker_call("POST", "api/workers/w1/heartbeat", vgpus({}), WORKER_TOKEN)
     assert status == 403 and "enrolment secret cannot act for worker w1" in body["message"]
     assert pool.call("GET", f"api/allocations/{a1['id']}")[1]["used_vram"] == 3 * G
-    # nor learn the limits of w1's session tokens
-    assert pool.worker_call("POST", "api/workers/w1/sessions", {"token": a1["token"]}, worker="w2")[0] == 403
-    assert pool.worker_call("POST", "api/workers/w2/sessions", {"token": a1["token"]}, worker="w2")[0] == 404
-    assert pool.worker_call("POST", "api/workers/w1/sessions", {"token": a1["token"]}, WORKER_TOKEN)[0] == 403
+    # nor learn the grants of w1's session tokens
+    assert pool.worker_call("POST", "api/workers/w1/grants", {"token_hash": h1}, worker="w2")[0] == 403
+    assert pool.worker_call("POST", "api/workers/w2/grants", {"token_hash": h1}, worker="w2")[0] == 404
+    assert pool.worker_call("POST", "api/workers/w1/grants", {"token_hash": h1}, WORKER_TOKEN)[0] == 403
 
 
 def test_an_admin_releases_a_lost_credential(pool):
@@ -106,30 +107,45 @@ def test_bad_registrations_are_refused_with_a_sentence(pool, change, sentence):
     assert pool.call("GET", "api/gpus")[1] == []
 
 
-@pytest.mark.parametrize("sessions, sentence", [
-    ({"x": -5}, "must be between 0"),
-    ({"x": "lots"}, "must be an integer"),
-    ({"x": 1e30}, "must be an integer"),
-    ({"x": True}, "must be an integer"),
-    ([], "sessions must map token hashes to bytes in use"),
-    ("abc", "sessions must map token hashes to bytes in use"),
+def vgpus(used: dict, **entry) -> dict:
+    """A heartbeat body reporting ``used`` bytes ({token hash: bytes}) of each vGPU, with ``entry``'s fields."""
+    return {"vgpus": {h: {"id": "1", "used": n, "overhead": 0, **entry} for h, n in used.items()}}
+
+
+@pytest.mark.parametrize("body, sentence", [
+    (vgpus({"x": -5}), "vgpus[x].used must be between 0"),
+    (vgpus({"x": "lots"}), "vgpus[x].used must be an integer"),
+    (vgpus({"x": 1e30}), "must be an integer"),
+    (vgpus({"x": True}), "must be an integer"),
+    (vgpus({"x": 1}, overhead=-1), "vgpus[x].overhead must be between 0"),
+    (vgpus({"x": 1}, processes={}), "vgpus[x].processes must be a list"),
+    (vgpus({"x": 1}, processes=[{"pid": "a"}]), "vgpus[x].processes[0].pid must be an integer"),
+    (vgpus({"x": 1}, last_calls=[{}] * 6), "vgpus[x].last_calls may have at most 5 entries"),
+    (vgpus({"x": 1}, last_calls=[{"time": 1.0, "function": 7}]), "last_calls[0].function must be a string"),
+    (vgpus({f"h{i}": 0 for i in range(4097)}), "vgpus may have at most 4096 entries"),
+    (vgpus({"x": 0}, processes=[{}] * 4097), "processes may have at most 4096 entries"),
+    ({"vgpus": []}, "vgpus must be a JSON object"),
+    ({"vgpus": "abc"}, "vgpus must be a JSON object"),
+    ({"gpus": {"GPU-w1-0": {"memory_total": 1, "utilization": 2}}}, "utilization must be a number from 0 to 1"),
+    ({"gpus": {"GPU-w1-0": {"memory_total": 1, "temperature": float("nan")}}}, "temperature must be a number"),
+    ({"gpus": {"GPU-w1-0": {"memory_total": 1, "emulated": "yes"}}}, "emulated must be true or false"),
+    ({"gpus": {"GPU-w1-0": {"memory_used": 1}}}, "memory_total must be an integer"),
     ("own", "its GPUs have 17179869184 bytes"),  # more than the allocation's GPU holds
 ])
-def test_bad_heartbeats_are_refused_with_a_sentence(pool, sessions, sentence):
+def test_bad_heartbeats_are_refused_with_a_sentence(pool, body, sentence):
     pool.register("w1")
     _, alloc = pool.call("POST", "api/allocations", {"user": "ann", "vram": "4G"})
-    good = {token_hash(alloc["token"]): 2 * G}
-    assert pool.worker_call("POST", "api/workers/w1/heartbeat", {"sessions": good})[0] == 200
-    if sessions == "own":
-        sessions = {token_hash(alloc["token"]): 16 * G + 1}
-    status, body = pool.worker_call("POST", "api/workers/w1/heartbeat", {"sessions": sessions})
-    assert status == 400 and sentence in body["message"], body
+    assert pool.worker_call("POST", "api/workers/w1/heartbeat", vgpus({token_hash(alloc["token"]): 2 * G}))[0] == 200
+    if body == "own":  # used and overhead add up past the GPU's memory
+        body = vgpus({token_hash(alloc["token"]): 16 * G}, overhead=1)
+    status, answer = pool.worker_call("POST", "api/workers/w1/heartbeat", body)
+    assert status == 400 and sentence in answer["message"], answer
     assert pool.call("GET", f"api/allocations/{alloc['id']}")[1]["used_vram"] == 2 * G  # untouched
 
 
 def test_the_service_url_does_not_serve_the_worker_api(pool):
     pool.register("w1")
-    for path in ("api/workers", "api/workers/w1/heartbeat", "api/workers/w1/sessions"):
+    for path in ("api/workers", "api/workers/w1/heartbeat", "api/workers/w1/grants"):
         for token in (WORKER_TOKEN, pool.credentials["w1"], HUB_TOKEN):
             status, body = pool.call("POST", path, {}, token)
             assert status == 404 and "worker API is not served here" in body["message"], (path, body)
@@ -145,7 +161,7 @@ def test_gpulab_up_keeps_the_worker_api_off_its_proxy(hub):
     """The hub's public URL refuses worker routes; the pool's internal listener serves them, and the
     lab's worker enrolled there with a credential of its own."""
     secret = json.loads((hub.state / "secrets.json").read_text())["pool_worker_token"]
-    for path in ("api/workers", "api/workers/local/heartbeat", "api/workers/local/sessions"):
+    for path in ("api/workers", "api/workers/local/heartbeat", "api/workers/local/grants"):
         status, body = _call("POST", f"{hub.url}/services/gpulab-pool/{path}", registration("local"), secret)
         assert status == 404 and "worker API is not served here" in body["message"], (path, body)
     internal = hub_settings(hub)["pool_worker_url"]

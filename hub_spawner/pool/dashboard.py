@@ -1,4 +1,5 @@
-"""The admin dashboard: GPUs, workers, sessions and GPU-hours per user (JupyterHub OAuth).
+"""The admin dashboard: GPUs, workers, sessions and GPU-hours per user (JupyterHub OAuth); per GPU its
+VRAM by vGPU and its last hour, per vGPU its usage, processes and last calls (panels.py).
 
 It is rendered from ``templates/dashboard.html``, which extends JupyterHub's own ``page.html``
 (found in the hub's installed templates), so the pool looks like the hub: the same navbar,
@@ -20,6 +21,7 @@ from tornado import web
 from tornado.httputil import responses
 
 from .db import Allocation, Worker
+from .panels import gpu_facts, history_chart, vgpu_rows, vram_bar
 
 TEMPLATES = Path(__file__).parent / "templates"
 GIB = 2**30
@@ -73,6 +75,24 @@ def dashboard_rows(gpus: list[dict], workers, sessions, usage: list[dict]) -> di
     }
 
 
+def dashboard_panels(gpus: list[dict], sessions, live, now: float) -> dict:
+    """Per GPU its VRAM bar, last-hour chart and latest facts; per active vGPU its panel.  An emulated
+    GPU says so in its heading (the emulated backend's model name already does)."""
+    active = [a for a in sessions if a.status == "active"]
+    panels = []
+    for g in gpus:
+        facts = live.gpu(g["uuid"]) if live else None
+        emulated = g["emulated"] or bool(facts and facts.get("emulated"))
+        total = (facts or {}).get("memory_total") or g["memory"]
+        panels.append({"uuid": g["uuid"], "worker": g["worker"], "model": g["model"],
+                       "emulated_badge": emulated and "emulated" not in g["model"].lower(),
+                       "bar": vram_bar(g, [a for a in active if g["uuid"] in a.gpu_list], live),
+                       "chart": history_chart(live.history(g["uuid"]) if live else [], total, now),
+                       "facts": gpu_facts(facts)})
+    return {"panels": panels,
+            "vgpus": [vgpu_rows(a, live.vgpu(a.token_hash) if live else None) for a in active]}
+
+
 class DashboardHandler(HubOAuthenticated, web.RequestHandler):
     """The admin dashboard: GPUs, workers, sessions, GPU-hours per user."""
 
@@ -97,7 +117,8 @@ class DashboardHandler(HubOAuthenticated, web.RequestHandler):
             sessions = list(db.scalars(select(Allocation).where(Allocation.status != "released")
                                        .order_by(Allocation.id)))
         self.finish(self.render_page("dashboard.html", user,
-                                     **dashboard_rows(gpus, workers, sessions, pool.book.usage_table())))
+                                     **dashboard_rows(gpus, workers, sessions, pool.book.usage_table()),
+                                     **dashboard_panels(gpus, sessions, pool.live, time.time())))
 
     def write_error(self, status_code, **kwargs):
         """Errors of a signed-in user look like the hub's own error page."""

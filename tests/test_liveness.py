@@ -198,9 +198,14 @@ def test_the_executor_sends_keepalives_only_while_a_call_runs_long():
     from gpu_worker.api.protocol import FLAG_REPLY, REP_HEADER, REQ_HEADER
     from gpu_worker.api.wire import REPLY_KEEPALIVE
     from gpu_worker.daemon.executor import Executor, FrameReader
+    from gpu_worker.daemon.ledger import Ledger, Slot
 
     class Session:
         label = "test"
+        call_bytes = launches = bytes_in = bytes_out = 0
+        ended = ""
+        ledger = Ledger(1, None)
+        slot = Slot(ledger, ledger.claim())
 
         def handlers(self):
             return {100: ("slow", "sync", lambda payload: (time.sleep(2.6), b"done")[1]),

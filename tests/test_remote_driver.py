@@ -169,13 +169,7 @@ done(launches=sorted(set(launches)), bad=bad, sync1=sync1, sync2=sync2,
 def test_a_pipelined_free_reaches_the_worker_at_once(make_worker, tmp_path):
     """cuMemFree needs no reply, yet the worker's usage figure (what the pool and its dashboard
     show) drops at once, while the program goes on without any synchronizing call."""
-    from gpu_worker.daemon.usage import read_usage
-
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
-    # a pool address makes the worker publish usage; nothing listens there, and tokens are local
-    w = make_worker(extra=("--pool-url", "http://127.0.0.1:9", "--name", "w-free"),
-                    env=dict(os.environ, XDG_RUNTIME_DIR=str(runtime)))
+    w = make_worker()
     client = subprocess.Popen([sys.executable, "-c", PRELUDE + """
 import time
 setup()
@@ -188,8 +182,7 @@ time.sleep(60)  # no synchronizing call: only the shim can have sent the free
 """], env=w.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
     def used() -> int:
-        dirs = list(runtime.glob("gpulab-usage-*"))
-        return sum(read_usage(str(dirs[0])).values()) if dirs else -1
+        return sum(v["used"] for v in w.vgpus())
 
     try:
         assert client.stdout.readline().strip() == "allocated"

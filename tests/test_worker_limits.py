@@ -197,18 +197,19 @@ SLOW_POOL_WORKER = """
 import sys, time
 from gpu_worker.daemon.worker import GPUWorker
 
-class SlowPool:
-    '''Stands in for the pool link: every look-up is printed; the token 'slow' takes 2 s.'''
-    def session_limits(self, token):
-        print("look-up", token, flush=True)
-        time.sleep(2 if token == "slow" else 0)
-        return None
+from gpu_worker.client.tokens import token_hash
+
+def slow_pool(h):
+    '''Stands in for the pool link's grant look-up: every one is printed; the token 'slow' takes 2 s.'''
+    print("look-up", h, flush=True)
+    time.sleep(2 if h == token_hash("slow") else 0)
+    return None
 
 w = GPUWorker(unix_socket=sys.argv[1], backend="emulated", token="good", wrong_token_burst=3,
               wrong_token_window=60)
 w.prepare()
 w.listen()
-w.pool_link = SlowPool()
+w.registry.set_lookup(slow_pool)
 print("ready", flush=True)
 w.serve_forever()
 """

@@ -38,8 +38,12 @@ class Worker:
         self.token = token
         self.sock = tmp / f"worker-{time.monotonic_ns()}.sock"
         self.log_path = tmp / f"worker-{time.monotonic_ns()}.log"
+        self.admin = f"admin-{time.monotonic_ns()}"  # the control API's admin token
         cmd = [sys.executable, "-m", "gpu_worker.daemon", "--backend", backend,
-               "--unix-socket", str(self.sock), "--emulated-kernels", KERNELS, *extra]
+               "--unix-socket", str(self.sock), "--emulated-kernels", KERNELS,
+               f"--GPUWorker.admin_token={self.admin}", *extra]
+        env = dict(os.environ if env is None else env)
+        env.setdefault("GPULAB_STATE_DIR", str(tmp / "state"))  # its control URL and admin token go there
         if token is not None:
             cmd += ["--token", token]
         if tcp:
@@ -54,6 +58,27 @@ class Worker:
         self.addresses = line.split("listening on ")[1].split(" backend=")[0].split()
         self.unix = next(a for a in self.addresses if a.startswith("unix://"))
         self.tcp = next((a for a in self.addresses if a.startswith("tcp://")), None)
+        line = self.proc.stdout.readline()
+        self.control = line.split("control API at ")[1].strip() if "control API at" in line else None
+
+    def api(self, path: str, token=None, method="GET", body=None):
+        """A control API call (docs/vgpu.md) as admin, or with ``token``: (status, JSON)."""
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(self.control + path, method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"token {token or self.admin}"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def vgpus(self) -> list[dict]:
+        status, body = self.api("/api/vgpus")
+        assert status == 200, body
+        return body["vgpus"]
 
     def env(self, address=None, token=None):
         from gpu_worker.client import shim_env

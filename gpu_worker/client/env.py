@@ -17,3 +17,11 @@ def shim_env(worker: str | None = None, token: str | None = None, base=None) -> 
     if token:
         env["GPULAB_TOKEN"] = token
     return env
+
+
+def default_state_dir() -> str:
+    """$GPULAB_STATE_DIR, else the XDG state directory: a lab's databases and secrets are state, not config."""
+    if os.environ.get("GPULAB_STATE_DIR"):
+        return os.environ["GPULAB_STATE_DIR"]
+    xdg = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(xdg, "gpulab")

@@ -69,6 +69,8 @@ gpulab worker --config worker_config.py     # c.GPUWorker.vram_quota = "8G", ...
         "advertise": "GPUWorker.advertise",
         "node": "GPUWorker.node",
         "heartbeat-interval": "GPUWorker.heartbeat_interval",
+        "emulated-gpus": "GPUWorker.emulated_gpus",
+        "control": "GPUWorker.control",
         "config": "GPUWorkerApp.config_file",
     }
     flags = {
@@ -98,6 +100,7 @@ gpulab worker --config worker_config.py     # c.GPUWorker.vram_quota = "8G", ...
         signal.signal(signal.SIGTERM, _quiet_exit)
         logging.basicConfig(level=logging.DEBUG if self.verbose else logging.INFO,
                             format="%(asctime)s gpulab-worker[%(process)d] %(levelname)s %(message)s")
+        from ..client.limits import LimitError
         from .worker import GPUWorker
 
         try:
@@ -109,11 +112,14 @@ gpulab worker --config worker_config.py     # c.GPUWorker.vram_quota = "8G", ...
         worker.prepare()
         try:
             addrs = worker.listen()
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, LimitError) as exc:
             self.exit_with(str(exc))
         label = worker.kind + (" (TEST DOUBLE: no GPU)" if worker.kind == "emulated" else "")
         print(f"gpulab worker listening on {' '.join(addrs)} backend={label}", flush=True)
-        worker.connect_pool(addrs)
+        control = worker.start_control()
+        if control:
+            print(f"gpulab worker control API at {control}", flush=True)
+        worker.connect_pool(addrs, control)
         worker.serve_forever()
 
 

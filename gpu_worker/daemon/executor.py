@@ -12,10 +12,20 @@ the person running the program reads why, not only the code.
 Liveness: while a call has run for more than ``KEEPALIVE_AFTER_MS`` a small thread sends a
 keepalive (a reply header flagged ``REPLY_KEEPALIVE``) every ``KEEPALIVE_EVERY_MS``, so the
 shim, which gives up on a worker silent for its limit, tells a long kernel from a hung worker.
+
+Accounting: each call leaves a record (start, end, opcode, bytes, CUresult) in a bounded queue;
+the same small thread publishes the records and the counters into the process's slot of the
+vGPU's ledger a few times a second, so the hot path pays for a tuple, not for shared memory.
+
+Revocation: the daemon marks the ledger and sends SIGUSR1; the executor frees the session's
+memory at once (between calls, or in the handler when it is waiting for the next frame) and
+answers every later call with the reason.
 """
 from __future__ import annotations
 
+import collections
 import logging
+import signal
 import socket
 import threading
 import time
@@ -29,6 +39,7 @@ from .dispatch_generated import IN_STRUCTS
 log = logging.getLogger("gpulab.worker")
 
 BULK_IN = {"cuMemcpyHtoD", "cuMemcpyHtoDAsync"}
+TRACE_BATCH = 1024  # call records kept between two publications (older ones are dropped from the trace)
 
 
 class FrameReader:
@@ -102,8 +113,37 @@ class Executor:
         self.calls = 0
         # replies and keepalives share the socket: one whole frame at a time
         self.send_lock = threading.Lock()
-        self.busy_since = None  # monotonic start of the frame being run, None while waiting for one
+        self.busy_since = None  # perf_counter start of the frame being run, None while waiting for one
         self._keepalive = None
+        self.records: collections.deque = collections.deque(maxlen=TRACE_BATCH)
+        self.revoked = False
+        # the trace's times are wall-clock for people, perf_counter here for cost
+        self.epoch = time.time() - time.perf_counter()
+
+    def watch_revocation(self) -> None:
+        """SIGUSR1 from the daemon: the vGPU was revoked (the reason is in the ledger)."""
+        signal.signal(signal.SIGUSR1, self._on_revoke)
+
+    def _on_revoke(self, *_):
+        self.revoked = True
+        if self.busy_since is None:  # waiting for a frame: no call is half done, end it now
+            self._end_vgpu()
+
+    def _end_vgpu(self) -> None:
+        self.session.end(self.session.slot.ledger.revoked or "this vGPU was revoked")
+
+    def publish(self) -> None:
+        """Counters and new call records into the ledger (from the keepalive thread, and at the end)."""
+        records = []
+        pop = self.records.popleft
+        while True:
+            try:
+                t0, t1, op, nbytes, result = pop()
+            except IndexError:
+                break
+            records.append((self.epoch + t0, t1 - t0, nbytes, op, 0, result))
+        s = self.session
+        s.slot.publish(self.calls, s.launches, s.bytes_in, s.bytes_out, records)
 
     def _start_keepalive(self) -> None:
         if self._keepalive is None:
@@ -116,7 +156,8 @@ class Executor:
         frame = REP_HEADER.pack(0, 0, REPLY_KEEPALIVE)
         while True:
             time.sleep(0.25)
-            since, now = self.busy_since, time.monotonic()
+            self.publish()
+            since, now = self.busy_since, time.perf_counter()
             if since is None or now - since < after or now - last < every:
                 continue
             try:
@@ -130,11 +171,15 @@ class Executor:
         """Run frames until the client goes away or breaks the protocol."""
         reader = self.reader
         handlers = self.handlers
+        session = self.session
+        record = self.records.append
         self._start_keepalive()
         while True:
             self.busy_since = None
+            if self.revoked and not session.ended:  # revoked while a call ran
+                self._end_vgpu()
             plen, op, flags = REQ_HEADER.unpack(reader.read(REQ_HEADER.size))
-            self.busy_since = time.monotonic()
+            t0 = self.busy_since = time.perf_counter()
             want_reply = flags & FLAG_REPLY
             entry = handlers.get(op)
             if entry is None:
@@ -162,6 +207,8 @@ class Executor:
                 remaining = 0
             result, out, detail, reason = 0, b"", "", ""
             try:
+                if self.revoked:
+                    self._raise_revoked()
                 if self.sticky:
                     self._raise_sticky(want_reply)
                 if mode == "syncpoint" and self.latched:
@@ -179,6 +226,7 @@ class Executor:
                 if exc.code in E.STICKY and not self.sticky:
                     self.sticky = exc.code
                     self.sticky_untold = "" if want_reply else reason
+                session.slot.count_error(result)
             except ProtocolError:
                 raise
             except Exception as exc:  # a worker bug must not look like success, nor kill the session
@@ -186,9 +234,19 @@ class Executor:
                 result, detail = E.UNKNOWN, f"internal error: {exc!r}"
                 reason = f"{name} failed: an internal error in the gpulab worker (not your program's fault; " \
                          "the worker's log has the details)"
+                session.slot.count_error(result)
+            record((t0, time.perf_counter(), op, session.call_bytes, result))
+            session.call_bytes = 0
             if remaining:
                 reader.skip(remaining)
             self._finish(want_reply, result, out, f"{name}: {detail}", reason)
+
+    def _raise_revoked(self):
+        if not self.session.ended:
+            self._end_vgpu()
+        self.latched, self.latched_reason = 0, ""
+        raise Refusal(E.DEVICE_UNAVAILABLE, f"{self.session.ended}. Every CUDA call of this program now fails; "
+                                            "start your server again for a new vGPU", call="")
 
     def _raise_latched(self):
         err, why = self.latched, self.latched_reason

@@ -1,9 +1,10 @@
 """One client session on the worker: the hypervisor between the wire and a backend.
 
 The session owns what must hold whatever the backend: the handle table (ids minted by
-the shim mapped to backend objects), the VRAM quota and the list of the session's own
-allocations (every device pointer in a copy, memset or free is checked against it),
-the current context, and the hand-written paths (bulk copies, launches).
+the shim mapped to backend objects), its slot in the vGPU's ledger (the quota is the
+vGPU's, shared with the other processes presenting the same token: ledger.py) and the list
+of the session's own allocations (every device pointer in a copy, memset or free is checked
+against it), the current context, and the hand-written paths (bulk copies, launches).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..api.errors import CudaError, Refusal
 from ..client.units import format_size
 from ..backends.base import Backend
 from .dispatch_generated import IN_STRUCTS, OPS
-from .usage import UsageCounter
+from .ledger import Ledger, Slot
 from ..api.protocol import LAUNCH, LAUNCH_ATTR_SIZE, OP_LAUNCH, OP_PARAM_LAYOUT, OP_SET_CONTEXT, ProtocolError
 
 log = logging.getLogger("gpulab.worker")
@@ -69,9 +70,20 @@ PAIR = struct.Struct("<QQ")  # the minted id, then the handle it comes from
 
 class Session:
     def __init__(self, backend: Backend, quota: int | None = None, label: str = "",
-                 usage: UsageCounter | None = None, max_handles: int = 0, max_modules: int = 0,
-                 max_module_bytes: int = 0):
+                 slot: Slot | None = None, max_handles: int = 0, max_modules: int = 0,
+                 max_module_bytes: int = 0, device_quota: int | None = None):
         self.backend = backend
+        if slot is None:  # a session of its own (tests, tools): a private one-process ledger
+            ledger = Ledger(1, quota)
+            slot = Slot(ledger, ledger.claim())
+        self.slot = slot
+        # what one device of the vGPU reports as its memory (the ledger's quota covers all its devices)
+        self.device_quota = device_quota if device_quota is not None else slot.ledger.quota
+        self.launches = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.call_bytes = 0  # bytes the current call moved or allocated, for the call trace
+        self.ended = ""      # why the vGPU was revoked, once it has been
         # a client mints ids for free, each costs the worker memory: a cap per session (0: none)
         self.max_handles = max_handles
         self.max_modules = max_modules
@@ -81,15 +93,21 @@ class Session:
         self.image_sizes: dict[int, int] = {}  # module/library id -> bytes of the image it was loaded from
         self.derived: dict[int, list[int]] = {}  # module/library/kernel id -> ids taken from it
         self.module_globals: dict[int, list[int]] = {}  # module id -> bases of its globals' spans
-        self.usage = usage  # where the daemon's heartbeat reads this session's VRAM in use
-        self.quota = quota
         self.label = label
         self.handles: dict[int, tuple[str, object]] = {}
         self.starts: list[int] = []          # sorted allocation bases
         self.sizes: dict[int, int] = {}      # base -> size (owned allocations count to the quota)
         self.owned: set[int] = set()
-        self.used = 0
         self.current_ctx = 0
+
+    @property
+    def used(self) -> int:
+        """Bytes this process's allocations charge to the vGPU."""
+        return self.slot.used
+
+    @property
+    def quota(self) -> int | None:
+        return self.slot.ledger.quota
 
     # ------------------------------------------------------------------ dispatch
     def impl(self, name: str):
@@ -240,24 +258,26 @@ class Session:
             raise CudaError(E.INVALID_VALUE, "cuMemAlloc of 0 bytes")
         charged = -(-bytesize // ALLOC_ALIGN) * ALLOC_ALIGN
         call = f"cuMemAlloc({format_size(bytesize)})"
-        if self.quota is not None and self.used + charged > self.quota:
-            raise Refusal(E.OUT_OF_MEMORY, f"this vGPU's quota is {format_size(self.quota)}, "
-                                           f"{format_size(self.quota - self.used)} free", call=call)
+        self.call_bytes = bytesize
+        free = self.slot.charge(charged)
+        if free is not None:
+            others = self.slot.vgpu_charged() - self.used - self.slot.overhead
+            also = f" ({format_size(others)} of it held by its other processes)" if others > 0 else ""
+            raise Refusal(E.OUT_OF_MEMORY, f"this vGPU's quota is {format_size(self.quota)}{also}, "
+                                           f"{format_size(free)} free", call=call)
         try:
             ptr = self.backend.mem_alloc(bytesize)
-        except Refusal:
-            raise
-        except CudaError as exc:
-            if exc.code != E.OUT_OF_MEMORY:
+        except BaseException as exc:
+            self.slot.uncharge(charged)
+            if not isinstance(exc, CudaError) or isinstance(exc, Refusal) or exc.code != E.OUT_OF_MEMORY:
                 raise
             # within the quota, yet the device is full: the GPU is shared, and oversubscribed
-            free = f", {format_size(self.quota - self.used)} of this vGPU's quota free" if self.quota else ""
+            quota = self.quota
+            free = f", {format_size(quota - self.slot.vgpu_charged())} of this vGPU's quota free" if quota else ""
             raise Refusal(E.OUT_OF_MEMORY, f"the GPU this vGPU runs on is out of memory (other vGPUs share "
                                            f"it){free}; try again later or ask for a larger profile",
                           call=call) from None
         self._add_span(ptr, bytesize, owned=True)
-        self.used += charged
-        self.report_usage()
         return (ptr,)
 
     def cuMemFree(self, dptr: int) -> None:
@@ -271,22 +291,21 @@ class Session:
         self.backend.mem_free(dptr)
         size = self.sizes[dptr]
         self._drop_span(dptr)
-        self.used -= -(-size // ALLOC_ALIGN) * ALLOC_ALIGN
-        self.report_usage()
-
-    def report_usage(self) -> None:
-        """Publish the VRAM in use at every change: a store into shared memory, exact and cheap."""
-        if self.usage is not None:
-            self.usage.set(self.used)
+        self.slot.uncharge(-(-size // ALLOC_ALIGN) * ALLOC_ALIGN)
 
     def cuMemGetInfo(self):
-        if self.quota is None:
-            return self.backend.cuMemGetInfo()
-        return (max(self.quota - self.used, 0), self.quota)
+        """Truthful: never more free memory than the vGPU's quota leaves (over all its processes)
+        nor more than its GPU has."""
+        free, total = self.backend.cuMemGetInfo()
+        quota = self.quota
+        if quota is None:
+            return (free, total)
+        total = min(self.device_quota, total)
+        return (max(min(quota - self.slot.vgpu_charged(), free, total), 0), total)
 
     def cuDeviceTotalMem(self, dev: int):
-        total = self.backend.cuDeviceTotalMem(dev)
-        return (self.quota,) if self.quota is not None else total
+        (total,) = self.backend.cuDeviceTotalMem(dev)
+        return (total,) if self.device_quota is None else (min(self.device_quota, total),)
 
     def cuMemGetAddressRange(self, dptr: int):
         base = self._span_of(dptr)
@@ -338,6 +357,8 @@ class Session:
         if n != count:
             raise ProtocolError(f"{name}: {n} bulk bytes for a copy of {count}")
         self.check_span(dst, count)
+        self.bytes_in += count
+        self.call_bytes = count
         view, commit = self.backend.write_target(dst, count, stream)
         reader.read_into(view)
         commit(synchronous)
@@ -346,12 +367,16 @@ class Session:
     def special_cuMemcpyDtoH(self, p):
         src, count = _dtoh(p, "cuMemcpyDtoH")
         self.check_span(src, count)
+        self.bytes_out += count
+        self.call_bytes = count
         return self.backend.read_source(src, count, None)
 
     def special_cuMemcpyDtoHAsync(self, p):
         src, count, sid = _dtoh(p, "cuMemcpyDtoHAsync")
         stream = self.resolve("stream", sid)
         self.check_span(src, count)
+        self.bytes_out += count
+        self.call_bytes = count
         return self.backend.read_source(src, count, stream)
 
     def launch(self, p) -> bytes:
@@ -367,6 +392,7 @@ class Session:
             raise ProtocolError("launch: parameter buffer does not fit the frame")
         func = self.resolve("function", fid)
         stream = self.resolve("stream", sid)
+        self.launches += 1
         self.backend.launch(func, (gx, gy, gz), (bx, by, bz), shmem, stream, p[off + 8:], attrs, nattrs)
         return b""
 
@@ -375,8 +401,8 @@ class Session:
         layout = self.backend.param_layout(self.resolve("function", fid))
         return struct.pack("<I", len(layout)) + b"".join(LAYOUT_ENTRY.pack(o, s) for o, s in layout)
 
-    def close(self) -> None:
-        """Free everything the session still holds (the client went away)."""
+    def free_all(self) -> None:
+        """Free every allocation the session still holds and give the device back."""
         freed = sum(self.sizes[b] for b in self.owned)
         count = len(self.owned)
         for base in list(self.owned):
@@ -384,12 +410,22 @@ class Session:
                 self.backend.mem_free(base)
             except CudaError:
                 pass
-        self.owned.clear()
-        self.used = 0
-        log.info("%s: freed %d bytes in %d allocations", self.label, freed, count)
-        if self.usage is not None:
-            self.usage.close()
+            self._drop_span(base)
+        self.slot.uncharge(self.slot.used)
+        if count:
+            log.info("%s: freed %d bytes in %d allocations", self.label, freed, count)
         self.backend.close()
+
+    def end(self, reason: str) -> None:
+        """The vGPU was revoked: its memory goes now, every later call is refused with ``reason``."""
+        if not self.ended:
+            self.ended = reason
+            self.free_all()
+
+    def close(self) -> None:
+        """The client went away."""
+        if not self.ended:
+            self.free_all()
 
 
 def _key(obj):

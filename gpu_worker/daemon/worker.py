@@ -1,8 +1,9 @@
-"""The worker daemon: accept sessions, check their token, fork one executor each.
+"""The worker daemon: accept sessions, admit their token against a grant, fork one executor each.
 
 One process per session isolates faults: a sticky CUDA error, a crash or a protocol
 violation ends that session only.  The daemon itself never touches the GPU, so it can
-fork safely; each executor initialises CUDA for itself.
+fork safely; each executor initialises CUDA for itself, seeing only its vGPU's GPUs.
+All executors of one vGPU share its ledger (vgpus.py, ledger.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import importlib.util
 import json
 import logging
 import os
+import re
+import secrets
 import selectors
 import signal
 import socket
@@ -30,8 +33,9 @@ from ..api import errors as E
 from .executor import Executor, FrameReader
 from ..api.protocol import HELLO, MAX_FRAME, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER, ProtocolError
 from ..client.tokens import token_hash
+from .ledger import Ledger, Slot
 from .session import Session
-from .usage import UsageCounter, default_dir, prepare_dir
+from .vgpus import VGPURegistry
 from ..backends.base import Backend
 from ..client.limits import LimitError, Size, token_limits
 
@@ -57,8 +61,26 @@ class GPUWorker(Configurable):
                       "'512M' (docs/configuration.md); empty: the whole device.").tag(config=True)
     emulated_kernels = List(Unicode(), help="Python modules (dotted names or .py paths) to import that register "
                                             "host implementations of kernels for the emulated backend.").tag(config=True)
-    emulated_memory = Size(16 << 30, help="Memory size the emulated device reports (a size, e.g. '16G')."
+    emulated_memory = Size(16 << 30, help="Memory size each emulated GPU reports (a size, e.g. '16G')."
                            ).tag(config=True)
+    emulated_gpus = Int(1, help="GPUs the emulated backend emulates (each a test double with its own uuid and "
+                               "memory), so that placement on one GPU of a multi-GPU worker can be tested "
+                               "without one.").tag(config=True)
+    emulated_context_overhead = Size(None, allow_none=True,
+                                     help="Device memory the emulated backend charges for each process's CUDA "
+                                          "context (a size; empty: none; on a real GPU it is measured with NVML)."
+                                     ).tag(config=True)
+    context_overhead_estimate = Size(512 << 20, help="On a real GPU: device memory charged to a vGPU for a new "
+                                                    "process's CUDA context until NVML has measured one on this "
+                                                    "worker (then the largest measured is charged up front and "
+                                                    "each process's own measurement replaces it).").tag(config=True)
+    control = Unicode("", help="host:port of the control API (vGPUs, usage, call trace, revoke, /metrics; "
+                              "docs/vgpu.md).  Default: the TCP listener's host with a free port, else "
+                              "127.0.0.1 with a free port.  'off': none.").tag(config=True)
+    admin_token = Unicode("", help="Credential of the control API that sees every vGPU (Prometheus, the "
+                                   "pool, `gpulab vgpu` as admin).  Default: $GPULAB_WORKER_ADMIN_TOKEN, else a "
+                                   "random one kept in worker-<name>.admin-token in the state directory."
+                          ).tag(config=True)
     pool_url = Unicode("", help="URL of the GPU pool's worker listener to register with (its "
                        "GPUPool.worker_bind_url, not the hub's service URL; empty: standalone worker)."
                        ).tag(config=True)
@@ -77,11 +99,6 @@ class GPUWorker(Configurable):
                    ).tag(config=True)
     heartbeat_interval = Float(5.0, help="Seconds between heartbeats to the pool (a change of a session's VRAM "
                                          "use is sent sooner, at most twice a second).").tag(config=True)
-    usage_dir = Unicode("", help="Private directory where each executor publishes its session's VRAM in use for "
-                                 "the heartbeat.  It stays the same across restarts of the daemon, so that a new "
-                                 "daemon removes what the old one's executors (which die with it) left.  Default: "
-                                 "gpulab-usage-<uid>-<name>-<hash of pool URL and name> in $XDG_RUNTIME_DIR, "
-                                 "else /dev/shm, else the temporary directory.").tag(config=True)
     max_frame = Int(MAX_FRAME, help="Largest request frame accepted (bulk copy data excepted); a "
                                             "larger one closes the session.").tag(config=True)
     handshake_timeout = Float(10.0, help="Seconds a new connection has to send its HELLO (protocol version and "
@@ -92,10 +109,10 @@ class GPUWorker(Configurable):
                                   "a new one past this closes the oldest (one log line per burst), so idle "
                                   "connections cannot keep a real client, which sends its HELLO at once, out."
                          ).tag(config=True)
-    max_sessions_per_token = Int(64, help="Sessions (client processes, one executor each) one session token may "
-                                          "hold open on this worker at once; another is refused with "
-                                          "CUDA_ERROR_DEVICE_UNAVAILABLE and a reason.  0: no limit."
-                                 ).tag(config=True)
+    max_sessions_per_token = Int(64, help="Sessions (client processes, one executor each) one vGPU may hold "
+                                          "open on this worker at once; another is refused with "
+                                          "CUDA_ERROR_DEVICE_UNAVAILABLE and a reason.  0: up to 256 (the "
+                                          "most a vGPU's ledger holds).").tag(config=True)
     max_handles = Int(65536, help="Handles (contexts, streams, events, modules, functions) one session may hold "
                                   "at once; creating another fails with CUDA_ERROR_OUT_OF_MEMORY and a reason.  "
                                   "Each costs the executor a few hundred bytes.  0: no limit.").tag(config=True)
@@ -116,8 +133,9 @@ class GPUWorker(Configurable):
     def __init__(self, **kw):
         super().__init__(**kw)
         self.listeners: list[socket.socket] = []
-        self.children: dict[int, str] = {}  # executor pid -> hash of its session token
-        self.per_token: dict[str, int] = {}  # token hash -> live executors
+        self.children: set[int] = set()  # executor pids
+        self.registry: VGPURegistry | None = None
+        self.control_server = None
         self.pending: dict[socket.socket, _Handshake] = {}
         self.checking: dict[socket.socket, _Handshake] = {}  # token look-ups under way, off the loop
         self._checked: collections.deque = collections.deque()  # (handshake, limits or exception) to finish
@@ -169,10 +187,42 @@ class GPUWorker(Configurable):
             addrs.append(f"unix://{self.unix_socket}")
         if not self.listeners:
             raise ValueError("the worker needs --tcp and/or --unix-socket")
+        self.addrs = addrs
+        self.open_registry()
         # from here SIGINT/SIGTERM end the accept loop quietly, which then stops the sessions
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop())
         return addrs
+
+    def worker_name(self) -> str:
+        """This worker's name in the pool and in its state files."""
+        if self.name:
+            return self.name
+        tcp = next((a for a in self.addrs if a.startswith("tcp://")), "")
+        if self.advertise or tcp:
+            where = (self.advertise or tcp).rsplit(":", 1)[-1]
+        else:  # a Unix socket only: its file name, as a name may appear in paths and URLs
+            where = os.path.splitext(os.path.basename(self.unix_socket))[0]
+        return re.sub(r"[^A-Za-z0-9._-]", "_", f"{socket.gethostname()}-{where}")[:128]
+
+    def open_registry(self) -> None:
+        """This worker's GPUs and the vGPUs its configuration grants (a bad grant stops start-up)."""
+        from .gpus import describe_gpus
+
+        gpus = describe_gpus(self.kind, self.worker_name(), self.emulated_memory, self.emulated_gpus)
+        if not gpus:
+            raise ValueError("this worker has no GPU to serve")
+        self.registry = VGPURegistry(gpus, self.kind, slots=min(self.max_sessions_per_token or 256, 256),
+                                     context_overhead=self.emulated_context_overhead or 0,
+                                     overhead_estimate=self.context_overhead_estimate)
+        static = dict(self.tokens)
+        if self.token:
+            static.setdefault(self.token, {})
+        try:
+            self.registry.set_static([self.static_grant(t, limits, "c.GPUWorker.tokens")
+                                      for t, limits in static.items()])
+        except LimitError as exc:
+            raise ValueError(str(exc)) from None
 
     # ------------------------------------------------------------------ tokens
     @validate("tokens")
@@ -184,8 +234,31 @@ class GPUWorker(Configurable):
         except LimitError as exc:
             raise TraitError(str(exc)) from None
 
-    def limits_for(self, token: str):
-        """The limits of a valid token (``vram`` in bytes when set), or None.
+    def static_grant(self, token: str, limits: dict, where: str) -> dict:
+        """A grant from this worker's own configuration: its limits, and its GPUs as uuids or indices
+        (default: the first GPU).  LimitError names the setting when one does not fit this worker."""
+        h = token_hash(token)
+        where = f"{where}[token {h[:8]}]"
+        gpus = self.registry.gpus()
+        chosen = []
+        for g in limits.get("gpus") or [0]:
+            if isinstance(g, int) and not isinstance(g, bool) and 0 <= g < len(gpus):
+                chosen.append(gpus[g]["uuid"])
+            elif isinstance(g, str) and any(x["uuid"] == g for x in gpus):
+                chosen.append(g)
+            else:
+                raise LimitError(f"{where}.gpus: {g!r} is not a GPU of this worker (an index below {len(gpus)} or a "
+                                 "uuid)")
+        grant = {"token_hash": h, "id": f"t-{h[:8]}", "user": "", "profile": "worker configuration",
+                 "qos": "medium", "gpus": chosen, "vram": limits.get("vram") or self.vram_quota,
+                 "compute": limits.get("compute", 100)}
+        try:
+            return self.registry.check_grant(grant, where)
+        except ValueError as exc:
+            raise LimitError(str(exc)) from None
+
+    def grant_for(self, token: str):
+        """The grant of a valid token, or None; a Refusal for a vGPU that ended.
 
         A tokens-file entry is checked when the file is read for a session; a bad one raises LimitError
         (that token is refused with the reason), so the executor only ever gets integers."""
@@ -207,35 +280,60 @@ class GPUWorker(Configurable):
                 if self.tokens_file and known not in self.tokens and known != self.token:
                     source = f"tokens file {self.tokens_file}"
                 try:
-                    return token_limits(limits, f"{source}, token {token_hash(token)[:8]}")
+                    grant = self.static_grant(token, token_limits(limits, source), source)
                 except LimitError as exc:
                     log.error("refusing a session: %s", exc)
                     raise
-        if self.pool_link is not None and token:
-            try:
-                limits = self.pool_link.session_limits(token)
-            except OSError as exc:
-                log.error("cannot ask the GPU pool about a session token: %s", exc)
-                return None
-            return None if limits is None else token_limits(limits, "the GPU pool's limits")
-        return None
+                self.registry.set_static([grant])
+        if not token:
+            return None
+        try:
+            return self.registry.admit(token)
+        except OSError as exc:
+            log.error("cannot ask the GPU pool about a session token: %s", exc)
+            return None
 
-    def connect_pool(self, addrs: list[str]) -> None:
+    def start_control(self) -> str:
+        """The control API (docs/vgpu.md) in a thread; its URL and admin token go into the state
+        directory for `gpulab vgpu` on this host."""
+        if self.control == "off":
+            return ""
+        from .control import ControlServer, publish, state_files
+        from ..client.env import default_state_dir
+
+        name = self.worker_name()
+        state = default_state_dir()
+        token = self.admin_token or os.environ.get("GPULAB_WORKER_ADMIN_TOKEN", "")
+        _, token_file = state_files(state, name)
+        if not token:
+            try:
+                with open(token_file) as f:
+                    token = f.read().strip()
+            except FileNotFoundError:
+                token = secrets.token_urlsafe(32)
+        bind = self.control
+        if not bind:
+            tcp = next((a for a in self.addrs if a.startswith("tcp://")), "")
+            bind = f"{tcp[len('tcp://'):].rsplit(':', 1)[0] if tcp else '127.0.0.1'}:0"
+        self.control_server = ControlServer(self.registry, token, bind)
+        url = self.control_server.start()
+        publish(state, name, url, token)
+        log.info("control API at %s (admin token in %s)", url, token_file)
+        return url
+
+    def connect_pool(self, addrs: list[str], control_url: str = "") -> None:
         """Register with the pool and keep beating (a daemon thread)."""
         if not self.pool_url:
             return
-        from .pool_link import PoolLink, describe_gpus
+        from .pool_link import PoolLink
 
         tcp = next((a for a in addrs if a.startswith("tcp://")), "")
         address = self.advertise or tcp or addrs[0]
-        name = self.name or f"{socket.gethostname()}-{address.rsplit(':', 1)[-1]}"
-        # named after the worker, not this process: a restarted daemon finds what the old one left
-        self.usage_dir = prepare_dir(self.usage_dir or default_dir(name, self.pool_url))
-        gpus = describe_gpus(self.kind, name, self.emulated_memory)
         token = self.pool_token or os.environ.get("GPULAB_POOL_TOKEN", "")
-        self.pool_link = PoolLink(self.pool_url, token, name, address, self.node, self.kind, gpus,
-                                  self.heartbeat_interval, usage_dir=self.usage_dir,
-                                  credential_file=self.pool_credential_file)
+        self.pool_link = PoolLink(self.pool_url, token, self.worker_name(), address, self.node, self.kind,
+                                  self.registry.gpus(), self.heartbeat_interval,
+                                  credential_file=self.pool_credential_file, registry=self.registry,
+                                  control_url=control_url)
         self.pool_link.start()
 
     # ------------------------------------------------------------ accept loop
@@ -280,6 +378,8 @@ class GPUWorker(Configurable):
             except ProcessLookupError:
                 pass
         self.reap()
+        if self.control_server is not None:
+            self.control_server.stop()
 
     def reap(self) -> None:
         for pid in list(self.children):
@@ -288,10 +388,8 @@ class GPUWorker(Configurable):
             except ChildProcessError:
                 done = pid
             if done:
-                key = self.children.pop(pid)
-                self.per_token[key] -= 1
-                if not self.per_token[key]:
-                    del self.per_token[key]
+                self.children.discard(pid)
+                self.registry.reap(pid)
 
     # ------------------------------------------------------- handshake (daemon)
     def _next_wakeup(self) -> float:
@@ -401,8 +499,8 @@ class GPUWorker(Configurable):
     def _look_up(self, hs: "_Handshake") -> None:
         """(a thread) The token's limits, handed back to the loop."""
         try:
-            result = self.limits_for(hs.token)
-        except Exception as exc:  # LimitError, or a bug: the loop refuses the session either way
+            result = self.grant_for(hs.token)
+        except Exception as exc:  # LimitError, Refusal, or a bug: the loop refuses the session either way
             result = exc
         self._checked.append((hs, result))
         try:
@@ -424,10 +522,13 @@ class GPUWorker(Configurable):
             finally:
                 hs.conn.close()  # the executor has its own copy
 
-    def _open(self, hs: "_Handshake", limits, sel) -> None:
-        """Fork the session's executor for a good token, or refuse with a reason."""
-        conn, token = hs.conn, hs.token
+    def _open(self, hs: "_Handshake", grant, sel) -> None:
+        """Fork the session's executor for a granted token, or refuse with a reason."""
+        conn, limits = hs.conn, grant
         label = f"session {self.sessions + 1} (client pid {hs.pid})"
+        if isinstance(limits, E.Refusal):
+            _refuse(conn, limits.code, limits.why)
+            return
         if isinstance(limits, LimitError):
             _refuse(conn, E.NOT_PERMITTED, f"this worker's limits for the session token are not valid "
                                            f"({limits}); tell your hub admin")
@@ -441,18 +542,22 @@ class GPUWorker(Configurable):
             self._wrong_token(hs.source, label)
             _refuse(conn, E.NOT_PERMITTED, "the session token is not valid for this worker")
             return
-        key = token_hash(token)
-        open_now = self.per_token.get(key, 0)
-        if self.max_sessions_per_token and open_now >= self.max_sessions_per_token:
-            log.warning("%s: refused, its token already has %d sessions (GPUWorker.max_sessions_per_token)",
-                        label, open_now)
-            _refuse(conn, E.DEVICE_UNAVAILABLE, f"this vGPU already has {open_now} sessions (client processes) "
-                                                "open on this worker, the most one vGPU may have: end one (e.g. "
-                                                "shut down an idle kernel) and try again")
+        try:
+            vgpu, slot = self.registry.open_slot(grant, hs.pid, self.max_sessions_per_token)
+        except E.Refusal as exc:
+            log.warning("%s: refused: %s", label, exc.why)
+            _refuse(conn, exc.code, exc.why)
             return
+        label = f"session {self.sessions + 1} of vGPU {vgpu.id} (client pid {hs.pid})"
         self.sessions += 1
         daemon = os.getpid()
-        child = os.fork()
+        try:
+            child = os.fork()
+        except OSError as exc:
+            self.registry.cancel(vgpu, slot)
+            log.error("%s: cannot fork an executor: %s", label, exc)
+            _refuse(conn, E.DEVICE_UNAVAILABLE, "the worker cannot start a process for this session now; try again")
+            return
         if child == 0:
             try:
                 _die_with(daemon)
@@ -464,13 +569,13 @@ class GPUWorker(Configurable):
                 self._wake_r.close()
                 self._wake_w.close()
                 conn.setblocking(True)
-                code = self.run_session(conn, label, token, limits)
+                code = self.run_session(conn, label, grant, vgpu.ledger, slot)
             except BaseException:  # never return into the daemon's loop in a child
                 log.exception("%s: executor failed", label)
                 code = 3
             os._exit(code)
-        self.children[child] = key
-        self.per_token[key] = open_now + 1
+        self.children.add(child)
+        self.registry.bind(vgpu, slot, child)
 
     def _throttled(self, source: str) -> float:
         """Seconds left of a source's refusal, 0 when its tokens are checked."""
@@ -501,20 +606,22 @@ class GPUWorker(Configurable):
                     "not logged", label, source, before, self.wrong_token_window)
 
     # ------------------------------------------------------- one session (child)
-    def run_session(self, conn: socket.socket, label: str, token: str, limits: dict) -> int:
+    def run_session(self, conn: socket.socket, label: str, grant: dict, ledger: Ledger, slot: int) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            quota = limits.get("vram") or self.vram_quota  # integers: checked where they entered
-            backend = self.make_backend()
+            backend = self.make_backend(grant["gpus"])
             msg = f"{backend.name} backend".encode()
             conn.sendall(REP_HEADER.pack(len(msg), 0, 0) + msg)
-            session = Session(backend, quota=quota, label=label, usage=self.usage_counter(token, label),
+            session = Session(backend, label=label, slot=Slot(ledger, slot), device_quota=grant.get("vram"),
                               max_handles=self.max_handles, max_modules=self.max_modules,
                               max_module_bytes=self.max_module_bytes or 0)
-            log.info("%s: opened (%s, quota %s)", label, backend.name, quota)
+            log.info("%s: opened (%s on %s, quota %s)", label, backend.name, ",".join(grant["gpus"]), ledger.quota)
             executor = Executor(FrameReader(conn), session, self.max_frame)
+            executor.watch_revocation()
+            if ledger.revoked:  # revoked between the admission and now
+                executor.revoked = True
             try:
                 executor.serve()
             except EOFError:
@@ -526,29 +633,22 @@ class GPUWorker(Configurable):
                     log.error("%s: socket error: %s", label, exc)
             finally:
                 session.close()
+                executor.publish()
             return 0
         except OSError as exc:
             log.warning("%s: closed while opening: %s", label, exc)
             return 2
 
-    def usage_counter(self, token: str, label: str) -> UsageCounter | None:
-        """This executor's published VRAM use, when there is a pool to report it to."""
-        if self.pool_link is None:
-            return None
-        try:
-            return UsageCounter(self.usage_dir, token_hash(token))
-        except OSError as exc:
-            log.error("%s: cannot publish VRAM use in %s: %s", label, self.usage_dir, exc)
-            return None
-
-    def make_backend(self) -> Backend:
+    def make_backend(self, gpus: list[str]) -> Backend:
+        """The backend of one session: it sees its vGPU's GPUs only, as devices 0..n-1."""
         if self.kind == "emulated":
             from ..backends.emulated import EmulatedBackend
 
-            return EmulatedBackend(total_memory=self.emulated_memory)
+            mine = [g for u in gpus for g in self.registry.gpus() if g["uuid"] == u]
+            return EmulatedBackend(total_memory=self.emulated_memory, gpus=mine)
         from ..backends.cuda import CudaBackend
 
-        return CudaBackend()
+        return CudaBackend(visible=gpus)
 
 
 def _import_kernels(name: str) -> None:

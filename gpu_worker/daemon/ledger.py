@@ -1,0 +1,210 @@
+"""One vGPU's ledger: shared memory the daemon owns, one slot per client process.
+
+Every process presenting a vGPU's token gets an executor of its own (fault isolation), yet
+they share one quota.  The ledger is a memfd the daemon creates when the vGPU's first session
+opens; executors forked later inherit it.  Each executor writes only its own slot; the daemon
+hands slots out at fork and frees them when it reaps the executor, so a crashed executor's
+memory stops counting the moment it is reaped, and a crash can garble nothing but its own slot,
+which is then dropped.
+
+Exactness: an executor charges an allocation under an ``fcntl`` lock on the memfd (a POSIX
+record lock: per process, released by the kernel when the process dies, so a crash never leaves
+it held).  Under the lock it sums the live slots (used + context overhead) and writes its own
+``used`` only if the sum stays within the quota.  Two processes can therefore never pass the
+quota together, whatever their timing.
+
+Counters and the call trace are written by the executor's flush thread a few times a second
+(not on the hot path); the daemon reads them for the control API, metrics and heartbeats.
+"""
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+
+MAGIC = 0x67707531  # "gpu1"
+HEADER = struct.Struct("<IIQI")  # magic, revoked, quota (0: none), reason length
+HEADER_SIZE = 1024
+MAX_REASON = HEADER_SIZE - HEADER.size
+
+# a process slot: state, client pid, executor pid, error-table entries used, then u64 figures, then start time
+SLOT_HEAD = struct.Struct("<IIII6Qd")  # state, client pid, pid, nerrors, used, overhead, calls, launches, in, out, started
+USED_OFF, OVERHEAD_OFF = 16, 24
+ERRORS = 16                      # distinct CUresults a slot counts; more are folded into the last entry
+ERROR = struct.Struct("<II")     # CUresult, count
+TRACE_LEN = 128                  # calls each process keeps in its ring
+RECORD = struct.Struct("<ddQHHI")  # start (epoch), duration (s), bytes, opcode, unused, CUresult
+RING_OFF = 256
+SLOT_SIZE = RING_OFF + 8 + TRACE_LEN * RECORD.size  # the ring's write count, then the ring
+FREE, LIVE = 0, 1
+U64 = struct.Struct("<Q")
+
+
+class Ledger:
+    """The shared pages of one vGPU (created in the daemon, used by its executors)."""
+
+    def __init__(self, slots: int, quota: int | None):
+        self.slots = slots
+        self.size = HEADER_SIZE + slots * SLOT_SIZE
+        self.fd = os.memfd_create("gpulab-vgpu-ledger", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self.map = mmap.mmap(self.fd, self.size)
+        HEADER.pack_into(self.map, 0, MAGIC, 0, quota or 0, 0)
+        self._used = struct.Struct(f"<{slots}Q")
+
+    # ------------------------------------------------------------- header
+    @property
+    def quota(self) -> int | None:
+        return HEADER.unpack_from(self.map, 0)[2] or None
+
+    @quota.setter
+    def quota(self, value: int | None) -> None:
+        struct.pack_into("<Q", self.map, 8, value or 0)
+
+    def revoke(self, reason: str) -> None:
+        """Mark the vGPU ended, reason first: an executor that sees the flag finds the sentence."""
+        data = reason.encode()[:MAX_REASON]
+        self.map[HEADER.size:HEADER.size + len(data)] = data
+        struct.pack_into("<I", self.map, 16, len(data))
+        struct.pack_into("<I", self.map, 4, 1)
+
+    @property
+    def revoked(self) -> str | None:
+        _magic, flag, _quota, n = HEADER.unpack_from(self.map, 0)
+        if not flag:
+            return None
+        return bytes(self.map[HEADER.size:HEADER.size + n]).decode("utf-8", "replace")
+
+    # -------------------------------------------------------------- slots
+    def _slot_off(self, i: int) -> int:
+        return HEADER_SIZE + i * SLOT_SIZE
+
+    def claim(self) -> int | None:
+        """(daemon, before forking) A free slot, zeroed and marked live; None when all are taken."""
+        for i in range(self.slots):
+            off = self._slot_off(i)
+            if U64.unpack_from(self.map, off)[0] & 0xFFFFFFFF == FREE:
+                self.map[off:off + SLOT_SIZE] = bytes(SLOT_SIZE)
+                struct.pack_into("<I", self.map, off, LIVE)
+                return i
+        return None
+
+    def bind(self, i: int, pid: int, client_pid: int, started: float, overhead: int) -> None:
+        """(daemon, after forking) Whose slot it is, and the context overhead charged up front."""
+        off = self._slot_off(i)
+        struct.pack_into("<II", self.map, off + 4, client_pid, pid)
+        U64.pack_into(self.map, off + OVERHEAD_OFF, overhead)
+        struct.pack_into("<d", self.map, off + 64, started)
+
+    def set_overhead(self, i: int, overhead: int) -> None:
+        U64.pack_into(self.map, self._slot_off(i) + OVERHEAD_OFF, overhead)
+
+    def release(self, i: int) -> None:
+        """(daemon, the executor reaped) The slot no longer counts."""
+        struct.pack_into("<I", self.map, self._slot_off(i), FREE)
+
+    def read_slot(self, i: int) -> dict | None:
+        off = self._slot_off(i)
+        state, client_pid, pid, nerr, used, overhead, calls, launches, bin_, bout, started = \
+            SLOT_HEAD.unpack_from(self.map, off)
+        if state != LIVE:
+            return None
+        errors = {}
+        for k in range(min(nerr, ERRORS)):
+            code, count = ERROR.unpack_from(self.map, off + SLOT_HEAD.size + k * ERROR.size)
+            errors[code] = count
+        return {"slot": i, "pid": pid, "client_pid": client_pid, "used": used, "overhead": overhead,
+                "calls": calls, "launches": launches, "bytes_in": bin_, "bytes_out": bout, "started": started,
+                "errors": errors}
+
+    def read_trace(self, i: int, after: int) -> tuple[list[tuple], int]:
+        """Records of slot ``i`` written after the ``after``-th, and the count written so far."""
+        ring = self._slot_off(i) + RING_OFF
+        (count,) = U64.unpack_from(self.map, ring)
+        first = max(after, count - TRACE_LEN)
+        out = [RECORD.unpack_from(self.map, ring + 8 + (k % TRACE_LEN) * RECORD.size) for k in range(first, count)]
+        return out, count
+
+    def charged(self) -> int:
+        """Bytes charged over the live slots (used + overhead), read without the lock."""
+        total = 0
+        for i in range(self.slots):
+            off = self._slot_off(i)
+            if struct.unpack_from("<I", self.map, off)[0] == LIVE:
+                used, overhead = struct.unpack_from("<QQ", self.map, off + USED_OFF)
+                total += used + overhead
+        return total
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+
+class Slot:
+    """An executor's own slot in its vGPU's ledger (created in the executor after the fork)."""
+
+    def __init__(self, ledger: Ledger, index: int):
+        self.ledger = ledger
+        self.map = ledger.map
+        self.fd = ledger.fd
+        self.index = index
+        self.off = ledger._slot_off(index)
+        self.used = 0
+        self.errors: dict[int, int] = {}
+
+    def charge(self, n: int) -> int | None:
+        """Add ``n`` bytes to this process's use if the vGPU's quota allows; else the bytes free (>= 0).
+
+        None means charged.  The sum over the other processes is taken under the vGPU's lock, so
+        processes allocating at the same moment see each other."""
+        quota = self.ledger.quota
+        if quota is None:
+            self._set_used(self.used + n)
+            return None
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            charged = self.ledger.charged()
+            if charged + n > quota:
+                return max(quota - charged, 0)
+            self._set_used(self.used + n)
+            return None
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def uncharge(self, n: int) -> None:
+        """Fewer bytes in use: never refused, so no lock (a reader sees the old or the new figure)."""
+        self._set_used(self.used - n)
+
+    def _set_used(self, value: int) -> None:
+        self.used = value
+        U64.pack_into(self.map, self.off + USED_OFF, value)
+
+    @property
+    def overhead(self) -> int:
+        """The context overhead the daemon charges to this process."""
+        return U64.unpack_from(self.map, self.off + OVERHEAD_OFF)[0]
+
+    def vgpu_charged(self) -> int:
+        return self.ledger.charged()
+
+    def publish(self, calls: int, launches: int, bytes_in: int, bytes_out: int, records) -> None:
+        """Counters and the newest calls, from the executor's flush thread."""
+        struct.pack_into("<4Q", self.map, self.off + 32, calls, launches, bytes_in, bytes_out)
+        if records:
+            ring = self.off + RING_OFF
+            (count,) = U64.unpack_from(self.map, ring)
+            for rec in records[-TRACE_LEN:]:
+                RECORD.pack_into(self.map, ring + 8 + (count % TRACE_LEN) * RECORD.size, *rec)
+                count += 1
+            U64.pack_into(self.map, ring, count)  # last: a reader never sees a record not yet written
+
+    def count_error(self, code: int) -> None:
+        """One more call answered with ``code`` (rare: written at once).  A slot has room for
+        ERRORS distinct codes; a further one is counted with the last of them."""
+        if code not in self.errors and len(self.errors) == ERRORS:
+            code = list(self.errors)[-1]
+        self.errors[code] = self.errors.get(code, 0) + 1
+        k = list(self.errors).index(code)
+        ERROR.pack_into(self.map, self.off + SLOT_HEAD.size + k * ERROR.size, code, self.errors[code])
+        struct.pack_into("<I", self.map, self.off + 12, len(self.errors))

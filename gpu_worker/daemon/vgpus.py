@@ -1,0 +1,385 @@
+"""The worker's vGPUs: grants, their ledgers and processes, revocation, and what they report.
+
+A vGPU exists on a worker because it was *granted*: by the pool (grants arrive with every
+heartbeat reply and are cached, so a pool outage does not stop a lab from opening kernels) or
+by the worker's own configuration (``c.GPUWorker.tokens``).  The daemon admits a session by
+the hash of its token against the grants it holds; only a token it has never heard of makes it
+ask the pool.  A grant that disappears, or an explicit revocation, ends the vGPU: its ledger is
+marked with the reason and each of its executors is told (SIGUSR1) to free its memory and answer
+every further call with that reason.
+
+Thread-safe: the accept loop, the pool link and the control API all use it.
+"""
+from __future__ import annotations
+
+import collections
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+
+from ..api import errors as E
+from ..api.errors import Refusal
+from ..client.tokens import token_hash
+from ..client.units import format_size
+from .ledger import Ledger
+
+log = logging.getLogger("gpulab.worker")
+
+TRACE_KEEP = 1024          # calls a vGPU's trace keeps, over all its processes
+REVOKED_KEEP = 24 * 3600   # seconds a revoked token stays refused with its reason
+MEASURE_EVERY = 1.0        # seconds between measurements of the context overhead (cuda)
+COUNTERS = ("calls", "launches", "bytes_in", "bytes_out")
+
+
+class VGPU:
+    """One grant on this worker and what its processes did."""
+
+    def __init__(self, grant: dict, slots: int):
+        self.grant = grant
+        self.ledger = Ledger(slots, _ledger_quota(grant))
+        self.procs: dict[int, int] = {}  # executor pid -> ledger slot
+        self.state, self.reason = "active", ""
+        self.ended_at = 0.0
+        self.retired = dict.fromkeys(COUNTERS, 0)  # from processes that ended
+        self.errors: collections.Counter = collections.Counter()
+        self.opened = 0
+        self.trace: collections.deque = collections.deque(maxlen=TRACE_KEEP)
+        self.seq = 0
+        self.harvested: dict[int, tuple[int, int]] = {}  # slot -> (pid, records taken)
+
+    @property
+    def id(self) -> str:
+        return self.grant["id"]
+
+
+def _ledger_quota(grant: dict) -> int | None:
+    """The ledger's quota: the grant's VRAM on each of its GPUs (documented in docs/vgpu.md)."""
+    vram = grant.get("vram")
+    return None if vram is None else vram * max(len(grant["gpus"]), 1)
+
+
+class VGPURegistry:
+    def __init__(self, gpus: list[dict], kind: str, slots: int = 64, context_overhead: int = 0,
+                 overhead_estimate: int = 512 << 20):
+        self.lock = threading.RLock()
+        self.gpu_list = gpus
+        self.by_uuid = {g["uuid"]: g for g in gpus}
+        self.kind = kind
+        self.slots = slots
+        self.context_overhead = context_overhead    # emulated: charged per process as configured
+        self.overhead_estimate = overhead_estimate  # cuda: charged until NVML has measured a context
+        self.measured = 0                           # largest context overhead measured so far (cuda)
+        self._measured_at = 0.0
+        self.table: dict[str, VGPU] = {}           # token hash -> vGPU
+        self.pool_grants: set[str] = set()         # hashes the pool currently grants
+        self.revoked: dict[str, tuple[str, float]] = {}  # token hash -> (reason, when)
+        self.by_pid: dict[int, VGPU] = {}
+        self.lookup = None
+        self.names = _function_names()
+
+    # ------------------------------------------------------------------ grants
+    def check_grant(self, grant: dict, where: str) -> dict:
+        """A grant in shape, with its GPUs on this worker and a quota they can hold; ValueError says why."""
+        gpus = grant.get("gpus") or [self.gpu_list[0]["uuid"]]
+        for u in gpus:
+            if u not in self.by_uuid:
+                raise ValueError(f"{where}: GPU {u} is not one of this worker's")
+        vram = grant.get("vram")
+        if vram is not None:
+            smallest = min(self.by_uuid[u]["memory"] for u in gpus)
+            if vram > smallest:
+                raise ValueError(f"{where}: a quota of {format_size(vram)} is larger than its GPU's "
+                                 f"{format_size(smallest)}")
+        return {**grant, "gpus": list(gpus), "id": str(grant["id"])}
+
+    def _add(self, grant: dict) -> VGPU:
+        v = self.table.get(grant["token_hash"])
+        if v is None or v.state != "active":
+            v = self.table[grant["token_hash"]] = VGPU(grant, self.slots)
+        elif v.grant != grant:
+            v.grant = grant
+            v.ledger.quota = _ledger_quota(grant)
+        return v
+
+    def set_static(self, grants: list[dict]) -> None:
+        """Grants from this worker's configuration (checked by the caller)."""
+        with self.lock:
+            for g in grants:
+                self._add(g)
+
+    def set_lookup(self, fn) -> None:
+        self.lookup = fn
+
+    def apply_grants(self, grants: list[dict], revoked: dict[str, str]) -> None:
+        """The pool's whole list for this worker: new ones are cached, vanished ones end."""
+        with self.lock:
+            now = time.time()
+            fresh = set()
+            for g in grants:
+                try:
+                    g = self.check_grant(g, f"the pool's grant {g.get('id')}")
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.error("ignoring a grant: %s", exc)
+                    continue
+                if g["token_hash"] in self.revoked:
+                    continue  # ended here (e.g. an admin on this worker): it stays ended
+                fresh.add(g["token_hash"])
+                self._add(g)
+            for h in self.pool_grants - fresh:
+                v = self.table.get(h)
+                if v is not None and v.state == "active":
+                    self._revoke(v, revoked.get(h) or "this vGPU is no longer granted to this worker")
+            for h, why in revoked.items():
+                self.revoked.setdefault(h, (why, now))
+            self.pool_grants = fresh
+            self._forget_old(now)
+
+    def admit(self, token: str) -> dict | None:
+        """The grant of a session token, or None; a Refusal (with the reason) for an ended vGPU.
+
+        Only a token this worker holds no grant for makes it ask the pool (OSError if it cannot)."""
+        h = token_hash(token)
+        with self.lock:
+            if h in self.revoked:
+                raise Refusal(E.DEVICE_UNAVAILABLE, self.revoked[h][0])
+            v = self.table.get(h)
+            if v is not None and v.state == "active":
+                return v.grant
+        if self.lookup is None:
+            return None
+        grant = self.lookup(h)
+        if grant is None:
+            return None
+        grant = self.check_grant(grant, f"the pool's grant {grant.get('id')}")
+        with self.lock:
+            self.pool_grants.add(h)
+            return self._add(grant).grant
+
+    # ----------------------------------------------------------- processes
+    def open_slot(self, grant: dict, client_pid: int, max_processes: int) -> tuple[VGPU, int]:
+        """(daemon, before forking) A ledger slot for a new process, with its context charged."""
+        with self.lock:
+            v = self.table.get(grant["token_hash"])
+            if v is None or v.state != "active":
+                raise Refusal(E.DEVICE_UNAVAILABLE, v.reason if v else "this vGPU is not granted to this worker")
+            if max_processes and len(v.procs) >= max_processes:
+                raise Refusal(E.DEVICE_UNAVAILABLE, f"this vGPU already has {len(v.procs)} sessions (client "
+                                                    "processes) open on this worker, the most one vGPU may have: "
+                                                    "end one (e.g. shut down an idle kernel) and try again")
+            overhead = self.context_overhead if self.kind == "emulated" else (self.measured or self.overhead_estimate)
+            slot = self._claim_within_quota(v, overhead)
+            v.ledger.bind(slot, 0, client_pid, time.time(), overhead)
+            return v, slot
+
+    def _claim_within_quota(self, v: VGPU, overhead: int) -> int:
+        """Claim a slot under the vGPU's lock, so that the context's memory is charged exactly."""
+        for _ in range(200):  # executors hold the lock for microseconds; never block the accept loop
+            try:
+                fcntl.lockf(v.ledger.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                time.sleep(0.0005)
+        else:
+            raise Refusal(E.DEVICE_UNAVAILABLE, "this vGPU's ledger is busy; try again")
+        try:
+            quota = v.ledger.quota
+            if quota is not None and v.ledger.charged() + overhead > quota:
+                raise Refusal(E.OUT_OF_MEMORY, f"this vGPU has no room for another process's CUDA context "
+                                               f"({format_size(overhead)}): its quota of {format_size(quota)} is "
+                                               f"in use by its other processes; end one (e.g. shut down an idle "
+                                               "kernel) and try again")
+            slot = v.ledger.claim()
+            if slot is None:
+                raise Refusal(E.DEVICE_UNAVAILABLE, "this vGPU has as many processes as its ledger holds")
+            return slot
+        finally:
+            fcntl.lockf(v.ledger.fd, fcntl.LOCK_UN)
+
+    def bind(self, v: VGPU, slot: int, pid: int) -> None:
+        """(daemon, after forking) The executor that owns ``slot``."""
+        with self.lock:
+            struct_pid = v.ledger.read_slot(slot)
+            v.ledger.bind(slot, pid, struct_pid["client_pid"], struct_pid["started"], struct_pid["overhead"])
+            v.procs[pid] = slot
+            v.opened += 1
+            self.by_pid[pid] = v
+
+    def cancel(self, v: VGPU, slot: int) -> None:
+        """(daemon) The fork failed: the slot goes back."""
+        with self.lock:
+            v.ledger.release(slot)
+
+    def reap(self, pid: int) -> None:
+        """(daemon) An executor ended: keep its figures and calls, free its slot."""
+        with self.lock:
+            v = self.by_pid.pop(pid, None)
+            if v is None:
+                return
+            slot = v.procs.pop(pid)
+            self._harvest(v)
+            final = v.ledger.read_slot(slot)
+            if final is not None:
+                for k in COUNTERS:
+                    v.retired[k] += final[k]
+                v.errors.update(final["errors"])
+            v.ledger.release(slot)
+            v.harvested.pop(slot, None)
+
+    # ------------------------------------------------------------ revocation
+    def revoke(self, vgpu_id: str, reason: str) -> bool:
+        with self.lock:
+            v = self._by_id(vgpu_id)
+            if v is None or v.state != "active":
+                return False
+            self._revoke(v, reason)
+            return True
+
+    def _revoke(self, v: VGPU, reason: str) -> None:
+        v.state, v.reason, v.ended_at = "revoked", reason, time.time()
+        self.revoked[v.grant["token_hash"]] = (reason, v.ended_at)
+        v.ledger.revoke(reason)
+        for pid in v.procs:
+            try:
+                os.kill(pid, signal.SIGUSR1)  # the executor frees its memory and refuses every call
+            except ProcessLookupError:
+                pass
+        log.info("vGPU %s of %s ended (%d processes): %s", v.id, v.grant.get("user", "?"), len(v.procs), reason)
+
+    def _forget_old(self, now: float) -> None:
+        for h, (_why, when) in list(self.revoked.items()):
+            if now - when > REVOKED_KEEP:
+                del self.revoked[h]
+        for h, v in list(self.table.items()):
+            if v.state != "active" and not v.procs and now - v.ended_at > 3600:
+                v.ledger.close()
+                del self.table[h]
+
+    # --------------------------------------------------------------- reports
+    def _by_id(self, vgpu_id: str) -> VGPU | None:
+        for v in self.table.values():
+            if v.id == str(vgpu_id):
+                return v
+        return None
+
+    def _harvest(self, v: VGPU) -> None:
+        """Move the calls the processes published into the vGPU's trace, numbered in order."""
+        new = []
+        for pid, slot in v.procs.items():
+            seen_pid, taken = v.harvested.get(slot, (pid, 0))
+            if seen_pid != pid:
+                taken = 0
+            records, count = v.ledger.read_trace(slot, taken)
+            v.harvested[slot] = (pid, count)
+            client = v.ledger.read_slot(slot)
+            for start, duration, nbytes, op, _pad, result in records:
+                new.append((start, duration, nbytes, op, result, client["client_pid"] if client else 0))
+        new.sort()
+        for start, duration, nbytes, op, result, client_pid in new:
+            v.seq += 1
+            v.trace.append({"seq": v.seq, "time": start, "pid": client_pid, "function": self.names.get(op, str(op)),
+                            "duration": duration, "bytes": nbytes, "result": result,
+                            "error": E.name_of(result) if result else ""})
+
+    def _measure(self) -> None:
+        """On a real GPU: the device memory NVML sees per executor beyond its allocations is its
+        context overhead; charged in place of the estimate."""
+        now = time.monotonic()
+        if self.kind != "cuda" or now - self._measured_at < MEASURE_EVERY or not self.by_pid:
+            return
+        self._measured_at = now
+        try:
+            from .gpus import nvml_process_memory
+
+            per_pid = nvml_process_memory(list(self.by_uuid))
+        except Exception as exc:  # NVML missing or failing: keep the estimate
+            log.debug("cannot measure context overhead: %s", exc)
+            return
+        for v in self.table.values():
+            for pid, slot in v.procs.items():
+                if pid in per_pid:
+                    rec = v.ledger.read_slot(slot)
+                    overhead = max(per_pid[pid] - rec["used"], 0) if rec else 0
+                    self.measured = max(self.measured, overhead)
+                    v.ledger.set_overhead(slot, overhead)
+
+    def _describe(self, v: VGPU) -> dict:
+        self._harvest(v)
+        procs = []
+        totals = dict(v.retired)
+        errors = collections.Counter(v.errors)
+        for pid, slot in sorted(v.procs.items()):
+            rec = v.ledger.read_slot(slot)
+            if rec is None:
+                continue
+            for k in COUNTERS:
+                totals[k] += rec[k]
+            errors.update(rec["errors"])
+            procs.append({"pid": pid, "client_pid": rec["client_pid"], "used": rec["used"],
+                          "overhead": rec["overhead"], "started": rec["started"],
+                          **{k: rec[k] for k in COUNTERS}})
+        g = v.grant
+        return {"id": v.id, "token_hash": g["token_hash"], "user": g.get("user", ""), "profile": g.get("profile", ""),
+                "qos": g.get("qos", ""), "gpus": list(g["gpus"]), "quota": v.ledger.quota,
+                "compute": g.get("compute", 100), "state": v.state, "reason": v.reason,
+                "used": sum(p["used"] for p in procs), "overhead": sum(p["overhead"] for p in procs),
+                "processes": procs, **totals, "errors": {E.name_of(c): n for c, n in sorted(errors.items())},
+                "sessions_opened": v.opened}
+
+    def vgpus(self) -> list[dict]:
+        with self.lock:
+            self._measure()
+            return [self._describe(v) for v in self.table.values()]
+
+    def get(self, vgpu_id: str) -> dict | None:
+        with self.lock:
+            v = self._by_id(vgpu_id)
+            return None if v is None else self._describe(v)
+
+    def find_token(self, token: str) -> dict | None:
+        with self.lock:
+            v = self.table.get(token_hash(token))
+            return None if v is None else self._describe(v)
+
+    def trace(self, vgpu_id: str, since: int = 0, limit: int = 256) -> tuple[list[dict], int]:
+        with self.lock:
+            v = self._by_id(vgpu_id)
+            if v is None:
+                return [], since
+            self._harvest(v)
+            out = [r for r in v.trace if r["seq"] > since][:limit]
+            return out, (out[-1]["seq"] if out else max(since, 0))
+
+    def gpus(self) -> list[dict]:
+        return [dict(g) for g in self.gpu_list]
+
+    def gpu_facts(self) -> dict[str, dict]:
+        """Per GPU: NVML's facts on a real GPU; on the emulated device, what its vGPUs hold."""
+        if self.kind == "cuda":
+            try:
+                from .gpus import nvml_facts
+
+                return nvml_facts(list(self.by_uuid))
+            except Exception as exc:
+                log.warning("cannot read GPU facts from NVML: %s", exc)
+        held = dict.fromkeys(self.by_uuid, 0)
+        with self.lock:
+            for v in self.table.values():
+                share = v.ledger.charged() // max(len(v.grant["gpus"]), 1)
+                for u in v.grant["gpus"]:
+                    held[u] += share
+        return {u: {"memory_total": g["memory"], "memory_used": held[u] if self.kind == "emulated" else None,
+                    "utilization": None, "temperature": None, "power": None, "sm_clock": None,
+                    "emulated": self.kind == "emulated"} for u, g in self.by_uuid.items()}
+
+
+def _function_names() -> dict[int, str]:
+    """opcode -> driver function name, for the trace (the launch path forwards cuLaunchKernel and kin)."""
+    from ..api.protocol import OP_LAUNCH, OP_PARAM_LAYOUT, OP_SET_CONTEXT
+    from .dispatch_generated import OPS
+
+    names = {op: name for op, (name, _mode, _factory) in OPS.items()}
+    names.update({OP_LAUNCH: "cuLaunchKernel", OP_SET_CONTEXT: "cuCtxSetCurrent", OP_PARAM_LAYOUT: "cuFuncGetParamInfo"})
+    return names

@@ -184,7 +184,7 @@ class EmulatedBackend:
 
     def cuDeviceGet(self, ordinal):
         self._dev(ordinal)
-        return (0,)
+        return (ordinal,)  # a device handle is its ordinal, as on the real driver
 
     def cuDeviceGetCount(self):
         return (len(self.devices),)

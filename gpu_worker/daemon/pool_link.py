@@ -14,9 +14,12 @@ kept in a private file next to the credential, so a worker restarted while the p
 still admits the sessions of the vGPUs it holds.
 
 Each heartbeat carries what every vGPU holds (its processes, VRAM used and context overhead, its
-counters and last calls) and the GPUs' facts.  The link looks at the vGPUs twice a second and
-beats at once when a figure changed, so the pool follows allocations and frees closely without
-being written to when nothing moves.
+counters and last calls) and the GPUs' facts, and under "ended" every vGPU this worker ended by
+itself (an admin's or the session's own revocation through the control API), with why: the pool
+then ends that allocation too, so that its memory is free for placement and the user reads why.
+The link looks at the vGPUs twice a second and beats at once when a figure changed or a vGPU
+ended, so the pool follows allocations and frees closely without being written to when nothing
+moves.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ log = logging.getLogger("gpulab.worker")
 WATCH_PERIOD = 0.5  # seconds between looks at the vGPUs; also the least gap between two heartbeats
 LAST_CALLS = 5      # trace records per vGPU in a heartbeat (the dashboard's "last calls")
 MAX_PROCESSES = 4096  # processes one heartbeat reports over all vGPUs: the pool refuses more
+MAX_ENDED = 4096      # ended vGPUs one heartbeat reports: the pool refuses more
+MAX_REASON = 1024     # characters of an ended vGPU's reason: what the pool keeps of a message
 
 
 def default_credential_file(worker_name: str) -> str:
@@ -155,19 +160,26 @@ class PoolLink:
                  self.credential_file)
 
     def vgpu_figures(self) -> list[dict]:
-        """The active vGPUs as the registry describes them (docs/architecture.md, *Worker-side registry*)."""
+        """The vGPUs, active and ended, as the registry describes them (docs/architecture.md,
+        *Worker-side registry*)."""
         if self.registry is None:
             return []
-        return [v for v in self.registry.vgpus() if v["state"] == "active"]
+        return self.registry.vgpus()
 
     def heartbeat_body(self, vgpus: list[dict]) -> dict:
-        """The heartbeat: every active vGPU (the whole truth) and the GPUs' facts; without a registry
-        only that this worker lives."""
+        """The heartbeat: every active vGPU (the whole truth), every ended one with its reason, and the
+        GPUs' facts; without a registry only that this worker lives.
+
+        "ended" lists every revoked vGPU the registry still keeps, whoever ended it: the pool ends
+        the active allocations among them and ignores the rest, so it needs no memory of what was
+        sent before."""
         if self.registry is None:
             return {"pid": os.getpid()}
-        body: dict = {"pid": os.getpid(), "vgpus": {}, "gpus": self.registry.gpu_facts()}
+        body: dict = {"pid": os.getpid(), "vgpus": {}, "ended": {}, "gpus": self.registry.gpu_facts()}
+        for v in [v for v in vgpus if v["state"] != "active"][:MAX_ENDED]:
+            body["ended"][v["token_hash"]] = (v["reason"] or "this vGPU was ended by its worker")[:MAX_REASON]
         room = MAX_PROCESSES
-        for v in vgpus:
+        for v in [v for v in vgpus if v["state"] == "active"]:
             processes = sorted(v["processes"], key=lambda p: -p["used"])[:room]
             room -= len(processes)
             body["vgpus"][v["token_hash"]] = {
@@ -230,8 +242,9 @@ class PoolLink:
             except OSError as exc:
                 log.error("cannot read the vGPUs' figures: %s", exc)
                 vgpus = []
-            # what moves between beats: memory and processes (counters alone wait for the interval)
-            figures = {v["token_hash"]: (v["used"], v["overhead"], len(v["processes"])) for v in vgpus}
+            # what moves between beats: memory, processes and ends (counters alone wait for the interval)
+            figures = {v["token_hash"]: (v["used"], v["overhead"], len(v["processes"]))
+                       if v["state"] == "active" else v["state"] for v in vgpus}
             now = time.monotonic()
             changed = figures != sent and not failing  # an unreachable pool is retried at the interval only
             if now - beat_at >= self.interval or (changed and now - beat_at >= WATCH_PERIOD):

@@ -84,14 +84,23 @@ class AllocationBook:
         log.info("allocation %s of %s revoked by an admin: %s", alloc.id, alloc.user, message)
         return alloc, True
 
-    def heartbeat(self, name: str, usage: dict | None) -> dict | None:
-        """A worker lives: store what its vGPUs hold (``usage``: {token hash: (used, overhead)}, the whole
-        truth; None leaves the figures alone) and answer its grants and recent revocations.  None: no
-        such worker.  InvalidRequest when a figure is more than the allocation's GPUs have."""
+    def heartbeat(self, name: str, usage: dict | None, ended: dict | None = None) -> dict | None:
+        """A worker lives: end the active allocations it ended by itself (``ended``: {token hash: why},
+        revoked with that sentence; others ignored), store what its vGPUs hold (``usage``: {token hash:
+        (used, overhead)}, the whole truth; None leaves the figures alone) and answer its grants and
+        recent revocations.  None: no such worker.  InvalidRequest when a figure is more than the
+        allocation's GPUs have."""
         with self.Session.begin() as db:
             w = db.get(Worker, name)
             if w is None:
                 return None
+            if ended:
+                now = time.time()
+                for a in db.scalars(select(Allocation).where(Allocation.worker_name == name,
+                                                             Allocation.status == "active",
+                                                             Allocation.token_hash.in_(list(ended)))):
+                    a.status, a.ended, a.message = "revoked", now, ended[a.token_hash]
+                    log.info("allocation %s of %s ended on worker %s: %s", a.id, a.user, name, a.message)
             grants, revoked = self._grants(db, w)
             if usage is not None:
                 memory = {g.uuid: g.memory for g in w.gpus}

@@ -40,6 +40,8 @@ MAX_GPU_MEMORY = 1 << 44   # 16 TiB: far above any GPU, far below what overflows
 MAX_GPUS = 64              # GPUs one worker may register
 MAX_VGPUS = 4096           # vGPUs one heartbeat may report
 MAX_PROCESSES = 4096       # processes one heartbeat may report, over all its vGPUs
+MAX_ENDED = 4096           # vGPUs one heartbeat may report its worker ended
+MAX_MESSAGE = 1024         # characters of why a vGPU ended: what an allocation's message holds
 MAX_VRAM = MAX_GPU_MEMORY * MAX_GPUS  # bytes one vGPU may hold at most (its GPUs' bound comes later)
 MAX_COUNT = (1 << 63) - 1  # counters: what a 64-bit integer holds
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # it appears in URL paths and log lines
@@ -217,9 +219,15 @@ def check_gpu_facts(facts, what: str) -> dict:
 
 
 def check_heartbeat(data: dict) -> dict:
-    """A heartbeat body in shape (docs/architecture.md, *Heartbeat*): "vgpus" {token hash: entry} and
-    "gpus" {uuid: facts}, each optional (absent: that part is left as it was)."""
+    """A heartbeat body in shape (docs/architecture.md, *Heartbeat*): "vgpus" {token hash: entry},
+    "ended" {token hash: why} and "gpus" {uuid: facts}, each optional (absent: that part is left as
+    it was; nothing ended)."""
     out = {}
+    if "ended" in data:
+        ended = _object(data["ended"], "ended", MAX_ENDED)
+        out["ended"] = {_text(h, "an ended vGPU's token hash", 128, required=True):
+                        _text(why, f"ended[{h:.32}] (why the vGPU ended)", MAX_MESSAGE, required=True)
+                        for h, why in ended.items()}
     if "vgpus" in data:
         vgpus = _object(data["vgpus"], "vgpus", MAX_VGPUS)
         out["vgpus"] = {_text(h, "a vGPU's token hash", 128, required=True): check_vgpu(e, f"vgpus[{h:.32}]")
@@ -304,6 +312,10 @@ class HeartbeatHandler(WorkerAPIHandler):
     each allocation's VRAM in use (used + overhead) and overhead; the rest stays in memory
     (live.py).  Only the worker's own allocations are touched; figures for other hashes are ignored.
 
+    With "ended", the vGPUs the worker ended by itself (revoked through its control API), with why:
+    each of them that is still an active allocation of this worker ends as revoked with that
+    sentence, as an admin's revocation here would; the others are ignored.
+
     The reply is the worker's grants (every active allocation on it) and "revoked" {token hash: why}
     of its allocations that ended in the last hour: the worker ends every vGPU not granted."""
 
@@ -314,7 +326,7 @@ class HeartbeatHandler(WorkerAPIHandler):
         if "vgpus" in body:
             usage = {h: (e["used"], e["overhead"]) for h, e in body["vgpus"].items()}
         try:
-            reply = self.book.heartbeat(name, usage)
+            reply = self.book.heartbeat(name, usage, body.get("ended", {}))
         except InvalidRequest as exc:
             raise web.HTTPError(400, str(exc)) from None
         if reply is None:

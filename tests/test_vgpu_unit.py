@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from workertools import PRELUDE, ROOT
+from workertools import PRELUDE, ROOT, SEE_DEVICES
 
 MiB = 1 << 20
 
@@ -109,20 +109,6 @@ def test_concurrent_allocations_of_several_processes_never_pass_the_quota(make_w
         for c in clients:
             c.kill()
             c.wait()
-
-
-SEE_DEVICES = PRELUDE + """
-import uuid
-ok(d.cuInit(0))
-n = ok(d.cuDeviceGetCount())
-devs = []
-for i in range(n):
-    dev = ok(d.cuDeviceGet(i))
-    u = ok(d.cuDeviceGetUuid(dev))
-    devs.append({"uuid": "GPU-" + str(uuid.UUID(bytes=bytes(u.bytes))), "memory": ok(d.cuDeviceTotalMem(dev)),
-                 "name": ok(d.cuDeviceGetName(64, dev)).split(b"\\0")[0].decode()})
-done(count=n, devices=devs, beyond=name(d.cuDeviceGet(n)))
-"""
 
 
 def test_a_vgpu_sees_exactly_the_gpus_it_was_placed_on(make_worker, tmp_path):

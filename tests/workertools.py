@@ -138,6 +138,21 @@ def done(**kw):
 """
 
 
+# A client that lists the devices its vGPU shows: count, uuid, memory and name of each.
+SEE_DEVICES = PRELUDE + """
+import uuid
+ok(d.cuInit(0))
+n = ok(d.cuDeviceGetCount())
+devs = []
+for i in range(n):
+    dev = ok(d.cuDeviceGet(i))
+    u = ok(d.cuDeviceGetUuid(dev))
+    devs.append({"uuid": "GPU-" + str(uuid.UUID(bytes=bytes(u.bytes))), "memory": ok(d.cuDeviceTotalMem(dev)),
+                 "name": ok(d.cuDeviceGetName(64, dev)).split(b"\\0")[0].decode()})
+done(count=n, devices=devs, beyond=name(d.cuDeviceGet(n)))
+"""
+
+
 def children_of(pid: int) -> list[int]:
     """Live (not zombie) processes whose parent is ``pid``."""
     out = []

@@ -173,13 +173,14 @@ class Executor:
         handlers = self.handlers
         session = self.session
         record = self.records.append
+        clock = time.perf_counter
         self._start_keepalive()
         while True:
             self.busy_since = None
             if self.revoked and not session.ended:  # revoked while a call ran
                 self._end_vgpu()
             plen, op, flags = REQ_HEADER.unpack(reader.read(REQ_HEADER.size))
-            t0 = self.busy_since = time.perf_counter()
+            t0 = self.busy_since = clock()
             want_reply = flags & FLAG_REPLY
             entry = handlers.get(op)
             if entry is None:
@@ -235,7 +236,7 @@ class Executor:
                 reason = f"{name} failed: an internal error in the gpulab worker (not your program's fault; " \
                          "the worker's log has the details)"
                 session.slot.count_error(result)
-            record((t0, time.perf_counter(), op, session.call_bytes, result))
+            record((t0, clock(), op, session.call_bytes, result))
             session.call_bytes = 0
             if remaining:
                 reader.skip(remaining)

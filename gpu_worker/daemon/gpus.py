@@ -9,6 +9,7 @@ pool recognises them.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import uuid
@@ -33,7 +34,9 @@ def describe_gpus(kind: str, worker_name: str, emulated_memory: int, emulated_gp
                  "memory": emulated_memory, "capability": "9.0", "emulated": True} for i in range(emulated_gpus)]
     nvml = _NVML.open()
     if nvml is None:
-        raise RuntimeError(f"cannot read this worker's GPUs through NVML: {_NVML.error}")
+        # no NVML (a container without it, or the shim chained to another worker): ask the driver,
+        # in a child process, as the daemon must never initialise CUDA itself (it forks executors)
+        return _describe_with_driver(_NVML.error)
     gpus = []
     for i in range(nvml.nvmlDeviceGetCount()):
         h = nvml.nvmlDeviceGetHandleByIndex(i)
@@ -42,6 +45,46 @@ def describe_gpus(kind: str, worker_name: str, emulated_memory: int, emulated_gp
                      "memory": int(nvml.nvmlDeviceGetMemoryInfo(h).total), "capability": f"{major}.{minor}",
                      "emulated": False})
     return gpus
+
+
+_DRIVER_PROBE = """
+import json, uuid
+from cuda.bindings import driver as d
+
+def ok(res):
+    if res[0] != d.CUresult.CUDA_SUCCESS:
+        raise SystemExit(res[0].name)
+    return res[1] if len(res) == 2 else res[1:]
+
+ok(d.cuInit(0))
+A = d.CUdevice_attribute
+gpus = []
+for i in range(ok(d.cuDeviceGetCount())):
+    dev = ok(d.cuDeviceGet(i))
+    cap = [ok(d.cuDeviceGetAttribute(getattr(A, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_" + x), dev))
+           for x in ("MAJOR", "MINOR")]
+    gpus.append({"uuid": "GPU-" + str(uuid.UUID(bytes=bytes(ok(d.cuDeviceGetUuid(dev)).bytes))), "index": i,
+                 "model": ok(d.cuDeviceGetName(256, dev)).split(b"\\0")[0].decode(),
+                 "memory": int(ok(d.cuDeviceTotalMem(dev))), "capability": "%d.%d" % tuple(cap), "emulated": False})
+print(json.dumps(gpus))
+"""
+
+
+def _describe_with_driver(nvml_error: str) -> list[dict]:
+    """The GPUs as the CUDA driver lists them, read by a short-lived child process."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _DRIVER_PROBE], capture_output=True, text=True, timeout=120)
+    if p.returncode != 0:
+        why = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"cannot read this worker's GPUs: NVML: {nvml_error}; the CUDA driver: {why}")
+    return json.loads(p.stdout)
+
+
+def nvml_available() -> bool:
+    """Whether NVML can be read here (context overhead is measured with it)."""
+    return _NVML.open() is not None
 
 
 def nvml_facts(uuids: list[str]) -> dict[str, dict]:

@@ -32,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 
+from ..client.env import default_state_dir
 
 log = logging.getLogger("gpulab.worker")
 
@@ -46,9 +47,7 @@ def default_credential_file(worker_name: str) -> str:
     """Where a worker keeps its pool credential: state that must survive reboots, one file per name
     (not per pool URL, which may change while the pool stays the same) in $GPULAB_STATE_DIR, else
     $XDG_STATE_HOME/gpulab, else ~/.local/state/gpulab."""
-    state = os.environ.get("GPULAB_STATE_DIR") or os.path.join(
-        os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state"), "gpulab")
-    return os.path.join(state, f"worker-{worker_name}.credential")
+    return os.path.join(default_state_dir(), f"worker-{worker_name}.credential")
 
 
 class PoolRefused(Exception):

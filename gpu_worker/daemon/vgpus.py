@@ -72,6 +72,14 @@ class VGPURegistry:
         self.context_overhead = context_overhead    # emulated: charged per process as configured
         self.overhead_estimate = overhead_estimate  # cuda: charged until NVML has measured a context
         self.measured = 0                           # largest context overhead measured so far (cuda)
+        self.can_measure = False
+        if kind == "cuda":
+            from .gpus import nvml_available
+
+            self.can_measure = nvml_available()
+            if not self.can_measure:
+                log.warning("NVML is not available: the device memory of CUDA contexts cannot be measured "
+                            "and is not charged to vGPUs (GPUs may be overcommitted by it)")
         self._measured_at = 0.0
         self.table: dict[str, VGPU] = {}           # token hash -> vGPU
         self.pool_grants: set[str] = set()         # hashes the pool currently grants
@@ -169,7 +177,10 @@ class VGPURegistry:
                 raise Refusal(E.DEVICE_UNAVAILABLE, f"this vGPU already has {len(v.procs)} sessions (client "
                                                     "processes) open on this worker, the most one vGPU may have: "
                                                     "end one (e.g. shut down an idle kernel) and try again")
-            overhead = self.context_overhead if self.kind == "emulated" else (self.measured or self.overhead_estimate)
+            if self.kind == "emulated":
+                overhead = self.context_overhead
+            else:  # charged up front, replaced by the measurement of this process
+                overhead = (self.measured or self.overhead_estimate) if self.can_measure else 0
             slot = self._claim_within_quota(v, overhead)
             v.ledger.bind(slot, 0, client_pid, time.time(), overhead)
             return v, slot
@@ -287,7 +298,7 @@ class VGPURegistry:
         """On a real GPU: the device memory NVML sees per executor beyond its allocations is its
         context overhead; charged in place of the estimate."""
         now = time.monotonic()
-        if self.kind != "cuda" or now - self._measured_at < MEASURE_EVERY or not self.by_pid:
+        if not self.can_measure or now - self._measured_at < MEASURE_EVERY or not self.by_pid:
             return
         self._measured_at = now
         try:

@@ -27,6 +27,7 @@ from pathlib import Path
 from traitlets import Enum, Float, Int, List, Unicode, default
 from traitlets.config import Application
 
+from gpu_worker.client.env import default_state_dir
 from hub_spawner.launcher.accounts import ensure_unix_users, shared_account_reason
 
 DEMO_USERS = ["alice", "bob", "carol"]
@@ -99,7 +100,7 @@ c.JupyterHub.services = [
                   "--tcp", settings["worker_bind"], "--pool-url", settings["pool_worker_url"], "--name", "local",
                   f"--GPUWorker.pool_credential_file={{state}}/worker-local.credential",
                   *sum((["--emulated-kernels", k] for k in settings["emulated_kernels"]), [])],
-      "environment": {{"GPULAB_POOL_TOKEN": settings["pool_worker_token"]}}}},
+      "environment": {{"GPULAB_POOL_TOKEN": settings["pool_worker_token"], "GPULAB_STATE_DIR": str(state)}}}},
 ]
 if settings["api_token"]:
     c.JupyterHub.services.append({{"name": "gpulab-automation", "api_token": settings["api_token"]}})
@@ -114,14 +115,6 @@ def free_port(ip: str) -> int:
     with socket.socket() as s:
         s.bind((ip, 0))
         return s.getsockname()[1]
-
-
-def default_state_dir() -> str:
-    """$GPULAB_STATE_DIR, else the XDG state directory: a lab's databases and secrets are state, not config."""
-    if os.environ.get("GPULAB_STATE_DIR"):
-        return os.environ["GPULAB_STATE_DIR"]
-    xdg = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(xdg, "gpulab")
 
 
 def load_secrets(state: Path) -> dict:

@@ -19,15 +19,14 @@ import pytest
 from gpu_worker.daemon.gpus import describe_gpus
 from hub_spawner.spawner import GPUSimpleLocalProcessSpawner
 from hubtools import HUB_TOKEN, WORKER_TOKEN, G
-from test_vgpu_unit import SEE_DEVICES
-from workertools import Worker
+from workertools import SEE_DEVICES, Worker
 
 NAME = "four"
 MEMORY = 4 * G
 PROFILES = [{"display_name": "One vGPU", "slug": "one", "gpu": {"vram": "1G", "compute": 25}},
             {"display_name": "Two vGPUs", "slug": "two", "gpu": {"vram": "512M", "compute": 25, "count": 2}}]
 
-# The kernel: what it sees of the driver (test_vgpu_unit's device listing), from nothing but the
+# The kernel: what it sees of the driver (workertools.SEE_DEVICES), from nothing but the
 # environment its spawner gave it, on a second line.
 KERNEL = SEE_DEVICES + """
 import os

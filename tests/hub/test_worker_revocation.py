@@ -98,7 +98,11 @@ def test_ended_ends_only_the_workers_own_active_allocations(pool):
     pool.register("w1", node="n1")
     pool.register("w2", node="n2")
     spec = {"user": "ann", "vram": "4G", "compute": 10, "mode": "local"}
-    allocs = [pool.call("POST", "api/allocations", {**spec, "node": node})[1] for node in ("n1", "n1", "n2")]
+    allocs = []
+    for node in ("n1", "n1", "n2"):
+        status, alloc = pool.call("POST", "api/allocations", {**spec, "node": node})
+        assert status == 201, alloc
+        allocs.append(alloc)
     mine, released, other = allocs
     assert pool.call("DELETE", f"api/allocations/{released['id']}")[0] == 204
     why = "an admin of its worker revoked this vGPU: maintenance"

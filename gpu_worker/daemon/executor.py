@@ -236,8 +236,10 @@ class Executor:
                 reason = f"{name} failed: an internal error in the gpulab worker (not your program's fault; " \
                          "the worker's log has the details)"
                 session.slot.count_error(result)
-            record((t0, clock(), op, session.call_bytes, result))
-            session.call_bytes = 0
+            nbytes = session.call_bytes
+            if nbytes:
+                session.call_bytes = 0
+            record((t0, clock(), op, nbytes, result))
             if remaining:
                 reader.skip(remaining)
             self._finish(want_reply, result, out, f"{name}: {detail}", reason)

@@ -270,3 +270,24 @@ def test_one_vgpus_token_cannot_read_or_revoke_another(make_worker, tmp_path):
     assert w.api("/api/vgpus", token="nobody")[0] == 403
     assert w.api("/metrics", token="alice")[0] in (403, 404)
     assert all(v["state"] == "active" for v in w.vgpus())
+
+
+def test_a_token_removed_from_the_tokens_file_ends_its_vgpu(make_worker, tmp_path):
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"gone": {"vram": "64M"}}))
+    w = make_worker(token=None, extra=("--tokens-file", str(tokens)))
+    client = subprocess.Popen([sys.executable, "-c", REVOKED_CLIENT], env=w.env(token="gone"), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert client.stdout.readline().strip() == "holding"
+        tokens.write_text("{}")
+        p = w.run(PRELUDE + "done(init=name(d.cuInit(0)))", token="gone", check=False)
+        assert p.result == {"init": "CUDA_ERROR_DEVICE_UNAVAILABLE"}  # the new session is told why
+        assert "removed from the worker's configuration" in p.stderr
+        tell(client, "go")
+        out, err = client.communicate(timeout=30)
+        assert json.loads(out.strip().splitlines()[-1])["next"] == "CUDA_ERROR_DEVICE_UNAVAILABLE"
+        assert "removed from the worker's configuration" in err
+    finally:
+        client.kill()
+        client.wait()

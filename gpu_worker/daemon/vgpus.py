@@ -83,6 +83,7 @@ class VGPURegistry:
         self._measured_at = 0.0
         self.table: dict[str, VGPU] = {}           # token hash -> vGPU
         self.pool_grants: set[str] = set()         # hashes the pool currently grants
+        self.static: set[str] = set()              # hashes the worker's configuration grants
         self.revoked: dict[str, tuple[str, float]] = {}  # token hash -> (reason, when)
         self.by_pid: dict[int, VGPU] = {}
         self.lookup = None
@@ -116,7 +117,18 @@ class VGPURegistry:
         """Grants from this worker's configuration (checked by the caller)."""
         with self.lock:
             for g in grants:
-                self._add(g)
+                if g["token_hash"] not in self.revoked:
+                    self.static.add(g["token_hash"])
+                    self._add(g)
+
+    def withdraw_static(self, token: str) -> None:
+        """A configured token is no longer in the configuration (its tokens file changed): its vGPU ends."""
+        h = token_hash(token)
+        with self.lock:
+            v = self.table.get(h)
+            if h in self.static and v is not None and v.state == "active":
+                self.static.discard(h)
+                self._revoke(v, "this session token was removed from the worker's configuration")
 
     def set_lookup(self, fn) -> None:
         self.lookup = fn
@@ -212,8 +224,8 @@ class VGPURegistry:
     def bind(self, v: VGPU, slot: int, pid: int) -> None:
         """(daemon, after forking) The executor that owns ``slot``."""
         with self.lock:
-            struct_pid = v.ledger.read_slot(slot)
-            v.ledger.bind(slot, pid, struct_pid["client_pid"], struct_pid["started"], struct_pid["overhead"])
+            rec = v.ledger.read_slot(slot)
+            v.ledger.bind(slot, pid, rec["client_pid"], rec["started"], rec["overhead"])
             v.procs[pid] = slot
             v.opened += 1
             self.by_pid[pid] = v
@@ -252,7 +264,8 @@ class VGPURegistry:
         v.state, v.reason, v.ended_at = "revoked", reason, time.time()
         self.revoked[v.grant["token_hash"]] = (reason, v.ended_at)
         v.ledger.revoke(reason)
-        for pid in v.procs:
+        for pid, slot in v.procs.items():
+            v.ledger.set_overhead(slot, 0)  # the executor closes its device: its context is gone
             try:
                 os.kill(pid, signal.SIGUSR1)  # the executor frees its memory and refuses every call
             except ProcessLookupError:

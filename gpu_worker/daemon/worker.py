@@ -189,6 +189,9 @@ class GPUWorker(Configurable):
             raise ValueError("the worker needs --tcp and/or --unix-socket")
         self.addrs = addrs
         self.open_registry()
+        # revocation reaches executors as SIGUSR1: ignored until an executor installs its handler,
+        # so that one signalled between its fork and that moment does not die of it
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         # from here SIGINT/SIGTERM end the accept loop quietly, which then stops the sessions
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop())
@@ -266,6 +269,7 @@ class GPUWorker(Configurable):
         if self.token:
             table.setdefault(self.token, {})
         source = "c.GPUWorker.tokens"
+        file_read = False
         if self.tokens_file:
             try:
                 with open(self.tokens_file) as f:
@@ -273,10 +277,13 @@ class GPUWorker(Configurable):
                 if not isinstance(entries, dict):
                     raise ValueError("it is not a JSON object of {token: limits}")
                 table.update(entries)
+                file_read = True
             except (OSError, ValueError) as exc:
                 log.error("cannot read tokens file %s: %s", self.tokens_file, exc)
-        for known, limits in table.items():
+        found = False
+        for known, limits in table.items():  # every entry compared: the time says nothing of a match
             if hmac.compare_digest(str(known).encode(), token.encode()):
+                found = True
                 if self.tokens_file and known not in self.tokens and known != self.token:
                     source = f"tokens file {self.tokens_file}"
                 try:
@@ -285,6 +292,8 @@ class GPUWorker(Configurable):
                     log.error("refusing a session: %s", exc)
                     raise
                 self.registry.set_static([grant])
+        if not found and file_read:  # removed from the tokens file: its vGPU ends
+            self.registry.withdraw_static(token)
         if not token:
             return None
         try:

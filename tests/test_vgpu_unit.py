@@ -291,3 +291,43 @@ def test_a_token_removed_from_the_tokens_file_ends_its_vgpu(make_worker, tmp_pat
     finally:
         client.kill()
         client.wait()
+
+
+def registry_with_lookup():
+    """An in-process registry of one emulated 1 GiB GPU whose pool look-up grants any hash asked for."""
+    from gpu_worker.daemon.vgpus import VGPURegistry
+
+    reg = VGPURegistry([{"uuid": "GPU-a", "index": 0, "model": "test", "memory": 1 << 30, "capability": "9.0",
+                         "emulated": True}], "emulated")
+    reg.set_lookup(lambda h: {"token_hash": h, "id": "7", "gpus": ["GPU-a"], "vram": 64 * MiB, "compute": 10})
+    return reg
+
+
+def test_a_grant_just_looked_up_survives_a_heartbeat_reply_computed_before_it():
+    reg = registry_with_lookup()
+    assert reg.admit("fresh-token")["id"] == "7"
+    reg.apply_grants([], {})  # this reply's request may have left before the allocation existed
+    assert reg.get("7")["state"] == "active"
+    reg.apply_grants([], {})  # the next one left after: the pool no longer grants it
+    assert reg.get("7")["state"] == "revoked"
+    assert "no longer granted" in reg.get("7")["reason"]
+
+
+def test_a_grant_just_looked_up_still_ends_when_the_reply_names_it_revoked():
+    from gpu_worker.client.tokens import token_hash
+
+    reg = registry_with_lookup()
+    reg.admit("fresh-token")
+    reg.apply_grants([], {token_hash("fresh-token"): "this vGPU was released: its Jupyter server stopped"})
+    assert (reg.get("7")["state"], reg.get("7")["reason"]) == ("revoked", "this vGPU was released: its Jupyter "
+                                                                           "server stopped")
+
+
+def test_an_id_seen_twice_means_the_active_vgpu_and_malformed_grants_are_skipped():
+    reg = registry_with_lookup()
+    reg.admit("old-token")
+    reg.revoke("7", "ended")
+    reg.admit("new-token")  # e.g. a new pool database numbers allocations from 1 again
+    assert reg.get("7")["state"] == "active"
+    reg.apply_grants(["not a grant", {"id": 1}], {})  # logged and skipped, the rest goes on
+    assert reg.get("7")["state"] == "active"

@@ -84,6 +84,7 @@ class VGPURegistry:
         self.table: dict[str, VGPU] = {}           # token hash -> vGPU
         self.pool_grants: set[str] = set()         # hashes the pool currently grants
         self.static: set[str] = set()              # hashes the worker's configuration grants
+        self.looked_up: set[str] = set()           # hashes granted by a look-up since the last heartbeat reply
         self.revoked: dict[str, tuple[str, float]] = {}  # token hash -> (reason, when)
         self.by_pid: dict[int, VGPU] = {}
         self.lookup = None
@@ -92,6 +93,8 @@ class VGPURegistry:
     # ------------------------------------------------------------------ grants
     def check_grant(self, grant: dict, where: str) -> dict:
         """A grant in shape, with its GPUs on this worker and a quota they can hold; ValueError says why."""
+        if not isinstance(grant.get("token_hash"), str) or not grant["token_hash"] or "id" not in grant:
+            raise ValueError(f"{where}: a grant needs a token_hash and an id")
         gpus = grant.get("gpus") or [self.gpu_list[0]["uuid"]]
         for u in gpus:
             if u not in self.by_uuid:
@@ -138,8 +141,13 @@ class VGPURegistry:
         with self.lock:
             now = time.time()
             fresh = set()
+            # a reply may have been computed before a grant this worker just looked up existed: such a
+            # grant ends only by name ("revoked") until the next reply, whose request left after it
+            young, self.looked_up = self.looked_up, set()
             for g in grants:
                 try:
+                    if not isinstance(g, dict):
+                        raise TypeError(f"{g!r:.60} is not an object")
                     g = self.check_grant(g, f"the pool's grant {g.get('id')}")
                 except (ValueError, KeyError, TypeError) as exc:
                     log.error("ignoring a grant: %s", exc)
@@ -148,6 +156,9 @@ class VGPURegistry:
                     continue  # ended here (e.g. an admin on this worker): it stays ended
                 fresh.add(g["token_hash"])
                 self._add(g)
+            for h in young - fresh:
+                if h not in revoked:
+                    fresh.add(h)
             for h in self.pool_grants - fresh:
                 v = self.table.get(h)
                 if v is not None and v.state == "active":
@@ -176,6 +187,7 @@ class VGPURegistry:
         grant = self.check_grant(grant, f"the pool's grant {grant.get('id')}")
         with self.lock:
             self.pool_grants.add(h)
+            self.looked_up.add(h)
             return self._add(grant).grant
 
     # ----------------------------------------------------------- processes
@@ -283,10 +295,10 @@ class VGPURegistry:
 
     # --------------------------------------------------------------- reports
     def _by_id(self, vgpu_id: str) -> VGPU | None:
-        for v in self.table.values():
-            if v.id == str(vgpu_id):
-                return v
-        return None
+        """The vGPU with this id: the active one, else the one that ended last (ids may repeat, e.g.
+        after the pool's database was replaced, while ended vGPUs are kept for an hour)."""
+        same = [v for v in self.table.values() if v.id == str(vgpu_id)]
+        return max(same, key=lambda v: (v.state == "active", v.ended_at), default=None)
 
     def _harvest(self, v: VGPU) -> None:
         """Move the calls the processes published into the vGPU's trace, numbered in order."""

@@ -298,9 +298,10 @@ class GPUWorker(Configurable):
             return None
         try:
             return self.registry.admit(token)
-        except OSError as exc:
+        except OSError as exc:  # not a wrong token: one this worker cannot check right now
             log.error("cannot ask the GPU pool about a session token: %s", exc)
-            return None
+            raise E.Refusal(E.DEVICE_UNAVAILABLE, "this worker cannot reach the GPU pool to check a vGPU placed in "
+                                                  "the last moments; try again shortly") from None
 
     def start_control(self) -> str:
         """The control API (docs/vgpu.md) in a thread; its URL and admin token go into the state
@@ -326,6 +327,11 @@ class GPUWorker(Configurable):
             bind = f"{tcp[len('tcp://'):].rsplit(':', 1)[0] if tcp else '127.0.0.1'}:0"
         self.control_server = ControlServer(self.registry, token, bind)
         url = self.control_server.start()
+        host = url.split("//", 1)[1].rsplit(":", 1)[0]
+        if host in ("0.0.0.0", "[::]", "::", ""):  # listening everywhere: others reach it by a name
+            reach = (self.advertise.split("//", 1)[-1].rsplit(":", 1)[0] if self.advertise else "") \
+                or socket.getfqdn()
+            url = f"http://{reach}:{url.rsplit(':', 1)[1]}"
         publish(state, name, url, token)
         log.info("control API at %s (admin token in %s)", url, token_file)
         return url

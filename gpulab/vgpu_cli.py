@@ -2,11 +2,13 @@
 
 Who asks decides what is seen (gpu_worker/daemon/control.py): the worker's admin sees every vGPU,
 a session sees its own.  The credential is found in this order:
-  1. --url and --token;
+  1. --url, with --token or $GPULAB_TOKEN;
   2. $GPULAB_CONTROL_URL and $GPULAB_TOKEN: the session itself, from a kernel's environment;
   3. what a worker on this host published in the state directory ($GPULAB_STATE_DIR, else
      $XDG_STATE_HOME/gpulab, else ~/.local/state/gpulab): its control URL and admin token, of the
      only worker there or of --worker NAME.
+A token belongs in $GPULAB_TOKEN or the published file rather than in --token: a command line is
+visible to every user of the host (`ps`), and the admin token sees and revokes every vGPU.
 Only the standard library talks to the worker, so the command answers at once.
 """
 from __future__ import annotations
@@ -37,7 +39,9 @@ class VGPUCommand(Application):
     url = Unicode("", help="The worker's control API, http://host:port (default: $GPULAB_CONTROL_URL, else "
                            "what the worker published in the state directory).").tag(config=True)
     token = Unicode("", help="The worker's admin token or a vGPU's session token (default: $GPULAB_TOKEN "
-                             "with $GPULAB_CONTROL_URL, else the admin token the worker published).").tag(config=True)
+                             "with --url or $GPULAB_CONTROL_URL, else the admin token the worker published). "
+                             "Prefer those: a token on the command line is visible to every user of the host "
+                             "in `ps`.").tag(config=True)
     worker = Unicode("", help="Name of the worker on this host whose published control URL and admin token "
                               "to use, when the state directory holds several.").tag(config=True)
     state_dir = Unicode("", help="Where workers on this host publish their control URL and admin token "
@@ -63,12 +67,13 @@ class VGPUCommand(Application):
         if self.url:
             token = self.token or os.environ.get("GPULAB_TOKEN", "")
             if not token:
-                raise VGPUError("--url needs a credential: pass --token or set GPULAB_TOKEN")
+                raise VGPUError("--url needs a credential: set GPULAB_TOKEN (or pass --token, which `ps` shows "
+                                "to every user of this host)")
             return self.url.rstrip("/"), token
         if os.environ.get("GPULAB_CONTROL_URL") and not self.worker:
             token = self.token or os.environ.get("GPULAB_TOKEN", "")
             if not token:
-                raise VGPUError("GPULAB_CONTROL_URL is set but GPULAB_TOKEN is not: pass --token")
+                raise VGPUError("GPULAB_CONTROL_URL is set but GPULAB_TOKEN is not: set it too")
             return os.environ["GPULAB_CONTROL_URL"].rstrip("/"), token
         from gpu_worker.client.env import default_state_dir
         from gpu_worker.daemon.control import published
@@ -76,8 +81,8 @@ class VGPUCommand(Application):
         state = self.state_dir or default_state_dir()
         workers = published(state)
         if not workers:
-            raise VGPUError(f"no worker on this host published its control API in {state}; pass --url and "
-                            f"--token, or set GPULAB_CONTROL_URL and GPULAB_TOKEN")
+            raise VGPUError(f"no worker on this host published its control API in {state}; set "
+                            f"GPULAB_CONTROL_URL and GPULAB_TOKEN, or pass --url with GPULAB_TOKEN set")
         if self.worker:
             if self.worker not in workers:
                 raise VGPUError(f"no worker named {self.worker} published its control API in {state} "
@@ -263,13 +268,13 @@ class VGPUApp(SubcommandApp):
     description = """A worker's vGPUs through its control API: list them, show one's usage, follow its
     call trace, revoke it. On the worker's host as its admin (the control URL and admin token it
     published in the state directory), or as the session itself from a kernel
-    ($GPULAB_CONTROL_URL and $GPULAB_TOKEN), or anywhere with --url and --token."""
+    ($GPULAB_CONTROL_URL and $GPULAB_TOKEN), or anywhere with --url and $GPULAB_TOKEN."""
     examples = """
 gpulab vgpu list
 gpulab vgpu show 17
 gpulab vgpu trace 17 --follow
 gpulab vgpu revoke 17 --reason "the course ended"
-gpulab vgpu list --url http://gpuhost:7001 --token $ADMIN_TOKEN --json
+GPULAB_TOKEN="$(cat worker-w1.admin-token)" gpulab vgpu list --url http://gpuhost:7001 --json
 """
     subcommand_description = "Subcommands are launched as `gpulab vgpu cmd [args]`; `gpulab vgpu cmd --help` " \
                              "describes each one's options."

@@ -190,7 +190,11 @@ def test_a_session_may_revoke_its_own_vgpu(server, registry):
 
 @pytest.mark.parametrize("method,path,body,status,words", [
     ("GET", "/api/vgpus/17/trace?since=abc", None, 400, "since must be a whole number, not 'abc'"),
-    ("GET", "/api/vgpus/17/trace?wait=soon", None, 400, "wait must be a number, not 'soon'"),
+    ("GET", "/api/vgpus/17/trace?wait=soon", None, 400, "wait must be a finite number, not 'soon'"),
+    # nan passed the number check and held the long-poll for ever (min(nan, MAX_WAIT) is nan)
+    ("GET", "/api/vgpus/17/trace?wait=nan", None, 400, "wait must be a finite number, not 'nan'"),
+    ("GET", "/api/vgpus/17/trace?wait=inf", None, 400, "wait must be a finite number, not 'inf'"),
+    ("GET", "/api/vgpus/17/trace?wait=-Infinity", None, 400, "wait must be a finite number, not '-Infinity'"),
     ("GET", "/api/vgpus/17/trace?since=-1", None, 400, "must not be negative"),
     ("GET", "/api/vgpus/17/trace?limit=0", None, 400, "limit must be at least 1"),
     ("GET", "/api/nothing", None, 404, "no such route: GET /api/nothing"),
@@ -245,24 +249,89 @@ def test_a_long_wait_is_capped_and_ends_when_the_server_stops(server, monkeypatc
     assert answers and answers[0][0] == 200 and time.monotonic() - t0 < 5
 
 
-def test_idle_connections_cannot_take_every_thread(registry, monkeypatch):
+def idle(server, n) -> list:
+    """`n` connections that send nothing, each being served (a thread each) once this returns."""
     import socket
 
+    host, port = server.httpd.server_address
+    conns = [socket.create_connection((host, port)) for _ in range(n)]
+    time.sleep(0.3)
+    return conns
+
+
+def test_the_admin_gets_through_a_full_house_of_idle_connections(registry, monkeypatch):
+    monkeypatch.setattr(control, "HEADER_TIMEOUT", 60.0)  # they stay: the reserve, not the deadline, lets us in
+    s = ControlServer(registry, ADMIN, "127.0.0.1:0")
+    s.start()
+    conns = idle(s, control.MAX_CONNECTIONS)
+    try:
+        t0 = time.monotonic()
+        assert call(s, "GET", "/api/vgpus", ADMIN)[0] == 200
+        assert call(s, "GET", "/metrics", ADMIN)[0] == 200
+        assert time.monotonic() - t0 < 2
+        status, answer = call(s, "GET", "/api/vgpus", "tok-alice")  # the reserve is the admin's
+        assert status == 503 and "as many connections as it may" in answer["message"]
+        conns += idle(s, control.ADMIN_RESERVE)
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.RemoteDisconnected)):
+            call(s, "GET", "/api/vgpus", ADMIN)  # beyond the reserve: closed unanswered, never a thread
+    finally:
+        for c in conns:
+            c.close()
+    time.sleep(0.3)
+    assert call(s, "GET", "/api/vgpus", "tok-alice")[0] == 200  # their threads are back
+    s.stop()
+
+
+def test_a_connection_must_send_its_request_within_seconds(registry, monkeypatch):
+    monkeypatch.setattr(control, "HEADER_TIMEOUT", 0.5)
     monkeypatch.setattr(control, "MAX_CONNECTIONS", 2)
     s = ControlServer(registry, ADMIN, "127.0.0.1:0")
     s.start()
-    host, port = s.httpd.server_address
-    idle = [socket.create_connection((host, port)) for _ in range(2)]
+    quiet, slow = idle(s, 2)
     try:
-        time.sleep(0.3)  # both are being served (each waits for its request)
-        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.RemoteDisconnected)):
-            call(s, "GET", "/api/vgpus", ADMIN)
+        slow.settimeout(5)
+        quiet.settimeout(5)
+        t0 = time.monotonic()
+        for byte in b"GET /api/vgpus HTTP/1.1\r\n":  # a byte at a time never earns more time
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.1)
+        assert quiet.recv(1) == b"" and slow.recv(1) == b""  # both closed
+        assert time.monotonic() - t0 < 3
+        # a kept-alive connection owes its next request within the deadline too
+        keep = http.client.HTTPConnection(*s.httpd.server_address, timeout=5)
+        keep.request("GET", "/api/vgpus", headers={"Authorization": f"token {ADMIN}"})
+        assert keep.getresponse().read() and keep.sock is not None
+        time.sleep(1.0)
+        assert keep.sock.recv(1) == b""
+        keep.close()
+        assert call(s, "GET", "/api/vgpus", "tok-alice")[0] == 200  # the slots are free for others
     finally:
-        for c in idle:
-            c.close()
-    time.sleep(0.3)
-    assert call(s, "GET", "/api/vgpus", ADMIN)[0] == 200  # their threads are back
-    s.stop()
+        quiet.close()
+        slow.close()
+        s.stop()
+
+
+def test_one_credential_holds_a_few_long_polls_at_most(server, registry):
+    answers = []
+    polls = [threading.Thread(target=lambda: answers.append(call(server, "GET", "/api/vgpus/17/trace?wait=20",
+                                                                 "tok-alice")))
+             for _ in range(control.MAX_POLLS)]
+    for p in polls:
+        p.start()
+    time.sleep(0.5)
+    status, answer = call(server, "GET", "/api/vgpus/17/trace?wait=20", "tok-alice")
+    assert status == 429 and f"already holds {control.MAX_POLLS} trace long-polls" in answer["message"]
+    assert call(server, "GET", "/api/vgpus/17/trace", "tok-alice")[0] == 200  # without wait: answered
+    assert call(server, "GET", "/api/vgpus/18/trace?wait=0.1", "tok-bob")[0] == 200  # others are not counted
+    assert call(server, "GET", "/api/vgpus/17/trace?wait=0.1", ADMIN)[0] == 200
+    registry.record("17", "cuInit")
+    for p in polls:
+        p.join(10)
+    assert [a[0] for a in answers] == [200] * control.MAX_POLLS
+    assert call(server, "GET", "/api/vgpus/17/trace?since=1&wait=0.1", "tok-alice")[0] == 200  # given back
 
 
 def metric_samples(text: str) -> dict:
@@ -377,8 +446,8 @@ def test_cli_errors_are_one_sentence(server, tmp_path):
     p = gpulab_vgpu("list", env=empty)
     assert p.returncode == 1
     assert p.stderr.strip() == (f"gpulab vgpu: no worker on this host published its control API in "
-                                f"{tmp_path / 'none'}; pass --url and --token, or set GPULAB_CONTROL_URL and "
-                                f"GPULAB_TOKEN")
+                                f"{tmp_path / 'none'}; set GPULAB_CONTROL_URL and GPULAB_TOKEN, or pass --url "
+                                f"with GPULAB_TOKEN set")
     state = tmp_path / "two"
     publish(state, "w1", server.url, ADMIN)
     publish(state, "w2", "http://127.0.0.1:9", "x")
@@ -403,3 +472,15 @@ def test_cli_help_describes_every_subcommand():
         assert cmd in p.stdout.splitlines()
     p = gpulab_vgpu("trace", "--help")
     assert "--follow" in p.stdout and "--url" in p.stdout and "--json" in p.stdout
+    # a token on the command line is in `ps` for every user: the help says so and shows the environment
+    assert "visible to every user of the host in `ps`" in " ".join(p.stdout.split())
+    p = gpulab_vgpu("--help")
+    assert "--token" not in p.stdout and 'GPULAB_TOKEN="$(cat' in p.stdout
+
+
+def test_cli_takes_the_token_from_the_environment_with_url(server):
+    p = gpulab_vgpu("list", "--url", server.url, "--json", env={"GPULAB_TOKEN": ADMIN})
+    assert p.returncode == 0, p.stderr
+    assert [v["id"] for v in json.loads(p.stdout)] == ["17", "18"]
+    p = gpulab_vgpu("list", "--url", server.url)
+    assert p.returncode == 1 and "set GPULAB_TOKEN" in p.stderr and "`ps`" in p.stderr

@@ -17,7 +17,14 @@ token <t>`` (``Bearer <t>`` too, which is what Prometheus's ``authorization`` se
 
 The server is the standard library's ThreadingHTTPServer in a daemon thread: the worker's accept
 loop stays its own, a held long-poll costs one thread, and `gpulab vgpu` (gpulab/vgpu_cli.py) needs
-nothing but urllib to talk to it.  The worker publishes where it listens and its admin token in its
+nothing but urllib to talk to it.
+
+Threads are bounded so that nobody can lock the admin and Prometheus out: at most MAX_CONNECTIONS
+connections are served at once, and ADMIN_RESERVE more may connect beyond them but are answered
+only for the admin token (anyone else there gets 503); a connection must send its request (line,
+headers and body) within HEADER_TIMEOUT of being ready for it, so an idle one, authenticated or
+not, gives its thread back within seconds; and one credential holds at most MAX_POLLS trace
+long-polls at once (429 beyond).  The worker publishes where it listens and its admin token in its
 state directory (`publish`), for `gpulab vgpu` on the same host.
 """
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -41,8 +49,11 @@ MAX_REASON = 1000  # characters of a revoke reason kept
 MAX_WAIT = 30.0  # seconds a trace long-poll may be held
 MAX_LIMIT = 1024  # trace records per answer
 POLL = 0.05  # seconds between looks at the trace while a long-poll waits
-REQUEST_TIMEOUT = 60.0  # seconds a connection may take to send its request
-MAX_CONNECTIONS = 64  # connections served at once (a thread each); more are closed unanswered
+HEADER_TIMEOUT = 5.0  # seconds a connection has to send a whole request (line, headers, body), idle ones too
+WRITE_TIMEOUT = 60.0  # seconds one send of an answer may stall on a caller that does not read it
+MAX_CONNECTIONS = 64  # connections served at once (a thread each)
+ADMIN_RESERVE = 4  # connections beyond MAX_CONNECTIONS answered for the admin token only; more are closed
+MAX_POLLS = 4  # trace long-polls one credential may hold at once
 
 _VGPU = re.compile(r"/api/vgpus/([^/]+)(/trace|/revoke)?")
 
@@ -75,6 +86,8 @@ class ControlServer:
         self.httpd: ThreadingHTTPServer | None = None
         self.thread: threading.Thread | None = None
         self.stopping = threading.Event()
+        self.polls: dict[str, int] = {}  # long-polls held, per credential ("admin" or a vGPU id)
+        self.polls_lock = threading.Lock()
 
     def start(self) -> str:
         host, port = split_bind(self.bind)
@@ -139,7 +152,7 @@ class ControlServer:
         if caller is not None and str(caller["id"]) != vgpu_id:
             raise _not_found(vgpu_id)
         if action == "/trace":
-            return _json(self.trace(vgpu_id, query))
+            return _json(self.trace(vgpu_id, query, caller))
         if action == "/revoke":
             return _json(self.revoke(vgpu_id, body, caller))
         vgpu = self.registry.get(vgpu_id)
@@ -153,7 +166,7 @@ class ControlServer:
         return [{**g, "facts": facts.get(g["uuid"], {})} for g in self.registry.gpus()
                 if mine is None or g["uuid"] in mine]
 
-    def trace(self, vgpu_id: str, query: dict) -> dict:
+    def trace(self, vgpu_id: str, query: dict, caller: dict | None) -> dict:
         since = _number(query, "since", 0, int)
         limit = min(_number(query, "limit", 256, int), MAX_LIMIT)
         wait = min(_number(query, "wait", 0.0, float), MAX_WAIT)
@@ -162,10 +175,30 @@ class ControlServer:
         if self.registry.get(vgpu_id) is None:
             raise _not_found(vgpu_id)
         deadline = time.monotonic() + wait
-        while True:
-            records, nxt = self.registry.trace(vgpu_id, since, limit)
-            if records or time.monotonic() >= deadline or self.stopping.wait(POLL):
-                return {"records": records, "next": nxt}
+        held = wait > 0 and self._hold_poll("admin" if caller is None else f"vgpu {caller['id']}")
+        try:
+            while True:
+                records, nxt = self.registry.trace(vgpu_id, since, limit)
+                if records or time.monotonic() >= deadline or self.stopping.wait(POLL):
+                    return {"records": records, "next": nxt}
+        finally:
+            if held:
+                self._release_poll(held)
+
+    def _hold_poll(self, who: str) -> str:
+        """Count one more long-poll of credential `who` (returned, for _release_poll); 429 past MAX_POLLS."""
+        with self.polls_lock:
+            if self.polls.get(who, 0) >= MAX_POLLS:
+                raise APIError(429, f"this credential already holds {MAX_POLLS} trace long-polls, as many as it "
+                                    f"may at once: wait for one to answer, or ask without wait")
+            self.polls[who] = self.polls.get(who, 0) + 1
+        return who
+
+    def _release_poll(self, who: str) -> None:
+        with self.polls_lock:
+            self.polls[who] -= 1
+            if not self.polls[who]:
+                del self.polls[who]
 
     def revoke(self, vgpu_id: str, body: bytes, caller: dict | None) -> dict:
         try:
@@ -199,10 +232,13 @@ def _number(query: dict, name: str, default, kind):
     if not values:
         return default
     try:
-        return kind(values[-1])
+        value = kind(values[-1])
     except ValueError:
-        word = "a whole number" if kind is int else "a number"
-        raise APIError(400, f"{name} must be {word}, not {values[-1]!r}") from None
+        value = None
+    if value is None or not math.isfinite(value):  # nan would hold a long-poll for ever
+        word = "a whole number" if kind is int else "a finite number"
+        raise APIError(400, f"{name} must be {word}, not {values[-1]!r}")
+    return value
 
 
 def split_bind(bind: str) -> tuple[str, int]:
@@ -214,24 +250,68 @@ def split_bind(bind: str) -> tuple[str, int]:
 
 
 class _Server(ThreadingHTTPServer):
+    """A thread per connection, within MAX_CONNECTIONS + ADMIN_RESERVE; connections that owe their
+    request past its deadline are shut down by the accept loop (`service_actions`), so a slow
+    sender cannot stretch HEADER_TIMEOUT a byte at a time."""
+
     daemon_threads = True
+    request_queue_size = 128  # a burst of connections waits in the kernel instead of being refused there
     control: ControlServer
 
     def __init__(self, *args):
         super().__init__(*args)
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.reserve = threading.BoundedSemaphore(ADMIN_RESERVE)
+        self.admin_only: set[socket.socket] = set()  # connections in the reserve
+        self.owing: dict[socket.socket, float] = {}  # connection -> when its request must have arrived
+        self.owing_lock = threading.Lock()
 
     def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):  # a flood costs a socket, never a thread
+        if self.slots.acquire(blocking=False):
+            release = self.slots.release
+        elif self.reserve.acquire(blocking=False):
+            release = self.reserve.release
+            self.admin_only.add(request)
+        else:  # a flood costs a socket, never a thread
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        threading.Thread(target=self._connection, args=(request, client_address, release),
+                         name="gpulab-control-request", daemon=True).start()
 
-    def process_request_thread(self, request, client_address):
+    def _connection(self, request, client_address, release) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            self.slots.release()
+            self.received(request)
+            self.admin_only.discard(request)
+            self.shutdown_request(request)
+            release()
+
+    def awaiting(self, connection) -> None:
+        """`connection` now owes a request, within HEADER_TIMEOUT."""
+        with self.owing_lock:
+            self.owing[connection] = time.monotonic() + HEADER_TIMEOUT
+
+    def received(self, connection) -> None:
+        with self.owing_lock:
+            self.owing.pop(connection, None)
+
+    def service_actions(self):
+        now = time.monotonic()
+        with self.owing_lock:
+            late = [c for c, deadline in self.owing.items() if deadline <= now]
+            for c in late:
+                del self.owing[c]
+        for c in late:
+            try:
+                c.shutdown(socket.SHUT_RDWR)  # its thread's read returns at once and the connection ends
+            except OSError:
+                pass
+
+    def handle_error(self, request, client_address):
+        log.debug("control API connection from %s failed", client_address, exc_info=True)
 
 
 class _Server6(_Server):
@@ -241,8 +321,15 @@ class _Server6(_Server):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
-    timeout = REQUEST_TIMEOUT
+    timeout = WRITE_TIMEOUT  # reads are bounded by the server's deadline (HEADER_TIMEOUT) instead
     server_version = "gpulab-worker"
+
+    def handle_one_request(self):
+        self.server.awaiting(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.received(self.connection)
 
     def do_GET(self):
         self._serve("GET")
@@ -258,10 +345,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str):
         control = self.server.control
+        if self.connection in self.server.admin_only:
+            self.close_connection = True  # a reserved slot serves one request, then is free for the next admin
         try:
             url = urllib.parse.urlsplit(self.path)
             body = self._body()
+            self.server.received(self.connection)  # the request is here: its answer may take long
             caller = control.authenticate(self.headers.get("Authorization", ""))
+            if caller is not None and self.connection in self.server.admin_only:
+                raise APIError(503, "the worker's control API is serving as many connections as it may; "
+                                    "try again in a few seconds")
             ctype, data = control.handle(method, url.path.rstrip("/") or "/", urllib.parse.parse_qs(url.query),
                                          body, caller)
             status = 200
@@ -277,6 +370,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         if self._unread:
             self.close_connection = True  # a body we did not read would be taken for the next request
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 

@@ -73,6 +73,8 @@ class PoolLink:
         self.registry = registry
         self._saved = None  # the grants last written to grants_file
         self._stop = threading.Event()
+        # the figures the last heartbeat carried, when it went, and whether the pool failed to answer
+        self._sent, self._beat_at, self._failing = None, float("-inf"), False
         if registry is not None:
             self._restore_grants()
             registry.set_lookup(self.grant_for)
@@ -104,11 +106,14 @@ class PoolLink:
             with open(self.grants_file) as f:
                 saved = json.load(f)
             grants, revoked = saved["grants"], saved["revoked"]
+            if not isinstance(grants, list) or not isinstance(revoked, dict):
+                raise TypeError("it is not {\"grants\": [...], \"revoked\": {...}}")
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.error("cannot read the saved grants in %s: %s (waiting for the pool's)", self.grants_file, exc)
             return
+        grants, revoked = _well_formed(grants, revoked, f"the saved grants in {self.grants_file}")
         self.registry.apply_grants(grants, revoked)
         self._saved = saved
         log.info("restored %d grant(s) from %s", len(grants), self.grants_file)
@@ -119,8 +124,9 @@ class PoolLink:
                 and isinstance(reply.get("revoked"), dict)):
             log.error("the GPU pool's heartbeat reply has no grants: %.200r", reply)
             return
-        saved = {"grants": reply["grants"], "revoked": reply["revoked"]}
-        self.registry.apply_grants(saved["grants"], saved["revoked"])
+        grants, revoked = _well_formed(reply["grants"], reply["revoked"], "the GPU pool's heartbeat reply")
+        saved = {"grants": grants, "revoked": revoked}
+        self.registry.apply_grants(grants, revoked)
         if saved != self._saved:
             try:
                 self._write_private(self.grants_file, json.dumps(saved))
@@ -234,27 +240,37 @@ class PoolLink:
             except OSError as exc:
                 log.warning("cannot register with the GPU pool at %s: %s (retrying)", self.url, exc)
                 self._stop.wait(min(self.interval, 2.0))
-        sent, beat_at, failing = None, float("-inf"), False
+            except Exception:  # e.g. an answer without a credential: a dead link thread would never say
+                log.exception("cannot register with the GPU pool at %s (retrying)", self.url)
+                self._stop.wait(max(self.interval, 2.0))
         while not self._stop.is_set():
-            try:
-                vgpus = self.vgpu_figures()
-            except OSError as exc:
-                log.error("cannot read the vGPUs' figures: %s", exc)
-                vgpus = []
-            # what moves between beats: memory, processes and ends (counters alone wait for the interval)
-            figures = {v["token_hash"]: (v["used"], v["overhead"], len(v["processes"]))
-                       if v["state"] == "active" else v["state"] for v in vgpus}
             now = time.monotonic()
-            changed = figures != sent and not failing  # an unreachable pool is retried at the interval only
-            if now - beat_at >= self.interval or (changed and now - beat_at >= WATCH_PERIOD):
-                beat_at = now
-                try:
-                    self.heartbeat(self.heartbeat_body(vgpus))
-                    sent, failing = figures, False
-                except (OSError, PoolRefused) as exc:
-                    log.warning("heartbeat to the GPU pool failed: %s", _reason(exc))
-                    failing = True
+            try:
+                self._watch(now)
+            except Exception:  # a bug, or a reply nobody foresaw: without beats the pool marks us lost
+                log.exception("heartbeat to the GPU pool failed")
+                self._failing = True
             self._stop.wait(max(min(self.interval, WATCH_PERIOD) - (time.monotonic() - now), 0.01))
+
+    def _watch(self, now: float) -> None:
+        """One look at the vGPUs; a heartbeat when the interval is up or a figure moved."""
+        try:
+            vgpus = self.vgpu_figures()
+        except OSError as exc:
+            log.error("cannot read the vGPUs' figures: %s", exc)
+            vgpus = []
+        # what moves between beats: memory, processes and ends (counters alone wait for the interval)
+        figures = {v["token_hash"]: (v["used"], v["overhead"], len(v["processes"]))
+                   if v["state"] == "active" else v["state"] for v in vgpus}
+        changed = figures != self._sent and not self._failing  # an unreachable pool: at the interval only
+        if now - self._beat_at >= self.interval or (changed and now - self._beat_at >= WATCH_PERIOD):
+            self._beat_at = now
+            try:
+                self.heartbeat(self.heartbeat_body(vgpus))
+                self._sent, self._failing = figures, False
+            except (OSError, PoolRefused) as exc:
+                log.warning("heartbeat to the GPU pool failed: %s", _reason(exc))
+                self._failing = True
 
     def start(self) -> threading.Thread:
         t = threading.Thread(target=self.run, name="gpulab-pool-link", daemon=True)
@@ -263,6 +279,18 @@ class PoolLink:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _well_formed(grants: list, revoked: dict, where: str) -> tuple[list[dict], dict[str, str]]:
+    """The grants that are objects and the revocations that are {token hash: reason} strings; the
+    rest is logged and left out (the registry checks each grant's fields itself)."""
+    good = [g for g in grants if isinstance(g, dict)]
+    if len(good) < len(grants):
+        log.error("%s holds %d grant(s) that are not objects: ignored", where, len(grants) - len(good))
+    ended = {h: why for h, why in revoked.items() if isinstance(h, str) and isinstance(why, str)}
+    if len(ended) < len(revoked):
+        log.error("%s holds %d revocation(s) whose reason is not a string: ignored", where, len(revoked) - len(ended))
+    return good, ended
 
 
 def _reason(exc: Exception) -> str:

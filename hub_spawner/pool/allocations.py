@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from typing import NamedTuple
 
 from sqlalchemy import select
 
@@ -18,6 +19,17 @@ log = logging.getLogger("gpulab.pool")
 
 REVOKED_FOR = 3600.0  # seconds an ended allocation stays in its worker's heartbeat replies, with why
 RELEASED = "this vGPU was released: its Jupyter server stopped"
+
+
+class Beat(NamedTuple):
+    """What the book answers a worker's heartbeat: its grants and the revocations of the last
+    REVOKED_FOR seconds (the reply), and the uuids of the GPUs it registered."""
+    grants: list[dict]
+    revoked: dict[str, str]
+    gpus: set[str]
+
+    def reply(self) -> dict:
+        return {"grants": self.grants, "revoked": self.revoked}
 
 
 class AllocationBook:
@@ -84,12 +96,13 @@ class AllocationBook:
         log.info("allocation %s of %s revoked by an admin: %s", alloc.id, alloc.user, message)
         return alloc, True
 
-    def heartbeat(self, name: str, usage: dict | None, ended: dict | None = None) -> dict | None:
+    def heartbeat(self, name: str, usage: dict | None, ended: dict | None = None) -> Beat | None:
         """A worker lives: end the active allocations it ended by itself (``ended``: {token hash: why},
         revoked with that sentence; others ignored), store what its vGPUs hold (``usage``: {token hash:
-        (used, overhead)}, the whole truth; None leaves the figures alone) and answer its grants and
-        recent revocations.  None: no such worker.  InvalidRequest when a figure is more than the
-        allocation's GPUs have."""
+        (used, overhead)}, the whole truth; None leaves the figures alone) and answer its grants, recent
+        revocations and registered GPUs.  None: no such worker.  A figure beyond the memory of its
+        allocation's GPUs is a worker's error: it is logged and held at that bound, and the rest of the
+        heartbeat counts as usual."""
         with self.Session.begin() as db:
             w = db.get(Worker, name)
             if w is None:
@@ -102,20 +115,20 @@ class AllocationBook:
                     a.status, a.ended, a.message = "revoked", now, ended[a.token_hash]
                     log.info("allocation %s of %s ended on worker %s: %s", a.id, a.user, name, a.message)
             grants, revoked = self._grants(db, w)
+            memory = {g.uuid: g.memory for g in w.gpus}
             if usage is not None:
-                memory = {g.uuid: g.memory for g in w.gpus}
                 for a in db.scalars(select(Allocation).where(Allocation.worker_name == name,
                                                              Allocation.status == "active")):
                     used, overhead = usage.get(a.token_hash, (0, 0))
                     bound = sum(memory.get(u, 0) for u in a.gpu_list)
                     if used + overhead > bound:
-                        raise InvalidRequest(f"allocation {a.id} cannot hold {used + overhead} bytes: its GPUs "
-                                             f"have {bound} bytes")
-                    a.used_vram, a.overhead_vram = used + overhead, overhead
+                        log.warning("worker %s says allocation %s holds %d bytes, more than its GPUs' %d: "
+                                    "counted as %d", name, a.id, used + overhead, bound, bound)
+                    a.used_vram, a.overhead_vram = min(used + overhead, bound), min(overhead, bound)
             if w.status != "up":
                 log.info("worker %s is back", name)
             w.status, w.last_seen = "up", time.time()
-        return {"grants": grants, "revoked": revoked}
+        return Beat(grants, revoked, set(memory))
 
     def grant(self, name: str, hashed: str) -> dict | None:
         """The grant of worker ``name``'s active allocation with this token hash, or None."""

@@ -190,12 +190,14 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         self.live = LiveFacts()  # the workers' last heartbeats: vGPU processes, GPU facts (live.py)
 
     def check_heartbeats(self) -> None:
-        """Mark silent workers lost, counting each worker that becomes so.  The two reads and the check run
-        in one callback of the event loop, between which no heartbeat can bring a worker back."""
+        """Mark silent workers lost, counting each worker that becomes so and forgetting its live facts.
+        The two reads and the check run in one callback of the event loop, between which no heartbeat can
+        bring a worker back."""
         before = self.lost_workers()
         self.book.check_heartbeats(self.heartbeat_timeout)
         for name in sorted(self.lost_workers() - before):
-            self.metrics.worker_lost(name)
+            self.metrics.worker_lost()
+            self.live.forget(name)
 
     def lost_workers(self) -> set[str]:
         with self.book.Session() as db:

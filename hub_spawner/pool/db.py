@@ -114,17 +114,30 @@ ADDED_COLUMNS = [
 
 
 def _migrate(engine) -> None:
-    """Add the columns an older database lacks, then replace its plain session tokens by their hashes."""
+    """Add the columns an older database lacks, replace its plain session tokens by their hashes and make
+    the hashes unique."""
     for table, column, sql in ADDED_COLUMNS:
         if column not in _columns(engine, table):
             with engine.begin() as conn:
                 conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql}")
     if "token" in _columns(engine, "allocations"):
         _hash_plain_tokens(engine)
+    _unique_token_hashes(engine)
 
 
 def _columns(engine, table: str) -> set[str]:
     return {c["name"] for c in inspect(engine).get_columns(table)}
+
+
+def _unique_token_hashes(engine) -> None:
+    """token_hash is unique, as the model declares; ALTER TABLE ADD COLUMN could not say so, so where the
+    column was added (and filled) the database gets a unique index on it."""
+    look = inspect(engine)
+    unique = [c["column_names"] for c in look.get_unique_constraints("allocations")]
+    unique += [i["column_names"] for i in look.get_indexes("allocations") if i["unique"]]
+    if ["token_hash"] not in unique:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE UNIQUE INDEX uq_allocations_token_hash ON allocations (token_hash)")
 
 
 def _hash_plain_tokens(engine) -> None:

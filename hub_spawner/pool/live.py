@@ -23,24 +23,33 @@ class LiveFacts:
         self._lock = threading.Lock()
         self._vgpus: dict[str, dict] = {}           # token hash -> entry, with "worker" and "time"
         self._gpus: dict[str, dict] = {}            # uuid -> facts, with "worker" and "time"
-        self._by_worker: dict[str, tuple[set, set]] = {}  # worker -> (its token hashes, its GPU uuids)
+        # worker -> (token hashes of its live vGPUs, uuids of its GPUs with facts or history)
+        self._by_worker: dict[str, tuple[set, set]] = {}
         self._history: dict[str, collections.deque] = {}
 
-    def record(self, worker: str, body: dict, now: float | None = None) -> None:
-        """One heartbeat of ``worker``.  Its "vgpus" is the whole truth (a vGPU missing from it is
-        gone); a body without "vgpus" or "gpus" leaves that part as it was."""
+    def record(self, worker: str, body: dict, vgpus: set[str], gpus: set[str], now: float | None = None) -> None:
+        """One heartbeat of ``worker``, kept for what the worker owns: ``vgpus`` the token hashes of its
+        active allocations, ``gpus`` the uuids of its registered GPUs; anything else in the body is
+        dropped, so that one worker's credential cannot fill another worker's panels, nor the pool's
+        memory.  Its "vgpus" is the whole truth (a vGPU missing from it is gone); a body without
+        "vgpus" or "gpus" leaves that part as it was.  A GPU it no longer has loses its history."""
         now = time.time() if now is None else now
         with self._lock:
             hashes, uuids = self._by_worker.setdefault(worker, (set(), set()))
+            self._drop_gpus(uuids - gpus)
+            uuids &= gpus
             if "vgpus" in body:
                 for h in hashes:
                     self._vgpus.pop(h, None)
                 hashes.clear()
                 for h, entry in body["vgpus"].items():
-                    self._vgpus[h] = {**entry, "worker": worker, "time": now}
-                    hashes.add(h)
+                    if h in vgpus:
+                        self._vgpus[h] = {**entry, "worker": worker, "time": now}
+                        hashes.add(h)
             if "gpus" in body:
                 for uuid, facts in body["gpus"].items():
+                    if uuid not in gpus:
+                        continue
                     self._gpus[uuid] = {**facts, "worker": worker, "time": now}
                     uuids.add(uuid)
                     points = self._history.setdefault(uuid, collections.deque())
@@ -49,14 +58,25 @@ class LiveFacts:
                     while points and points[0][0] < now - HISTORY_SECONDS:
                         points.popleft()
 
-    def forget(self, worker: str) -> None:
-        """A worker that left the pool: its vGPUs and GPUs are no longer live (history stays)."""
+    def forget(self, worker: str, gpus: set[str] | None = None) -> None:
+        """A worker marked lost, or registered again with other GPUs: its vGPUs and GPUs are no longer
+        live.  The history of its GPUs stays, but for those not in ``gpus`` (its registered GPUs now;
+        None: all of them stay)."""
         with self._lock:
-            hashes, uuids = self._by_worker.pop(worker, (set(), set()))
+            hashes, uuids = self._by_worker.get(worker, (set(), set()))
             for h in hashes:
                 self._vgpus.pop(h, None)
+            hashes.clear()
             for u in uuids:
                 self._gpus.pop(u, None)
+            if gpus is not None:
+                self._drop_gpus(uuids - gpus)
+                uuids &= gpus
+
+    def _drop_gpus(self, uuids: set[str]) -> None:
+        for u in uuids:
+            self._gpus.pop(u, None)
+            self._history.pop(u, None)
 
     def vgpu(self, token_hash: str) -> dict | None:
         """The last reported entry of a vGPU (as in the heartbeat: "used" and "overhead" apart, its

@@ -78,7 +78,7 @@ class PoolMetrics:
     def refused(self, reason: str) -> None:
         self.refusals.labels(reason).inc()
 
-    def worker_lost(self, name: str) -> None:
+    def worker_lost(self) -> None:
         self.workers_lost.inc()
 
     def exposition(self) -> bytes:

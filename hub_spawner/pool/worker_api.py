@@ -32,7 +32,6 @@ from tornado import web
 
 from .api import APIHandler
 from .db import GPU, Worker
-from .scheduler import InvalidRequest
 
 log = logging.getLogger("gpulab.pool")
 
@@ -294,13 +293,18 @@ class WorkersHandler(WorkerAPIHandler):
             w.address, w.node, w.backend, w.control_url = reg["address"], reg["node"], reg["backend"], reg["control"]
             w.status, w.last_seen = "up", time.time()
             db.add(w)
+            # the GPUs it offers now are all its GPUs: one it no longer offers leaves the pool, and the
+            # allocations on it are revoked at its next heartbeat (AllocationBook._grants)
             known = {g.uuid: g for g in w.gpus}
+            rows = []
             for g in reg["gpus"]:
                 row = known.get(g["uuid"]) or GPU(uuid=g["uuid"])
                 row.index, row.model, row.memory = g["index"], g["model"], g["memory"]
                 row.capability, row.emulated = g["capability"], g["emulated"]
-                if row.uuid not in known:
-                    w.gpus.append(row)
+                rows.append(row)
+            w.gpus = rows
+        if set(known) != {g["uuid"] for g in reg["gpus"]}:
+            self.pool.live.forget(name, {g["uuid"] for g in reg["gpus"]})
         log.info("worker %s %s at %s with %d GPU(s)", name, "enrolled" if credential else "registered",
                  reg["address"], len(reg["gpus"]))
         self.send({"name": name, **({"credential": credential} if credential else {})})
@@ -310,7 +314,8 @@ class HeartbeatHandler(WorkerAPIHandler):
     """A worker is alive; with "vgpus", what each of its vGPUs holds (the whole truth: an active
     allocation missing from it holds nothing), with "gpus" its devices' facts.  The database keeps
     each allocation's VRAM in use (used + overhead) and overhead; the rest stays in memory
-    (live.py).  Only the worker's own allocations are touched; figures for other hashes are ignored.
+    (live.py).  Only the worker's own allocations and GPUs are touched; figures for other hashes and
+    uuids are ignored.  A figure beyond the memory of its allocation's GPUs is held at that bound.
 
     With "ended", the vGPUs the worker ended by itself (revoked through its control API), with why:
     each of them that is still an active allocation of this worker ends as revoked with that
@@ -325,14 +330,11 @@ class HeartbeatHandler(WorkerAPIHandler):
         usage = None
         if "vgpus" in body:
             usage = {h: (e["used"], e["overhead"]) for h, e in body["vgpus"].items()}
-        try:
-            reply = self.book.heartbeat(name, usage, body.get("ended", {}))
-        except InvalidRequest as exc:
-            raise web.HTTPError(400, str(exc)) from None
-        if reply is None:
+        beat = self.book.heartbeat(name, usage, body.get("ended", {}))
+        if beat is None:
             raise web.HTTPError(404, f"unknown worker {name}")
-        self.pool.live.record(name, body)
-        self.send(reply)
+        self.pool.live.record(name, body, {g["token_hash"] for g in beat.grants}, beat.gpus)
+        self.send(beat.reply())
 
 
 class GrantHandler(WorkerAPIHandler):

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from tornado import ioloop
 
 from gpu_worker.client import token_hash
-from hubtools import HUB_TOKEN, WORKER_TOKEN, Pool, free_port
+from hubtools import HUB_TOKEN, WORKER_TOKEN, Pool, free_port, registration
 from hub_spawner.pool.app import GPUPool
 from hub_spawner.pool.dashboard import dashboard_panels, dashboard_rows, environment, page_namespace
 from hub_spawner.pool.db import Allocation
@@ -237,3 +237,37 @@ def test_dashboard_after_real_heartbeats(live_pool):
     assert "501 401 768.0 MiB 150.0 MiB 8" in text and "502 402 256.0 MiB 150.0 MiB 4" in text
     assert text.index("8.0 GiB CUDA_ERROR_OUT_OF_MEMORY") < text.index("768.0 MiB CUDA_SUCCESS")
     assert "Its worker has not reported it yet." in html.split(f'gpulab-vgpu-panel" data-vgpu="{b["id"]}"')[1]
+
+
+def test_a_heartbeat_fills_only_its_own_workers_panels(live_pool):
+    """Through the worker API: w2's credential cannot overwrite w1's vGPU and GPU facts nor store made-up
+    uuids; a worker marked lost, or registered again with other GPUs, is no longer live."""
+    p, live = live_pool, live_pool.app.live
+    p.register("w1")
+    p.register("w2")
+    status, a = p.call("POST", "api/allocations", {"user": "alice", "vram": "4G", "node": "n1"})
+    assert status == 201 and a["worker"] == "w1"
+    h = token_hash(a["token"])
+    facts = {"memory_total": 16 * G, "memory_used": 1 * G, "utilization": 0.5}
+    assert p.worker_call("POST", "api/workers/w1/heartbeat", {"vgpus": {h: {"used": 1 * G}},
+                                                              "gpus": {"GPU-w1-0": facts}})[0] == 200
+    forged = {"vgpus": {h: {"used": 9 * G}}, "gpus": {"GPU-w1-0": {**facts, "memory_used": 9 * G},
+                                                      "GPU-w2-0": facts,
+                                                      **{f"GPU-made-up-{i}": facts for i in range(40)}}}
+    status, reply = p.worker_call("POST", "api/workers/w2/heartbeat", forged, worker="w2")
+    assert status == 200 and reply == {"grants": [], "revoked": {}}
+    assert live.vgpu(h)["used"] == 1 * G and live.vgpu(h)["worker"] == "w1"
+    assert live.gpu("GPU-w1-0")["memory_used"] == 1 * G and live.gpu("GPU-w1-0")["worker"] == "w1"
+    assert live.gpu("GPU-w2-0")["worker"] == "w2"
+    assert live.gpu("GPU-made-up-0") is None and live.history("GPU-made-up-0") == []
+    p.register("w2", gpus=2)  # registered again with another GPU besides: its facts wait for its next heartbeat
+    assert live.gpu("GPU-w2-0") is None and live.history("GPU-w2-0") != []
+    status, body = p.worker_call("POST", "api/workers", {**registration("w2"), "gpus": [
+        {"uuid": "GPU-w2-new", "index": 0, "model": "test GPU", "memory": 16 * G}]}, p.credentials["w2"])
+    assert status == 200, body
+    assert live.history("GPU-w2-0") == []  # gone from the pool, with its history
+    assert [g["uuid"] for g in p.call("GET", "api/gpus")[1] if g["worker"] == "w2"] == ["GPU-w2-new"]
+    p.app.heartbeat_timeout = 0.1
+    time.sleep(0.3)
+    p.app.check_heartbeats()  # both silent: marked lost
+    assert live.vgpu(h) is None and live.gpu("GPU-w1-0") is None and live.history("GPU-w1-0") != []

@@ -9,8 +9,10 @@ import sqlite3
 import time
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from gpu_worker.client import token_hash
+from hub_spawner.pool.db import Allocation, make_sessionmaker
 from hub_spawner.pool.live import LiveFacts
 from hubtools import G, WORKER_TOKEN, Pool, registration
 
@@ -151,14 +153,56 @@ def test_heartbeat_figures_reach_the_allocation(pool):
 def test_live_facts_keep_the_latest_and_an_hour_of_history():
     live = LiveFacts()
     body = {"vgpus": {"h1": {"id": "1", "used": 5}}, "gpus": {"GPU-a": {"memory_used": 5, "utilization": 0.1}}}
-    live.record("w1", body, now=1000.0)
+    live.record("w1", body, {"h1"}, {"GPU-a"}, now=1000.0)
     assert live.vgpu("h1")["used"] == 5 and live.vgpu("h1")["worker"] == "w1" and live.vgpu("nope") is None
     for t in range(1001, 1100):  # one point per 10 s at most
-        live.record("w1", {"gpus": {"GPU-a": {"memory_used": t, "utilization": 0.2}}}, now=float(t))
+        live.record("w1", {"gpus": {"GPU-a": {"memory_used": t, "utilization": 0.2}}}, {"h1"}, {"GPU-a"},
+                    now=float(t))
     assert [p[0] for p in live.history("GPU-a", now=1100.0)] == [1000.0 + 10 * i for i in range(10)]
     assert live.gpu("GPU-a")["memory_used"] == 1099 and live.vgpu("h1")["used"] == 5  # no "vgpus": kept
-    live.record("w1", {"vgpus": {}}, now=5000.0)
+    live.record("w1", {"vgpus": {}}, {"h1"}, {"GPU-a"}, now=5000.0)
     assert live.vgpu("h1") is None and live.history("GPU-a", now=5000.0) == []
+
+
+def test_live_facts_keep_only_what_the_worker_owns():
+    """A worker's heartbeat cannot fill another worker's panels, nor the pool's memory with made-up
+    uuids; a GPU its worker no longer has loses its facts and history."""
+    live = LiveFacts()
+    live.record("w1", {"vgpus": {"h1": {"used": 1}}, "gpus": {"GPU-a": {"memory_used": 1}}}, {"h1"}, {"GPU-a"},
+                now=1000.0)
+    made_up = {f"GPU-{i}": {"memory_used": 9} for i in range(50)}
+    live.record("w2", {"vgpus": {"h1": {"used": 9}, "h2": {"used": 2}}, "gpus": {"GPU-a": {"memory_used": 9},
+                       "GPU-b": {"memory_used": 2}, **made_up}}, {"h2"}, {"GPU-b"}, now=1000.0)
+    assert live.vgpu("h1")["used"] == 1 and live.vgpu("h1")["worker"] == "w1" and live.vgpu("h2")["used"] == 2
+    assert live.gpu("GPU-a")["memory_used"] == 1 and live.gpu("GPU-a")["worker"] == "w1"
+    assert live.gpu("GPU-b")["worker"] == "w2" and live.gpu("GPU-0") is None and live.history("GPU-0") == []
+    assert len(live._gpus) == len(live._history) == 2  # nothing of the made-up uuids is kept
+    live.record("w1", {"vgpus": {"h1": {"used": 1}}}, {"h1"}, set(), now=1010.0)  # GPU-a is no longer its
+    assert live.gpu("GPU-a") is None and live.history("GPU-a", now=1010.0) == []
+    assert live.history("GPU-b", now=1010.0) != []  # another worker's GPU is untouched
+    live.forget("w2")  # marked lost: nothing of it is live, its history stays
+    assert live.vgpu("h2") is None and live.gpu("GPU-b") is None and live.history("GPU-b", now=1010.0) != []
+    live.forget("w2", {"GPU-c"})  # registered again with another GPU: GPU-b's history goes
+    assert live.history("GPU-b", now=1010.0) == [] and live.vgpu("h1")["used"] == 1
+
+
+def test_a_figure_beyond_its_gpus_is_held_at_the_bound_and_the_heartbeat_counts(pool):
+    """One allocation's impossible figure (a worker's bug) does not cost the worker its heartbeat: the
+    figure is held at its GPUs' memory, the others are stored, what it ended ends, the grants come."""
+    pool.register(memory=16 * G)
+    big, h = allocate(pool)
+    small, h2 = allocate(pool)
+    ended, h3 = allocate(pool)
+    status, reply = pool.worker_call("POST", "api/workers/w1/heartbeat", {
+        "vgpus": {h: {"used": 20 * G, "overhead": 1 * G}, h2: {"used": 1 * G, "overhead": 0}},
+        "ended": {h3: "the session revoked it"}})
+    assert status == 200, reply
+    assert [g["token_hash"] for g in reply["grants"]] == [h, h2] and list(reply["revoked"]) == [h3]
+    figures = {a["id"]: (a["used_vram"], a["overhead_vram"], a["status"])
+               for a in pool.call("GET", "api/allocations")[1]}
+    assert figures == {big["id"]: (16 * G, 1 * G, "active"), small["id"]: (1 * G, 0, "active"),
+                       ended["id"]: (0, 0, "revoked")}
+    assert pool.call("GET", "api/gpus")[1][0]["worker_status"] == "up"
 
 
 OLD_SCHEMA = """
@@ -251,6 +295,26 @@ def figures(grant, used):
             "processes": [{"pid": 10, "client_pid": 20, "used": used, "overhead": 0, "calls": 8, "launches": 8,
                            "bytes_in": 0, "bytes_out": 0, "started": 1e9}],
             "calls": 8, "launches": 8, "bytes_in": 0, "bytes_out": 0, "errors": {"CUDA_ERROR_INVALID_VALUE": 2}}
+
+
+def test_token_hashes_are_unique_after_a_migration(tmp_path):
+    """Where the migration added token_hash with ALTER TABLE (which cannot declare it unique) and dropped
+    the tokens, as it does on PostgreSQL, the pool makes the hashes unique as the model says."""
+    path = tmp_path / "migrated.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(OLD_SCHEMA.replace(", UNIQUE (token)", "").replace("token VARCHAR(128) NOT NULL",
+                                                                        "token_hash VARCHAR(64)"))
+    old.close()
+    engine, Session = make_sessionmaker(f"sqlite:///{path}")
+    row = {"user": "ann", "worker_name": "w1", "gpu_uuids": "GPU-w1-0", "vram": G, "compute": 10,
+           "token_hash": token_hash("one")}
+    with Session.begin() as db:
+        db.add(Allocation(**row))
+    with pytest.raises(IntegrityError):
+        with Session.begin() as db:
+            db.add(Allocation(**row))
+    engine.dispose()
+    make_sessionmaker(f"sqlite:///{path}")[0].dispose()  # once is enough: a second start adds nothing
 
 
 def test_pool_link_applies_saves_and_restores_its_grants(tmp_path):

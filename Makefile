@@ -97,7 +97,7 @@ bench: build
 # Wheels of the project's dependencies that the device machine's image lacks, for WHEELHOUSE=.whl
 # there (run here, where pip can download; the device runs Python 3.12 on x86-64). Its image has
 # setuptools and wheel, which build the project there without build isolation.
-DEVICE_WHEELS ?= traitlets
+DEVICE_WHEELS ?= traitlets prometheus-client
 wheelhouse: $(VENV)/pyvenv.cfg
 	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -404,15 +404,15 @@ def state_files(state_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
 
 
 def publish(state_dir: str | os.PathLike, name: str, url: str, admin_token: str) -> None:
-    """Write worker `name`'s control URL and admin token for `gpulab vgpu` on this host; the token
-    file is created private (0600) before the token is written into it."""
+    """Write worker `name`'s control URL and admin token for `gpulab vgpu` on this host; both files are
+    created private (0600) before anything is written into them, like all of the state directory."""
     url_file, token_file = state_files(state_dir, name)
     url_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for path, text, mode in ((token_file, admin_token, 0o600), (url_file, url, 0o644)):
+    for path, text in ((token_file, admin_token), (url_file, url)):
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), mode)
+            os.fchmod(f.fileno(), 0o600)
             f.write(text + "\n")
         os.replace(tmp, path)
 

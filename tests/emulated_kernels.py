@@ -1,7 +1,7 @@
 """Host implementations of the test kernels, for workers on the emulated backend."""
 import numpy as np
 
-from gpu_worker.backends.emulated_kernels import kernel
+from gpu_worker.backends.emulated_kernels import kernel, register
 
 
 @kernel("vec_add")
@@ -30,3 +30,14 @@ def sleep_ms(launch, ms):
     import time
 
     time.sleep(ms / 1000)
+
+
+@register("spin_ms", duration=lambda launch: launch.args[0] / 1000)
+def spin_ms(launch, ms):
+    """Occupies the emulated GPU for ``ms`` milliseconds of kernel time (the GPU tests' kernel of the same
+    name spins that long on the globaltimer)."""
+
+
+@register("spin_20ms", duration=0.020)
+def spin_20ms(launch):
+    """Occupies the emulated GPU for 20 ms of kernel time: a kernel of fixed duration."""

@@ -56,6 +56,11 @@ class Backend(Protocol):
                stream: Handle | None, params: memoryview, attrs: bytes, nattrs: int) -> None:
         """Launch with the parameter buffer as laid out by param_layout."""
 
+    def kernel_time(self) -> float:
+        """Cumulative seconds the device spent running this backend's kernels that have completed, never
+        blocking: what pacing charges to the vGPU.  Cuda: events recorded around each launch, polled with
+        cuEventQuery (kernels still running count later); emulated: the kernels' simulated durations."""
+
     # ---------------------------------------- driver functions the session wraps
     def cuMemGetInfo(self) -> tuple[int, int]:
         """(free, total) of the device, for a session without a quota."""

@@ -5,11 +5,14 @@ handle ids into the driver's handle objects, so a call is ``driver.<name>(*args)
 its CUresult checked.  Only calls whose Python signature differs from the C one, and the
 data paths (pinned staging buffers for bulk copies, launches by parameter buffer), are
 written out here.
+
+Kernel time is measured by events, not sampled: see _KernelTimer.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+from collections import deque
 from typing import TYPE_CHECKING
 
 from cuda.bindings import driver as drv
@@ -65,6 +68,94 @@ class _Staging:
         return memoryview((ctypes.c_char * n).from_address(self.get(n))).cast("B")
 
 
+class _KernelTimer:
+    """Kernel time by events: a start and a stop event recorded on the launch's stream around each launch.
+
+    The pairs wait in launch order until the GPU passes their stop event; poll() adds the elapsed time of
+    the complete ones, oldest first, stopping at the first still pending (cuEventQuery never blocks).
+    Events are made per context (one is recorded only on a stream of its own context) and reused.  At most
+    MAX_PENDING pairs are in flight: beyond, a launch first waits for the oldest to complete, as the driver
+    itself holds a launch when its queue is full.  A pair whose events fail (a context that faulted) is
+    dropped and its time not counted.
+    """
+
+    MAX_PENDING = 512
+
+    def __init__(self):
+        self.pending: deque[tuple[int, drv.CUevent, drv.CUevent]] = deque()  # (context, start, stop)
+        self.free: dict[int, list[tuple[drv.CUevent, drv.CUevent]]] = {}  # context -> pairs not in flight
+        self.seconds = 0.0
+
+    def start(self, stream) -> tuple[int, drv.CUevent, drv.CUevent] | None:
+        """Record the start event before a launch on ``stream``; None: this launch goes untimed."""
+        if len(self.pending) >= self.MAX_PENDING:
+            self.poll()
+            if len(self.pending) >= self.MAX_PENDING:
+                drv.cuEventSynchronize(self.pending[0][2])
+                self.poll()
+        err, ctx = drv.cuCtxGetCurrent()
+        key = int(ctx) if err == drv.CUresult.CUDA_SUCCESS and ctx is not None else 0
+        if not key:
+            return None  # no context: the launch fails with the driver's own error
+        free = self.free.setdefault(key, [])
+        if free:
+            begin, end = free.pop()
+        else:
+            e1, begin = drv.cuEventCreate(drv.CUevent_flags.CU_EVENT_DEFAULT)
+            e2, end = drv.cuEventCreate(drv.CUevent_flags.CU_EVENT_DEFAULT)
+            if e1 != drv.CUresult.CUDA_SUCCESS or e2 != drv.CUresult.CUDA_SUCCESS:
+                for e, ev in ((e1, begin), (e2, end)):
+                    if e == drv.CUresult.CUDA_SUCCESS:
+                        drv.cuEventDestroy(ev)
+                return None
+        if drv.cuEventRecord(begin, stream)[0] != drv.CUresult.CUDA_SUCCESS:
+            free.append((begin, end))
+            return None
+        return key, begin, end
+
+    def stop(self, pair: tuple[int, drv.CUevent, drv.CUevent], stream, launched: bool) -> None:
+        """Record the stop event after the launch (``launched``: it was accepted) and queue the pair."""
+        key, begin, end = pair
+        if launched and drv.cuEventRecord(end, stream)[0] == drv.CUresult.CUDA_SUCCESS:
+            self.pending.append(pair)
+        else:
+            self.free[key].append((begin, end))
+
+    def poll(self) -> float:
+        """The cumulative seconds of the launches complete so far."""
+        while self.pending:
+            key, begin, end = self.pending[0]
+            err = drv.cuEventQuery(end)[0]
+            if err == drv.CUresult.CUDA_ERROR_NOT_READY:
+                break
+            self.pending.popleft()
+            if err == drv.CUresult.CUDA_SUCCESS:
+                err, ms = drv.cuEventElapsedTime(begin, end)
+                if err == drv.CUresult.CUDA_SUCCESS:
+                    self.seconds += ms / 1000.0
+                self.free[key].append((begin, end))
+        return self.seconds
+
+    def forget(self, key: int) -> None:
+        """The context ``key`` is gone and its events with it (poll before destroying it: its events
+        cannot be queried after)."""
+        self.pending = deque(p for p in self.pending if p[0] != key)
+        self.free.pop(key, None)
+
+    def close(self) -> None:
+        """Destroy every event (one still pending is released by the driver when it completes)."""
+        self.poll()
+        for _key, begin, end in self.pending:
+            drv.cuEventDestroy(begin)
+            drv.cuEventDestroy(end)
+        for pairs in self.free.values():
+            for begin, end in pairs:
+                drv.cuEventDestroy(begin)
+                drv.cuEventDestroy(end)
+        self.pending.clear()
+        self.free.clear()
+
+
 class CudaBackend:
     """Implements gpu_worker.backends.base.Backend; driver functions not written here are forwarded by name."""
 
@@ -80,6 +171,8 @@ class CudaBackend:
         _check(drv.cuInit(0))
         self.staging = _Staging()
         self.layouts: dict[int, list[tuple[int, int]]] = {}
+        self.timer = _KernelTimer()
+        self.primary: dict[int, int] = {}  # device -> its primary context, whose events a reset destroys
 
     def __getattr__(self, name):
         if not name.startswith("cu"):
@@ -94,6 +187,7 @@ class CudaBackend:
         return call
 
     def close(self):
+        self.timer.close()
         if self.staging.addr:
             drv.cuMemFreeHost(self.staging.addr)
             self.staging.addr = 0
@@ -104,6 +198,24 @@ class CudaBackend:
 
     def cuCtxCreate(self, flags, dev):
         return _check(drv.cuCtxCreate(None, flags, dev))
+
+    # a context's events go with it: the kernel timer counts what completed first, then forgets them
+    def cuCtxDestroy(self, ctx):
+        self.timer.poll()
+        _check(drv.cuCtxDestroy(ctx))
+        self.timer.forget(int(ctx))
+
+    def cuDevicePrimaryCtxReset(self, dev):
+        self.timer.poll()
+        _check(drv.cuDevicePrimaryCtxReset(dev))
+        self.timer.forget(self.primary.get(dev, 0))
+
+    def cuDevicePrimaryCtxRelease(self, dev):
+        self.timer.poll()
+        _check(drv.cuDevicePrimaryCtxRelease(dev))
+        _flags, active = _check(drv.cuDevicePrimaryCtxGetState(dev))
+        if not active:  # the last retain: the driver destroyed the context
+            self.timer.forget(self.primary.get(dev, 0))
 
     def cuCtxGetDevice_v2(self, ctx):
         return tuple(_plain(v) for v in _check(drv.cuCtxGetDevice_v2(ctx if ctx is not None else drv.CUcontext(0))))
@@ -122,7 +234,9 @@ class CudaBackend:
         return _forward(drv.cuDeviceGetAttribute, attrib, dev)
 
     def cuDevicePrimaryCtxRetain(self, dev):
-        return _forward(drv.cuDevicePrimaryCtxRetain, dev)
+        (ctx,) = _forward(drv.cuDevicePrimaryCtxRetain, dev)
+        self.primary[dev] = int(ctx)
+        return (ctx,)
 
     def cuDeviceGetUuid(self, dev):
         (u,) = _check(drv.cuDeviceGetUuid(dev))
@@ -234,8 +348,22 @@ class CudaBackend:
         buf = ctypes.create_string_buffer(bytes(params), max(len(params), 1))
         base = ctypes.addressof(buf)
         ptrs = (ctypes.c_void_p * max(len(layout), 1))(*[base + off for off, _ in layout])
-        _check(drv.cuLaunchKernel(func, *grid, *block, shmem, stream if stream is not None else drv.CUstream(0),
-                                  ctypes.addressof(ptrs), 0))
+        s = stream if stream is not None else drv.CUstream(0)
+        self._timed(s, drv.cuLaunchKernel, func, *grid, *block, shmem, s, ctypes.addressof(ptrs), 0)
+
+    def _timed(self, stream, fn, *args) -> None:
+        """Call the launch ``fn(*args)`` between the kernel timer's events on ``stream``; a launch being
+        captured into a graph is not run now (its time counts when the graph is launched)."""
+        err, status = drv.cuStreamIsCapturing(stream)
+        runs_now = err == drv.CUresult.CUDA_SUCCESS and int(status) == 0  # not captured, nor refused in a capture
+        timed = self.timer.start(stream) if runs_now else None
+        res = fn(*args)
+        if timed is not None:
+            self.timer.stop(timed, stream, res[0] == drv.CUresult.CUDA_SUCCESS)
+        _check(res)
+
+    def kernel_time(self) -> float:
+        return self.timer.poll()
 
 
 if TYPE_CHECKING:

@@ -7,10 +7,18 @@ Everything it reports names it as emulated, so no user mistakes it for a GPU.
 It can stand for several of a worker's GPUs at once: a vGPU placed on GPUs 1 and 2 of an
 emulated multi-GPU worker sees them as its devices 0 and 1, each with that GPU's uuid and
 memory, so placement can be tested end to end without a GPU.
+
+Kernel time: a kernel registered with a simulated duration (see emulated_kernels) "runs on the
+device" after its host implementation: the launch takes the GPU's device lock (an fcntl lock on a
+file descriptor the daemon shares among the executors of one GPU), sleeps the duration and lets go,
+so kernels of all processes on one emulated GPU run one at a time, as on a real GPU; the durations
+add up to kernel_time().  This is how CI tests pacing and compute shares without a GPU.  Unlike a
+GPU, the launch returns when the kernel has run: kernel time is complete as soon as it is counted.
 """
 from __future__ import annotations
 
 import bisect
+import fcntl
 import functools
 import secrets
 import struct
@@ -97,6 +105,7 @@ class _Device:
 
     def __init__(self, gpu: dict, name: str, attrs: dict[int, int]):
         self.index = gpu["index"]  # the GPU's index on the worker, not the vGPU's device ordinal
+        self.gpu_uuid = gpu["uuid"]  # as the worker names it ("GPU-..."): the key of its device lock
         self.uuid = uuid.UUID(gpu["uuid"].removeprefix("GPU-")).bytes
         self.name = name
         self.memory = gpu["memory"]
@@ -122,9 +131,11 @@ class EmulatedBackend:
     name = "emulated"
 
     def __init__(self, total_memory: int = 16 << 30, driver_version: int = DRIVER_VERSION,
-                 gpus: list[dict] | None = None):
+                 gpus: list[dict] | None = None, device_locks: dict[str, int] | None = None):
         """``gpus``: the worker's GPUs this vGPU sees, in device order, as gpu_worker.daemon.gpus describes
-        them; None is one device of ``total_memory`` bytes."""
+        them; None is one device of ``total_memory`` bytes.  ``device_locks``: GPU uuid ("GPU-...") -> a
+        file descriptor shared by every process on that GPU, locked while a kernel runs (a GPU without
+        one runs each process's kernels alongside other processes')."""
         self.driver_version = driver_version
         attrs, self.known_attrs = _attributes()
         if gpus is None:
@@ -140,6 +151,8 @@ class EmulatedBackend:
         self.home: dict[int, int] = {}  # allocation -> ordinal of the device it is on
         self.primary = {}
         self.current = None
+        self.device_locks = dict(device_locks or {})
+        self.kernel_seconds = 0.0
 
     # ---------------------------------------------------------------- helpers
     def _dev(self, dev) -> _Device:
@@ -166,6 +179,25 @@ class EmulatedBackend:
 
     def set_current(self, ctx):
         self.current = ctx
+
+    def kernel_time(self) -> float:
+        """Seconds of simulated device time of this backend's kernels, all complete."""
+        return self.kernel_seconds
+
+    def run_on_device(self, seconds: float) -> None:
+        """Occupy the current context's GPU for ``seconds``, one kernel at a time across processes."""
+        if seconds <= 0:
+            return
+        fd = self.device_locks.get(self.devices[self._ctx().device].gpu_uuid)
+        if fd is None:
+            time.sleep(seconds)
+        else:
+            fcntl.lockf(fd, fcntl.LOCK_EX)  # a record lock: one holder per process, blocks the others
+            try:
+                time.sleep(seconds)
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+        self.kernel_seconds += seconds
 
     def close(self):
         self.mem.clear()
@@ -521,10 +553,12 @@ class EmulatedBackend:
         if layout and len(params) < layout[-1].offset + layout[-1].size:
             raise CudaError(E.INVALID_VALUE, "kernel parameter buffer shorter than the signature")
         args = [p.decode(params[p.offset:p.offset + p.size]) for p in layout]
+        launch = Launch(self, grid, block, shmem, args)
         try:
-            impl(Launch(self, grid, block, shmem), *args)
+            impl(launch, *args)
         except Refusal as exc:
             raise Refusal(exc.code, f"kernel {func.name!r} faulted: {exc.why}", call="") from None
+        self.run_on_device(launch.duration(func.name))
 
     # ---------------------------------------------------------- streams/events
     def cuStreamCreate(self, flags):

@@ -5,38 +5,66 @@ entry name; the worker imports modules named by ``--emulated-kernels`` to fill t
 registry.  A kernel receives a :class:`Launch` and its parameters decoded from the PTX
 ``.entry`` signature (integers, floats, or bytes for ``.b8`` arrays)::
 
-    from gpu_worker.backends.emulated_kernels import kernel
+    from gpu_worker.backends.emulated_kernels import register
 
-    @kernel("vec_add")
+    @register("vec_add")
     def vec_add(launch, a, b, out, n):
         x, y, z = (launch.array(p, "float32", n) for p in (a, b, out))
         z[:] = x + y
+
+A kernel may also declare a simulated duration, the time it "runs on the device": seconds, or a
+function of the :class:`Launch` (its parameters are ``launch.args``).  The emulated backend sleeps
+that long holding its GPU's device lock, so kernels of every process on one emulated GPU run one at
+a time, as on a real GPU, and counts it as kernel time.  This is how CI tests pacing, compute shares
+and their fairness without a GPU::
+
+    @register("spin_ms", duration=lambda launch: launch.args[0] / 1000)
+    def spin_ms(launch, ms):
+        pass
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Union
 
 REGISTRY: dict[str, Callable] = {}
+Duration = Union[float, Callable[["Launch"], float]]
+DURATIONS: dict[str, Duration] = {}  # entry name -> simulated duration; absent: the kernel takes no device time
 
 
-def kernel(name: str):
-    """Register ``fn`` as the host implementation of the PTX entry ``name``."""
+def register(name: str, duration: Duration | None = None):
+    """A decorator: ``fn`` is the host implementation of the PTX entry ``name``; ``duration`` its
+    simulated device time in seconds, or a function of the launch giving it (None: none)."""
 
-    def register(fn):
+    def add(fn):
         REGISTRY[name] = fn
+        if duration is None:
+            DURATIONS.pop(name, None)
+        else:
+            DURATIONS[name] = duration
         return fn
 
-    return register
+    return add
+
+
+kernel = register  # the name the kernel modules written before durations use
 
 
 class Launch:
     """What a host kernel sees: the launch shape and bounds-checked device memory."""
 
-    def __init__(self, device, grid, block, shared_mem):
+    def __init__(self, device, grid, block, shared_mem, args=()):
         self._device = device
         self.grid = grid
         self.block = block
         self.shared_mem = shared_mem
+        self.args = tuple(args)  # the parameters as the kernel receives them, for a duration function
+
+    def duration(self, name: str) -> float:
+        """Seconds the kernel ``name`` runs on the device for this launch (0: no simulated duration)."""
+        d = DURATIONS.get(name)
+        if d is None:
+            return 0.0
+        return float(d(self) if callable(d) else d)
 
     @property
     def threads(self) -> int:
@@ -56,6 +84,6 @@ class Launch:
         return np.frombuffer(view, dtype=dt, count=count)
 
 
-@kernel("gpulab_noop")
+@register("gpulab_noop")
 def _noop(launch, *args):
     """An empty kernel, for benchmarks of the launch path."""

@@ -41,3 +41,10 @@ def spin_ms(launch, ms):
 @register("spin_20ms", duration=0.020)
 def spin_20ms(launch):
     """Occupies the emulated GPU for 20 ms of kernel time: a kernel of fixed duration."""
+
+
+@kernel("add_inplace")
+def add_inplace(launch, data, value, n):
+    """data[i] += value for i < n (int32): a launch whose effect counts how often it ran."""
+    d = launch.array(data, np.int32, n)
+    d += np.int32(value)

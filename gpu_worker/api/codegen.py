@@ -24,7 +24,8 @@ NAMES_FILE = PKG / "shim" / "driver_api_names.txt"
 WIRE = {"i32": ("int", "i", 4), "u32": ("unsigned int", "I", 4), "u64": ("unsigned long long", "Q", 8),
         "f32": ("float", "f", 4), "size": ("size_t", "Q", 8), "dptr": ("CUdeviceptr", "Q", 8)}
 HANDLE_CTYPES = {"ctx": "CUcontext", "stream": "CUstream", "event": "CUevent", "module": "CUmodule",
-                 "function": "CUfunction", "library": "CUlibrary", "kernel": "CUkernel"}
+                 "function": "CUfunction", "library": "CUlibrary", "kernel": "CUkernel",
+                 "graph": "CUgraph", "graph_exec": "CUgraphExec"}
 
 
 def ctype(t: str) -> str:
@@ -148,6 +149,8 @@ def gen_c_stub(f: T.Func) -> str:
     lines.append("    gl_end(&m);")
     if f.c_after:
         lines.append(f"    if (r == CUDA_SUCCESS) {f.c_after};")
+    if f.c_failed:
+        lines.append(f"    if (r != CUDA_SUCCESS) {f.c_failed};")
     lines.append("    return r;")
     lines.append("}")
     return "\n".join(lines)

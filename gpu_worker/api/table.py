@@ -33,7 +33,7 @@ Modes: ``sync`` waits for the reply; ``async`` is pipelined (no reply; an error 
 latched and returned by the next synchronizing call); ``syncpoint`` is a synchronizing
 call that returns a latched error; ``send_now`` sends an ``async`` call at once instead of
 buffering it (still without a reply).  ``c_after`` is C code run by the stub after success
-(used to track allocations in the shim).  ``server`` = ``"special"`` marks functions whose
+(used to track allocations in the shim); ``c_failed`` after a failure.  ``server`` = ``"special"`` marks functions whose
 worker side is hand-written in :mod:`gpu_worker.daemon.session` (bulk data paths, launches).
 """
 from __future__ import annotations
@@ -114,6 +114,7 @@ class Func:
     mode: str = "sync"
     server: str = "generic"
     c_after: str = ""
+    c_failed: str = ""  # C code run by the stub after a failure (a minted handle the call did not make)
     extra_names: tuple = field(default_factory=tuple)
     send_now: bool = False  # async, yet sent at once (no reply awaited): the worker must see it promptly
 
@@ -322,6 +323,22 @@ FORWARDED = [
     F("cuEventQuery", [In("hEvent", "h:event")], mode="syncpoint"),
     F("cuEventElapsedTime", [Out("pMilliseconds", "f32"), In("hStart", "h:event"), In("hEnd", "h:event")],
       abi="cuEventElapsedTime_v2", since=12080, extra_names=("cuEventElapsedTime@2000",)),
+    # --- graphs: stream capture and graph launch -------------------------------------
+    # Graphs and graph execs are client-minted ids like streams. Capture begins and ends with a round trip
+    # (rare calls whose errors a program checks at once); the launches in between stay pipelined, and the
+    # worker records them into the graph (the driver does on a GPU; the emulated backend itself).
+    F("cuStreamBeginCapture", [In("hStream", "h:stream"), In("mode", "i32")],
+      abi="cuStreamBeginCapture_v2", since=10010),
+    F("cuStreamEndCapture", [In("hStream", "h:stream"), Mint("phGraph", "graph")], since=10000,
+      c_failed="*phGraph = NULL"),
+    F("cuStreamIsCapturing", [In("hStream", "h:stream"), Out("captureStatus", "i32")], since=10000),
+    # CUDA 12 renamed cuGraphInstantiateWithFlags to cuGraphInstantiate (same ABI)
+    F("cuGraphInstantiate", [Mint("phGraphExec", "graph_exec"), In("hGraph", "h:graph"), In("flags", "u64")],
+      abi="cuGraphInstantiateWithFlags", since=12000, extra_names=("cuGraphInstantiateWithFlags@11040",),
+      c_failed="*phGraphExec = NULL"),
+    F("cuGraphLaunch", [In("hGraphExec", "h:graph_exec"), In("hStream", "h:stream")], since=10000, mode="async"),
+    F("cuGraphExecDestroy", [In("hGraphExec", "h:graph_exec")], since=10000, mode="async"),
+    F("cuGraphDestroy", [In("hGraph", "h:graph")], since=10000, mode="async"),
 ]
 
 # Functions the shim answers itself, without a round trip (hand-written in shim/*.c):

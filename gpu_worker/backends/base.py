@@ -56,6 +56,9 @@ class Backend(Protocol):
                stream: Handle | None, params: memoryview, attrs: bytes, nattrs: int) -> None:
         """Launch with the parameter buffer as laid out by param_layout."""
 
+    def graph_launch(self, graph_exec: Handle, stream: Handle | None) -> None:
+        """Launch an instantiated graph (cuGraphLaunch) on a stream: the session's one way to run a graph."""
+
     def kernel_time(self) -> float:
         """Cumulative seconds the device spent running this backend's kernels that have completed, never
         blocking: what pacing charges to the vGPU.  Cuda: events recorded around each launch, polled with

@@ -269,16 +269,18 @@ class CudaBackend:
 
         def commit(synchronous):
             # pageable semantics: the bytes are in place when the call returns
-            _check(drv.cuMemcpyHtoDAsync(ptr, addr, n, s))
-            _check(drv.cuStreamSynchronize(s))
+            with _HostCopyInCapture():
+                _check(drv.cuMemcpyHtoDAsync(ptr, addr, n, s))
+                _check(drv.cuStreamSynchronize(s))
 
         return view, commit
 
     def read_source(self, ptr, n, stream):
         view = self.staging.view(n)
         s = stream if stream is not None else drv.CUstream(0)
-        _check(drv.cuMemcpyDtoHAsync(self.staging.addr, ptr, n, s))
-        _check(drv.cuStreamSynchronize(s))
+        with _HostCopyInCapture():
+            _check(drv.cuMemcpyDtoHAsync(self.staging.addr, ptr, n, s))
+            _check(drv.cuStreamSynchronize(s))
         return view
 
     def cuPointerGetAttribute(self, attribute, ptr):
@@ -364,6 +366,47 @@ class CudaBackend:
 
     def kernel_time(self) -> float:
         return self.timer.poll()
+
+    # ---------------------------------------------------------------- graphs
+    # A launch on a capturing stream is captured by the driver itself (launch() passes the stream it was
+    # given); graphs and graph execs are driver handles the session maps to the client's ids.
+    def cuStreamBeginCapture(self, stream, mode):
+        try:
+            mode = drv.CUstreamCaptureMode(mode)
+        except ValueError:
+            raise CudaError(E.INVALID_VALUE, f"capture mode {mode}") from None
+        _check(drv.cuStreamBeginCapture(_stream(stream), mode))
+
+    def cuStreamEndCapture(self, stream):
+        return _check(drv.cuStreamEndCapture(_stream(stream)))
+
+    def cuStreamIsCapturing(self, stream):
+        (status,) = _check(drv.cuStreamIsCapturing(_stream(stream)))
+        return (int(status),)
+
+    def graph_launch(self, graph_exec, stream):
+        s = _stream(stream)
+        self._timed(s, drv.cuGraphLaunch, graph_exec, s)  # the graph's kernel time as a whole
+
+
+def _stream(stream):
+    return stream if stream is not None else drv.CUstream(0)
+
+
+class _HostCopyInCapture:
+    """A copy through the staging buffer cannot be captured: the driver refuses the synchronize (and
+    invalidates the capture), and the person is told why."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, CudaError) and not isinstance(exc, Refusal) and exc.code in (
+                E.STREAM_CAPTURE_UNSUPPORTED, E.STREAM_CAPTURE_INVALIDATED):
+            raise Refusal(exc.code, "a copy between host and device memory cannot be captured on a gpulab vGPU "
+                                    "(the host memory is in the client, the graph on the worker); the capture is "
+                                    "now invalid") from None
+        return False
 
 
 if TYPE_CHECKING:

@@ -27,6 +27,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from ..api import errors as E
+from .emulated_graphs import GraphCapture
 from .emulated_kernels import REGISTRY, Launch
 from ..api.errors import CudaError, Refusal
 from .ptx import looks_like_ptx, parse_entries, parse_globals
@@ -125,7 +126,7 @@ class _Obj:
         self.__dict__.update(kw)
 
 
-class EmulatedBackend:
+class EmulatedBackend(GraphCapture):
     """Implements gpu_worker.backends.base.Backend, and every forwarded driver function, in host memory."""
 
     name = "emulated"
@@ -348,15 +349,19 @@ class EmulatedBackend:
         return (device.memory - device.used, device.memory)
 
     def write_target(self, ptr, n, stream):
+        self._refuse_in_capture(stream, _HOST_COPY)
         return self.view(ptr, n), _no_commit
 
     def read_source(self, ptr, n, stream):
+        self._refuse_in_capture(stream, _HOST_COPY)
         return self.view(ptr, n)
 
     def cuMemcpyDtoD(self, dst, src, n):
         self.view(dst, n)[:] = self.view(src, n)
 
     def cuMemcpyDtoDAsync(self, dst, src, n, stream):
+        if self._captured(stream, lambda s: self.cuMemcpyDtoDAsync(dst, src, n, s)):
+            return
         self.cuMemcpyDtoD(dst, src, n)
 
     def _fill(self, dst, value, count, width):
@@ -373,12 +378,18 @@ class EmulatedBackend:
         self._fill(dst, v, n, 4)
 
     def cuMemsetD8Async(self, dst, v, n, stream):
+        if self._captured(stream, lambda s: self.cuMemsetD8Async(dst, v, n, s)):
+            return
         self._fill(dst, v, n, 1)
 
     def cuMemsetD16Async(self, dst, v, n, stream):
+        if self._captured(stream, lambda s: self.cuMemsetD16Async(dst, v, n, s)):
+            return
         self._fill(dst, v, n, 2)
 
     def cuMemsetD32Async(self, dst, v, n, stream):
+        if self._captured(stream, lambda s: self.cuMemsetD32Async(dst, v, n, s)):
+            return
         self._fill(dst, v, n, 4)
 
     def cuPointerGetAttribute(self, attribute, ptr):
@@ -553,6 +564,10 @@ class EmulatedBackend:
         if layout and len(params) < layout[-1].offset + layout[-1].size:
             raise CudaError(E.INVALID_VALUE, "kernel parameter buffer shorter than the signature")
         args = [p.decode(params[p.offset:p.offset + p.size]) for p in layout]
+        if self._capturing(stream):  # recorded into the graph, run when it is launched
+            self._captured(stream, functools.partial(_replay_launch, self, func, grid, block, shmem, bytes(params),
+                                                     attrs, nattrs))
+            return
         launch = Launch(self, grid, block, shmem, args)
         try:
             impl(launch, *args)
@@ -572,12 +587,15 @@ class EmulatedBackend:
             raise CudaError(E.INVALID_HANDLE, "cannot destroy the default stream")
 
     def cuStreamSynchronize(self, stream):
+        self._refuse_in_capture(stream)
         self._ctx()
 
     def cuStreamQuery(self, stream):
+        self._refuse_in_capture(stream)
         self._ctx()
 
     def cuStreamWaitEvent(self, stream, event, flags):
+        self._join_capture(stream, event)
         pass
 
     def cuStreamGetPriority(self, stream):
@@ -597,6 +615,8 @@ class EmulatedBackend:
         pass
 
     def cuEventRecord(self, event, stream):
+        if self._capture_event_record(event, stream):
+            return
         event.t = time.perf_counter()
 
     def cuEventRecordWithFlags(self, event, stream, flags):
@@ -614,6 +634,15 @@ class EmulatedBackend:
         if start.t is None or end.t is None:
             raise CudaError(E.INVALID_HANDLE, "event not recorded")
         return ((end.t - start.t) * 1000.0,)
+
+
+_HOST_COPY = "a copy between host and device memory cannot be captured on a gpulab vGPU (the host memory is " \
+             "in the client, the graph on the worker)"
+
+
+def _replay_launch(backend, func, grid, block, shmem, params, attrs, nattrs, stream):
+    """A captured launch, run when its graph is launched on ``stream``."""
+    backend.launch(func, grid, block, shmem, stream, memoryview(params), attrs, nattrs)
 
 
 def _no_commit(synchronous):

@@ -1215,6 +1215,108 @@ def make_cuEventElapsedTime(s):
 
     return handle
 
+def make_cuStreamBeginCapture(s):
+    fn = s.impl("cuStreamBeginCapture")
+    unpack = struct.Struct("<Qi").unpack_from
+
+    def handle(p):
+        if len(p) != 12:
+            raise ProtocolError("cuStreamBeginCapture: payload of %d bytes, expected 12" % len(p))
+        a_hStream, a_mode = unpack(p)
+        a_hStream = s.resolve("stream", a_hStream)
+        fn(a_hStream, a_mode)
+        return b''
+
+    return handle
+
+def make_cuStreamEndCapture(s):
+    fn = s.impl("cuStreamEndCapture")
+    unpack = struct.Struct("<QQ").unpack_from
+
+    def handle(p):
+        if len(p) != 16:
+            raise ProtocolError("cuStreamEndCapture: payload of %d bytes, expected 16" % len(p))
+        a_hStream, a_phGraph = unpack(p)
+        a_hStream = s.resolve("stream", a_hStream)
+        res = fn(a_hStream)
+        s.bind("graph", a_phGraph, res[0])
+        return b''
+
+    return handle
+
+def make_cuStreamIsCapturing(s):
+    fn = s.impl("cuStreamIsCapturing")
+    unpack = struct.Struct("<Q").unpack_from
+    pack = struct.Struct("<i").pack
+
+    def handle(p):
+        if len(p) != 8:
+            raise ProtocolError("cuStreamIsCapturing: payload of %d bytes, expected 8" % len(p))
+        a_hStream, = unpack(p)
+        a_hStream = s.resolve("stream", a_hStream)
+        res = fn(a_hStream)
+        return pack(*res[0:1])
+
+    return handle
+
+def make_cuGraphInstantiate(s):
+    fn = s.impl("cuGraphInstantiate")
+    unpack = struct.Struct("<QQQ").unpack_from
+
+    def handle(p):
+        if len(p) != 24:
+            raise ProtocolError("cuGraphInstantiate: payload of %d bytes, expected 24" % len(p))
+        a_phGraphExec, a_hGraph, a_flags = unpack(p)
+        a_hGraph = s.resolve("graph", a_hGraph)
+        res = fn(a_hGraph, a_flags)
+        s.bind("graph_exec", a_phGraphExec, res[0])
+        return b''
+
+    return handle
+
+def make_cuGraphLaunch(s):
+    fn = s.impl("cuGraphLaunch")
+    unpack = struct.Struct("<QQ").unpack_from
+
+    def handle(p):
+        if len(p) != 16:
+            raise ProtocolError("cuGraphLaunch: payload of %d bytes, expected 16" % len(p))
+        a_hGraphExec, a_hStream = unpack(p)
+        a_hGraphExec = s.resolve("graph_exec", a_hGraphExec)
+        a_hStream = s.resolve("stream", a_hStream)
+        fn(a_hGraphExec, a_hStream)
+        return b''
+
+    return handle
+
+def make_cuGraphExecDestroy(s):
+    fn = s.impl("cuGraphExecDestroy")
+    unpack = struct.Struct("<Q").unpack_from
+
+    def handle(p):
+        if len(p) != 8:
+            raise ProtocolError("cuGraphExecDestroy: payload of %d bytes, expected 8" % len(p))
+        a_hGraphExec, = unpack(p)
+        a_hGraphExec = s.resolve("graph_exec", a_hGraphExec)
+        fn(a_hGraphExec)
+        return b''
+
+    return handle
+
+def make_cuGraphDestroy(s):
+    fn = s.impl("cuGraphDestroy")
+    unpack = struct.Struct("<Q").unpack_from
+
+    def handle(p):
+        if len(p) != 8:
+            raise ProtocolError("cuGraphDestroy: payload of %d bytes, expected 8" % len(p))
+        a_hGraph, = unpack(p)
+        a_hGraph = s.resolve("graph", a_hGraph)
+        fn(a_hGraph)
+        return b''
+
+    return handle
+
 # opcode -> (name, mode, factory or None when the worker side is hand-written)
 OPS = {
     16: ("cuInit", "sync", make_cuInit),
@@ -1305,6 +1407,13 @@ OPS = {
     101: ("cuEventSynchronize", "syncpoint", make_cuEventSynchronize),
     102: ("cuEventQuery", "syncpoint", make_cuEventQuery),
     103: ("cuEventElapsedTime", "sync", make_cuEventElapsedTime),
+    104: ("cuStreamBeginCapture", "sync", make_cuStreamBeginCapture),
+    105: ("cuStreamEndCapture", "sync", make_cuStreamEndCapture),
+    106: ("cuStreamIsCapturing", "sync", make_cuStreamIsCapturing),
+    107: ("cuGraphInstantiate", "sync", make_cuGraphInstantiate),
+    108: ("cuGraphLaunch", "async", make_cuGraphLaunch),
+    109: ("cuGraphExecDestroy", "async", make_cuGraphExecDestroy),
+    110: ("cuGraphDestroy", "async", make_cuGraphDestroy),
 }
 
 # opcode -> request struct of the fixed fields, for hand-written handlers

@@ -40,7 +40,8 @@ def _hidden_attributes() -> frozenset:
 HIDDEN_ATTRIBUTES = _hidden_attributes()
 LAYOUT_ENTRY = struct.Struct("<QQ")
 MODULE_KINDS = ("module", "library")  # each holds a loaded image: counted against max_modules too
-ENDING = ("cuCtxDestroy", "cuModuleUnload", "cuLibraryUnload", "cuStreamDestroy", "cuEventDestroy")
+ENDING = ("cuCtxDestroy", "cuModuleUnload", "cuLibraryUnload", "cuStreamDestroy", "cuEventDestroy",
+          "cuGraphDestroy", "cuGraphExecDestroy")
 
 
 def _handle_ops() -> tuple[dict, frozenset, frozenset, frozenset]:
@@ -53,8 +54,10 @@ def _handle_ops() -> tuple[dict, frozenset, frozenset, frozenset]:
     mints, ends, derived, images = {}, set(), set(), set()
     for f in T.FORWARDED:
         fixed, _var = wire_in(f)
+        mint = next((p for p in fixed if p.rule == "mint"), None)  # not always first: cuStreamEndCapture
+        if mint is not None:
+            mints[T.opcode(f)] = mint.type[2:]
         if fixed and fixed[0].rule == "mint":
-            mints[T.opcode(f)] = fixed[0].type[2:]
             if len(fixed) > 1 and fixed[1].rule == "in" and fixed[1].type[2:] in ("module", "library", "kernel"):
                 derived.add(T.opcode(f))
             if any(p.rule == "image" for p in f.params):
@@ -395,6 +398,17 @@ class Session:
         self.launches += 1
         self.backend.launch(func, (gx, gy, gz), (bx, by, bz), shmem, stream, p[off + 8:], attrs, nattrs)
         return b""
+
+    # --------------------------------------------------------------- graphs
+    def cuGraphLaunch(self, graph_exec, stream) -> None:
+        self.graph_launch(graph_exec, stream)
+
+    def graph_launch(self, graph_exec, stream) -> None:
+        """Every graph launch passes here, and only here: one launch whose kernel time is the graph's
+        whole (a graph's kernels are not seen one by one).  Kernel launches into a stream being captured
+        reach launch() above but do not run: the backend records them into the graph."""
+        self.launches += 1
+        self.backend.graph_launch(graph_exec, stream)
 
     def param_layout(self, p) -> bytes:
         (fid,) = _unpack_exact(U64, p, "param_layout")

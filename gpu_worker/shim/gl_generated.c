@@ -1322,6 +1322,99 @@ GL_EXPORT CUresult cuEventElapsedTime_v2(float *pMilliseconds, CUevent hStart, C
     return r;
 }
 
+GL_EXPORT CUresult cuStreamBeginCapture_v2(CUstream hStream, int mode)
+{
+    gl_msg m;
+    CUresult r = gl_begin(&m, 104 /* cuStreamBeginCapture */, 1);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
+    gl_put_i(&m, mode);
+    r = gl_call(&m, NULL, 0);
+    gl_end(&m);
+    return r;
+}
+
+GL_EXPORT CUresult cuStreamEndCapture(CUstream hStream, CUgraph *phGraph)
+{
+    if (phGraph == NULL) return CUDA_ERROR_INVALID_VALUE;
+    gl_msg m;
+    CUresult r = gl_begin(&m, 105 /* cuStreamEndCapture */, 1);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
+    *phGraph = (CUgraph)gl_mint_handle();
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)*phGraph);
+    r = gl_call(&m, NULL, 0);
+    gl_end(&m);
+    if (r != CUDA_SUCCESS) *phGraph = NULL;
+    return r;
+}
+
+GL_EXPORT CUresult cuStreamIsCapturing(CUstream hStream, int *captureStatus)
+{
+    if (captureStatus == NULL) return CUDA_ERROR_INVALID_VALUE;
+    gl_msg m;
+    CUresult r = gl_begin(&m, 106 /* cuStreamIsCapturing */, 1);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
+    r = gl_call(&m, NULL, 0);
+    if (r == CUDA_SUCCESS) {
+        gl_get(&m, captureStatus, 4);
+        r = gl_reply_status(&m);
+    }
+    gl_end(&m);
+    return r;
+}
+
+GL_EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec *phGraphExec, CUgraph hGraph, unsigned long long flags)
+{
+    if (phGraphExec == NULL) return CUDA_ERROR_INVALID_VALUE;
+    gl_msg m;
+    CUresult r = gl_begin(&m, 107 /* cuGraphInstantiate */, 1);
+    if (r != CUDA_SUCCESS) return r;
+    *phGraphExec = (CUgraphExec)gl_mint_handle();
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)*phGraphExec);
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)hGraph);
+    gl_put_Q(&m, flags);
+    r = gl_call(&m, NULL, 0);
+    gl_end(&m);
+    if (r != CUDA_SUCCESS) *phGraphExec = NULL;
+    return r;
+}
+
+GL_EXPORT CUresult cuGraphLaunch(CUgraphExec hGraphExec, CUstream hStream)
+{
+    gl_msg m;
+    CUresult r = gl_begin(&m, 108 /* cuGraphLaunch */, 0);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)hGraphExec);
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
+    r = gl_post(&m, 0);
+    gl_end(&m);
+    return r;
+}
+
+GL_EXPORT CUresult cuGraphExecDestroy(CUgraphExec hGraphExec)
+{
+    gl_msg m;
+    CUresult r = gl_begin(&m, 109 /* cuGraphExecDestroy */, 0);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)hGraphExec);
+    r = gl_post(&m, 0);
+    gl_end(&m);
+    return r;
+}
+
+GL_EXPORT CUresult cuGraphDestroy(CUgraph hGraph)
+{
+    gl_msg m;
+    CUresult r = gl_begin(&m, 110 /* cuGraphDestroy */, 0);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)hGraph);
+    r = gl_post(&m, 0);
+    gl_end(&m);
+    return r;
+}
+
 /* Every other driver entry point answers CUDA_ERROR_NOT_SUPPORTED and names itself once on stderr;
  * those that libraries probe on healthy runs (table.PROBED) say so in the debug log only. */
 GL_EXPORT CUresult cuArray3DCreate(void) { static int once; return gl_unsupported("cuArray3DCreate", &once); }
@@ -1454,7 +1547,6 @@ GL_EXPORT CUresult cuGraphClone(void) { static int once; return gl_unsupported("
 GL_EXPORT CUresult cuGraphConditionalHandleCreate(void) { static int once; return gl_unsupported("cuGraphConditionalHandleCreate", &once); }
 GL_EXPORT CUresult cuGraphCreate(void) { static int once; return gl_unsupported("cuGraphCreate", &once); }
 GL_EXPORT CUresult cuGraphDebugDotPrint(void) { static int once; return gl_unsupported("cuGraphDebugDotPrint", &once); }
-GL_EXPORT CUresult cuGraphDestroy(void) { static int once; return gl_unsupported("cuGraphDestroy", &once); }
 GL_EXPORT CUresult cuGraphDestroyNode(void) { static int once; return gl_unsupported("cuGraphDestroyNode", &once); }
 GL_EXPORT CUresult cuGraphEventRecordNodeGetEvent(void) { static int once; return gl_unsupported("cuGraphEventRecordNodeGetEvent", &once); }
 GL_EXPORT CUresult cuGraphEventRecordNodeSetEvent(void) { static int once; return gl_unsupported("cuGraphEventRecordNodeSetEvent", &once); }
@@ -1462,7 +1554,6 @@ GL_EXPORT CUresult cuGraphEventWaitNodeGetEvent(void) { static int once; return 
 GL_EXPORT CUresult cuGraphEventWaitNodeSetEvent(void) { static int once; return gl_unsupported("cuGraphEventWaitNodeSetEvent", &once); }
 GL_EXPORT CUresult cuGraphExecBatchMemOpNodeSetParams(void) { static int once; return gl_unsupported("cuGraphExecBatchMemOpNodeSetParams", &once); }
 GL_EXPORT CUresult cuGraphExecChildGraphNodeSetParams(void) { static int once; return gl_unsupported("cuGraphExecChildGraphNodeSetParams", &once); }
-GL_EXPORT CUresult cuGraphExecDestroy(void) { static int once; return gl_unsupported("cuGraphExecDestroy", &once); }
 GL_EXPORT CUresult cuGraphExecEventRecordNodeSetEvent(void) { static int once; return gl_unsupported("cuGraphExecEventRecordNodeSetEvent", &once); }
 GL_EXPORT CUresult cuGraphExecEventWaitNodeSetEvent(void) { static int once; return gl_unsupported("cuGraphExecEventWaitNodeSetEvent", &once); }
 GL_EXPORT CUresult cuGraphExecExternalSemaphoresSignalNodeSetParams(void) { static int once; return gl_unsupported("cuGraphExecExternalSemaphoresSignalNodeSetParams", &once); }
@@ -1492,7 +1583,6 @@ GL_EXPORT CUresult cuGraphKernelNodeGetAttribute(void) { static int once; return
 GL_EXPORT CUresult cuGraphKernelNodeGetParams(void) { static int once; return gl_unsupported("cuGraphKernelNodeGetParams", &once); }
 GL_EXPORT CUresult cuGraphKernelNodeSetAttribute(void) { static int once; return gl_unsupported("cuGraphKernelNodeSetAttribute", &once); }
 GL_EXPORT CUresult cuGraphKernelNodeSetParams(void) { static int once; return gl_unsupported("cuGraphKernelNodeSetParams", &once); }
-GL_EXPORT CUresult cuGraphLaunch(void) { static int once; return gl_unsupported("cuGraphLaunch", &once); }
 GL_EXPORT CUresult cuGraphMemAllocNodeGetParams(void) { static int once; return gl_unsupported("cuGraphMemAllocNodeGetParams", &once); }
 GL_EXPORT CUresult cuGraphMemFreeNodeGetParams(void) { static int once; return gl_unsupported("cuGraphMemFreeNodeGetParams", &once); }
 GL_EXPORT CUresult cuGraphMemcpyNodeGetParams(void) { static int once; return gl_unsupported("cuGraphMemcpyNodeGetParams", &once); }
@@ -1709,7 +1799,6 @@ GL_EXPORT CUresult cuStreamBeginCaptureToGraph(void) { static int once; return g
 GL_EXPORT CUresult cuStreamBeginRecaptureToGraph(void) { static int once; return gl_unsupported("cuStreamBeginRecaptureToGraph", &once); }
 GL_EXPORT CUresult cuStreamCopyAttributes(void) { static int once; return gl_unsupported("cuStreamCopyAttributes", &once); }
 GL_EXPORT CUresult cuStreamDestroy(void) { static int once; return gl_unsupported("cuStreamDestroy", &once); }
-GL_EXPORT CUresult cuStreamEndCapture(void) { static int once; return gl_unsupported("cuStreamEndCapture", &once); }
 GL_EXPORT CUresult cuStreamEndCaptureToCig(void) { static int once; return gl_unsupported("cuStreamEndCaptureToCig", &once); }
 GL_EXPORT CUresult cuStreamGetAttribute(void) { static int once; return gl_unsupported("cuStreamGetAttribute", &once); }
 GL_EXPORT CUresult cuStreamGetCaptureInfo(void) { static int once; return gl_unsupported("cuStreamGetCaptureInfo", &once); }
@@ -1718,7 +1807,6 @@ GL_EXPORT CUresult cuStreamGetCtx_v2(void) { static int once; return gl_unsuppor
 GL_EXPORT CUresult cuStreamGetDevResource(void) { static int once; return gl_unsupported("cuStreamGetDevResource", &once); }
 GL_EXPORT CUresult cuStreamGetDevice(void) { static int once; return gl_unsupported("cuStreamGetDevice", &once); }
 GL_EXPORT CUresult cuStreamGetGreenCtx(void) { static int once; return gl_unsupported("cuStreamGetGreenCtx", &once); }
-GL_EXPORT CUresult cuStreamIsCapturing(void) { static int once; return gl_unsupported("cuStreamIsCapturing", &once); }
 GL_EXPORT CUresult cuStreamSetAttribute(void) { static int once; return gl_unsupported("cuStreamSetAttribute", &once); }
 GL_EXPORT CUresult cuStreamUpdateCaptureDependencies(void) { static int once; return gl_unsupported("cuStreamUpdateCaptureDependencies", &once); }
 GL_EXPORT CUresult cuStreamWaitValue32(void) { static int once; return gl_unsupported("cuStreamWaitValue32", &once); }
@@ -1963,7 +2051,7 @@ const gl_proc gl_procs[] = {
     {"cuGraphConditionalHandleCreate", 0, (void *)cuGraphConditionalHandleCreate},
     {"cuGraphCreate", 0, (void *)cuGraphCreate},
     {"cuGraphDebugDotPrint", 0, (void *)cuGraphDebugDotPrint},
-    {"cuGraphDestroy", 0, (void *)cuGraphDestroy},
+    {"cuGraphDestroy", 10000, (void *)cuGraphDestroy},
     {"cuGraphDestroyNode", 0, (void *)cuGraphDestroyNode},
     {"cuGraphEventRecordNodeGetEvent", 0, (void *)cuGraphEventRecordNodeGetEvent},
     {"cuGraphEventRecordNodeSetEvent", 0, (void *)cuGraphEventRecordNodeSetEvent},
@@ -1971,7 +2059,7 @@ const gl_proc gl_procs[] = {
     {"cuGraphEventWaitNodeSetEvent", 0, (void *)cuGraphEventWaitNodeSetEvent},
     {"cuGraphExecBatchMemOpNodeSetParams", 0, (void *)cuGraphExecBatchMemOpNodeSetParams},
     {"cuGraphExecChildGraphNodeSetParams", 0, (void *)cuGraphExecChildGraphNodeSetParams},
-    {"cuGraphExecDestroy", 0, (void *)cuGraphExecDestroy},
+    {"cuGraphExecDestroy", 10000, (void *)cuGraphExecDestroy},
     {"cuGraphExecEventRecordNodeSetEvent", 0, (void *)cuGraphExecEventRecordNodeSetEvent},
     {"cuGraphExecEventWaitNodeSetEvent", 0, (void *)cuGraphExecEventWaitNodeSetEvent},
     {"cuGraphExecExternalSemaphoresSignalNodeSetParams", 0, (void *)cuGraphExecExternalSemaphoresSignalNodeSetParams},
@@ -1994,14 +2082,15 @@ const gl_proc gl_procs[] = {
     {"cuGraphGetRootNodes", 0, (void *)cuGraphGetRootNodes},
     {"cuGraphHostNodeGetParams", 0, (void *)cuGraphHostNodeGetParams},
     {"cuGraphHostNodeSetParams", 0, (void *)cuGraphHostNodeSetParams},
-    {"cuGraphInstantiate", 0, (void *)cuGraphInstantiate},
+    {"cuGraphInstantiate", 12000, (void *)cuGraphInstantiateWithFlags},
+    {"cuGraphInstantiateWithFlags", 11040, (void *)cuGraphInstantiateWithFlags},
     {"cuGraphInstantiateWithParams", 0, (void *)cuGraphInstantiateWithParams},
     {"cuGraphKernelNodeCopyAttributes", 0, (void *)cuGraphKernelNodeCopyAttributes},
     {"cuGraphKernelNodeGetAttribute", 0, (void *)cuGraphKernelNodeGetAttribute},
     {"cuGraphKernelNodeGetParams", 0, (void *)cuGraphKernelNodeGetParams},
     {"cuGraphKernelNodeSetAttribute", 0, (void *)cuGraphKernelNodeSetAttribute},
     {"cuGraphKernelNodeSetParams", 0, (void *)cuGraphKernelNodeSetParams},
-    {"cuGraphLaunch", 0, (void *)cuGraphLaunch},
+    {"cuGraphLaunch", 10000, (void *)cuGraphLaunch},
     {"cuGraphMemAllocNodeGetParams", 0, (void *)cuGraphMemAllocNodeGetParams},
     {"cuGraphMemFreeNodeGetParams", 0, (void *)cuGraphMemFreeNodeGetParams},
     {"cuGraphMemcpyNodeGetParams", 0, (void *)cuGraphMemcpyNodeGetParams},
@@ -2242,7 +2331,7 @@ const gl_proc gl_procs[] = {
     {"cuStreamAddCallback", 0, (void *)cuStreamAddCallback},
     {"cuStreamAttachMemAsync", 0, (void *)cuStreamAttachMemAsync},
     {"cuStreamBatchMemOp", 0, (void *)cuStreamBatchMemOp},
-    {"cuStreamBeginCapture", 0, (void *)cuStreamBeginCapture},
+    {"cuStreamBeginCapture", 10010, (void *)cuStreamBeginCapture_v2},
     {"cuStreamBeginCaptureToCig", 0, (void *)cuStreamBeginCaptureToCig},
     {"cuStreamBeginCaptureToGraph", 0, (void *)cuStreamBeginCaptureToGraph},
     {"cuStreamBeginRecaptureToGraph", 0, (void *)cuStreamBeginRecaptureToGraph},
@@ -2250,7 +2339,7 @@ const gl_proc gl_procs[] = {
     {"cuStreamCreate", 2000, (void *)cuStreamCreate},
     {"cuStreamCreateWithPriority", 5050, (void *)cuStreamCreateWithPriority},
     {"cuStreamDestroy", 4000, (void *)cuStreamDestroy_v2},
-    {"cuStreamEndCapture", 0, (void *)cuStreamEndCapture},
+    {"cuStreamEndCapture", 10000, (void *)cuStreamEndCapture},
     {"cuStreamEndCaptureToCig", 0, (void *)cuStreamEndCaptureToCig},
     {"cuStreamGetAttribute", 0, (void *)cuStreamGetAttribute},
     {"cuStreamGetCaptureInfo", 0, (void *)cuStreamGetCaptureInfo},
@@ -2263,7 +2352,7 @@ const gl_proc gl_procs[] = {
     {"cuStreamGetGreenCtx", 0, (void *)cuStreamGetGreenCtx},
     {"cuStreamGetId", 12000, (void *)cuStreamGetId},
     {"cuStreamGetPriority", 5050, (void *)cuStreamGetPriority},
-    {"cuStreamIsCapturing", 0, (void *)cuStreamIsCapturing},
+    {"cuStreamIsCapturing", 10000, (void *)cuStreamIsCapturing},
     {"cuStreamQuery", 2000, (void *)cuStreamQuery},
     {"cuStreamSetAttribute", 0, (void *)cuStreamSetAttribute},
     {"cuStreamSynchronize", 2000, (void *)cuStreamSynchronize},

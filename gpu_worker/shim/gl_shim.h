@@ -27,7 +27,8 @@
 
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
-typedef void *CUcontext, *CUstream, *CUevent, *CUmodule, *CUfunction, *CUlibrary, *CUkernel;
+typedef void *CUcontext, *CUstream, *CUevent, *CUmodule, *CUfunction, *CUlibrary, *CUkernel, *CUgraph,
+    *CUgraphExec;
 
 enum {
     CUDA_SUCCESS = 0,

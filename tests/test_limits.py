@@ -66,7 +66,7 @@ def test_shares_and_counts():
 
 def test_gpu_settings_fill_defaults_and_name_the_key():
     assert gpu_settings({"vram": "2G", "compute": "25"}) == {"vram": 2 * G, "compute": 25, "count": 1,
-                                                             "mode": "any", "qos": "medium"}
+                                                             "mode": "any", "qos": "medium", "burst": True}
     assert gpu_settings({"compute": 50}, partial=True) == {"compute": 50}
     with pytest.raises(LimitError, match=r"^requests\[3\]\.count: 'abc' is not a GPU count"):
         gpu_settings({"vram": "1G", "count": "abc"}, "requests[3]")

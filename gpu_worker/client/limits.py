@@ -1,9 +1,10 @@
 """Limits as people write them, checked once where they enter gpulab.
 
-A size, a compute share or a GPU count arrives from a config trait, the command line, a spawner
-profile, a tokens file or a REST body.  Each kind has one validator here that turns it into an
-integer or raises :class:`LimitError`, whose text is a sentence naming the setting; after that edge
-only integers travel, so a bad value stops start-up or the request and never a session.
+A size, a compute share, a GPU count or a burst flag arrives from a config trait, the command line, a
+spawner profile, a tokens file or a REST body.  Each kind has one validator here that turns it into an
+integer (burst: a bool) or raises :class:`LimitError`, whose text is a sentence naming the setting;
+after that edge only checked values travel, so a bad value stops start-up or the request and never a
+session.
 
 Size grammar (docs/configuration.md, *Sizes*):
 
@@ -110,18 +111,33 @@ def _one_of(value, options: tuple[str, ...], setting: str) -> str:
     return value
 
 
-GPU_DEFAULTS = {"compute": 100, "count": 1, "mode": "any", "qos": "medium"}
+def parse_burst(value, setting: str = "burst") -> bool:
+    """Whether a vGPU may use idle GPU time beyond its compute share: JSON true or false only (a string
+    such as "no" would be truthy, so it is refused rather than guessed)."""
+    if not isinstance(value, bool):
+        raise LimitError(f"{setting}: {_shown(value)} is not true or false: burst says whether the vGPU may use "
+                         "idle GPU time beyond its compute share")
+    return value
+
+
+def default_burst(qos: str) -> bool:
+    """Bursting by QoS where a request does not say: high and medium vGPUs may use idle time, low do not."""
+    return qos != "low"
+
+
+GPU_DEFAULTS = {"compute": 100, "count": 1, "mode": "any", "qos": "medium"}  # burst: default_burst(qos)
 _GPU_PARSERS = {"vram": parse_size, "compute": parse_share, "count": parse_count,
-                "mode": lambda v, s: _one_of(v, MODES, s), "qos": lambda v, s: _one_of(v, QOS, s)}
+                "mode": lambda v, s: _one_of(v, MODES, s), "qos": lambda v, s: _one_of(v, QOS, s),
+                "burst": parse_burst}
 GPU_KEYS = frozenset(_GPU_PARSERS)
 
 
 def gpu_settings(gpu: dict, where: str = "gpu", partial: bool = False) -> dict:
-    """A vGPU request ``{vram, compute, count, mode, qos}`` checked key by key; with defaults filled in
-    unless ``partial`` (a profile choice that overrides some keys).  Other keys are left to the caller."""
+    """A vGPU request ``{vram, compute, count, mode, qos, burst}`` checked key by key; with defaults filled
+    in unless ``partial`` (a profile choice that overrides some keys).  Other keys are left to the caller."""
     if not isinstance(gpu, dict):
         raise LimitError(f"{where or 'gpu'}: {_shown(gpu)} is not a mapping of GPU settings "
-                         "(vram, compute, count, mode, qos)")
+                         "(vram, compute, count, mode, qos, burst)")
     out = {}
     for key, parse in _GPU_PARSERS.items():
         if key in gpu:
@@ -129,7 +145,7 @@ def gpu_settings(gpu: dict, where: str = "gpu", partial: bool = False) -> dict:
         elif not partial:
             if key == "vram":
                 raise LimitError(f"{where + ': ' if where else ''}no GPU memory size (vram): {SIZE_HINT}")
-            out[key] = GPU_DEFAULTS[key]
+            out[key] = default_burst(out["qos"]) if key == "burst" else GPU_DEFAULTS[key]
     return out
 
 

@@ -3,6 +3,7 @@
 Everything here is database work; the web handlers (api.py) and the dashboard only ask it."""
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -18,6 +19,7 @@ from .scheduler import GPUState, InvalidRequest, Limits, NoFit, Request, place, 
 log = logging.getLogger("gpulab.pool")
 
 REVOKED_FOR = 3600.0  # seconds an ended allocation stays in its worker's heartbeat replies, with why
+MAX_GROUPS = 256      # hub groups one allocation request may name
 RELEASED = "this vGPU was released: its Jupyter server stopped"
 
 
@@ -58,7 +60,8 @@ class AllocationBook:
     def allocate(self, spec: dict) -> tuple[Allocation, str]:
         """Place a request; the allocation and its session token, which the pool keeps only as a hash:
         the caller answers it once."""
-        req = request_from(spec)
+        req, burst = request_from(spec)
+        groups = groups_from(spec)
         token = secrets.token_urlsafe(24)
         with self.Session.begin() as db:
             chosen = place(req, self.gpu_states(db, lock=True), self.strategy, self.limits)
@@ -66,7 +69,8 @@ class AllocationBook:
             alloc = Allocation(user=str(spec["user"]), server_name=str(spec.get("server_name", "")),
                                profile=str(spec.get("profile", "")), worker_name=worker.name,
                                gpu_uuids=",".join(g.uuid for g in chosen), vram=req.vram, compute=req.compute,
-                               count=req.count, mode=req.mode, qos=req.qos, token_hash=token_hash(token))
+                               count=req.count, mode=req.mode, qos=req.qos, burst=burst,
+                               groups=json.dumps(groups), token_hash=token_hash(token))
             db.add(alloc)
         log.info("allocated %s for %s on %s (%d MiB, %d%%)", alloc.id, alloc.user, alloc.worker_name,
                  alloc.vram >> 20, alloc.compute)
@@ -96,11 +100,13 @@ class AllocationBook:
         log.info("allocation %s of %s revoked by an admin: %s", alloc.id, alloc.user, message)
         return alloc, True
 
-    def heartbeat(self, name: str, usage: dict | None, ended: dict | None = None) -> Beat | None:
+    def heartbeat(self, name: str, usage: dict | None, ended: dict | None = None,
+                  kernel: dict | None = None) -> Beat | None:
         """A worker lives: end the active allocations it ended by itself (``ended``: {token hash: why},
         revoked with that sentence; others ignored), store what its vGPUs hold (``usage``: {token hash:
-        (used, overhead)}, the whole truth; None leaves the figures alone) and answer its grants, recent
-        revocations and registered GPUs.  None: no such worker.  A figure beyond the memory of its
+        (used, overhead)}, the whole truth; None leaves the figures alone), add what their kernels ran
+        (``kernel``: {token hash: cumulative kernel seconds}, add_kernel_time) and answer its grants,
+        recent revocations and registered GPUs.  None: no such worker.  A figure beyond the memory of its
         allocation's GPUs is a worker's error: it is logged and held at that bound, and the rest of the
         heartbeat counts as usual."""
         with self.Session.begin() as db:
@@ -125,6 +131,15 @@ class AllocationBook:
                         log.warning("worker %s says allocation %s holds %d bytes, more than its GPUs' %d: "
                                     "counted as %d", name, a.id, used + overhead, bound, bound)
                     a.used_vram, a.overhead_vram = min(used + overhead, bound), min(overhead, bound)
+            if kernel:
+                # an allocation that ended lately still counts what its kernels ran before its worker
+                # heard of the end
+                now = time.time()
+                for a in db.scalars(select(Allocation).where(Allocation.worker_name == name,
+                                                             (Allocation.status == "active") |
+                                                             (Allocation.ended >= now - REVOKED_FOR))):
+                    if a.token_hash in kernel:
+                        add_kernel_time(a, kernel[a.token_hash], now)
             if w.status != "up":
                 log.info("worker %s is back", name)
             w.status, w.last_seen = "up", time.time()
@@ -167,7 +182,7 @@ class AllocationBook:
         with self.Session.begin() as db:
             states = self.gpu_states(db)
         # every request is checked before any is placed: one bad one makes the whole body a 400
-        reqs = [request_from(spec, f"requests[{i}]") for i, spec in enumerate(specs)]
+        reqs = [request_from(spec, f"requests[{i}]")[0] for i, spec in enumerate(specs)]
         for req in reqs:
             trial = [GPUState(**vars(s)) for s in states]
             slots, nofit = 0, None
@@ -210,20 +225,57 @@ class AllocationBook:
                      "used_vram": used[g.uuid].used_vram, "used_compute": used[g.uuid].used_compute,
                      "sessions": used[g.uuid].sessions} for g, w in rows]
 
-    def usage_table(self) -> list[dict]:
+    def usage_report(self) -> dict:
+        """GPU-hours per user and per hub group (an allocation counts for each group its user was in
+        when it was placed): ``gpu_hours`` wall clock (count x time held), ``gpu_hours_weighted`` the
+        kernel time its worker measured (what the share was used for), ``active`` allocations now."""
         now = time.time()
         per_user: dict[str, dict] = {}
+        per_group: dict[str, dict] = {}
         with self.Session() as db:
             for a in db.scalars(select(Allocation)):
-                u = per_user.setdefault(a.user, {"user": a.user, "gpu_hours": 0.0, "active": 0})
-                u["gpu_hours"] += a.gpu_hours(now)
-                u["active"] += a.status == "active"
-        return sorted(per_user.values(), key=lambda u: u["user"])
+                rows = [per_user.setdefault(a.user, {"user": a.user, **_zero()})]
+                for g in a.group_list:
+                    rows.append(per_group.setdefault(g, {"group": g, **_zero(), "users": set()}))
+                    rows[-1]["users"].add(a.user)
+                for row in rows:
+                    row["gpu_hours"] += a.gpu_hours(now)
+                    row["gpu_hours_weighted"] += a.gpu_hours_weighted()
+                    row["active"] += a.status == "active"
+        groups = [{**g, "users": len(g["users"])} for g in per_group.values()]
+        return {"users": sorted(per_user.values(), key=lambda u: u["user"]),
+                "groups": sorted(groups, key=lambda g: g["group"])}
+
+    def usage_table(self) -> list[dict]:
+        """The per-user rows of usage_report (the dashboard's table)."""
+        return self.usage_report()["users"]
 
 
-def request_from(spec, where: str = "") -> Request:
-    """A request body's GPU settings as integers (gpu_settings is the one validator of each kind);
-    InvalidRequest with a sentence naming the field when one is not valid."""
+def _zero() -> dict:
+    return {"gpu_hours": 0.0, "gpu_hours_weighted": 0.0, "active": 0}
+
+
+def add_kernel_time(a: Allocation, figure: float, now: float) -> None:
+    """Count a heartbeat's kernel_time of ``a``: the worker's cumulative seconds for this vGPU.  What
+    grew since its last figure is added; a smaller figure means the worker started again from zero, so
+    all of it is new.  More than its GPUs could run since it was placed is a worker's error: logged and
+    held at that bound."""
+    seen = a.kernel_time_seen or 0.0
+    gained = figure - seen if figure >= seen else figure
+    bound = a.count * max(0.0, now - a.created)
+    if (a.kernel_seconds or 0.0) + gained > bound:
+        log.warning("worker %s says allocation %s ran %.1f s of kernels, more than its %d GPU(s) could since "
+                    "it was placed: counted up to %.1f s", a.worker_name, a.id, (a.kernel_seconds or 0.0) + gained,
+                    a.count, bound)
+        gained = max(0.0, bound - (a.kernel_seconds or 0.0))
+    a.kernel_seconds = (a.kernel_seconds or 0.0) + gained
+    a.kernel_time_seen = figure
+
+
+def request_from(spec, where: str = "") -> tuple[Request, bool]:
+    """A request body's GPU settings as integers (gpu_settings is the one validator of each kind) and
+    whether the vGPU may burst (placement does not depend on it); InvalidRequest with a sentence naming
+    the field when one is not valid."""
     prefix = f"{where}." if where else ""
     try:
         if not isinstance(spec, dict):
@@ -231,17 +283,29 @@ def request_from(spec, where: str = "") -> Request:
         node = spec.get("node", "")
         if not isinstance(node, str) or len(node) > 255:
             raise LimitError(f"{prefix}node must be a host name")
-        req = Request(**gpu_settings(spec, where), node=node)
+        settings = gpu_settings(spec, where)
+        burst = settings.pop("burst")
+        req = Request(**settings, node=node)
     except LimitError as exc:
         raise InvalidRequest(f"invalid GPU request: {exc}") from None
     validate(req)
-    return req
+    return req, burst
+
+
+def groups_from(spec: dict) -> list[str]:
+    """The user's hub groups as the spawner sends them ("groups", optional): distinct names, sorted."""
+    groups = spec.get("groups", [])
+    if not isinstance(groups, list) or len(groups) > MAX_GROUPS or not all(
+            isinstance(g, str) and 0 < len(g) <= 255 for g in groups):
+        raise InvalidRequest(f"groups must be a list of at most {MAX_GROUPS} hub group names, each 1 to 255 "
+                             "characters")
+    return sorted(set(groups))
 
 
 def grant_json(a: Allocation) -> dict:
     """What a worker needs to admit a vGPU's sessions without asking the pool (docs/architecture.md)."""
     return {"token_hash": a.token_hash, "id": str(a.id), "user": a.user, "profile": a.profile, "qos": a.qos,
-            "gpus": a.gpu_list, "vram": a.vram, "compute": a.compute}
+            "burst": a.burst, "gpus": a.gpu_list, "vram": a.vram, "compute": a.compute}
 
 
 def ended_reason(a: Allocation) -> str:
@@ -260,6 +324,7 @@ def allocation_json(a: Allocation, worker: Worker | None) -> dict:
             "control_url": worker.control_url if worker else "",
             "node": worker.node if worker else "", "gpus": a.gpu_list,
             "vram": a.vram, "compute": a.compute, "count": a.count, "mode": a.mode, "qos": a.qos,
-            "status": a.status, "message": a.message, "used_vram": a.used_vram,
-            "overhead_vram": a.overhead_vram, "created": a.created, "ended": a.ended,
+            "burst": a.burst, "groups": a.group_list, "status": a.status, "message": a.message,
+            "used_vram": a.used_vram, "overhead_vram": a.overhead_vram, "kernel_seconds": a.kernel_seconds,
+            "created": a.created, "ended": a.ended,
             "emulated": worker.backend == "emulated" if worker else False}

@@ -178,5 +178,8 @@ class GPUsHandler(APIHandler):
 
 
 class UsageHandler(APIHandler):
+    """GPU-hours per user and per hub group, wall clock and weighted by the kernel time measured:
+    ``{"users": [{user, gpu_hours, gpu_hours_weighted, active}], "groups": [{group, ..., users}]}``."""
+
     def get(self):
-        self.send(self.book.usage_table())
+        self.send(self.book.usage_report())

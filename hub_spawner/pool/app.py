@@ -25,6 +25,7 @@ the worker routes above answer 404 there:
 ``POST   api/allocations/<id>/revoke``       hub      an admin ends a vGPU: {"message": why}
 ``POST   api/availability``                  hub      how many of each request would fit now
 ``GET    api/gpus``, ``api/usage``           hub      GPUs with their load; GPU-hours per user
+                                                      and group, wall clock and weighted
 ``GET    metrics``                           hub      Prometheus metrics (metrics.py); the API token
                                                       as ``token <t>`` or ``Bearer <t>``
 ``GET    /``                                 admin    the dashboard (JupyterHub OAuth)

@@ -5,14 +5,15 @@ rows, so they survive restarts of the pool and of the hub.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 
-from sqlalchemy import (BigInteger, Boolean, Float, ForeignKey, Integer, String, create_engine, event, inspect,
-                        text)
+from sqlalchemy import (BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event,
+                        inspect, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
-from gpu_worker.client import token_hash
+from gpu_worker.client import QOS, default_burst, token_hash
 
 log = logging.getLogger("gpulab.pool")
 
@@ -60,12 +61,19 @@ class Allocation(Base):
     count: Mapped[int] = mapped_column(Integer, default=1)
     mode: Mapped[str] = mapped_column(String(16), default="any")
     qos: Mapped[str] = mapped_column(String(16), default="medium")
+    burst: Mapped[bool] = mapped_column(Boolean, default=True)  # may use idle GPU time beyond its share
+    # the user's hub groups when it was placed (a JSON list): usage is reported per group as well
+    groups: Mapped[str] = mapped_column(Text, default="[]")
     # gpu_worker.client.token_hash of the session token; the token itself is answered once, at allocation
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     status: Mapped[str] = mapped_column(String(16), default="active", index=True)  # active|lost|released|revoked
     # reported by the worker's heartbeats: used_vram includes overhead_vram, the CUDA contexts' memory
     used_vram: Mapped[int] = mapped_column(BigInteger, default=0)
     overhead_vram: Mapped[int] = mapped_column(BigInteger, default=0)
+    # seconds its GPUs spent running its kernels, summed from the heartbeats' cumulative kernel_time;
+    # kernel_time_seen is the worker's last figure, the base of the next increase
+    kernel_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    kernel_time_seen: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str] = mapped_column(String(1024), default="")
     created: Mapped[float] = mapped_column(Float, default=time.time)
     ended: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -74,8 +82,17 @@ class Allocation(Base):
     def gpu_list(self) -> list[str]:
         return [u for u in self.gpu_uuids.split(",") if u]
 
+    @property
+    def group_list(self) -> list[str]:
+        return json.loads(self.groups or "[]")
+
     def gpu_hours(self, now: float) -> float:
+        """Wall clock: every GPU of it for as long as it was held, used or not."""
         return self.count * ((self.ended or now) - self.created) / 3600.0
+
+    def gpu_hours_weighted(self) -> float:
+        """What it used: the kernel time its worker measured, in hours of one GPU."""
+        return self.kernel_seconds / 3600.0
 
 
 def make_sessionmaker(url: str):
@@ -110,6 +127,11 @@ ADDED_COLUMNS = [
     ("workers", "control_url", "VARCHAR(255) DEFAULT '' NOT NULL"),
     ("allocations", "overhead_vram", "BIGINT DEFAULT 0 NOT NULL"),
     ("allocations", "token_hash", "VARCHAR(64)"),
+    # compute shares (issue 10): an older allocation's burst follows its QoS, as a new one's default does
+    ("allocations", "burst", "BOOLEAN DEFAULT TRUE NOT NULL"),
+    ("allocations", "groups", "TEXT DEFAULT '[]' NOT NULL"),
+    ("allocations", "kernel_seconds", "FLOAT DEFAULT 0 NOT NULL"),
+    ("allocations", "kernel_time_seen", "FLOAT DEFAULT 0 NOT NULL"),
 ]
 
 
@@ -120,6 +142,9 @@ def _migrate(engine) -> None:
         if column not in _columns(engine, table):
             with engine.begin() as conn:
                 conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql}")
+                if (table, column) == ("allocations", "burst"):
+                    conn.execute(text("UPDATE allocations SET burst = :burst WHERE qos = :qos"),
+                                 [{"burst": default_burst(q), "qos": q} for q in QOS])
     if "token" in _columns(engine, "allocations"):
         _hash_plain_tokens(engine)
     _unique_token_hashes(engine)

@@ -30,6 +30,8 @@ from urllib.parse import urlparse
 from sqlalchemy import select
 from tornado import web
 
+from gpu_worker.client.limits import MAX_COUNT as MAX_GPUS_PER_VGPU
+
 from .api import APIHandler
 from .db import GPU, Worker
 
@@ -43,6 +45,8 @@ MAX_ENDED = 4096           # vGPUs one heartbeat may report its worker ended
 MAX_MESSAGE = 1024         # characters of why a vGPU ended: what an allocation's message holds
 MAX_VRAM = MAX_GPU_MEMORY * MAX_GPUS  # bytes one vGPU may hold at most (its GPUs' bound comes later)
 MAX_COUNT = (1 << 63) - 1  # counters: what a 64-bit integer holds
+MAX_SECONDS = 1e11         # cumulative kernel or throttled seconds of one vGPU: some 3000 years
+MAX_SHARE = 100 * MAX_GPUS_PER_VGPU  # percent of one GPU a vGPU of the most GPUs can measure
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # it appears in URL paths and log lines
 CAPABILITY = re.compile(r"(\d{1,3}\.\d{1,3})?")
 
@@ -188,7 +192,15 @@ def check_vgpu(entry, what: str) -> dict:
     out = {"id": _text(entry.get("id", ""), f"{what}.id", 64),
            "used": _int(entry.get("used", 0), f"{what}.used", 0, MAX_VRAM),
            "overhead": _int(entry.get("overhead", 0), f"{what}.overhead", 0, MAX_VRAM),
-           **_counts(entry, what, ("calls", "launches", "bytes_in", "bytes_out", "errors")), "processes": []}
+           **_counts(entry, what, ("calls", "launches", "bytes_in", "bytes_out", "errors")),
+           # compute shares: cumulative seconds, the share measured lately and processes waiting for it now
+           # (None: a worker without compute shares)
+           "kernel_time": _number(entry.get("kernel_time"), f"{what}.kernel_time", 0, MAX_SECONDS),
+           "throttled_time": _number(entry.get("throttled_time"), f"{what}.throttled_time", 0, MAX_SECONDS),
+           "share_measured": _number(entry.get("share_measured"), f"{what}.share_measured", 0, MAX_SHARE),
+           "queue_depth": None if entry.get("queue_depth") is None else _int(entry["queue_depth"],
+                                                                              f"{what}.queue_depth", 0, MAX_PROCESSES),
+           "processes": []}
     for i, p in enumerate(_list(entry.get("processes", []), f"{what}.processes", MAX_PROCESSES)):
         where = f"{what}.processes[{i}]"
         _object(p, where, 16)
@@ -238,6 +250,18 @@ def check_heartbeat(data: dict) -> dict:
         out["gpus"] = {_text(u, "a GPU uuid", 128, required=True): check_gpu_facts(f, f"gpus[{u:.40}]")
                        for u, f in gpus.items()}
     return out
+
+
+def hold_shares(name: str, body: dict, grants: list[dict]) -> None:
+    """A vGPU cannot use more than all of its GPUs: a measured share above 100% per GPU of its grant is
+    a worker's error, held at that bound with a warning (the rest of the heartbeat counts)."""
+    count = {g["token_hash"]: len(g["gpus"]) for g in grants}
+    for h, e in body.get("vgpus", {}).items():
+        bound = 100 * count.get(h, MAX_GPUS_PER_VGPU)
+        if e["share_measured"] is not None and e["share_measured"] > bound:
+            log.warning("worker %s says vGPU %s used %.0f%% of a GPU, more than its %d GPU(s): counted as %d%%",
+                        name, e["id"] or h[:12], e["share_measured"], bound // 100, bound)
+            e["share_measured"] = bound
 
 
 class WorkerAPIHandler(APIHandler):
@@ -327,12 +351,14 @@ class HeartbeatHandler(WorkerAPIHandler):
     def post(self, name):
         self.own(name)
         body = check_heartbeat(self.body())
-        usage = None
+        usage, kernel = None, None
         if "vgpus" in body:
             usage = {h: (e["used"], e["overhead"]) for h, e in body["vgpus"].items()}
-        beat = self.book.heartbeat(name, usage, body.get("ended", {}))
+            kernel = {h: e["kernel_time"] for h, e in body["vgpus"].items() if e["kernel_time"] is not None}
+        beat = self.book.heartbeat(name, usage, body.get("ended", {}), kernel)
         if beat is None:
             raise web.HTTPError(404, f"unknown worker {name}")
+        hold_shares(name, body, beat.grants)
         self.pool.live.record(name, body, {g["token_hash"] for g in beat.grants}, beat.gpus)
         self.send(beat.reply())
 

@@ -21,7 +21,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Callable, Dict, List, Unicode, Union, default
 from traitlets.config import Configurable
 
-from gpu_worker.client import GPU_KEYS, LimitError, gpu_settings, shim_dir
+from gpu_worker.client import GPU_KEYS, LimitError, default_burst, gpu_settings, shim_dir
 
 from ..pool.scheduler import MAX_AVAILABILITY_REQUESTS
 
@@ -58,7 +58,9 @@ class GPUSpawner(Configurable):
         choices: {key: {display_name, default, gpu: {...}}}}}`), plus:
 
         - `gpu`: `{vram: "8G", compute: 25 (percent of a GPU), count: 1, mode: "local"|"remote"|"any",
-          qos: "low"|"medium"|"high"}`; absent or null for a profile without GPU;
+          qos: "low"|"medium"|"high", burst: true|false}`; absent or null for a profile without GPU.
+          `burst` says whether the vGPU may use idle GPU time beyond its compute share (default: true
+          for qos high and medium, false for low);
         - `groups`: hub groups whose members see the profile (absent: everybody).
 
         May be a callable `f(spawner) -> list` (or a coroutine) to choose profiles per user.
@@ -200,8 +202,9 @@ class GPUSpawner(Configurable):
         return json.loads(resp.body) if resp.body else None
 
     async def allocate_gpu(self, profile: dict, gpu: dict) -> dict:
+        # the user's hub groups: the pool reports usage per group too
         spec = {**gpu, "user": self.user.name, "server_name": self.name, "profile": profile_slug(profile),
-                "node": self.gpu_node}
+                "node": self.gpu_node, "groups": sorted(g.name for g in getattr(self.user, "groups", []))}
         try:
             return await self.pool_call("POST", "api/allocations", spec)
         except PoolError as exc:
@@ -434,7 +437,10 @@ def profile_slug(p: dict) -> str:
 def describe_gpu(gpu: dict | None) -> str:
     if not gpu:
         return "no GPU"
-    parts = [f"{gpu['vram'] / 2**30:g} GiB VRAM", f"{gpu.get('compute', 100)}% compute"]
+    compute = gpu.get("compute", 100)
+    bursts = compute < 100 and gpu.get("burst", default_burst(gpu.get("qos", "medium")))
+    parts = [f"{gpu['vram'] / 2**30:g} GiB VRAM",
+             f"{compute}% compute" + (" (more when the GPU is idle)" if bursts else "")]
     if gpu.get("count", 1) > 1:
         parts.insert(0, f"{gpu['count']} vGPUs")
     parts.append({"local": "on this node", "remote": "remote"}.get(gpu.get("mode", "any"), "local or remote"))

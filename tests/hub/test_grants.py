@@ -50,7 +50,8 @@ def test_a_heartbeat_answers_the_grants_and_what_was_released(pool):
     alloc, h = allocate(pool, compute=25, qos="high")
     reply = beat(pool)
     assert reply == {"grants": [{"token_hash": h, "id": str(alloc["id"]), "user": "ann", "profile": "quarter",
-                                 "qos": "high", "gpus": ["GPU-w1-0"], "vram": 4 * G, "compute": 25}],
+                                 "qos": "high", "burst": True, "gpus": ["GPU-w1-0"], "vram": 4 * G,
+                                 "compute": 25}],
                      "revoked": {}}
     assert pool.call("DELETE", f"api/allocations/{alloc['id']}")[0] == 204  # the server stopped (or was culled)
     assert beat(pool) == {"grants": [], "revoked": {h: "this vGPU was released: its Jupyter server stopped"}}

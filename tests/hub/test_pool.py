@@ -28,7 +28,8 @@ def test_allocate_issue_token_and_release(pool):
     assert pool.call("DELETE", f"api/allocations/{alloc['id']}")[0] == 204  # idempotent
     assert pool.worker_call("POST", "api/workers/w1/grants", {"token_hash": token_hash(alloc["token"])})[0] == 404
     _, usage = pool.call("GET", "api/usage")
-    assert usage[0]["user"] == "ann" and usage[0]["active"] == 0 and usage[0]["gpu_hours"] > 0
+    [ann] = usage["users"]
+    assert ann["user"] == "ann" and ann["active"] == 0 and ann["gpu_hours"] > 0 and ann["gpu_hours_weighted"] == 0
 
 
 def test_bad_input_and_wrong_tokens(pool):

@@ -77,7 +77,7 @@ def backend_attributes_used(path: Path) -> set[str]:
 
 def test_the_protocol_declares_exactly_what_the_daemon_calls():
     used = set()
-    for module in ("session.py", "worker.py", "executor.py"):
+    for module in ("session.py", "worker.py", "executor.py", "pacing.py"):
         used |= backend_attributes_used(DAEMON / module)
     assert used == protocol_members()
 

@@ -26,7 +26,13 @@ import struct
 MAGIC = 0x67707531  # "gpu1"
 HEADER = struct.Struct("<IIQI")  # magic, revoked, quota (0: none), reason length
 HEADER_SIZE = 1024
-MAX_REASON = HEADER_SIZE - HEADER.size
+# compute pacing (pacing.py): share (fraction of one GPU), burst, QoS rank, then the token bucket (seconds of
+# kernel time, the monotonic time of its last refill, the vGPU's kernel time at the last debit) and the kernel
+# time of processes that ended; the bucket changes only under the ledger's lock
+PACE = struct.Struct("<dIIdddd")
+PACE_OFF = 24
+REASON_OFF = 128
+MAX_REASON = HEADER_SIZE - REASON_OFF
 
 # a process slot: state, client pid, executor pid, error-table entries used, then u64 figures, then start time
 SLOT_HEAD = struct.Struct("<IIII6Qd")  # state, client pid, pid, nerrors, used, overhead, calls, launches, in, out, started
@@ -35,6 +41,8 @@ ERRORS = 16                      # distinct CUresults a slot counts; more are fo
 ERROR = struct.Struct("<II")     # CUresult, count
 TRACE_LEN = 128                  # calls each process keeps in its ring
 RECORD = struct.Struct("<ddQHHI")  # start (epoch), duration (s), bytes, opcode, unused, CUresult
+KERNEL_OFF = 200                 # kernel time (s), throttled time (s), waiting in pacing (0/1)
+PACING = struct.Struct("<ddI")
 RING_OFF = 256
 SLOT_SIZE = RING_OFF + 8 + TRACE_LEN * RECORD.size  # the ring's write count, then the ring
 FREE, LIVE = 0, 1
@@ -65,7 +73,7 @@ class Ledger:
     def revoke(self, reason: str) -> None:
         """Mark the vGPU ended, reason first: an executor that sees the flag finds the sentence."""
         data = reason.encode()[:MAX_REASON]
-        self.map[HEADER.size:HEADER.size + len(data)] = data
+        self.map[REASON_OFF:REASON_OFF + len(data)] = data
         struct.pack_into("<I", self.map, 16, len(data))
         struct.pack_into("<I", self.map, 4, 1)
 
@@ -74,7 +82,34 @@ class Ledger:
         _magic, flag, _quota, n = HEADER.unpack_from(self.map, 0)
         if not flag:
             return None
-        return bytes(self.map[HEADER.size:HEADER.size + n]).decode("utf-8", "replace")
+        return bytes(self.map[REASON_OFF:REASON_OFF + n]).decode("utf-8", "replace")
+
+    # ------------------------------------------------------------- pacing
+    def set_pacing(self, share: float, qos: int, burst: bool) -> None:
+        """(daemon) The grant's compute share, its QoS rank, and whether it may burst."""
+        _s, _b, _q, tokens, last, seen, retired = PACE.unpack_from(self.map, PACE_OFF)
+        PACE.pack_into(self.map, PACE_OFF, share, int(burst), qos, tokens, last, seen, retired)
+
+    def pacing(self) -> tuple:
+        """share, burst, qos, tokens, last refill, kernel time at the last debit, kernel time of ended processes."""
+        return PACE.unpack_from(self.map, PACE_OFF)
+
+    def set_bucket(self, tokens: float, last: float, seen: float) -> None:
+        struct.pack_into("<ddd", self.map, PACE_OFF + 16, tokens, last, seen)
+
+    def retire_kernel_time(self, seconds: float) -> None:
+        """(daemon, at reap) An ended process's kernel time stays in the vGPU's total."""
+        off = PACE_OFF + 40
+        struct.pack_into("<d", self.map, off, struct.unpack_from("<d", self.map, off)[0] + seconds)
+
+    def kernel_total(self) -> float:
+        """Seconds of kernel time of the vGPU: live processes and ended ones."""
+        total = PACE.unpack_from(self.map, PACE_OFF)[6]
+        for i in range(self.slots):
+            off = self._slot_off(i)
+            if struct.unpack_from("<I", self.map, off)[0] == LIVE:
+                total += struct.unpack_from("<d", self.map, off + KERNEL_OFF)[0]
+        return total
 
     # -------------------------------------------------------------- slots
     def _slot_off(self, i: int) -> int:
@@ -114,9 +149,10 @@ class Ledger:
         for k in range(min(nerr, ERRORS)):
             code, count = ERROR.unpack_from(self.map, off + SLOT_HEAD.size + k * ERROR.size)
             errors[code] = count
+        kernel_time, throttled, waiting = PACING.unpack_from(self.map, off + KERNEL_OFF)
         return {"slot": i, "pid": pid, "client_pid": client_pid, "used": used, "overhead": overhead,
                 "calls": calls, "launches": launches, "bytes_in": bin_, "bytes_out": bout, "started": started,
-                "errors": errors}
+                "errors": errors, "kernel_time": kernel_time, "throttled_time": throttled, "waiting": waiting}
 
     def read_trace(self, i: int, after: int) -> tuple[list[tuple], int]:
         """Records of slot ``i`` written after the ``after``-th, and the count written so far."""
@@ -179,6 +215,9 @@ class Slot:
     def _set_used(self, value: int) -> None:
         self.used = value
         U64.pack_into(self.map, self.off + USED_OFF, value)
+
+    def set_pacing_figures(self, kernel_time: float, throttled: float, waiting: bool) -> None:
+        PACING.pack_into(self.map, self.off + KERNEL_OFF, kernel_time, throttled, int(waiting))
 
     @property
     def overhead(self) -> int:

@@ -74,8 +74,9 @@ PAIR = struct.Struct("<QQ")  # the minted id, then the handle it comes from
 class Session:
     def __init__(self, backend: Backend, quota: int | None = None, label: str = "",
                  slot: Slot | None = None, max_handles: int = 0, max_modules: int = 0,
-                 max_module_bytes: int = 0, device_quota: int | None = None):
+                 max_module_bytes: int = 0, device_quota: int | None = None, pacer=None):
         self.backend = backend
+        self.pacer = pacer  # pacing.Pacer: launches wait here while the vGPU is over its compute share
         if slot is None:  # a session of its own (tests, tools): a private one-process ledger
             ledger = Ledger(1, quota)
             slot = Slot(ledger, ledger.claim())
@@ -396,6 +397,8 @@ class Session:
         func = self.resolve("function", fid)
         stream = self.resolve("stream", sid)
         self.launches += 1
+        if self.pacer is not None:
+            self.pacer.admit()
         self.backend.launch(func, (gx, gy, gz), (bx, by, bz), shmem, stream, p[off + 8:], attrs, nattrs)
         return b""
 

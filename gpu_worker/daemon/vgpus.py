@@ -25,21 +25,27 @@ from ..api.errors import Refusal
 from ..client.tokens import token_hash
 from ..client.units import format_size
 from .ledger import Ledger
+from .pacing import QOS_RANK, GPUBoard
 
 log = logging.getLogger("gpulab.worker")
 
 TRACE_KEEP = 1024          # calls a vGPU's trace keeps, over all its processes
 REVOKED_KEEP = 24 * 3600   # seconds a revoked token stays refused with its reason
 MEASURE_EVERY = 1.0        # seconds between measurements of the context overhead (cuda)
-COUNTERS = ("calls", "launches", "bytes_in", "bytes_out")
+COUNTERS = ("calls", "launches", "bytes_in", "bytes_out", "kernel_time", "throttled_time")
+SHARE_WINDOW = 10.0        # seconds over which a vGPU's measured share is taken
 
 
 class VGPU:
     """One grant on this worker and what its processes did."""
 
-    def __init__(self, grant: dict, slots: int):
+    def __init__(self, grant: dict, slots: int, board: GPUBoard | None):
         self.grant = grant
         self.ledger = Ledger(slots, _ledger_quota(grant))
+        self.board = board  # its first GPU's board: pacing (bursting) among the vGPUs there
+        self.row = board.take(*_pacing(grant)) if board is not None else None
+        self.ledger.set_pacing(*_pacing(grant))
+        self.samples: collections.deque = collections.deque()  # (monotonic time, kernel time) for the share
         self.procs: dict[int, int] = {}  # executor pid -> ledger slot
         self.state, self.reason = "active", ""
         self.ended_at = 0.0
@@ -53,6 +59,15 @@ class VGPU:
     @property
     def id(self) -> str:
         return self.grant["id"]
+
+
+def _pacing(grant: dict) -> tuple[float, int, bool]:
+    """The grant's share (a fraction of one GPU), QoS rank and burst flag (default by QoS)."""
+    qos = grant.get("qos") or "medium"
+    burst = grant.get("burst")
+    if burst is None:
+        burst = qos in ("medium", "high")
+    return grant.get("compute", 100) / 100.0, QOS_RANK.get(qos, 1), bool(burst)
 
 
 def _ledger_quota(grant: dict) -> int | None:
@@ -87,6 +102,10 @@ class VGPURegistry:
         self.looked_up: set[str] = set()           # hashes granted by a look-up since the last heartbeat reply
         self.revoked: dict[str, tuple[str, float]] = {}  # token hash -> (reason, when)
         self.by_pid: dict[int, VGPU] = {}
+        self.boards = {g["uuid"]: GPUBoard() for g in gpus}
+        # the emulated device runs one kernel at a time per GPU, over all processes: a lock per GPU
+        self.device_locks = {g["uuid"]: os.memfd_create("gpulab-emulated-gpu", os.MFD_CLOEXEC) for g in gpus} \
+            if kind == "emulated" else {}
         self.lookup = None
         self.names = _function_names()
 
@@ -110,10 +129,13 @@ class VGPURegistry:
     def _add(self, grant: dict) -> VGPU:
         v = self.table.get(grant["token_hash"])
         if v is None or v.state != "active":
-            v = self.table[grant["token_hash"]] = VGPU(grant, self.slots)
+            v = self.table[grant["token_hash"]] = VGPU(grant, self.slots, self.boards.get(grant["gpus"][0]))
         elif v.grant != grant:
             v.grant = grant
             v.ledger.quota = _ledger_quota(grant)
+            v.ledger.set_pacing(*_pacing(grant))
+            if v.row is not None:
+                v.board.update(v.row, *_pacing(grant))
         return v
 
     def set_static(self, grants: list[dict]) -> None:
@@ -260,6 +282,7 @@ class VGPURegistry:
                 for k in COUNTERS:
                     v.retired[k] += final[k]
                 v.errors.update(final["errors"])
+                v.ledger.retire_kernel_time(final["kernel_time"])
             v.ledger.release(slot)
             v.harvested.pop(slot, None)
 
@@ -274,6 +297,9 @@ class VGPURegistry:
 
     def _revoke(self, v: VGPU, reason: str) -> None:
         v.state, v.reason, v.ended_at = "revoked", reason, time.time()
+        if v.row is not None:  # it wants no kernel time any more
+            v.board.give_back(v.row)
+            v.row = None
         self.revoked[v.grant["token_hash"]] = (reason, v.ended_at)
         v.ledger.revoke(reason)
         for pid, slot in v.procs.items():
@@ -291,6 +317,8 @@ class VGPURegistry:
         for h, v in list(self.table.items()):
             if v.state != "active" and not v.procs and now - v.ended_at > 3600:
                 v.ledger.close()
+                if v.row is not None:
+                    v.board.give_back(v.row)
                 del self.table[h]
 
     # --------------------------------------------------------------- reports
@@ -354,15 +382,18 @@ class VGPURegistry:
                 totals[k] += rec[k]
             errors.update(rec["errors"])
             procs.append({"pid": pid, "client_pid": rec["client_pid"], "used": rec["used"],
-                          "overhead": rec["overhead"], "started": rec["started"],
+                          "overhead": rec["overhead"], "started": rec["started"], "waiting": bool(rec["waiting"]),
                           **{k: rec[k] for k in COUNTERS}})
         g = v.grant
+        share, _rank, burst = _pacing(g)
         return {"id": v.id, "token_hash": g["token_hash"], "user": g.get("user", ""), "profile": g.get("profile", ""),
                 "qos": g.get("qos", ""), "gpus": list(g["gpus"]), "quota": v.ledger.quota,
                 "compute": g.get("compute", 100), "state": v.state, "reason": v.reason,
                 "used": sum(p["used"] for p in procs), "overhead": sum(p["overhead"] for p in procs),
                 "processes": procs, **totals, "errors": {E.name_of(c): n for c, n in sorted(errors.items())},
-                "sessions_opened": v.opened}
+                "sessions_opened": v.opened, "share": round(share * 100, 3), "burst": burst,
+                "share_measured": _measured_share(v, totals["kernel_time"]),
+                "queue_depth": sum(p["waiting"] for p in procs)}
 
     def vgpus(self) -> list[dict]:
         with self.lock:
@@ -409,6 +440,19 @@ class VGPURegistry:
         return {u: {"memory_total": g["memory"], "memory_used": held[u] if self.kind == "emulated" else None,
                     "utilization": None, "temperature": None, "power": None, "sm_clock": None,
                     "emulated": self.kind == "emulated"} for u, g in self.by_uuid.items()}
+
+
+def _measured_share(v: VGPU, kernel_time: float) -> float:
+    """Percent of one GPU's time the vGPU's kernels took over the last SHARE_WINDOW seconds (from the
+    kernel time seen at each report; 0 until two reports are some time apart)."""
+    now = time.monotonic()
+    v.samples.append((now, kernel_time))
+    while len(v.samples) > 2 and now - v.samples[1][0] >= SHARE_WINDOW:
+        v.samples.popleft()
+    t0, k0 = v.samples[0]
+    if now - t0 < 0.2:
+        return 0.0
+    return round(max(kernel_time - k0, 0.0) / (now - t0) * 100, 2)
 
 
 def _function_names() -> dict[int, str]:

@@ -26,14 +26,15 @@ import struct
 import sys
 import time
 
-from traitlets import Dict, Enum, Float, Int, List, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
 from ..api import errors as E
 from .executor import Executor, FrameReader
 from ..api.protocol import HELLO, MAX_FRAME, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER, ProtocolError
 from ..client.tokens import token_hash
-from .ledger import Ledger, Slot
+from .ledger import Slot
+from .pacing import Pacer
 from .session import Session
 from .vgpus import VGPURegistry
 from ..backends.base import Backend
@@ -74,6 +75,9 @@ class GPUWorker(Configurable):
                                                     "process's CUDA context until NVML has measured one on this "
                                                     "worker (then the largest measured is charged up front and "
                                                     "each process's own measurement replaces it).").tag(config=True)
+    pacing = Bool(True, help="Pace each vGPU's kernel launches to its compute share (docs/vgpu.md, *Compute "
+                             "shares*); off: kernel time is still measured, nothing waits (for benchmarks)."
+                  ).tag(config=True)
     control = Unicode("", help="host:port of the control API (vGPUs, usage, call trace, revoke, /metrics; "
                               "docs/vgpu.md).  Default: the TCP listener's host with a free port, else "
                               "127.0.0.1 with a free port.  'off': none.").tag(config=True)
@@ -252,8 +256,14 @@ class GPUWorker(Configurable):
             else:
                 raise LimitError(f"{where}.gpus: {g!r} is not a GPU of this worker (an index below {len(gpus)} or a "
                                  "uuid)")
+        burst = limits.get("burst")
+        if burst is not None and not isinstance(burst, bool):
+            raise LimitError(f"{where}.burst: {burst!r} is not true or false")
+        qos = limits.get("qos", "medium")
+        if qos not in ("low", "medium", "high"):
+            raise LimitError(f"{where}.qos: {qos!r} is not low, medium or high")
         grant = {"token_hash": h, "id": f"t-{h[:8]}", "user": "", "profile": "worker configuration",
-                 "qos": "medium", "gpus": chosen, "vram": limits.get("vram") or self.vram_quota,
+                 "qos": qos, "burst": burst, "gpus": chosen, "vram": limits.get("vram") or self.vram_quota,
                  "compute": limits.get("compute", 100)}
         try:
             return self.registry.check_grant(grant, where)
@@ -584,7 +594,7 @@ class GPUWorker(Configurable):
                 self._wake_r.close()
                 self._wake_w.close()
                 conn.setblocking(True)
-                code = self.run_session(conn, label, grant, vgpu.ledger, slot)
+                code = self.run_session(conn, label, grant, vgpu, slot)
             except BaseException:  # never return into the daemon's loop in a child
                 log.exception("%s: executor failed", label)
                 code = 3
@@ -621,7 +631,7 @@ class GPUWorker(Configurable):
                     "not logged", label, source, before, self.wrong_token_window)
 
     # ------------------------------------------------------- one session (child)
-    def run_session(self, conn: socket.socket, label: str, grant: dict, ledger: Ledger, slot: int) -> int:
+    def run_session(self, conn: socket.socket, label: str, grant: dict, vgpu, slot: int) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -629,9 +639,12 @@ class GPUWorker(Configurable):
             backend = self.make_backend(grant["gpus"])
             msg = f"{backend.name} backend".encode()
             conn.sendall(REP_HEADER.pack(len(msg), 0, 0) + msg)
-            session = Session(backend, label=label, slot=Slot(ledger, slot), device_quota=grant.get("vram"),
+            ledger = vgpu.ledger
+            own = Slot(ledger, slot)
+            session = Session(backend, label=label, slot=own, device_quota=grant.get("vram"),
                               max_handles=self.max_handles, max_modules=self.max_modules,
-                              max_module_bytes=self.max_module_bytes or 0)
+                              max_module_bytes=self.max_module_bytes or 0,
+                              pacer=Pacer(own, backend, vgpu.board, vgpu.row, enforce=self.pacing))
             log.info("%s: opened (%s on %s, quota %s)", label, backend.name, ",".join(grant["gpus"]), ledger.quota)
             executor = Executor(FrameReader(conn), session, self.max_frame)
             executor.watch_revocation()
@@ -660,7 +673,8 @@ class GPUWorker(Configurable):
             from ..backends.emulated import EmulatedBackend
 
             mine = [g for u in gpus for g in self.registry.gpus() if g["uuid"] == u]
-            return EmulatedBackend(total_memory=self.emulated_memory, gpus=mine)
+            locks = {u: self.registry.device_locks[u] for u in gpus}
+            return EmulatedBackend(total_memory=self.emulated_memory, gpus=mine, device_locks=locks)
         from ..backends.cuda import CudaBackend
 
         return CudaBackend(visible=gpus)

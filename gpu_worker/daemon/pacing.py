@@ -1,0 +1,141 @@
+"""Compute shares that hold: each vGPU's launches are paced by a token bucket of kernel time.
+
+A vGPU's share is a fraction of one GPU's kernel time. Its bucket (in the vGPU's ledger, shared
+by all its processes) fills at that rate up to ``DEPTH`` seconds of it and is debited with the
+kernel time its kernels actually took (measured by the backend: events on a GPU, simulated
+durations on the emulated device), so a vGPU over its share waits *in the worker* before its
+next launch; the client keeps pipelining into the socket as before.
+
+Bursting: a vGPU allowed to burst may use kernel time no other vGPU on its GPU wants. Each GPU
+has a board (shared memory the daemon owns) where every vGPU on it notes its share, QoS and when
+it last wanted to launch. The share of vGPUs that want nothing lately is spare; it is lent only to
+vGPUs that may burst, the highest QoS first, evenly within one QoS.
+
+Cost: the bucket is consulted at most once per ``CHECK_EVERY`` seconds per process (one clock read
+per launch otherwise), and a vGPU whose share is the whole GPU is never consulted at all.
+"""
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+import time
+
+from .ledger import Slot
+
+CHECK_EVERY = 0.001   # seconds between two looks at the bucket by one process
+DEPTH = 0.1           # the bucket holds this many seconds of wall time at the vGPU's share
+BUSY_WITHIN = 0.05    # a vGPU that wanted to launch this recently is not idle
+QOS_RANK = {"low": 0, "medium": 1, "high": 2}
+ENTRY = struct.Struct("<IIIIdd")  # in use, QoS rank, burst, unused, share, last wanted (monotonic)
+ENTRIES = 256
+
+
+class GPUBoard:
+    """(daemon) One GPU's board: a row per vGPU placed on it; executors inherit the mapping."""
+
+    def __init__(self):
+        self.fd = os.memfd_create("gpulab-gpu-board", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, ENTRIES * ENTRY.size)
+        self.map = mmap.mmap(self.fd, ENTRIES * ENTRY.size)
+
+    def take(self, share: float, qos: int, burst: bool) -> int | None:
+        for i in range(ENTRIES):
+            if not struct.unpack_from("<I", self.map, i * ENTRY.size)[0]:
+                ENTRY.pack_into(self.map, i * ENTRY.size, 1, qos, int(burst), 0, share, 0.0)
+                return i
+        return None
+
+    def update(self, row: int, share: float, qos: int, burst: bool) -> None:
+        last = ENTRY.unpack_from(self.map, row * ENTRY.size)[5]
+        ENTRY.pack_into(self.map, row * ENTRY.size, 1, qos, int(burst), 0, share, last)
+
+    def give_back(self, row: int) -> None:
+        struct.pack_into("<I", self.map, row * ENTRY.size, 0)
+
+    def wanted(self, row: int, now: float) -> None:
+        struct.pack_into("<d", self.map, row * ENTRY.size + 24, now)
+
+    def lent(self, row: int, now: float) -> float:
+        """The share lent to ``row`` now: spare share split among the busy burst rows of the top QoS."""
+        me = ENTRY.unpack_from(self.map, row * ENTRY.size)
+        busy_share, top, peers = me[4], me[1], 1
+        for i in range(ENTRIES):
+            if i == row:
+                continue
+            used, qos, burst, _, share, last = ENTRY.unpack_from(self.map, i * ENTRY.size)
+            if not used or now - last > BUSY_WITHIN:
+                continue
+            busy_share += share
+            if burst:
+                if qos > top:
+                    return 0.0  # a higher QoS borrows first
+                peers += qos == top
+        return max(1.0 - busy_share, 0.0) / peers
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+
+class Pacer:
+    """(executor) Paces this process's launches for its vGPU; ``admit`` before each launch."""
+
+    def __init__(self, slot: Slot, backend, board: GPUBoard | None, row: int | None, enforce: bool = True):
+        self.enforce = enforce  # off: kernel time is measured and published, nothing waits
+        self.slot = slot
+        self.ledger = slot.ledger
+        self.backend = backend
+        self.board, self.row = board, row
+        self.next_check = 0.0
+        self.kernel_time = 0.0
+        self.throttled = 0.0
+
+    def admit(self) -> None:
+        """Wait while the vGPU is over its share (cheap unless a look is due)."""
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + CHECK_EVERY
+        self.kernel_time = self.backend.kernel_time()
+        share, burst, _qos, *_ = self.ledger.pacing()
+        if self.board is not None:
+            self.board.wanted(self.row, now)
+        if share >= 1.0 or share <= 0.0 or not self.enforce:
+            self.slot.set_pacing_figures(self.kernel_time, self.throttled, False)
+            return
+        waiting = False
+        while True:
+            tokens = self._settle(now, share, burst)
+            if tokens >= 0:
+                break
+            if not waiting:
+                waiting = True
+                self.slot.set_pacing_figures(self.kernel_time, self.throttled, True)
+            pause = min(max(-tokens / share, 0.001), 0.02)
+            time.sleep(pause)
+            later = time.monotonic()
+            self.throttled += later - now
+            now = later
+            if self.board is not None:
+                self.board.wanted(self.row, now)
+            self.kernel_time = self.backend.kernel_time()
+        self.slot.set_pacing_figures(self.kernel_time, self.throttled, False)
+
+    def _settle(self, now: float, share: float, burst: int) -> float:
+        """Refill the vGPU's bucket for the time passed, debit the kernel time used; the tokens left."""
+        rate = share + (self.board.lent(self.row, now) if burst and self.board is not None else 0.0)
+        self.slot.set_pacing_figures(self.kernel_time, self.throttled, False)
+        fd = self.ledger.fd
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            _s, _b, _q, tokens, last, seen, _retired = self.ledger.pacing()
+            total = self.ledger.kernel_total()
+            if last == 0.0:  # a new bucket starts full
+                tokens, last, seen = share * DEPTH, now, total
+            tokens = min(tokens + rate * max(now - last, 0.0), max(rate, share) * DEPTH) - max(total - seen, 0.0)
+            self.ledger.set_bucket(tokens, now, total)
+            return tokens
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)

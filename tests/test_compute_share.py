@@ -50,6 +50,17 @@ done(launches=n, wall=time.monotonic() - t0)
 """
 
 
+# The same work as a graph: five kernels captured once, the graph launched over and over.
+GRAPH_CLIENT = CLIENT.replace("""print("ready", flush=True)""", """stream = ok(d.cuStreamCreate(0))
+ok(d.cuStreamBeginCapture(stream, d.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
+for _ in range(5):
+    ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, stream, 0, 0))
+gexec = ok(d.cuGraphInstantiate(ok(d.cuStreamEndCapture(stream)), 0))
+print("ready", flush=True)""").replace("""    ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0))
+    ok(d.cuCtxSynchronize())""", """    ok(d.cuGraphLaunch(gexec, stream))
+    ok(d.cuStreamSynchronize(stream))""")
+
+
 def share_worker(make_worker, tmp_path, tokens: dict):
     (tmp_path / "busy_kernels.py").write_text(KERNELS)
     (tmp_path / "tokens.json").write_text(json.dumps(tokens))
@@ -57,9 +68,9 @@ def share_worker(make_worker, tmp_path, tokens: dict):
                                           "--tokens-file", str(tmp_path / "tokens.json")))
 
 
-def run_together(w, tokens: list[str], seconds: float = RUN) -> dict[str, dict]:
+def run_together(w, tokens: list[str], seconds: float = RUN, client: str = CLIENT) -> dict[str, dict]:
     """Start one client per token, let them all go at once; {token: its vGPU's figures and the client's}."""
-    clients = {t: subprocess.Popen([sys.executable, "-c", CLIENT, str(seconds)], env=w.env(token=t),
+    clients = {t: subprocess.Popen([sys.executable, "-c", client, str(seconds)], env=w.env(token=t),
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
                for t in tokens}
     try:
@@ -123,3 +134,30 @@ def test_an_uncontended_whole_gpu_vgpu_is_not_paced(make_worker, tmp_path):
     w = share_worker(make_worker, tmp_path, {"whole": {"compute": 100, "burst": False}})
     res = run_together(w, ["whole"], seconds=1.5)["whole"]
     assert res["share"] > 0.85 and res["vgpu"]["throttled_time"] == 0, res
+
+
+def test_graph_launches_are_paced_as_a_whole(make_worker, tmp_path):
+    w = share_worker(make_worker, tmp_path, {"graphs": {"compute": 25, "burst": False}})
+    res = run_together(w, ["graphs"], client=GRAPH_CLIENT)["graphs"]
+    assert res["share"] == pytest.approx(0.25, abs=0.05), res
+    assert res["vgpu"]["throttled_time"] > 0
+
+
+def test_idle_share_is_lent_to_bursting_vgpus_highest_qos_first():
+    from gpu_worker.daemon.pacing import QOS_RANK, GPUBoard
+
+    board = GPUBoard()
+    medium = board.take(0.25, QOS_RANK["medium"], True)
+    high = board.take(0.25, QOS_RANK["high"], True)
+    low = board.take(0.25, QOS_RANK["low"], False)
+    now = 1000.0
+    board.wanted(medium, now)
+    assert board.lent(medium, now) == pytest.approx(0.75)  # alone: everything the others do not want
+    board.wanted(high, now)
+    assert board.lent(medium, now) == 0.0  # a busy high-QoS vGPU that may burst borrows first
+    assert board.lent(high, now) == pytest.approx(0.5)
+    board.wanted(low, now)  # busy without burst: its share is its own, not spare
+    assert board.lent(high, now) == pytest.approx(0.25)
+    assert board.lent(high, now + 1.0) == pytest.approx(0.75)  # a second later nobody else wants any
+    board.give_back(high)
+    assert board.lent(medium, now) == pytest.approx(0.5)

@@ -411,6 +411,8 @@ class Session:
         whole (a graph's kernels are not seen one by one).  Kernel launches into a stream being captured
         reach launch() above but do not run: the backend records them into the graph."""
         self.launches += 1
+        if self.pacer is not None:  # paced like a kernel: the graph's time is debited when it has run
+            self.pacer.admit()
         self.backend.graph_launch(graph_exec, stream)
 
     def param_layout(self, p) -> bytes:

@@ -350,7 +350,7 @@ class CudaBackend:
         buf = ctypes.create_string_buffer(bytes(params), max(len(params), 1))
         base = ctypes.addressof(buf)
         ptrs = (ctypes.c_void_p * max(len(layout), 1))(*[base + off for off, _ in layout])
-        s = stream if stream is not None else drv.CUstream(0)
+        s = _stream(stream)
         self._timed(s, drv.cuLaunchKernel, func, *grid, *block, shmem, s, ctypes.addressof(ptrs), 0)
 
     def _timed(self, stream, fn, *args) -> None:

@@ -161,6 +161,26 @@ def vram(v: dict) -> str:
     return f"{size(charged)} / {size(v.get('quota')) if v.get('quota') is not None else 'whole GPU'}"
 
 
+def seconds(t) -> str:
+    return "-" if t is None else f"{t:.2f} s"
+
+
+def pct(p) -> str:
+    return "-" if p is None else f"{p:g}%"
+
+
+def compute(v: dict) -> str:
+    """Its share, whether it may burst, and what it used lately: "25% (bursts), measured 31.5% over 10 s"."""
+    share = v.get("share", v.get("compute"))
+    if share is None:
+        return "-"
+    burst = {True: " (may burst into idle time)", False: " (no bursting)"}.get(v.get("burst"), "")
+    text = f"{share:g}% of a GPU{burst}"
+    if v.get("share_measured") is not None:
+        text += f", measured {pct(v['share_measured'])} over the last 10 s"
+    return text
+
+
 def trace_rows(records: list[dict]) -> list[list[str]]:
     return [[clock(r["time"]), str(r["pid"]), r["function"], f"{r['duration'] * 1e6:.0f} us",
              size(r["bytes"]) if r.get("bytes") else "-", r.get("error") or ("CUDA_SUCCESS" if not r["result"]
@@ -177,7 +197,8 @@ TRACE_HEADER = ["TIME", "PID", "FUNCTION", "DURATION", "BYTES", "RESULT"]
 class ListApp(VGPUCommand):
     name = "gpulab-vgpu-list"
     description = """List the worker's vGPUs (a session sees its own): owner, state, VRAM charged against
-    the quota (allocations plus CUDA context overhead), processes, calls."""
+    the quota (allocations plus CUDA context overhead), compute share and the share measured over the
+    last 10 s, time throttled to the share, processes waiting for it now (QUEUE), processes, calls."""
 
     def run(self):
         vgpus = self.call("GET", "/api/vgpus")["vgpus"]
@@ -187,14 +208,17 @@ class ListApp(VGPUCommand):
             print("no vGPUs on this worker")
             return
         print(table([[str(v["id"]), v.get("user") or "-", v.get("profile") or "-", v.get("state") or "-",
-                      short_gpus(v.get("gpus")), vram(v), str(len(v.get("processes") or [])), str(v.get("calls", 0))]
-                     for v in vgpus], ["ID", "USER", "PROFILE", "STATE", "GPUS", "VRAM", "PROCS", "CALLS"]))
+                      short_gpus(v.get("gpus")), vram(v), pct(v.get("share", v.get("compute"))),
+                      pct(v.get("share_measured")), seconds(v.get("throttled_time")), str(v.get("queue_depth", "-")),
+                      str(len(v.get("processes") or [])), str(v.get("calls", 0))]
+                     for v in vgpus], ["ID", "USER", "PROFILE", "STATE", "GPUS", "VRAM", "SHARE", "MEASURED",
+                                       "THROTTLED", "QUEUE", "PROCS", "CALLS"]))
 
 
 class ShowApp(VGPUCommand):
     name = "gpulab-vgpu-show"
-    description = """Show one vGPU: its grant, VRAM (per process, quota, context overhead), counters and
-    errors by CUresult. `gpulab vgpu show ID`."""
+    description = """Show one vGPU: its grant, VRAM (per process, quota, context overhead), compute share
+    (measured, kernel time, time throttled to it), counters and errors by CUresult. `gpulab vgpu show ID`."""
 
     def run(self):
         v = self.call("GET", f"/api/vgpus/{self.one_id()}")
@@ -204,7 +228,10 @@ class ShowApp(VGPUCommand):
                  ("profile", f"{v.get('profile') or '-'} (QoS {v.get('qos') or '-'})"),
                  ("state", v.get("state", "-") + (f": {v['reason']}" if v.get("reason") else "")),
                  ("GPUs", ", ".join(v.get("gpus") or []) or "-"),
-                 ("compute", f"{v['compute']}%" if v.get("compute") is not None else "-"),
+                 ("compute", compute(v)),
+                 ("kernels", f"{seconds(v.get('kernel_time'))} of GPU time; throttled "
+                             f"{seconds(v.get('throttled_time'))} waiting for its share, "
+                             f"{v.get('queue_depth', '-')} process(es) waiting now"),
                  ("VRAM", f"{vram(v)} (allocations {size(v.get('used', 0))}, context overhead "
                           f"{size(v.get('overhead', 0))})"),
                  ("calls", f"{v.get('calls', 0)} ({v.get('launches', 0)} launches)"),
@@ -215,9 +242,11 @@ class ShowApp(VGPUCommand):
         if procs:
             print()
             print(table([[str(p["pid"]), str(p.get("client_pid", "-")), size(p.get("used", 0)),
-                          size(p.get("overhead", 0)), str(p.get("calls", 0)),
+                          size(p.get("overhead", 0)), str(p.get("calls", 0)), seconds(p.get("kernel_time")),
+                          seconds(p.get("throttled_time")), {True: "yes", False: "no"}.get(p.get("waiting"), "-"),
                           clock(p["started"]) if p.get("started") else "-"] for p in procs],
-                        ["PID", "CLIENT PID", "VRAM", "OVERHEAD", "CALLS", "STARTED"]))
+                        ["PID", "CLIENT PID", "VRAM", "OVERHEAD", "CALLS", "KERNELS", "THROTTLED", "WAITING",
+                         "STARTED"]))
 
 
 class TraceApp(VGPUCommand):
@@ -279,8 +308,8 @@ GPULAB_TOKEN="$(cat worker-w1.admin-token)" gpulab vgpu list --url http://gpuhos
     subcommand_description = "Subcommands are launched as `gpulab vgpu cmd [args]`; `gpulab vgpu cmd --help` " \
                              "describes each one's options."
     subcommands = {
-        "list": ("gpulab.vgpu_cli.ListApp", "List the worker's vGPUs with their VRAM, processes and calls."),
-        "show": ("gpulab.vgpu_cli.ShowApp", "Show one vGPU's grant, VRAM per process, counters and errors."),
+        "list": ("gpulab.vgpu_cli.ListApp", "List the worker's vGPUs: VRAM, compute share, processes, calls."),
+        "show": ("gpulab.vgpu_cli.ShowApp", "Show one vGPU's grant, VRAM per process, compute, counters, errors."),
         "trace": ("gpulab.vgpu_cli.TraceApp", "Show (or --follow) a vGPU's recent driver calls."),
         "revoke": ("gpulab.vgpu_cli.RevokeApp", "Revoke a vGPU: its sessions end with the reason you give."),
     }

@@ -34,10 +34,12 @@ def vgpu(vid, user, token, gpus, quota, used, overhead=0, **kw):
             "gpus": gpus, "quota": quota, "compute": 25, "state": "active", "reason": "",
             "used": used, "overhead": overhead,
             "processes": [{"pid": 4000 + i, "client_pid": 3000 + i, "used": used // 2, "overhead": overhead // 2,
-                           "calls": 10, "launches": 2, "bytes_in": 0, "bytes_out": 0, "started": 1.7e9}
+                           "calls": 10, "launches": 2, "bytes_in": 0, "bytes_out": 0, "started": 1.7e9,
+                           "kernel_time": 6.0, "throttled_time": 1.25, "waiting": i == 0}
                           for i in range(kw.pop("nprocs", 2))],
             "calls": 20, "launches": 4, "bytes_in": 1 << 20, "bytes_out": 4096,
-            "errors": {}, "sessions_opened": 2, **kw}
+            "errors": {}, "sessions_opened": 2, "share": 25, "burst": True, "kernel_time": 12.5,
+            "throttled_time": 2.5, "share_measured": 31.5, "queue_depth": 1, **kw}
 
 
 class FakeRegistry:
@@ -49,7 +51,8 @@ class FakeRegistry:
         self.table = {
             "17": vgpu("17", "alice", "tok-alice", [GPU_A], 1 << 30, 300 << 20, 200 << 20,
                        errors={"CUDA_ERROR_OUT_OF_MEMORY": 3}),
-            "18": vgpu("18", "bob", "tok-bob", [GPU_B], None, 5 << 20, nprocs=1),
+            "18": vgpu("18", "bob", "tok-bob", [GPU_B], None, 5 << 20, nprocs=1, compute=100, share=100,
+                       burst=False, kernel_time=0.0, throttled_time=0.0, share_measured=0.0, queue_depth=0),
         }
         self.records: dict[str, list[dict]] = {"17": [], "18": []}
         self.revoked: list[tuple[str, str]] = []
@@ -355,6 +358,14 @@ def test_metrics_are_the_registry_figures(server):
     assert m[("gpulab_vgpu_transfer_bytes_total", (("direction", "dtoh"), *alice))] == 4096
     assert m[("gpulab_vgpu_errors_total", (("result", "CUDA_ERROR_OUT_OF_MEMORY"), *alice))] == 3
     assert m[("gpulab_vgpu_restore_failures_total", alice)] == 0
+    # compute shares: the grant's and the measured one as ratios of one GPU, seconds, processes waiting
+    assert m[("gpulab_vgpu_compute_share_ratio", alice)] == 0.25
+    assert m[("gpulab_vgpu_compute_measured_ratio", alice)] == 0.315
+    assert m[("gpulab_vgpu_kernel_seconds_total", alice)] == 12.5
+    assert m[("gpulab_vgpu_throttled_seconds_total", alice)] == 2.5
+    assert m[("gpulab_vgpu_pacing_queue_depth", alice)] == 1
+    assert m[("gpulab_vgpu_compute_share_ratio", bob)] == 1.0
+    assert m[("gpulab_vgpu_pacing_queue_depth", bob)] == 0
     assert m[("gpulab_vgpu_info", (("gpus", GPU_A), ("profile", "quarter"), ("qos", "medium"),
                                    ("state", "active"), *alice))] == 1
     assert m[("gpulab_gpu_memory_total_bytes", (("emulated", "true"), ("gpu", GPU_A),
@@ -392,14 +403,20 @@ def test_cli_as_admin_from_the_state_directory(server, registry, tmp_path):
     p = gpulab_vgpu("list", env=env)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert lines[0].split() == ["ID", "USER", "PROFILE", "STATE", "GPUS", "VRAM", "PROCS", "CALLS"]
+    assert lines[0].split() == ["ID", "USER", "PROFILE", "STATE", "GPUS", "VRAM", "SHARE", "MEASURED", "THROTTLED",
+                                "QUEUE", "PROCS", "CALLS"]
     assert lines[1].split() == ["17", "alice", "quarter", "active", "GPU-aaaaaaaa", "500.0", "MiB", "/", "1.0",
-                                "GiB", "2", "20"]
+                                "GiB", "25%", "31.5%", "2.50", "s", "1", "2", "20"]
     assert lines[2].split()[:2] == ["18", "bob"] and "whole GPU" in lines[2]
     p = gpulab_vgpu("show", "17", env=env)
     assert p.returncode == 0, p.stderr
     assert "VRAM:     500.0 MiB / 1.0 GiB (allocations 300.0 MiB, context overhead 200.0 MiB)" in p.stdout
     assert "errors:   CUDA_ERROR_OUT_OF_MEMORY x3" in p.stdout
+    assert "compute:  25% of a GPU (may burst into idle time), measured 31.5% over the last 10 s" in p.stdout
+    assert ("kernels:  12.50 s of GPU time; throttled 2.50 s waiting for its share, 1 process(es) waiting now"
+            in p.stdout)
+    assert [ln.split()[7:12] for ln in p.stdout.splitlines() if ln.startswith("400")] == [
+        ["6.00", "s", "1.25", "s", "yes"], ["6.00", "s", "1.25", "s", "no"]]
     assert [ln.split()[:2] for ln in p.stdout.splitlines() if ln.startswith("400")] == [["4000", "3000"],
                                                                                          ["4001", "3001"]]
     p = gpulab_vgpu("list", "--json", env=env)

@@ -5,7 +5,8 @@ The worker's /metrics need its admin token and the pool's its API token: Prometh
 configure it works.  A client holds VRAM on a vGPU through the shim; the exact bytes appear in
 Prometheus, and each alert rule of deploy/prometheus/alerts.yml, evaluated by this Prometheus,
 returns the series it should: the GPU nearly full, the vGPU at its quota, a worker lost, refusals
-rising, a worker down once it stops; the restore-failures rule none (no tiering yet).
+rising, a vGPU throttled to its compute share (over a shorter window than the rule's 10 minutes),
+a worker down once it stops; the restore-failures rule none (no tiering yet).
 
 `promtool` checks the shipped rules and the example configuration.  Without the package the tests
 skip, except in CI ($CI set), where `make test`'s bootstrap installs it and a skip would hide a gap.
@@ -55,7 +56,8 @@ def test_promtool_checks_the_shipped_rules():
     assert p.returncode == 0, p.stdout + p.stderr
     assert f"SUCCESS: {len(rules())} rules found" in p.stdout
     assert set(rules()) == {"GPULabGPUMemoryNearlyFull", "GPULabWorkerLost", "GPULabWorkerDown",
-                            "GPULabPoolRefusalsRising", "GPULabVGPUAtQuota", "GPULabVGPURestoreFailures"}
+                            "GPULabPoolRefusalsRising", "GPULabVGPUAtQuota", "GPULabVGPURestoreFailures",
+                            "GPULabVGPUThrottled"}
 
 
 def test_promtool_checks_the_example_configuration(tmp_path):
@@ -158,6 +160,28 @@ sys.stdout.flush()
 sys.stdin.read()  # hold the memory until the test closes stdin
 """
 
+# A second vGPU, of a tokens file: 10% of the GPU without bursting, kept busy with 20 ms kernels, so its
+# process waits in the worker about 90% of the time.
+THROTTLED = {"throttled-token": {"compute": 10, "burst": False, "vram": "8M"}}
+SPIN_PTX = r"""
+.version 8.0
+.target sm_90
+.address_size 64
+.visible .entry spin_20ms()
+{
+    ret;
+}
+"""
+SPIN = PRELUDE + f"""
+setup()
+fn = ok(d.cuModuleGetFunction(ok(d.cuModuleLoadData({SPIN_PTX!r}.encode() + b"\\0")), b"spin_20ms"))
+done(ready=True)
+sys.stdout.flush()
+while True:
+    ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0))
+    ok(d.cuCtxSynchronize())
+"""
+
 
 @pytest.fixture
 def lab(tmp_path):
@@ -165,8 +189,10 @@ def lab(tmp_path):
     of it (plus 1 MiB of context overhead), and a pool that knows one worker already lost."""
     hubtools = load_script("hubtools", "tests/hub/hubtools.py")
     state = tmp_path / "state"
+    (tmp_path / "tokens.json").write_text(json.dumps(THROTTLED))
     worker = Worker(tmp_path, token="prom-token",
                     extra=("--name", "w1", "--vram-quota", "64M", "--emulated-memory", "64M",
+                           "--tokens-file", str(tmp_path / "tokens.json"),
                            "--GPUWorker.emulated_context_overhead=1M", "--GPUWorker.control=127.0.0.1:0"),
                     env={**os.environ, "GPULAB_STATE_DIR": str(state)})
     client = pool = None
@@ -253,6 +279,28 @@ def test_prometheus_scrapes_a_worker_and_the_pool_and_the_alert_rules_find_them(
         assert reasons == {"lost"}  # the pool's only worker is lost
         rising = prom.wait(expr["GPULabPoolRefusalsRising"])
         assert [s["metric"]["reason"] for s in rising] == ["lost"]
+
+        # a vGPU held to its 10% share: the throttled rule's query finds it, over a window of seconds (the
+        # rule's 10 minutes would count the seconds this test has against ten minutes)
+        assert prom.query(expr["GPULabVGPUThrottled"]) == []
+        spinner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SPIN)],
+                                   env=worker.env(token="throttled-token"), stdout=subprocess.PIPE, text=True,
+                                   cwd=ROOT)
+        try:
+            assert json.loads(spinner.stdout.readline() or "{}").get("ready"), worker.log_text()
+            assert "[10m]" in expr["GPULabVGPUThrottled"]
+            throttled = prom.wait(expr["GPULabVGPUThrottled"].replace("[10m]", "[5s]"))
+            assert len(throttled) == 1 and throttled[0]["metric"]["vgpu"] != vid
+            slow = throttled[0]["metric"]["vgpu"]
+            assert 0.5 < float(throttled[0]["value"][1]) <= 1.0
+            assert values(prom.query("gpulab_vgpu_compute_share_ratio"), "vgpu") == {vid: 1.0, slow: 0.1}
+            assert values(prom.query("gpulab_vgpu_pacing_queue_depth"), "vgpu")[vid] == 0
+            measured = values(prom.wait("gpulab_vgpu_compute_measured_ratio > 0"), "vgpu")
+            assert set(measured) == {slow} and measured[slow] < 0.2, measured
+            assert values(prom.query("gpulab_vgpu_kernel_seconds_total"), "vgpu")[slow] > 0
+        finally:
+            spinner.kill()
+            spinner.wait()
 
         # Prometheus loaded every rule and evaluates it without error; the quota alert is pending (for: 10m)
         loaded = {r["name"]: r for g in prom.api("rules")["groups"] for r in g["rules"]}

@@ -26,6 +26,12 @@ _VGPU_FIGURES = [
      "contexts, charged to its quota.", "overhead", False),
     ("gpulab_vgpu_calls_total", "Driver calls the vGPU's processes made.", "calls", True),
     ("gpulab_vgpu_launches_total", "Kernel launches of the vGPU's processes.", "launches", True),
+    ("gpulab_vgpu_kernel_seconds_total", "Seconds of GPU time the vGPU's kernels took (events on a GPU, "
+     "simulated durations on the emulated device).", "kernel_time", True),
+    ("gpulab_vgpu_throttled_seconds_total", "Seconds the vGPU's processes waited in the worker because it was "
+     "over its compute share (summed over its processes).", "throttled_time", True),
+    ("gpulab_vgpu_pacing_queue_depth", "The vGPU's processes waiting in the worker for their compute share now.",
+     "queue_depth", False),
     ("gpulab_vgpu_restore_failures_total", "Memory the vGPU could not get back from a lower tier (host RAM, "
      "disk); 0 until tiering.", "restore_failures", True),
 ]
@@ -66,6 +72,12 @@ class WorkerCollector:
         transfer = CounterMetricFamily("gpulab_vgpu_transfer_bytes", "Bytes copied between the host and the "
                                        "vGPU's memory (htod: to the device, dtoh: from it).",
                                        labels=[*VGPU, "direction"])
+        # shares are ratios of one GPU (0..1; measured may pass the share when bursting, up to the GPU count)
+        share = GaugeMetricFamily("gpulab_vgpu_compute_share_ratio", "The vGPU's compute share: the fraction of "
+                                  "one GPU's kernel time its grant promises.", labels=VGPU)
+        measured = GaugeMetricFamily("gpulab_vgpu_compute_measured_ratio", "Fraction of one GPU's time the vGPU's "
+                                     "kernels took over the last 10 s (above its share when it bursts).",
+                                     labels=VGPU)
         errors = CounterMetricFamily("gpulab_vgpu_errors", "Driver calls of the vGPU that failed, by CUresult.",
                                      labels=[*VGPU, "result"])
         for v in vgpus:
@@ -79,6 +91,8 @@ class WorkerCollector:
             procs.add_metric(labels, len(v.get("processes") or []))
             for key, family in families:
                 family.add_metric(labels, v.get(key) or 0)
+            share.add_metric(labels, (v.get("share", v.get("compute", 100)) or 0) / 100)
+            measured.add_metric(labels, (v.get("share_measured") or 0) / 100)
             transfer.add_metric([*labels, "htod"], v.get("bytes_in") or 0)
             transfer.add_metric([*labels, "dtoh"], v.get("bytes_out") or 0)
             for result, n in sorted((v.get("errors") or {}).items()):
@@ -87,6 +101,8 @@ class WorkerCollector:
         yield quota
         yield procs
         yield from (f for _, f in families)
+        yield share
+        yield measured
         yield transfer
         yield errors
 

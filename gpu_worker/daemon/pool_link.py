@@ -14,8 +14,9 @@ kept in a private file next to the credential, so a worker restarted while the p
 still admits the sessions of the vGPUs it holds.
 
 Each heartbeat carries what every vGPU holds (its processes, VRAM used and context overhead, its
-counters and last calls) and the GPUs' facts, and under "ended" every vGPU this worker ended by
-itself (an admin's or the session's own revocation through the control API), with why: the pool
+counters, its kernel and throttled time and measured share, its last calls) and the GPUs' facts,
+and under "ended" every vGPU this worker ended by itself (an admin's or the session's own
+revocation through the control API), with why: the pool
 then ends that allocation too, so that its memory is free for placement and the user reads why.
 The link looks at the vGPUs twice a second and beats at once when a figure changed or a vGPU
 ended, so the pool follows allocations and frees closely without being written to when nothing
@@ -192,6 +193,8 @@ class PoolLink:
                 "processes": [{k: p[k] for k in ("pid", "client_pid", "used", "overhead", "calls")}
                               for p in processes],
                 **{k: v[k] for k in ("calls", "launches", "bytes_in", "bytes_out")},
+                # compute shares (docs/vgpu.md): cumulative seconds, the share measured lately, waiting now
+                **{k: v.get(k) for k in ("kernel_time", "throttled_time", "share_measured", "queue_depth")},
                 "errors": sum(v["errors"].values()),
                 "last_calls": self.registry.trace(v["id"], since=0, limit=1 << 30)[0][-LAST_CALLS:]}
         return body

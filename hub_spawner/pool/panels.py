@@ -3,9 +3,10 @@
 Pure functions from figures to figures: a GPU's VRAM bar (one segment per vGPU placed on it: its
 used bytes, its processes' context overhead and the rest of its quota; then the memory nobody was
 promised), the geometry of its last-hour chart (inline SVG, no script), and a vGPU's rows (usage,
-processes, last calls).  ``live`` is the pool's LiveFacts (live.py): the latest heartbeat's
-``vgpu(token_hash)`` and ``gpu(uuid)`` entries and a GPU's ``history(uuid)`` of
-``(epoch, memory_used, utilization)``; without a report a figure is shown as unknown, never as 0.
+its compute share beside the share measured, time throttled and processes waiting; processes, last
+calls).  ``live`` is the pool's LiveFacts (live.py): the latest heartbeat's ``vgpu(token_hash)`` and
+``gpu(uuid)`` entries and a GPU's ``history(uuid)`` of ``(epoch, memory_used, utilization)``; without
+a report a figure is shown as unknown, never as 0.
 """
 from __future__ import annotations
 
@@ -94,11 +95,24 @@ def duration(seconds: float) -> str:
     return f"{seconds * 1e6:.0f} µs"
 
 
+def compute_line(a, facts: dict | None) -> dict:
+    """A vGPU's compute share (the allocation's) and, from the heartbeat, the share its kernels took over
+    the last 10 s, the time its processes waited for their share and how many wait now; a figure its
+    worker did not report (a worker without compute shares) is None, shown as unknown."""
+    facts = facts or {}
+    measured, throttled, queue = (facts.get(k) for k in ("share_measured", "throttled_time", "queue_depth"))
+    burst = getattr(a, "burst", None)
+    return {"share": f"{a.compute}%", "burst": {True: "may burst", False: "no burst"}.get(burst, ""),
+            "measured": None if measured is None else f"{measured:.1f}%",
+            "throttled": None if throttled is None else duration(throttled) if throttled else "0 s",
+            "queue_depth": queue}
+
+
 def vgpu_rows(a, facts: dict | None) -> dict:
-    """One vGPU's panel: the allocation's terms and, from its worker's last heartbeat, its usage,
-    processes and last calls (newest first)."""
+    """One vGPU's panel: the allocation's terms and, from its worker's last heartbeat, its usage, its
+    compute share measured and throttled, processes and last calls (newest first)."""
     row = {"id": a.id, "user": a.user, "profile": a.profile, "worker": a.worker_name, "gpus": a.gpu_list,
-           "quota": format_size(a.vram), "reported": facts is not None}
+           "quota": format_size(a.vram), "reported": facts is not None, "compute": compute_line(a, facts)}
     if facts is None:
         return row
     return {**row, "used": format_size(facts.get("used", 0)), "overhead": format_size(facts.get("overhead", 0)),

@@ -133,7 +133,8 @@ def test_emulated_gpu_is_labelled_in_its_panel():
 
 def test_vgpu_panel_lists_processes_and_last_calls():
     facts = {"id": "1", "used": 3 * M, "overhead": 1 * M, "calls": 42, "launches": 7, "bytes_in": 4 * M,
-             "bytes_out": 2 * M, "errors": 1,
+             "bytes_out": 2 * M, "errors": 1, "kernel_time": 40.0, "throttled_time": 12.5, "share_measured": 24.6,
+             "queue_depth": 2,
              "processes": [{"pid": 501, "client_pid": 401, "used": 2 * M, "overhead": M // 2, "calls": 30},
                            {"pid": 502, "client_pid": 402, "used": 1 * M, "overhead": M // 2, "calls": 12}],
              "last_calls": [{"seq": 1, "time": 1.0, "pid": 401, "function": "cuMemAlloc_v2", "duration": 0.000012,
@@ -149,6 +150,19 @@ def test_vgpu_panel_lists_processes_and_last_calls():
     # newest first
     assert text.index("64.0 GiB CUDA_ERROR_OUT_OF_MEMORY") < text.index("cuMemAlloc_v2 12 µs 2.0 MiB CUDA_SUCCESS")
     assert "3.10 ms" in text
+    assert ("compute share 25% · measured 24.6% over the last 10 s · throttled 12.50 s · waiting for its share "
+            "2 processes") in text
+
+
+def test_vgpu_panel_compute_share_unknown_without_the_figures():
+    """A worker without compute shares (its heartbeat has none of the figures) shows them unknown, never 0;
+    the allocation's burst flag is shown beside its share."""
+    a = allocation(1, "alice", 4 * G)
+    a.burst = False
+    html = render([gpu()], [a], StandIn(vgpus={"h1": {"id": "1", "used": 0, "overhead": 0}}), time.time())
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html.split('gpulab-vgpu-panel" data-vgpu="1"')[1]))
+    assert ("compute share 25% (no burst) · measured unknown over the last 10 s · throttled unknown · waiting for "
+            "its share unknown") in text
 
 
 class InProcessPool(Pool):
@@ -209,7 +223,8 @@ def test_dashboard_after_real_heartbeats(live_pool):
     assert status == 201
     body = {"pid": 99, "vgpus": {token_hash(a["token"]): {
         "id": str(a["id"]), "used": 1 * G, "overhead": 300 * M, "calls": 12, "launches": 3, "bytes_in": 64 * M,
-        "bytes_out": 0, "errors": 1,
+        "bytes_out": 0, "errors": 1, "kernel_time": 30.0, "throttled_time": 0.25, "share_measured": 25.5,
+        "queue_depth": 1,
         "processes": [{"pid": 501, "client_pid": 401, "used": 768 * M, "overhead": 150 * M, "calls": 8},
                       {"pid": 502, "client_pid": 402, "used": 256 * M, "overhead": 150 * M, "calls": 4}],
         "last_calls": [{"seq": 11, "time": time.time(), "pid": 401, "function": "cuMemAlloc_v2",
@@ -236,6 +251,8 @@ def test_dashboard_after_real_heartbeats(live_pool):
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", panel))
     assert "501 401 768.0 MiB 150.0 MiB 8" in text and "502 402 256.0 MiB 150.0 MiB 4" in text
     assert text.index("8.0 GiB CUDA_ERROR_OUT_OF_MEMORY") < text.index("768.0 MiB CUDA_SUCCESS")
+    assert ("compute share 25% (may burst) · measured 25.5% over the last 10 s · throttled 250.00 ms · waiting "
+            "for its share 1 process") in text
     assert "Its worker has not reported it yet." in html.split(f'gpulab-vgpu-panel" data-vgpu="{b["id"]}"')[1]
 
 

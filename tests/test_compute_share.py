@@ -161,3 +161,51 @@ def test_idle_share_is_lent_to_bursting_vgpus_highest_qos_first():
     assert board.lent(high, now + 1.0) == pytest.approx(0.75)  # a second later nobody else wants any
     board.give_back(high)
     assert board.lent(medium, now) == pytest.approx(0.5)
+
+
+# On a real GPU: a 10 ms kernel spinning on the nanosecond globaltimer, compiled for the device with
+# NVRTC (a cubin: the driver may be older than NVRTC's PTX), launched through the shim to a cuda worker.
+GPU_CLIENT = PRELUDE + r'''
+import time
+from cuda.bindings import nvrtc
+SRC = b"""
+extern "C" __global__ void busy() {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < 10000000ull);
+}
+"""
+dev, ctx = setup()
+A = d.CUdevice_attribute
+major = ok(d.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev))
+minor = ok(d.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev))
+err, prog = nvrtc.nvrtcCreateProgram(SRC, b"busy.cu", 0, [], [])
+assert nvrtc.nvrtcCompileProgram(prog, 1, [f"--gpu-architecture=sm_{major}{minor}".encode()])[0] == 0
+_, size = nvrtc.nvrtcGetCUBINSize(prog)
+cubin = b" " * size
+nvrtc.nvrtcGetCUBIN(prog, cubin)
+fn = ok(d.cuModuleGetFunction(ok(d.cuModuleLoadData(cubin)), b"busy"))
+print("ready", flush=True)
+sys.stdin.readline()
+t0 = time.monotonic()
+n = 0
+while time.monotonic() - t0 < float(sys.argv[1]):
+    ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0))
+    ok(d.cuCtxSynchronize())
+    n += 1
+done(launches=n, wall=time.monotonic() - t0)
+'''
+
+
+@pytest.mark.gpu
+def test_shares_hold_on_a_real_gpu_measured_by_events(make_worker, tmp_path):
+    (tmp_path / "tokens.json").write_text(json.dumps({"quarter": {"compute": 25, "burst": False},
+                                                      "three": {"compute": 75, "burst": False},
+                                                      "alone": {"compute": 25, "burst": False}}))
+    w = make_worker(token=None, backend="cuda", extra=("--tokens-file", str(tmp_path / "tokens.json")))
+    res = run_together(w, ["quarter", "three"], seconds=5.0, client=GPU_CLIENT)
+    total = res["quarter"]["kernel"] + res["three"]["kernel"]
+    assert res["quarter"]["kernel"] / total == pytest.approx(0.25, abs=0.05), res
+    assert res["three"]["kernel"] / total == pytest.approx(0.75, abs=0.05), res
+    alone = run_together(w, ["alone"], seconds=5.0, client=GPU_CLIENT)["alone"]
+    assert alone["share"] == pytest.approx(0.25, abs=0.05), alone

@@ -154,7 +154,9 @@ def test_idle_share_is_lent_to_bursting_vgpus_highest_qos_first():
     board.wanted(medium, now)
     assert board.lent(medium, now) == pytest.approx(0.75)  # alone: everything the others do not want
     board.wanted(high, now)
-    assert board.lent(medium, now) == 0.0  # a busy high-QoS vGPU that may burst borrows first
+    assert board.lent(medium, now) == pytest.approx(0.5)  # the high-QoS vGPU has what it wants
+    board.waiting(high, True)
+    assert board.lent(medium, now) == 0.0  # a high-QoS vGPU that waits for more borrows first
     assert board.lent(high, now) == pytest.approx(0.5)
     board.wanted(low, now)  # busy without burst: its share is its own, not spare
     assert board.lent(high, now) == pytest.approx(0.25)

@@ -365,6 +365,10 @@ class CudaBackend:
         _check(res)
 
     def kernel_time(self) -> float:
+        # while a capture is open (global mode) the driver refuses event queries from this thread, and
+        # would invalidate the capture: the figure waits for the capture's end
+        if getattr(self, "captures", 0):
+            return self.timer.seconds
         return self.timer.poll()
 
     # ---------------------------------------------------------------- graphs
@@ -376,9 +380,13 @@ class CudaBackend:
         except ValueError:
             raise CudaError(E.INVALID_VALUE, f"capture mode {mode}") from None
         _check(drv.cuStreamBeginCapture(_stream(stream), mode))
+        self.captures = getattr(self, "captures", 0) + 1
 
     def cuStreamEndCapture(self, stream):
-        return _check(drv.cuStreamEndCapture(_stream(stream)))
+        try:
+            return _check(drv.cuStreamEndCapture(_stream(stream)))
+        finally:  # ended either way: a capture that failed is over too
+            self.captures = max(getattr(self, "captures", 0) - 1, 0)
 
     def cuStreamIsCapturing(self, stream):
         (status,) = _check(drv.cuStreamIsCapturing(_stream(stream)))

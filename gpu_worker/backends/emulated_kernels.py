@@ -57,7 +57,7 @@ class Launch:
         self.grid = grid
         self.block = block
         self.shared_mem = shared_mem
-        self.args = tuple(args)  # the parameters as the kernel receives them, for a duration function
+        self.args = args  # the parameters as the kernel receives them, for a duration function
 
     def duration(self, name: str) -> float:
         """Seconds the kernel ``name`` runs on the device for this launch (0: no simulated duration)."""

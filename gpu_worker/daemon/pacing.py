@@ -28,7 +28,7 @@ CHECK_EVERY = 0.001   # seconds between two looks at the bucket by one process
 DEPTH = 0.1           # the bucket holds this many seconds of wall time at the vGPU's share
 BUSY_WITHIN = 0.05    # a vGPU that wanted to launch this recently is not idle
 QOS_RANK = {"low": 0, "medium": 1, "high": 2}
-ENTRY = struct.Struct("<IIIIdd")  # in use, QoS rank, burst, unused, share, last wanted (monotonic)
+ENTRY = struct.Struct("<IIIIdd")  # in use, QoS rank, burst, waiting for its share, share, last wanted (monotonic)
 ENTRIES = 256
 
 
@@ -57,19 +57,25 @@ class GPUBoard:
     def wanted(self, row: int, now: float) -> None:
         struct.pack_into("<d", self.map, row * ENTRY.size + 24, now)
 
+    def waiting(self, row: int, flag: bool) -> None:
+        """The vGPU wants more kernel time than it gets (it borrows before lower QoS then)."""
+        struct.pack_into("<I", self.map, row * ENTRY.size + 12, int(flag))
+
     def lent(self, row: int, now: float) -> float:
-        """The share lent to ``row`` now: spare share split among the busy burst rows of the top QoS."""
+        """The share lent to ``row`` now: the spare share (that of rows wanting nothing lately), split
+        among the busy burst rows of its QoS; nothing while a busy burst row of higher QoS is still
+        waiting for more."""
         me = ENTRY.unpack_from(self.map, row * ENTRY.size)
         busy_share, top, peers = me[4], me[1], 1
         for i in range(ENTRIES):
             if i == row:
                 continue
-            used, qos, burst, _, share, last = ENTRY.unpack_from(self.map, i * ENTRY.size)
+            used, qos, burst, waiting, share, last = ENTRY.unpack_from(self.map, i * ENTRY.size)
             if not used or now - last > BUSY_WITHIN:
                 continue
             busy_share += share
             if burst:
-                if qos > top:
+                if qos > top and waiting:
                     return 0.0  # a higher QoS borrows first
                 peers += qos == top
         return max(1.0 - busy_share, 0.0) / peers
@@ -87,7 +93,7 @@ class Pacer:
         self.slot = slot
         self.ledger = slot.ledger
         self.backend = backend
-        self.board, self.row = board, row
+        self.board, self.row = (board, row) if row is not None else (None, None)  # a full board: no burst
         self.next_check = 0.0
         self.kernel_time = 0.0
         self.throttled = 0.0
@@ -104,6 +110,8 @@ class Pacer:
             self.board.wanted(self.row, now)
         if share >= 1.0 or share <= 0.0 or not self.enforce:
             self.slot.set_pacing_figures(self.kernel_time, self.throttled, False)
+            if self.ledger.pacing()[4]:  # a bucket from a smaller share: it starts afresh if one comes back
+                self.ledger.set_bucket(0.0, 0.0, 0.0)
             return
         waiting = False
         while True:
@@ -113,6 +121,8 @@ class Pacer:
             if not waiting:
                 waiting = True
                 self.slot.set_pacing_figures(self.kernel_time, self.throttled, True)
+                if self.board is not None:
+                    self.board.waiting(self.row, True)
             pause = min(max(-tokens / share, 0.001), 0.02)
             time.sleep(pause)
             later = time.monotonic()
@@ -121,7 +131,13 @@ class Pacer:
             if self.board is not None:
                 self.board.wanted(self.row, now)
             self.kernel_time = self.backend.kernel_time()
+        if waiting and self.board is not None:
+            self.board.waiting(self.row, False)
         self.slot.set_pacing_figures(self.kernel_time, self.throttled, False)
+
+    def publish(self) -> None:
+        """The kernel time of kernels that completed since the last launch (at the session's end)."""
+        self.slot.set_pacing_figures(self.backend.kernel_time(), self.throttled, False)
 
     def _settle(self, now: float, share: float, burst: int) -> float:
         """Refill the vGPU's bucket for the time passed, debit the kernel time used; the tokens left."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import logging
 import struct
+from time import monotonic as _monotonic
 
 from ..api import errors as E
 from ..api.errors import CudaError, Refusal
@@ -397,8 +398,9 @@ class Session:
         func = self.resolve("function", fid)
         stream = self.resolve("stream", sid)
         self.launches += 1
-        if self.pacer is not None:
-            self.pacer.admit()
+        pacer = self.pacer
+        if pacer is not None and _monotonic() >= pacer.next_check:  # the common case costs a clock read
+            pacer.admit()
         self.backend.launch(func, (gx, gy, gz), (bx, by, bz), shmem, stream, p[off + 8:], attrs, nattrs)
         return b""
 
@@ -411,8 +413,9 @@ class Session:
         whole (a graph's kernels are not seen one by one).  Kernel launches into a stream being captured
         reach launch() above but do not run: the backend records them into the graph."""
         self.launches += 1
-        if self.pacer is not None:  # paced like a kernel: the graph's time is debited when it has run
-            self.pacer.admit()
+        pacer = self.pacer
+        if pacer is not None and _monotonic() >= pacer.next_check:  # paced like a kernel, its time as a whole
+            pacer.admit()
         self.backend.graph_launch(graph_exec, stream)
 
     def param_layout(self, p) -> bytes:

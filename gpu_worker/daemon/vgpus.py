@@ -44,7 +44,7 @@ class VGPU:
         self.ledger = Ledger(slots, _ledger_quota(grant))
         self.board = board  # its first GPU's board: pacing (bursting) among the vGPUs there
         self.row = board.take(*_pacing(grant)) if board is not None else None
-        self.ledger.set_pacing(*_pacing(grant))
+        self.ledger.set_pacing(*_ledger_pacing(grant))
         self.samples: collections.deque = collections.deque()  # (monotonic time, kernel time) for the share
         self.procs: dict[int, int] = {}  # executor pid -> ledger slot
         self.state, self.reason = "active", ""
@@ -62,12 +62,30 @@ class VGPU:
 
 
 def _pacing(grant: dict) -> tuple[float, int, bool]:
-    """The grant's share (a fraction of one GPU), QoS rank and burst flag (default by QoS)."""
+    """The grant's share of each of its GPUs (a fraction), QoS rank and burst flag (default by QoS)."""
     qos = grant.get("qos") or "medium"
     burst = grant.get("burst")
     if burst is None:
         burst = qos in ("medium", "high")
     return grant.get("compute", 100) / 100.0, QOS_RANK.get(qos, 1), bool(burst)
+
+
+def _ledger_pacing(grant: dict) -> tuple[float, int, bool]:
+    """What the ledger's bucket refills at: the share of each GPU times its GPUs (the pool books the
+    share on each), as the bucket is debited with the kernel time of all of them."""
+    share, qos, burst = _pacing(grant)
+    return share * max(len(grant["gpus"]), 1), qos, burst
+
+
+def _lock_briefly(fd: int) -> bool:
+    """Take a ledger's lock without ever blocking the daemon's loop for long; False if it stayed busy."""
+    for _ in range(200):  # executors hold it for microseconds
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            time.sleep(0.0005)
+    return False
 
 
 def _ledger_quota(grant: dict) -> int | None:
@@ -133,7 +151,7 @@ class VGPURegistry:
         elif v.grant != grant:
             v.grant = grant
             v.ledger.quota = _ledger_quota(grant)
-            v.ledger.set_pacing(*_pacing(grant))
+            v.ledger.set_pacing(*_ledger_pacing(grant))
             if v.row is not None:
                 v.board.update(v.row, *_pacing(grant))
         return v
@@ -233,13 +251,7 @@ class VGPURegistry:
 
     def _claim_within_quota(self, v: VGPU, overhead: int) -> int:
         """Claim a slot under the vGPU's lock, so that the context's memory is charged exactly."""
-        for _ in range(200):  # executors hold the lock for microseconds; never block the accept loop
-            try:
-                fcntl.lockf(v.ledger.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                time.sleep(0.0005)
-        else:
+        if not _lock_briefly(v.ledger.fd):
             raise Refusal(E.DEVICE_UNAVAILABLE, "this vGPU's ledger is busy; try again")
         try:
             quota = v.ledger.quota
@@ -282,8 +294,16 @@ class VGPURegistry:
                 for k in COUNTERS:
                     v.retired[k] += final[k]
                 v.errors.update(final["errors"])
-                v.ledger.retire_kernel_time(final["kernel_time"])
-            v.ledger.release(slot)
+            # its kernel time moves from its slot to the ended processes' total in one step under the
+            # lock, or a process settling its bucket between the two would count it twice
+            locked = _lock_briefly(v.ledger.fd)
+            try:
+                if final is not None:
+                    v.ledger.retire_kernel_time(final["kernel_time"])
+                v.ledger.release(slot)
+            finally:
+                if locked:
+                    fcntl.lockf(v.ledger.fd, fcntl.LOCK_UN)
             v.harvested.pop(slot, None)
 
     # ------------------------------------------------------------ revocation

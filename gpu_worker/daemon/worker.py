@@ -660,6 +660,8 @@ class GPUWorker(Configurable):
                 if exc.errno not in (errno.ECONNRESET, errno.EPIPE):
                     log.error("%s: socket error: %s", label, exc)
             finally:
+                if session.pacer is not None and not session.ended:
+                    session.pacer.publish()
                 session.close()
                 executor.publish()
             return 0

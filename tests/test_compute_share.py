@@ -33,12 +33,8 @@ from gpu_worker.backends.emulated_kernels import kernel
 def busy(launch):
     """Nothing on the host; {KERNEL_S * 1000:.0f} ms of the emulated GPU's time."""
 '''
-CLIENT = PRELUDE + f"""
-import time
-setup()
-mod = ok(d.cuModuleLoadData({BUSY_PTX!r}.encode() + b"\\0"))
-fn = ok(d.cuModuleGetFunction(mod, b"busy"))
-print("ready", flush=True)
+# Once `fn` is loaded: say so, wait for the go, then launch and synchronize for argv[1] seconds.
+LOOP = """print("ready", flush=True)
 sys.stdin.readline()
 t0 = time.monotonic()
 n = 0
@@ -48,6 +44,12 @@ while time.monotonic() - t0 < float(sys.argv[1]):
     n += 1
 done(launches=n, wall=time.monotonic() - t0)
 """
+CLIENT = PRELUDE + f"""
+import time
+setup()
+mod = ok(d.cuModuleLoadData({BUSY_PTX!r}.encode() + b"\\0"))
+fn = ok(d.cuModuleGetFunction(mod, b"busy"))
+""" + LOOP
 
 
 # The same work as a graph: five kernels captured once, the graph launched over and over.
@@ -187,16 +189,7 @@ _, size = nvrtc.nvrtcGetCUBINSize(prog)
 cubin = b" " * size
 nvrtc.nvrtcGetCUBIN(prog, cubin)
 fn = ok(d.cuModuleGetFunction(ok(d.cuModuleLoadData(cubin)), b"busy"))
-print("ready", flush=True)
-sys.stdin.readline()
-t0 = time.monotonic()
-n = 0
-while time.monotonic() - t0 < float(sys.argv[1]):
-    ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0))
-    ok(d.cuCtxSynchronize())
-    n += 1
-done(launches=n, wall=time.monotonic() - t0)
-'''
+''' + LOOP
 
 
 @pytest.mark.gpu

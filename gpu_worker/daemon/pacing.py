@@ -88,8 +88,10 @@ class GPUBoard:
 class Pacer:
     """(executor) Paces this process's launches for its vGPU; ``admit`` before each launch."""
 
-    def __init__(self, slot: Slot, backend, board: GPUBoard | None, row: int | None, enforce: bool = True):
+    def __init__(self, slot: Slot, backend, board: GPUBoard | None, row: int | None, enforce: bool = True,
+                 gpus: int = 1):
         self.enforce = enforce  # off: kernel time is measured and published, nothing waits
+        self.gpus = gpus  # the ledger's share is per GPU times this: all of them is the whole of each
         self.slot = slot
         self.ledger = slot.ledger
         self.backend = backend
@@ -108,14 +110,14 @@ class Pacer:
         share, burst, _qos, *_ = self.ledger.pacing()
         if self.board is not None:
             self.board.wanted(self.row, now)
-        if share >= 1.0 or share <= 0.0 or not self.enforce:
+        if share >= self.gpus or share <= 0.0 or not self.enforce:
             self.slot.set_pacing_figures(self.kernel_time, self.throttled, False)
             if self.ledger.pacing()[4]:  # a bucket from a smaller share: it starts afresh if one comes back
                 self.ledger.set_bucket(0.0, 0.0, 0.0)
             return
         waiting = False
         while True:
-            tokens = self._settle(now, share, burst)
+            tokens = self._settle(now, share, burst, waiting)
             if tokens >= 0:
                 break
             if not waiting:
@@ -139,10 +141,10 @@ class Pacer:
         """The kernel time of kernels that completed since the last launch (at the session's end)."""
         self.slot.set_pacing_figures(self.backend.kernel_time(), self.throttled, False)
 
-    def _settle(self, now: float, share: float, burst: int) -> float:
+    def _settle(self, now: float, share: float, burst: int, waiting: bool) -> float:
         """Refill the vGPU's bucket for the time passed, debit the kernel time used; the tokens left."""
         rate = share + (self.board.lent(self.row, now) if burst and self.board is not None else 0.0)
-        self.slot.set_pacing_figures(self.kernel_time, self.throttled, False)
+        self.slot.set_pacing_figures(self.kernel_time, self.throttled, waiting)
         fd = self.ledger.fd
         fcntl.lockf(fd, fcntl.LOCK_EX)
         try:

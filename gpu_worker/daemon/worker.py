@@ -644,7 +644,8 @@ class GPUWorker(Configurable):
             session = Session(backend, label=label, slot=own, device_quota=grant.get("vram"),
                               max_handles=self.max_handles, max_modules=self.max_modules,
                               max_module_bytes=self.max_module_bytes or 0,
-                              pacer=Pacer(own, backend, vgpu.board, vgpu.row, enforce=self.pacing))
+                              pacer=Pacer(own, backend, vgpu.board, vgpu.row, enforce=self.pacing,
+                                          gpus=len(grant["gpus"])))
             log.info("%s: opened (%s on %s, quota %s)", label, backend.name, ",".join(grant["gpus"]), ledger.quota)
             executor = Executor(FrameReader(conn), session, self.max_frame)
             executor.watch_revocation()

@@ -57,17 +57,28 @@ def client(env, code: str) -> subprocess.Popen:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_a_worker_that_never_answers_the_handshake_fails_cuinit_with_a_reason(tmp_path):
-    path = str(tmp_path / "silent.sock")
+def listening(path, backlog: int):
+    """A Unix socket that listens and never does anything else: a worker that does not answer."""
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(4)
-    held = []
-    threading.Thread(target=lambda: held.append(srv.accept()), daemon=True).start()
+    srv.bind(str(path))
+    srv.listen(backlog)
+    return str(path), srv
+
+
+def limited_env(path: str) -> dict:
+    """A client's environment for that socket, giving up after LIMIT seconds of silence."""
     from gpu_worker.client import shim_env
 
     env = shim_env("unix://" + path, "t0ken")
     env["GPULAB_TIMEOUT"] = str(LIMIT)
+    return env
+
+
+def test_a_worker_that_never_answers_the_handshake_fails_cuinit_with_a_reason(tmp_path):
+    path, srv = listening(tmp_path / "silent.sock", 4)
+    held = []
+    threading.Thread(target=lambda: held.append(srv.accept()), daemon=True).start()
+    env = limited_env(path)
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-c", PRELUDE + "done(r=name(d.cuInit(0)))"], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
@@ -80,10 +91,7 @@ def test_a_worker_that_never_answers_the_handshake_fails_cuinit_with_a_reason(tm
 
 def test_connecting_to_a_worker_that_never_accepts_times_out(tmp_path):
     """A listen queue that stays full (the worker never accepts): connect gives up within the limit."""
-    path = str(tmp_path / "full.sock")
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(0)
+    path, srv = listening(tmp_path / "full.sock", 0)
     queued = []
     for _ in range(64):  # fill the queue
         c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -94,10 +102,7 @@ def test_connecting_to_a_worker_that_never_accepts_times_out(tmp_path):
             c.close()
             break
         queued.append(c)
-    from gpu_worker.client import shim_env
-
-    env = shim_env("unix://" + path, "t0ken")
-    env["GPULAB_TIMEOUT"] = str(LIMIT)
+    env = limited_env(path)
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-c", PRELUDE + "done(r=name(d.cuInit(0)))"], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=60)

@@ -70,14 +70,19 @@ def test_an_announced_frame_costs_memory_only_as_its_bytes_arrive(worker):
     s.close()
 
 
+# Three module loads (the third meets the cap), then the first unloaded: what both module caps need.
+LOAD_THREE = f"""
+setup()
+image = open({PTX!r}, "rb").read() + b"\\0"
+mods = [d.cuModuleLoadData(image) for _ in range(3)]
+third = name(mods[2])
+ok(d.cuModuleUnload(mods[0][1]))
+"""
+
+
 def test_handle_and_module_caps_refuse_with_a_reason(make_worker):
     worker = make_worker(extra=("--GPUWorker.max_handles=8", "--GPUWorker.max_modules=2"))
-    p = worker.run(PRELUDE + textwrap.dedent(f"""
-        setup()
-        image = open({PTX!r}, "rb").read() + b"\\0"
-        mods = [d.cuModuleLoadData(image) for _ in range(3)]
-        third = name(mods[2])
-        ok(d.cuModuleUnload(mods[0][1]))
+    p = worker.run(PRELUDE + LOAD_THREE + textwrap.dedent("""
         res = d.cuModuleLoadData(image)  # an unloaded module makes room
         again = name(res)
         ok(d.cuModuleUnload(res[1]))
@@ -98,12 +103,7 @@ def test_handle_and_module_caps_refuse_with_a_reason(make_worker):
 def test_module_image_bytes_are_capped(make_worker):
     size = os.path.getsize(PTX) + 1
     worker = make_worker(extra=(f"--GPUWorker.max_module_bytes={2 * size + 100}B",))
-    p = worker.run(PRELUDE + textwrap.dedent(f"""
-        setup()
-        image = open({PTX!r}, "rb").read() + b"\\0"
-        mods = [d.cuModuleLoadData(image) for _ in range(3)]
-        third = name(mods[2])
-        ok(d.cuModuleUnload(mods[0][1]))
+    p = worker.run(PRELUDE + LOAD_THREE + textwrap.dedent("""
         again = name(d.cuModuleLoadData(image))
         done(third=third, again=again)
     """))

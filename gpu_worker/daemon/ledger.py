@@ -31,6 +31,11 @@ HEADER_SIZE = 1024
 # time of processes that ended; the bucket changes only under the ledger's lock
 PACE = struct.Struct("<dIIdddd")
 PACE_OFF = 24
+# VRAM tiering (tiers.py, tiering.py): the tier the daemon last asked the vGPU's processes to take (0 hot,
+# 1 warm, 2 cold) and the request's sequence number, then an idle hint from outside (its "idle since", and
+# when it came; wall-clock seconds)
+TIER_HEAD = struct.Struct("<IIdd")
+TIER_HEAD_OFF = 72
 REASON_OFF = 128
 MAX_REASON = HEADER_SIZE - REASON_OFF
 
@@ -43,7 +48,11 @@ TRACE_LEN = 128                  # calls each process keeps in its ring
 RECORD = struct.Struct("<ddQHHI")  # start (epoch), duration (s), bytes, opcode, unused, CUresult
 KERNEL_OFF = 200                 # kernel time (s), throttled time (s), waiting in pacing (0/1)
 PACING = struct.Struct("<ddI")
-RING_OFF = 256
+TIER_OFF = 224                   # VRAM tiers of the process's own allocations (TIERS)
+# bytes hot, warm, cold; offloads, restores, failed moves, the last tier request acted on; bytes offloaded and
+# restored; seconds spent offloading and restoring; the last call that touched device memory (wall clock)
+TIERS = struct.Struct("<3Q4I2Q3d")
+RING_OFF = 304
 SLOT_SIZE = RING_OFF + 8 + TRACE_LEN * RECORD.size  # the ring's write count, then the ring
 FREE, LIVE = 0, 1
 U64 = struct.Struct("<Q")
@@ -111,6 +120,26 @@ class Ledger:
                 total += struct.unpack_from("<d", self.map, off + KERNEL_OFF)[0]
         return total
 
+    # -------------------------------------------------------------- tiers
+    def request_tier(self, want: int) -> int:
+        """(daemon) Ask every process of the vGPU to move its allocations to tier ``want``; the request's number."""
+        _want, seq, since, received = TIER_HEAD.unpack_from(self.map, TIER_HEAD_OFF)
+        TIER_HEAD.pack_into(self.map, TIER_HEAD_OFF, want, seq + 1, since, received)
+        return seq + 1
+
+    def tier_request(self) -> tuple[int, int]:
+        """The tier last asked for and the request's number (0: none yet)."""
+        return TIER_HEAD.unpack_from(self.map, TIER_HEAD_OFF)[:2]
+
+    def set_idle_hint(self, since: float, received: float) -> None:
+        """(daemon) Someone outside (the Jupyter server) says the program has been idle since ``since``."""
+        want, seq, _s, _r = TIER_HEAD.unpack_from(self.map, TIER_HEAD_OFF)
+        TIER_HEAD.pack_into(self.map, TIER_HEAD_OFF, want, seq, since, received)
+
+    def idle_hint(self) -> tuple[float, float]:
+        """(since, received) of the last idle hint; (0, 0) when none came."""
+        return TIER_HEAD.unpack_from(self.map, TIER_HEAD_OFF)[2:]
+
     # -------------------------------------------------------------- slots
     def _slot_off(self, i: int) -> int:
         return HEADER_SIZE + i * SLOT_SIZE
@@ -150,7 +179,12 @@ class Ledger:
             code, count = ERROR.unpack_from(self.map, off + SLOT_HEAD.size + k * ERROR.size)
             errors[code] = count
         kernel_time, throttled, waiting = PACING.unpack_from(self.map, off + KERNEL_OFF)
-        return {"slot": i, "pid": pid, "client_pid": client_pid, "used": used, "overhead": overhead,
+        (hot, warm, cold, offloads, restores, failures, done, moved_out, moved_in, out_s, in_s,
+         touch) = TIERS.unpack_from(self.map, off + TIER_OFF)
+        tiers = {"hot": hot, "warm": warm, "cold": cold, "offloads": offloads, "restores": restores,
+                 "failures": failures, "done_seq": done, "bytes_offloaded": moved_out, "bytes_restored": moved_in,
+                 "offload_seconds": out_s, "restore_seconds": in_s, "last_touch": touch}
+        return {**tiers, "slot": i, "pid": pid, "client_pid": client_pid, "used": used, "overhead": overhead,
                 "calls": calls, "launches": launches, "bytes_in": bin_, "bytes_out": bout, "started": started,
                 "errors": errors, "kernel_time": kernel_time, "throttled_time": throttled, "waiting": waiting}
 
@@ -237,6 +271,37 @@ class Slot:
                 RECORD.pack_into(self.map, ring + 8 + (count % TRACE_LEN) * RECORD.size, *rec)
                 count += 1
             U64.pack_into(self.map, ring, count)  # last: a reader never sees a record not yet written
+
+    # ------------------------------------------------------------ tiers
+    def _tiers(self) -> list:
+        return list(TIERS.unpack_from(self.map, self.off + TIER_OFF))
+
+    def set_tiers(self, hot: int, warm: int, cold: int) -> None:
+        """Bytes of this process's own allocations in each tier."""
+        struct.pack_into("<3Q", self.map, self.off + TIER_OFF, hot, warm, cold)
+
+    def count_move(self, kind: str, nbytes: int = 0, seconds: float = 0.0) -> None:
+        """One more offload or restore (its bytes and duration), or a failed move."""
+        t = self._tiers()
+        if kind == "offload":
+            t[3] += 1
+            t[7] += nbytes
+            t[9] += seconds
+        elif kind == "restore":
+            t[4] += 1
+            t[8] += nbytes
+            t[10] += seconds
+        else:
+            t[5] += 1
+        TIERS.pack_into(self.map, self.off + TIER_OFF, *t)
+
+    def set_done(self, seq: int) -> None:
+        """The tier request numbered ``seq`` has been acted on by this process."""
+        struct.pack_into("<I", self.map, self.off + TIER_OFF + 36, seq)
+
+    def set_touch(self, when: float) -> None:
+        """The last call that needed this process's device memory (wall clock)."""
+        struct.pack_into("<d", self.map, self.off + TIER_OFF + TIERS.size - 8, when)
 
     def count_error(self, code: int) -> None:
         """One more call answered with ``code`` (rare: written at once).  A slot has room for

@@ -75,8 +75,9 @@ PAIR = struct.Struct("<QQ")  # the minted id, then the handle it comes from
 class Session:
     def __init__(self, backend: Backend, quota: int | None = None, label: str = "",
                  slot: Slot | None = None, max_handles: int = 0, max_modules: int = 0,
-                 max_module_bytes: int = 0, device_quota: int | None = None, pacer=None):
+                 max_module_bytes: int = 0, device_quota: int | None = None, pacer=None, tiers=None):
         self.backend = backend
+        self.tiers = tiers  # tiers.TierStore: this process's allocations on the GPU, in host RAM or on disk
         self.pacer = pacer  # pacing.Pacer: launches wait here while the vGPU is over its compute share
         if slot is None:  # a session of its own (tests, tools): a private one-process ledger
             ledger = Ledger(1, quota)

@@ -16,6 +16,7 @@ import collections
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -26,6 +27,7 @@ from ..client.tokens import token_hash
 from ..client.units import format_size
 from .ledger import Ledger
 from .pacing import QOS_RANK, GPUBoard
+from .tierboard import TierBoard
 
 log = logging.getLogger("gpulab.worker")
 
@@ -47,6 +49,7 @@ class VGPU:
         self.ledger.set_pacing(*_ledger_pacing(grant))
         self.samples: collections.deque = collections.deque()  # (monotonic time, kernel time) for the share
         self.procs: dict[int, int] = {}  # executor pid -> ledger slot
+        self.rows: dict[int, int] = {}   # executor pid -> its row on the worker's tier board
         self.state, self.reason = "active", ""
         self.ended_at = 0.0
         self.retired = dict.fromkeys(COUNTERS, 0)  # from processes that ended
@@ -96,8 +99,12 @@ def _ledger_quota(grant: dict) -> int | None:
 
 class VGPURegistry:
     def __init__(self, gpus: list[dict], kind: str, slots: int = 64, context_overhead: int = 0,
-                 overhead_estimate: int = 512 << 20):
+                 overhead_estimate: int = 512 << 20, warm_budget: int = 1 << 30, spool: str = ""):
         self.lock = threading.RLock()
+        # device memory per GPU and warm host memory of every executor (tierboard.py); on the emulated
+        # device the board enforces each GPU's memory, on a real one the driver does
+        self.tierboard = TierBoard([g["memory"] if kind == "emulated" else 0 for g in gpus], warm_budget)
+        self.spool = spool  # the cold tier's directory: <spool>/<vGPU id>/<executor pid>/
         self.gpu_list = gpus
         self.by_uuid = {g["uuid"]: g for g in gpus}
         self.kind = kind
@@ -267,9 +274,24 @@ class VGPURegistry:
         finally:
             fcntl.lockf(v.ledger.fd, fcntl.LOCK_UN)
 
-    def bind(self, v: VGPU, slot: int, pid: int) -> None:
-        """(daemon, after forking) The executor that owns ``slot``."""
+    def claim_row(self) -> int:
+        """(daemon, before forking) The new executor's row on the tier board."""
+        row = self.tierboard.claim()
+        if row is None:
+            raise Refusal(E.DEVICE_UNAVAILABLE, "this worker runs as many processes as it can track; try again "
+                                                "when a session has ended")
+        return row
+
+    def spool_of(self, v: VGPU, pid: int) -> str:
+        """The directory of one executor's cold allocations ('' when the worker has no spool)."""
+        return os.path.join(self.spool, _safe(v.id), str(pid)) if self.spool else ""
+
+    def bind(self, v: VGPU, slot: int, pid: int, row: int | None = None) -> None:
+        """(daemon, after forking) The executor that owns ``slot`` (and ``row`` of the tier board)."""
         with self.lock:
+            if row is not None:
+                self.tierboard.bind(row, pid)
+                v.rows[pid] = row
             rec = v.ledger.read_slot(slot)
             v.ledger.bind(slot, pid, rec["client_pid"], rec["started"], rec["overhead"])
             v.procs[pid] = slot
@@ -305,6 +327,30 @@ class VGPURegistry:
                 if locked:
                     fcntl.lockf(v.ledger.fd, fcntl.LOCK_UN)
             v.harvested.pop(slot, None)
+            row = v.rows.pop(pid, None)
+            if row is not None:
+                self.tierboard.release(row)
+            spool = self.spool_of(v, pid)
+            if spool and os.path.isdir(spool):  # a crashed executor's cold allocations: nobody can use them now
+                shutil.rmtree(spool, ignore_errors=True)
+
+    # ----------------------------------------------------------------- tiers
+    def request_tier(self, vgpu_id: str, want: int) -> tuple[int, list[int]] | None:
+        """Ask each process of a vGPU to move its allocations to tier ``want`` (0 hot, 1 warm, 2 cold);
+        the request's number and the executors told (SIGUSR2), or None for an unknown or ended vGPU."""
+        with self.lock:
+            v = self._by_id(vgpu_id)
+            if v is None or v.state != "active":
+                return None
+            seq = v.ledger.request_tier(want)
+            told = []
+            for pid in v.procs:
+                try:
+                    os.kill(pid, signal.SIGUSR2)
+                    told.append(pid)
+                except ProcessLookupError:
+                    pass
+            return seq, told
 
     # ------------------------------------------------------------ revocation
     def revoke(self, vgpu_id: str, reason: str) -> bool:
@@ -473,6 +519,11 @@ def _measured_share(v: VGPU, kernel_time: float) -> float:
     if now - t0 < 0.2:
         return 0.0
     return round(max(kernel_time - k0, 0.0) / (now - t0) * 100, 2)
+
+
+def _safe(name: str) -> str:
+    """A vGPU id as one path component."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in str(name)) or "_"
 
 
 def _function_names() -> dict[int, str]:

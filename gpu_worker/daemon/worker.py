@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -34,11 +35,13 @@ from .executor import Executor, FrameReader
 from ..api.protocol import HELLO, MAX_FRAME, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER, ProtocolError
 from ..client.tokens import token_hash
 from .ledger import Slot
-from .pacing import Pacer
+from .pacing import QOS_RANK, Pacer
 from .session import Session
+from .tiers import TierStore
 from .vgpus import VGPURegistry
 from ..backends.base import Backend
 from ..client.limits import LimitError, Size, token_limits
+from ..client.units import format_size
 
 log = logging.getLogger("gpulab.worker")
 
@@ -127,6 +130,22 @@ class GPUWorker(Configurable):
                             help="Bytes of module and library images one session may hold loaded at once (a size, "
                                  "e.g. '1G'); loading past it fails with CUDA_ERROR_OUT_OF_MEMORY and a reason.  "
                                  "None: no limit.").tag(config=True)
+    warm_after = Dict(default_value={"low": 600.0, "medium": 1800.0, "high": 0.0},
+                      help="Seconds a vGPU may be idle (no call that needs its device memory) before its memory "
+                           "moves to the worker's host RAM (the warm tier), per QoS level (low, medium, high); "
+                           "0: never by idleness.  docs/vgpu.md, *VRAM tiers*.").tag(config=True)
+    cold_after = Dict(default_value={"low": 3600.0, "medium": 7200.0, "high": 0.0},
+                      help="Seconds a vGPU may be idle before its memory moves to files in spool_dir (the cold "
+                           "tier), per QoS level; 0: never by idleness.").tag(config=True)
+    warm_budget = Size(None, allow_none=True,
+                       help="Host RAM the warm tier may hold over all vGPUs (a size, e.g. '64G'); an offload "
+                            "past it goes cold.  0: no warm tier.  Empty: half of this machine's memory."
+                       ).tag(config=True)
+    spool_dir = Unicode("", help="Directory of the cold tier's files (private to the worker, emptied at start).  "
+                                 "Default: spool-<name> in the worker's state directory.").tag(config=True)
+    eviction_wait = Float(10.0, help="Seconds an allocation or restore that finds its GPU full waits for other "
+                                     "vGPUs to move to host memory; then it fails with "
+                                     "CUDA_ERROR_OUT_OF_MEMORY and the reason.").tag(config=True)
     wrong_token_burst = Int(10, help="Wrong session tokens one source (an IP address; a local user for the Unix "
                                      "socket) may present within wrong_token_window.  After that its connections "
                                      "are refused unchecked (no tokens file read, no pool look-up) until the "
@@ -151,6 +170,9 @@ class GPUWorker(Configurable):
         self.sessions = 0
         self._stop = False
         self.pool_link = None
+        self.tiering = None
+        self.evict_links: dict[int, _EvictLink] = {}  # executor pid -> the daemon's end of its eviction link
+        self._next_tick = 0.0
 
     # ------------------------------------------------------------------ set-up
     def resolved_backend(self) -> str:
@@ -193,9 +215,10 @@ class GPUWorker(Configurable):
             raise ValueError("the worker needs --tcp and/or --unix-socket")
         self.addrs = addrs
         self.open_registry()
-        # revocation reaches executors as SIGUSR1: ignored until an executor installs its handler,
-        # so that one signalled between its fork and that moment does not die of it
+        # revocation (SIGUSR1) and tier requests (SIGUSR2) reach executors as signals: ignored until an
+        # executor installs its handlers, so that one signalled between its fork and that moment does not die
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         # from here SIGINT/SIGTERM end the accept loop quietly, which then stops the sessions
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop())
@@ -221,7 +244,12 @@ class GPUWorker(Configurable):
             raise ValueError("this worker has no GPU to serve")
         self.registry = VGPURegistry(gpus, self.kind, slots=min(self.max_sessions_per_token or 256, 256),
                                      context_overhead=self.emulated_context_overhead or 0,
-                                     overhead_estimate=self.context_overhead_estimate)
+                                     overhead_estimate=self.context_overhead_estimate,
+                                     warm_budget=self.resolved_warm_budget(), spool=self.open_spool())
+        from .tiering import Tiering
+
+        self.tiering = Tiering(self.registry, warm_after=self.warm_after, cold_after=self.cold_after,
+                               eviction_wait=self.eviction_wait)
         static = dict(self.tokens)
         if self.token:
             static.setdefault(self.token, {})
@@ -230,6 +258,55 @@ class GPUWorker(Configurable):
                                       for t, limits in static.items()])
         except LimitError as exc:
             raise ValueError(str(exc)) from None
+
+    def resolved_warm_budget(self) -> int:
+        """The warm tier's host-RAM budget: as configured, else half of this machine's memory."""
+        if self.warm_budget is not None:
+            return self.warm_budget
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+    def open_spool(self) -> str:
+        """The cold tier's directory, private, emptied at start: what a previous run left there belonged to
+        processes that ended with it, and nobody can restore it now."""
+        from ..client.env import default_state_dir
+
+        path = self.spool_dir or os.path.join(default_state_dir(), f"spool-{self.worker_name()}")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        files = size = 0
+        for entry in os.listdir(path):
+            full = os.path.join(path, entry)
+            for root, _dirs, names in os.walk(full):
+                for n in names:
+                    try:
+                        size += os.path.getsize(os.path.join(root, n))
+                        files += 1
+                    except OSError:
+                        pass
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full, ignore_errors=True)
+            else:
+                os.unlink(full)
+        if files:
+            log.warning("removed %d cold-tier files (%s) a previous run of this worker left in %s: their "
+                        "processes ended with it", files, format_size(size), path)
+        return path
+
+    @validate("warm_after", "cold_after")
+    def _check_tier_times(self, proposal):
+        """Idle times are checked at start-up, once: a QoS level we do not know or a negative time stops it."""
+        name = proposal["trait"].name
+        out = {}
+        for qos, seconds in proposal["value"].items():
+            if qos not in QOS_RANK:
+                raise TraitError(f"c.GPUWorker.{name}: {qos!r} is not a QoS level (low, medium, high)")
+            try:
+                seconds = float(seconds)
+            except (TypeError, ValueError):
+                raise TraitError(f"c.GPUWorker.{name}[{qos!r}]: {seconds!r} is not a number of seconds") from None
+            if seconds < 0:
+                raise TraitError(f"c.GPUWorker.{name}[{qos!r}]: {seconds} is negative (0 means never)")
+            out[qos] = seconds
+        return out
 
     # ------------------------------------------------------------------ tokens
     @validate("tokens")
@@ -378,6 +455,7 @@ class GPUWorker(Configurable):
         # a token the daemon does not know costs a look-up in the pool: run in threads, so that a
         # slow pool delays only that handshake, never the accept loop
         self._lookups = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="gpulab-token")
+        self._evictions = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="gpulab-evict")
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -388,13 +466,23 @@ class GPUWorker(Configurable):
                     self._accept(sel, key.fileobj)
                 elif key.data == "wake":
                     self._finish_lookups(sel)
+                elif isinstance(key.data, _EvictLink):
+                    self._evict_request(sel, key.data)
                 else:
                     self._handshake_bytes(sel, key.data)
             self._expire_handshakes(sel)
-            self.reap()
+            self.reap(sel)
+            now = time.monotonic()
+            if now >= self._next_tick:  # the idle policy: vGPUs idle long enough move to host memory
+                self._next_tick = now + TIER_TICK
+                try:
+                    self.tiering.tick()
+                except Exception:
+                    log.exception("the VRAM tier policy failed (it runs again in %.3g s)", TIER_TICK)
         for hs in list(self.pending.values()):
             self._drop(sel, hs)
         self._lookups.shutdown(wait=False, cancel_futures=True)
+        self._evictions.shutdown(wait=False, cancel_futures=True)
         for conn in list(self.checking):
             conn.close()
         for pid in list(self.children):
@@ -406,7 +494,7 @@ class GPUWorker(Configurable):
         if self.control_server is not None:
             self.control_server.stop()
 
-    def reap(self) -> None:
+    def reap(self, sel=None) -> None:
         for pid in list(self.children):
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
@@ -415,6 +503,41 @@ class GPUWorker(Configurable):
             if done:
                 self.children.discard(pid)
                 self.registry.reap(pid)
+                link = self.evict_links.pop(pid, None)
+                if link is not None:
+                    if sel is not None:
+                        try:
+                            sel.unregister(link.sock)
+                        except (KeyError, ValueError):
+                            pass
+                    link.sock.close()
+
+    def _evict_request(self, sel, link: "_EvictLink") -> None:
+        """An executor found its GPU full: other vGPUs move to host memory, in a thread (it may wait for
+        them), and the executor gets what was freed or why nothing could be."""
+        try:
+            msg = link.sock.recv(4096)
+        except OSError:
+            msg = b""
+        if not msg:  # the executor ended; reap() closes the link
+            try:
+                sel.unregister(link.sock)
+            except (KeyError, ValueError):
+                pass
+            return
+
+        def answer():
+            try:
+                reply = self.tiering.handle(link.vgpu, link.pid, msg)
+            except Exception as exc:
+                log.exception("eviction for vGPU %s failed", link.vgpu.id)
+                reply = json.dumps({"refused": f"the worker could not make room on the GPU ({exc})"}).encode()
+            try:
+                link.sock.send(reply)
+            except OSError:
+                pass  # the executor ended meanwhile
+
+        self._evictions.submit(answer)
 
     # ------------------------------------------------------- handshake (daemon)
     def _next_wakeup(self) -> float:
@@ -577,9 +700,20 @@ class GPUWorker(Configurable):
         self.sessions += 1
         daemon = os.getpid()
         try:
+            row = self.registry.claim_row()
+        except E.Refusal as exc:
+            self.registry.cancel(vgpu, slot)
+            _refuse(conn, exc.code, exc.why)
+            return
+        # the executor asks the daemon here to move other vGPUs off its GPU when the GPU is full
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
             child = os.fork()
         except OSError as exc:
             self.registry.cancel(vgpu, slot)
+            self.registry.tierboard.release(row)
+            ours.close()
+            theirs.close()
             log.error("%s: cannot fork an executor: %s", label, exc)
             _refuse(conn, E.DEVICE_UNAVAILABLE, "the worker cannot start a process for this session now; try again")
             return
@@ -590,17 +724,23 @@ class GPUWorker(Configurable):
                     s.close()
                 for other in [*self.pending, *self.checking]:
                     other.close()  # else a timed-out client would wait for this executor's end
+                for link in self.evict_links.values():
+                    link.sock.close()
+                ours.close()
                 sel.close()
                 self._wake_r.close()
                 self._wake_w.close()
                 conn.setblocking(True)
-                code = self.run_session(conn, label, grant, vgpu, slot)
+                code = self.run_session(conn, label, grant, vgpu, slot, row, theirs)
             except BaseException:  # never return into the daemon's loop in a child
                 log.exception("%s: executor failed", label)
                 code = 3
             os._exit(code)
+        theirs.close()
         self.children.add(child)
-        self.registry.bind(vgpu, slot, child)
+        self.registry.bind(vgpu, slot, child, row)
+        link = self.evict_links[child] = _EvictLink(ours, vgpu, child)
+        sel.register(ours, selectors.EVENT_READ, link)
 
     def _throttled(self, source: str) -> float:
         """Seconds left of a source's refusal, 0 when its tokens are checked."""
@@ -631,7 +771,8 @@ class GPUWorker(Configurable):
                     "not logged", label, source, before, self.wrong_token_window)
 
     # ------------------------------------------------------- one session (child)
-    def run_session(self, conn: socket.socket, label: str, grant: dict, vgpu, slot: int) -> int:
+    def run_session(self, conn: socket.socket, label: str, grant: dict, vgpu, slot: int, row: int | None = None,
+                    evict_sock: socket.socket | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -641,11 +782,15 @@ class GPUWorker(Configurable):
             conn.sendall(REP_HEADER.pack(len(msg), 0, 0) + msg)
             ledger = vgpu.ledger
             own = Slot(ledger, slot)
+            board = self.registry.tierboard
+            index = {g["uuid"]: g["index"] for g in self.registry.gpus()}
+            tiers = TierStore(backend, own, board, row, [index[u] for u in grant["gpus"]],
+                              self.registry.spool_of(vgpu, os.getpid()), evict_sock)
             session = Session(backend, label=label, slot=own, device_quota=grant.get("vram"),
                               max_handles=self.max_handles, max_modules=self.max_modules,
                               max_module_bytes=self.max_module_bytes or 0,
                               pacer=Pacer(own, backend, vgpu.board, vgpu.row, enforce=self.pacing,
-                                          gpus=len(grant["gpus"])))
+                                          gpus=len(grant["gpus"])), tiers=tiers)
             log.info("%s: opened (%s on %s, quota %s)", label, backend.name, ",".join(grant["gpus"]), ledger.quota)
             executor = Executor(FrameReader(conn), session, self.max_frame)
             executor.watch_revocation()
@@ -691,6 +836,18 @@ def _import_kernels(name: str) -> None:
         spec.loader.exec_module(module)
     else:
         importlib.import_module(name)
+
+
+TIER_TICK = 1.0  # seconds between two looks of the idle policy at the vGPUs
+
+
+class _EvictLink:
+    """The daemon's end of one executor's eviction link."""
+
+    __slots__ = ("sock", "vgpu", "pid")
+
+    def __init__(self, sock: socket.socket, vgpu, pid: int):
+        self.sock, self.vgpu, self.pid = sock, vgpu, pid
 
 
 class _Handshake:

@@ -71,6 +71,8 @@ gpulab worker --config worker_config.py     # c.GPUWorker.vram_quota = "8G", ...
         "heartbeat-interval": "GPUWorker.heartbeat_interval",
         "emulated-gpus": "GPUWorker.emulated_gpus",
         "control": "GPUWorker.control",
+        "warm-budget": "GPUWorker.warm_budget",
+        "spool-dir": "GPUWorker.spool_dir",
         "config": "GPUWorkerApp.config_file",
     }
     flags = {

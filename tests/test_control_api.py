@@ -56,6 +56,9 @@ class FakeRegistry:
         }
         self.records: dict[str, list[dict]] = {"17": [], "18": []}
         self.revoked: list[tuple[str, str]] = []
+        self.tier_asks: list[tuple[str, int]] = []  # (vGPU id, tier) asked of its processes
+        self.acted = True  # whether its processes have acted on the last request
+        self.hints: list[tuple[str, float, float]] = []
 
     def record(self, vid, function="cuMemAlloc", nbytes=0, error=""):
         with self.lock:
@@ -84,6 +87,23 @@ class FakeRegistry:
             return False
         v["state"], v["reason"] = "revoked", reason
         self.revoked.append((vgpu_id, reason))
+        return True
+
+    def request_tier(self, vgpu_id, want):
+        v = self.table.get(vgpu_id)
+        if v is None or v["state"] != "active":
+            return None
+        self.tier_asks.append((vgpu_id, want))
+        return len(self.tier_asks), [p["pid"] for p in v["processes"]]
+
+    def tier_done(self, vgpu_id, seq):
+        return None if vgpu_id not in self.table else self.acted
+
+    def set_idle_hint(self, vgpu_id, since, now=None):
+        v = self.table.get(vgpu_id)
+        if v is None or v["state"] != "active":
+            return False
+        self.hints.append((vgpu_id, since, now))
         return True
 
     def gpus(self):
@@ -126,7 +146,8 @@ def call(server, method, path, token=None, body=None, raw=None, scheme="token"):
 
 
 ROUTES = [("GET", "/api/vgpus"), ("GET", "/api/vgpus/17"), ("GET", "/api/vgpus/17/trace"),
-          ("POST", "/api/vgpus/17/revoke"), ("GET", "/api/gpus"), ("GET", "/metrics")]
+          ("POST", "/api/vgpus/17/revoke"), ("POST", "/api/vgpus/17/offload"), ("POST", "/api/vgpus/17/restore"),
+          ("POST", "/api/vgpus/17/idle"), ("GET", "/api/gpus"), ("GET", "/metrics")]
 
 
 @pytest.mark.parametrize("method,path", ROUTES)
@@ -135,7 +156,7 @@ def test_every_route_refuses_a_missing_or_wrong_credential(server, registry, met
     status, answer = call(server, method, path, token, body={} if method == "POST" else None)
     assert status == 403
     assert "admin token" in answer["message"] and "session token" in answer["message"]
-    assert registry.revoked == []
+    assert registry.revoked == [] and registry.tier_asks == [] and registry.hints == []
 
 
 def test_the_credential_must_name_its_scheme(server):
@@ -207,11 +228,62 @@ def test_a_session_may_revoke_its_own_vgpu(server, registry):
     ("POST", "/api/vgpus/17/revoke", b'{"reason": 5}', 400, "\"reason\" is a string"),
     ("POST", "/api/vgpus/17/revoke", b'["x"]', 400, "\"reason\" is a string"),
     ("POST", "/api/vgpus/17/revoke", b"x" * (control.MAX_BODY + 1), 413, "at most 65536 bytes"),
+    ("POST", "/api/vgpus/17/offload", b"", 400, "\"to\" must be \"warm\" (the worker's host RAM) or \"cold\""),
+    ("POST", "/api/vgpus/17/offload", b'{"to": "hot"}', 400, "or \"cold\" (files on its disk), not \"hot\""),
+    ("POST", "/api/vgpus/17/offload", b'{"to": 1}', 400, "not 1"),
+    ("POST", "/api/vgpus/17/offload", b'["warm"]', 400, "must be a JSON object such as {\"to\": \"warm\"}"),
+    ("GET", "/api/vgpus/17/offload", None, 405, "answers POST, not GET"),
+    ("POST", "/api/vgpus/99/offload", b'{"to": "warm"}', 404, "there is no vGPU 99 on this worker"),
+    ("POST", "/api/vgpus/99/restore", None, 404, "there is no vGPU 99 on this worker"),
+    ("POST", "/api/vgpus/17/idle", b'{"since": "yesterday"}', 400, "\"since\" must be a time in epoch seconds"),
+    ("POST", "/api/vgpus/17/idle", b'{"since": true}', 400, "\"since\" must be a time in epoch seconds"),
+    ("POST", "/api/vgpus/17/idle", b'{"since": -5}', 400, "\"since\" must be a time in epoch seconds"),
+    ("POST", "/api/vgpus/17/idle", b'{"since": 1e12}', 400, "is in the future"),
+    ("POST", "/api/vgpus/17/idle", b"{nope", 400, "must be a JSON object"),
+    ("POST", "/api/vgpus/99/idle", b"{}", 404, "there is no vGPU 99 on this worker"),
 ])
 def test_bad_requests_get_a_sentence(server, registry, method, path, body, status, words):
     got, answer = call(server, method, path, ADMIN, raw=body)
     assert got == status and words in answer["message"], answer
-    assert registry.revoked == []
+    assert registry.revoked == [] and registry.tier_asks == [] and registry.hints == []
+
+
+def test_offload_and_restore_ask_the_processes_and_answer_the_vgpu(server, registry):
+    status, v = call(server, "POST", "/api/vgpus/17/offload", ADMIN, {"to": "cold"})
+    assert (status, v["id"], v["done"]) == (200, "17", True)
+    status, v = call(server, "POST", "/api/vgpus/18/offload", "tok-bob", {"to": "warm"})  # its own session
+    assert (status, v["id"]) == (200, "18")
+    status, v = call(server, "POST", "/api/vgpus/17/restore", "tok-alice")
+    assert (status, v["done"]) == (200, True)
+    assert registry.tier_asks == [("17", 2), ("18", 1), ("17", 0)]
+    # another session's vGPU is unknown to it; a revoked one cannot move
+    status, answer = call(server, "POST", "/api/vgpus/18/restore", "tok-alice")
+    assert (status, answer["message"]) == (404, "there is no vGPU 18 on this worker")
+    registry.table["18"].update(state="revoked", reason="the course ended")
+    status, answer = call(server, "POST", "/api/vgpus/18/offload", ADMIN, {"to": "warm"})
+    assert (status, answer["message"]) == (409, "vGPU 18 is revoked: the course ended")
+    assert call(server, "POST", "/api/vgpus/18/idle", ADMIN, {})[0] == 409
+    assert registry.tier_asks == [("17", 2), ("18", 1), ("17", 0)]
+
+
+def test_an_offload_its_processes_do_not_act_on_answers_202(server, registry, monkeypatch):
+    monkeypatch.setattr(control, "TIER_WAIT", 0.3)
+    registry.acted = False
+    t0 = time.monotonic()
+    status, v = call(server, "POST", "/api/vgpus/17/offload", ADMIN, {"to": "warm"})
+    assert (status, v["id"], v["done"]) == (202, "17", False)
+    assert 0.25 < time.monotonic() - t0 < 5
+
+
+def test_an_idle_hint_reaches_the_registry(server, registry):
+    t0 = time.time()
+    status, v = call(server, "POST", "/api/vgpus/17/idle", "tok-alice", {"since": t0 - 600})
+    assert (status, v["id"]) == (200, "17")
+    status, _ = call(server, "POST", "/api/vgpus/17/idle", ADMIN)  # no body: idle from now
+    assert status == 200
+    (vid, since, received), (vid2, since2, received2) = registry.hints
+    assert (vid, since, vid2) == ("17", t0 - 600, "17")
+    assert t0 <= received <= since2 == received2 <= time.time()
 
 
 def test_trace_pages_and_long_polls(server, registry):

@@ -12,6 +12,11 @@ token <t>`` (``Bearer <t>`` too, which is what Prometheus's ``authorization`` se
                                         first; with wait, held up to S seconds (at most MAX_WAIT) until
                                         one exists.  Pass "next" back as since to follow.
     POST /api/vgpus/<id>/revoke         {"reason": "..."} -> the vGPU, now revoked
+    POST /api/vgpus/<id>/offload        {"to": "warm"|"cold"} -> the vGPU once its processes moved its memory
+                                        (202 with "done": false if they have not within TIER_WAIT)
+    POST /api/vgpus/<id>/restore        -> the vGPU once its memory is back on the GPU (202 likewise)
+    POST /api/vgpus/<id>/idle           {"since": epoch seconds (default now)} -> the vGPU: an idle hint
+                                        starts its idle clock (tiering.py)
     GET  /api/gpus                      {"gpus": [GPU with its facts, ...]} (a session: its vGPU's GPUs)
     GET  /metrics                       Prometheus text (admin token only; metrics.py)
 
@@ -44,7 +49,7 @@ from pathlib import Path
 
 log = logging.getLogger("gpulab.worker.control")
 
-MAX_BODY = 64 << 10  # a revoke reason is a sentence; nothing else is posted
+MAX_BODY = 64 << 10  # a revoke reason is a sentence; the other posted bodies are smaller
 MAX_REASON = 1000  # characters of a revoke reason kept
 MAX_WAIT = 30.0  # seconds a trace long-poll may be held
 MAX_LIMIT = 1024  # trace records per answer
@@ -54,8 +59,12 @@ WRITE_TIMEOUT = 60.0  # seconds one send of an answer may stall on a caller that
 MAX_CONNECTIONS = 64  # connections served at once (a thread each)
 ADMIN_RESERVE = 4  # connections beyond MAX_CONNECTIONS answered for the admin token only; more are closed
 MAX_POLLS = 4  # trace long-polls one credential may hold at once
+TIER_WAIT = 30.0  # seconds an offload or restore waits for the vGPU's processes to act
+TIER_POLL = 0.02  # seconds between two looks at whether they have
 
-_VGPU = re.compile(r"/api/vgpus/([^/]+)(/trace|/revoke)?")
+_VGPU = re.compile(r"/api/vgpus/([^/]+)(/trace|/revoke|/offload|/restore|/idle)?")
+_POSTED = ("/revoke", "/offload", "/restore", "/idle")
+_TIERS = {"warm": 1, "cold": 2}
 
 
 class APIError(Exception):
@@ -128,7 +137,8 @@ class ControlServer:
 
     # ------------------------------------------------------------------ routes
     def handle(self, method: str, path: str, query: dict, body: bytes, caller: dict | None):
-        """(content type, body bytes) of one authenticated request's 200; APIError otherwise."""
+        """(content type, body bytes) of one authenticated request's 200, or (content type, body bytes,
+        status) for another success; APIError otherwise."""
         if path == "/metrics" and method == "GET":
             if caller is not None:
                 raise APIError(403, "the worker's metrics need its admin token (they cover every vGPU)")
@@ -146,7 +156,7 @@ class ControlServer:
         if not m:
             raise APIError(404, f"no such route: {method} {path}")
         vgpu_id, action = urllib.parse.unquote(m.group(1)), m.group(2)
-        want = "POST" if action == "/revoke" else "GET"
+        want = "POST" if action in _POSTED else "GET"
         if method != want:
             raise APIError(405, f"{path} answers {want}, not {method}")
         if caller is not None and str(caller["id"]) != vgpu_id:
@@ -155,6 +165,10 @@ class ControlServer:
             return _json(self.trace(vgpu_id, query, caller))
         if action == "/revoke":
             return _json(self.revoke(vgpu_id, body, caller))
+        if action in ("/offload", "/restore"):
+            return self.move(vgpu_id, action[1:], body, caller)
+        if action == "/idle":
+            return _json(self.idle(vgpu_id, body))
         vgpu = self.registry.get(vgpu_id)
         if vgpu is None:
             raise _not_found(vgpu_id)
@@ -221,6 +235,68 @@ class ControlServer:
         log.info("vGPU %s revoked through the control API by %s%s", vgpu_id,
                  "the admin" if caller is None else "its session", f": {reason}" if reason else "")
         return self.registry.get(vgpu_id) or {"id": vgpu_id, "state": "revoked", "reason": sentence}
+
+    def move(self, vgpu_id: str, action: str, body: bytes, caller: dict | None) -> tuple:
+        """Offload or restore a vGPU's memory: ask its processes, wait up to TIER_WAIT for all to act."""
+        if action == "offload":
+            data = _body_object(body, "{\"to\": \"warm\"}")
+            to = data.get("to")
+            if to not in _TIERS:
+                raise APIError(400, f"\"to\" must be \"warm\" (the worker's host RAM) or \"cold\" (files on its "
+                                    f"disk), not {json.dumps(to)}")
+            want = _TIERS[to]
+        else:
+            want, to = 0, "hot"
+        self._active(vgpu_id)
+        asked = self.registry.request_tier(vgpu_id, want)
+        if asked is None:  # it ended meanwhile
+            self._active(vgpu_id)
+            raise _not_found(vgpu_id)
+        seq, told = asked
+        log.info("vGPU %s: %s to %s asked through the control API by %s (%d processes)", vgpu_id, action, to,
+                 "the admin" if caller is None else "its session", len(told))
+        deadline = time.monotonic() + TIER_WAIT
+        while True:
+            done = self.registry.tier_done(vgpu_id, seq)
+            if done is None:
+                raise _not_found(vgpu_id)
+            if done or time.monotonic() >= deadline or self.stopping.wait(TIER_POLL):
+                break
+        vgpu = self.registry.get(vgpu_id) or {"id": vgpu_id}
+        return (*_json({**vgpu, "done": bool(done)}), 200 if done else 202)
+
+    def idle(self, vgpu_id: str, body: bytes) -> dict:
+        """An idle hint: the vGPU's program has been idle since `since` (default now)."""
+        now = time.time()
+        data = _body_object(body, "{\"since\": 1700000000}")
+        since = data.get("since", now)
+        if isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since) or since < 0:
+            raise APIError(400, f"\"since\" must be a time in epoch seconds, not {json.dumps(since)}")
+        if since > now + 60:
+            raise APIError(400, f"\"since\" ({since:.0f}) is in the future: this worker's clock says {now:.0f}")
+        self._active(vgpu_id)
+        if not self.registry.set_idle_hint(vgpu_id, min(float(since), now), now):
+            raise _not_found(vgpu_id)
+        return self.registry.get(vgpu_id)
+
+    def _active(self, vgpu_id: str) -> None:
+        """404 for an unknown vGPU, 409 for one that ended."""
+        vgpu = self.registry.get(vgpu_id)
+        if vgpu is None:
+            raise _not_found(vgpu_id)
+        if vgpu.get("state") != "active":
+            raise APIError(409, f"vGPU {vgpu_id} is {vgpu.get('state')}: {vgpu.get('reason') or 'no reason given'}")
+
+
+def _body_object(body: bytes, example: str) -> dict:
+    """A request body as a JSON object (none: empty); 400 with an example otherwise."""
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the body must be a JSON object such as {example}")
+    return data
 
 
 def _json(data) -> tuple[str, bytes]:
@@ -355,9 +431,9 @@ class _Handler(BaseHTTPRequestHandler):
             if caller is not None and self.connection in self.server.admin_only:
                 raise APIError(503, "the worker's control API is serving as many connections as it may; "
                                     "try again in a few seconds")
-            ctype, data = control.handle(method, url.path.rstrip("/") or "/", urllib.parse.parse_qs(url.query),
-                                         body, caller)
-            status = 200
+            answer = control.handle(method, url.path.rstrip("/") or "/", urllib.parse.parse_qs(url.query),
+                                    body, caller)
+            ctype, data, status = answer if len(answer) == 3 else (*answer, 200)
         except APIError as e:
             status, ctype, data = e.status, "application/json", json.dumps({"message": e.message}).encode()
         except Exception:  # a bug of ours: the caller gets a sentence, the log the traceback

@@ -1,15 +1,250 @@
-"""(placeholder until the daemon's tier policy lands): see /tmp/tier_spec.md."""
+"""The daemon's VRAM tier policy: idle vGPUs move to host memory, and a full GPU evicts others.
+
+The executors move the memory (tiers.py); the daemon only decides who moves where and asks
+(`registry.request_tier`: the ledger's request and a SIGUSR2 to each executor of the vGPU).
+
+Idle policy, once a second (`Tiering.tick`): a vGPU whose idle clock is older than its QoS's
+``warm_after`` goes warm (the worker's host RAM), older than ``cold_after`` cold (files in the spool
+directory); 0 is never.  The idle clock is the last call of any of its processes that needed its
+device memory (their ledger slots' ``last_touch``; a process that never touched counts from its
+start), a restore asked by hand, or the ``since`` of an idle hint from outside (the Jupyter server
+saying the kernel is idle) when no process touched after the hint came.  The policy only moves
+colder: a touch restores (the executor does it), and it asks for one tier once per idle spell.
+The decision is `decide`, a pure function of plain records, so tests give it their own clock.
+
+Eviction (`Tiering.handle`, in a thread per request): an executor whose GPU is full asks for
+``need`` bytes there.  One eviction runs at a time per GPU.  Victims are the other active vGPUs
+holding memory on that GPU whose QoS is not above the requester's and that are not themselves
+waiting for room, lowest QoS first, then least recently active; each goes warm while the warm
+budget has room for it, else cold, until the bytes they hold there cover the shortfall.  The
+answer comes within ``eviction_wait`` seconds: ``{"freed": n}``, or ``{"refused": sentence}`` at
+once when nothing can move (the executor then fails the call with CUDA_ERROR_OUT_OF_MEMORY and
+that sentence).
+"""
 from __future__ import annotations
 
+import collections
 import json
+import logging
+import threading
+import time
+from typing import NamedTuple
+
+from ..client.units import format_size
+from .pacing import QOS_RANK
+from .tierboard import MAX_GPUS
+
+log = logging.getLogger("gpulab.worker.tiers")
+
+HOT, WARM, COLD = 0, 1, 2
+TIER_WORDS = {HOT: "hot", WARM: "warm", COLD: "cold"}
+WHERE = {WARM: "the worker's host RAM (warm)", COLD: "files on the worker's disk (cold)"}
+EVICT_POLL = 0.005  # seconds between two looks at the board while victims move out
+
+
+class TierState(NamedTuple):
+    """What the policy knows of one vGPU (gathered by `VGPURegistry.tier_state`)."""
+
+    id: str
+    qos: str
+    touches: list  # each live process's last call that needed device memory (wall clock; 0: none yet)
+    started: list  # when each live process started (wall clock)
+    hint: tuple    # the idle hint: (since, received); (0, 0) when none came
+    tiers: tuple   # bytes (hot, warm, cold) over its processes
+    asked: tuple   # the last tier asked of it (0 hot, 1 warm, 2 cold) and when (wall clock; 0: never)
+
+
+def last_activity(s: TierState) -> float | None:
+    """When the vGPU last did something: its latest touch (else its first process's start), or a
+    restore asked by hand after that; None with no process."""
+    touch = max(s.touches, default=0.0)
+    if touch <= 0:
+        touch = min(s.started, default=0.0)
+    want, at = s.asked
+    if want == HOT and at > touch:
+        touch = at
+    return touch or None
+
+
+def idle_clock(s: TierState) -> float | None:
+    """Since when the vGPU counts as idle (wall clock); None when nothing says (no process, no hint)."""
+    touch = last_activity(s)
+    since, received = s.hint
+    if received > 0 and (touch is None or touch <= received):
+        return since
+    return touch
+
+
+def tier_name(hot: int, warm: int, cold: int) -> str:
+    """One word for where a vGPU's memory is: hot, warm, cold, mixed, or none with no allocation."""
+    where = [name for name, n in (("hot", hot), ("warm", warm), ("cold", cold)) if n]
+    if not where:
+        return "none"
+    return where[0] if len(where) == 1 else "mixed"
+
+
+def decide(vgpus: list[TierState], now: float, warm_after: dict, cold_after: dict) -> list[tuple[str, int]]:
+    """(vGPU id, tier to ask for) for each vGPU idle long enough to move colder than it is."""
+    out = []
+    for s in vgpus:
+        hot, warm, _cold = s.tiers
+        clock = idle_clock(s)
+        if clock is None or not (hot or warm):
+            continue
+        idle = now - clock
+        to_warm, to_cold = warm_after.get(s.qos) or 0, cold_after.get(s.qos) or 0
+        if to_cold and idle >= to_cold:
+            want = COLD
+        elif to_warm and idle >= to_warm and hot:
+            want = WARM
+        else:
+            continue
+        asked, at = s.asked
+        touched = last_activity(s) or 0.0
+        if asked >= want and at >= touched:
+            continue  # asked already in this idle spell (by the policy, an eviction or by hand)
+        out.append((s.id, want))
+    return out
 
 
 class Tiering:
-    def __init__(self, registry, warm_after, cold_after, eviction_wait):
+    """The idle policy and eviction over a VGPURegistry (vgpus.py) and its tier board."""
+
+    def __init__(self, registry, warm_after: dict, cold_after: dict, eviction_wait: float):
         self.registry = registry
+        self.warm_after, self.cold_after = dict(warm_after), dict(cold_after)
+        self.eviction_wait = eviction_wait
+        self.guard = threading.Lock()
+        self.gpu_locks: dict[int, threading.Lock] = collections.defaultdict(threading.Lock)
+        self.waiting: collections.Counter = collections.Counter()  # vGPU id -> its requests waiting for room
 
-    def tick(self) -> None:
-        pass
+    # ------------------------------------------------------------ idle policy
+    def tick(self, now: float | None = None) -> list[tuple[str, int]]:
+        """Ask the vGPUs idle long enough to move colder (never waits for them); what was asked."""
+        now = time.time() if now is None else now
+        reg = self.registry
+        with reg.lock:
+            states = {v.id: reg.tier_state(v) for v in reg.table.values() if v.state == "active" and v.procs}
+        asked = []
+        for vid, want in decide(list(states.values()), now, self.warm_after, self.cold_after):
+            if reg.request_tier(vid, want) is not None:
+                asked.append((vid, want))
+                clock = idle_clock(states[vid])
+                log.info("vGPU %s (QoS %s) idle for %.0f s: its %s move to %s", vid, states[vid].qos,
+                         now - clock, format_size(sum(states[vid].tiers[:want])), WHERE[want])
+        return asked
 
-    def handle(self, vgpu, pid, message: bytes) -> bytes:
-        return json.dumps({"refused": "not yet"}).encode()
+    # --------------------------------------------------------------- eviction
+    def handle(self, vgpu, pid: int, message: bytes) -> bytes:
+        """An executor of ``vgpu`` (pid ``pid``) found its GPU full: the JSON answer to its request."""
+        try:
+            req = json.loads(message)
+            gpu, need = req["gpu"], req["need"]
+            if not (type(gpu) is int and type(need) is int and 0 <= gpu < MAX_GPUS and need > 0):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            return _refused(f"the worker did not understand this process's request for room on its GPU "
+                            f"({bytes(message[:80])!r}); expected {{\"gpu\": index, \"need\": bytes}}")
+        start = time.monotonic()
+        deadline = start + self.eviction_wait
+        with self.guard:
+            lock = self.gpu_locks[gpu]
+            self.waiting[vgpu.id] += 1  # while it waits, nobody evicts it for room
+        try:
+            if not lock.acquire(timeout=self.eviction_wait):
+                return _refused(f"GPU {gpu} of this worker is full, and another vGPU's wait for room there "
+                                f"took longer than {self.eviction_wait:g} s")
+            try:
+                return self._evict(vgpu, pid, gpu, need, start, deadline)
+            finally:
+                lock.release()
+        finally:
+            with self.guard:
+                self.waiting[vgpu.id] -= 1
+                if self.waiting[vgpu.id] <= 0:
+                    del self.waiting[vgpu.id]
+
+    def _evict(self, vgpu, pid: int, gpu: int, need: int, start: float, deadline: float) -> bytes:
+        reg, board = self.registry, self.registry.tierboard
+        qos = vgpu.grant.get("qos") or "medium"
+        rank = QOS_RANK.get(qos, 1)
+        with reg.lock:
+            capacity, in_use = board.capacity(gpu), board.hot_on(gpu)
+            if capacity and in_use + need <= capacity:  # room came while it waited for the lock
+                return _freed(capacity - in_use)
+            short = in_use + need - capacity if capacity else need
+            full = (f"GPU {gpu} of this worker has {format_size(in_use)} of its {format_size(capacity)} in use, "
+                    f"{format_size(need)} more do not fit" if capacity else
+                    f"GPU {gpu} of this worker has no room for {format_size(need)} more "
+                    f"({format_size(in_use)} held there by its vGPUs)")
+            candidates, higher, waiting = [], 0, 0
+            for v in reg.table.values():
+                if v is vgpu or v.state != "active" or not v.rows:
+                    continue
+                rows = [board.row_figures(r) for r in v.rows.values()]
+                here = sum(f["hot"][gpu] for f in rows)
+                if here <= 0:
+                    continue
+                their_rank = QOS_RANK.get(v.grant.get("qos") or "medium", 1)
+                if their_rank > rank:
+                    higher += 1
+                elif self.waiting.get(v.id):
+                    waiting += 1
+                else:
+                    candidates.append((their_rank, idle_clock(reg.tier_state(v)) or 0.0, v, here,
+                                       sum(sum(f["hot"]) for f in rows)))
+            if not candidates:
+                if higher:
+                    why = (f"the other vGPUs there have a higher QoS than this one ({qos}) and are never moved "
+                           f"for it")
+                elif waiting:
+                    why = "the other vGPUs there are waiting for room themselves"
+                else:
+                    why = "no other vGPU holds memory there that could move"
+                return _refused(f"{full}: {why}")
+            candidates.sort(key=lambda c: (c[0], c[1]))
+            room = board.warm_budget - board.warm_total()
+            victims, expected = [], 0
+            for _rank, _clock, v, here, all_hot in candidates:
+                if expected >= short:
+                    break
+                want = WARM if all_hot <= room else COLD
+                if want == WARM:
+                    room -= all_hot
+                victims.append((v, want, here))
+                expected += here
+            if expected < short:
+                return _refused(f"{full}: moving every vGPU there of QoS {qos} or lower would free only "
+                                f"{format_size(expected)} of the {format_size(short)} needed")
+        for v, want, _here in victims:
+            reg.request_tier(v.id, want)
+        before = sum(here for _v, _want, here in victims)
+        while True:
+            with reg.lock:
+                left = sum(board.row_figures(r)["hot"][gpu] for v, _w, _h in victims for r in list(v.rows.values()))
+                room = capacity - board.hot_on(gpu) if capacity else 0
+            freed = max(before - left, 0)
+            if left == 0 or (capacity and room >= need) or (not capacity and freed >= need):
+                break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(EVICT_POLL)
+        n = max(freed, room) if capacity and room >= need else freed
+        took = time.monotonic() - start
+        moved = ", ".join(f"{v.id} -> {TIER_WORDS[want]} ({format_size(here)})" for v, want, here in victims)
+        if n <= 0:
+            log.info("eviction on GPU %d for vGPU %s (process %d, %s): nothing moved within %.3g s (asked: %s)",
+                     gpu, vgpu.id, pid, format_size(need), took, moved)
+            return _refused(f"{full}: the vGPUs asked to make room ({', '.join(v.id for v, _w, _h in victims)}) "
+                            f"did not move within {self.eviction_wait:g} s")
+        log.info("eviction on GPU %d for vGPU %s (process %d, %s): %s; %s freed in %.3f s", gpu, vgpu.id, pid,
+                 format_size(need), moved, format_size(freed), took)
+        return _freed(n)
+
+
+def _freed(n: int) -> bytes:
+    return json.dumps({"freed": int(n)}).encode()
+
+
+def _refused(sentence: str) -> bytes:
+    return json.dumps({"refused": sentence}).encode()

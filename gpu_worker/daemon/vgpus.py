@@ -28,6 +28,7 @@ from ..client.units import format_size
 from .ledger import Ledger
 from .pacing import QOS_RANK, GPUBoard
 from .tierboard import TierBoard
+from .tiering import TierState, idle_clock, tier_name
 
 log = logging.getLogger("gpulab.worker")
 
@@ -35,6 +36,10 @@ TRACE_KEEP = 1024          # calls a vGPU's trace keeps, over all its processes
 REVOKED_KEEP = 24 * 3600   # seconds a revoked token stays refused with its reason
 MEASURE_EVERY = 1.0        # seconds between measurements of the context overhead (cuda)
 COUNTERS = ("calls", "launches", "bytes_in", "bytes_out", "kernel_time", "throttled_time")
+# a vGPU's tier moves, summed over its processes, ended ones included (the ledger slot's names)
+MOVES = ("offloads", "restores", "failures", "bytes_offloaded", "bytes_restored", "offload_seconds",
+         "restore_seconds")
+TIER_NAMES = ("hot", "warm", "cold")
 SHARE_WINDOW = 10.0        # seconds over which a vGPU's measured share is taken
 
 
@@ -53,6 +58,10 @@ class VGPU:
         self.state, self.reason = "active", ""
         self.ended_at = 0.0
         self.retired = dict.fromkeys(COUNTERS, 0)  # from processes that ended
+        self.retired_moves = dict.fromkeys(MOVES, 0)
+        # the last tier asked of its processes (0 hot, 1 warm, 2 cold) and when (wall clock): the idle
+        # policy asks for a tier once per idle spell, and a restore asked by hand counts as a touch
+        self.asked: tuple[int, float] = (0, 0.0)
         self.errors: collections.Counter = collections.Counter()
         self.opened = 0
         self.trace: collections.deque = collections.deque(maxlen=TRACE_KEEP)
@@ -315,6 +324,8 @@ class VGPURegistry:
             if final is not None:
                 for k in COUNTERS:
                     v.retired[k] += final[k]
+                for k in MOVES:
+                    v.retired_moves[k] += final[k]
                 v.errors.update(final["errors"])
             # its kernel time moves from its slot to the ended processes' total in one step under the
             # lock, or a process settling its bucket between the two would count it twice
@@ -343,6 +354,7 @@ class VGPURegistry:
             if v is None or v.state != "active":
                 return None
             seq = v.ledger.request_tier(want)
+            v.asked = (want, time.time())
             told = []
             for pid in v.procs:
                 try:
@@ -351,6 +363,43 @@ class VGPURegistry:
                 except ProcessLookupError:
                     pass
             return seq, told
+
+    def tier_done(self, vgpu_id: str, seq: int) -> bool | None:
+        """Whether every live process of a vGPU has acted on tier request ``seq``; None for an unknown vGPU."""
+        with self.lock:
+            v = self._by_id(vgpu_id)
+            if v is None:
+                return None
+            for slot in v.procs.values():
+                rec = v.ledger.read_slot(slot)
+                if rec is not None and rec["done_seq"] < seq:
+                    return False
+            return True
+
+    def set_idle_hint(self, vgpu_id: str, since: float, now: float | None = None) -> bool:
+        """Someone outside says the vGPU's program has been idle since ``since``; False for an unknown or
+        ended vGPU."""
+        with self.lock:
+            v = self._by_id(vgpu_id)
+            if v is None or v.state != "active":
+                return False
+            v.ledger.set_idle_hint(since, time.time() if now is None else now)
+            return True
+
+    def tier_state(self, v: VGPU) -> TierState:
+        """(under the lock) What the idle policy and eviction need of a vGPU, from its ledger."""
+        touches, started = [], []
+        tiers = dict.fromkeys(TIER_NAMES, 0)
+        for slot in v.procs.values():
+            rec = v.ledger.read_slot(slot)
+            if rec is None:
+                continue
+            touches.append(rec["last_touch"])
+            started.append(rec["started"])
+            for k in TIER_NAMES:
+                tiers[k] += rec[k]
+        return TierState(v.id, v.grant.get("qos") or "medium", touches, started, v.ledger.idle_hint(),
+                         (tiers["hot"], tiers["warm"], tiers["cold"]), v.asked)
 
     # ------------------------------------------------------------ revocation
     def revoke(self, vgpu_id: str, reason: str) -> bool:
@@ -439,6 +488,7 @@ class VGPURegistry:
         self._harvest(v)
         procs = []
         totals = dict(v.retired)
+        moves = dict(v.retired_moves)
         errors = collections.Counter(v.errors)
         for pid, slot in sorted(v.procs.items()):
             rec = v.ledger.read_slot(slot)
@@ -446,10 +496,15 @@ class VGPURegistry:
                 continue
             for k in COUNTERS:
                 totals[k] += rec[k]
+            for k in MOVES:
+                moves[k] += rec[k]
             errors.update(rec["errors"])
             procs.append({"pid": pid, "client_pid": rec["client_pid"], "used": rec["used"],
                           "overhead": rec["overhead"], "started": rec["started"], "waiting": bool(rec["waiting"]),
-                          **{k: rec[k] for k in COUNTERS}})
+                          **{k: rec[k] for k in COUNTERS}, "tiers": {k: rec[k] for k in TIER_NAMES},
+                          "last_touch": rec["last_touch"] or None})
+        state = self.tier_state(v)
+        clock = idle_clock(state)
         g = v.grant
         share, _rank, burst = _pacing(g)
         return {"id": v.id, "token_hash": g["token_hash"], "user": g.get("user", ""), "profile": g.get("profile", ""),
@@ -459,7 +514,9 @@ class VGPURegistry:
                 "processes": procs, **totals, "errors": {E.name_of(c): n for c, n in sorted(errors.items())},
                 "sessions_opened": v.opened, "share": round(share * 100, 3), "burst": burst,
                 "share_measured": _measured_share(v, totals["kernel_time"]),
-                "queue_depth": sum(p["waiting"] for p in procs)}
+                "queue_depth": sum(p["waiting"] for p in procs),
+                "tier": tier_name(*state.tiers), "tiers": dict(zip(TIER_NAMES, state.tiers)), "moves": moves,
+                "idle_seconds": None if clock is None else round(max(time.time() - clock, 0.0), 3)}
 
     def vgpus(self) -> list[dict]:
         with self.lock:

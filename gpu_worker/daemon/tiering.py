@@ -229,7 +229,7 @@ class Tiering:
             if time.monotonic() >= deadline:
                 break
             time.sleep(EVICT_POLL)
-        n = max(freed, room) if capacity and room >= need else freed
+        n = freed or (room if capacity and room >= need else 0)  # nothing freed, yet room came: say so
         took = time.monotonic() - start
         moved = ", ".join(f"{v.id} -> {TIER_WORDS[want]} ({format_size(here)})" for v, want, here in victims)
         if n <= 0:

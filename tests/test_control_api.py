@@ -39,7 +39,11 @@ def vgpu(vid, user, token, gpus, quota, used, overhead=0, **kw):
                           for i in range(kw.pop("nprocs", 2))],
             "calls": 20, "launches": 4, "bytes_in": 1 << 20, "bytes_out": 4096,
             "errors": {}, "sessions_opened": 2, "share": 25, "burst": True, "kernel_time": 12.5,
-            "throttled_time": 2.5, "share_measured": 31.5, "queue_depth": 1, **kw}
+            "throttled_time": 2.5, "share_measured": 31.5, "queue_depth": 1,
+            "tier": "mixed", "tiers": {"hot": used // 2, "warm": used // 4, "cold": used // 4},
+            "moves": {"offloads": 3, "restores": 2, "failures": 1, "bytes_offloaded": 3 * used // 4,
+                      "bytes_restored": used // 2, "offload_seconds": 0.75, "restore_seconds": 0.5},
+            "idle_seconds": 42.0, **kw}
 
 
 class FakeRegistry:
@@ -105,6 +109,9 @@ class FakeRegistry:
             return False
         self.hints.append((vgpu_id, since, now))
         return True
+
+    def tier_figures(self):
+        return {"warm": 80 << 20, "warm_budget": 8 << 30, "hot": {GPU_A: 150 << 20, GPU_B: 0}}
 
     def gpus(self):
         return [{"uuid": GPU_A, "index": 0, "model": "Emulated GPU", "memory": 4 << 30, "capability": "9.0",
@@ -429,7 +436,20 @@ def test_metrics_are_the_registry_figures(server):
     assert m[("gpulab_vgpu_transfer_bytes_total", (("direction", "htod"), *alice))] == 1 << 20
     assert m[("gpulab_vgpu_transfer_bytes_total", (("direction", "dtoh"), *alice))] == 4096
     assert m[("gpulab_vgpu_errors_total", (("result", "CUDA_ERROR_OUT_OF_MEMORY"), *alice))] == 3
-    assert m[("gpulab_vgpu_restore_failures_total", alice)] == 0
+    # VRAM tiers: bytes per tier, moves by kind with their bytes and seconds, the worker's tier board
+    assert [m[("gpulab_vgpu_tier_bytes", (("tier", t), *alice))] for t in ("hot", "warm", "cold")] == [
+        150 << 20, 75 << 20, 75 << 20]
+    assert [m[("gpulab_vgpu_tier_moves_total", (("kind", k), *alice))] for k in ("offload", "restore", "failure")
+            ] == [3, 2, 1]
+    assert m[("gpulab_vgpu_tier_move_bytes_total", (("kind", "offload"), *alice))] == 225 << 20
+    assert m[("gpulab_vgpu_tier_move_bytes_total", (("kind", "restore"), *alice))] == 150 << 20
+    assert m[("gpulab_vgpu_tier_move_seconds_total", (("kind", "offload"), *alice))] == 0.75
+    assert m[("gpulab_vgpu_tier_move_seconds_total", (("kind", "restore"), *alice))] == 0.5
+    assert ("gpulab_vgpu_tier_move_bytes_total", (("kind", "failure"), *alice)) not in m
+    assert m[("gpulab_worker_warm_bytes", ())] == 80 << 20
+    assert m[("gpulab_worker_warm_budget_bytes", ())] == 8 << 30
+    assert m[("gpulab_worker_gpu_hot_bytes", (("gpu", GPU_A),))] == 150 << 20
+    assert m[("gpulab_worker_gpu_hot_bytes", (("gpu", GPU_B),))] == 0
     # compute shares: the grant's and the measured one as ratios of one GPU, seconds, processes waiting
     assert m[("gpulab_vgpu_compute_share_ratio", alice)] == 0.25
     assert m[("gpulab_vgpu_compute_measured_ratio", alice)] == 0.315

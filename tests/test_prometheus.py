@@ -6,7 +6,7 @@ configure it works.  A client holds VRAM on a vGPU through the shim; the exact b
 Prometheus, and each alert rule of deploy/prometheus/alerts.yml, evaluated by this Prometheus,
 returns the series it should: the GPU nearly full, the vGPU at its quota, a worker lost, refusals
 rising, a vGPU throttled to its compute share (over a shorter window than the rule's 10 minutes),
-a worker down once it stops; the restore-failures rule none (no tiering yet).
+a worker down once it stops; the restore-failures rule none (nothing failed to move).
 
 `promtool` checks the shipped rules and the example configuration.  Without the package the tests
 skip, except in CI ($CI set), where `make test`'s bootstrap installs it and a skip would hide a gap.
@@ -264,8 +264,8 @@ def test_prometheus_scrapes_a_worker_and_the_pool_and_the_alert_rules_find_them(
         lost = prom.wait(expr["GPULabWorkerLost"])
         assert [float(s["value"][1]) for s in lost] == [1.0]
         assert prom.query(expr["GPULabPoolRefusalsRising"]) == []
-        assert prom.query(expr["GPULabVGPURestoreFailures"]) == []  # no tiering yet: nothing to restore
-        assert values(prom.query("gpulab_vgpu_restore_failures_total"), "vgpu") == {vid: 0}
+        assert prom.query(expr["GPULabVGPURestoreFailures"]) == []  # nothing moved, nothing failed
+        assert values(prom.query('gpulab_vgpu_tier_moves_total{kind="failure"}'), "vgpu") == {vid: 0}
         assert prom.query(expr["GPULabWorkerDown"]) == []
 
         # refusals after Prometheus has seen the counter at 0: the rule sees them rise

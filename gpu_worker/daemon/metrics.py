@@ -2,7 +2,8 @@
 
 Nothing is counted twice: a collector turns `registry.vgpus()` and `registry.gpu_facts()` into
 metric families when Prometheus asks, so the figures are the ledger's own (counters are the
-registry's cumulative totals, ended processes included).  The families live in a private
+registry's cumulative totals, ended processes included), and the worker's tier figures come from
+its tier board (`registry.tier_figures()`).  The families live in a private
 CollectorRegistry: the process-wide default one would mix in whatever else the process imports.
 
 A vGPU whose grant asks for the whole GPU (quota None) reports its GPUs' memory as its quota, the
@@ -32,9 +33,12 @@ _VGPU_FIGURES = [
      "over its compute share (summed over its processes).", "throttled_time", True),
     ("gpulab_vgpu_pacing_queue_depth", "The vGPU's processes waiting in the worker for their compute share now.",
      "queue_depth", False),
-    ("gpulab_vgpu_restore_failures_total", "Memory the vGPU could not get back from a lower tier (host RAM, "
-     "disk); 0 until tiering.", "restore_failures", True),
 ]
+
+# VRAM tier moves per vGPU, by kind: (kind, key of its count, of its bytes, of its seconds) in a vGPU's "moves"
+_MOVES = [("offload", "offloads", "bytes_offloaded", "offload_seconds"),
+          ("restore", "restores", "bytes_restored", "restore_seconds"),
+          ("failure", "failures", None, None)]
 
 # (family, help, key in a GPU's facts) for the optional per-GPU facts (None: not known, no sample).
 _GPU_FACTS = [
@@ -59,6 +63,22 @@ class WorkerCollector:
         facts = self.registry.gpu_facts()
         yield from self._vgpus(gpus, facts)
         yield from self._gpus(gpus, facts)
+        yield from self._tiers(gpus)
+
+    def _tiers(self, gpus: dict):
+        """The worker's tier board: warm host RAM held and its budget, device memory held per GPU."""
+        board = self.registry.tier_figures()
+        warm = GaugeMetricFamily("gpulab_worker_warm_bytes", "Host RAM the worker's warm tier holds (vGPU memory "
+                                 "moved off its GPUs), over all vGPUs.")
+        warm.add_metric([], board["warm"])
+        budget = GaugeMetricFamily("gpulab_worker_warm_budget_bytes", "Host RAM the warm tier may hold; beyond it "
+                                   "offloads go cold (to disk).")
+        budget.add_metric([], board["warm_budget"])
+        hot = GaugeMetricFamily("gpulab_worker_gpu_hot_bytes", "Device memory the vGPUs' allocations hold on each "
+                                "GPU (the worker's tier board).", labels=["gpu"])
+        for uuid, n in sorted(board["hot"].items()):
+            hot.add_metric([uuid], n)
+        yield from (warm, budget, hot)
 
     def _vgpus(self, gpus: dict, facts: dict):
         vgpus = self.registry.vgpus()
@@ -80,6 +100,16 @@ class WorkerCollector:
                                      labels=VGPU)
         errors = CounterMetricFamily("gpulab_vgpu_errors", "Driver calls of the vGPU that failed, by CUresult.",
                                      labels=[*VGPU, "result"])
+        tier_bytes = GaugeMetricFamily("gpulab_vgpu_tier_bytes", "Bytes of the vGPU's allocations in each tier: hot "
+                                       "(on the GPU), warm (the worker's host RAM), cold (files on its disk).",
+                                       labels=[*VGPU, "tier"])
+        moves = CounterMetricFamily("gpulab_vgpu_tier_moves", "Moves of the vGPU's memory between tiers, by kind: "
+                                    "offload (off the GPU), restore (back), failure (a move that failed).",
+                                    labels=[*VGPU, "kind"])
+        move_bytes = CounterMetricFamily("gpulab_vgpu_tier_move_bytes", "Bytes the vGPU's offloads and restores "
+                                         "moved.", labels=[*VGPU, "kind"])
+        move_seconds = CounterMetricFamily("gpulab_vgpu_tier_move_seconds", "Seconds the vGPU's offloads and "
+                                           "restores took.", labels=[*VGPU, "kind"])
         for v in vgpus:
             labels = [str(v["id"]), v.get("user") or ""]
             info.add_metric([*labels, v.get("profile") or "", v.get("qos") or "", v.get("state") or "",
@@ -97,6 +127,14 @@ class WorkerCollector:
             transfer.add_metric([*labels, "dtoh"], v.get("bytes_out") or 0)
             for result, n in sorted((v.get("errors") or {}).items()):
                 errors.add_metric([*labels, result], n)
+            for tier in ("hot", "warm", "cold"):
+                tier_bytes.add_metric([*labels, tier], (v.get("tiers") or {}).get(tier) or 0)
+            done = v.get("moves") or {}
+            for kind, count, nbytes, secs in _MOVES:
+                moves.add_metric([*labels, kind], done.get(count) or 0)
+                if nbytes:
+                    move_bytes.add_metric([*labels, kind], done.get(nbytes) or 0)
+                    move_seconds.add_metric([*labels, kind], done.get(secs) or 0)
         yield info
         yield quota
         yield procs
@@ -105,6 +143,7 @@ class WorkerCollector:
         yield measured
         yield transfer
         yield errors
+        yield from (tier_bytes, moves, move_bytes, move_seconds)
 
     def _gpus(self, gpus: dict, facts: dict):
         total = GaugeMetricFamily("gpulab_gpu_memory_total_bytes", "Device memory of the GPU (an emulated GPU "

@@ -545,6 +545,12 @@ class VGPURegistry:
     def gpus(self) -> list[dict]:
         return [dict(g) for g in self.gpu_list]
 
+    def tier_figures(self) -> dict:
+        """The tier board's totals: warm bytes held, the warm budget, and hot bytes per GPU uuid."""
+        board = self.tierboard
+        return {"warm": board.warm_total(), "warm_budget": board.warm_budget,
+                "hot": {g["uuid"]: board.hot_on(i) for i, g in enumerate(self.gpu_list)}}
+
     def gpu_facts(self) -> dict[str, dict]:
         """Per GPU: NVML's facts on a real GPU; on the emulated device, what its vGPUs hold."""
         if self.kind == "cuda":

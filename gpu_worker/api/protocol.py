@@ -7,8 +7,8 @@ reference for both.
 import struct
 
 from . import wire
-from .wire import (FIRST_OPCODE, FLAG_REPLY, LAUNCH_ATTR_SIZE, MAX_FRAME, OP_HELLO, OP_LAUNCH,  # noqa: F401
-                   OP_PARAM_LAYOUT, OP_SET_CONTEXT, PROTOCOL_VERSION)
+from .wire import (FIRST_OPCODE, FLAG_REPLY, LAUNCH_ATTR_SIZE, MAX_FRAME, MAX_REASON, OP_HELLO,  # noqa: F401
+                   OP_LAUNCH, OP_PARAM_LAYOUT, OP_SET_CONTEXT, PROTOCOL_VERSION, REPLY_ENDED)
 
 REQ_HEADER = struct.Struct(wire.REQ_HEADER_FORMAT)
 REP_HEADER = struct.Struct(wire.REP_HEADER_FORMAT)
@@ -18,3 +18,16 @@ LAUNCH = struct.Struct(wire.LAUNCH_FORMAT)
 
 class ProtocolError(Exception):
     """A frame that cannot be parsed: the session is closed, the worker goes on."""
+
+
+def clip_reason(reason: str) -> bytes:
+    """A sentence for the person as UTF-8, cut to MAX_REASON bytes on a character boundary."""
+    return reason.encode()[:MAX_REASON].decode("utf-8", "ignore").encode()
+
+
+def ended_frame(code: int, reason: str) -> bytes:
+    """The worker's last frame of a session (``REPLY_ENDED``): the CUresult every later call of the
+    program returns, and the sentence saying why. It may come instead of any reply, or while the
+    shim is still sending; nothing follows it."""
+    why = clip_reason(reason)
+    return REP_HEADER.pack(4 + len(why), code, REPLY_ENDED | len(why)) + struct.pack("<I", code) + why

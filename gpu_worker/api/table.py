@@ -146,8 +146,8 @@ class Layout:
 
 
 WIRE = [
-    Const("PROTOCOL_VERSION", 3, "sent in HELLO; a worker refuses any other version (2: replies carry reasons, "
-                                 "3: keepalives)"),
+    Const("PROTOCOL_VERSION", 4, "sent in HELLO; a worker refuses any other version (2: replies carry reasons, "
+                                 "3: keepalives, 4: ended frames)"),
     Const("OP_HELLO", 1, "opens the session: version, client pid, token"),
     Const("OP_SET_CONTEXT", 2, "the calling thread's current context id (never replied)"),
     Const("OP_LAUNCH", 3, "a kernel launch with its parameter buffer (never replied)"),
@@ -161,6 +161,9 @@ WIRE = [
     Const("MAX_REASON", 1024, "longest reason (UTF-8 bytes) a reply carries for a refused call"),
     Const("REPLY_KEEPALIVE", 1 << 31, "reply header's reason-length word: not a reply but a keepalive (no payload, "
                                       "result 0): the worker is alive and still running a call"),
+    Const("REPLY_ENDED", 1 << 30, "reply header's reason-length word: the worker ended this session: the payload is "
+                                  "the CUresult (u32) and a UTF-8 sentence (at most MAX_REASON bytes, its length in "
+                                  "the word's low bits, the CUresult also in the header); no reply follows"),
     Const("KEEPALIVE_AFTER_MS", 1000, "the worker sends keepalives once a call has run this long"),
     Const("KEEPALIVE_EVERY_MS", 2000, "and then this often until the call ends"),
     Const("DEFAULT_TIMEOUT_MS", 10000, "the shim gives up on a silent worker after this long (GPULAB_TIMEOUT)"),

@@ -3,7 +3,7 @@
 #ifndef GL_WIRE_H
 #define GL_WIRE_H
 
-#define GL_PROTOCOL_VERSION 3u  /* sent in HELLO; a worker refuses any other version (2: replies carry reasons, 3: keepalives) */
+#define GL_PROTOCOL_VERSION 4u  /* sent in HELLO; a worker refuses any other version (2: replies carry reasons, 3: keepalives, 4: ended frames) */
 #define GL_OP_HELLO 1u  /* opens the session: version, client pid, token */
 #define GL_OP_SET_CONTEXT 2u  /* the calling thread's current context id (never replied) */
 #define GL_OP_LAUNCH 3u  /* a kernel launch with its parameter buffer (never replied) */
@@ -16,6 +16,7 @@
 #define GL_PIPELINE_FLUSH 65536u  /* the shim sends pipelined frames once this many bytes are pending */
 #define GL_MAX_REASON 1024u  /* longest reason (UTF-8 bytes) a reply carries for a refused call */
 #define GL_REPLY_KEEPALIVE 2147483648u  /* reply header's reason-length word: not a reply but a keepalive (no payload, result 0): the worker is alive and still running a call */
+#define GL_REPLY_ENDED 1073741824u  /* reply header's reason-length word: the worker ended this session: the payload is the CUresult (u32) and a UTF-8 sentence (at most MAX_REASON bytes, its length in the word's low bits, the CUresult also in the header); no reply follows */
 #define GL_KEEPALIVE_AFTER_MS 1000u  /* the worker sends keepalives once a call has run this long */
 #define GL_KEEPALIVE_EVERY_MS 2000u  /* and then this often until the call ends */
 #define GL_DEFAULT_TIMEOUT_MS 10000u  /* the shim gives up on a silent worker after this long (GPULAB_TIMEOUT) */

@@ -5,7 +5,12 @@
  * Liveness: every wait on the socket (connect, send, receive) has a deadline. The worker sends
  * keepalives while a call runs long, so the deadline is "nothing at all arrived for the limit"
  * (GPULAB_TIMEOUT seconds, default 10): a long kernel never times out, a hung or stopped worker
- * does, and the program gets an error with a reason instead of waiting forever. */
+ * does, and the program gets an error with a reason instead of waiting forever.
+ *
+ * Ending: a worker that stops (or revokes the vGPU) ends the session with a last frame saying why
+ * (REPLY_ENDED). The shim reads it where a reply would come, or, when a send fails because the worker
+ * closed the socket, finds it still unread there; the person reads the worker's sentence, not only
+ * "connection lost", and every call returns the worker's code. */
 #define _GNU_SOURCE
 #include "gl_shim.h"
 
@@ -39,6 +44,7 @@ static struct {
     int have_early;
     const char *addr;       /* GPULAB_WORKER, for messages */
     volatile int exiting;   /* process exit: waits are short, nothing blocks the exit */
+    int ended;              /* the worker ended the session and said why (REPLY_ENDED) */
 } C = { PTHREAD_MUTEX_INITIALIZER, -1, 0, CUDA_SUCCESS, 0, NULL, 0, 0, NULL, 0, 0, 0, 0, 0, {0}, 0, "", 0 };
 
 /* The liveness limit in milliseconds (GPULAB_TIMEOUT, seconds; 0 = wait forever). */
@@ -121,6 +127,38 @@ static int is_keepalive(const unsigned char *h)
     return (w & GL_REPLY_KEEPALIVE) != 0;
 }
 
+static int is_ended(const unsigned char *h)
+{
+    uint32_t w;
+    memcpy(&w, h + 12, 4);
+    return (w & GL_REPLY_ENDED) != 0;
+}
+
+/* A REPLY_ENDED header as docs/protocol.md has it: the CUresult and a sentence of at most MAX_REASON
+ * bytes, whose length the header's word also gives. Its payload length goes to *plen. */
+static int ended_frame_ok(const unsigned char *h, uint64_t *plen)
+{
+    uint32_t w;
+    memcpy(plen, h, 8);
+    memcpy(&w, h + 12, 4);
+    return *plen >= 4 && *plen <= 4 + GL_MAX_REASON && (w & ~GL_REPLY_ENDED) == *plen - 4;
+}
+
+/* The worker ended the session: every call from now on returns its code, and the person reads its
+ * sentence instead of "connection lost". */
+static void end_session(const unsigned char *payload, size_t n)
+{
+    uint32_t code;
+    memcpy(&code, payload, 4);
+    if (code == CUDA_SUCCESS) code = CUDA_ERROR_DEVICE_UNAVAILABLE;  /* an ended session never succeeds */
+    if (n > 4) {
+        gl_say((const char *)payload + 4, n - 4);
+        C.state = -1;  /* said: mark_dead need not say more */
+    }
+    C.ended = 1;
+    mark_dead((CUresult)code, "the worker ended the session");
+}
+
 /* recv n bytes; the deadline restarts whenever bytes arrive (a keepalive is 16 of them). */
 static int read_all(void *p, size_t n)
 {
@@ -141,13 +179,56 @@ static int read_all(void *p, size_t n)
     return 0;
 }
 
+/* A REPLY_ENDED header just read: its payload follows, whole (the worker sends the frame at once).
+ * Returns -1 either way: the session is over. */
+static int take_ended(const unsigned char *h)
+{
+    uint64_t plen;
+    unsigned char payload[4 + GL_MAX_REASON];
+    if (!ended_frame_ok(h, &plen)) { errno = EPROTO; return -1; }
+    if (read_all(payload, (size_t)plen) != 0) return -1;
+    end_session(payload, (size_t)plen);
+    return -1;
+}
+
+/* A send failed, most often because the worker closed the socket; a worker that ended the session
+ * wrote why before closing, and those bytes may still wait unread: look, without waiting, past any
+ * keepalives. (Only between frames: nothing is half read while sending.) 1 when the session was ended
+ * so; errno is kept for the caller otherwise. */
+static int take_pending_ended(void)
+{
+    unsigned char buf[GL_REP_HEADER_SIZE + 4 + GL_MAX_REASON];
+    int saved = errno;
+    /* an early header holds the stream's next frame: the bytes in the socket are its payload */
+    while (C.fd >= 0 && !C.have_early) {
+        ssize_t got = recv(C.fd, buf, sizeof buf, MSG_PEEK | MSG_DONTWAIT);
+        uint64_t plen;
+        if (got < (ssize_t)GL_REP_HEADER_SIZE) break;
+        if (is_keepalive(buf)) {
+            if (recv(C.fd, buf, GL_REP_HEADER_SIZE, MSG_DONTWAIT) != (ssize_t)GL_REP_HEADER_SIZE) break;
+            continue;
+        }
+        if (!is_ended(buf) || !ended_frame_ok(buf, &plen) || (uint64_t)got < GL_REP_HEADER_SIZE + plen) break;
+        gl_debug("the worker ended the session before this call was sent (its last frame waited unread)");
+        end_session(buf + GL_REP_HEADER_SIZE, (size_t)plen);
+        return 1;
+    }
+    errno = saved;
+    return 0;
+}
+
 /* While we send, the worker may send keepalives (it runs an earlier long call and is not
- * reading): take them as signs of life, and keep anything else for the reply reader. */
+ * reading): take them as signs of life, and keep anything else for the reply reader, unless the
+ * worker ended the session. */
 static int drain_while_sending(long long *deadline)
 {
     unsigned char h[GL_REP_HEADER_SIZE];
     if (read_all(h, sizeof h) != 0) return -1;
     if (is_keepalive(h)) { *deadline = deadline_from_now(); return 0; }
+    if (is_ended(h)) {
+        gl_debug("the worker ended the session while a request was being sent");
+        return take_ended(h);
+    }
     memcpy(C.early, h, sizeof h);
     C.have_early = 1;
     return 0;
@@ -177,7 +258,7 @@ static int write_all_iov(struct iovec *iov, int n)
     return 0;
 }
 
-/* The next reply header, skipping keepalives. */
+/* The next reply header, skipping keepalives; -1 when the worker ended the session instead. */
 static int read_reply_header(unsigned char *rep)
 {
     for (;;) {
@@ -187,16 +268,23 @@ static int read_reply_header(unsigned char *rep)
         } else if (read_all(rep, GL_REP_HEADER_SIZE) != 0) {
             return -1;
         }
-        if (!is_keepalive(rep)) return 0;
-        uint64_t plen;
-        memcpy(&plen, rep, 8);
-        if (plen) { errno = EPROTO; return -1; }
+        if (is_keepalive(rep)) {
+            uint64_t plen;
+            memcpy(&plen, rep, 8);
+            if (plen) { errno = EPROTO; return -1; }
+            continue;
+        }
+        if (!is_ended(rep)) return 0;
+        gl_debug("the worker ended the session instead of replying");
+        return take_ended(rep);
     }
 }
 
-/* Why the connection failed, in words; a silent worker gets its own sentence. */
+/* Why the connection failed, in words: none when the worker ended the session (it said why), a
+ * silent worker gets its own sentence, anything else the generic one. */
 static void lost(CUresult err, const char *what)
 {
+    if (C.ended) return;
     if (errno == ETIMEDOUT && C.state != -1) {
         const char *name = NULL;
         if (cuGetErrorName(err, &name) != CUDA_SUCCESS) name = "an error";
@@ -205,6 +293,13 @@ static void lost(CUresult err, const char *what)
         C.state = -1;  /* said: mark_dead need not say it again */
     }
     mark_dead(err, strerror(errno));
+}
+
+/* A request could not be sent: the worker's own words if it ended the session, else why it failed. */
+static CUresult send_failed(void)
+{
+    if (!take_pending_ended()) lost(CUDA_ERROR_DEVICE_UNAVAILABLE, "sending to the worker");
+    return C.dead_error;
 }
 
 static int reserve(size_t extra)
@@ -405,6 +500,7 @@ static void atfork_child(void)
     C.dead_error = CUDA_SUCCESS;
     C.oom = 0;
     C.have_early = 0;
+    C.ended = 0;
     C.server_ctx_known = 0;
     /* the parent's contexts, allocations and layouts name its session, not the child's */
     gl_ctx_reset_after_fork();
@@ -500,10 +596,7 @@ CUresult gl_post(gl_msg *m, int send_now)
     if (dropped_for_oom(m)) return CUDA_ERROR_OUT_OF_MEMORY;
     seal(m);
     if (send_now || m->bulk_len || C.slen >= GL_PIPELINE_FLUSH) {
-        if (flush_with(m->bulk, m->bulk_len) != 0) {
-            lost(CUDA_ERROR_DEVICE_UNAVAILABLE, "sending to the worker");
-            return C.dead_error;
-        }
+        if (flush_with(m->bulk, m->bulk_len) != 0) return send_failed();
     }
     return CUDA_SUCCESS;
 }
@@ -521,10 +614,7 @@ CUresult gl_call(gl_msg *m, void *bulk_out, size_t bulk_n)
 {
     if (dropped_for_oom(m)) return CUDA_ERROR_OUT_OF_MEMORY;
     seal(m);
-    if (flush_with(m->bulk, m->bulk_len) != 0) {
-        lost(CUDA_ERROR_DEVICE_UNAVAILABLE, "sending to the worker");
-        return C.dead_error;
-    }
+    if (flush_with(m->bulk, m->bulk_len) != 0) return send_failed();
     unsigned char rep[GL_REP_HEADER_SIZE];
     if (read_reply_header(rep) != 0) {
         lost(CUDA_ERROR_DEVICE_UNAVAILABLE, "waiting for the worker's reply");
@@ -622,6 +712,7 @@ __attribute__((destructor)) static void gl_flush_at_exit(void)
 {
     C.exiting = 1;
     if (pthread_mutex_trylock(&C.mu) != 0) return;
-    if (C.state == 1 && C.pid == getpid() && C.slen) flush_with(NULL, 0);
+    /* a worker that ended the session still has its say; nothing else is worth a line at exit */
+    if (C.state == 1 && C.pid == getpid() && C.slen && flush_with(NULL, 0) != 0) take_pending_ended();
     pthread_mutex_unlock(&C.mu);
 }

@@ -380,3 +380,13 @@ def opcode(func: Func) -> int:
 
 def by_name() -> dict:
     return {f.name: f for f in FORWARDED}
+
+
+# Calls that need the vGPU's device memory on the GPU: before one of these, a process whose
+# allocations were moved to host RAM or disk (VRAM tiering, docs/vgpu.md) gets them back first.
+# Every other forwarded call (queries, handle creation, cuMemAlloc, cuMemFree) runs as it is.
+# Kernel launches (OP_LAUNCH) touch memory too; the executor adds that opcode.
+TOUCHING = frozenset(
+    [f.name for f in FORWARDED if f.name.startswith(("cuMemcpy", "cuMemset"))]
+    + ["cuGraphLaunch", "cuCtxSynchronize", "cuCtxSynchronize_v2", "cuStreamSynchronize", "cuStreamQuery",
+       "cuStreamWaitEvent", "cuEventSynchronize", "cuEventQuery", "cuEventRecord", "cuEventRecordWithFlags"])

@@ -1,4 +1,4 @@
-"""`gpulab vgpu`: a worker's vGPUs, their usage and call traces, and revocation, through its control API.
+"""`gpulab vgpu`: a worker's vGPUs, their usage, call traces, VRAM tiers and revocation, through its control API.
 
 Who asks decides what is seen (gpu_worker/daemon/control.py): the worker's admin sees every vGPU,
 a session sees its own.  The credential is found in this order:
@@ -21,12 +21,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from traitlets import Bool, Int, Unicode
+from traitlets import Bool, Float, Int, Unicode
 from traitlets.config import Application
 
 from gpulab.cli import SubcommandApp
 
 FOLLOW_WAIT = 25  # seconds each --follow long-poll is held by the worker
+TIER_WAIT = 30  # seconds the worker waits for a vGPU's processes to move its memory (control.TIER_WAIT)
 
 
 class VGPUError(Exception):
@@ -161,6 +162,23 @@ def vram(v: dict) -> str:
     return f"{size(charged)} / {size(v.get('quota')) if v.get('quota') is not None else 'whole GPU'}"
 
 
+def tier_bytes(v: dict, tier: str) -> str:
+    return size((v.get("tiers") or {}).get(tier, 0))
+
+
+def tiers(v: dict) -> str:
+    """Where its memory is: "mixed: 150.0 MiB hot, 75.0 MiB warm, 75.0 MiB cold"."""
+    return f"{v.get('tier', '-')}: " + ", ".join(f"{tier_bytes(v, t)} {t}" for t in ("hot", "warm", "cold"))
+
+
+def moves(v: dict) -> str:
+    m = v.get("moves") or {}
+    return (f"{m.get('offloads', 0)} offloads ({size(m.get('bytes_offloaded', 0))} in "
+            f"{seconds(m.get('offload_seconds', 0))}), {m.get('restores', 0)} restores "
+            f"({size(m.get('bytes_restored', 0))} in {seconds(m.get('restore_seconds', 0))}), "
+            f"{m.get('failures', 0)} failed")
+
+
 def seconds(t) -> str:
     return "-" if t is None else f"{t:.2f} s"
 
@@ -197,8 +215,9 @@ TRACE_HEADER = ["TIME", "PID", "FUNCTION", "DURATION", "BYTES", "RESULT"]
 class ListApp(VGPUCommand):
     name = "gpulab-vgpu-list"
     description = """List the worker's vGPUs (a session sees its own): owner, state, VRAM charged against
-    the quota (allocations plus CUDA context overhead), compute share and the share measured over the
-    last 10 s, time throttled to the share, processes waiting for it now (QUEUE), processes, calls."""
+    the quota (allocations plus CUDA context overhead), its tier (hot, warm, cold, mixed, none) and bytes
+    per tier, compute share and the share measured over the last 10 s, time throttled to the share,
+    processes waiting for it now (QUEUE), processes, calls."""
 
     def run(self):
         vgpus = self.call("GET", "/api/vgpus")["vgpus"]
@@ -208,17 +227,19 @@ class ListApp(VGPUCommand):
             print("no vGPUs on this worker")
             return
         print(table([[str(v["id"]), v.get("user") or "-", v.get("profile") or "-", v.get("state") or "-",
-                      short_gpus(v.get("gpus")), vram(v), pct(v.get("share", v.get("compute"))),
+                      short_gpus(v.get("gpus")), vram(v), v.get("tier", "-"), tier_bytes(v, "hot"),
+                      tier_bytes(v, "warm"), tier_bytes(v, "cold"), pct(v.get("share", v.get("compute"))),
                       pct(v.get("share_measured")), seconds(v.get("throttled_time")), str(v.get("queue_depth", "-")),
                       str(len(v.get("processes") or [])), str(v.get("calls", 0))]
-                     for v in vgpus], ["ID", "USER", "PROFILE", "STATE", "GPUS", "VRAM", "SHARE", "MEASURED",
-                                       "THROTTLED", "QUEUE", "PROCS", "CALLS"]))
+                     for v in vgpus], ["ID", "USER", "PROFILE", "STATE", "GPUS", "VRAM", "TIER", "HOT", "WARM",
+                                       "COLD", "SHARE", "MEASURED", "THROTTLED", "QUEUE", "PROCS", "CALLS"]))
 
 
 class ShowApp(VGPUCommand):
     name = "gpulab-vgpu-show"
-    description = """Show one vGPU: its grant, VRAM (per process, quota, context overhead), compute share
-    (measured, kernel time, time throttled to it), counters and errors by CUresult. `gpulab vgpu show ID`."""
+    description = """Show one vGPU: its grant, VRAM (per process, quota, context overhead), its tiers and
+    moves between them, compute share (measured, kernel time, time throttled to it), counters and errors
+    by CUresult. `gpulab vgpu show ID`."""
 
     def run(self):
         v = self.call("GET", f"/api/vgpus/{self.one_id()}")
@@ -234,6 +255,9 @@ class ShowApp(VGPUCommand):
                              f"{v.get('queue_depth', '-')} process(es) waiting now"),
                  ("VRAM", f"{vram(v)} (allocations {size(v.get('used', 0))}, context overhead "
                           f"{size(v.get('overhead', 0))})"),
+                 ("tiers", tiers(v) + (f"; idle {v['idle_seconds']:.0f} s" if v.get("idle_seconds") is not None
+                                       else "")),
+                 ("moves", moves(v)),
                  ("calls", f"{v.get('calls', 0)} ({v.get('launches', 0)} launches)"),
                  ("copied", f"{size(v.get('bytes_in', 0))} to the device, {size(v.get('bytes_out', 0))} from it"),
                  ("errors", ", ".join(f"{k} x{n}" for k, n in sorted((v.get("errors") or {}).items())) or "none")]
@@ -292,16 +316,71 @@ class RevokeApp(VGPUCommand):
             print(f"vGPU {v['id']} revoked: {v.get('reason') or self.reason}")
 
 
+class MoveCommand(VGPUCommand):
+    """Offload or restore: the worker answers once the vGPU's processes have moved its memory."""
+
+    def move(self, action: str, body: dict | None) -> None:
+        vid = self.one_id()
+        v = self.call("POST", f"/api/vgpus/{vid}/{action}", body, timeout=TIER_WAIT + 30)
+        if self.emit(v):
+            return
+        if v.get("done", True):
+            print(f"vGPU {v['id']} is {tiers(v)}")
+        else:
+            print(f"vGPU {v['id']}: asked, but its processes have not all acted within {TIER_WAIT} s (one may be "
+                  f"in a long call); it is {tiers(v)}")
+
+
+class OffloadApp(MoveCommand):
+    name = "gpulab-vgpu-offload"
+    description = """Move a vGPU's device memory off its GPU, to the worker's host RAM (--to warm) or to
+    files on its disk (--to cold). Its programs keep their pointers; their next call that needs the memory
+    brings it back first. `gpulab vgpu offload ID --to warm|cold`."""
+    to = Unicode("warm", help="Where the memory goes: warm (the worker's host RAM, quick to bring back) or cold "
+                              "(files on the worker's disk, frees host RAM too).").tag(config=True)
+    aliases = {**VGPUCommand.aliases, "to": "OffloadApp.to"}
+
+    def run(self):
+        self.move("offload", {"to": self.to})
+
+
+class RestoreApp(MoveCommand):
+    name = "gpulab-vgpu-restore"
+    description = """Bring a vGPU's offloaded memory back onto its GPU now, rather than at its programs'
+    next call that needs it. `gpulab vgpu restore ID`."""
+
+    def run(self):
+        self.move("restore", None)
+
+
+class IdleApp(VGPUCommand):
+    name = "gpulab-vgpu-idle"
+    description = """Tell the worker a vGPU's program is idle (e.g. its Jupyter kernel): the idle clock that
+    moves its memory to host RAM and then to disk starts at --since (default now), unless the program
+    touches its memory after this. `gpulab vgpu idle ID [--since EPOCH]`."""
+    since = Float(None, allow_none=True, help="Since when the program has been idle, in epoch seconds (default: "
+                                              "now).").tag(config=True)
+    aliases = {**VGPUCommand.aliases, "since": "IdleApp.since"}
+
+    def run(self):
+        v = self.call("POST", f"/api/vgpus/{self.one_id()}/idle", {} if self.since is None else {"since": self.since})
+        if not self.emit(v):
+            print(f"vGPU {v['id']} counts as idle for {v.get('idle_seconds') or 0:.0f} s")
+
+
 class VGPUApp(SubcommandApp):
     name = "gpulab-vgpu"
     description = """A worker's vGPUs through its control API: list them, show one's usage, follow its
-    call trace, revoke it. On the worker's host as its admin (the control URL and admin token it
+    call trace, move its memory off the GPU and back, revoke it. On the worker's host as its admin (the control URL and admin token it
     published in the state directory), or as the session itself from a kernel
     ($GPULAB_CONTROL_URL and $GPULAB_TOKEN), or anywhere with --url and $GPULAB_TOKEN."""
     examples = """
 gpulab vgpu list
 gpulab vgpu show 17
 gpulab vgpu trace 17 --follow
+gpulab vgpu offload 17 --to cold
+gpulab vgpu restore 17
+gpulab vgpu idle 17 --since 1763770000
 gpulab vgpu revoke 17 --reason "the course ended"
 GPULAB_TOKEN="$(cat worker-w1.admin-token)" gpulab vgpu list --url http://gpuhost:7001 --json
 """
@@ -311,6 +390,9 @@ GPULAB_TOKEN="$(cat worker-w1.admin-token)" gpulab vgpu list --url http://gpuhos
         "list": ("gpulab.vgpu_cli.ListApp", "List the worker's vGPUs: VRAM, compute share, processes, calls."),
         "show": ("gpulab.vgpu_cli.ShowApp", "Show one vGPU's grant, VRAM per process, compute, counters, errors."),
         "trace": ("gpulab.vgpu_cli.TraceApp", "Show (or --follow) a vGPU's recent driver calls."),
+        "offload": ("gpulab.vgpu_cli.OffloadApp", "Move a vGPU's memory to the worker's host RAM or disk."),
+        "restore": ("gpulab.vgpu_cli.RestoreApp", "Bring a vGPU's offloaded memory back onto its GPU now."),
+        "idle": ("gpulab.vgpu_cli.IdleApp", "Say a vGPU's program is idle: its idle clock starts."),
         "revoke": ("gpulab.vgpu_cli.RevokeApp", "Revoke a vGPU: its sessions end with the reason you give."),
     }
     aliases: dict = {}

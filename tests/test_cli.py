@@ -127,3 +127,15 @@ def test_run_passes_the_command_its_own_options(tmp_path):
 def test_shim_path_prints_the_shim_directory():
     p = gpulab("shim-path")
     assert p.returncode == 0 and (Path(p.stdout.strip()) / "libcuda.so.1").exists()
+
+
+@pytest.mark.parametrize("cmd,options", [("offload", ["--to", "--url", "--json"]), ("restore", ["--url", "--json"]),
+                                         ("idle", ["--since", "--url", "--json"])])
+def test_vgpu_tier_subcommands_describe_every_option(cmd, options):
+    p = gpulab("vgpu", cmd, "--help")
+    assert p.returncode == 0 and "Traceback" not in p.stdout + p.stderr, p.stderr
+    assert f"gpulab vgpu {cmd} ID" in " ".join(p.stdout.split())  # the usage, in the description
+    described = options_with_help(p.stdout)
+    assert [o for o in options if o not in described] == []
+    assert [o for o, text in described.items() if not text] == []
+    assert cmd in gpulab("vgpu", "--help").stdout.splitlines()

@@ -495,15 +495,19 @@ def test_cli_as_admin_from_the_state_directory(server, registry, tmp_path):
     p = gpulab_vgpu("list", env=env)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert lines[0].split() == ["ID", "USER", "PROFILE", "STATE", "GPUS", "VRAM", "SHARE", "MEASURED", "THROTTLED",
-                                "QUEUE", "PROCS", "CALLS"]
+    assert lines[0].split() == ["ID", "USER", "PROFILE", "STATE", "GPUS", "VRAM", "TIER", "HOT", "WARM", "COLD",
+                                "SHARE", "MEASURED", "THROTTLED", "QUEUE", "PROCS", "CALLS"]
     assert lines[1].split() == ["17", "alice", "quarter", "active", "GPU-aaaaaaaa", "500.0", "MiB", "/", "1.0",
-                                "GiB", "25%", "31.5%", "2.50", "s", "1", "2", "20"]
+                                "GiB", "mixed", "150.0", "MiB", "75.0", "MiB", "75.0", "MiB", "25%", "31.5%", "2.50",
+                                "s", "1", "2", "20"]
     assert lines[2].split()[:2] == ["18", "bob"] and "whole GPU" in lines[2]
     p = gpulab_vgpu("show", "17", env=env)
     assert p.returncode == 0, p.stderr
     assert "VRAM:     500.0 MiB / 1.0 GiB (allocations 300.0 MiB, context overhead 200.0 MiB)" in p.stdout
     assert "errors:   CUDA_ERROR_OUT_OF_MEMORY x3" in p.stdout
+    assert "tiers:    mixed: 150.0 MiB hot, 75.0 MiB warm, 75.0 MiB cold; idle 42 s" in p.stdout
+    assert ("moves:    3 offloads (225.0 MiB in 0.75 s), 2 restores (150.0 MiB in 0.50 s), 1 failed"
+            in p.stdout)
     assert "compute:  25% of a GPU (may burst into idle time), measured 31.5% over the last 10 s" in p.stdout
     assert ("kernels:  12.50 s of GPU time; throttled 2.50 s waiting for its share, 1 process(es) waiting now"
             in p.stdout)
@@ -517,6 +521,29 @@ def test_cli_as_admin_from_the_state_directory(server, registry, tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "vGPU 18 revoked: an admin of its worker revoked this vGPU: maintenance"
     assert registry.revoked == [("18", "an admin of its worker revoked this vGPU: maintenance")]
+
+
+def test_cli_offload_restore_and_idle(server, registry, monkeypatch):
+    env = {"GPULAB_CONTROL_URL": server.url, "GPULAB_TOKEN": "tok-alice"}
+    p = gpulab_vgpu("offload", "17", "--to", "cold", env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "vGPU 17 is mixed: 150.0 MiB hot, 75.0 MiB warm, 75.0 MiB cold"
+    assert gpulab_vgpu("offload", "17", env=env).returncode == 0  # warm by default
+    p = gpulab_vgpu("restore", "17", "--json", env=env)
+    assert p.returncode == 0 and json.loads(p.stdout)["done"] is True
+    assert registry.tier_asks == [("17", 2), ("17", 1), ("17", 0)]
+    p = gpulab_vgpu("offload", "17", "--to", "hot", env=env)
+    assert (p.returncode, p.stderr.strip()) == (1, "gpulab vgpu: \"to\" must be \"warm\" (the worker's host RAM) "
+                                                   "or \"cold\" (files on its disk), not \"hot\"")
+    p = gpulab_vgpu("restore", "18", env=env)  # bob's
+    assert (p.returncode, p.stderr.strip()) == (1, "gpulab vgpu: there is no vGPU 18 on this worker")
+    p = gpulab_vgpu("idle", "17", "--since", "1700000000", env=env)
+    assert (p.returncode, p.stdout.strip()) == (0, "vGPU 17 counts as idle for 42 s"), p.stderr
+    assert registry.hints[0][:2] == ("17", 1700000000)
+    monkeypatch.setattr(control, "TIER_WAIT", 0.2)
+    registry.acted = False
+    p = gpulab_vgpu("offload", "17", env=env)
+    assert p.returncode == 0 and "its processes have not all acted within" in p.stdout
 
 
 def test_cli_as_the_session_from_a_kernels_environment(server, registry):
@@ -577,7 +604,7 @@ def test_cli_errors_are_one_sentence(server, tmp_path):
 def test_cli_help_describes_every_subcommand():
     p = gpulab_vgpu("--help")
     assert p.returncode == 0
-    for cmd in ("list", "show", "trace", "revoke"):
+    for cmd in ("list", "show", "trace", "offload", "restore", "idle", "revoke"):
         assert cmd in p.stdout.splitlines()
     p = gpulab_vgpu("trace", "--help")
     assert "--follow" in p.stdout and "--url" in p.stdout and "--json" in p.stdout

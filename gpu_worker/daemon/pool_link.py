@@ -195,6 +195,8 @@ class PoolLink:
                 **{k: v[k] for k in ("calls", "launches", "bytes_in", "bytes_out")},
                 # compute shares (docs/vgpu.md): cumulative seconds, the share measured lately, waiting now
                 **{k: v.get(k) for k in ("kernel_time", "throttled_time", "share_measured", "queue_depth")},
+                # VRAM tiers: where its memory is now (hot, warm, cold, mixed, none) and bytes per tier
+                "tier": v.get("tier"), "tiers": v.get("tiers"),
                 "errors": sum(v["errors"].values()),
                 "last_calls": self.registry.trace(v["id"], since=0, limit=1 << 30)[0][-LAST_CALLS:]}
         return body

@@ -3,8 +3,8 @@
 Pure functions from figures to figures: a GPU's VRAM bar (one segment per vGPU placed on it: its
 used bytes, its processes' context overhead and the rest of its quota; then the memory nobody was
 promised), the geometry of its last-hour chart (inline SVG, no script), and a vGPU's rows (usage,
-its compute share beside the share measured, time throttled and processes waiting; processes, last
-calls).  ``live`` is the pool's LiveFacts (live.py): the latest heartbeat's ``vgpu(token_hash)`` and
+its compute share beside the share measured, time throttled and processes waiting; its memory's tier;
+processes, last calls).  ``live`` is the pool's LiveFacts (live.py): the latest heartbeat's ``vgpu(token_hash)`` and
 ``gpu(uuid)`` entries and a GPU's ``history(uuid)`` of ``(epoch, memory_used, utilization)``; without
 a report a figure is shown as unknown, never as 0.
 """
@@ -108,11 +108,20 @@ def compute_line(a, facts: dict | None) -> dict:
             "queue_depth": queue}
 
 
+def tier_line(facts: dict | None) -> dict | None:
+    """Where a vGPU's memory is (hot on the GPU, warm in its worker's RAM, cold on its disk) and bytes per
+    tier; None when its worker did not say (no report yet, or a worker without tiers)."""
+    if not facts or facts.get("tier") is None or facts.get("tiers") is None:
+        return None
+    return {"tier": facts["tier"], **{t: format_size(facts["tiers"].get(t, 0)) for t in ("hot", "warm", "cold")}}
+
+
 def vgpu_rows(a, facts: dict | None) -> dict:
     """One vGPU's panel: the allocation's terms and, from its worker's last heartbeat, its usage, its
     compute share measured and throttled, processes and last calls (newest first)."""
     row = {"id": a.id, "user": a.user, "profile": a.profile, "worker": a.worker_name, "gpus": a.gpu_list,
-           "quota": format_size(a.vram), "reported": facts is not None, "compute": compute_line(a, facts)}
+           "quota": format_size(a.vram), "reported": facts is not None, "compute": compute_line(a, facts),
+           "tier": tier_line(facts)}
     if facts is None:
         return row
     return {**row, "used": format_size(facts.get("used", 0)), "overhead": format_size(facts.get("overhead", 0)),

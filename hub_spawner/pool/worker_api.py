@@ -185,6 +185,14 @@ def check_call(call, what: str) -> dict:
             "error": _text(call.get("error", ""), f"{what}.error", 128)}
 
 
+def _tiers(value, what: str) -> dict | None:
+    """A vGPU's bytes per VRAM tier (hot, warm, cold), or None."""
+    if value is None:
+        return None
+    _object(value, what, 3)
+    return {t: _int(value.get(t, 0), f"{what}.{t}", 0, MAX_VRAM) for t in ("hot", "warm", "cold")}
+
+
 def check_vgpu(entry, what: str) -> dict:
     """One vGPU of a heartbeat: its figures, processes and last calls.  Each figure has a bound here;
     the bound of its allocation (the memory of its GPUs) is checked against the database."""
@@ -200,6 +208,9 @@ def check_vgpu(entry, what: str) -> dict:
            "share_measured": _number(entry.get("share_measured"), f"{what}.share_measured", 0, MAX_SHARE),
            "queue_depth": None if entry.get("queue_depth") is None else _int(entry["queue_depth"],
                                                                               f"{what}.queue_depth", 0, MAX_PROCESSES),
+           # VRAM tiers (None: a worker without tiers)
+           "tier": None if entry.get("tier") is None else _text(entry["tier"], f"{what}.tier", 8),
+           "tiers": _tiers(entry.get("tiers"), f"{what}.tiers"),
            "processes": []}
     for i, p in enumerate(_list(entry.get("processes", []), f"{what}.processes", MAX_PROCESSES)):
         where = f"{what}.processes[{i}]"

@@ -152,6 +152,15 @@ def test_vgpu_panel_lists_processes_and_last_calls():
     assert "3.10 ms" in text
     assert ("compute share 25% · measured 24.6% over the last 10 s · throttled 12.50 s · waiting for its share "
             "2 processes") in text
+    assert "memory" not in text.split("throttled")[1].split("501")[0]  # no tier figures: no tier line
+
+
+def test_vgpu_panel_shows_its_memory_tier():
+    facts = {"id": "1", "used": 3 * M, "overhead": 0, "tier": "mixed", "tiers": {"hot": 1 * M, "warm": 2 * M, "cold": 0}}
+    html = render([gpu()], [allocation(1, "alice", 4 * G)], StandIn(vgpus={"h1": facts}), time.time())
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html.split('gpulab-vgpu-panel" data-vgpu="1"')[1]))
+    assert ("memory mixed · 1.0 MiB on the GPU · 2.0 MiB in its worker's RAM (warm) · 0 bytes on its worker's disk "
+            "(cold)") in text
 
 
 def test_vgpu_panel_compute_share_unknown_without_the_figures():
@@ -224,7 +233,7 @@ def test_dashboard_after_real_heartbeats(live_pool):
     body = {"pid": 99, "vgpus": {token_hash(a["token"]): {
         "id": str(a["id"]), "used": 1 * G, "overhead": 300 * M, "calls": 12, "launches": 3, "bytes_in": 64 * M,
         "bytes_out": 0, "errors": 1, "kernel_time": 30.0, "throttled_time": 0.25, "share_measured": 25.5,
-        "queue_depth": 1,
+        "queue_depth": 1, "tier": "warm", "tiers": {"hot": 0, "warm": 1 * G, "cold": 0},
         "processes": [{"pid": 501, "client_pid": 401, "used": 768 * M, "overhead": 150 * M, "calls": 8},
                       {"pid": 502, "client_pid": 402, "used": 256 * M, "overhead": 150 * M, "calls": 4}],
         "last_calls": [{"seq": 11, "time": time.time(), "pid": 401, "function": "cuMemAlloc_v2",
@@ -253,6 +262,7 @@ def test_dashboard_after_real_heartbeats(live_pool):
     assert text.index("8.0 GiB CUDA_ERROR_OUT_OF_MEMORY") < text.index("768.0 MiB CUDA_SUCCESS")
     assert ("compute share 25% (may burst) · measured 25.5% over the last 10 s · throttled 250.00 ms · waiting "
             "for its share 1 process") in text
+    assert "memory warm · 0 bytes on the GPU · 1.0 GiB in its worker's RAM (warm) · 0 bytes on its worker's disk" in text
     assert "Its worker has not reported it yet." in html.split(f'gpulab-vgpu-panel" data-vgpu="{b["id"]}"')[1]
 
 

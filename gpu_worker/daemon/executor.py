@@ -20,26 +20,40 @@ vGPU's ledger a few times a second, so the hot path pays for a tuple, not for sh
 Revocation: the daemon marks the ledger and sends SIGUSR1; the executor frees the session's
 memory at once (between calls, or in the handler when it is waiting for the next frame) and
 answers every later call with the reason.
+
+VRAM tiers (tiers.py): the daemon writes a tier request into the ledger and sends SIGUSR2; the
+executor moves the process's allocations at once when it is waiting for a frame, else right after
+the call, keepalives flowing meanwhile.  Before a call that needs the device memory (``TOUCHING``
+and launches) a process whose memory is off the GPU gets it back; such calls also stamp the touch
+time the idle policy reads.  SIGTERM (the worker stops): the executor deletes its cold files, tells
+the program what was lost in a last ``REPLY_ENDED`` frame, and exits.
 """
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import signal
 import socket
 import threading
 import time
 
 from ..api import errors as E
+from ..api import protocol
 from ..api.errors import CudaError, Refusal
-from ..api.protocol import FLAG_REPLY, REP_HEADER, REQ_HEADER, ProtocolError
+from ..api.protocol import FLAG_REPLY, OP_LAUNCH, REP_HEADER, REQ_HEADER, ProtocolError
+from ..api.table import TOUCHING
 from ..api.wire import KEEPALIVE_AFTER_MS, KEEPALIVE_EVERY_MS, MAX_REASON, REPLY_KEEPALIVE
-from .dispatch_generated import IN_STRUCTS
+from ..client.units import format_size
+from .dispatch_generated import IN_STRUCTS, OPS
 
 log = logging.getLogger("gpulab.worker")
 
 BULK_IN = {"cuMemcpyHtoD", "cuMemcpyHtoDAsync"}
 TRACE_BATCH = 1024  # call records kept between two publications (older ones are dropped from the trace)
+# opcodes of the calls that need the process's device memory on the GPU
+TOUCHING_OPS = frozenset([op for op, (name, _mode, _factory) in OPS.items() if name in TOUCHING] + [OP_LAUNCH])
+TOUCH_EVERY = 0.2  # seconds: a touching call stamps the touch time when the last stamp is older
 
 
 class FrameReader:
@@ -119,10 +133,23 @@ class Executor:
         self.revoked = False
         # the trace's times are wall-clock for people, perf_counter here for cost
         self.epoch = time.time() - time.perf_counter()
+        self.tiers = getattr(session, "tiers", None)  # tiers.TierStore (None: a test's bare session)
+        self.tier_pending = False  # a SIGUSR2 came that this process has not looked at yet
+        self.tier_acting = False
+        self.tier_seq = 0          # the last tier request acted on
+        self.touch_stamped = 0.0   # perf_counter of the last touch stamp
+        self.touch_published = 0.0
 
-    def watch_revocation(self) -> None:
-        """SIGUSR1 from the daemon: the vGPU was revoked (the reason is in the ledger)."""
+    def watch_signals(self) -> None:
+        """From the daemon: SIGUSR1, the vGPU was revoked (the reason is in the ledger); SIGUSR2, a tier
+        request (in the ledger too); SIGTERM, the worker stops."""
+        if self.tiers is not None:
+            # requests made before this process started concern allocations it never had
+            self.tier_seq = self.session.slot.ledger.tier_request()[1]
+            self.session.slot.set_done(self.tier_seq)
         signal.signal(signal.SIGUSR1, self._on_revoke)
+        signal.signal(signal.SIGUSR2, self._on_tier_request)
+        signal.signal(signal.SIGTERM, self._on_stop)
 
     def _on_revoke(self, *_):
         self.revoked = True
@@ -131,6 +158,65 @@ class Executor:
 
     def _end_vgpu(self) -> None:
         self.session.end(self.session.slot.ledger.revoked or "this vGPU was revoked")
+
+    # ----------------------------------------------------------------- tiers
+    def _on_tier_request(self, *_):
+        self.tier_pending = True
+        if self.busy_since is None and not self.tier_acting:  # waiting for a frame: move now
+            self._act_on_tiers()
+
+    def _act_on_tiers(self) -> None:
+        """Do what the ledger's tier request asks, if it is new: offload (1 warm, 2 cold) or restore (0)."""
+        self.tier_acting = True
+        idle = self.busy_since is None
+        try:
+            while self.tier_pending:
+                self.tier_pending = False
+                want, seq = self.session.slot.ledger.tier_request()
+                if seq == self.tier_seq:
+                    continue
+                self.tier_seq = seq
+                if idle:  # keepalives flow while the memory moves: a client waiting for a reply knows why
+                    self.busy_since = time.perf_counter()
+                try:
+                    if self.tiers is not None and not self.session.ended:
+                        if want:
+                            self.tiers.offload(want)
+                        else:
+                            self.tiers.restore()
+                except CudaError as exc:
+                    log.warning("%s: tier request %d (%s) not done: %s", self.session.label, seq,
+                                ("hot", "warm", "cold")[min(want, 2)], getattr(exc, "why", "") or exc.detail)
+                except Exception:
+                    log.exception("%s: tier request %d failed", self.session.label, seq)
+                self.session.slot.set_done(seq)
+        finally:
+            if idle:
+                self.busy_since = None
+            self.tier_acting = False
+
+    def _on_stop(self, *_):
+        """SIGTERM: the worker stops.  The process's memory cannot outlive it: cold files go now, and the
+        program is told what was lost (its next call fails with that sentence)."""
+        try:
+            hot, warm, cold = self.tiers.figures() if self.tiers is not None else (self.session.slot.used, 0, 0)
+            if self.tiers is not None:
+                self.tiers.close()
+            ended = getattr(protocol, "ended_frame", None)
+            if ended is not None:
+                frame = ended(E.DEVICE_UNAVAILABLE, f"the gpulab worker stopped; this process's device memory "
+                                                    f"({format_size(hot)} hot, {format_size(warm)} warm, "
+                                                    f"{format_size(cold)} cold) is lost")
+                # a reply half sent by this thread cannot be finished: the frame would garble it
+                if self.send_lock.acquire(timeout=0.5):
+                    try:
+                        self.sock.settimeout(1.0)
+                        self.sock.sendall(frame)
+                    except OSError:
+                        pass
+            log.info("%s: the worker stops; session ended", self.session.label)
+        finally:
+            os._exit(0)
 
     def publish(self) -> None:
         """Counters and new call records into the ledger (from the keepalive thread, and at the end)."""
@@ -144,6 +230,10 @@ class Executor:
             records.append((self.epoch + t0, t1 - t0, nbytes, op, 0, result))
         s = self.session
         s.slot.publish(self.calls, s.launches, s.bytes_in, s.bytes_out, records)
+        tiers = self.tiers
+        if tiers is not None and tiers.touched != self.touch_published:
+            self.touch_published = tiers.touched
+            s.slot.set_touch(tiers.touched)
 
     def _start_keepalive(self) -> None:
         if self._keepalive is None:
@@ -174,13 +264,21 @@ class Executor:
         session = self.session
         record = self.records.append
         clock = time.perf_counter
+        tiers = self.tiers
+        touching = TOUCHING_OPS if tiers is not None else frozenset()
         self._start_keepalive()
         while True:
             self.busy_since = None
             if self.revoked and not session.ended:  # revoked while a call ran
                 self._end_vgpu()
+            if self.tier_pending:  # a tier request came while a call ran
+                self._act_on_tiers()
             plen, op, flags = REQ_HEADER.unpack(reader.read(REQ_HEADER.size))
             t0 = self.busy_since = clock()
+            touches = op in touching
+            if touches and t0 - self.touch_stamped > TOUCH_EVERY:
+                self.touch_stamped = t0
+                tiers.touched = time.time()
             want_reply = flags & FLAG_REPLY
             entry = handlers.get(op)
             if entry is None:
@@ -214,6 +312,8 @@ class Executor:
                     self._raise_sticky(want_reply)
                 if mode == "syncpoint" and self.latched:
                     self._raise_latched()
+                if touches and tiers.off:  # its memory is off the GPU: back first (a refusal is this call's)
+                    tiers.restore()
                 if bulk:
                     counted = _Counted(reader, remaining)
                     out = handler(payload, counted)

@@ -5,6 +5,8 @@ the shim mapped to backend objects), its slot in the vGPU's ledger (the quota is
 vGPU's, shared with the other processes presenting the same token: ledger.py) and the list
 of the session's own allocations (every device pointer in a copy, memset or free is checked
 against it), the current context, and the hand-written paths (bulk copies, launches).
+Where each allocation is (GPU, host RAM, disk) is the tier store's (tiers.py): the session
+allocates and frees through it.
 """
 from __future__ import annotations
 
@@ -19,13 +21,13 @@ from ..client.units import format_size
 from ..backends.base import Backend
 from .dispatch_generated import IN_STRUCTS, OPS
 from .ledger import Ledger, Slot
+from .tiers import TierStore
 from ..api.protocol import LAUNCH, LAUNCH_ATTR_SIZE, OP_LAUNCH, OP_PARAM_LAYOUT, OP_SET_CONTEXT, ProtocolError
 
 log = logging.getLogger("gpulab.worker")
 
 PRIMARY_CTX_BASE = 0x100  # primary context ids are fixed per device: retaining twice gives the same handle
 DEFAULT_STREAMS = (0, 1, 2)  # NULL, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD
-ALLOC_ALIGN = 256
 U64 = struct.Struct("<Q")
 
 
@@ -77,7 +79,9 @@ class Session:
                  slot: Slot | None = None, max_handles: int = 0, max_modules: int = 0,
                  max_module_bytes: int = 0, device_quota: int | None = None, pacer=None, tiers=None):
         self.backend = backend
-        self.tiers = tiers  # tiers.TierStore: this process's allocations on the GPU, in host RAM or on disk
+        # tiers.TierStore: this process's allocations on the GPU, in host RAM or on disk (a session of its
+        # own gets a store without a board, a daemon or a cold tier)
+        self.tiers = tiers if tiers is not None else TierStore(backend, slot)
         self.pacer = pacer  # pacing.Pacer: launches wait here while the vGPU is over its compute share
         if slot is None:  # a session of its own (tests, tools): a private one-process ledger
             ledger = Ledger(1, quota)
@@ -104,6 +108,7 @@ class Session:
         self.starts: list[int] = []          # sorted allocation bases
         self.sizes: dict[int, int] = {}      # base -> size (owned allocations count to the quota)
         self.owned: set[int] = set()
+        self.charged: dict[int, int] = {}    # base -> bytes its allocation charges the quota
         self.current_ctx = 0
 
     @property
@@ -262,7 +267,7 @@ class Session:
     def cuMemAlloc(self, bytesize: int):
         if bytesize == 0:
             raise CudaError(E.INVALID_VALUE, "cuMemAlloc of 0 bytes")
-        charged = -(-bytesize // ALLOC_ALIGN) * ALLOC_ALIGN
+        charged = self.backend.physical_size(bytesize)  # what the GPU spends on it is what the quota counts
         call = f"cuMemAlloc({format_size(bytesize)})"
         self.call_bytes = bytesize
         free = self.slot.charge(charged)
@@ -272,18 +277,21 @@ class Session:
             raise Refusal(E.OUT_OF_MEMORY, f"this vGPU's quota is {format_size(self.quota)}{also}, "
                                            f"{format_size(free)} free", call=call)
         try:
-            ptr = self.backend.mem_alloc(bytesize)
+            # room on the GPU, other vGPUs moved off it if it is full, then the memory
+            ptr = self.tiers.allocate(bytesize, charged)
         except BaseException as exc:
             self.slot.uncharge(charged)
-            if not isinstance(exc, CudaError) or isinstance(exc, Refusal) or exc.code != E.OUT_OF_MEMORY:
+            if not isinstance(exc, CudaError) or exc.code != E.OUT_OF_MEMORY:
                 raise
             # within the quota, yet the device is full: the GPU is shared, and oversubscribed
             quota = self.quota
             free = f", {format_size(quota - self.slot.vgpu_charged())} of this vGPU's quota free" if quota else ""
+            why = f": {exc.why}" if isinstance(exc, Refusal) else ""
             raise Refusal(E.OUT_OF_MEMORY, f"the GPU this vGPU runs on is out of memory (other vGPUs share "
-                                           f"it){free}; try again later or ask for a larger profile",
+                                           f"it){free}{why}; try again later or ask for a larger profile",
                           call=call) from None
         self._add_span(ptr, bytesize, owned=True)
+        self.charged[ptr] = charged
         return (ptr,)
 
     def cuMemFree(self, dptr: int) -> None:
@@ -295,9 +303,9 @@ class Session:
             raise Refusal(E.INVALID_VALUE, "the address is not in this vGPU's allocations",
                           call=f"cuMemFree({dptr:#x})")
         self.backend.mem_free(dptr)
-        size = self.sizes[dptr]
+        self.tiers.free(dptr)  # an offloaded allocation's host copy or file goes, without a restore
         self._drop_span(dptr)
-        self.slot.uncharge(-(-size // ALLOC_ALIGN) * ALLOC_ALIGN)
+        self.slot.uncharge(self.charged.pop(dptr))
 
     def cuMemGetInfo(self):
         """Truthful: never more free memory than the vGPU's quota leaves (over all its processes)
@@ -425,7 +433,7 @@ class Session:
         return struct.pack("<I", len(layout)) + b"".join(LAYOUT_ENTRY.pack(o, s) for o, s in layout)
 
     def free_all(self) -> None:
-        """Free every allocation the session still holds and give the device back."""
+        """Free every allocation the session still holds (in whichever tier) and give the device back."""
         freed = sum(self.sizes[b] for b in self.owned)
         count = len(self.owned)
         for base in list(self.owned):
@@ -434,6 +442,8 @@ class Session:
             except CudaError:
                 pass
             self._drop_span(base)
+        self.charged.clear()
+        self.tiers.close()  # host copies, cold files and the spool directory go too
         self.slot.uncharge(self.slot.used)
         if count:
             log.info("%s: freed %d bytes in %d allocations", self.label, freed, count)

@@ -1,9 +1,490 @@
-"""(placeholder until the tier store lands) An executor's VRAM tiers: see /tmp/tier_spec.md."""
+"""An executor's VRAM tiers: where each of its process's own allocations is, and the moves between them.
+
+hot: on the GPU.  warm: a host buffer of the worker (page-locked on a GPU; the worker's ``warm_budget``
+over all executors, counted on the tier board).  cold: a file ``<base hex>.cold`` in this executor's
+spool directory, with its CRC-32.  Only the allocations the program made with cuMemAlloc move; module
+globals are the driver's and stay on the GPU.  An allocation keeps its address in every tier: the
+backend releases its physical memory but keeps the range (``mem_release``) and maps new memory there
+to bring it back (``mem_remap``).
+
+The executor asks: ``allocate`` for cuMemAlloc, ``free`` for cuMemFree, ``offload`` and ``restore``
+for a tier request or a touching call while ``off`` (a plain bool, read on every touching call),
+``close`` at the end.  Device memory is reserved on the tier board first; when the GPU is full (the
+board says so on the emulated device, the driver on a GPU) the executor asks the daemon over its
+eviction link to move other vGPUs off that GPU, and tries again, a few rounds at most; then the call
+fails with CUDA_ERROR_OUT_OF_MEMORY and the reason, never a hang and never a lost byte.  Bytes that
+cannot come back (a cold file damaged or removed) fail the restore with CUDA_ERROR_ECC_UNCORRECTABLE
+and a sentence naming the allocation; the allocation is then back on the GPU, zero-filled, so that
+the program's other memory goes on working.
+
+Figures (the process's ledger slot): bytes per tier, counted as the GPU charges them
+(``physical_size``, as ``used`` is); one offload or restore per operation with its bytes (those
+copied) and seconds; failed restores.
+"""
 from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import zlib
+
+from ..api import errors as E
+from ..api.errors import CudaError, Refusal
+from ..client.units import format_size
+
+log = logging.getLogger("gpulab.worker")
+
+HOT, WARM, COLD = 0, 1, 2
+ECC_UNCORRECTABLE = 214  # CUDA_ERROR_ECC_UNCORRECTABLE: what a GPU says of bytes it could not keep
+EVICTION_ROUNDS = 3      # asks to the daemon for room before an allocation or a restore fails
+EVICTION_TIMEOUT = 60.0  # seconds without the daemon's answer before giving up (it answers within eviction_wait)
+CHUNK = 8 << 20          # bytes per write or read of a cold file (and per staged copy)
+
+
+class _Alloc:
+    __slots__ = ("size", "phys", "gpu", "tier", "host", "path", "crc")
+
+    def __init__(self, size: int, phys: int, gpu: int):
+        self.size, self.phys, self.gpu = size, phys, gpu
+        self.tier = HOT
+        self.host = None  # warm: the backend's host buffer holding the bytes
+        self.path = ""    # cold: the file holding them
+        self.crc = 0      # cold: their CRC-32
+
+
+class _Lost(Exception):
+    """The bytes of a cold allocation cannot come back (why, in words)."""
 
 
 class TierStore:
-    def __init__(self, backend, slot, board, row, gpus, spool, evict_sock):
+    """One executor's allocations and their tiers (one per executor process)."""
+
+    def __init__(self, backend, slot, board=None, row: int | None = None, gpus=(0,), spool: str = "",
+                 evict_sock: socket.socket | None = None):
         self.backend, self.slot, self.board, self.row = backend, slot, board, row
-        self.gpus, self.spool, self.evict_sock = gpus, spool, evict_sock
+        self.gpus = list(gpus)      # device ordinal of the backend -> the worker's GPU index
+        self.spool = spool          # this executor's spool directory ('' : no cold tier)
+        self.evict_sock = evict_sock
+        self.allocs: dict[int, _Alloc] = {}
+        self.bytes = [0, 0, 0]      # physical bytes hot, warm, cold
+        self.away = 0               # allocations not hot
+        self.off = False            # any allocation not hot: the executor restores before a touching call
+        self.touched = 0.0          # wall clock of the last touching call (the executor stamps it)
+        self._crc_pool = None
+
+    # ------------------------------------------------------------ the figures
+    def _moved(self, a: _Alloc, tier: int) -> None:
+        self.bytes[a.tier] -= a.phys
+        self.bytes[tier] += a.phys
+        self.away += (tier != HOT) - (a.tier != HOT)
+        a.tier = tier
+        self.off = self.away > 0
+
+    def _publish(self) -> None:
+        self.slot.set_tiers(*self.bytes)
+
+    def figures(self) -> tuple[int, int, int]:
+        """Bytes (hot, warm, cold) of this process's allocations."""
+        return tuple(self.bytes)
+
+    # --------------------------------------------------- device memory: room
+    def _charge_hot(self, gpu: int, n: int) -> bool:
+        if self.board is None or self.row is None:
+            return True
+        return self.board.charge_hot(self.row, gpu, n)
+
+    def _uncharge_hot(self, gpu: int, n: int) -> None:
+        if self.board is not None and self.row is not None:
+            self.board.uncharge_hot(self.row, gpu, n)
+
+    def _with_room(self, gpu: int, n: int, attempt):
+        """attempt() once ``n`` bytes of GPU ``gpu`` are counted for this process, asking the daemon to
+        move other vGPUs off the GPU while it is full; Refusal(OUT_OF_MEMORY) when nothing more can move."""
+        why = ""
+        for round_ in range(EVICTION_ROUNDS + 1):
+            if self._charge_hot(gpu, n):
+                try:
+                    return attempt()
+                except CudaError as exc:
+                    self._uncharge_hot(gpu, n)
+                    if isinstance(exc, Refusal) or exc.code != E.OUT_OF_MEMORY:
+                        raise
+                except BaseException:
+                    self._uncharge_hot(gpu, n)
+                    raise
+            if round_ == EVICTION_ROUNDS:
+                why = why or f"other vGPUs' memory was moved off it {EVICTION_ROUNDS} times and it is still full"
+                break
+            freed, why = self._ask_eviction(gpu, n)
+            if not freed:
+                break
+        raise Refusal(E.OUT_OF_MEMORY, self._full(gpu, n, why))
+
+    def _ask_eviction(self, gpu: int, need: int) -> tuple[int, str]:
+        """Ask the daemon to make ``need`` bytes of room on GPU ``gpu``: (bytes freed, why none was)."""
+        sock = self.evict_sock
+        if sock is None:
+            return 0, "no worker daemon can move other vGPUs' memory here"
+        try:
+            sock.setblocking(False)
+            while True:  # an answer that came after an earlier ask gave up is stale
+                if not sock.recv(4096):
+                    return 0, "the worker is stopping"
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            return 0, f"the worker's eviction link failed ({exc.strerror or exc})"
+        try:
+            sock.settimeout(EVICTION_TIMEOUT)
+            sock.send(json.dumps({"gpu": gpu, "need": need}).encode())
+            msg = sock.recv(4096)
+        except socket.timeout:
+            return 0, f"the worker did not make room within {EVICTION_TIMEOUT:.0f} s"
+        except OSError as exc:
+            return 0, f"the worker's eviction link failed ({exc.strerror or exc})"
+        if not msg:
+            return 0, "the worker is stopping"
+        try:
+            reply = json.loads(msg)
+        except ValueError:
+            return 0, "the worker answered the request for room with something unreadable"
+        freed = int(reply.get("freed", 0) or 0)
+        if freed > 0:
+            return freed, ""
+        return 0, str(reply.get("refused") or "no other vGPU's memory could move off it")
+
+    def _full(self, gpu: int, n: int, why: str) -> str:
+        """GPU ``gpu`` is full: what it holds, and why nothing (more) could move."""
+        mine = sum(a.phys for a in self.allocs.values() if a.gpu == gpu and a.tier == HOT)
+        cap = self.board.capacity(gpu) if self.board is not None else 0
+        if cap:
+            held = f"{format_size(self.board.hot_on(gpu))} of its {format_size(cap)} held by vGPUs"
+        else:
+            held = "the driver has no room left"
+        return (f"GPU {gpu} is full ({held}, {format_size(mine)} of it by this process; {format_size(n)} "
+                f"more wanted); {why}")
+
+    # ----------------------------------------------------- allocations
+    def allocate(self, n: int, phys: int) -> int:
+        """cuMemAlloc: device memory of ``n`` bytes (``phys`` on the GPU), room made for it if the GPU is full."""
+        ordinal = self.backend.current_device()
+        gpu = self.gpus[ordinal] if ordinal < len(self.gpus) else ordinal
+        ptr = self._with_room(gpu, phys, lambda: self.backend.mem_alloc(n))
+        self.allocs[ptr] = _Alloc(n, phys, gpu)
+        self.bytes[HOT] += phys
+        self._publish()
+        return ptr
+
+    def free(self, base: int) -> None:
+        """cuMemFree (the backend has freed it): its GPU bytes, host copy or file go too, without a restore."""
+        a = self.allocs.pop(base, None)
+        if a is None:
+            return
+        self._drop(a)
+        self.bytes[a.tier] -= a.phys
+        if a.tier != HOT:
+            self.away -= 1
+            self.off = self.away > 0
+        self._publish()
+
+    def _drop(self, a: _Alloc) -> None:
+        if a.tier == HOT:
+            self._uncharge_hot(a.gpu, a.phys)
+        elif a.tier == WARM:
+            self._free_warm(a)
+        else:
+            _unlink(a.path)
+            a.path = ""
+
+    def _free_warm(self, a: _Alloc) -> None:
+        self.backend.host_free(a.host)
+        a.host = None
+        if self.board is not None and self.row is not None:
+            self.board.uncharge_warm(self.row, a.size)
+
+    # ----------------------------------------------------------- offload
+    def offload(self, want: int) -> int:
+        """Move every hot allocation to ``want`` (WARM or COLD; warm past the warm budget goes cold), and
+        warm ones too when ``want`` is COLD; the bytes moved.  An allocation that cannot move stays where
+        it was (logged)."""
+        todo = [(b, a) for b, a in sorted(self.allocs.items()) if a.tier < want]
+        if not todo:
+            return 0
+        t0 = time.perf_counter()
+        if any(a.tier == HOT for _b, a in todo):
+            self.backend.synchronize_all()  # nothing queued may still read or write what is copied out
+        moved = 0
+        staging = None
+        try:
+            for base, a in todo:
+                try:
+                    if a.tier == HOT:
+                        if want == WARM and self._to_warm(base, a):
+                            moved += a.size
+                            continue
+                        if not self.spool:  # no cold tier on this worker: it stays hot
+                            continue
+                        if staging is None:
+                            staging = self._staging(max(a.size for _b, a in todo))
+                        self._hot_to_cold(base, a, staging)
+                    else:
+                        if not self.spool:
+                            continue
+                        self._warm_to_cold(base, a)
+                    moved += a.size
+                except (OSError, CudaError, MemoryError) as exc:
+                    log.error("tiers: the allocation at %#x (%s) could not move %s: %s", base, format_size(a.size),
+                              "to disk" if want == COLD or a.tier == WARM else "off the GPU", exc)
+        finally:
+            for buf in staging or ():
+                self.backend.host_free(buf)
+            if moved:
+                self.slot.count_move("offload", moved, time.perf_counter() - t0)
+            self._publish()
+        return moved
+
+    def _to_warm(self, base: int, a: _Alloc) -> bool:
+        """Hot -> warm; False (nothing changed) when the warm budget or host memory has no room."""
+        board = self.board is not None and self.row is not None
+        if board and not self.board.charge_warm(self.row, a.size):
+            return False
+        try:
+            buf = self.backend.host_buffer(a.size)
+        except (CudaError, MemoryError, OSError) as exc:
+            log.warning("tiers: no host buffer of %s for the allocation at %#x (%s): it goes cold",
+                        format_size(a.size), base, exc)
+            if board:
+                self.board.uncharge_warm(self.row, a.size)
+            return False
+        try:
+            self.backend.copy_out(base, a.size, buf)
+            self.backend.mem_release(base)
+        except BaseException:
+            self.backend.host_free(buf)
+            if board:
+                self.board.uncharge_warm(self.row, a.size)
+            raise
+        a.host = buf
+        self._uncharge_hot(a.gpu, a.phys)
+        self._moved(a, WARM)
+        return True
+
+    def _staging(self, biggest: int) -> tuple:
+        """Two host buffers of a chunk each: the checksum of one is computed while the next is filled."""
+        n = min(CHUNK, biggest)
+        first = self.backend.host_buffer(n)
+        try:
+            return first, self.backend.host_buffer(n)
+        except BaseException:
+            self.backend.host_free(first)
+            raise
+
+    def _path(self, base: int) -> str:
+        os.makedirs(self.spool, mode=0o700, exist_ok=True)
+        return os.path.join(self.spool, f"{base:x}.cold")
+
+    def _hot_to_cold(self, base: int, a: _Alloc, staging: tuple) -> None:
+        path = self._path(base)
+        crc = _Crc(self._pool())
+        try:
+            with open(path, "wb", buffering=0) as f:
+                for k, off in enumerate(range(0, a.size, CHUNK)):
+                    n = min(CHUNK, a.size - off)
+                    view = staging[k % 2][:n]
+                    crc.wait_before_reuse(k)  # the crc of the chunk two back read this buffer
+                    self.backend.copy_out(base + off, n, view)
+                    crc.add(view)
+                    _write_all(f, view)
+            a.crc = crc.value()
+            self.backend.mem_release(base)
+        except BaseException:
+            crc.settle()
+            _unlink(path)
+            raise
+        a.path = path
+        self._uncharge_hot(a.gpu, a.phys)
+        self._moved(a, COLD)
+
+    def _warm_to_cold(self, base: int, a: _Alloc) -> None:
+        path = self._path(base)
+        crc = _Crc(self._pool())
+        try:
+            with open(path, "wb", buffering=0) as f:
+                for off in range(0, a.size, CHUNK):
+                    view = a.host[off:off + CHUNK]
+                    crc.add(view)
+                    _write_all(f, view)
+            a.crc = crc.value()
+        except BaseException:
+            crc.settle()
+            _unlink(path)
+            raise
+        self._free_warm(a)
+        a.path = path
+        self._moved(a, COLD)
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._crc_pool is None:  # made in the executor process (after the fork), on first need
+            self._crc_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gpulab-crc")
+        return self._crc_pool
+
+    # ----------------------------------------------------------- restore
+    def restore(self) -> int:
+        """Bring every allocation back to the GPU at its address; the bytes restored.
+
+        Room is made as for an allocation; when there is none, Refusal(OUT_OF_MEMORY) with the reason and
+        the allocations not yet back stay where they are (nothing is lost).  A cold allocation whose bytes
+        are lost comes back zero-filled and the restore fails with CUDA_ERROR_ECC_UNCORRECTABLE."""
+        if not self.off:
+            return 0
+        t0 = time.perf_counter()
+        moved = 0
+        lost = []
+        staging = None
+        try:
+            for base, a in sorted(self.allocs.items()):
+                if a.tier == HOT:
+                    continue
+                try:
+                    self._with_room(a.gpu, a.phys, lambda: self.backend.mem_remap(base))
+                except Refusal as exc:
+                    raise Refusal(E.OUT_OF_MEMORY, f"this process's memory was moved off the GPU and cannot come "
+                                                  f"back now: {exc.why}; nothing was lost: try again later") from None
+                if a.tier == WARM:
+                    self.backend.copy_in(base, a.size, a.host)
+                    self._free_warm(a)
+                else:
+                    if staging is None:
+                        staging = self._staging(max(a.size for a in self.allocs.values() if a.tier == COLD))
+                    try:
+                        self._cold_in(base, a, staging)
+                    except _Lost as exc:
+                        lost.append((base, a, str(exc)))
+                        self._zero(base, a.size, staging[0])  # never half-right bytes
+                    _unlink(a.path)
+                    a.path = ""
+                moved += a.size
+                self._moved(a, HOT)
+        finally:
+            for buf in staging or ():
+                self.backend.host_free(buf)
+            if moved:
+                self.slot.count_move("restore", moved - sum(a.size for _b, a, _w in lost), time.perf_counter() - t0)
+            for base, a, why in lost:
+                self.slot.count_move("failure")
+                log.error("tiers: the bytes of the allocation at %#x (%s) were lost in the cold tier: %s",
+                          base, format_size(a.size), why)
+            self._publish()
+        if lost:
+            base, a, why = lost[0]
+            more = f" (and {len(lost) - 1} more allocations)" if len(lost) > 1 else ""
+            raise Refusal(ECC_UNCORRECTABLE, f"the bytes of the allocation at {base:#x} ({format_size(a.size)}){more} "
+                                             f"were lost in the cold tier ({why}); it is back on the GPU, zero-filled")
+        return moved
+
+    def _cold_in(self, base: int, a: _Alloc, staging: tuple) -> None:
+        """A cold file's bytes into the allocation (remapped), its checksum verified; _Lost if they cannot."""
+        crc = _Crc(self._pool())
+        try:
+            with open(a.path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != a.size:
+                    raise _Lost(f"its file holds {size} bytes, not {a.size}")
+                for k, off in enumerate(range(0, a.size, CHUNK)):
+                    n = min(CHUNK, a.size - off)
+                    view = staging[k % 2][:n]
+                    crc.wait_before_reuse(k)
+                    _read_all(f, view)
+                    crc.add(view)
+                    self.backend.copy_in(base + off, n, view)
+            got = crc.value()
+        except FileNotFoundError:
+            raise _Lost("its file is gone") from None
+        except OSError as exc:
+            raise _Lost(f"its file cannot be read: {exc.strerror or exc}") from None
+        finally:
+            crc.settle()  # no checksum may still read a staging buffer once it is reused or freed
+        if got != a.crc:
+            raise _Lost(f"its checksum is {got:#010x}, not {a.crc:#010x}: the file was changed")
+
+    def _zero(self, base: int, size: int, buf: memoryview) -> None:
+        buf[:] = bytes(len(buf))
+        for off in range(0, size, len(buf)):
+            n = min(len(buf), size - off)
+            self.backend.copy_in(base + off, n, buf[:n])
+
+    # --------------------------------------------------------------- end
+    def close(self) -> None:
+        """The session ended: host copies freed, files and this process's spool directory deleted, the
+        board uncharged (the backend frees the device memory)."""
+        for a in self.allocs.values():
+            try:
+                self._drop(a)
+            except Exception:  # a buffer the backend already closed
+                log.debug("tiers: dropping an allocation at the end failed", exc_info=True)
+        self.allocs.clear()
+        self.bytes = [0, 0, 0]
+        self.away = 0
         self.off = False
+        if self.spool:
+            shutil.rmtree(self.spool, ignore_errors=True)
+        if self._crc_pool is not None:
+            self._crc_pool.shutdown(wait=False)
+            self._crc_pool = None
+        self._publish()
+
+
+class _Crc:
+    """CRC-32 of a stream of chunks, computed in a helper thread while the caller moves the next chunk
+    (zlib.crc32 and file or device I/O both release the GIL)."""
+
+    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor):
+        self.pool = pool
+        self.crc = 0
+        self.futures: list = []
+
+    def _update(self, view) -> None:
+        self.crc = zlib.crc32(view, self.crc)
+
+    def add(self, view) -> None:
+        self.futures.append(self.pool.submit(self._update, view))  # one worker: in order
+
+    def wait_before_reuse(self, k: int) -> None:
+        """Chunk ``k`` goes into the buffer chunk ``k - 2`` used: its checksum must be done first."""
+        if k >= 2:
+            self.futures[k - 2].result()
+
+    def value(self) -> int:
+        for f in self.futures:
+            f.result()
+        return self.crc
+
+    def settle(self) -> None:
+        """Wait for every chunk's checksum, whatever became of it (on the way out of a failed move)."""
+        concurrent.futures.wait(self.futures)
+
+
+def _write_all(f, view) -> None:
+    while view:
+        n = f.write(view)
+        view = view[n:]
+
+
+def _read_all(f, view) -> None:
+    while view:
+        n = f.readinto(view)
+        if not n:
+            raise _Lost("its file is shorter than the allocation")
+        view = view[n:]
+
+
+def _unlink(path: str) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

@@ -793,7 +793,7 @@ class GPUWorker(Configurable):
                                           gpus=len(grant["gpus"])), tiers=tiers)
             log.info("%s: opened (%s on %s, quota %s)", label, backend.name, ",".join(grant["gpus"]), ledger.quota)
             executor = Executor(FrameReader(conn), session, self.max_frame)
-            executor.watch_revocation()
+            executor.watch_signals()
             if ledger.revoked:  # revoked between the admission and now
                 executor.revoked = True
             try:

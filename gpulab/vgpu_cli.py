@@ -371,9 +371,9 @@ class IdleApp(VGPUCommand):
 class VGPUApp(SubcommandApp):
     name = "gpulab-vgpu"
     description = """A worker's vGPUs through its control API: list them, show one's usage, follow its
-    call trace, move its memory off the GPU and back, revoke it. On the worker's host as its admin (the control URL and admin token it
-    published in the state directory), or as the session itself from a kernel
-    ($GPULAB_CONTROL_URL and $GPULAB_TOKEN), or anywhere with --url and $GPULAB_TOKEN."""
+    call trace, move its memory off the GPU and back, revoke it. On the worker's host as its admin (the
+    control URL and admin token it published in the state directory), or as the session itself from a
+    kernel ($GPULAB_CONTROL_URL and $GPULAB_TOKEN), or anywhere with --url and $GPULAB_TOKEN."""
     examples = """
 gpulab vgpu list
 gpulab vgpu show 17

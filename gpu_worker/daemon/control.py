@@ -253,7 +253,7 @@ class ControlServer:
             self._active(vgpu_id)
             raise _not_found(vgpu_id)
         seq, told = asked
-        log.info("vGPU %s: %s to %s asked through the control API by %s (%d processes)", vgpu_id, action, to,
+        log.info("vGPU %s: %s to %s asked through the control API by %s (%d process(es) told)", vgpu_id, action, to,
                  "the admin" if caller is None else "its session", len(told))
         deadline = time.monotonic() + TIER_WAIT
         while True:

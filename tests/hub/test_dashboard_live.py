@@ -156,7 +156,8 @@ def test_vgpu_panel_lists_processes_and_last_calls():
 
 
 def test_vgpu_panel_shows_its_memory_tier():
-    facts = {"id": "1", "used": 3 * M, "overhead": 0, "tier": "mixed", "tiers": {"hot": 1 * M, "warm": 2 * M, "cold": 0}}
+    facts = {"id": "1", "used": 3 * M, "overhead": 0, "tier": "mixed",
+             "tiers": {"hot": 1 * M, "warm": 2 * M, "cold": 0}}
     html = render([gpu()], [allocation(1, "alice", 4 * G)], StandIn(vgpus={"h1": facts}), time.time())
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html.split('gpulab-vgpu-panel" data-vgpu="1"')[1]))
     assert ("memory mixed · 1.0 MiB on the GPU · 2.0 MiB in its worker's RAM (warm) · 0 bytes on its worker's disk "

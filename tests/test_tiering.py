@@ -97,6 +97,7 @@ def test_random_bytes_survive_50_random_tier_cycles(tmp_path, small_chunks):
     phys = sum(lab.backend.physical_size(n) for n in sizes)
     assert lab.slot.used == phys and lab.figures()["hot"] == phys
     moves = {"offload": 0, "restore": 0}
+    offloaded = 0
     for cycle in range(50):
         steps = list(rng.permutation(["warm", "cold", "restore"]))
         if rng.random() < 0.5:
@@ -113,11 +114,11 @@ def test_random_bytes_survive_50_random_tier_cycles(tmp_path, small_chunks):
                 assert lab.board.row_figures(lab.row)["hot"][0] == phys and lab.board.warm_total() == 0
             else:
                 want = WARM if step == "warm" else COLD
-                got = lab.tiers.offload(want)
-                if sum(where_before[:want]):
+                expected = sum(n for p, n in zip(ptrs, sizes) if lab.tiers.allocs[p].tier < want)
+                assert lab.tiers.offload(want) == expected
+                if expected:
                     moves["offload"] += 1
-                    assert got == sum(sum(sizes[i] for i, p in enumerate(ptrs)
-                                          if lab.tiers.allocs[p].tier == t) for t in range(want + 1)) or got > 0
+                    offloaded += expected
                 assert lab.tiers.off
                 assert lab.board.row_figures(lab.row)["hot"][0] == 0
                 if want == COLD:
@@ -139,7 +140,7 @@ def test_random_bytes_survive_50_random_tier_cycles(tmp_path, small_chunks):
     fig = lab.figures()
     assert (fig["offloads"], fig["restores"], fig["failures"]) == (moves["offload"], moves["restore"], 0)
     assert fig["bytes_restored"] == moves["restore"] * sum(sizes) and fig["restore_seconds"] > 0
-    assert fig["bytes_offloaded"] >= moves["offload"] * 1 and fig["offload_seconds"] > 0
+    assert fig["bytes_offloaded"] == offloaded and fig["offload_seconds"] > 0
     assert lab.slot.used == phys  # moves change where, never what the quota is charged
     s.free_all()
     assert not lab.spool.exists() and lab.figures()["hot"] == 0
@@ -162,7 +163,7 @@ def test_a_damaged_or_missing_cold_file_is_a_loss_said_and_counted(tmp_path, sma
         lab.tiers.restore()
     assert exc.value.code == T.ECC_UNCORRECTABLE == 214
     assert f"the bytes of the allocation at {ptrs[1]:#x}" in exc.value.why
-    assert "were lost in the cold tier" in exc.value.why and "checksum" in exc.value.why
+    assert "were lost in the cold tier" in exc.value.why and "CRC-32 of its bytes 0..5000 does not match" in exc.value.why
     fig = lab.figures()
     assert fig["failures"] == 1 and fig["restores"] == 1
     assert not lab.tiers.off and lab.files() == []

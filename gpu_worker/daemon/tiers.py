@@ -2,8 +2,8 @@
 
 hot: on the GPU.  warm: a host buffer of the worker (page-locked on a GPU; the worker's ``warm_budget``
 over all executors, counted on the tier board).  cold: a file ``<base hex>.cold`` in this executor's
-spool directory, with its CRC-32.  Only the allocations the program made with cuMemAlloc move; module
-globals are the driver's and stay on the GPU.  An allocation keeps its address in every tier: the
+spool directory, with a CRC-32 of each chunk.  Only the allocations the program made with cuMemAlloc
+move; module globals are the driver's and stay on the GPU.  An allocation keeps its address in every tier: the
 backend releases its physical memory but keeps the range (``mem_release``) and maps new memory there
 to bring it back (``mem_remap``).
 
@@ -42,18 +42,20 @@ HOT, WARM, COLD = 0, 1, 2
 ECC_UNCORRECTABLE = 214  # CUDA_ERROR_ECC_UNCORRECTABLE: what a GPU says of bytes it could not keep
 EVICTION_ROUNDS = 3      # asks to the daemon for room before an allocation or a restore fails
 EVICTION_TIMEOUT = 60.0  # seconds without the daemon's answer before giving up (it answers within eviction_wait)
-CHUNK = 8 << 20          # bytes per write or read of a cold file (and per staged copy)
+CHUNK = 8 << 20          # bytes per write or read of a cold file, per staged copy and per CRC-32
+CRC_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))  # zlib.crc32 runs at 1-2 GB/s a core: a disk is faster
 
 
 class _Alloc:
-    __slots__ = ("size", "phys", "gpu", "tier", "host", "path", "crc")
+    __slots__ = ("size", "phys", "gpu", "tier", "host", "path", "crcs", "chunk")
 
     def __init__(self, size: int, phys: int, gpu: int):
         self.size, self.phys, self.gpu = size, phys, gpu
         self.tier = HOT
         self.host = None  # warm: the backend's host buffer holding the bytes
         self.path = ""    # cold: the file holding them
-        self.crc = 0      # cold: their CRC-32
+        self.crcs = ()    # cold: the CRC-32 of each chunk of the file
+        self.chunk = 0    # cold: the chunk size they were taken over
 
 
 class _Lost(Exception):
@@ -229,7 +231,7 @@ class TierStore:
                         if not self.spool:  # no cold tier on this worker: it stays hot
                             continue
                         if staging is None:
-                            staging = self._staging(max(a.size for _b, a in todo))
+                            staging = self._staging(min(CHUNK, max(a.size for _b, a in todo)))
                         self._hot_to_cold(base, a, staging)
                     else:
                         if not self.spool:
@@ -273,15 +275,17 @@ class TierStore:
         self._moved(a, WARM)
         return True
 
-    def _staging(self, biggest: int) -> tuple:
-        """Two host buffers of a chunk each: the checksum of one is computed while the next is filled."""
-        n = min(CHUNK, biggest)
-        first = self.backend.host_buffer(n)
+    def _staging(self, n: int) -> list:
+        """Host buffers of ``n`` bytes each (a chunk, or less), one per checksum in flight and one more."""
+        bufs = []
         try:
-            return first, self.backend.host_buffer(n)
+            for _ in range(CRC_THREADS + 1):
+                bufs.append(self.backend.host_buffer(n))
         except BaseException:
-            self.backend.host_free(first)
+            for buf in bufs:
+                self.backend.host_free(buf)
             raise
+        return bufs
 
     def _path(self, base: int) -> str:
         os.makedirs(self.spool, mode=0o700, exist_ok=True)
@@ -289,17 +293,17 @@ class TierStore:
 
     def _hot_to_cold(self, base: int, a: _Alloc, staging: tuple) -> None:
         path = self._path(base)
-        crc = _Crc(self._pool())
+        crc = _Crc(self._pool(), len(staging))
         try:
             with open(path, "wb", buffering=0) as f:
                 for k, off in enumerate(range(0, a.size, CHUNK)):
                     n = min(CHUNK, a.size - off)
-                    view = staging[k % 2][:n]
-                    crc.wait_before_reuse(k)  # the crc of the chunk two back read this buffer
+                    view = staging[k % len(staging)][:n]
+                    crc.wait_before_reuse(k)
                     self.backend.copy_out(base + off, n, view)
                     crc.add(view)
                     _write_all(f, view)
-            a.crc = crc.value()
+            a.crcs, a.chunk = crc.values(), CHUNK
             self.backend.mem_release(base)
         except BaseException:
             crc.settle()
@@ -311,14 +315,14 @@ class TierStore:
 
     def _warm_to_cold(self, base: int, a: _Alloc) -> None:
         path = self._path(base)
-        crc = _Crc(self._pool())
+        crc = _Crc(self._pool(), 0)
         try:
             with open(path, "wb", buffering=0) as f:
                 for off in range(0, a.size, CHUNK):
                     view = a.host[off:off + CHUNK]
                     crc.add(view)
                     _write_all(f, view)
-            a.crc = crc.value()
+            a.crcs, a.chunk = crc.values(), CHUNK
         except BaseException:
             crc.settle()
             _unlink(path)
@@ -329,7 +333,7 @@ class TierStore:
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._crc_pool is None:  # made in the executor process (after the fork), on first need
-            self._crc_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gpulab-crc")
+            self._crc_pool = concurrent.futures.ThreadPoolExecutor(CRC_THREADS, thread_name_prefix="gpulab-crc")
         return self._crc_pool
 
     # ----------------------------------------------------------- restore
@@ -359,7 +363,8 @@ class TierStore:
                     self._free_warm(a)
                 else:
                     if staging is None:
-                        staging = self._staging(max(a.size for a in self.allocs.values() if a.tier == COLD))
+                        staging = self._staging(max(min(a.chunk, a.size) for a in self.allocs.values()
+                                                    if a.tier == COLD))
                     try:
                         self._cold_in(base, a, staging)
                     except _Lost as exc:
@@ -388,28 +393,31 @@ class TierStore:
 
     def _cold_in(self, base: int, a: _Alloc, staging: tuple) -> None:
         """A cold file's bytes into the allocation (remapped), its checksum verified; _Lost if they cannot."""
-        crc = _Crc(self._pool())
+        crc = _Crc(self._pool(), len(staging))
         try:
             with open(a.path, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
                 if size != a.size:
                     raise _Lost(f"its file holds {size} bytes, not {a.size}")
-                for k, off in enumerate(range(0, a.size, CHUNK)):
-                    n = min(CHUNK, a.size - off)
-                    view = staging[k % 2][:n]
+                for k, off in enumerate(range(0, a.size, a.chunk)):
+                    n = min(a.chunk, a.size - off)
+                    view = staging[k % len(staging)][:n]
                     crc.wait_before_reuse(k)
                     _read_all(f, view)
                     crc.add(view)
                     self.backend.copy_in(base + off, n, view)
-            got = crc.value()
+            got = crc.values()
         except FileNotFoundError:
             raise _Lost("its file is gone") from None
         except OSError as exc:
             raise _Lost(f"its file cannot be read: {exc.strerror or exc}") from None
         finally:
             crc.settle()  # no checksum may still read a staging buffer once it is reused or freed
-        if got != a.crc:
-            raise _Lost(f"its checksum is {got:#010x}, not {a.crc:#010x}: the file was changed")
+        bad = [k for k, (x, y) in enumerate(zip(got, a.crcs)) if x != y]
+        if bad or len(got) != len(a.crcs):
+            k = bad[0] if bad else min(len(got), len(a.crcs))
+            raise _Lost(f"the CRC-32 of its bytes {k * a.chunk}..{min((k + 1) * a.chunk, a.size)} does not match: "
+                        "the file was changed")
 
     def _zero(self, base: int, size: int, buf: memoryview) -> None:
         buf[:] = bytes(len(buf))
@@ -439,29 +447,24 @@ class TierStore:
 
 
 class _Crc:
-    """CRC-32 of a stream of chunks, computed in a helper thread while the caller moves the next chunk
-    (zlib.crc32 and file or device I/O both release the GIL)."""
+    """The CRC-32 of each chunk of a stream, computed by helper threads while the caller moves the next
+    chunks (zlib.crc32 and file or device I/O release the GIL)."""
 
-    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor):
+    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, buffers: int):
         self.pool = pool
-        self.crc = 0
+        self.buffers = buffers  # staging buffers used in turn (0: the chunks are not reused)
         self.futures: list = []
 
-    def _update(self, view) -> None:
-        self.crc = zlib.crc32(view, self.crc)
-
     def add(self, view) -> None:
-        self.futures.append(self.pool.submit(self._update, view))  # one worker: in order
+        self.futures.append(self.pool.submit(zlib.crc32, view))
 
     def wait_before_reuse(self, k: int) -> None:
-        """Chunk ``k`` goes into the buffer chunk ``k - 2`` used: its checksum must be done first."""
-        if k >= 2:
-            self.futures[k - 2].result()
+        """Chunk ``k`` goes into the buffer an earlier chunk used: its checksum must be done first."""
+        if self.buffers and k >= self.buffers:
+            self.futures[k - self.buffers].result()
 
-    def value(self) -> int:
-        for f in self.futures:
-            f.result()
-        return self.crc
+    def values(self) -> tuple:
+        return tuple(f.result() for f in self.futures)
 
     def settle(self) -> None:
         """Wait for every chunk's checksum, whatever became of it (on the way out of a failed move)."""

@@ -266,6 +266,10 @@ def test_prometheus_scrapes_a_worker_and_the_pool_and_the_alert_rules_find_them(
         assert prom.query(expr["GPULabPoolRefusalsRising"]) == []
         assert prom.query(expr["GPULabVGPURestoreFailures"]) == []  # nothing moved, nothing failed
         assert values(prom.query('gpulab_vgpu_tier_moves_total{kind="failure"}'), "vgpu") == {vid: 0}
+        # VRAM tiers: the client's bytes are on the GPU (the tier board counts them there too)
+        assert values(prom.query('gpulab_vgpu_tier_bytes{tier="hot"}'), "vgpu") == {vid: ALLOC}
+        assert values(prom.query("gpulab_worker_gpu_hot_bytes"), "job") == {"gpulab-worker": ALLOC}
+        assert values(prom.query("gpulab_worker_warm_bytes"), "job") == {"gpulab-worker": 0}
         assert prom.query(expr["GPULabWorkerDown"]) == []
 
         # refusals after Prometheus has seen the counter at 0: the rule sees them rise

@@ -3,12 +3,16 @@
 `decide` is a pure function: each test gives it records and a time.  Eviction and the idle tick
 run over a real VGPURegistry whose processes are fabricated: ledger slots and tier-board rows
 written by the test, and a stand-in for the executors that acts on a tier request the moment its
-SIGUSR2 is sent (moving its board row's hot bytes to warm or cold, as tiers.py does)."""
+SIGUSR2 is sent (moving its board row's hot bytes to warm or cold, as tiers.py does).  Last, one
+real worker: an idle hint through the control API moves a vGPU warm, a touch brings it back."""
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -17,6 +21,7 @@ from gpu_worker.daemon import vgpus as vgpus_module
 from gpu_worker.daemon.ledger import Slot
 from gpu_worker.daemon.tiering import COLD, HOT, WARM, Tiering, TierState, decide, idle_clock, tier_name
 from gpu_worker.daemon.vgpus import VGPURegistry
+from workertools import PRELUDE, ROOT, Worker
 
 MiB = 1 << 20
 WARM_AFTER = {"low": 600, "medium": 1800, "high": 0}
@@ -334,3 +339,58 @@ def test_tier_done_waits_for_every_process(reg):
     assert reg.tier_done("two", seq) is False
     Slot(v.ledger, second).set_done(seq)
     assert reg.tier_done("two", seq) is True
+
+
+# ------------------------------------------------------------------------------ through a worker
+
+def test_an_idle_hint_moves_a_real_vgpu_warm_and_a_touch_brings_it_back(tmp_path):
+    """A worker whose medium vGPUs go warm after an hour: an idle hint saying the program has been idle
+    longer moves it at the next tick of the policy; the program's next touching call restores it, and
+    the hint no longer counts."""
+    worker = Worker(tmp_path, extra=("--GPUWorker.control=127.0.0.1:0", "--vram-quota", "64M",
+                                     "--GPUWorker.warm_after={'low': 0, 'medium': 3600, 'high': 0}",
+                                     "--GPUWorker.cold_after={'low': 0, 'medium': 0, 'high': 0}"))
+    client = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent("""
+        dev, ctx = setup()
+        ptr = ok(d.cuMemAlloc(8 << 20))
+        done(ready=True)
+        sys.stdout.flush()
+        for line in sys.stdin:  # each line: touch the memory once
+            ok(d.cuMemsetD8(ptr, 7, 8 << 20))
+            done(touched=True)
+            sys.stdout.flush()
+        """)], env=worker.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert json.loads(client.stdout.readline() or "{}").get("ready"), worker.log_text()
+        (v,) = worker.vgpus()
+        assert (v["qos"], v["tier"], v["tiers"]["hot"]) == ("medium", "hot", 8 << 20)
+
+        def wait_for(tier):
+            deadline = time.monotonic() + 10
+            while (got := worker.vgpus()[0])["tier"] != tier:
+                assert time.monotonic() < deadline, (got, worker.log_text())
+                time.sleep(0.1)
+            return got
+
+        time.sleep(1.5)
+        assert worker.vgpus()[0]["tier"] == "hot"  # an hour is far
+        status, v = worker.api(f"/api/vgpus/{v['id']}/idle", method="POST", body={"since": time.time() - 4000})
+        assert status == 200 and v["idle_seconds"] >= 4000, v
+        v = wait_for("warm")
+        assert v["tiers"] == {"hot": 0, "warm": 8 << 20, "cold": 0} and v["moves"]["offloads"] == 1
+        assert "idle for 4" in worker.log_text()  # the policy's log line: idle for 4000 s and more
+        client.stdin.write("touch\n")
+        client.stdin.flush()
+        assert json.loads(client.stdout.readline())["touched"]
+        v = wait_for("hot")
+        assert v["moves"]["restores"] == 1
+        deadline = time.monotonic() + 3  # published by the executor's flush thread
+        while worker.vgpus()[0]["idle_seconds"] > 100:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(2)  # two more ticks: the touch came after the hint, which no longer counts
+        assert worker.vgpus()[0]["tier"] == "hot"
+    finally:
+        client.stdin.close()
+        client.wait(30)
+        worker.stop()

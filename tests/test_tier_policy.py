@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -291,6 +292,27 @@ def test_victims_that_do_not_move_end_in_a_refusal_within_eviction_wait(reg):
     assert 0.25 < time.monotonic() - t0 < 2
     assert answer["refused"].endswith("the vGPUs asked to make room (stuck) did not move within 0.3 s")
     assert [sig for _pid, sig in reg.executors.signals] == [signal.SIGUSR2]
+
+
+def test_one_eviction_at_a_time_per_gpu_and_its_waiters_are_not_victims(reg):
+    now = time.time()
+    other = vgpu(reg, "other", "low", 500 * MiB, now - 1000)
+    me = vgpu(reg, "me", "low", 400 * MiB, now)
+    tiering = Tiering(reg, WARM_AFTER, COLD_AFTER, 0.3)
+    tiering.gpu_locks[0].acquire()  # an eviction on GPU 0 under way
+    answers = []
+    waiter = threading.Thread(target=lambda: answers.append(evict(tiering, other, 200 * MiB)))
+    waiter.start()
+    time.sleep(0.1)
+    assert tiering.waiting == {"other": 1}
+    tiering.gpu_locks[1].acquire(timeout=0)  # another GPU's lock is its own
+    waiter.join(5)
+    assert answers == [{"refused": "GPU 0 of this worker is full, and another vGPU's wait for room there took "
+                                   "longer than 0.3 s"}]
+    assert tiering.waiting == {}
+    tiering.gpu_locks[0].release()
+    assert evict(tiering, me, 200 * MiB) == {"freed": 500 * MiB}  # free again: the other one moves now
+    assert reg.executors.moved == [("other", WARM)]
 
 
 @pytest.mark.parametrize("message", [b"", b"{", b"[]", b'{"gpu": 0}', b'{"gpu": "0", "need": 5}',

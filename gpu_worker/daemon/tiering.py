@@ -146,23 +146,27 @@ class Tiering:
             return _refused(f"the worker did not understand this process's request for room on its GPU "
                             f"({bytes(message[:80])!r}); expected {{\"gpu\": index, \"need\": bytes}}")
         start = time.monotonic()
-        deadline = start + self.eviction_wait
         with self.guard:
             lock = self.gpu_locks[gpu]
             self.waiting[vgpu.id] += 1  # while it waits, nobody evicts it for room
         try:
-            if not lock.acquire(timeout=self.eviction_wait):
-                return _refused(f"GPU {gpu} of this worker is full, and another vGPU's wait for room there "
-                                f"took longer than {self.eviction_wait:g} s")
-            try:
-                return self._evict(vgpu, pid, gpu, need, start, deadline)
-            finally:
-                lock.release()
+            if lock.acquire(timeout=self.eviction_wait):
+                try:
+                    reply = self._evict(vgpu, pid, gpu, need, start, start + self.eviction_wait)
+                finally:
+                    lock.release()
+            else:
+                reply = _refused(f"GPU {gpu} of this worker is full, and another vGPU's wait for room there took "
+                                 f"longer than {self.eviction_wait:g} s")
         finally:
             with self.guard:
                 self.waiting[vgpu.id] -= 1
                 if self.waiting[vgpu.id] <= 0:
                     del self.waiting[vgpu.id]
+        if b'"refused"' in reply:
+            log.info("no room made on GPU %d for vGPU %s (process %d, %s): %s", gpu, vgpu.id, pid,
+                     format_size(need), json.loads(reply)["refused"])
+        return reply
 
     def _evict(self, vgpu, pid: int, gpu: int, need: int, start: float, deadline: float) -> bytes:
         reg, board = self.registry, self.registry.tierboard
@@ -233,8 +237,6 @@ class Tiering:
         took = time.monotonic() - start
         moved = ", ".join(f"{v.id} -> {TIER_WORDS[want]} ({format_size(here)})" for v, want, here in victims)
         if n <= 0:
-            log.info("eviction on GPU %d for vGPU %s (process %d, %s): nothing moved within %.3g s (asked: %s)",
-                     gpu, vgpu.id, pid, format_size(need), took, moved)
             return _refused(f"{full}: the vGPUs asked to make room ({', '.join(v.id for v, _w, _h in victims)}) "
                             f"did not move within {self.eviction_wait:g} s")
         log.info("eviction on GPU %d for vGPU %s (process %d, %s): %s; %s freed in %.3f s", gpu, vgpu.id, pid,

@@ -1,0 +1,115 @@
+"""A worker that stops while a vGPU's memory is on disk (VRAM tiering, issue 9).
+
+A real cuda-python program through the shim holds an allocation that the control API moved to the
+cold tier (a file in the worker's spool directory). When the worker stops (SIGTERM, as a restart
+does), the program's next call fails with CUDA_ERROR_DEVICE_UNAVAILABLE and the person reads what
+was lost; no spool file stays. When the worker is killed outright (SIGKILL: no clean-up at all), the
+next worker on the same spool directory removes what was left, and says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from workertools import PRELUDE, ROOT, Worker
+
+MiB = 1 << 20
+
+# Allocates 4 MiB of random bytes, says "ready", waits for a line, then reads them back.
+HOLDER = PRELUDE + """
+import os
+setup()
+n = 4 << 20
+data = np.frombuffer(os.urandom(n), np.uint8)
+ptr = ok(d.cuMemAlloc(n))
+ok(d.cuMemcpyHtoD(ptr, data.ctypes.data, n))
+print("ready", flush=True)
+sys.stdin.readline()
+back = np.empty(n, np.uint8)
+r = name(d.cuMemcpyDtoH(back.ctypes.data, ptr, n))
+done(r=r, later=name(d.cuMemAlloc(64)), same=bool((back == data).all()))
+"""
+
+
+def spool_files(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if not p.is_dir()) if path.exists() else []
+
+
+def start_cold_holder(tmp_path: Path) -> tuple[Worker, subprocess.Popen, dict]:
+    """A worker, a program holding 4 MiB, and that vGPU moved cold by the control API."""
+    spool = tmp_path / "spool"
+    w = Worker(tmp_path, extra=["--vram-quota", "64M", f"--GPUWorker.spool_dir={spool}"])
+    env = w.env()
+    env["GPULAB_TIMEOUT"] = "5"
+    p = subprocess.Popen([sys.executable, "-c", HOLDER], env=env, cwd=ROOT, text=True, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        (vgpu,) = w.vgpus()
+        status, body = w.api(f"/api/vgpus/{vgpu['id']}/offload", method="POST", body={"to": "cold"})
+        assert status == 200 and body["tier"] == "cold" and body["tiers"]["cold"] >= 4 * MiB, (status, body)
+        files = spool_files(spool)
+        assert files and all(f.startswith(vgpu["id"] + "/") and f.endswith(".cold") for f in files), files
+        assert sum((spool / f).stat().st_size for f in files) >= 4 * MiB
+    except BaseException:
+        p.kill()
+        w.stop()
+        raise
+    return w, p, body
+
+
+def finish(p: subprocess.Popen) -> tuple[dict, str]:
+    out, err = p.communicate("go\n", timeout=60)
+    return json.loads(out.strip().splitlines()[-1]), err
+
+
+def test_a_worker_stopping_tells_the_program_what_was_lost_and_leaves_no_spool_file(tmp_path):
+    w, p, _ = start_cold_holder(tmp_path)
+    t0 = time.monotonic()
+    w.stop()  # SIGTERM to the worker's process group, as a service manager's restart does
+    stopped = time.monotonic() - t0
+    res, err = finish(p)
+    assert res["r"] == "CUDA_ERROR_DEVICE_UNAVAILABLE" and res["later"] == "CUDA_ERROR_DEVICE_UNAVAILABLE", (res, err)
+    # the executor's last frame (REPLY_ENDED) names what this process lost, by tier
+    lost = [line for line in err.splitlines() if "the gpulab worker stopped" in line]
+    assert lost and "4.0 MiB cold" in lost[0] and "is lost" in lost[0], err
+    print(lost[0])
+    assert "connection to the worker lost" not in err, err
+    assert spool_files(tmp_path / "spool") == [], spool_files(tmp_path / "spool")
+    assert stopped < 10, stopped  # stopped within Worker.stop's grace, not killed after it
+    assert "Traceback" not in w.log_path.read_text(), w.log_path.read_text()[-3000:]
+
+
+def test_a_killed_worker_leaves_its_spool_to_the_next_one_which_empties_it(tmp_path):
+    w, p, desc = start_cold_holder(tmp_path)
+    left = spool_files(tmp_path / "spool")
+    os.killpg(w.proc.pid, signal.SIGKILL)  # the daemon and its executors at once: nobody cleans up
+    w.proc.wait()
+    w.stop()
+    res, err = finish(p)
+    assert res["r"] == "CUDA_ERROR_DEVICE_UNAVAILABLE", (res, err)
+    assert "connection to the worker lost" in err, err  # no last frame from a killed executor
+    assert spool_files(tmp_path / "spool") == left  # still there: what the next worker must clean
+
+    again = Worker(tmp_path, extra=["--vram-quota", "64M", f"--GPUWorker.spool_dir={tmp_path / 'spool'}"])
+    try:
+        log = again.log_text()
+        said = [line for line in log.splitlines() if "cold-tier files" in line]
+        assert said and f"removed {len(left)} cold-tier file" in said[0] and str(tmp_path / "spool") in said[0], log
+        assert spool_files(tmp_path / "spool") == []
+        print(said[0])
+        # and it serves the same token again, from nothing
+        r = again.run(PRELUDE + """
+setup()
+free, total = ok(d.cuMemGetInfo())
+done(free=free, total=total)
+""")
+        assert r.result == {"free": 64 * MiB, "total": 64 * MiB}
+    finally:
+        again.stop()
+    assert desc["moves"]["offloads"] >= 1

@@ -1,7 +1,7 @@
 """The one interface every device backend implements: what the session and the daemon call on it.
 
 Two parts, each owned by one place.  Declared here: the hypervisor's own hooks (memory, bulk data
-paths, launches, handle look-ups) and the driver functions the session wraps (quota, hidden
+paths, VRAM tiering, launches, handle look-ups) and the driver functions the session wraps (quota, hidden
 attributes, fixed primary-context ids).  Not repeated here: the rest of the forwarded driver API,
 which the generated dispatch reaches by name (``Session.impl``); gpu_worker/api/table.py lists it.
 tests/test_backend_protocol.py holds both backends to both parts.
@@ -47,6 +47,42 @@ class Backend(Protocol):
 
     def read_source(self, ptr: int, n: int, stream: Handle | None) -> memoryview:
         """``n`` bytes from ``ptr``, complete when returned (the reply is sent from this view)."""
+
+    # -------------------------------------------------------------- VRAM tiering
+    # An owned allocation can leave the GPU and come back at the same address: the session copies it
+    # out, releases its physical memory, and later remaps and copies it back (docs/vgpu.md).
+    def physical_size(self, n: int) -> int:
+        """Device bytes an allocation of ``n`` takes on the current device: what the GPU's capacity is
+        charged (cuda: rounded up to the virtual memory granularity; emulated: to 256)."""
+
+    def current_device(self) -> int:
+        """Ordinal of the current context's device: which of the vGPU's GPUs an allocation lands on."""
+
+    def synchronize_all(self) -> None:
+        """Wait for all queued work of every context this process made: nothing may still read or
+        write an allocation being copied out."""
+
+    def mem_release(self, ptr: int) -> None:
+        """Give back the physical memory of the allocation at ``ptr``, keeping its address range
+        reserved so that no other allocation takes it; touching it until mem_remap is a fault."""
+
+    def mem_remap(self, ptr: int) -> None:
+        """New physical memory at the released allocation's own address, with the same access, so
+        that the program's pointers stay valid.  CudaError(OUT_OF_MEMORY) when the device is full,
+        with nothing changed."""
+
+    def copy_out(self, ptr: int, n: int, dst: memoryview) -> None:
+        """Copy ``n`` bytes from device memory at ``ptr`` into ``dst``, complete when returned."""
+
+    def copy_in(self, ptr: int, n: int, src: memoryview) -> None:
+        """Copy ``n`` bytes of ``src`` to device memory at ``ptr``, complete when returned."""
+
+    def host_buffer(self, n: int) -> memoryview:
+        """Host memory of ``n`` bytes for the warm tier, the fastest the backend can copy to and from
+        (cuda: page-locked)."""
+
+    def host_free(self, view: memoryview) -> None:
+        """Free a buffer from host_buffer; ``view`` is unusable after (one close() freed is ignored)."""
 
     # ------------------------------------------------------------------ launches
     def param_layout(self, func: Handle) -> list[tuple[int, int]]:

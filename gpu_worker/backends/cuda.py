@@ -7,11 +7,23 @@ data paths (pinned staging buffers for bulk copies, launches by parameter buffer
 written out here.
 
 Kernel time is measured by events, not sampled: see _KernelTimer.
+
+Allocations are served with virtual memory management (reserve an address range, create physical
+memory, map it, grant the device access) so that VRAM tiering can give the physical memory back and
+map new memory at the same address later: a program's pointers never change.  The range is rounded
+up to the allocation granularity (physical_size); what the program asked for is what it is told
+(cuPointerGetAttribute here, cuMemGetAddressRange in the session).  A device whose driver offers no
+virtual memory management (a gpulab vGPU itself, when workers are chained) gets plain cuMemAlloc
+memory, which stays on the GPU.
 """
 from __future__ import annotations
 
+import bisect
+import contextlib
 import ctypes
+import mmap
 import os
+import struct
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -66,6 +78,55 @@ class _Staging:
 
     def view(self, n: int) -> memoryview:
         return memoryview((ctypes.c_char * n).from_address(self.get(n))).cast("B")
+
+
+class _Vmm:
+    """How allocations are made on one device: pinned device memory, read-write for that device."""
+
+    def __init__(self, ordinal: int):
+        self.prop = drv.CUmemAllocationProp()
+        self.prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        self.prop.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        self.prop.location.id = ordinal
+        (granularity,) = _check(drv.cuMemGetAllocationGranularity(
+            self.prop, drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM))
+        self.granularity = int(granularity)
+        access = drv.CUmemAccessDesc()
+        access.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = ordinal
+        access.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        self.access = [access]
+
+    def span(self, n: int) -> int:
+        return -(-n // self.granularity) * self.granularity
+
+    def map(self, ptr: int, span: int) -> drv.CUmemGenericAllocationHandle:
+        """New physical memory mapped read-write at ``ptr``; on failure nothing is left behind."""
+        (handle,) = _check(drv.cuMemCreate(span, self.prop, 0))
+        try:
+            _check(drv.cuMemMap(ptr, span, 0, handle, 0))
+            try:
+                _check(drv.cuMemSetAccess(ptr, span, self.access, len(self.access)))
+            except CudaError:
+                drv.cuMemUnmap(ptr, span)
+                raise
+        except CudaError:
+            drv.cuMemRelease(handle)
+            raise
+        return handle
+
+
+class _Allocation:
+    """An allocation made by mem_alloc: its reserved range and, while on the GPU, its physical memory."""
+
+    __slots__ = ("size", "span", "ordinal", "handle", "buffer_id")
+
+    def __init__(self, size: int, span: int, ordinal: int, handle):
+        self.size = size  # what the program asked for, and is told
+        self.span = span  # the reserved and mapped range, rounded to the granularity
+        self.ordinal = ordinal
+        self.handle = handle  # None while released (offloaded)
+        self.buffer_id = None  # the driver's, kept once asked so that it survives a remap
 
 
 class _KernelTimer:
@@ -173,6 +234,12 @@ class CudaBackend:
         self.layouts: dict[int, list[tuple[int, int]]] = {}
         self.timer = _KernelTimer()
         self.primary: dict[int, int] = {}  # device -> its primary context, whose events a reset destroys
+        self.contexts: dict[int, tuple[drv.CUcontext, int]] = {}  # made or retained here -> (it, device)
+        self.vmm: dict[int, _Vmm | None] = {}  # device -> how to allocate there (None: plain cuMemAlloc)
+        self.allocations: dict[int, _Allocation] = {}
+        self.bases: list[int] = []  # sorted keys of allocations, to find the one holding a pointer
+        self.own_ids = 0  # buffer ids given where the driver gives none
+        self.host: dict[int, tuple[memoryview, int, mmap.mmap | None]] = {}  # id of a host_buffer view -> it
 
     def __getattr__(self, name):
         if not name.startswith("cu"):
@@ -191,19 +258,29 @@ class CudaBackend:
         if self.staging.addr:
             drv.cuMemFreeHost(self.staging.addr)
             self.staging.addr = 0
+        for view, _addr, _m in list(self.host.values()):
+            with contextlib.suppress(CudaError):
+                self.host_free(view)
+        for ptr in list(self.allocations):  # the session freed its own; what is left must not leak
+            with contextlib.suppress(CudaError):
+                self.mem_free(ptr)
 
     # -------------------------------------------------------------- contexts
     def set_current(self, ctx):
         _check(drv.cuCtxSetCurrent(ctx if ctx is not None else drv.CUcontext(0)))
 
+    # the contexts made or retained here are the ones synchronize_all waits for
     def cuCtxCreate(self, flags, dev):
-        return _check(drv.cuCtxCreate(None, flags, dev))
+        (ctx,) = _check(drv.cuCtxCreate(None, flags, dev))
+        self.contexts[int(ctx)] = (ctx, int(dev))
+        return (ctx,)
 
     # a context's events go with it: the kernel timer counts what completed first, then forgets them
     def cuCtxDestroy(self, ctx):
         self.timer.poll()
         _check(drv.cuCtxDestroy(ctx))
         self.timer.forget(int(ctx))
+        self.contexts.pop(int(ctx), None)
 
     def cuDevicePrimaryCtxReset(self, dev):
         self.timer.poll()
@@ -216,6 +293,7 @@ class CudaBackend:
         _flags, active = _check(drv.cuDevicePrimaryCtxGetState(dev))
         if not active:  # the last retain: the driver destroyed the context
             self.timer.forget(self.primary.get(dev, 0))
+            self.contexts.pop(self.primary.get(dev, 0), None)
 
     def cuCtxGetDevice_v2(self, ctx):
         return tuple(_plain(v) for v in _check(drv.cuCtxGetDevice_v2(ctx if ctx is not None else drv.CUcontext(0))))
@@ -236,6 +314,7 @@ class CudaBackend:
     def cuDevicePrimaryCtxRetain(self, dev):
         (ctx,) = _forward(drv.cuDevicePrimaryCtxRetain, dev)
         self.primary[dev] = int(ctx)
+        self.contexts[int(ctx)] = (ctx, int(dev))
         return (ctx,)
 
     def cuDeviceGetUuid(self, dev):
@@ -255,12 +334,170 @@ class CudaBackend:
         return fn
 
     # ---------------------------------------------------------------- memory
+    def _vmm_of(self, ordinal: int) -> _Vmm | None:
+        if ordinal not in self.vmm:
+            attr = drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
+            (supported,) = _check(drv.cuDeviceGetAttribute(attr, ordinal))
+            self.vmm[ordinal] = _Vmm(ordinal) if supported else None
+        return self.vmm[ordinal]
+
     def mem_alloc(self, n: int) -> int:
-        (ptr,) = _check(drv.cuMemAlloc(n))
-        return int(ptr)
+        ordinal = self.current_device()  # as cuMemAlloc: on the current context's device
+        vmm = self._vmm_of(ordinal)
+        if vmm is None:
+            (ptr,) = _check(drv.cuMemAlloc(n))
+            return int(ptr)
+        span = vmm.span(n)
+        (addr,) = _check(drv.cuMemAddressReserve(span, 0, 0, 0))
+        ptr = int(addr)
+        try:
+            handle = vmm.map(ptr, span)
+        except CudaError:
+            drv.cuMemAddressFree(ptr, span)
+            raise
+        self.allocations[ptr] = _Allocation(n, span, ordinal, handle)
+        bisect.insort(self.bases, ptr)
+        return ptr
 
     def mem_free(self, ptr: int) -> None:
-        _check(drv.cuMemFree(ptr))
+        a = self.allocations.get(ptr)
+        if a is None:
+            _check(drv.cuMemFree(ptr))
+            return
+        if a.handle is not None:
+            # cuMemFree waits for the work that may still use the memory; an unmap does not always
+            if not getattr(self, "captures", 0):  # (nor may a capture be invalidated by waiting)
+                with contextlib.suppress(CudaError):  # a faulted context runs nothing more
+                    self._synchronize(a.ordinal)
+            _check(drv.cuMemUnmap(ptr, a.span))  # the physical memory is freed with its last mapping ...
+            a.handle, handle = None, a.handle
+            _check(drv.cuMemRelease(handle))  # ... and its handle
+        _check(drv.cuMemAddressFree(ptr, a.span))
+        del self.allocations[ptr]
+        self.bases.remove(ptr)
+
+    # --------------------------------------------------------- VRAM tiering
+    def physical_size(self, n: int) -> int:
+        vmm = self._vmm_of(self.current_device())
+        return vmm.span(n) if vmm is not None else -(-n // 256) * 256
+
+    def current_device(self) -> int:
+        (dev,) = _check(drv.cuCtxGetDevice())
+        return int(dev)
+
+    def synchronize_all(self) -> None:
+        if getattr(self, "captures", 0):  # synchronizing would invalidate the program's capture
+            raise CudaError(E.STREAM_CAPTURE_UNSUPPORTED, "a stream capture is open in this process: its work "
+                                                          "cannot be waited for until the capture ends")
+        self._synchronize(None)
+
+    def _synchronize(self, ordinal: int | None) -> None:
+        """Wait for the work of every context made or retained here on device ``ordinal`` (None: all)."""
+        err, current = drv.cuCtxGetCurrent()
+        try:
+            for ctx, dev in list(self.contexts.values()):
+                if ordinal is None or dev == ordinal:
+                    _check(drv.cuCtxSetCurrent(ctx))
+                    _check(drv.cuCtxSynchronize())
+        finally:
+            if err == drv.CUresult.CUDA_SUCCESS:
+                drv.cuCtxSetCurrent(current)
+
+    def _movable(self, ptr: int) -> _Allocation:
+        a = self.allocations.get(ptr)
+        if a is None:
+            raise CudaError(E.NOT_SUPPORTED, f"the allocation at {ptr:#x} was not made with virtual memory "
+                                             "management (its GPU's driver offers none): it cannot leave the GPU")
+        return a
+
+    def mem_release(self, ptr: int) -> None:
+        a = self._movable(ptr)
+        if a.handle is None:
+            raise CudaError(E.INVALID_VALUE, f"the allocation at {ptr:#x} is already released")
+        if a.buffer_id is None:  # the driver cannot answer for an unmapped range: asked while it can
+            a.buffer_id = self._buffer_id(ptr)
+        _check(drv.cuMemUnmap(ptr, a.span))  # the range stays reserved: no other allocation can take it
+        a.handle, handle = None, a.handle
+        _check(drv.cuMemRelease(handle))
+
+    def mem_remap(self, ptr: int) -> None:
+        a = self._movable(ptr)
+        if a.handle is not None:
+            raise CudaError(E.INVALID_VALUE, f"the allocation at {ptr:#x} is not released")
+        a.handle = self.vmm[a.ordinal].map(ptr, a.span)
+
+    @contextlib.contextmanager
+    def _context_on(self, ordinal: int | None):
+        """A context of device ``ordinal`` (None: any) current for what follows, the program's restored
+        after: a copy between the tiers may come while another device's context, or none, is current."""
+        err, current = drv.cuCtxGetCurrent()
+        have = err == drv.CUresult.CUDA_SUCCESS and int(current) != 0
+        if have and (ordinal is None or self.current_device() == ordinal):
+            yield
+            return
+        ctx = next((c for c, dev in self.contexts.values() if ordinal is None or dev == ordinal), None)
+        if ctx is None:  # none known: the driver answers with its own error
+            yield
+            return
+        _check(drv.cuCtxSetCurrent(ctx))
+        try:
+            yield
+        finally:
+            drv.cuCtxSetCurrent(current if have else drv.CUcontext(0))
+
+    def _holding(self, ptr: int) -> tuple[int, _Allocation] | tuple[None, None]:
+        """The allocation made here that ``ptr`` is in (within what the program asked for), and its base."""
+        i = bisect.bisect_right(self.bases, ptr) - 1
+        if i >= 0:
+            base = self.bases[i]
+            a = self.allocations[base]
+            if ptr < base + a.size:
+                return base, a
+        return None, None
+
+    def _ordinal(self, ptr: int) -> int | None:
+        _base, a = self._holding(ptr)  # copies come a chunk at a time: ptr may be inside the allocation
+        return a.ordinal if a is not None else None
+
+    def copy_out(self, ptr: int, n: int, dst: memoryview) -> None:
+        _fits(dst, n)
+        with self._context_on(self._ordinal(ptr)):
+            _check(drv.cuMemcpyDtoH(dst, ptr, n))  # the buffer's own address: page-locked if from host_buffer
+
+    def copy_in(self, ptr: int, n: int, src: memoryview) -> None:
+        _fits(src, n)
+        with self._context_on(self._ordinal(ptr)):
+            _check(drv.cuMemcpyHtoD(ptr, src, n))
+
+    def host_buffer(self, n: int) -> memoryview:
+        """Page-locked for every context (portable); plain pageable memory when the driver has no more to
+        lock, which copies slower but as well."""
+        if n == 0:
+            return memoryview(bytearray())
+        with self._context_on(None):
+            err, addr = drv.cuMemHostAlloc(n, drv.CU_MEMHOSTALLOC_PORTABLE)
+        if err == drv.CUresult.CUDA_SUCCESS:
+            view = memoryview((ctypes.c_char * n).from_address(int(addr))).cast("B")
+            self.host[id(view)] = (view, int(addr), None)
+        else:
+            m = mmap.mmap(-1, n)
+            view = memoryview(m)
+            self.host[id(view)] = (view, 0, m)
+        return view
+
+    def host_free(self, view: memoryview) -> None:
+        entry = self.host.pop(id(view), None)
+        if entry is None:  # empty, or already freed by close()
+            return
+        view, addr, m = entry
+        with contextlib.suppress(BufferError):  # unusable from now on, as far as Python can tell
+            view.release()
+        if m is not None:
+            with contextlib.suppress(BufferError):
+                m.close()
+            return
+        with self._context_on(None):
+            _check(drv.cuMemFreeHost(addr))
 
     def write_target(self, ptr, n, stream):
         view = self.staging.view(n)
@@ -291,10 +528,40 @@ class CudaBackend:
                    int(A.CU_POINTER_ATTRIBUTE_BUFFER_ID): "<Q", int(A.CU_POINTER_ATTRIBUTE_MAPPED): "<I"}
         if attribute not in formats:
             raise CudaError(E.NOT_SUPPORTED, f"pointer attribute {attribute} is not forwarded")
-        import struct
-
-        (value,) = _check(drv.cuPointerGetAttribute(A(attribute), ptr))
+        value = self._allocation_attribute(attribute, ptr)
+        if value is None:
+            (value,) = _check(drv.cuPointerGetAttribute(A(attribute), ptr))
         return (struct.pack(formats[attribute], int(value)),)
+
+    def _allocation_attribute(self, attribute: int, ptr: int) -> int | None:
+        """A pointer attribute of an allocation made here, as cuMemAlloc memory would answer it (the
+        driver sees the rounded range, or nothing mapped while offloaded); None: the driver's answer."""
+        base, a = self._holding(ptr)
+        if a is None:
+            return None
+        A = drv.CUpointer_attribute
+        if attribute == A.CU_POINTER_ATTRIBUTE_RANGE_START_ADDR:
+            return base
+        if attribute == A.CU_POINTER_ATTRIBUTE_RANGE_SIZE:
+            return a.size
+        if attribute == A.CU_POINTER_ATTRIBUTE_BUFFER_ID:  # one id for the allocation's life, across remaps
+            if a.buffer_id is None:
+                a.buffer_id = self._buffer_id(base)
+            return a.buffer_id
+        if a.handle is not None:
+            return None
+        # offloaded: answered as if on the GPU, where the program's next touch brings it back
+        return {A.CU_POINTER_ATTRIBUTE_MEMORY_TYPE: int(drv.CUmemorytype.CU_MEMORYTYPE_DEVICE),
+                A.CU_POINTER_ATTRIBUTE_DEVICE_POINTER: ptr, A.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: a.ordinal,
+                A.CU_POINTER_ATTRIBUTE_IS_MANAGED: 0, A.CU_POINTER_ATTRIBUTE_MAPPED: 1}.get(A(attribute))
+
+    def _buffer_id(self, base: int) -> int:
+        """The driver's buffer id of a mapped allocation; one of ours, never reused, where it has none."""
+        err, value = drv.cuPointerGetAttribute(drv.CUpointer_attribute.CU_POINTER_ATTRIBUTE_BUFFER_ID, base)
+        if err == drv.CUresult.CUDA_SUCCESS:
+            return int(value)
+        self.own_ids += 1
+        return (1 << 63) | self.own_ids
 
     # ------------------------------------------------------ modules, kernels
     @staticmethod
@@ -395,6 +662,12 @@ class CudaBackend:
     def graph_launch(self, graph_exec, stream):
         s = _stream(stream)
         self._timed(s, drv.cuGraphLaunch, graph_exec, s)  # the graph's kernel time as a whole
+
+
+def _fits(buf: memoryview, n: int) -> None:
+    """The driver copies ``n`` bytes at the buffer's address whatever its length: never past its end."""
+    if memoryview(buf).nbytes < n:
+        raise CudaError(E.INVALID_VALUE, f"a host buffer of {memoryview(buf).nbytes} bytes for a copy of {n}")
 
 
 def _stream(stream):

@@ -14,12 +14,18 @@ file descriptor the daemon shares among the executors of one GPU), sleeps the du
 so kernels of all processes on one emulated GPU run one at a time, as on a real GPU; the durations
 add up to kernel_time().  This is how CI tests pacing and compute shares without a GPU.  Unlike a
 GPU, the launch returns when the kernel has run: kernel time is complete as soon as it is counted.
+
+VRAM tiering: an allocation's bytes can be released (mem_release) while its address range stays
+known, and remapped (mem_remap) zero-filled at the same address, as the cuda backend does with
+virtual memory management; warm-tier host buffers are anonymous mmaps.  Touching a released range
+is refused as a fault, which the session's restore-on-touch never lets happen.
 """
 from __future__ import annotations
 
 import bisect
 import fcntl
 import functools
+import mmap
 import secrets
 import struct
 import time
@@ -147,8 +153,10 @@ class EmulatedBackend(GraphCapture):
             self.devices = [_Device(g, f"{DEVICE_NAME} #{g['index']}", attrs) for g in gpus]
         self.base = (0x200 + secrets.randbelow(0x1000)) << 32  # a different address range for each session
         self.next_addr = self.base
-        self.mem: dict[int, bytearray] = {}
+        self.mem: dict[int, bytearray | None] = {}  # None: released, its bytes offloaded by the session
+        self.released: dict[int, int] = {}  # released allocation -> its size, its range still known
         self.starts: list[int] = []
+        self.host: dict[int, tuple[memoryview, mmap.mmap]] = {}  # id of a host_buffer view -> it, its mmap
         self.home: dict[int, int] = {}  # allocation -> ordinal of the device it is on
         self.primary = {}
         self.current = None
@@ -166,12 +174,19 @@ class EmulatedBackend(GraphCapture):
             raise CudaError(E.INVALID_CONTEXT, "no current context")
         return self.current
 
+    def _size(self, base: int) -> int:
+        buf = self.mem[base]
+        return len(buf) if buf is not None else self.released[base]
+
     def view(self, ptr: int, n: int, illegal: bool = False) -> memoryview:
         i = bisect.bisect_right(self.starts, ptr) - 1
         if i >= 0:
             base = self.starts[i]
             buf = self.mem[base]
-            if ptr + n <= base + len(buf):
+            if buf is None and ptr < base + self.released[base]:
+                raise Refusal(E.ILLEGAL_ADDRESS, f"it accessed {n} bytes at {ptr:#x} of the allocation at {base:#x}, "
+                                                 "but its memory is offloaded (not on the device until restored)")
+            if buf is not None and ptr + n <= base + len(buf):
                 return memoryview(buf)[ptr - base:ptr - base + n]
         if illegal:  # a kernel's access: the worker tells the person, as a GPU's fault would not
             raise Refusal(E.ILLEGAL_ADDRESS, f"it accessed {n} bytes at {ptr:#x}, which is not in this vGPU's "
@@ -202,8 +217,11 @@ class EmulatedBackend(GraphCapture):
 
     def close(self):
         self.mem.clear()
+        self.released.clear()
         self.starts.clear()
         self.home.clear()
+        for view, _m in list(self.host.values()):
+            self.host_free(view)
         for device in self.devices:
             device.used = 0
 
@@ -342,7 +360,65 @@ class EmulatedBackend(GraphCapture):
     def mem_free(self, ptr: int) -> None:
         buf = self.mem.pop(ptr)
         self.starts.remove(ptr)
-        self.devices[self.home.pop(ptr)].used -= len(buf)
+        ordinal = self.home.pop(ptr)
+        if buf is None:  # released: its device bytes were given back then
+            del self.released[ptr]
+        else:
+            self.devices[ordinal].used -= len(buf)
+
+    # --------------------------------------------------------- VRAM tiering
+    def physical_size(self, n: int) -> int:
+        return -(-n // 256) * 256
+
+    def current_device(self) -> int:
+        return self._ctx().device
+
+    def synchronize_all(self) -> None:
+        """Nothing is ever queued: every call here completes before it returns."""
+
+    def mem_release(self, ptr: int) -> None:
+        buf = self.mem[ptr]
+        if buf is None:
+            raise CudaError(E.INVALID_VALUE, f"the allocation at {ptr:#x} is already released")
+        self.released[ptr] = len(buf)
+        self.mem[ptr] = None
+        self.devices[self.home[ptr]].used -= len(buf)
+
+    def mem_remap(self, ptr: int) -> None:
+        if self.mem[ptr] is not None:
+            raise CudaError(E.INVALID_VALUE, f"the allocation at {ptr:#x} is not released")
+        size = self.released[ptr]
+        device = self.devices[self.home[ptr]]
+        if device.used + size > device.memory:
+            raise CudaError(E.OUT_OF_MEMORY, "emulated device memory exhausted")
+        del self.released[ptr]
+        self.mem[ptr] = bytearray(size)  # new memory: the session copies the bytes back
+        device.used += size
+
+    def copy_out(self, ptr: int, n: int, dst: memoryview) -> None:
+        dst[:n] = self.view(ptr, n)
+
+    def copy_in(self, ptr: int, n: int, src: memoryview) -> None:
+        self.view(ptr, n)[:] = src[:n]
+
+    def host_buffer(self, n: int) -> memoryview:
+        if n == 0:
+            return memoryview(bytearray())
+        m = mmap.mmap(-1, n)
+        view = memoryview(m)
+        self.host[id(view)] = (view, m)
+        return view
+
+    def host_free(self, view: memoryview) -> None:
+        entry = self.host.pop(id(view), None)
+        if entry is None:  # empty, or already freed by close()
+            return
+        view, m = entry
+        try:
+            view.release()  # unusable from now on
+            m.close()
+        except BufferError:  # a view of it still lives: the mapping goes with its last reference
+            pass
 
     def cuMemGetInfo(self):
         device = self.devices[self._ctx().device]
@@ -397,7 +473,7 @@ class EmulatedBackend(GraphCapture):
 
         A = driver.CUpointer_attribute
         i = bisect.bisect_right(self.starts, ptr) - 1
-        if i < 0 or ptr >= self.starts[i] + len(self.mem[self.starts[i]]):
+        if i < 0 or ptr >= self.starts[i] + self._size(self.starts[i]):
             raise CudaError(E.INVALID_VALUE, f"{ptr:#x} is not device memory")
         base = self.starts[i]
         values = {
@@ -406,7 +482,7 @@ class EmulatedBackend(GraphCapture):
             int(A.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL): struct.pack("<i", self.home[base]),
             int(A.CU_POINTER_ATTRIBUTE_IS_MANAGED): struct.pack("<I", 0),
             int(A.CU_POINTER_ATTRIBUTE_RANGE_START_ADDR): struct.pack("<Q", base),
-            int(A.CU_POINTER_ATTRIBUTE_RANGE_SIZE): struct.pack("<Q", len(self.mem[base])),
+            int(A.CU_POINTER_ATTRIBUTE_RANGE_SIZE): struct.pack("<Q", self._size(base)),
             int(A.CU_POINTER_ATTRIBUTE_BUFFER_ID): struct.pack("<Q", base),
             int(A.CU_POINTER_ATTRIBUTE_MAPPED): struct.pack("<I", 1),
         }

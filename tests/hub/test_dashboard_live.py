@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import select
-from tornado import ioloop
+from tornado import ioloop, web
 
 from gpu_worker.client import token_hash
 from hubtools import HUB_TOKEN, WORKER_TOKEN, Pool, free_port, registration
@@ -19,6 +19,7 @@ from hub_spawner.pool.app import GPUPool
 from hub_spawner.pool.dashboard import dashboard_panels, dashboard_rows, environment, page_namespace
 from hub_spawner.pool.db import Allocation
 from hub_spawner.pool.panels import CHART_H, CHART_W
+from hub_spawner.pool.worker_api import MAX_VRAM, check_heartbeat
 
 G, M = 2**30, 2**20
 
@@ -299,3 +300,18 @@ def test_a_heartbeat_fills_only_its_own_workers_panels(live_pool):
     time.sleep(0.3)
     p.app.check_heartbeats()  # both silent: marked lost
     assert live.vgpu(h) is None and live.gpu("GPU-w1-0") is None and live.history("GPU-w1-0") != []
+
+
+def test_a_heartbeats_tier_figures_are_checked_and_bounded():
+    entry = {"id": "7", "used": G, "tier": "mixed", "tiers": {"hot": G, "warm": 2 * G}}
+    got = check_heartbeat({"vgpus": {"h": entry}})["vgpus"]["h"]
+    assert (got["tier"], got["tiers"]) == ("mixed", {"hot": G, "warm": 2 * G, "cold": 0})
+    assert check_heartbeat({"vgpus": {"h": {"id": "7"}}})["vgpus"]["h"]["tiers"] is None  # a worker without tiers
+    for bad, why in [({"tiers": {"hot": -1}}, "tiers.hot must be between 0 and"),
+                     ({"tiers": {"cold": MAX_VRAM + 1}}, f"tiers.cold must be between 0 and {MAX_VRAM}"),
+                     ({"tiers": {"warm": 1.5}}, "tiers.warm must be an integer"),
+                     ({"tiers": [1, 2, 3]}, "tiers must be a JSON object"),
+                     ({"tier": "x" * 9}, "tier must be a string of at most 8 characters")]:
+        with pytest.raises(web.HTTPError) as e:
+            check_heartbeat({"vgpus": {"h": {**entry, **bad}}})
+        assert e.value.status_code == 400 and why in e.value.log_message, e.value.log_message

@@ -184,6 +184,7 @@ class Executor:
                             self.tiers.offload(want)
                         else:
                             self.tiers.restore()
+                            self.tiers.free_spent()
                 except CudaError as exc:
                     log.warning("%s: tier request %d (%s) not done: %s", self.session.label, seq,
                                 ("hot", "warm", "cold")[min(want, 2)], getattr(exc, "why", "") or exc.detail)
@@ -273,6 +274,8 @@ class Executor:
                 self._end_vgpu()
             if self.tier_pending:  # a tier request came while a call ran
                 self._act_on_tiers()
+            if tiers is not None and tiers.spent:  # host copies of the last restore, once it was answered
+                tiers.free_spent()
             plen, op, flags = REQ_HEADER.unpack(reader.read(REQ_HEADER.size))
             t0 = self.busy_since = clock()
             touches = op in touching

@@ -77,6 +77,9 @@ class TierStore:
         self.off = False            # any allocation not hot: the executor restores before a touching call
         self.touched = 0.0          # wall clock of the last touching call (the executor stamps it)
         self._crc_pool = None
+        # warm buffers a restore emptied, freed once the call that restored has been answered (unpinning
+        # gigabytes takes a while; the program need not wait for it); counted in the warm budget until then
+        self.spent: list[tuple] = []
 
     # ------------------------------------------------------------ the figures
     def _moved(self, a: _Alloc, tier: int) -> None:
@@ -103,9 +106,10 @@ class TierStore:
         if self.board is not None and self.row is not None:
             self.board.uncharge_hot(self.row, gpu, n)
 
-    def _with_room(self, gpu: int, n: int, attempt):
+    def _with_room(self, gpu: int, n: int, attempt, ask: int = 0):
         """attempt() once ``n`` bytes of GPU ``gpu`` are counted for this process, asking the daemon to
-        move other vGPUs off the GPU while it is full; Refusal(OUT_OF_MEMORY) when nothing more can move."""
+        move other vGPUs off the GPU while it is full (room for ``ask`` bytes: more when more will follow);
+        Refusal(OUT_OF_MEMORY) when nothing more can move."""
         why = ""
         for round_ in range(EVICTION_ROUNDS + 1):
             if self._charge_hot(gpu, n):
@@ -121,7 +125,7 @@ class TierStore:
             if round_ == EVICTION_ROUNDS:
                 why = why or f"other vGPUs' memory was moved off it {EVICTION_ROUNDS} times and it is still full"
                 break
-            freed, why = self._ask_eviction(gpu, n)
+            freed, why = self._ask_eviction(gpu, max(n, ask))
             if not freed:
                 break
         raise Refusal(E.OUT_OF_MEMORY, self._full(gpu, n, why))
@@ -203,10 +207,19 @@ class TierStore:
             a.path = ""
 
     def _free_warm(self, a: _Alloc) -> None:
-        self.backend.host_free(a.host)
+        self._free_host(a.host, a.size)
         a.host = None
+
+    def _free_host(self, buf, size: int) -> None:
+        self.backend.host_free(buf)
         if self.board is not None and self.row is not None:
-            self.board.uncharge_warm(self.row, a.size)
+            self.board.uncharge_warm(self.row, size)
+
+    def free_spent(self) -> None:
+        """Free the warm buffers of the last restore (the executor calls this after answering the call)."""
+        spent, self.spent = self.spent, []
+        for buf, size in spent:
+            self._free_host(buf, size)
 
     # ----------------------------------------------------------- offload
     def offload(self, want: int) -> int:
@@ -349,18 +362,23 @@ class TierStore:
         moved = 0
         lost = []
         staging = None
+        rest: dict[int, int] = {}  # bytes still to come back, per GPU: one ask for room covers them all
+        for a in self.allocs.values():
+            if a.tier != HOT:
+                rest[a.gpu] = rest.get(a.gpu, 0) + a.phys
         try:
             for base, a in sorted(self.allocs.items()):
                 if a.tier == HOT:
                     continue
                 try:
-                    self._with_room(a.gpu, a.phys, lambda: self.backend.mem_remap(base))
+                    self._with_room(a.gpu, a.phys, lambda: self.backend.mem_remap(base), rest[a.gpu])
                 except Refusal as exc:
                     raise Refusal(E.OUT_OF_MEMORY, f"this process's memory was moved off the GPU and cannot come "
                                                   f"back now: {exc.why}; nothing was lost: try again later") from None
                 if a.tier == WARM:
                     self.backend.copy_in(base, a.size, a.host)
-                    self._free_warm(a)
+                    self.spent.append((a.host, a.size))
+                    a.host = None
                 else:
                     if staging is None:
                         staging = self._staging(max(min(a.chunk, a.size) for a in self.allocs.values()
@@ -373,6 +391,7 @@ class TierStore:
                     _unlink(a.path)
                     a.path = ""
                 moved += a.size
+                rest[a.gpu] -= a.phys
                 self._moved(a, HOT)
         finally:
             for buf in staging or ():
@@ -435,6 +454,7 @@ class TierStore:
             except Exception:  # a buffer the backend already closed
                 log.debug("tiers: dropping an allocation at the end failed", exc_info=True)
         self.allocs.clear()
+        self.free_spent()
         self.bytes = [0, 0, 0]
         self.away = 0
         self.off = False

@@ -70,12 +70,21 @@ class RawSession:
             cut = len(body) - word
             return res, body[:cut], body[cut:].decode("utf-8", "replace")
 
+    def _send(self, frame: bytes) -> tuple[int, bytes, str]:
+        """Send a request and read its reply; a worker that already ended the session may have closed
+        the socket, and its last frame (REPLY_ENDED) is then still there to read, as the shim finds it."""
+        if self.ended:  # nothing follows that frame: every call returns its CUresult
+            return self.ended_code, b"", self.ended
+        try:
+            self.sock.sendall(frame)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        return self._reply()
+
     def call(self, name: str, data: bytes = b"", **fields) -> tuple[int, tuple, str]:
         """Driver function ``name`` with its request fields by the table's parameter names (a minted
         handle is made up here when not given, and returned first); ``data`` is the variable field
         (a host-to-device copy's bytes, a string)."""
-        if self.ended:
-            return self.ended_code, (), self.ended
         f = FUNCS[name]
         fixed, var = codegen.wire_in(f)
         minted = []
@@ -86,8 +95,7 @@ class RawSession:
         payload = struct.pack(codegen.in_struct(f), *(fields[p.name] for p in fixed))
         if var is not None:
             payload += U64.pack(len(data)) + data
-        self.sock.sendall(REQ_HEADER.pack(len(payload), T.opcode(f), FLAG_REPLY) + payload)
-        res, body, reason = self._reply()
+        res, body, reason = self._send(REQ_HEADER.pack(len(payload), T.opcode(f), FLAG_REPLY) + payload)
         if res:
             return res, (), reason
         out_fixed, out_var, out_bulk = codegen.wire_out(f)
@@ -102,8 +110,7 @@ class RawSession:
 
     # ---------------------------------------------------------------- shorthands
     def set_context(self, ctx: int) -> tuple[int, tuple, str]:
-        self.sock.sendall(REQ_HEADER.pack(8, OP_SET_CONTEXT, FLAG_REPLY) + U64.pack(ctx))
-        res, _, reason = self._reply()
+        res, _, reason = self._send(REQ_HEADER.pack(8, OP_SET_CONTEXT, FLAG_REPLY) + U64.pack(ctx))
         return res, (), reason
 
     def open_device(self, dev: int = 0) -> tuple[int, tuple, str]:

@@ -16,7 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+from rawclient import RawSession
 from workertools import PRELUDE, ROOT, Worker
+
+from gpu_worker.api import errors as E
 
 MiB = 1 << 20
 
@@ -70,6 +73,13 @@ def finish(p: subprocess.Popen) -> tuple[dict, str]:
 
 def test_a_worker_stopping_tells_the_program_what_was_lost_and_leaves_no_spool_file(tmp_path):
     w, p, _ = start_cold_holder(tmp_path)
+    # a second process of the vGPU (a raw session) allocates while the vGPU is cold: a new hot allocation
+    raw = RawSession(w.unix, w.token)
+    assert raw.open_device()[0] == 0 and raw.alloc(MiB)[0] == 0
+    deadline = time.monotonic() + 5
+    while (tiers := w.vgpus()[0]["tiers"])["hot"] != MiB and time.monotonic() < deadline:
+        time.sleep(0.05)  # the executors publish their figures a few times a second
+    assert tiers == {"hot": MiB, "warm": 0, "cold": 4 * MiB}, tiers
     t0 = time.monotonic()
     w.stop()  # SIGTERM to the worker's process group, as a service manager's restart does
     stopped = time.monotonic() - t0
@@ -80,6 +90,10 @@ def test_a_worker_stopping_tells_the_program_what_was_lost_and_leaves_no_spool_f
     assert lost and "4.0 MiB cold" in lost[0] and "is lost" in lost[0], err
     print(lost[0])
     assert "connection to the worker lost" not in err, err
+    # the raw session's next call finds the same last frame, with its own figures
+    assert raw.sync() == (E.DEVICE_UNAVAILABLE, (), raw.ended), raw.ended
+    assert "the gpulab worker stopped" in raw.ended and "(1.0 MiB hot, 0 bytes warm, 0 bytes cold)" in raw.ended, \
+        raw.ended
     assert spool_files(tmp_path / "spool") == [], spool_files(tmp_path / "spool")
     assert stopped < 10, stopped  # stopped within Worker.stop's grace, not killed after it
     assert "Traceback" not in w.log_path.read_text(), w.log_path.read_text()[-3000:]

@@ -126,7 +126,10 @@ class Executor:
         self.sticky_untold = ""  # why a pipelined call made the context unusable, not yet returned
         self.calls = 0
         # replies and keepalives share the socket: one whole frame at a time
-        self.send_lock = threading.Lock()
+        # (reentrant: the SIGTERM handler runs in the thread it interrupts, which may hold it)
+        self.send_lock = threading.RLock()
+        self.sending = False  # this thread is in the middle of a reply
+        self.last_words = ""  # set when the worker stops: the sentence of the session's last frame
         self.busy_since = None  # perf_counter start of the frame being run, None while waiting for one
         self._keepalive = None
         self.records: collections.deque = collections.deque(maxlen=TRACE_BATCH)
@@ -199,23 +202,34 @@ class Executor:
     def _on_stop(self, *_):
         """SIGTERM: the worker stops.  The process's memory cannot outlive it: cold files go now, and the
         program is told what was lost (its next call fails with that sentence)."""
+        # once: a stopping worker signals its process group and then each executor
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            hot, warm, cold = self.tiers.figures() if self.tiers is not None else (self.session.slot.used, 0, 0)
-            if self.tiers is not None:
-                self.tiers.close()
+            tiers = self.tiers
+            hot, warm, cold = tiers.figures() if tiers is not None else (self.session.slot.used, 0, 0)
+            self.last_words = (f"the gpulab worker stopped; this process's device memory ({format_size(hot)} hot, "
+                               f"{format_size(warm)} warm, {format_size(cold)} cold) is lost")
+            if tiers is not None:
+                tiers.close()
+        except BaseException:
+            log.exception("%s: cleaning up for the worker's stop failed", self.session.label)
+            os._exit(0)
+        if self.sending:  # this thread was in the middle of a reply: the last frame follows it (_finish)
+            return
+        self._last_frame()
+
+    def _last_frame(self) -> None:
+        """Tell the program the session ended, between two frames, and end the process."""
+        try:
             ended = getattr(protocol, "ended_frame", None)
-            if ended is not None:
-                frame = ended(E.DEVICE_UNAVAILABLE, f"the gpulab worker stopped; this process's device memory "
-                                                    f"({format_size(hot)} hot, {format_size(warm)} warm, "
-                                                    f"{format_size(cold)} cold) is lost")
-                # a reply half sent by this thread cannot be finished: the frame would garble it
-                if self.send_lock.acquire(timeout=0.5):
-                    try:
-                        self.sock.settimeout(1.0)
-                        self.sock.sendall(frame)
-                    except OSError:
-                        pass
+            # the send lock is reentrant: this thread may hold it, between two frames; the keepalive
+            # thread holds it for a moment
+            if ended is not None and self.send_lock.acquire(timeout=0.5):
+                self.sock.settimeout(1.0)
+                self.sock.sendall(ended(E.DEVICE_UNAVAILABLE, self.last_words))
             log.info("%s: the worker stops; session ended", self.session.label)
+        except OSError:
+            pass
         finally:
             os._exit(0)
 
@@ -381,11 +395,15 @@ class Executor:
                 out = b""
             header = REP_HEADER.pack(len(out) + len(why), result, len(why))
             with self.send_lock:
+                self.sending = True
                 if len(out) > 65536:
                     self.sock.sendall(header)
                     self.sock.sendall(out)
                 else:
                     self.sock.sendall(header + bytes(out) + why)
+                self.sending = False
+            if self.last_words:  # the worker stopped while this reply was going out
+                self._last_frame()
         elif result and not self.latched:
             self.latched, self.latched_reason = result, reason
 

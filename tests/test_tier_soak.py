@@ -10,6 +10,7 @@ Then the small cases: the eviction order step by step, and an immediate refusal 
 """
 from __future__ import annotations
 
+import datetime
 import random
 import re
 import threading
@@ -41,13 +42,20 @@ def vgpu_id(token: str) -> str:
     return "t-" + token_hash(token)[:8]  # a configured token's vGPU id (worker.static_grant)
 
 
-EVICTION = re.compile(r"eviction on GPU \d+ for vGPU (\S+) \(process \d+, [^)]*\): (.*); \S+ \S+ freed")
+EVICTION = re.compile(r"^(\S+ \S+) gpulab-worker\[\d+\] INFO eviction on GPU \d+ for vGPU (\S+) \(process \d+, "
+                      r"[^)]*\): (.*); \S+ \S+ freed in ([\d.]+) s$", re.M)
 VICTIM = re.compile(r"(\S+) -> (warm|cold) \(")
 
 
-def evictions(log: str) -> list[tuple[str, list[str]]]:
-    """(requesting vGPU, [victims in the order they were asked]) of each eviction in a worker's log."""
-    return [(m.group(1), VICTIM.findall(m.group(2))) for m in EVICTION.finditer(log)]
+def log_time(stamp: str) -> float:
+    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def evictions(log: str) -> list[tuple[float, str, list[tuple[str, str]]]]:
+    """(when it began, requesting vGPU, [(victim, tier) in the order they were asked]) of each eviction in a
+    worker's log (its line is written when it ends, with how long it took)."""
+    return [(log_time(m.group(1)) - float(m.group(4)), m.group(2), VICTIM.findall(m.group(3)))
+            for m in EVICTION.finditer(log)]
 
 
 def spool_files(path: Path) -> list[str]:
@@ -70,6 +78,9 @@ class Lab:
                                "s": s, "bufs": {}})
         self.ooms: list[tuple[str, str, str]] = []  # (vGPU, call, reason)
         self.slowest = 0.0
+        # per vGPU, its successful calls that left memory of it on the GPU ("hot": a touch restores all of
+        # it, an allocation is new GPU memory) and its frees: (start, end, kind), wall clock
+        self.events: dict[str, list[tuple[float, float, str]]] = {v["id"]: [] for v in self.vgpus}
 
     def _check(self, v, what: str, r) -> bool:
         """True on success; an OOM is counted with its reason; any other error fails the test."""
@@ -81,26 +92,28 @@ class Lab:
         self.ooms.append((v["id"], what, reason))
         return False
 
-    def _timed(self, fn, *args):
-        t0 = time.monotonic()
+    def _timed(self, fn, *args, v=None, kind="hot"):
+        t0, w0 = time.monotonic(), time.time()
         r = fn(*args)
         self.slowest = max(self.slowest, time.monotonic() - t0)
+        if v is not None and r[0] == 0:
+            self.events[v["id"]].append((w0, time.time(), kind))
         return r
 
     def alloc(self, v, n: int) -> None:
         s = v["s"]
-        r = self._timed(s.alloc, n)
+        r = self._timed(s.alloc, n, v=v)
         if self._check(v, f"cuMemAlloc({n})", r):
             ptr = r[1][0]
             data = self.rng.randbytes(n)
-            if self._check(v, "cuMemcpyHtoD", self._timed(s.htod, ptr, data)):
+            if self._check(v, "cuMemcpyHtoD", self._timed(s.htod, ptr, data, v=v)):
                 v["bufs"][ptr] = bytearray(data)
             else:  # never written: what it holds is not ours to check
                 assert s.free(ptr)[0] == 0
 
     def write(self, v, ptr: int) -> None:
         data = self.rng.randbytes(len(v["bufs"][ptr]))
-        if self._check(v, "cuMemcpyHtoD", self._timed(v["s"].htod, ptr, data)):
+        if self._check(v, "cuMemcpyHtoD", self._timed(v["s"].htod, ptr, data, v=v)):
             v["bufs"][ptr] = bytearray(data)
             self.verify(v, ptr)
 
@@ -109,13 +122,13 @@ class Lab:
         start = self.rng.randrange(len(buf))
         n = self.rng.randrange(1, len(buf) - start + 1)
         byte = self.rng.randrange(256)
-        if self._check(v, "cuMemsetD8", self._timed(v["s"].memset, ptr + start, byte, n)):
+        if self._check(v, "cuMemsetD8", self._timed(v["s"].memset, ptr + start, byte, n, v=v)):
             buf[start:start + n] = bytes([byte]) * n
 
     def verify(self, v, ptr: int) -> bool:
         """Read the allocation back; False only for an OOM (a restore that found no room)."""
         want = v["bufs"][ptr]
-        r = self._timed(v["s"].dtoh, ptr, len(want))
+        r = self._timed(v["s"].dtoh, ptr, len(want), v=v)
         if not self._check(v, "cuMemcpyDtoH", r):
             return False
         got = r[1][0]
@@ -126,8 +139,18 @@ class Lab:
         return True
 
     def free(self, v, ptr: int) -> None:
-        assert v["s"].free(ptr) == (0, (), "")
+        assert self._timed(v["s"].free, ptr, v=v, kind="free") == (0, (), "")
         del v["bufs"][ptr]
+
+    def surely_hot(self, vid: str, at: float, asks: list[float], margin: float) -> bool:
+        """Whether vGPU ``vid`` certainly had memory on the GPU at ``at``: its last call before was a
+        success that left memory there, and the worker asked it to move at no time since that call began
+        (``asks``: when it was asked, from the log). Only its own calls bring memory back."""
+        before = [e for e in self.events[vid] if e[1] < at - margin]
+        if not before or before[-1][2] != "hot" or any(e[0] <= at + margin for e in self.events[vid][len(before):]):
+            return False
+        start = before[-1][0]
+        return not any(start - margin <= t <= at + margin for t in asks)
 
     def verify_all(self, vgpus, retry_after: float) -> int:
         """Every byte of every allocation read back; a vGPU refused for room is tried again later (once
@@ -274,11 +297,25 @@ def test_a_hundred_vgpus_at_four_times_the_memory_lose_no_byte(make_worker, tmp_
     rank = {v["id"]: QOS_RANK[v["qos"]] for v in lab.vgpus}
     done = evictions(log)
     assert done, "no eviction in the worker's log"
-    for asker, victims in done:
+    for _at, asker, victims in done:
         ranks = [rank[vid] for vid, _tier in victims]
         assert ranks == sorted(ranks) and max(ranks) <= rank[asker], (asker, victims)
-    print(f"  {len(done)} evictions, {sum(len(v) for _, v in done)} vGPUs moved by them, "
-          f"{sum(1 for _, v in done for vid, _ in v if rank[vid] == 1)} of them medium")
+    # and no medium vGPU went while a low one was surely on the GPU (one client: one eviction at a time, and
+    # only a vGPU's own calls bring its memory back; the worker's asks to move are in its log)
+    daemon = f"gpulab-worker[{w.proc.pid}]"
+    asks = {vid: [] for vid in rank}
+    for line in log.splitlines():
+        if daemon in line:
+            for vid in set(re.findall(r"\bt-[0-9a-f]{8}\b", line)) & asks.keys():
+                asks[vid].append(log_time(line[:23]))
+    for at, asker, victims in done:
+        if any(rank[vid] == 1 for vid, _ in victims):
+            passed_over = [vid for vid in rank if rank[vid] == 0 and vid != asker and vid not in dict(victims)
+                           and lab.surely_hot(vid, at, asks[vid], margin=0.05)]
+            assert not passed_over, (f"an eviction for {asker} at {at:.3f} moved {victims} while these low-QoS "
+                                     f"vGPUs were on the GPU: {passed_over}")
+    mediums = sum(1 for _, _, v in done for vid, _ in v if rank[vid] == 1)
+    print(f"  {len(done)} evictions, {sum(len(v) for _, _, v in done)} vGPUs moved by them, {mediums} of them medium")
 
     # every session closed: the worker leaves nothing in its spool
     for v in lab.vgpus:

@@ -43,7 +43,7 @@ ECC_UNCORRECTABLE = 214  # CUDA_ERROR_ECC_UNCORRECTABLE: what a GPU says of byte
 EVICTION_ROUNDS = 3      # asks to the daemon for room before an allocation or a restore fails
 EVICTION_TIMEOUT = 60.0  # seconds without the daemon's answer before giving up (it answers within eviction_wait)
 CHUNK = 8 << 20          # bytes per write or read of a cold file, per staged copy and per CRC-32
-CRC_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))  # zlib.crc32 runs at 1-2 GB/s a core: a disk is faster
+CRC_THREADS = max(1, min(4, os.cpu_count() or 1))  # zlib.crc32 runs at 1-2 GB/s a core: a disk is faster
 
 
 class _Alloc:

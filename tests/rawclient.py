@@ -26,7 +26,6 @@ from gpu_worker.api.wire import REPLY_KEEPALIVE
 FUNCS = T.by_name()
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")
-PRIMARY_CTX_BASE = 0x100  # the worker's id of device d's primary context is this + d (session.py)
 _ids = itertools.count(0x1000)  # client-minted handle ids start here (the worker refuses lower ones)
 
 
@@ -98,7 +97,7 @@ class RawSession:
         res, body, reason = self._send(REQ_HEADER.pack(len(payload), T.opcode(f), FLAG_REPLY) + payload)
         if res:
             return res, (), reason
-        out_fixed, out_var, out_bulk = codegen.wire_out(f)
+        _fixed, out_var, out_bulk = codegen.wire_out(f)
         st = struct.Struct(codegen.out_struct(f))
         values = tuple(minted) + st.unpack_from(body)
         if out_var is not None:

@@ -5,7 +5,7 @@ tests/rawclient.py (one Python process holds them all: a hundred shim clients wo
 2-core machine), with most of them idle and a few busy at a time, as in a lab. The worker must keep
 every byte (each read-back equals what that vGPU last wrote), refuse nothing but with
 CUDA_ERROR_OUT_OF_MEMORY and a reason, move vGPUs to host RAM and disk and back, never move a
-high-QoS vGPU for a lower one, take low before medium, and leave its spool directory empty.
+high-QoS vGPU for a lower one, take low before medium, and leave no file in its spool directory.
 Then the small cases: the eviction order step by step, and an immediate refusal when nothing can move.
 """
 from __future__ import annotations
@@ -109,7 +109,7 @@ class Lab:
             if self._check(v, "cuMemcpyHtoD", self._timed(s.htod, ptr, data, v=v)):
                 v["bufs"][ptr] = bytearray(data)
             else:  # never written: what it holds is not ours to check
-                assert s.free(ptr)[0] == 0
+                assert self._timed(s.free, ptr, v=v, kind="free")[0] == 0
 
     def write(self, v, ptr: int) -> None:
         data = self.rng.randbytes(len(v["bufs"][ptr]))

@@ -28,13 +28,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +40,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
-from remote_driver import interleaved, stop_group  # noqa: E402  (the same sampling, the same clean-up)
+from benchworker import BenchWorker  # noqa: E402
+from remote_driver import interleaved  # noqa: E402  (the same sampling)
 
-ADMIN = "bench-admin"
 KERNEL_S = 0.010  # the busy kernel's simulated duration
 POINTS = 5.0      # share accuracy target, in points of the GPU
 OVERHEAD = 0.97   # pacing overhead target: paced launch rate / unpaced, at least
@@ -178,41 +176,18 @@ class Client:
 # ---------------------------------------------------------------- workers
 
 
-class Worker:
+class Worker(BenchWorker):
     """An emulated `gpulab worker` with a tokens file, its control API and the busy/tiny kernels."""
 
     def __init__(self, tmp: Path, name: str, tokens: dict, pacing: bool):
-        self.name = name
         (tmp / f"{name}-tokens.json").write_text(json.dumps(tokens))
-        self.log = open(tmp / f"{name}.log", "w")
-        cmd = [sys.executable, "-m", "gpu_worker.daemon", "--backend", "emulated", "--name", name,
-               "--unix-socket", str(tmp / f"{name}.sock"), "--emulated-kernels", str(tmp / "bench_kernels.py"),
-               "--tokens-file", str(tmp / f"{name}-tokens.json"), f"--GPUWorker.admin_token={ADMIN}",
-               "--GPUWorker.control=127.0.0.1:0", f"--GPUWorker.pacing={pacing}"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     start_new_session=True, env={**os.environ, "GPULAB_STATE_DIR": str(tmp / name)})
-        line = self.proc.stdout.readline()
-        if "listening on" not in line:
-            self.stop()
-            raise SystemExit(f"worker {name} did not start: {line!r}\n{Path(self.log.name).read_text()}")
-        self.unix = next(a for a in line.split("listening on ")[1].split(" backend=")[0].split()
-                         if a.startswith("unix://"))
-        line = self.proc.stdout.readline()
-        if "control API at" not in line:
-            self.stop()
-            raise SystemExit(f"worker {name} has no control API: {line!r}")
-        self.control = line.split("control API at ")[1].strip()
+        super().__init__(tmp, name, ["--backend", "emulated", "--emulated-kernels", str(tmp / "bench_kernels.py"),
+                                     "--tokens-file", str(tmp / f"{name}-tokens.json"),
+                                     f"--GPUWorker.pacing={pacing}"])
 
     def kernel_times(self) -> dict[str, float]:
         """{token hash: cumulative kernel seconds} of its vGPUs, from the control API."""
-        req = urllib.request.Request(self.control + "/api/vgpus", headers={"Authorization": f"token {ADMIN}"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return {v["token_hash"]: v["kernel_time"] for v in json.loads(r.read())["vgpus"]}
-
-    def stop(self) -> None:
-        stop_group(self.proc)
-        self.proc.stdout.close()
-        self.log.close()
+        return {v["token_hash"]: v["kernel_time"] for v in self.api("/api/vgpus")["vgpus"]}
 
 
 # ---------------------------------------------------------------- the figures

@@ -276,6 +276,15 @@ def remote_driver_command() -> tuple[list, str]:
             "cuda-python in-process on the same GPU without the shim (pageable host buffers on every side).")
 
 
+def tiering_command() -> tuple[list, str]:
+    """benchmarks/tiering.py with the data path and first touch on the real GPU, quick."""
+    return ([sys.executable, str(ROOT / "benchmarks" / "tiering.py"), "--backend", "cuda", "--quick"],
+            "VRAM tiers on the real GPU: offload and restore against plain copies between the same memories "
+            "(pinned host buffers) and sequential file I/O, measured in the same run; first touch of a warm 4 GiB "
+            "vGPU through a worker. Its density case runs on the emulated device (4x a card would need that much "
+            "host RAM and disk).")
+
+
 def pytest_command() -> tuple[list, str]:
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider"]
     if importlib.util.find_spec("jupyterhub") is None:
@@ -299,8 +308,10 @@ def main(argv=None) -> int:
     cmd, note = pytest_command()
     tests = run("pytest -m gpu", cmd, PYTEST_TIMEOUT_S, note)
     bench_cmd, bench_note = remote_driver_command()
+    tier_cmd, tier_note = tiering_command()
     benches = [run("remote driver benchmark", bench_cmd, BENCH_TIMEOUT_S,
-                   bench_note + " `benchmarks/spawn.py` is not run: it measures the hub, not the GPU.")]
+                   bench_note + " `benchmarks/spawn.py` is not run: it measures the hub, not the GPU."),
+               run("tiering benchmark", tier_cmd, BENCH_TIMEOUT_S, tier_note)]
     rep = Report(date=datetime.date.today().isoformat(), machine=device_facts(), versions=versions(),
                  python=platform.python_version(), system=f"{platform.system()} {platform.release()}",
                  cpus=os.cpu_count() or 0, commit=commit(), pytest=tests, benches=benches)

@@ -134,7 +134,8 @@ def test_emulated_offload_and_restore_keep_bytes_and_address():
     assert b.cuPointerGetAttribute(int(A.CU_POINTER_ATTRIBUTE_RANGE_SIZE), ptr + 8) == (struct.pack("<Q", 1000),)
     assert b.cuPointerGetAttribute(int(A.CU_POINTER_ATTRIBUTE_RANGE_START_ADDR), ptr + 8) == (struct.pack("<Q", ptr),)
     b.mem_remap(ptr)
-    assert b.cuMemGetInfo()[0] == free and bytes(b.view(ptr, 1000)) == bytes(1000)  # new memory, zeroed
+    assert b.cuMemGetInfo()[0] == free and len(b.view(ptr, 1000)) == 1000  # memory again (its bytes undefined,
+    # as on a GPU: the emulated device reuses what it released)
     b.copy_in(ptr, 1000, host)
     assert bytes(b.view(ptr, 1000)) == data
     b.host_free(host)

@@ -7,14 +7,11 @@ overhead estimate is set to 1 MiB here, far below any real context, so that a re
 above it is NVML's measurement and not the estimate charged up front (docs/vgpu.md)."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 
 import pytest
 
-from workertools import PRELUDE, ROOT
+from workertools import PRELUDE, LineProgram
 
 pytestmark = pytest.mark.gpu
 
@@ -61,29 +58,10 @@ for line in sys.stdin:
 """
 
 
-class Kernel:
+class Kernel(LineProgram):
     def __init__(self, w, mark: int):
-        self.proc = subprocess.Popen([sys.executable, "-c", KERNEL, str(mark)], env=w.env(), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        assert self.said() == {"up": True}
-
-    def said(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"the kernel stopped: {self.proc.stderr.read()}")
-        return json.loads(line)
-
-    def tell(self, cmd: str) -> None:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-
-    def __call__(self, cmd: str) -> dict:
-        self.tell(cmd)
-        return self.said()
-
-    def close(self):
-        self.proc.kill()
-        self.proc.wait()
+        super().__init__(w, KERNEL, [mark])
+        assert self.first == {"up": True}
 
 
 @pytest.fixture

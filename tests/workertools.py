@@ -196,6 +196,35 @@ SLEEP_PTX = r"""
 """
 
 
+class LineProgram:
+    """A client program driven a line at a time on stdin, answering each with one JSON line; its first
+    line (after start-up) is its own."""
+
+    def __init__(self, worker: Worker, code: str, args=(), env_extra=None):
+        env = {**worker.env(), **(env_extra or {})}
+        self.proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.first = self.said()
+
+    def said(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the program stopped: {self.proc.stderr.read()}")
+        return json.loads(line)
+
+    def tell(self, cmd: str) -> None:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+
+    def __call__(self, cmd: str) -> dict:
+        self.tell(cmd)
+        return self.said()
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
 def connect(worker: Worker) -> socket.socket:
     """A raw connection to the worker's Unix socket, retried while its listen queue is full."""
     deadline = time.monotonic() + 10

@@ -84,6 +84,10 @@ class Backend(Protocol):
     def host_free(self, view: memoryview) -> None:
         """Free a buffer from host_buffer; ``view`` is unusable after (one close() freed is ignored)."""
 
+    def host_view(self, ptr: int, n: int) -> memoryview | None:
+        """The allocation's bytes as host memory, where the device's memory is the host's (the emulated
+        device), so that a cold move reads and writes files there without a staging copy; None on a GPU."""
+
     # ------------------------------------------------------------------ launches
     def param_layout(self, func: Handle) -> list[tuple[int, int]]:
         """(offset, size) of each kernel parameter in the buffer the client packs."""

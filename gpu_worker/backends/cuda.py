@@ -485,6 +485,10 @@ class CudaBackend:
             self.host[id(view)] = (view, 0, m)
         return view
 
+    def host_view(self, ptr: int, n: int) -> None:
+        """Device memory is not the host's: cold moves go through page-locked staging buffers."""
+        return None
+
     def host_free(self, view: memoryview) -> None:
         entry = self.host.pop(id(view), None)
         if entry is None:  # empty, or already freed by close()

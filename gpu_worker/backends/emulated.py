@@ -107,6 +107,8 @@ def _attribute(name: str) -> int:
     return int(getattr(driver.CUdevice_attribute, "CU_DEVICE_ATTRIBUTE_" + name))
 
 
+SPARE_MAX = 512 << 20  # host bytes of released allocations a session keeps for remaps (the emulated device only)
+
 class _Device:
     """One of the worker's GPUs as this backend emulates it, and the bytes allocated on it."""
 
@@ -155,6 +157,8 @@ class EmulatedBackend(GraphCapture):
         self.next_addr = self.base
         self.mem: dict[int, bytearray | None] = {}  # None: released, its bytes offloaded by the session
         self.released: dict[int, int] = {}  # released allocation -> its size, its range still known
+        self.spare: dict[int, list[bytearray]] = {}  # host memory of released allocations, by size, for remaps
+        self.spare_bytes = 0
         self.starts: list[int] = []
         self.host: dict[int, tuple[memoryview, mmap.mmap]] = {}  # id of a host_buffer view -> it, its mmap
         self.home: dict[int, int] = {}  # allocation -> ordinal of the device it is on
@@ -218,6 +222,8 @@ class EmulatedBackend(GraphCapture):
     def close(self):
         self.mem.clear()
         self.released.clear()
+        self.spare.clear()
+        self.spare_bytes = 0
         self.starts.clear()
         self.home.clear()
         for view, _m in list(self.host.values()):
@@ -383,6 +389,11 @@ class EmulatedBackend(GraphCapture):
         self.released[ptr] = len(buf)
         self.mem[ptr] = None
         self.devices[self.home[ptr]].used -= len(buf)
+        # the released host memory is kept for the next remap of that size, as a GPU keeps its physical
+        # memory: new host memory costs the kernel a fault and a zero-fill per page (several times a copy)
+        if self.spare_bytes + len(buf) <= SPARE_MAX:
+            self.spare.setdefault(len(buf), []).append(buf)
+            self.spare_bytes += len(buf)
 
     def mem_remap(self, ptr: int) -> None:
         if self.mem[ptr] is not None:
@@ -392,7 +403,12 @@ class EmulatedBackend(GraphCapture):
         if device.used + size > device.memory:
             raise CudaError(E.OUT_OF_MEMORY, "emulated device memory exhausted")
         del self.released[ptr]
-        self.mem[ptr] = bytearray(size)  # new memory: the session copies the bytes back
+        kept = self.spare.get(size)
+        if kept:  # memory released earlier: its old bytes are overwritten by the copy back, as on a GPU
+            self.mem[ptr] = kept.pop()
+            self.spare_bytes -= size
+        else:
+            self.mem[ptr] = bytearray(size)  # new memory: the session copies the bytes back
         device.used += size
 
     def copy_out(self, ptr: int, n: int, dst: memoryview) -> None:
@@ -408,6 +424,9 @@ class EmulatedBackend(GraphCapture):
         view = memoryview(m)
         self.host[id(view)] = (view, m)
         return view
+
+    def host_view(self, ptr: int, n: int) -> memoryview:
+        return self.view(ptr, n)
 
     def host_free(self, view: memoryview) -> None:
         entry = self.host.pop(id(view), None)

@@ -288,8 +288,9 @@ class Executor:
                 self._end_vgpu()
             if self.tier_pending:  # a tier request came while a call ran
                 self._act_on_tiers()
-            if tiers is not None and tiers.spent:  # host copies of the last restore, once it was answered
-                tiers.free_spent()
+            if tiers is not None and (tiers.spent or tiers.spent_files or tiers.pool_bytes or tiers.stage):
+                tiers.free_spent()  # host copies of the last restore, once it was answered: kept a while
+                tiers.trim()        # and freed once no move has needed them for a while
             plen, op, flags = REQ_HEADER.unpack(reader.read(REQ_HEADER.size))
             t0 = self.busy_since = clock()
             touches = op in touching

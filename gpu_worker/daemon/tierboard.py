@@ -8,20 +8,28 @@ The daemon creates the board before it forks any executor, so all inherit it.  E
 process has a row, claimed by the daemon at fork and released when it reaps the process: a
 crashed executor's bytes stop counting at once, and a crash can garble nothing but its own row.
 Charges that must not pass a limit (a GPU's capacity, the warm budget) are made under an
-``fcntl`` record lock on the board, which the kernel drops if the holder dies.
+``fcntl`` record lock on the board, which the kernel drops if the holder dies; every change of a
+row is made under it together with the board's totals, so a charge reads one figure.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
 import struct
+import threading
 
 MAX_GPUS = 16
 ROWS = 2048
-HEAD = struct.Struct(f"<Q{MAX_GPUS}Q")  # warm budget (0: no warm tier, all goes cold), then each GPU's capacity (0: the driver decides)
+# warm budget (0: no warm tier, all goes cold), each GPU's capacity (0: the driver decides), then the
+# totals over the live rows (warm bytes, hot bytes per GPU), kept with the rows under the lock so that a
+# charge reads one figure instead of scanning every row
+HEAD = struct.Struct(f"<Q{MAX_GPUS}QQ{MAX_GPUS}Q")
+TOTALS_OFF = 8 + 8 * MAX_GPUS
 ROW = struct.Struct(f"<IIQ{MAX_GPUS}Q")  # state, executor pid, warm bytes, hot bytes per worker GPU index
 FREE, LIVE = 0, 1
+U64 = struct.Struct("<Q")
 
 
 class TierBoard:
@@ -33,16 +41,28 @@ class TierBoard:
         os.ftruncate(self.fd, self.size)
         self.map = mmap.mmap(self.fd, self.size)
         caps = list(capacities) + [0] * (MAX_GPUS - len(capacities))
-        HEAD.pack_into(self.map, 0, warm_budget, *caps)
+        HEAD.pack_into(self.map, 0, warm_budget, *caps, 0, *([0] * MAX_GPUS))
+        self._threads = threading.Lock()  # fcntl locks are per process: this keeps a process's threads apart
+
+    # ------------------------------------------------------------- locking
+    @contextlib.contextmanager
+    def _locked(self):
+        with self._threads:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     # ------------------------------------------------------------- daemon
     def claim(self, pid: int = 0) -> int | None:
         """A free row, zeroed and live (before forking the executor that will use it); None if all are taken."""
-        for i in range(ROWS):
-            off = self._off(i)
-            if struct.unpack_from("<I", self.map, off)[0] == FREE:
-                ROW.pack_into(self.map, off, LIVE, pid, 0, *([0] * MAX_GPUS))
-                return i
+        with self._locked():
+            for i in range(ROWS):
+                off = self._off(i)
+                if struct.unpack_from("<I", self.map, off)[0] == FREE:
+                    ROW.pack_into(self.map, off, LIVE, pid, 0, *([0] * MAX_GPUS))
+                    return i
         return None
 
     def bind(self, row: int, pid: int) -> None:
@@ -50,32 +70,33 @@ class TierBoard:
 
     def release(self, row: int) -> None:
         """(daemon, the executor reaped) Its bytes no longer count."""
-        struct.pack_into("<I", self.map, self._off(row), FREE)
+        with self._locked():
+            off = self._off(row)
+            _state, _pid, warm, *hot = ROW.unpack_from(self.map, off)
+            self._add(TOTALS_OFF, -warm)
+            for gpu, n in enumerate(hot):
+                if n:
+                    self._add(TOTALS_OFF + 8 + 8 * gpu, -n)
+            struct.pack_into("<I", self.map, off, FREE)
 
     # ------------------------------------------------------------ readers
     @property
     def warm_budget(self) -> int:
-        return HEAD.unpack_from(self.map, 0)[0]
+        return U64.unpack_from(self.map, 0)[0]
 
     def capacity(self, gpu: int) -> int:
         """Bytes of GPU ``gpu`` the board lets executors hold (0: no limit here, the driver says when it is full)."""
-        return HEAD.unpack_from(self.map, 0)[1 + gpu]
+        return U64.unpack_from(self.map, 8 + 8 * gpu)[0]
 
     def _off(self, row: int) -> int:
         return HEAD.size + row * ROW.size
 
-    def _live_rows(self):
-        for i in range(ROWS):
-            off = self._off(i)
-            if struct.unpack_from("<I", self.map, off)[0] == LIVE:
-                yield i, off
-
     def hot_on(self, gpu: int) -> int:
         """Bytes held on GPU ``gpu`` by every live executor."""
-        return sum(struct.unpack_from("<Q", self.map, off + 16 + 8 * gpu)[0] for _i, off in self._live_rows())
+        return U64.unpack_from(self.map, TOTALS_OFF + 8 + 8 * gpu)[0]
 
     def warm_total(self) -> int:
-        return sum(struct.unpack_from("<Q", self.map, off + 8)[0] for _i, off in self._live_rows())
+        return U64.unpack_from(self.map, TOTALS_OFF)[0]
 
     def row_figures(self, row: int) -> dict:
         _state, pid, warm, *hot = ROW.unpack_from(self.map, self._off(row))
@@ -83,35 +104,29 @@ class TierBoard:
 
     # ----------------------------------------------------------- executor
     def _add(self, off: int, n: int) -> None:
-        struct.pack_into("<Q", self.map, off, struct.unpack_from("<Q", self.map, off)[0] + n)
+        U64.pack_into(self.map, off, U64.unpack_from(self.map, off)[0] + n)
 
-    def _locked_charge(self, off: int, n: int, limit: int | None, total) -> bool:
-        if limit is None:
-            self._add(off, n)
-            return True
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        try:
-            if total() + n > limit:
+    def _charge(self, row_off: int, total_off: int, n: int, limit: int | None) -> bool:
+        with self._locked():
+            if limit is not None and U64.unpack_from(self.map, total_off)[0] + n > limit:
                 return False
-            self._add(off, n)
+            self._add(row_off, n)
+            self._add(total_off, n)
             return True
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     def charge_hot(self, row: int, gpu: int, n: int) -> bool:
         """Count ``n`` more bytes on GPU ``gpu`` for this row; False (nothing counted) past the GPU's capacity."""
-        return self._locked_charge(self._off(row) + 16 + 8 * gpu, n, self.capacity(gpu) or None,
-                                   lambda: self.hot_on(gpu))
+        return self._charge(self._off(row) + 16 + 8 * gpu, TOTALS_OFF + 8 + 8 * gpu, n, self.capacity(gpu) or None)
 
     def uncharge_hot(self, row: int, gpu: int, n: int) -> None:
-        self._add(self._off(row) + 16 + 8 * gpu, -n)
+        self._charge(self._off(row) + 16 + 8 * gpu, TOTALS_OFF + 8 + 8 * gpu, -n, None)
 
     def charge_warm(self, row: int, n: int) -> bool:
         """Count ``n`` more bytes of warm host memory; False (nothing counted) past the warm budget."""
-        return self._locked_charge(self._off(row) + 8, n, self.warm_budget, self.warm_total)
+        return self._charge(self._off(row) + 8, TOTALS_OFF, n, self.warm_budget)
 
     def uncharge_warm(self, row: int, n: int) -> None:
-        self._add(self._off(row) + 8, -n)
+        self._charge(self._off(row) + 8, TOTALS_OFF, -n, None)
 
     def close(self) -> None:
         self.map.close()

@@ -44,6 +44,12 @@ EVICTION_ROUNDS = 3      # asks to the daemon for room before an allocation or a
 EVICTION_TIMEOUT = 60.0  # seconds without the daemon's answer before giving up (it answers within eviction_wait)
 CHUNK = 8 << 20          # bytes per write or read of a cold file, per staged copy and per CRC-32
 CRC_THREADS = max(1, min(4, os.cpu_count() or 1))  # zlib.crc32 runs at 1-2 GB/s a core: a disk is faster
+# Host buffers a restore emptied are kept a while for the next offload (new host memory costs a fault and
+# a zero-fill per page, page-locking it more: several times the copy itself): up to POOL_MAX bytes per
+# process, outside the warm budget (they hold no vGPU's bytes), freed at the first call or move
+# POOL_KEEP seconds after the last move.
+POOL_MAX = 1 << 30
+POOL_KEEP = 10.0
 
 
 class _Alloc:
@@ -80,6 +86,11 @@ class TierStore:
         # warm buffers a restore emptied, freed once the call that restored has been answered (unpinning
         # gigabytes takes a while; the program need not wait for it); counted in the warm budget until then
         self.spent: list[tuple] = []
+        self.spent_files: list[str] = []  # cold files a restore emptied, deleted after the answer too
+        self.pool: dict[int, list] = {}  # size -> host buffers kept for the next move (counted as warm)
+        self.pool_bytes = 0
+        self.stage: list = []            # staging buffers of the last cold move, kept with the pool
+        self.moved_at = 0.0              # monotonic time of the last move
 
     # ------------------------------------------------------------ the figures
     def _moved(self, a: _Alloc, tier: int) -> None:
@@ -216,10 +227,55 @@ class TierStore:
             self.board.uncharge_warm(self.row, size)
 
     def free_spent(self) -> None:
-        """Free the warm buffers of the last restore (the executor calls this after answering the call)."""
+        """After a restore's call is answered (the executor calls this): the emptied warm buffers leave the
+        warm budget and are kept for the next offload within POOL_MAX; the emptied cold files go."""
         spent, self.spent = self.spent, []
+        files, self.spent_files = self.spent_files, []
+        for path in files:
+            _unlink(path)
         for buf, size in spent:
-            self._free_host(buf, size)
+            if self.pool_bytes + size <= POOL_MAX:
+                self.pool.setdefault(size, []).append(buf)
+                self.pool_bytes += size
+                self._uncharge_warm(size)
+            else:
+                self._free_host(buf, size)
+
+    def _uncharge_warm(self, n: int) -> None:
+        if self.board is not None and self.row is not None:
+            self.board.uncharge_warm(self.row, n)
+
+    def trim(self, now: float | None = None) -> None:
+        """Free the kept host buffers once no move needed them for POOL_KEEP seconds (cheap to call)."""
+        if not (self.pool_bytes or self.stage):
+            return
+        if (time.monotonic() if now is None else now) - self.moved_at < POOL_KEEP:
+            return
+        self._empty_pool()
+
+    def _empty_pool(self) -> None:
+        pool, self.pool, self.pool_bytes = self.pool, {}, 0
+        for bufs in pool.values():
+            for buf in bufs:
+                self.backend.host_free(buf)
+        stage, self.stage = self.stage, []
+        for buf in stage:
+            self.backend.host_free(buf)
+
+    def _warm_buffer(self, n: int):
+        """A host buffer of ``n`` bytes counted in the warm budget, or None when the budget has no room."""
+        board = self.board is not None and self.row is not None
+        if board and not self.board.charge_warm(self.row, n):
+            return None
+        kept = self.pool.get(n)
+        if kept:
+            self.pool_bytes -= n
+            return kept.pop()
+        try:
+            return self.backend.host_buffer(n)
+        except BaseException:
+            self._uncharge_warm(n)
+            raise
 
     # ----------------------------------------------------------- offload
     def offload(self, want: int) -> int:
@@ -255,8 +311,9 @@ class TierStore:
                     log.error("tiers: the allocation at %#x (%s) could not move %s: %s", base, format_size(a.size),
                               "to disk" if want == COLD or a.tier == WARM else "off the GPU", exc)
         finally:
-            for buf in staging or ():
-                self.backend.host_free(buf)
+            if want == COLD:  # kept host buffers not needed for a while go now (a process going cold is idle)
+                self.trim()
+            self.moved_at = time.monotonic()
             if moved:
                 self.slot.count_move("offload", moved, time.perf_counter() - t0)
             self._publish()
@@ -264,24 +321,19 @@ class TierStore:
 
     def _to_warm(self, base: int, a: _Alloc) -> bool:
         """Hot -> warm; False (nothing changed) when the warm budget or host memory has no room."""
-        board = self.board is not None and self.row is not None
-        if board and not self.board.charge_warm(self.row, a.size):
-            return False
         try:
-            buf = self.backend.host_buffer(a.size)
+            buf = self._warm_buffer(a.size)
         except (CudaError, MemoryError, OSError) as exc:
             log.warning("tiers: no host buffer of %s for the allocation at %#x (%s): it goes cold",
                         format_size(a.size), base, exc)
-            if board:
-                self.board.uncharge_warm(self.row, a.size)
+            return False
+        if buf is None:
             return False
         try:
             self.backend.copy_out(base, a.size, buf)
             self.backend.mem_release(base)
         except BaseException:
-            self.backend.host_free(buf)
-            if board:
-                self.board.uncharge_warm(self.row, a.size)
+            self._free_host(buf, a.size)
             raise
         a.host = buf
         self._uncharge_hot(a.gpu, a.phys)
@@ -289,16 +341,16 @@ class TierStore:
         return True
 
     def _staging(self, n: int) -> list:
-        """Host buffers of ``n`` bytes each (a chunk, or less), one per checksum in flight and one more."""
-        bufs = []
-        try:
-            for _ in range(CRC_THREADS + 1):
-                bufs.append(self.backend.host_buffer(n))
-        except BaseException:
-            for buf in bufs:
-                self.backend.host_free(buf)
-            raise
-        return bufs
+        """Host buffers of ``n`` bytes each (a chunk, or less), one per checksum in flight and one more;
+        kept with the pool after the move."""
+        if self.stage and len(self.stage[0]) >= n:
+            return self.stage
+        for buf in self.stage:
+            self.backend.host_free(buf)
+        self.stage = []
+        for _ in range(CRC_THREADS + 1):
+            self.stage.append(self.backend.host_buffer(n))
+        return self.stage
 
     def _path(self, base: int) -> str:
         os.makedirs(self.spool, mode=0o700, exist_ok=True)
@@ -306,14 +358,18 @@ class TierStore:
 
     def _hot_to_cold(self, base: int, a: _Alloc, staging: tuple) -> None:
         path = self._path(base)
-        crc = _Crc(self._pool(), len(staging))
+        direct = self.backend.host_view(base, a.size)  # the emulated device: straight from its memory
+        crc = _Crc(self._pool(), 0 if direct is not None else len(staging))
         try:
             with open(path, "wb", buffering=0) as f:
                 for k, off in enumerate(range(0, a.size, CHUNK)):
                     n = min(CHUNK, a.size - off)
-                    view = staging[k % len(staging)][:n]
-                    crc.wait_before_reuse(k)
-                    self.backend.copy_out(base + off, n, view)
+                    if direct is not None:
+                        view = direct[off:off + n]
+                    else:
+                        view = staging[k % len(staging)][:n]
+                        crc.wait_before_reuse(k)
+                        self.backend.copy_out(base + off, n, view)
                     crc.add(view)
                     _write_all(f, view)
             a.crcs, a.chunk = crc.values(), CHUNK
@@ -388,14 +444,13 @@ class TierStore:
                     except _Lost as exc:
                         lost.append((base, a, str(exc)))
                         self._zero(base, a.size, staging[0])  # never half-right bytes
-                    _unlink(a.path)
+                    self.spent_files.append(a.path)  # deleted once the call is answered
                     a.path = ""
                 moved += a.size
                 rest[a.gpu] -= a.phys
                 self._moved(a, HOT)
         finally:
-            for buf in staging or ():
-                self.backend.host_free(buf)
+            self.moved_at = time.monotonic()
             if moved:
                 self.slot.count_move("restore", moved - sum(a.size for _b, a, _w in lost), time.perf_counter() - t0)
             for base, a, why in lost:
@@ -412,7 +467,8 @@ class TierStore:
 
     def _cold_in(self, base: int, a: _Alloc, staging: tuple) -> None:
         """A cold file's bytes into the allocation (remapped), its checksum verified; _Lost if they cannot."""
-        crc = _Crc(self._pool(), len(staging))
+        direct = self.backend.host_view(base, a.size)  # the emulated device: straight into its memory
+        crc = _Crc(self._pool(), 0 if direct is not None else len(staging))
         try:
             with open(a.path, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
@@ -420,6 +476,11 @@ class TierStore:
                     raise _Lost(f"its file holds {size} bytes, not {a.size}")
                 for k, off in enumerate(range(0, a.size, a.chunk)):
                     n = min(a.chunk, a.size - off)
+                    if direct is not None:
+                        view = direct[off:off + n]
+                        _read_all(f, view)
+                        crc.add(view)
+                        continue
                     view = staging[k % len(staging)][:n]
                     crc.wait_before_reuse(k)
                     _read_all(f, view)
@@ -455,6 +516,7 @@ class TierStore:
                 log.debug("tiers: dropping an allocation at the end failed", exc_info=True)
         self.allocs.clear()
         self.free_spent()
+        self._empty_pool()
         self.bytes = [0, 0, 0]
         self.away = 0
         self.off = False

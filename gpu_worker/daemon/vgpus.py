@@ -318,8 +318,8 @@ class VGPURegistry:
             v = self.by_pid.pop(pid, None)
             if v is None:
                 return
+            self._harvest(v)  # while it is still among the processes: its last calls go into the trace
             slot = v.procs.pop(pid)
-            self._harvest(v)
             final = v.ledger.read_slot(slot)
             if final is not None:
                 for k in COUNTERS:

@@ -41,6 +41,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 for p in (HERE, ROOT, ROOT / "tests"):
@@ -142,11 +144,11 @@ def data_path(kind: str, plan: Plan, tmp: Path) -> dict[str, list[float]]:
     board = TierBoard([0], 4 * total)
     spool = tmp / "spool"
     store = TierStore(backend, slot, board, board.claim(os.getpid()), [0], str(spool), None)
-    rng = random.Random(9)
+    rng = np.random.default_rng(9)
     ptrs, expect = [], []
     for _ in range(plan.allocs):
         ptr = store.allocate(plan.alloc_bytes, backend.physical_size(plan.alloc_bytes))
-        data = rng.randbytes(plan.alloc_bytes)
+        data = rng.bytes(plan.alloc_bytes)
         staging = backend.host_buffer(plan.alloc_bytes)
         staging[:] = data
         backend.copy_in(ptr, plan.alloc_bytes, staging)

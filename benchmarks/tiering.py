@@ -381,7 +381,8 @@ def main(argv=None) -> int:
               f"({'PASS' if d['delays'] and p95(d['delays']) < 1.0 else 'MISS'}: p95 < 1 s at 4x)")
         for why, count in sorted(d["reasons"].items(), key=lambda kv: -kv[1])[:3]:
             print(f"  {count} x {why}")
-        left = [str(f) for d in tmp.glob("*-spool") for f in d.rglob("*") if f.is_file()]
+        # (a worker's spool subdirectory keeps its lock file, which names the worker: not a cold-tier file)
+        left = [str(f) for d in tmp.glob("*-spool") for f in d.rglob("*") if f.is_file() and f.name != ".lock"]
         left += [str(f) for f in (tmp / "spool").rglob("*") if f.is_file()]
         if left:
             raise SystemExit(f"cold-tier files left behind: {left}")

@@ -62,6 +62,8 @@ class FakeRegistry:
         self.revoked: list[tuple[str, str]] = []
         self.tier_asks: list[tuple[str, int]] = []  # (vGPU id, tier) asked of its processes
         self.acted = True  # whether its processes have acted on the last request
+        self.failures: dict[int, int] = {}  # executor pid -> CUresult of a move that failed
+        self.moves_memory = True  # processes that act move the memory (else it stays where it was)
         self.hints: list[tuple[str, float, float]] = []
 
     def record(self, vid, function="cuMemAlloc", nbytes=0, error=""):
@@ -98,10 +100,18 @@ class FakeRegistry:
         if v is None or v["state"] != "active":
             return None
         self.tier_asks.append((vgpu_id, want))
+        if self.acted and self.moves_memory and not self.failures:
+            total = sum(v["tiers"].values())
+            name = ("hot", "warm", "cold")[want]
+            v["tiers"] = {t: total if t == name else 0 for t in ("hot", "warm", "cold")}
+            v["tier"] = name
         return len(self.tier_asks), [p["pid"] for p in v["processes"]]
 
     def tier_done(self, vgpu_id, seq):
         return None if vgpu_id not in self.table else self.acted
+
+    def tier_failures(self, vgpu_id, seq):
+        return dict(self.failures)
 
     def set_idle_hint(self, vgpu_id, since, now=None):
         v = self.table.get(vgpu_id)
@@ -280,6 +290,44 @@ def test_an_offload_its_processes_do_not_act_on_answers_202(server, registry, mo
     status, v = call(server, "POST", "/api/vgpus/17/offload", ADMIN, {"to": "warm"})
     assert (status, v["id"], v["done"]) == (202, "17", False)
     assert 0.25 < time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("failures, status, words", [
+    ({4001: 2}, 507, "the restore of vGPU 17 failed (process 4001: CUDA_ERROR_OUT_OF_MEMORY); the worker's log "
+                     "says why, and \"tiers\" where its memory is now"),
+    ({4000: 2, 4001: 1}, 409, "the restore of vGPU 17 failed (process 4000: CUDA_ERROR_OUT_OF_MEMORY, process "
+                              "4001: CUDA_ERROR_INVALID_VALUE)"),
+])
+def test_a_move_a_process_failed_is_not_done_and_names_the_cuda_error(server, registry, failures, status, words):
+    registry.failures = failures
+    answer_status, v = call(server, "POST", "/api/vgpus/17/restore", ADMIN)
+    assert (answer_status, v["id"], v["done"]) == (status, "17", False)
+    assert v["message"].startswith(words), v["message"]
+    assert v["tiers"] == {"hot": 150 << 20, "warm": 75 << 20, "cold": 75 << 20}  # where it is, as it is
+
+
+def test_a_move_that_left_memory_behind_is_not_done(server, registry):
+    registry.moves_memory = False  # acted with success, yet some memory is still hot (a new allocation)
+    status, v = call(server, "POST", "/api/vgpus/17/offload", ADMIN, {"to": "warm"})
+    assert (status, v["done"]) == (409, False)
+    assert v["message"] == ("the processes of vGPU 17 acted on the offload to warm, but 150.0 MiB hot of its memory "
+                            "did not move (a program allocated or touched memory since, or the worker has no room "
+                            "for it there)")
+    status, v = call(server, "POST", "/api/vgpus/17/offload", ADMIN, {"to": "cold"})
+    assert (status, v["done"]) == (409, False) and "but 150.0 MiB hot and 75.0 MiB warm of its memory" in v["message"]
+    registry.table["17"]["tiers"] = {"hot": 0, "warm": 300 << 20, "cold": 0}
+    assert call(server, "POST", "/api/vgpus/17/offload", ADMIN, {"to": "warm"})[0] == 200
+    status, v = call(server, "POST", "/api/vgpus/17/restore", ADMIN)
+    assert (status, v["done"]) == (409, False) and "but 300.0 MiB warm of its memory" in v["message"]
+
+
+def test_cli_says_why_a_move_failed(server, registry):
+    env = {"GPULAB_CONTROL_URL": server.url, "GPULAB_TOKEN": "tok-alice"}
+    registry.failures = {4000: 2}
+    p = gpulab_vgpu("restore", "17", env=env)
+    assert (p.returncode, p.stderr.strip()) == (1, "gpulab vgpu: the restore of vGPU 17 failed (process 4000: "
+                                                   "CUDA_ERROR_OUT_OF_MEMORY); the worker's log says why, and "
+                                                   "\"tiers\" where its memory is now")
 
 
 def test_an_idle_hint_reaches_the_registry(server, registry):
@@ -527,7 +575,7 @@ def test_cli_offload_restore_and_idle(server, registry, monkeypatch):
     env = {"GPULAB_CONTROL_URL": server.url, "GPULAB_TOKEN": "tok-alice"}
     p = gpulab_vgpu("offload", "17", "--to", "cold", env=env)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "vGPU 17 is mixed: 150.0 MiB hot, 75.0 MiB warm, 75.0 MiB cold"
+    assert p.stdout.strip() == "vGPU 17 is cold: 0 bytes hot, 0 bytes warm, 300.0 MiB cold"
     assert gpulab_vgpu("offload", "17", env=env).returncode == 0  # warm by default
     p = gpulab_vgpu("restore", "17", "--json", env=env)
     assert p.returncode == 0 and json.loads(p.stdout)["done"] is True

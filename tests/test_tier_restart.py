@@ -4,7 +4,7 @@ A real cuda-python program through the shim holds an allocation that the control
 cold tier (a file in the worker's spool directory). When the worker stops (SIGTERM, as a restart
 does), the program's next call fails with CUDA_ERROR_DEVICE_UNAVAILABLE and the person reads what
 was lost; no spool file stays. When the worker is killed outright (SIGKILL: no clean-up at all), the
-next worker on the same spool directory removes what was left, and says so.
+next worker on the same spool directory removes what was left in its own subdirectory, and says so.
 """
 from __future__ import annotations
 
@@ -39,14 +39,23 @@ done(r=r, later=name(d.cuMemAlloc(64)), same=bool((back == data).all()))
 """
 
 
-def spool_files(path: Path) -> list[str]:
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if not p.is_dir()) if path.exists() else []
+def own(spool: Path) -> Path:
+    """The worker's own subdirectory of spool_dir (gpulab-<name>), where its cold files go."""
+    (mine,) = spool.glob("gpulab-*")
+    return mine
+
+
+def spool_files(spool: Path) -> list[str]:
+    """The cold files in the worker's subdirectory (its lock file aside), relative to it."""
+    path = own(spool)
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if not p.is_dir() and p.name != ".lock")
 
 
 def start_cold_holder(tmp_path: Path) -> tuple[Worker, subprocess.Popen, dict]:
     """A worker, a program holding 4 MiB, and that vGPU moved cold by the control API."""
     spool = tmp_path / "spool"
-    w = Worker(tmp_path, extra=["--vram-quota", "64M", f"--GPUWorker.spool_dir={spool}"])
+    # a restarted worker keeps its name, and so its spool subdirectory (gpulab-<name>)
+    w = Worker(tmp_path, extra=["--vram-quota", "64M", "--name", "lab", f"--GPUWorker.spool_dir={spool}"])
     env = w.env()
     env["GPULAB_TIMEOUT"] = "5"
     p = subprocess.Popen([sys.executable, "-c", HOLDER], env=env, cwd=ROOT, text=True, stdin=subprocess.PIPE,
@@ -58,7 +67,7 @@ def start_cold_holder(tmp_path: Path) -> tuple[Worker, subprocess.Popen, dict]:
         assert status == 200 and body["tier"] == "cold" and body["tiers"]["cold"] >= 4 * MiB, (status, body)
         files = spool_files(spool)
         assert files and all(f.startswith(vgpu["id"] + "/") and f.endswith(".cold") for f in files), files
-        assert sum((spool / f).stat().st_size for f in files) >= 4 * MiB
+        assert sum((own(spool) / f).stat().st_size for f in files) >= 4 * MiB
     except BaseException:
         p.kill()
         w.stop()
@@ -110,11 +119,13 @@ def test_a_killed_worker_leaves_its_spool_to_the_next_one_which_empties_it(tmp_p
     assert "connection to the worker lost" in err, err  # no last frame from a killed executor
     assert spool_files(tmp_path / "spool") == left  # still there: what the next worker must clean
 
-    again = Worker(tmp_path, extra=["--vram-quota", "64M", f"--GPUWorker.spool_dir={tmp_path / 'spool'}"])
+    again = Worker(tmp_path, extra=["--vram-quota", "64M", "--name", "lab",
+                                    f"--GPUWorker.spool_dir={tmp_path / 'spool'}"])
     try:
         log = again.log_text()
         said = [line for line in log.splitlines() if "cold-tier files" in line]
-        assert said and f"removed {len(left)} cold-tier file" in said[0] and str(tmp_path / "spool") in said[0], log
+        assert said and f"removed {len(left)} cold-tier file" in said[0], log
+        assert str(own(tmp_path / "spool")) in said[0], log
         assert spool_files(tmp_path / "spool") == []
         print(said[0])
         # and it serves the same token again, from nothing

@@ -59,8 +59,10 @@ def evictions(log: str) -> list[tuple[float, str, list[tuple[str, str]]]]:
 
 
 def spool_files(path: Path) -> list[str]:
-    """Files left in a spool directory (the directories of vGPUs may stay; their files may not)."""
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if not p.is_dir()) if path.exists() else []
+    """Files left in a spool directory (the directories of vGPUs may stay, and the worker's lock file; their files
+    may not)."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                  if not p.is_dir() and p.name != ".lock") if path.exists() else []
 
 
 class Lab:

@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -162,7 +163,7 @@ def test_a_damaged_or_missing_cold_file_is_a_loss_said_and_counted(tmp_path, sma
     path.write_bytes(raw)
     with pytest.raises(Refusal) as exc:
         lab.tiers.restore()
-    assert exc.value.code == T.ECC_UNCORRECTABLE == 214
+    assert exc.value.code == E.ECC_UNCORRECTABLE == 214
     assert f"the bytes of the allocation at {ptrs[1]:#x}" in exc.value.why
     assert "were lost in the cold tier" in exc.value.why and "CRC-32 of its bytes 0..5000 does not match" in exc.value.why
     lab.tiers.free_spent()  # the executor does it once the call is answered: emptied files go then
@@ -232,9 +233,9 @@ def test_a_full_gpu_refuses_at_once_with_the_reason_and_loses_nothing(tmp_path):
     with pytest.raises(Refusal) as exc:
         lab.alloc(2 * MiB)
     assert exc.value.code == E.OUT_OF_MEMORY
-    why = exc.value.why
-    assert "the GPU this vGPU runs on is out of memory" in why and "GPU 0 is full" in why, why
-    assert "7.0 MiB of its 8.0 MiB held by vGPUs, 2.0 MiB of it by this process" in why, why
+    assert exc.value.sentence("cuMemAlloc") == (
+        "cuMemAlloc(2.0 MiB) refused: GPU 0 is full: 7.0 MiB of its 8.0 MiB held by vGPUs (2.0 MiB by this "
+        "process), 2.0 MiB more wanted; no worker daemon can move other vGPUs' memory here; try again later")
     assert lab.slot.used == 2 * MiB  # the quota's charge was undone
 
     lab.tiers.offload(WARM)
@@ -248,8 +249,10 @@ def test_a_full_gpu_refuses_at_once_with_the_reason_and_loses_nothing(tmp_path):
     assert lab.read(p, 2 * MiB) == data
 
 
-def _fake_daemon(sock: socket.socket, board: TierBoard, other: int, answers: list) -> list:
-    """Answers eviction requests as the daemon would: frees ``other``'s bytes, or refuses."""
+def _fake_daemon(sock: socket.socket, board: TierBoard, other: int, answers: list, waits=None) -> list:
+    """Answers eviction requests as the daemon would: frees ``other``'s bytes, or refuses; "slow" takes
+    all the time the request allows, then says it freed a byte (it did not).  Each request's ``wait`` goes
+    to ``waits``."""
     asked = []
 
     def run():
@@ -258,8 +261,14 @@ def _fake_daemon(sock: socket.socket, board: TierBoard, other: int, answers: lis
             if not msg:
                 return
             req = json.loads(msg)
+            wait = req.pop("wait")
+            if waits is not None:
+                waits.append(wait)
             asked.append(req)
-            if answer == "free":
+            if answer == "slow":
+                time.sleep(wait)
+                sock.send(json.dumps({"freed": 1}).encode())
+            elif answer == "free":
                 held = board.row_figures(other)["hot"][req["gpu"]]
                 board.uncharge_hot(other, req["gpu"], held)
                 sock.send(json.dumps({"freed": held}).encode())
@@ -275,7 +284,8 @@ def test_a_full_gpu_asks_the_daemon_for_room(tmp_path):
     lab = Lab(tmp_path, memory=8 * MiB, evict_sock=theirs)
     other = lab.board.claim(12345)
     lab.board.charge_hot(other, 0, 7 * MiB)
-    asked = _fake_daemon(ours, lab.board, other, ["free", "only vGPUs of higher QoS hold memory there", "free"])
+    waits = []
+    asked = _fake_daemon(ours, lab.board, other, ["free", "only vGPUs of higher QoS hold memory there", "free"], waits)
     p = lab.alloc(4 * MiB)  # after the daemon moved the other vGPU off
     assert asked == [{"gpu": 0, "need": 4 * MiB}] and lab.tiers.allocs[p].tier == HOT
     lab.board.charge_hot(other, 0, 4 * MiB)
@@ -292,6 +302,105 @@ def test_a_full_gpu_asks_the_daemon_for_room(tmp_path):
     lab.tiers.restore()
     assert asked[2] == {"gpu": 0, "need": 5 * MiB} and len(asked) == 3
     assert lab.read(q, MiB) == data and lab.tiers.figures() == (5 * MiB, 0, 0)
+    assert all(9 < w <= 10 for w in waits), waits  # the daemon is told what is left of eviction_wait (10 s)
+
+
+def test_the_asks_of_one_allocation_share_one_deadline(tmp_path, monkeypatch):
+    """A daemon that takes all the time it is given and frees too little: the rounds do not add up to
+    EVICTION_ROUNDS times eviction_wait; the call is refused at eviction_wait (the margin unused)."""
+    monkeypatch.setattr(T, "EVICTION_MARGIN", 0.5)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lab = Lab(tmp_path, memory=8 * MiB, evict_sock=theirs)
+    lab.tiers.eviction_wait = 0.3
+    other = lab.board.claim(12345)
+    lab.board.charge_hot(other, 0, 7 * MiB)
+    asked = _fake_daemon(ours, lab.board, other, ["slow"] * (T.EVICTION_ROUNDS + 1))
+    t0 = time.monotonic()
+    with pytest.raises(Refusal) as exc:
+        lab.alloc(4 * MiB)
+    took = time.monotonic() - t0
+    assert 0.25 < took < 0.75, took
+    assert exc.value.why.endswith("other vGPUs did not make room within 0.3 s; try again later"), exc.value.why
+    assert len(asked) == 1 and lab.slot.used == 0 and lab.board.hot_on(0) == 7 * MiB
+
+
+class _FailsOnce:
+    """Wraps a backend method: the ``nth`` call raises ``exc``, the others go through."""
+
+    def __init__(self, fn, nth: int, exc: BaseException):
+        self.fn, self.nth, self.exc, self.calls = fn, nth, exc, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls == self.nth:
+            raise self.exc
+        return self.fn(*args)
+
+
+@pytest.mark.parametrize("tier", [WARM, COLD])
+def test_a_restore_that_fails_after_the_remap_keeps_the_bytes_and_a_later_restore_works(tmp_path, tier):
+    lab = Lab(tmp_path)
+    if tier == COLD:
+        lab.backend.host_view = lambda ptr, n: None  # the GPU's path: staged copies through copy_in
+    ptrs = [lab.alloc(MiB) for _ in range(3)]
+    data = [os.urandom(MiB) for _ in ptrs]
+    for p, b in zip(ptrs, data):
+        lab.write(p, b)
+    lab.tiers.offload(tier)
+    lab.backend.copy_in = _FailsOnce(lab.backend.copy_in, 2, E.CudaError(E.LAUNCH_FAILED, "injected"))
+    with pytest.raises(Refusal) as exc:
+        lab.tiers.restore()
+    assert exc.value.code == E.LAUNCH_FAILED, exc.value.why  # the driver's own code
+    why = exc.value.why
+    assert f"the allocation at {ptrs[1]:#x} (1.0 MiB) could not be copied back to the GPU (injected)" in why, why
+    assert why.endswith("nothing was lost: try again later"), why
+    hot = sum(a.phys for a in lab.tiers.allocs.values() if a.tier == HOT)
+    assert [lab.tiers.allocs[p].tier for p in ptrs] == [HOT, tier, tier]
+    assert lab.board.hot_on(0) == hot == MiB and lab.tiers.off  # the remapped memory went again
+    lab.tiers.free_spent()  # the first one's emptied host buffer or file goes once the call is answered
+    assert lab.board.warm_total() == (2 * MiB if tier == WARM else 0)
+    assert len(lab.files()) == (2 if tier == COLD else 0)
+    assert lab.tiers.restore() == 2 * MiB
+    assert [lab.read(p, MiB) for p in ptrs] == data
+    assert lab.board.hot_on(0) == 3 * MiB and lab.tiers.figures() == (3 * MiB, 0, 0)
+
+
+def test_a_restore_whose_staging_buffers_fail_keeps_the_files(tmp_path):
+    lab = Lab(tmp_path)
+    p = lab.alloc(MiB)
+    data = os.urandom(MiB)
+    lab.write(p, data)
+    lab.tiers.offload(COLD)
+    lab.tiers._empty_pool()  # no staging buffer kept from the offload
+    lab.backend.host_buffer = _FailsOnce(lab.backend.host_buffer, 1, MemoryError())
+    with pytest.raises(Refusal) as exc:
+        lab.tiers.restore()
+    assert exc.value.code == E.OUT_OF_MEMORY and f"{p:#x}" in exc.value.why and "MemoryError" in exc.value.why
+    assert lab.board.hot_on(0) == 0 and lab.tiers.figures() == (0, 0, MiB) and lab.files() == [f"{p:x}.cold"]
+    lab.tiers.restore()
+    assert lab.read(p, MiB) == data
+
+
+def test_a_loss_is_said_even_when_the_rest_cannot_come_back(tmp_path):
+    lab = Lab(tmp_path, memory=8 * MiB)
+    a, b = lab.alloc(2 * MiB), lab.alloc(2 * MiB)
+    data = os.urandom(2 * MiB)
+    lab.write(b, data)
+    lab.tiers.offload(COLD)
+    os.unlink(lab.spool / f"{a:x}.cold")
+    other = lab.board.claim(12345)
+    lab.board.charge_hot(other, 0, 5 * MiB)  # room for one of the two
+    with pytest.raises(Refusal) as exc:
+        lab.tiers.restore()
+    why = exc.value.why
+    assert exc.value.code == E.ECC_UNCORRECTABLE, why
+    assert why.startswith(f"the bytes of the allocation at {a:#x} (2.0 MiB) were lost in the cold tier (its file is "
+                          "gone); it is back on the GPU, zero-filled; the rest of this process's memory cannot "
+                          "come back now: GPU 0 is full: "), why
+    assert why.endswith("; it is kept: try again later"), why
+    lab.board.uncharge_hot(other, 0, 5 * MiB)
+    lab.tiers.restore()
+    assert lab.read(b, 2 * MiB) == data and lab.read(a, 2 * MiB) == bytes(2 * MiB)
 
 
 # ------------------------------------------------------------- through a real worker
@@ -392,7 +501,7 @@ def test_every_kind_of_touching_call_restores_first_and_queries_do_not(worker):
     # one offload for the queries (the first round finds it cold still), one per other round
     assert moves["offloads"] == 9 and moves["restores"] == 9 and moves["failures"] == 0, moves
     assert moves["bytes_restored"] == 9 * 2 * 4096 * 4, moves
-    assert [f for _root, _dirs, files in os.walk(worker.spool) for f in files] == []
+    assert [f for _root, _dirs, files in os.walk(worker.spool) for f in files if f.endswith(".cold")] == []
 
 
 IN_A_CALL_CLIENT = SLEEP_PRELUDE + """

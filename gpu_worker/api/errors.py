@@ -15,6 +15,7 @@ NO_DEVICE = 100
 INVALID_DEVICE = 101
 INVALID_IMAGE = 200
 INVALID_CONTEXT = 201
+ECC_UNCORRECTABLE = 214  # what a GPU says of bytes it could not keep (a lost cold file, tiers.py)
 INVALID_PTX = 218
 INVALID_HANDLE = 400
 ILLEGAL_STATE = 401

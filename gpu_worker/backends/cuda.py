@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import logging
 import mmap
 import os
 import struct
@@ -34,6 +35,8 @@ from ..api.errors import CudaError, Refusal
 
 if TYPE_CHECKING:
     from .base import Backend
+
+log = logging.getLogger("gpulab.worker")
 
 _ELF = b"\x7fELF"
 _FATBIN = (0xBA55ED50).to_bytes(4, "little")
@@ -60,6 +63,16 @@ def _plain(v):
     return v
 
 
+def _release(handle, ptr: int) -> None:
+    """cuMemRelease of a handle already unmapped from ``ptr``: a failure is logged, not raised (the range
+    is unmapped either way, and the move or free that unmapped it must count as done: its bytes were
+    copied, or are no longer wanted)."""
+    err = drv.cuMemRelease(handle)[0]
+    if err != drv.CUresult.CUDA_SUCCESS:
+        log.warning("cuda: cuMemRelease of the memory unmapped at %#x failed (%s); it is leaked until the "
+                    "process ends", ptr, E.name_of(int(err)))
+
+
 class _Staging:
     """A page-locked host buffer reused for bulk copies (grown on demand)."""
 
@@ -81,9 +94,11 @@ class _Staging:
 
 
 class _Vmm:
-    """How allocations are made on one device: pinned device memory, read-write for that device."""
+    """How allocations are made on one device: pinned device memory, read-write for that device and for
+    each of the session's other devices that can reach it (``peers``): a mapping made with virtual memory
+    management is reachable only where cuMemSetAccess says, whatever cuCtxEnablePeerAccess did."""
 
-    def __init__(self, ordinal: int):
+    def __init__(self, ordinal: int, peers=()):
         self.prop = drv.CUmemAllocationProp()
         self.prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
         self.prop.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
@@ -91,11 +106,13 @@ class _Vmm:
         (granularity,) = _check(drv.cuMemGetAllocationGranularity(
             self.prop, drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM))
         self.granularity = int(granularity)
-        access = drv.CUmemAccessDesc()
-        access.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        access.location.id = ordinal
-        access.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        self.access = [access]
+        self.access = []
+        for dev in (ordinal, *peers):
+            access = drv.CUmemAccessDesc()
+            access.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+            access.location.id = dev
+            access.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+            self.access.append(access)
 
     def span(self, n: int) -> int:
         return -(-n // self.granularity) * self.granularity
@@ -338,8 +355,15 @@ class CudaBackend:
         if ordinal not in self.vmm:
             attr = drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
             (supported,) = _check(drv.cuDeviceGetAttribute(attr, ordinal))
-            self.vmm[ordinal] = _Vmm(ordinal) if supported else None
+            self.vmm[ordinal] = _Vmm(ordinal, self._peers_of(ordinal)) if supported else None
         return self.vmm[ordinal]
+
+    @staticmethod
+    def _peers_of(ordinal: int) -> list[int]:
+        """The session's other devices that can read and write device ``ordinal``'s memory."""
+        (count,) = _check(drv.cuDeviceGetCount())
+        return [dev for dev in range(count)
+                if dev != ordinal and _check(drv.cuDeviceCanAccessPeer(dev, ordinal))[0]]
 
     def mem_alloc(self, n: int) -> int:
         ordinal = self.current_device()  # as cuMemAlloc: on the current context's device
@@ -371,7 +395,7 @@ class CudaBackend:
                     self._synchronize(a.ordinal)
             _check(drv.cuMemUnmap(ptr, a.span))  # the physical memory is freed with its last mapping ...
             a.handle, handle = None, a.handle
-            _check(drv.cuMemRelease(handle))  # ... and its handle
+            _release(handle, ptr)  # ... and its handle
         _check(drv.cuMemAddressFree(ptr, a.span))
         del self.allocations[ptr]
         self.bases.remove(ptr)
@@ -418,7 +442,7 @@ class CudaBackend:
             a.buffer_id = self._buffer_id(ptr)
         _check(drv.cuMemUnmap(ptr, a.span))  # the range stays reserved: no other allocation can take it
         a.handle, handle = None, a.handle
-        _check(drv.cuMemRelease(handle))
+        _release(handle, ptr)
 
     def mem_remap(self, ptr: int) -> None:
         a = self._movable(ptr)

@@ -12,9 +12,13 @@ token <t>`` (``Bearer <t>`` too, which is what Prometheus's ``authorization`` se
                                         first; with wait, held up to S seconds (at most MAX_WAIT) until
                                         one exists.  Pass "next" back as since to follow.
     POST /api/vgpus/<id>/revoke         {"reason": "..."} -> the vGPU, now revoked
-    POST /api/vgpus/<id>/offload        {"to": "warm"|"cold"} -> the vGPU once its processes moved its memory
-                                        (202 with "done": false if they have not within TIER_WAIT)
-    POST /api/vgpus/<id>/restore        -> the vGPU once its memory is back on the GPU (202 likewise)
+    POST /api/vgpus/<id>/offload        {"to": "warm"|"cold"} -> the vGPU with "done": true once its processes
+                                        moved its memory and nothing is left hot (cold: nor warm); 202 with
+                                        "done": false if they have not acted within TIER_WAIT; 507 (every
+                                        failure CUDA_ERROR_OUT_OF_MEMORY) or 409 (another failure, or memory
+                                        left behind) with "done": false and "message" naming the CUresult
+    POST /api/vgpus/<id>/restore        -> the vGPU once its memory is back on the GPU (nothing warm or
+                                        cold); 202, 507 and 409 likewise
     POST /api/vgpus/<id>/idle           {"since": epoch seconds (default now)} -> the vGPU: an idle hint
                                         starts its idle clock (tiering.py)
     GET  /api/gpus                      {"gpus": [GPU with its facts, ...]} (a session: its vGPU's GPUs)
@@ -263,7 +267,37 @@ class ControlServer:
             if done or time.monotonic() >= deadline or self.stopping.wait(TIER_POLL):
                 break
         vgpu = self.registry.get(vgpu_id) or {"id": vgpu_id}
-        return (*_json({**vgpu, "done": bool(done)}), 200 if done else 202)
+        if not done:
+            return (*_json({**vgpu, "done": False}), 202)
+        status, sentence = self._moved(vgpu, action, to, self.registry.tier_failures(vgpu_id, seq))
+        if status != 200:
+            log.info("vGPU %s: %s to %s not done: %s", vgpu_id, action, to, sentence)
+            return (*_json({**vgpu, "done": False, "message": sentence}), status)
+        return (*_json({**vgpu, "done": True}), 200)
+
+    @staticmethod
+    def _moved(vgpu: dict, action: str, to: str, failures: dict[int, int]) -> tuple[int, str]:
+        """(200, "") when every process moved its memory and the vGPU's tiers show it; else the status and the
+        sentence: 507 when every failure was CUDA_ERROR_OUT_OF_MEMORY (no room on the GPU, in the warm budget
+        or on the spool's disk), 409 for any other failure or memory still in a tier it should have left."""
+        from ..api.errors import OUT_OF_MEMORY, name_of
+        from ..client.units import format_size
+
+        words = "restore" if action == "restore" else f"offload to {to}"
+        if failures:
+            said = ", ".join(f"process {pid}: {name_of(code)}" for pid, code in sorted(failures.items()))
+            status = 507 if set(failures.values()) == {OUT_OF_MEMORY} else 409
+            return status, (f"the {words} of vGPU {vgpu['id']} failed ({said}); the worker's log says why, and "
+                            f"\"tiers\" where its memory is now")
+        tiers = vgpu.get("tiers") or {}
+        left = {"hot": ("warm", "cold"), "warm": ("hot",), "cold": ("hot", "warm")}[to]
+        still = [(t, tiers.get(t, 0)) for t in left if tiers.get(t, 0)]
+        if still:
+            said = " and ".join(f"{format_size(n)} {t}" for t, n in still)
+            return 409, (f"the processes of vGPU {vgpu['id']} acted on the {words}, but {said} of its memory "
+                         f"did not move (a program allocated or touched memory since, or the worker has no room "
+                         f"for it there)")
+        return 200, ""
 
     def idle(self, vgpu_id: str, body: bytes) -> dict:
         """An idle hint: the vGPU's program has been idle since `since` (default now)."""

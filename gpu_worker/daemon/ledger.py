@@ -49,10 +49,15 @@ RECORD = struct.Struct("<ddQHHI")  # start (epoch), duration (s), bytes, opcode,
 KERNEL_OFF = 200                 # kernel time (s), throttled time (s), waiting in pacing (0/1)
 PACING = struct.Struct("<ddI")
 TIER_OFF = 224                   # VRAM tiers of the process's own allocations (TIERS)
-# bytes hot, warm, cold; offloads, restores, failed moves, the last tier request acted on; bytes offloaded and
-# restored; seconds spent offloading and restoring; the last call that touched device memory (wall clock)
-TIERS = struct.Struct("<3Q4I2Q3d")
-RING_OFF = 304
+# bytes hot, warm, cold; offloads, restores, failed moves, the last tier request acted on and its CUresult (0: it
+# worked), 4 bytes of padding; bytes offloaded and restored; seconds spent offloading and restoring; the last call
+# that touched device memory (wall clock).  Each field has one writer and is written alone (pack_into at its own
+# offset): the keepalive thread stamps last_touch while the main thread counts moves.
+TIERS = struct.Struct("<3Q4II4x2Q3d")
+# offsets in TIERS of the fields written one by one
+T_OFFLOADS, T_RESTORES, T_FAILURES, T_DONE, T_RESULT = 24, 28, 32, 36, 40
+T_BYTES_OUT, T_BYTES_IN, T_SECONDS_OUT, T_SECONDS_IN, T_TOUCH = 48, 56, 64, 72, 80
+RING_OFF = TIER_OFF + TIERS.size
 SLOT_SIZE = RING_OFF + 8 + TRACE_LEN * RECORD.size  # the ring's write count, then the ring
 FREE, LIVE = 0, 1
 U64 = struct.Struct("<Q")
@@ -179,11 +184,11 @@ class Ledger:
             code, count = ERROR.unpack_from(self.map, off + SLOT_HEAD.size + k * ERROR.size)
             errors[code] = count
         kernel_time, throttled, waiting = PACING.unpack_from(self.map, off + KERNEL_OFF)
-        (hot, warm, cold, offloads, restores, failures, done, moved_out, moved_in, out_s, in_s,
+        (hot, warm, cold, offloads, restores, failures, done, result, moved_out, moved_in, out_s, in_s,
          touch) = TIERS.unpack_from(self.map, off + TIER_OFF)
         tiers = {"hot": hot, "warm": warm, "cold": cold, "offloads": offloads, "restores": restores,
-                 "failures": failures, "done_seq": done, "bytes_offloaded": moved_out, "bytes_restored": moved_in,
-                 "offload_seconds": out_s, "restore_seconds": in_s, "last_touch": touch}
+                 "failures": failures, "done_seq": done, "done_result": result, "bytes_offloaded": moved_out,
+                 "bytes_restored": moved_in, "offload_seconds": out_s, "restore_seconds": in_s, "last_touch": touch}
         return {**tiers, "slot": i, "pid": pid, "client_pid": client_pid, "used": used, "overhead": overhead,
                 "calls": calls, "launches": launches, "bytes_in": bin_, "bytes_out": bout, "started": started,
                 "errors": errors, "kernel_time": kernel_time, "throttled_time": throttled, "waiting": waiting}
@@ -273,35 +278,37 @@ class Slot:
             U64.pack_into(self.map, ring, count)  # last: a reader never sees a record not yet written
 
     # ------------------------------------------------------------ tiers
-    def _tiers(self) -> list:
-        return list(TIERS.unpack_from(self.map, self.off + TIER_OFF))
-
     def set_tiers(self, hot: int, warm: int, cold: int) -> None:
         """Bytes of this process's own allocations in each tier."""
         struct.pack_into("<3Q", self.map, self.off + TIER_OFF, hot, warm, cold)
 
+    def _add(self, fmt: str, at: int, amount) -> None:
+        """Add to one TIERS field, leaving the others (written by other threads) alone."""
+        off = self.off + TIER_OFF + at
+        struct.pack_into(fmt, self.map, off, struct.unpack_from(fmt, self.map, off)[0] + amount)
+
     def count_move(self, kind: str, nbytes: int = 0, seconds: float = 0.0) -> None:
         """One more offload or restore (its bytes and duration), or a failed move."""
-        t = self._tiers()
         if kind == "offload":
-            t[3] += 1
-            t[7] += nbytes
-            t[9] += seconds
+            self._add("<I", T_OFFLOADS, 1)
+            self._add("<Q", T_BYTES_OUT, nbytes)
+            self._add("<d", T_SECONDS_OUT, seconds)
         elif kind == "restore":
-            t[4] += 1
-            t[8] += nbytes
-            t[10] += seconds
+            self._add("<I", T_RESTORES, 1)
+            self._add("<Q", T_BYTES_IN, nbytes)
+            self._add("<d", T_SECONDS_IN, seconds)
         else:
-            t[5] += 1
-        TIERS.pack_into(self.map, self.off + TIER_OFF, *t)
+            self._add("<I", T_FAILURES, 1)
 
-    def set_done(self, seq: int) -> None:
-        """The tier request numbered ``seq`` has been acted on by this process."""
-        struct.pack_into("<I", self.map, self.off + TIER_OFF + 36, seq)
+    def set_done(self, seq: int, result: int = 0) -> None:
+        """The tier request numbered ``seq`` has been acted on by this process, with CUresult ``result`` (0: the
+        memory moved).  The result is written first: a reader that sees the number finds its result."""
+        struct.pack_into("<I", self.map, self.off + TIER_OFF + T_RESULT, result)
+        struct.pack_into("<I", self.map, self.off + TIER_OFF + T_DONE, seq)
 
     def set_touch(self, when: float) -> None:
         """The last call that needed this process's device memory (wall clock)."""
-        struct.pack_into("<d", self.map, self.off + TIER_OFF + TIERS.size - 8, when)
+        struct.pack_into("<d", self.map, self.off + TIER_OFF + T_TOUCH, when)
 
     def count_error(self, code: int) -> None:
         """One more call answered with ``code`` (rare: written at once).  A slot has room for

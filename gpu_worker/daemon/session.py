@@ -284,12 +284,12 @@ class Session:
             if not isinstance(exc, CudaError) or exc.code != E.OUT_OF_MEMORY:
                 raise
             # within the quota, yet the device is full: the GPU is shared, and oversubscribed
+            if isinstance(exc, Refusal):  # the tier store says which GPU, its figures and why, once
+                raise Refusal(E.OUT_OF_MEMORY, f"{exc.why}; try again later", call=call) from None
             quota = self.quota
             free = f", {format_size(quota - self.slot.vgpu_charged())} of this vGPU's quota free" if quota else ""
-            why = f": {exc.why}" if isinstance(exc, Refusal) else ""
             raise Refusal(E.OUT_OF_MEMORY, f"the GPU this vGPU runs on is out of memory (other vGPUs share "
-                                           f"it){free}{why}; try again later or ask for a larger profile",
-                          call=call) from None
+                                           f"it){free}; try again later", call=call) from None
         self._add_span(ptr, bytesize, owned=True)
         self.charged[ptr] = charged
         return (ptr,)

@@ -12,14 +12,16 @@ saying the kernel is idle) when no process touched after the hint came.  The pol
 colder: a touch restores (the executor does it), and it asks for one tier once per idle spell.
 The decision is `decide`, a pure function of plain records, so tests give it their own clock.
 
-Eviction (`Tiering.handle`, in a thread per request): an executor whose GPU is full asks for
-``need`` bytes there.  One eviction runs at a time per GPU.  Victims are the other active vGPUs
-holding memory on that GPU whose QoS is not above the requester's and that are not themselves
-waiting for room, lowest QoS first, then least recently active; each goes warm while the warm
-budget has room for it, else cold, until the bytes they hold there cover the shortfall.  The
-answer comes within ``eviction_wait`` seconds: ``{"freed": n}``, or ``{"refused": sentence}`` at
-once when nothing can move (the executor then fails the call with CUDA_ERROR_OUT_OF_MEMORY and
-that sentence).
+Eviction (`Tiering.request`, answered in a thread of its own): an executor whose GPU is full asks
+for ``need`` bytes there, and may say how long it waits (``wait``, seconds).  It counts as waiting
+for room from the moment its request arrives, so it is never a victim while it cannot move.  One
+eviction runs at a time per GPU.  Victims are the other active vGPUs holding memory on that GPU
+whose QoS is not above the requester's and that are not themselves waiting for room, lowest QoS
+first, then least recently active; each goes warm while the warm budget has room for it, else
+cold, until the bytes they hold there cover the shortfall.  The answer comes within
+``eviction_wait`` seconds of the request's arrival (or its ``wait``, if shorter): ``{"freed": n}``,
+or ``{"refused": cause}`` at once when nothing can move.  The cause alone: the executor says the
+GPU's figures, fails the call with CUDA_ERROR_OUT_OF_MEMORY and the sentence.
 """
 from __future__ import annotations
 
@@ -135,34 +137,67 @@ class Tiering:
         return asked
 
     # --------------------------------------------------------------- eviction
+    def request(self, vgpu, pid: int, message: bytes, send) -> None:
+        """An executor's request for room, as it arrives (the daemon's loop calls this): counted as waiting
+        at once, answered with ``send(reply)`` from a thread of its own (a wait on one GPU never delays
+        another GPU's request)."""
+        start = self._arrived(vgpu)
+
+        def answer():
+            try:
+                try:
+                    reply = self._answer(vgpu, pid, message, start)
+                finally:
+                    self._left(vgpu)
+            except Exception as exc:
+                log.exception("eviction for vGPU %s failed", vgpu.id)
+                reply = _refused(f"the worker could not make room on the GPU ({exc})")
+            try:
+                send(reply)
+            except OSError:
+                pass  # the executor ended meanwhile
+
+        threading.Thread(target=answer, name="gpulab-evict", daemon=True).start()
+
     def handle(self, vgpu, pid: int, message: bytes) -> bytes:
-        """An executor of ``vgpu`` (pid ``pid``) found its GPU full: the JSON answer to its request."""
+        """An executor of ``vgpu`` (pid ``pid``) found its GPU full: the JSON answer to its request (waits)."""
+        start = self._arrived(vgpu)
+        try:
+            return self._answer(vgpu, pid, message, start)
+        finally:
+            self._left(vgpu)
+
+    def _arrived(self, vgpu) -> float:
+        with self.guard:
+            self.waiting[vgpu.id] += 1  # while it waits, nobody evicts it for room
+        return time.monotonic()
+
+    def _left(self, vgpu) -> None:
+        with self.guard:
+            self.waiting[vgpu.id] -= 1
+            if self.waiting[vgpu.id] <= 0:
+                del self.waiting[vgpu.id]
+
+    def _answer(self, vgpu, pid: int, message: bytes, start: float) -> bytes:
         try:
             req = json.loads(message)
-            gpu, need = req["gpu"], req["need"]
-            if not (type(gpu) is int and type(need) is int and 0 <= gpu < MAX_GPUS and need > 0):
+            gpu, need, wait = req["gpu"], req["need"], req.get("wait", self.eviction_wait)
+            if not (type(gpu) is int and type(need) is int and 0 <= gpu < MAX_GPUS and need > 0
+                    and type(wait) in (int, float) and wait >= 0):
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return _refused(f"the worker did not understand this process's request for room on its GPU "
                             f"({bytes(message[:80])!r}); expected {{\"gpu\": index, \"need\": bytes}}")
-        start = time.monotonic()
+        wait = min(float(wait), self.eviction_wait)
         with self.guard:
             lock = self.gpu_locks[gpu]
-            self.waiting[vgpu.id] += 1  # while it waits, nobody evicts it for room
-        try:
-            if lock.acquire(timeout=self.eviction_wait):
-                try:
-                    reply = self._evict(vgpu, pid, gpu, need, start, start + self.eviction_wait)
-                finally:
-                    lock.release()
-            else:
-                reply = _refused(f"GPU {gpu} of this worker is full, and another vGPU's wait for room there took "
-                                 f"longer than {self.eviction_wait:g} s")
-        finally:
-            with self.guard:
-                self.waiting[vgpu.id] -= 1
-                if self.waiting[vgpu.id] <= 0:
-                    del self.waiting[vgpu.id]
+        if lock.acquire(timeout=max(start + wait - time.monotonic(), 0)):
+            try:
+                reply = self._evict(vgpu, pid, gpu, need, start, start + wait)
+            finally:
+                lock.release()
+        else:
+            reply = _refused(f"another vGPU's wait for room there took longer than {round(wait, 1):g} s")
         if b'"refused"' in reply:
             log.info("no room made on GPU %d for vGPU %s (process %d, %s): %s", gpu, vgpu.id, pid,
                      format_size(need), json.loads(reply)["refused"])
@@ -177,10 +212,6 @@ class Tiering:
             if capacity and in_use + need <= capacity:  # room came while it waited for the lock
                 return _freed(capacity - in_use)
             short = in_use + need - capacity if capacity else need
-            full = (f"GPU {gpu} of this worker has {format_size(in_use)} of its {format_size(capacity)} in use, "
-                    f"{format_size(need)} more do not fit" if capacity else
-                    f"GPU {gpu} of this worker has no room for {format_size(need)} more "
-                    f"({format_size(in_use)} held there by its vGPUs)")
             candidates, higher, waiting = [], 0, 0
             for v in reg.table.values():
                 if v is vgpu or v.state != "active" or not v.rows:
@@ -204,8 +235,8 @@ class Tiering:
                 elif waiting:
                     why = "the other vGPUs there are waiting for room themselves"
                 else:
-                    why = "no other vGPU holds memory there that could move"
-                return _refused(f"{full}: {why}")
+                    why = "no other vGPU holds memory there"
+                return _refused(why)
             candidates.sort(key=lambda c: (c[0], c[1]))
             room = board.warm_budget - board.warm_total()
             victims, expected = [], 0
@@ -218,7 +249,7 @@ class Tiering:
                 victims.append((v, want, here))
                 expected += here
             if expected < short:
-                return _refused(f"{full}: moving every vGPU there of QoS {qos} or lower would free only "
+                return _refused(f"moving every vGPU there of QoS {qos} or lower would free only "
                                 f"{format_size(expected)} of the {format_size(short)} needed")
         for v, want, _here in victims:
             reg.request_tier(v.id, want)
@@ -237,8 +268,8 @@ class Tiering:
         took = time.monotonic() - start
         moved = ", ".join(f"{v.id} -> {TIER_WORDS[want]} ({format_size(here)})" for v, want, here in victims)
         if n <= 0:
-            return _refused(f"{full}: the vGPUs asked to make room ({', '.join(v.id for v, _w, _h in victims)}) "
-                            f"did not move within {self.eviction_wait:g} s")
+            return _refused(f"the vGPUs asked to make room ({', '.join(v.id for v, _w, _h in victims)}) "
+                            f"did not move within {round(deadline - start, 1):g} s")
         log.info("eviction on GPU %d for vGPU %s (process %d, %s): %s; %s freed in %.3f s", gpu, vgpu.id, pid,
                  format_size(need), moved, format_size(freed), took)
         return _freed(n)

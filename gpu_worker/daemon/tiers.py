@@ -11,8 +11,9 @@ The executor asks: ``allocate`` for cuMemAlloc, ``free`` for cuMemFree, ``offloa
 for a tier request or a touching call while ``off`` (a plain bool, read on every touching call),
 ``close`` at the end.  Device memory is reserved on the tier board first; when the GPU is full (the
 board says so on the emulated device, the driver on a GPU) the executor asks the daemon over its
-eviction link to move other vGPUs off that GPU, and tries again, a few rounds at most; then the call
-fails with CUDA_ERROR_OUT_OF_MEMORY and the reason, never a hang and never a lost byte.  Bytes that
+eviction link to move other vGPUs off that GPU, and tries again, a few rounds within one deadline
+(``eviction_wait`` and a margin for the answer); then the call fails with CUDA_ERROR_OUT_OF_MEMORY
+and the reason, never a hang and never a lost byte.  Bytes that
 cannot come back (a cold file damaged or removed) fail the restore with CUDA_ERROR_ECC_UNCORRECTABLE
 and a sentence naming the allocation; the allocation is then back on the GPU, zero-filled, so that
 the program's other memory goes on working.
@@ -39,9 +40,8 @@ from ..client.units import format_size
 log = logging.getLogger("gpulab.worker")
 
 HOT, WARM, COLD = 0, 1, 2
-ECC_UNCORRECTABLE = 214  # CUDA_ERROR_ECC_UNCORRECTABLE: what a GPU says of bytes it could not keep
 EVICTION_ROUNDS = 3      # asks to the daemon for room before an allocation or a restore fails
-EVICTION_TIMEOUT = 60.0  # seconds without the daemon's answer before giving up (it answers within eviction_wait)
+EVICTION_MARGIN = 5.0    # seconds past eviction_wait for the daemon's last answer to arrive
 CHUNK = 8 << 20          # bytes per write or read of a cold file, per staged copy and per CRC-32
 CRC_THREADS = max(1, min(4, os.cpu_count() or 1))  # zlib.crc32 runs at 1-2 GB/s a core: a disk is faster
 # Host buffers a restore emptied are kept a while for the next offload (new host memory costs a fault and
@@ -72,11 +72,12 @@ class TierStore:
     """One executor's allocations and their tiers (one per executor process)."""
 
     def __init__(self, backend, slot, board=None, row: int | None = None, gpus=(0,), spool: str = "",
-                 evict_sock: socket.socket | None = None):
+                 evict_sock: socket.socket | None = None, eviction_wait: float = 10.0):
         self.backend, self.slot, self.board, self.row = backend, slot, board, row
         self.gpus = list(gpus)      # device ordinal of the backend -> the worker's GPU index
         self.spool = spool          # this executor's spool directory ('' : no cold tier)
         self.evict_sock = evict_sock
+        self.eviction_wait = eviction_wait  # the worker's: how long the daemon may take to make room
         self.allocs: dict[int, _Alloc] = {}
         self.bytes = [0, 0, 0]      # physical bytes hot, warm, cold
         self.away = 0               # allocations not hot
@@ -120,8 +121,10 @@ class TierStore:
     def _with_room(self, gpu: int, n: int, attempt, ask: int = 0):
         """attempt() once ``n`` bytes of GPU ``gpu`` are counted for this process, asking the daemon to
         move other vGPUs off the GPU while it is full (room for ``ask`` bytes: more when more will follow);
-        Refusal(OUT_OF_MEMORY) when nothing more can move."""
+        Refusal(OUT_OF_MEMORY) when nothing more can move.  Every ask of one call shares one deadline:
+        ``eviction_wait`` for the daemon (it is told what is left of it) and EVICTION_MARGIN for its answer."""
         why = ""
+        deadline = time.monotonic() + self.eviction_wait + EVICTION_MARGIN
         for round_ in range(EVICTION_ROUNDS + 1):
             if self._charge_hot(gpu, n):
                 try:
@@ -136,16 +139,20 @@ class TierStore:
             if round_ == EVICTION_ROUNDS:
                 why = why or f"other vGPUs' memory was moved off it {EVICTION_ROUNDS} times and it is still full"
                 break
-            freed, why = self._ask_eviction(gpu, max(n, ask))
+            freed, why = self._ask_eviction(gpu, max(n, ask), deadline)
             if not freed:
                 break
         raise Refusal(E.OUT_OF_MEMORY, self._full(gpu, n, why))
 
-    def _ask_eviction(self, gpu: int, need: int) -> tuple[int, str]:
-        """Ask the daemon to make ``need`` bytes of room on GPU ``gpu``: (bytes freed, why none was)."""
+    def _ask_eviction(self, gpu: int, need: int, deadline: float) -> tuple[int, str]:
+        """Ask the daemon to make ``need`` bytes of room on GPU ``gpu`` by ``deadline`` (monotonic): (bytes
+        freed, why none was)."""
         sock = self.evict_sock
         if sock is None:
             return 0, "no worker daemon can move other vGPUs' memory here"
+        wait = deadline - EVICTION_MARGIN - time.monotonic()
+        if wait <= 0:
+            return 0, f"other vGPUs did not make room within {self.eviction_wait:g} s"
         try:
             sock.setblocking(False)
             while True:  # an answer that came after an earlier ask gave up is stale
@@ -156,11 +163,11 @@ class TierStore:
         except OSError as exc:
             return 0, f"the worker's eviction link failed ({exc.strerror or exc})"
         try:
-            sock.settimeout(EVICTION_TIMEOUT)
-            sock.send(json.dumps({"gpu": gpu, "need": need}).encode())
+            sock.settimeout(wait + EVICTION_MARGIN)
+            sock.send(json.dumps({"gpu": gpu, "need": need, "wait": round(wait, 3)}).encode())
             msg = sock.recv(4096)
         except socket.timeout:
-            return 0, f"the worker did not make room within {EVICTION_TIMEOUT:.0f} s"
+            return 0, f"the worker did not answer the request for room within {self.eviction_wait:g} s"
         except OSError as exc:
             return 0, f"the worker's eviction link failed ({exc.strerror or exc})"
         if not msg:
@@ -175,15 +182,15 @@ class TierStore:
         return 0, str(reply.get("refused") or "no other vGPU's memory could move off it")
 
     def _full(self, gpu: int, n: int, why: str) -> str:
-        """GPU ``gpu`` is full: what it holds, and why nothing (more) could move."""
-        mine = sum(a.phys for a in self.allocs.values() if a.gpu == gpu and a.tier == HOT)
+        """GPU ``gpu`` is full: its figures (said here only: the daemon's answer is the cause alone), and
+        why nothing (more) could move."""
+        mine = format_size(sum(a.phys for a in self.allocs.values() if a.gpu == gpu and a.tier == HOT))
         cap = self.board.capacity(gpu) if self.board is not None else 0
         if cap:
-            held = f"{format_size(self.board.hot_on(gpu))} of its {format_size(cap)} held by vGPUs"
+            held = f"{format_size(self.board.hot_on(gpu))} of its {format_size(cap)} held by vGPUs ({mine} by this process)"
         else:
-            held = "the driver has no room left"
-        return (f"GPU {gpu} is full ({held}, {format_size(mine)} of it by this process; {format_size(n)} "
-                f"more wanted); {why}")
+            held = f"the driver has no room left ({mine} held by this process)"
+        return f"GPU {gpu} is full: {held}, {format_size(n)} more wanted; {why}"
 
     # ----------------------------------------------------- allocations
     def allocate(self, n: int, phys: int) -> int:
@@ -410,13 +417,17 @@ class TierStore:
         """Bring every allocation back to the GPU at its address; the bytes restored.
 
         Room is made as for an allocation; when there is none, Refusal(OUT_OF_MEMORY) with the reason and
-        the allocations not yet back stay where they are (nothing is lost).  A cold allocation whose bytes
-        are lost comes back zero-filled and the restore fails with CUDA_ERROR_ECC_UNCORRECTABLE."""
+        the allocations not yet back stay where they are (nothing is lost).  One whose bytes cannot be
+        copied back once its memory is mapped again (a copy, a host buffer) is released again and stays
+        where it was: a Refusal naming it and the cause (the driver's code where there is one).  A cold
+        allocation whose bytes are lost comes back zero-filled and the restore fails with
+        CUDA_ERROR_ECC_UNCORRECTABLE, whatever else failed with it (the program must hear of the loss)."""
         if not self.off:
             return 0
         t0 = time.perf_counter()
         moved = 0
         lost = []
+        failed = None  # (code, what failed) that stopped the restore, the rest left where it is
         staging = None
         rest: dict[int, int] = {}  # bytes still to come back, per GPU: one ask for room covers them all
         for a in self.allocs.values():
@@ -429,23 +440,22 @@ class TierStore:
                 try:
                     self._with_room(a.gpu, a.phys, lambda: self.backend.mem_remap(base), rest[a.gpu])
                 except Refusal as exc:
-                    raise Refusal(E.OUT_OF_MEMORY, f"this process's memory was moved off the GPU and cannot come "
-                                                  f"back now: {exc.why}; nothing was lost: try again later") from None
-                if a.tier == WARM:
-                    self.backend.copy_in(base, a.size, a.host)
-                    self.spent.append((a.host, a.size))
-                    a.host = None
-                else:
-                    if staging is None:
-                        staging = self._staging(max(min(a.chunk, a.size) for a in self.allocs.values()
-                                                    if a.tier == COLD))
-                    try:
-                        self._cold_in(base, a, staging)
-                    except _Lost as exc:
-                        lost.append((base, a, str(exc)))
-                        self._zero(base, a.size, staging[0])  # never half-right bytes
-                    self.spent_files.append(a.path)  # deleted once the call is answered
-                    a.path = ""
+                    failed = (exc.code, f"cannot come back now: {exc.why}")
+                    break
+                except CudaError as exc:
+                    failed = (exc.code, f"cannot come back now: the allocation at {base:#x} could not be mapped "
+                                        f"on the GPU again ({exc})")
+                    break
+                try:
+                    staging = self._copy_back(base, a, staging, lost)
+                except BaseException as exc:
+                    self._release_again(base, a)
+                    if not isinstance(exc, Exception):
+                        raise
+                    failed = (_code_of(exc), f"cannot come back now: the allocation at {base:#x} "
+                                             f"({format_size(a.size)}) could not be copied back to the GPU "
+                                             f"({str(exc) or type(exc).__name__})")
+                    break
                 moved += a.size
                 rest[a.gpu] -= a.phys
                 self._moved(a, HOT)
@@ -461,9 +471,43 @@ class TierStore:
         if lost:
             base, a, why = lost[0]
             more = f" (and {len(lost) - 1} more allocations)" if len(lost) > 1 else ""
-            raise Refusal(ECC_UNCORRECTABLE, f"the bytes of the allocation at {base:#x} ({format_size(a.size)}){more} "
-                                             f"were lost in the cold tier ({why}); it is back on the GPU, zero-filled")
+            also = f"; the rest of this process's memory {failed[1]}; it is kept: try again later" if failed else ""
+            raise Refusal(E.ECC_UNCORRECTABLE, f"the bytes of the allocation at {base:#x} ({format_size(a.size)})"
+                                               f"{more} were lost in the cold tier ({why}); it is back on the GPU, "
+                                               f"zero-filled{also}")
+        if failed:
+            raise Refusal(failed[0], f"this process's memory was moved off the GPU and {failed[1]}; nothing was "
+                                     "lost: try again later")
         return moved
+
+    def _copy_back(self, base: int, a: _Alloc, staging, lost: list):
+        """The bytes of ``a`` (warm or cold) into its memory, mapped again; the staging buffers (made on first
+        need).  Lost cold bytes are zero-filled and added to ``lost``."""
+        if a.tier == WARM:
+            self.backend.copy_in(base, a.size, a.host)
+            self.spent.append((a.host, a.size))
+            a.host = None
+            return staging
+        if staging is None:
+            staging = self._staging(max(min(c.chunk, c.size) for c in self.allocs.values() if c.tier == COLD))
+        try:
+            self._cold_in(base, a, staging)
+        except _Lost as exc:
+            self._zero(base, a.size, staging[0])  # never half-right bytes
+            lost.append((base, a, str(exc)))
+        self.spent_files.append(a.path)  # deleted once the call is answered
+        a.path = ""
+        return staging
+
+    def _release_again(self, base: int, a: _Alloc) -> None:
+        """A restore mapped ``a`` again but could not copy its bytes back: the memory goes again (the bytes
+        are still in the host buffer or the file) and the GPU's board forgets it."""
+        try:
+            self.backend.mem_release(base)
+        except CudaError as exc:  # still mapped: still counted on the board
+            log.error("tiers: the allocation at %#x could not be released after a failed restore: %s", base, exc)
+            return
+        self._uncharge_hot(a.gpu, a.phys)
 
     def _cold_in(self, base: int, a: _Alloc, staging: tuple) -> None:
         """A cold file's bytes into the allocation (remapped), its checksum verified; _Lost if they cannot."""
@@ -565,6 +609,13 @@ def _read_all(f, view) -> None:
         if not n:
             raise _Lost("its file is shorter than the allocation")
         view = view[n:]
+
+
+def _code_of(exc: Exception) -> int:
+    """The CUresult for a failed copy: the driver's own, else out of memory for host memory or I/O."""
+    if isinstance(exc, CudaError):
+        return exc.code
+    return E.OUT_OF_MEMORY if isinstance(exc, (MemoryError, OSError)) else E.UNKNOWN
 
 
 def _unlink(path: str) -> None:

@@ -376,6 +376,20 @@ class VGPURegistry:
                     return False
             return True
 
+    def tier_failures(self, vgpu_id: str, seq: int) -> dict[int, int]:
+        """{executor pid: CUresult} of the live processes whose last tier move (request ``seq`` or a later one)
+        failed; empty when every one that acted moved its memory."""
+        with self.lock:
+            v = self._by_id(vgpu_id)
+            if v is None:
+                return {}
+            out = {}
+            for pid, slot in v.procs.items():
+                rec = v.ledger.read_slot(slot)
+                if rec is not None and rec["done_seq"] >= seq and rec["done_result"]:
+                    out[pid] = rec["done_result"]
+            return out
+
     def set_idle_hint(self, vgpu_id: str, since: float, now: float | None = None) -> bool:
         """Someone outside says the vGPU's program has been idle since ``since``; False for an unknown or
         ended vGPU."""

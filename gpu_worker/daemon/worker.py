@@ -11,6 +11,7 @@ import collections
 import concurrent.futures
 import ctypes
 import errno
+import fcntl
 import hmac
 import importlib
 import importlib.util
@@ -44,6 +45,11 @@ from ..client.limits import LimitError, Size, token_limits
 from ..client.units import format_size
 
 log = logging.getLogger("gpulab.worker")
+
+# idle seconds before the policy moves a vGPU's memory, per QoS level (0: never); configured levels replace these
+WARM_AFTER = {"low": 600.0, "medium": 1800.0, "high": 0.0}
+COLD_AFTER = {"low": 3600.0, "medium": 7200.0, "high": 0.0}
+SPOOL_LOCK = ".lock"  # in the worker's spool subdirectory: who holds it (flock), never emptied
 
 
 class GPUWorker(Configurable):
@@ -130,19 +136,25 @@ class GPUWorker(Configurable):
                             help="Bytes of module and library images one session may hold loaded at once (a size, "
                                  "e.g. '1G'); loading past it fails with CUDA_ERROR_OUT_OF_MEMORY and a reason.  "
                                  "None: no limit.").tag(config=True)
-    warm_after = Dict(default_value={"low": 600.0, "medium": 1800.0, "high": 0.0},
+    warm_after = Dict(default_value=dict(WARM_AFTER),
                       help="Seconds a vGPU may be idle (no call that needs its device memory) before its memory "
                            "moves to the worker's host RAM (the warm tier), per QoS level (low, medium, high); "
-                           "0: never by idleness.  docs/vgpu.md, *VRAM tiers*.").tag(config=True)
-    cold_after = Dict(default_value={"low": 3600.0, "medium": 7200.0, "high": 0.0},
+                           "0: never by idleness.  A level left out keeps its default ({'low': 600, 'medium': "
+                           "1800, 'high': 0}), so {'low': 60} changes low only.  docs/vgpu.md, *VRAM tiers*."
+                      ).tag(config=True)
+    cold_after = Dict(default_value=dict(COLD_AFTER),
                       help="Seconds a vGPU may be idle before its memory moves to files in spool_dir (the cold "
-                           "tier), per QoS level; 0: never by idleness.").tag(config=True)
+                           "tier), per QoS level; 0: never by idleness.  A level left out keeps its default "
+                           "({'low': 3600, 'medium': 7200, 'high': 0}).").tag(config=True)
     warm_budget = Size(None, allow_none=True,
                        help="Host RAM the warm tier may hold over all vGPUs (a size, e.g. '64G'); an offload "
                             "past it goes cold.  0: no warm tier.  Empty: half of this machine's memory."
                        ).tag(config=True)
-    spool_dir = Unicode("", help="Directory of the cold tier's files (private to the worker, emptied at start).  "
-                                 "Default: spool-<name> in the worker's state directory.").tag(config=True)
+    spool_dir = Unicode("", help="Directory under which the cold tier's files go: the worker works in its own "
+                                 "subdirectory gpulab-<name> (mode 0700), locked while it runs (a second worker "
+                                 "of the same name there refuses to start) and emptied at start; nothing else in "
+                                 "spool_dir is touched.  Default: spool in the worker's state directory."
+                        ).tag(config=True)
     eviction_wait = Float(10.0, help="Seconds an allocation or restore that finds its GPU full waits for other "
                                      "vGPUs to move to host memory; then it fails with "
                                      "CUDA_ERROR_OUT_OF_MEMORY and the reason.").tag(config=True)
@@ -171,6 +183,7 @@ class GPUWorker(Configurable):
         self._stop = False
         self.pool_link = None
         self.tiering = None
+        self._spool_lock: int | None = None  # fd of the spool's lock file, held (flock) for the worker's lifetime
         self.evict_links: dict[int, _EvictLink] = {}  # executor pid -> the daemon's end of its eviction link
         self._next_tick = 0.0
 
@@ -266,23 +279,41 @@ class GPUWorker(Configurable):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
     def open_spool(self) -> str:
-        """The cold tier's directory, private, emptied at start: what a previous run left there belonged to
-        processes that ended with it, and nobody can restore it now."""
+        """The cold tier's directory, <spool_dir>/gpulab-<name>: this worker's own, locked for its lifetime and
+        emptied at start (what a previous run left there belonged to processes that ended with it, and nobody
+        can restore it now).  Nothing else in spool_dir is ever deleted."""
         from ..client.env import default_state_dir
 
-        path = self.spool_dir or os.path.join(default_state_dir(), f"spool-{self.worker_name()}")
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        base = self.spool_dir or os.path.join(default_state_dir(), "spool")
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        path = os.path.join(base, f"gpulab-{self.worker_name()}")
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            if os.path.islink(path) or not os.path.isdir(path):
+                raise ValueError(f"{path} (the cold tier's directory of this worker) exists and is not a "
+                                 f"directory: remove it, or give another --spool-dir") from None
+        info = os.stat(path)
+        if info.st_uid != os.getuid():
+            raise ValueError(f"{path} (the cold tier's directory of this worker) belongs to another user "
+                             f"(uid {info.st_uid}): give another --spool-dir")
+        os.chmod(path, 0o700)
+        self._spool_lock = self._lock_spool(path)
         files = size = 0
         for entry in os.listdir(path):
+            if entry == SPOOL_LOCK:
+                continue
             full = os.path.join(path, entry)
-            for root, _dirs, names in os.walk(full):
-                for n in names:
-                    try:
-                        size += os.path.getsize(os.path.join(root, n))
-                        files += 1
-                    except OSError:
-                        pass
-            if os.path.isdir(full) and not os.path.islink(full):
+            tree = os.path.isdir(full) and not os.path.islink(full)
+            found = ([os.path.join(root, n) for root, _dirs, names in os.walk(full) for n in names] if tree
+                     else [full])
+            for f in found:
+                try:
+                    size += os.lstat(f).st_size
+                    files += 1
+                except OSError:
+                    pass
+            if tree:
                 shutil.rmtree(full, ignore_errors=True)
             else:
                 os.unlink(full)
@@ -291,11 +322,29 @@ class GPUWorker(Configurable):
                         "processes ended with it", files, format_size(size), path)
         return path
 
+    def _lock_spool(self, path: str) -> int:
+        """An exclusive flock on the spool's lock file, held while the worker (or an executor it forked) lives;
+        ValueError naming the other worker when one holds it."""
+        lock = os.path.join(path, SPOOL_LOCK)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another worker"
+            os.close(fd)
+            raise ValueError(f"the spool directory {path} is in use by {holder}: two workers cannot share it "
+                             f"(each deletes what it finds there); give this one another --spool-dir or --name"
+                             ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"worker {self.worker_name()} (pid {os.getpid()}, host {socket.gethostname()})\n".encode(), 0)
+        return fd
+
     @validate("warm_after", "cold_after")
     def _check_tier_times(self, proposal):
-        """Idle times are checked at start-up, once: a QoS level we do not know or a negative time stops it."""
+        """Idle times are checked at start-up, once: a QoS level we do not know or a negative time stops it; the
+        levels not given keep their defaults."""
         name = proposal["trait"].name
-        out = {}
+        out = dict(WARM_AFTER if name == "warm_after" else COLD_AFTER)  # a level left out keeps its default
         for qos, seconds in proposal["value"].items():
             if qos not in QOS_RANK:
                 raise TraitError(f"c.GPUWorker.{name}: {qos!r} is not a QoS level (low, medium, high)")

@@ -7,10 +7,11 @@
  * (GPULAB_TIMEOUT seconds, default 10): a long kernel never times out, a hung or stopped worker
  * does, and the program gets an error with a reason instead of waiting forever.
  *
- * Ending: a worker that stops (or revokes the vGPU) ends the session with a last frame saying why
- * (REPLY_ENDED). The shim reads it where a reply would come, or, when a send fails because the worker
- * closed the socket, finds it still unread there; the person reads the worker's sentence, not only
- * "connection lost", and every call returns the worker's code. */
+ * Ending: a worker that stops ends the session with a last frame saying why (REPLY_ENDED). The shim
+ * reads it where a reply would come, or, when a send fails because the worker closed the socket, finds
+ * it still unread there; the person reads the worker's sentence, not only "connection lost", and every
+ * call returns the worker's code. A revoked vGPU sends no such frame: the session stays open and each
+ * later call gets an ordinary reply, CUDA_ERROR_DEVICE_UNAVAILABLE with the revocation's reason. */
 #define _GNU_SOURCE
 #include "gl_shim.h"
 

@@ -17,22 +17,34 @@ Accounting: each call leaves a record (start, end, opcode, bytes, CUresult) in a
 the same small thread publishes the records and the counters into the process's slot of the
 vGPU's ledger a few times a second, so the hot path pays for a tuple, not for shared memory.
 
+Signals: the daemon's signals only set flags; the executor acts on them between two frames, never
+inside a call nor inside the tier store or the tier board (a handler runs between any two bytecodes of
+the main thread, which may hold the board's lock).  While it waits for the next frame the executor
+polls the session socket together with the signal wakeup fd (``signal.set_wakeup_fd``), so a signal
+wakes it at once; the poll happens only when no byte is buffered, and never in the middle of a frame.
+
 Revocation: the daemon marks the ledger and sends SIGUSR1; the executor frees the session's
-memory at once (between calls, or in the handler when it is waiting for the next frame) and
-answers every later call with the reason.
+memory at once (when it is waiting for the next frame, else right after the call) and answers
+every later call with the reason.
 
 VRAM tiers (tiers.py): the daemon writes a tier request into the ledger and sends SIGUSR2; the
 executor moves the process's allocations at once when it is waiting for a frame, else right after
-the call, keepalives flowing meanwhile.  Before a call that needs the device memory (``TOUCHING``
-and launches) a process whose memory is off the GPU gets it back; such calls also stamp the touch
-time the idle policy reads.  SIGTERM (the worker stops): the executor deletes its cold files, tells
+the call, keepalives flowing meanwhile, and writes the move's CUresult next to the request's number.
+Before a call that needs the device memory (``TOUCHING`` and launches) a process whose memory is off
+the GPU gets it back; such calls also stamp the touch time the idle policy reads.  A restore the
+daemon asked for that lost bytes fails the process's next touching call with the loss, once.  Host
+buffers kept after a move are freed ``tiers.POOL_KEEP`` seconds after it, calls or not (the wait for
+a frame has that timeout).  SIGTERM (the worker stops): the executor deletes its cold files, tells
 the program what was lost in a last ``REPLY_ENDED`` frame, and exits.
 """
 from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
+import select
+import shutil
 import signal
 import socket
 import threading
@@ -45,6 +57,7 @@ from ..api.protocol import FLAG_REPLY, OP_LAUNCH, REP_HEADER, REQ_HEADER, Protoc
 from ..api.table import TOUCHING
 from ..api.wire import KEEPALIVE_AFTER_MS, KEEPALIVE_EVERY_MS, MAX_REASON, REPLY_KEEPALIVE
 from ..client.units import format_size
+from . import tiers as _tiers
 from .dispatch_generated import IN_STRUCTS, OPS
 
 log = logging.getLogger("gpulab.worker")
@@ -65,6 +78,29 @@ class FrameReader:
         self.mv = memoryview(self.buf)
         self.start = 0
         self.end = 0
+        self.poller = None  # the socket and the signal wakeup fd, once watch() was called
+        self.wake_fd = -1
+
+    def watch(self, wake_fd: int) -> None:
+        """Let wait() return for a signal too: ``wake_fd`` is the read end of the signal wakeup fd."""
+        self.wake_fd = wake_fd
+        self.poller = select.poll()
+        self.poller.register(self.sock.fileno(), select.POLLIN)
+        self.poller.register(wake_fd, select.POLLIN)
+
+    def wait(self, timeout_ms: int | None) -> bool:
+        """Nothing is buffered, between two frames: True once the socket has bytes (or its end, which the
+        read then finds); False when a signal came (the wakeup fd is drained) or ``timeout_ms`` passed."""
+        ready = self.poller.poll(timeout_ms)
+        for fd, _events in ready:
+            if fd == self.wake_fd:
+                try:
+                    while os.read(fd, 256):
+                        pass
+                except BlockingIOError:
+                    pass
+                return False
+        return bool(ready)
 
     def _fill(self, need: int) -> None:
         if self.end - self.start >= need:
@@ -126,112 +162,146 @@ class Executor:
         self.sticky_untold = ""  # why a pipelined call made the context unusable, not yet returned
         self.calls = 0
         # replies and keepalives share the socket: one whole frame at a time
-        # (reentrant: the SIGTERM handler runs in the thread it interrupts, which may hold it)
-        self.send_lock = threading.RLock()
-        self.sending = False  # this thread is in the middle of a reply
-        self.last_words = ""  # set when the worker stops: the sentence of the session's last frame
+        self.send_lock = threading.Lock()
         self.busy_since = None  # perf_counter start of the frame being run, None while waiting for one
         self._keepalive = None
         self.records: collections.deque = collections.deque(maxlen=TRACE_BATCH)
-        self.revoked = False
+        # set by the signal handlers (which do nothing else), acted on between two frames
+        self.signalled = False     # any of the three below: look at them
+        self.revoked = False       # SIGUSR1
+        self.stopping = False      # SIGTERM
         # the trace's times are wall-clock for people, perf_counter here for cost
         self.epoch = time.time() - time.perf_counter()
         self.tiers = getattr(session, "tiers", None)  # tiers.TierStore (None: a test's bare session)
         self.tier_pending = False  # a SIGUSR2 came that this process has not looked at yet
-        self.tier_acting = False
         self.tier_seq = 0          # the last tier request acted on
+        self.tier_lost = None      # a Refusal: a restore the daemon asked for lost bytes; the next touching call says so
         self.touch_stamped = 0.0   # perf_counter of the last touch stamp
         self.touch_published = 0.0
 
     def watch_signals(self) -> None:
         """From the daemon: SIGUSR1, the vGPU was revoked (the reason is in the ledger); SIGUSR2, a tier
-        request (in the ledger too); SIGTERM, the worker stops."""
+        request (in the ledger too); SIGTERM, the worker stops.  The handlers only set flags: a handler runs
+        between two bytecodes of the main thread, which may be inside the tier store or hold the tier
+        board's lock; the wakeup fd ends the wait for the next frame so that the main loop acts at once."""
         if self.tiers is not None:
             # requests made before this process started concern allocations it never had
             self.tier_seq = self.session.slot.ledger.tier_request()[1]
             self.session.slot.set_done(self.tier_seq)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # a full pipe (signals while a long call runs) loses bytes, not signals: the flags hold them
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self.reader.watch(wake_r)
         signal.signal(signal.SIGUSR1, self._on_revoke)
         signal.signal(signal.SIGUSR2, self._on_tier_request)
         signal.signal(signal.SIGTERM, self._on_stop)
 
     def _on_revoke(self, *_):
-        self.revoked = True
-        if self.busy_since is None:  # waiting for a frame: no call is half done, end it now
+        self.revoked = self.signalled = True
+
+    def _on_tier_request(self, *_):
+        self.tier_pending = self.signalled = True
+
+    def _on_stop(self, *_):
+        self.stopping = self.signalled = True
+
+    def _attend(self) -> None:
+        """Act on the signals that came, between two frames."""
+        self.signalled = False  # first: a signal from now on is seen at the next look
+        if self.stopping:
+            self._stop()
+        if self.revoked and not self.session.ended:
             self._end_vgpu()
+        if self.tier_pending:
+            self._act_on_tiers()
 
     def _end_vgpu(self) -> None:
         self.session.end(self.session.slot.ledger.revoked or "this vGPU was revoked")
 
     # ----------------------------------------------------------------- tiers
-    def _on_tier_request(self, *_):
-        self.tier_pending = True
-        if self.busy_since is None and not self.tier_acting:  # waiting for a frame: move now
-            self._act_on_tiers()
-
     def _act_on_tiers(self) -> None:
-        """Do what the ledger's tier request asks, if it is new: offload (1 warm, 2 cold) or restore (0)."""
-        self.tier_acting = True
+        """Do what the ledger's tier requests ask, until none is new: offload (1 warm, 2 cold) or restore (0);
+        each request's CUresult goes next to its number in the ledger (0: done)."""
         idle = self.busy_since is None
+        if idle:  # keepalives flow while the memory moves: a client waiting for a reply knows why
+            self.busy_since = time.perf_counter()
         try:
-            while self.tier_pending:
+            while self.tier_pending and not self.stopping:
                 self.tier_pending = False
                 want, seq = self.session.slot.ledger.tier_request()
                 if seq == self.tier_seq:
                     continue
                 self.tier_seq = seq
-                if idle:  # keepalives flow while the memory moves: a client waiting for a reply knows why
-                    self.busy_since = time.perf_counter()
-                try:
-                    if self.tiers is not None and not self.session.ended:
-                        if want:
-                            self.tiers.offload(want)
-                        else:
-                            self.tiers.restore()
-                            self.tiers.free_spent()
-                except CudaError as exc:
-                    log.warning("%s: tier request %d (%s) not done: %s", self.session.label, seq,
-                                ("hot", "warm", "cold")[min(want, 2)], getattr(exc, "why", "") or exc.detail)
-                except Exception:
-                    log.exception("%s: tier request %d failed", self.session.label, seq)
-                self.session.slot.set_done(seq)
+                self.session.slot.set_done(seq, self._move(want, seq))
         finally:
             if idle:
                 self.busy_since = None
-            self.tier_acting = False
 
-    def _on_stop(self, *_):
-        """SIGTERM: the worker stops.  The process's memory cannot outlive it: cold files go now, and the
-        program is told what was lost (its next call fails with that sentence)."""
-        # once: a stopping worker signals its process group and then each executor
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    def _move(self, want: int, seq: int) -> int:
+        """One tier request's move: its CUresult."""
+        tiers = self.tiers
+        if tiers is None or self.session.ended:
+            return 0  # no memory of its own left to move
+        try:
+            if want:
+                tiers.offload(want)
+            else:
+                tiers.restore()
+                tiers.free_spent()
+            return 0
+        except CudaError as exc:
+            why = getattr(exc, "why", "") or exc.detail
+            if want == _tiers.HOT and exc.code == E.ECC_UNCORRECTABLE and isinstance(exc, Refusal):
+                # the allocation is back, zero-filled: the program must not read zeros unwarned
+                self.tier_lost = exc
+                log.error("%s: tier request %d: %s (the next touching call is told)", self.session.label, seq, why)
+            else:
+                log.warning("%s: tier request %d (%s) not done: %s", self.session.label, seq,
+                            ("hot", "warm", "cold")[min(want, 2)], why)
+            return exc.code
+        except Exception:
+            log.exception("%s: tier request %d failed", self.session.label, seq)
+            return E.UNKNOWN
+
+    def _wait_ms(self) -> int | None:
+        """How long the wait for the next frame may last: until the host buffers kept after the last move
+        are due to go (tiers.trim), else no limit."""
+        tiers = self.tiers
+        if tiers is None or not (tiers.pool_bytes or tiers.stage):
+            return None
+        return max(0, math.ceil((tiers.moved_at + _tiers.POOL_KEEP - time.monotonic()) * 1000))
+
+    # ------------------------------------------------------------------ stop
+    def _stop(self) -> None:
+        """SIGTERM, between two frames: the worker stops.  The process's memory cannot outlive it: its cold
+        files go now, and the program is told what was lost in a last frame; then the process ends (its
+        board row is the daemon's to release)."""
         try:
             tiers = self.tiers
             hot, warm, cold = tiers.figures() if tiers is not None else (self.session.slot.used, 0, 0)
-            self.last_words = (f"the gpulab worker stopped; this process's device memory ({format_size(hot)} hot, "
-                               f"{format_size(warm)} warm, {format_size(cold)} cold) is lost")
-            if tiers is not None:
-                tiers.close()
-        except BaseException:
-            log.exception("%s: cleaning up for the worker's stop failed", self.session.label)
-            os._exit(0)
-        if self.sending:  # this thread was in the middle of a reply: the last frame follows it (_finish)
-            return
-        self._last_frame()
-
-    def _last_frame(self) -> None:
-        """Tell the program the session ended, between two frames, and end the process."""
-        try:
-            ended = getattr(protocol, "ended_frame", None)
-            # the send lock is reentrant: this thread may hold it, between two frames; the keepalive
-            # thread holds it for a moment
-            if ended is not None and self.send_lock.acquire(timeout=0.5):
+            words = (f"the gpulab worker stopped; this process's device memory ({format_size(hot)} hot, "
+                     f"{format_size(warm)} warm, {format_size(cold)} cold) is lost")
+            if tiers is not None and tiers.spool:
+                shutil.rmtree(tiers.spool, ignore_errors=True)
+            # the keepalive thread holds the send lock for a moment at most
+            if self.send_lock.acquire(timeout=0.5):
                 self.sock.settimeout(1.0)
-                self.sock.sendall(ended(E.DEVICE_UNAVAILABLE, self.last_words))
+                self.sock.sendall(protocol.ended_frame(E.DEVICE_UNAVAILABLE, words))
             log.info("%s: the worker stops; session ended", self.session.label)
         except OSError:
             pass
+        except BaseException:
+            log.exception("%s: ending the session for the worker's stop failed", self.session.label)
         finally:
             os._exit(0)
+
+    def settle(self) -> None:
+        """The session is closed (its memory freed): a tier request not acted on is done, nothing being left."""
+        if self.tiers is not None:
+            seq = self.session.slot.ledger.tier_request()[1]
+            if seq != self.tier_seq:
+                self.tier_seq = seq
+                self.session.slot.set_done(seq)
 
     def publish(self) -> None:
         """Counters and new call records into the ledger (from the keepalive thread, and at the end)."""
@@ -281,16 +351,18 @@ class Executor:
         clock = time.perf_counter
         tiers = self.tiers
         touching = TOUCHING_OPS if tiers is not None else frozenset()
+        watching = reader.poller is not None
         self._start_keepalive()
         while True:
             self.busy_since = None
-            if self.revoked and not session.ended:  # revoked while a call ran
-                self._end_vgpu()
-            if self.tier_pending:  # a tier request came while a call ran
-                self._act_on_tiers()
+            if self.signalled:  # between two frames: the one safe point for what signals ask
+                self._attend()
             if tiers is not None and (tiers.spent or tiers.spent_files or tiers.pool_bytes or tiers.stage):
                 tiers.free_spent()  # host copies of the last restore, once it was answered: kept a while
                 tiers.trim()        # and freed once no move has needed them for a while
+            # nothing buffered: wait for the next frame or a signal (or the kept buffers' time) in one poll
+            if watching and reader.start == reader.end and not reader.wait(self._wait_ms()):
+                continue
             plen, op, flags = REQ_HEADER.unpack(reader.read(REQ_HEADER.size))
             t0 = self.busy_since = clock()
             touches = op in touching
@@ -330,8 +402,8 @@ class Executor:
                     self._raise_sticky(want_reply)
                 if mode == "syncpoint" and self.latched:
                     self._raise_latched()
-                if touches and tiers.off:  # its memory is off the GPU: back first (a refusal is this call's)
-                    tiers.restore()
+                if touches and (tiers.off or self.tier_lost):  # its memory is off the GPU: back first (a
+                    self._restore()                                # refusal is this call's)
                 if bulk:
                     counted = _Counted(reader, remaining)
                     out = handler(payload, counted)
@@ -361,6 +433,12 @@ class Executor:
             if remaining:
                 reader.skip(remaining)
             self._finish(want_reply, result, out, f"{name}: {detail}", reason)
+
+    def _restore(self):
+        lost, self.tier_lost = self.tier_lost, None
+        if lost is not None:  # an earlier restore, asked by the daemon, lost bytes: this call says so, once
+            raise lost
+        self.tiers.restore()
 
     def _raise_revoked(self):
         if not self.session.ended:
@@ -396,15 +474,11 @@ class Executor:
                 out = b""
             header = REP_HEADER.pack(len(out) + len(why), result, len(why))
             with self.send_lock:
-                self.sending = True
                 if len(out) > 65536:
                     self.sock.sendall(header)
                     self.sock.sendall(out)
                 else:
                     self.sock.sendall(header + bytes(out) + why)
-                self.sending = False
-            if self.last_words:  # the worker stopped while this reply was going out
-                self._last_frame()
         elif result and not self.latched:
             self.latched, self.latched_reason = result, reason
 

@@ -834,7 +834,7 @@ class GPUWorker(Configurable):
             board = self.registry.tierboard
             index = {g["uuid"]: g["index"] for g in self.registry.gpus()}
             tiers = TierStore(backend, own, board, row, [index[u] for u in grant["gpus"]],
-                              self.registry.spool_of(vgpu, os.getpid()), evict_sock)
+                              self.registry.spool_of(vgpu, os.getpid()), evict_sock, self.eviction_wait)
             session = Session(backend, label=label, slot=own, device_quota=grant.get("vram"),
                               max_handles=self.max_handles, max_modules=self.max_modules,
                               max_module_bytes=self.max_module_bytes or 0,
@@ -844,7 +844,7 @@ class GPUWorker(Configurable):
             executor = Executor(FrameReader(conn), session, self.max_frame)
             executor.watch_signals()
             if ledger.revoked:  # revoked between the admission and now
-                executor.revoked = True
+                executor.revoked = executor.signalled = True
             try:
                 executor.serve()
             except EOFError:
@@ -855,9 +855,11 @@ class GPUWorker(Configurable):
                 if exc.errno not in (errno.ECONNRESET, errno.EPIPE):
                     log.error("%s: socket error: %s", label, exc)
             finally:
+                # the signal handlers only set flags from here on: nothing acts on them during the close
                 if session.pacer is not None and not session.ended:
                     session.pacer.publish()
                 session.close()
+                executor.settle()
                 executor.publish()
             return 0
         except OSError as exc:

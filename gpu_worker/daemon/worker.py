@@ -504,7 +504,6 @@ class GPUWorker(Configurable):
         # a token the daemon does not know costs a look-up in the pool: run in threads, so that a
         # slow pool delays only that handshake, never the accept loop
         self._lookups = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="gpulab-token")
-        self._evictions = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="gpulab-evict")
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -531,7 +530,6 @@ class GPUWorker(Configurable):
         for hs in list(self.pending.values()):
             self._drop(sel, hs)
         self._lookups.shutdown(wait=False, cancel_futures=True)
-        self._evictions.shutdown(wait=False, cancel_futures=True)
         for conn in list(self.checking):
             conn.close()
         for pid in list(self.children):
@@ -562,8 +560,8 @@ class GPUWorker(Configurable):
                     link.sock.close()
 
     def _evict_request(self, sel, link: "_EvictLink") -> None:
-        """An executor found its GPU full: other vGPUs move to host memory, in a thread (it may wait for
-        them), and the executor gets what was freed or why nothing could be."""
+        """An executor found its GPU full: other vGPUs move to host memory (tiering.py answers from a thread
+        of its own, as it may wait for them) and the executor gets what was freed or why nothing could be."""
         try:
             msg = link.sock.recv(4096)
         except OSError:
@@ -574,19 +572,7 @@ class GPUWorker(Configurable):
             except (KeyError, ValueError):
                 pass
             return
-
-        def answer():
-            try:
-                reply = self.tiering.handle(link.vgpu, link.pid, msg)
-            except Exception as exc:
-                log.exception("eviction for vGPU %s failed", link.vgpu.id)
-                reply = json.dumps({"refused": f"the worker could not make room on the GPU ({exc})"}).encode()
-            try:
-                link.sock.send(reply)
-            except OSError:
-                pass  # the executor ended meanwhile
-
-        self._evictions.submit(answer)
+        self.tiering.request(link.vgpu, link.pid, msg, link.sock.send)
 
     # ------------------------------------------------------- handshake (daemon)
     def _next_wakeup(self) -> float:

@@ -188,7 +188,9 @@ def data_path(kind: str, plan: Plan, tmp: Path) -> dict[str, list[float]]:
                 for path in files:  # new files, as the tier writes (truncating old ones costs more)
                     if os.path.exists(path):
                         os.unlink(path)
+                os.sync()  # each side's writes start with no other dirty pages to wait behind
                 t_base_out = timed(lambda: write_files(files, host))
+                os.sync()
             t_out = timed(lambda: store.offload(tier))
             if tier == COLD:
                 from_disk([*files, *(str(p) for p in spool.rglob("*.cold"))])

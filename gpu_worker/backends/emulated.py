@@ -107,7 +107,7 @@ def _attribute(name: str) -> int:
     return int(getattr(driver.CUdevice_attribute, "CU_DEVICE_ATTRIBUTE_" + name))
 
 
-SPARE_MAX = 512 << 20  # host bytes of released allocations a session keeps for remaps (the emulated device only)
+SPARE_MAX = 4 << 30  # host bytes of released allocations a session keeps for remaps (at most what it released)
 
 class _Device:
     """One of the worker's GPUs as this backend emulates it, and the bytes allocated on it."""

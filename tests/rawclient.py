@@ -29,6 +29,16 @@ U32 = struct.Struct("<I")
 _ids = itertools.count(0x1000)  # client-minted handle ids start here (the worker refuses lower ones)
 
 
+def say_hello(sock: socket.socket, token: str) -> tuple[int, str]:
+    """The handshake on a connected socket: HELLO with the protocol version, this pid and ``token``; the
+    worker's (CUresult, message)."""
+    tok = token.encode()
+    sock.sendall(REQ_HEADER.pack(HELLO.size + len(tok), OP_HELLO, FLAG_REPLY)
+                 + HELLO.pack(PROTOCOL_VERSION, os.getpid(), len(tok)) + tok)
+    plen, res, _ = REP_HEADER.unpack(sock.recv(REP_HEADER.size, socket.MSG_WAITALL))
+    return res, sock.recv(plen, socket.MSG_WAITALL).decode()
+
+
 class RawSession:
     """One session on a worker's Unix socket. ``hello`` is (CUresult, message) of the handshake;
     ``ended`` is the sentence of the worker's REPLY_ENDED frame once one came (every call then
@@ -38,11 +48,7 @@ class RawSession:
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.settimeout(timeout)
         self.sock.connect(path[len("unix://"):] if path.startswith("unix://") else path)
-        tok = token.encode()
-        self.sock.sendall(REQ_HEADER.pack(HELLO.size + len(tok), OP_HELLO, FLAG_REPLY)
-                          + HELLO.pack(PROTOCOL_VERSION, os.getpid(), len(tok)) + tok)
-        plen, res, _ = REP_HEADER.unpack(self._recv(REP_HEADER.size))
-        self.hello = (res, self._recv(plen).decode())
+        self.hello = say_hello(self.sock, token)
         self.ended = ""
         self.ended_code = 0
 

@@ -242,14 +242,10 @@ def connect(worker: Worker) -> socket.socket:
 
 def hello(worker: Worker, token=None) -> tuple[socket.socket, int, str]:
     """A raw session: the socket, the HELLO's CUresult and its message."""
-    from gpu_worker.api.protocol import FLAG_REPLY, HELLO, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER
+    from rawclient import say_hello
 
     s = connect(worker)
-    tok = (worker.token if token is None else token).encode()
-    s.sendall(REQ_HEADER.pack(HELLO.size + len(tok), OP_HELLO, FLAG_REPLY)
-              + HELLO.pack(PROTOCOL_VERSION, os.getpid(), len(tok)) + tok)
-    plen, res, _ = REP_HEADER.unpack(s.recv(REP_HEADER.size, socket.MSG_WAITALL))
-    return s, res, s.recv(plen, socket.MSG_WAITALL).decode()
+    return (s, *say_hello(s, worker.token if token is None else token))
 
 
 # PRELUDE plus launch_sleep(ms): client programs that need the worker busy in one long call.

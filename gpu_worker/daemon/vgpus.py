@@ -16,6 +16,7 @@ import collections
 import fcntl
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -293,7 +294,7 @@ class VGPURegistry:
 
     def spool_of(self, v: VGPU, pid: int) -> str:
         """The directory of one executor's cold allocations ('' when the worker has no spool)."""
-        return os.path.join(self.spool, _safe(v.id), str(pid)) if self.spool else ""
+        return os.path.join(self.spool, safe_name(v.id), str(pid)) if self.spool else ""
 
     def bind(self, v: VGPU, slot: int, pid: int, row: int | None = None) -> None:
         """(daemon, after forking) The executor that owns ``slot`` (and ``row`` of the tier board)."""
@@ -364,31 +365,26 @@ class VGPURegistry:
                     pass
             return seq, told
 
-    def tier_done(self, vgpu_id: str, seq: int) -> bool | None:
-        """Whether every live process of a vGPU has acted on tier request ``seq``; None for an unknown vGPU."""
+    def _acted(self, vgpu_id: str) -> dict[int, tuple[int, int]] | None:
+        """{executor pid: (last tier request acted on, its CUresult)} of a vGPU's live processes; None for an
+        unknown vGPU."""
         with self.lock:
             v = self._by_id(vgpu_id)
             if v is None:
                 return None
-            for slot in v.procs.values():
-                rec = v.ledger.read_slot(slot)
-                if rec is not None and rec["done_seq"] < seq:
-                    return False
-            return True
+            recs = {pid: v.ledger.read_slot(slot) for pid, slot in v.procs.items()}
+            return {pid: (r["done_seq"], r["done_result"]) for pid, r in recs.items() if r is not None}
+
+    def tier_done(self, vgpu_id: str, seq: int) -> bool | None:
+        """Whether every live process of a vGPU has acted on tier request ``seq``; None for an unknown vGPU."""
+        acted = self._acted(vgpu_id)
+        return None if acted is None else all(done >= seq for done, _result in acted.values())
 
     def tier_failures(self, vgpu_id: str, seq: int) -> dict[int, int]:
         """{executor pid: CUresult} of the live processes whose last tier move (request ``seq`` or a later one)
         failed; empty when every one that acted moved its memory."""
-        with self.lock:
-            v = self._by_id(vgpu_id)
-            if v is None:
-                return {}
-            out = {}
-            for pid, slot in v.procs.items():
-                rec = v.ledger.read_slot(slot)
-                if rec is not None and rec["done_seq"] >= seq and rec["done_result"]:
-                    out[pid] = rec["done_result"]
-            return out
+        acted = self._acted(vgpu_id) or {}
+        return {pid: result for pid, (done, result) in acted.items() if done >= seq and result}
 
     def set_idle_hint(self, vgpu_id: str, since: float, now: float | None = None) -> bool:
         """Someone outside says the vGPU's program has been idle since ``since``; False for an unknown or
@@ -598,9 +594,9 @@ def _measured_share(v: VGPU, kernel_time: float) -> float:
     return round(max(kernel_time - k0, 0.0) / (now - t0) * 100, 2)
 
 
-def _safe(name: str) -> str:
-    """A vGPU id as one path component."""
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in str(name)) or "_"
+def safe_name(name: str) -> str:
+    """A name (a vGPU id, a worker's name) as one path component."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(name)) or "_"
 
 
 def _function_names() -> dict[int, str]:

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import secrets
 import selectors
 import shutil
@@ -39,7 +38,7 @@ from .ledger import Slot
 from .pacing import QOS_RANK, Pacer
 from .session import Session
 from .tiers import TierStore
-from .vgpus import VGPURegistry
+from .vgpus import VGPURegistry, safe_name
 from ..backends.base import Backend
 from ..client.limits import LimitError, Size, token_limits
 from ..client.units import format_size
@@ -246,7 +245,7 @@ class GPUWorker(Configurable):
             where = (self.advertise or tcp).rsplit(":", 1)[-1]
         else:  # a Unix socket only: its file name, as a name may appear in paths and URLs
             where = os.path.splitext(os.path.basename(self.unix_socket))[0]
-        return re.sub(r"[^A-Za-z0-9._-]", "_", f"{socket.gethostname()}-{where}")[:128]
+        return safe_name(f"{socket.gethostname()}-{where}")[:128]
 
     def open_registry(self) -> None:
         """This worker's GPUs and the vGPUs its configuration grants (a bad grant stops start-up)."""

@@ -82,9 +82,10 @@ class FakeRegistry:
     def find_token(self, token):
         return self.get(self.tokens[token]) if token in self.tokens else None
 
-    def trace(self, vgpu_id, since=0, limit=256):
+    def trace(self, vgpu_id, since=0, limit=256, last=0):
         with self.lock:
-            out = [r for r in self.records.get(vgpu_id, []) if r["seq"] > since][:limit]
+            out = [r for r in self.records.get(vgpu_id, []) if r["seq"] > since]
+            out = out[-last:] if last else out[:limit]
         return out, (out[-1]["seq"] if out else since)
 
     def revoke(self, vgpu_id, reason):
@@ -361,6 +362,17 @@ def test_trace_pages_and_long_polls(server, registry):
     t0 = time.monotonic()
     assert call(server, "GET", "/api/vgpus/17/trace?since=6&wait=0.3", ADMIN)[1] == {"records": [], "next": 6}
     assert 0.25 < time.monotonic() - t0 < 5
+
+
+def test_trace_last_answers_the_newest_records_oldest_first(server, registry):
+    for i in range(5):
+        registry.record("17", "cuMemAlloc", i)
+    page = call(server, "GET", "/api/vgpus/17/trace?last=2", "tok-alice")[1]
+    assert [r["seq"] for r in page["records"]] == [4, 5] and page["next"] == 5
+    page = call(server, "GET", "/api/vgpus/17/trace?since=4&last=3", "tok-alice")[1]
+    assert [r["seq"] for r in page["records"]] == [5]
+    status, body = call(server, "GET", "/api/vgpus/17/trace?last=-1", "tok-alice")
+    assert status == 400 and "last" in body["message"]
 
 
 def test_a_long_wait_is_capped_and_ends_when_the_server_stops(server, monkeypatch):

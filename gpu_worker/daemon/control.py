@@ -7,10 +7,11 @@ token <t>`` (``Bearer <t>`` too, which is what Prometheus's ``authorization`` se
 
     GET  /api/vgpus                     {"vgpus": [vGPU, ...]}
     GET  /api/vgpus/<id>                vGPU
-    GET  /api/vgpus/<id>/trace?since=N&wait=S&limit=L
+    GET  /api/vgpus/<id>/trace?since=N&wait=S&limit=L&last=K
                                         {"records": [...], "next": N'}: records newer than N, oldest
                                         first; with wait, held up to S seconds (at most MAX_WAIT) until
-                                        one exists.  Pass "next" back as since to follow.
+                                        one exists.  Pass "next" back as since to follow.  With last, only
+                                        the K newest of them (still oldest first): a panel's "recent calls".
     POST /api/vgpus/<id>/revoke         {"reason": "..."} -> the vGPU, now revoked
     POST /api/vgpus/<id>/offload        {"to": "warm"|"cold"} -> the vGPU with "done": true once its processes
                                         moved its memory and nothing is left hot (cold: nor warm); 202 with
@@ -188,15 +189,16 @@ class ControlServer:
         since = _number(query, "since", 0, int)
         limit = min(_number(query, "limit", 256, int), MAX_LIMIT)
         wait = min(_number(query, "wait", 0.0, float), MAX_WAIT)
-        if since < 0 or limit < 1 or wait < 0:
-            raise APIError(400, "since and wait must not be negative, and limit must be at least 1")
+        last = min(_number(query, "last", 0, int), MAX_LIMIT)
+        if since < 0 or limit < 1 or wait < 0 or last < 0:
+            raise APIError(400, "since, wait and last must not be negative, and limit must be at least 1")
         if self.registry.get(vgpu_id) is None:
             raise _not_found(vgpu_id)
         deadline = time.monotonic() + wait
         held = wait > 0 and self._hold_poll("admin" if caller is None else f"vgpu {caller['id']}")
         try:
             while True:
-                records, nxt = self.registry.trace(vgpu_id, since, limit)
+                records, nxt = self.registry.trace(vgpu_id, since, limit, last)
                 if records or time.monotonic() >= deadline or self.stopping.wait(POLL):
                     return {"records": records, "next": nxt}
         finally:

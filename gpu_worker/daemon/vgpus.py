@@ -543,13 +543,15 @@ class VGPURegistry:
             v = self.table.get(token_hash(token))
             return None if v is None else self._describe(v)
 
-    def trace(self, vgpu_id: str, since: int = 0, limit: int = 256) -> tuple[list[dict], int]:
+    def trace(self, vgpu_id: str, since: int = 0, limit: int = 256, last: int = 0) -> tuple[list[dict], int]:
+        """Records newer than ``since``, oldest first: the first ``limit``, or with ``last`` the newest ``last``."""
         with self.lock:
             v = self._by_id(vgpu_id)
             if v is None:
                 return [], since
             self._harvest(v)
-            out = [r for r in v.trace if r["seq"] > since][:limit]
+            out = [r for r in v.trace if r["seq"] > since]
+            out = out[-last:] if last else out[:limit]
             return out, (out[-1]["seq"] if out else max(since, 0))
 
     def gpus(self) -> list[dict]:

@@ -13,25 +13,18 @@ Only the standard library talks to the worker, so the command answers at once.
 """
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 
 from traitlets import Bool, Float, Int, Unicode
 from traitlets.config import Application
 
+from gpu_worker.client.control import TIER_WAIT, ControlError, call, find_credential, quote
+from gpu_worker.client.vgpu_text import TRACE_HEADER, describe, pct, seconds, short_gpus, table, tier_bytes, \
+    tiers, trace_rows, vram
 from gpulab.cli import SubcommandApp
 
 FOLLOW_WAIT = 25  # seconds each --follow long-poll is held by the worker
-TIER_WAIT = 30  # seconds the worker waits for a vGPU's processes to move its memory (control.TIER_WAIT)
-
-
-class VGPUError(Exception):
-    """What went wrong, as one sentence for the person at the terminal."""
 
 
 class VGPUCommand(Application):
@@ -56,7 +49,7 @@ class VGPUCommand(Application):
     def start(self):
         try:
             self.run()
-        except VGPUError as e:
+        except ControlError as e:
             print(f"gpulab vgpu: {e}", file=sys.stderr)
             self.exit(1)
         except KeyboardInterrupt:
@@ -65,148 +58,21 @@ class VGPUCommand(Application):
     # ------------------------------------------------------------------ credential and requests
     def credential(self) -> tuple[str, str]:
         """(control URL, token) in the order the module docstring gives."""
-        if self.url:
-            token = self.token or os.environ.get("GPULAB_TOKEN", "")
-            if not token:
-                raise VGPUError("--url needs a credential: set GPULAB_TOKEN (or pass --token, which `ps` shows "
-                                "to every user of this host)")
-            return self.url.rstrip("/"), token
-        if os.environ.get("GPULAB_CONTROL_URL") and not self.worker:
-            token = self.token or os.environ.get("GPULAB_TOKEN", "")
-            if not token:
-                raise VGPUError("GPULAB_CONTROL_URL is set but GPULAB_TOKEN is not: set it too")
-            return os.environ["GPULAB_CONTROL_URL"].rstrip("/"), token
-        from gpu_worker.client.env import default_state_dir
-        from gpu_worker.daemon.control import published
-
-        state = self.state_dir or default_state_dir()
-        workers = published(state)
-        if not workers:
-            raise VGPUError(f"no worker on this host published its control API in {state}; set "
-                            f"GPULAB_CONTROL_URL and GPULAB_TOKEN, or pass --url with GPULAB_TOKEN set")
-        if self.worker:
-            if self.worker not in workers:
-                raise VGPUError(f"no worker named {self.worker} published its control API in {state} "
-                                f"(there: {', '.join(workers)})")
-            name = self.worker
-        elif len(workers) > 1:
-            raise VGPUError(f"several workers published their control API in {state} ({', '.join(workers)}): "
-                            f"choose one with --worker NAME")
-        else:
-            (name,) = workers
-        url, token_file = workers[name]
-        if self.token:
-            return url.rstrip("/"), self.token
-        try:
-            return url.rstrip("/"), token_file.read_text().strip()
-        except PermissionError:
-            raise VGPUError(f"cannot read worker {name}'s admin token {token_file}: run this as the user the "
-                            f"worker runs as") from None
-        except OSError as e:
-            raise VGPUError(f"cannot read worker {name}'s admin token {token_file}: {e.strerror}") from None
+        return find_credential(self.url, self.token, self.worker, self.state_dir)
 
     def call(self, method: str, path: str, body: dict | None = None, timeout: float = 30):
-        url, token = self.credential()
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url + path, data=data, method=method,
-                                     headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            try:
-                message = json.loads(e.read())["message"]
-            except (ValueError, KeyError, TypeError):
-                message = f"the worker answered {e.code} {e.reason}"
-            raise VGPUError(message) from None
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise VGPUError(f"cannot reach the worker's control API at {url}: {reason}") from None
+        return call(*self.credential(), method, path, body, timeout)
 
     def one_id(self) -> str:
         if len(self.extra_args) != 1:
-            raise VGPUError(f"give one vGPU id (`gpulab vgpu list` shows them), e.g. `gpulab vgpu {self.name.rsplit('-', 1)[1]} 17`")
-        return urllib.parse.quote(self.extra_args[0], safe="")
+            raise ControlError(f"give one vGPU id (`gpulab vgpu list` shows them), e.g. `gpulab vgpu {self.name.rsplit('-', 1)[1]} 17`")
+        return quote(self.extra_args[0])
 
     def emit(self, data) -> bool:
         """Print `data` as JSON when --json; True if so (the caller then prints no table)."""
         if self.as_json:
             print(json.dumps(data, indent=2))
         return self.as_json
-
-
-# ---------------------------------------------------------------------- formatting
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
-
-
-def size(n) -> str:
-    from gpu_worker.client.units import format_size
-
-    return "-" if n is None else format_size(int(n))
-
-
-def short_gpus(uuids) -> str:
-    return ",".join(u[:12] for u in uuids or []) or "-"
-
-
-def clock(t: float) -> str:
-    return datetime.datetime.fromtimestamp(t).strftime("%H:%M:%S.%f")[:-3]
-
-
-def vram(v: dict) -> str:
-    charged = (v.get("used") or 0) + (v.get("overhead") or 0)
-    return f"{size(charged)} / {size(v.get('quota')) if v.get('quota') is not None else 'whole GPU'}"
-
-
-def tier_bytes(v: dict, tier: str) -> str:
-    return size((v.get("tiers") or {}).get(tier, 0))
-
-
-def tiers(v: dict) -> str:
-    """Where its memory is: "mixed: 150.0 MiB hot, 75.0 MiB warm, 75.0 MiB cold"."""
-    return f"{v.get('tier', '-')}: " + ", ".join(f"{tier_bytes(v, t)} {t}" for t in ("hot", "warm", "cold"))
-
-
-def moves(v: dict) -> str:
-    m = v.get("moves") or {}
-    return (f"{m.get('offloads', 0)} offloads ({size(m.get('bytes_offloaded', 0))} in "
-            f"{seconds(m.get('offload_seconds', 0))}), {m.get('restores', 0)} restores "
-            f"({size(m.get('bytes_restored', 0))} in {seconds(m.get('restore_seconds', 0))}), "
-            f"{m.get('failures', 0)} failed")
-
-
-def seconds(t) -> str:
-    return "-" if t is None else f"{t:.2f} s"
-
-
-def pct(p) -> str:
-    return "-" if p is None else f"{p:g}%"
-
-
-def compute(v: dict) -> str:
-    """Its share, whether it may burst, and what it used lately: "25% (bursts), measured 31.5% over 10 s"."""
-    share = v.get("share", v.get("compute"))
-    if share is None:
-        return "-"
-    burst = {True: " (may burst into idle time)", False: " (no bursting)"}.get(v.get("burst"), "")
-    text = f"{share:g}% of a GPU{burst}"
-    if v.get("share_measured") is not None:
-        text += f", measured {pct(v['share_measured'])} over the last 10 s"
-    return text
-
-
-def trace_rows(records: list[dict]) -> list[list[str]]:
-    return [[clock(r["time"]), str(r["pid"]), r["function"], f"{r['duration'] * 1e6:.0f} us",
-             size(r["bytes"]) if r.get("bytes") else "-", r.get("error") or ("CUDA_SUCCESS" if not r["result"]
-                                                                              else str(r["result"]))]
-            for r in records]
-
-
-TRACE_HEADER = ["TIME", "PID", "FUNCTION", "DURATION", "BYTES", "RESULT"]
 
 
 # ---------------------------------------------------------------------- subcommands
@@ -245,32 +111,7 @@ class ShowApp(VGPUCommand):
         v = self.call("GET", f"/api/vgpus/{self.one_id()}")
         if self.emit(v):
             return
-        lines = [("vGPU", str(v["id"])), ("user", v.get("user") or "-"),
-                 ("profile", f"{v.get('profile') or '-'} (QoS {v.get('qos') or '-'})"),
-                 ("state", v.get("state", "-") + (f": {v['reason']}" if v.get("reason") else "")),
-                 ("GPUs", ", ".join(v.get("gpus") or []) or "-"),
-                 ("compute", compute(v)),
-                 ("kernels", f"{seconds(v.get('kernel_time'))} of GPU time; throttled "
-                             f"{seconds(v.get('throttled_time'))} waiting for its share, "
-                             f"{v.get('queue_depth', '-')} process(es) waiting now"),
-                 ("VRAM", f"{vram(v)} (allocations {size(v.get('used', 0))}, context overhead "
-                          f"{size(v.get('overhead', 0))})"),
-                 ("tiers", tiers(v) + (f"; idle {v['idle_seconds']:.0f} s" if v.get("idle_seconds") is not None
-                                       else "")),
-                 ("moves", moves(v)),
-                 ("calls", f"{v.get('calls', 0)} ({v.get('launches', 0)} launches)"),
-                 ("copied", f"{size(v.get('bytes_in', 0))} to the device, {size(v.get('bytes_out', 0))} from it"),
-                 ("errors", ", ".join(f"{k} x{n}" for k, n in sorted((v.get("errors") or {}).items())) or "none")]
-        print("\n".join(f"{k + ':':<9} {text}" for k, text in lines))
-        procs = v.get("processes") or []
-        if procs:
-            print()
-            print(table([[str(p["pid"]), str(p.get("client_pid", "-")), size(p.get("used", 0)),
-                          size(p.get("overhead", 0)), str(p.get("calls", 0)), seconds(p.get("kernel_time")),
-                          seconds(p.get("throttled_time")), {True: "yes", False: "no"}.get(p.get("waiting"), "-"),
-                          clock(p["started"]) if p.get("started") else "-"] for p in procs],
-                        ["PID", "CLIENT PID", "VRAM", "OVERHEAD", "CALLS", "KERNELS", "THROTTLED", "WAITING",
-                         "STARTED"]))
+        print(describe(v))
 
 
 class TraceApp(VGPUCommand):

@@ -84,7 +84,13 @@ install: $(PIP_STAMP)
 gpu_worker/shim/lib/libcuda.so.1: $(SRC_SHIM) | $(PIP_STAMP)
 	$(VPY) gpu_worker/shim/build.py
 
-build: install gpu_worker/shim/lib/libcuda.so.1
+# An editable install installs no data files: the server extension's enabling config goes where
+# jupyter_server reads it in this venv (a wheel installs it through pyproject's data-files).
+SERVER_CONFIG := $(VENV)/etc/jupyter/jupyter_server_config.d/gpulab.json
+$(SERVER_CONFIG): server_extension/jupyter-config/jupyter_server_config.d/gpulab.json | $(PIP_STAMP)
+	@mkdir -p $(dir $@) && cp $< $@
+
+build: install gpu_worker/shim/lib/libcuda.so.1 $(SERVER_CONFIG)
 
 # Regenerate the C stubs and the Python dispatch from gpu_worker/api/table.py (standard library only).
 generate:

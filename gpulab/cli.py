@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from traitlets import Enum, Unicode
+from traitlets import Bool, Enum, Unicode
 from traitlets.config import Application
 
 
@@ -103,6 +103,73 @@ class SubcommandApp(Application):
         self.subapp.start()
 
 
+class KernelspecCommand(Application):
+    """Where `gpulab kernelspec install|remove` acts: this environment (default), the user's, or a prefix."""
+
+    user = Bool(False, help="The user's Jupyter data directory (~/.local/share/jupyter) instead of this "
+                            "environment's.").tag(config=True)
+    prefix = Unicode("", help="Under this prefix (PREFIX/share/jupyter/kernels), e.g. an image's environment; "
+                              "default: this Python's environment (sys.prefix).").tag(config=True)
+    kernel_name = Unicode("python3-vgpu", help="The kernelspec's name (its directory; what "
+                                               "`jupyter kernelspec list` shows).").tag(config=True)
+    aliases = {"prefix": "KernelspecCommand.prefix", "name": "KernelspecCommand.kernel_name"}
+    flags = {"user": ({"KernelspecCommand": {"user": True}}, "Install for this user only (~/.local/share/jupyter)."),
+             "sys-prefix": ({"KernelspecCommand": {"user": False, "prefix": ""}},
+                            "Install into this Python's environment (the default).")}
+
+    def start(self):
+        try:
+            print(self.act())
+        except (OSError, ValueError) as e:
+            print(f"{self.name.replace('-', ' ')}: {e}", file=sys.stderr)
+            self.exit(1)
+
+
+class KernelspecInstallApp(KernelspecCommand):
+    name = "gpulab-kernelspec-install"
+    description = """Install the "Python 3 (vGPU)" kernelspec: kernels started through it by a Jupyter
+    server (JupyterLab, or VS Code / PyCharm connected to that server) run with the gpulab shim and the
+    server's vGPU ($GPULAB_WORKER, $GPULAB_TOKEN, $GPULAB_CONTROL_URL), and load the %vgpu magics.
+    Without a vGPU the server refuses to start them, saying why."""
+    display_name = Unicode("Python 3 (vGPU)", help="The name front ends show in their kernel pickers."
+                           ).tag(config=True)
+    aliases = {**KernelspecCommand.aliases, "display-name": "KernelspecInstallApp.display_name"}
+
+    def act(self) -> str:
+        from server_extension.kernelspec import install
+
+        path = install(self.kernel_name, self.display_name, user=self.user, prefix=self.prefix or None)
+        return f"installed kernelspec {self.kernel_name} ({self.display_name}) in {path}"
+
+
+class KernelspecRemoveApp(KernelspecCommand):
+    name = "gpulab-kernelspec-remove"
+    description = """Remove the "Python 3 (vGPU)" kernelspec from this environment (default), the user's
+    directory (--user) or a prefix (--prefix)."""
+
+    def act(self) -> str:
+        from server_extension.kernelspec import remove
+
+        return f"removed kernelspec {self.kernel_name} from {remove(self.kernel_name, self.user, self.prefix or None)}"
+
+
+class KernelspecApp(SubcommandApp):
+    name = "gpulab-kernelspec"
+    description = """The "Python 3 (vGPU)" kernelspec, whose kernels run on the server's vGPU."""
+    examples = """
+gpulab kernelspec install
+gpulab kernelspec install --user --name python3-vgpu --display-name "Python 3 (vGPU)"
+gpulab kernelspec install --prefix /opt/conda
+gpulab kernelspec remove --user
+"""
+    subcommands = {
+        "install": ("gpulab.cli.KernelspecInstallApp", "Install the \"Python 3 (vGPU)\" kernelspec."),
+        "remove": ("gpulab.cli.KernelspecRemoveApp", "Remove it."),
+    }
+    aliases: dict = {}
+    flags: dict = {}
+
+
 class GPULab(SubcommandApp):
     name = "gpulab"
     description = """gpulab: GPU labs for JupyterHub, with remote and fractional vGPUs.
@@ -124,6 +191,8 @@ class GPULab(SubcommandApp):
         "run": ("gpulab.cli.RunApp", "Run a command with the shim as its libcuda.so.1, on a worker's vGPU."),
         "shim-path": ("gpulab.cli.ShimPathApp", "Print the directory to put first on LD_LIBRARY_PATH."),
         "demo": ("gpulab.cli.DemoApp", "Start a worker and run a short CUDA program through the shim."),
+        "kernelspec": ("gpulab.cli.KernelspecApp",
+                       "Install or remove the \"Python 3 (vGPU)\" kernelspec: Jupyter kernels on the server's vGPU."),
     }
     aliases: dict = {}
     flags: dict = {}

@@ -20,6 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+MAX_TRACE = 1024  # trace records one answer may hold (daemon/control.py MAX_LIMIT)
 TIER_WAIT = 30  # seconds the worker waits for a vGPU's processes to move its memory (daemon/control.py)
 
 
@@ -109,15 +110,9 @@ class Control:
         return self.call("GET", "/api/vgpus")["vgpus"]
 
     def trace_last(self, vgpu_id, n: int) -> list[dict]:
-        """The `n` newest trace records of a vGPU, oldest first: the route pages forward from `since`,
-        so read every page and keep the tail."""
-        path, since, kept = f"/api/vgpus/{quote(vgpu_id)}/trace", 0, []
-        while True:
-            page = self.call("GET", f"{path}?since={since}&limit=1024")
-            kept = (kept + page["records"])[-n:] if n > 0 else []
-            if not page["records"] or page["next"] == since:
-                return kept
-            since = page["next"]
+        """The `n` newest trace records of a vGPU (at most MAX_TRACE), oldest first."""
+        page = self.call("GET", f"/api/vgpus/{quote(vgpu_id)}/trace?last={min(max(n, 1), MAX_TRACE)}")
+        return page["records"]
 
 
 def quote(vgpu_id) -> str:

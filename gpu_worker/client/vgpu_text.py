@@ -81,8 +81,9 @@ def gpu_models(v: dict, gpus: list[dict] | None) -> str:
     return ", ".join(names) or "-"
 
 
-def describe(v: dict, gpus: list[dict] | None = None) -> str:
-    """One vGPU in full: its grant, VRAM, tiers and moves, compute, counters, then its processes."""
+def describe(v: dict, gpus: list[dict] | None = None, me: int | None = None) -> str:
+    """One vGPU in full: its grant, VRAM, tiers and moves, compute, counters, then its processes
+    (the one whose client pid is `me` marked as "this kernel")."""
     lines = [("vGPU", str(v["id"])), ("user", v.get("user") or "-"),
              ("profile", f"{v.get('profile') or '-'} (QoS {v.get('qos') or '-'})"),
              ("state", v.get("state", "-") + (f": {v['reason']}" if v.get("reason") else "")),
@@ -102,13 +103,16 @@ def describe(v: dict, gpus: list[dict] | None = None) -> str:
     text = "\n".join(f"{k + ':':<9} {value}" for k, value in lines)
     procs = v.get("processes") or []
     if procs:
-        text += "\n\n" + table(process_rows(procs), PROCESS_HEADER)
+        text += "\n\n" + table(process_rows(procs, me), PROCESS_HEADER)
     return text
 
 
-def process_rows(procs: list[dict]) -> list[list[str]]:
-    return [[str(p["pid"]), str(p.get("client_pid", "-")), size(p.get("used", 0)), size(p.get("overhead", 0)),
-             str(p.get("calls", 0)), seconds(p.get("kernel_time")), seconds(p.get("throttled_time")),
+def process_rows(procs: list[dict], me: int | None = None) -> list[list[str]]:
+    def client(p):
+        return str(p.get("client_pid", "-")) + (" (this kernel)" if me and p.get("client_pid") == me else "")
+
+    return [[str(p["pid"]), client(p), size(p.get("used", 0)), size(p.get("overhead", 0)), str(p.get("calls", 0)),
+             seconds(p.get("kernel_time")), seconds(p.get("throttled_time")),
              {True: "yes", False: "no"}.get(p.get("waiting"), "-"), clock(p["started"]) if p.get("started") else "-"]
             for p in procs]
 

@@ -1,0 +1,82 @@
+"""The "Python 3 (vGPU)" kernels' provisioner: every kernel it starts runs with the gpulab shim as its
+libcuda.so.1 and the session's vGPU credentials, whatever front end asked for it.
+
+A kernelspec names it in ``metadata.kernel_provisioner`` (server_extension/kernelspec.py writes one);
+jupyter_client finds it through the ``jupyter_client.kernel_provisioners`` entry point.  The kernel
+is an ordinary local process (LocalProvisioner): only its environment differs.  The credentials come
+from the provisioner's config in the kernelspec, else from the environment the server hands the
+kernel (the hub's spawner puts GPULAB_WORKER, GPULAB_TOKEN and GPULAB_CONTROL_URL there).  Without
+them, or when the worker refuses the token, the kernel is not started at all and the front end
+shows why: a CUDA kernel that cannot reach a GPU fails later, in a cell, and less clearly.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from jupyter_client.provisioning import LocalProvisioner
+from traitlets import Float, Unicode
+
+from gpu_worker.client import shim_dir, shim_env
+from gpu_worker.client.control import ControlError, call
+
+NAME = "gpulab-vgpu"  # its entry point name, which kernelspecs give as provisioner_name
+
+
+class NoVGPU(RuntimeError):
+    """Why this kernel gets no vGPU, as one sentence for the person starting it."""
+
+
+class VGPUProvisioner(LocalProvisioner):
+    """A local kernel on the session's vGPU: the shim first on LD_LIBRARY_PATH, the vGPU's credentials set."""
+
+    worker = Unicode("", config=True, help="The vGPU's worker, tcp://host:port or unix:///path (default: "
+                                           "$GPULAB_WORKER of the server's environment).")
+    token = Unicode("", config=True, help="The vGPU's session token (default: $GPULAB_TOKEN of the server's "
+                                          "environment). Prefer the environment: a kernelspec is a file others "
+                                          "may read.")
+    control_url = Unicode("", config=True, help="The worker's control API, http://host:port, which %vgpu and "
+                                                "the check before the start ask (default: $GPULAB_CONTROL_URL "
+                                                "of the server's environment; none: no check).")
+    check_timeout = Float(5.0, config=True, help="Seconds to wait for the worker's control API to confirm the "
+                                                 "vGPU before the kernel starts.")
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        env = dict(kwargs.get("env") or os.environ)
+        worker = self.worker or env.get("GPULAB_WORKER", "")
+        token = self.token or env.get("GPULAB_TOKEN", "")
+        control = self.control_url or env.get("GPULAB_CONTROL_URL", "")
+        if not worker or not token:
+            missing = " and ".join(n for n, v in (("GPULAB_WORKER", worker), ("GPULAB_TOKEN", token)) if not v)
+            raise NoVGPU(f"the \"{self.kernel_spec.display_name}\" kernel needs a vGPU, but this Jupyter server "
+                         f"has none: {missing} {'is' if ' and ' not in missing else 'are'} not set in its "
+                         f"environment (start the server from a GPU profile, or set them)")
+        if control:
+            await self.confirm(control, token)
+        kwargs["env"] = vgpu_env(env, worker, token, control)
+        return await super().pre_launch(**kwargs)
+
+    async def confirm(self, control: str, token: str) -> None:
+        """Ask the worker whether the token still has a usable vGPU; NoVGPU if not."""
+        try:
+            answer = await asyncio.to_thread(call, control.rstrip("/"), token, "GET", "/api/vgpus",
+                                             None, self.check_timeout)
+        except ControlError as e:
+            if e.status == 403:
+                raise NoVGPU(f"the vGPU's worker at {control} does not accept this server's session token (the "
+                             f"session has ended or the token is wrong)") from None
+            raise NoVGPU(f"the kernel would have no GPU: {e}") from None
+        for v in answer.get("vgpus") or []:
+            if v.get("state") == "revoked":
+                raise NoVGPU(f"this server's vGPU {v.get('id')} was revoked: {v.get('reason') or 'no reason given'}")
+
+
+def vgpu_env(base: dict, worker: str, token: str, control: str = "") -> dict:
+    """`base` with the shim first on LD_LIBRARY_PATH (once) and the vGPU's credentials."""
+    shim = str(shim_dir())
+    rest = [p for p in base.get("LD_LIBRARY_PATH", "").split(":") if p and p != shim]
+    env = shim_env(worker, token, base={**base, "LD_LIBRARY_PATH": ":".join(rest)})
+    if control:
+        env["GPULAB_CONTROL_URL"] = control
+    return env

@@ -41,3 +41,10 @@ def _load_jupyter_server_extension(serverapp):
 
 # jupyter_server < 2 looked for this name
 load_jupyter_server_extension = _load_jupyter_server_extension
+
+
+def _unload_jupyter_server_extension(serverapp):
+    """Stop the timers and running actions' followers when the server stops."""
+    state = serverapp.web_app.settings.get("gpulab_vgpu_state")
+    if state is not None:
+        state.stop()

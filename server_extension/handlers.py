@@ -23,7 +23,7 @@ class VGPUHandler(APIHandler):
 
     def initialize(self, state, config: VGPUExtension):
         self.state = state
-        self.config = config
+        self.vgpu_config = config
 
     def answer(self, data, status: int = 200) -> None:
         self.set_status(status)
@@ -37,7 +37,7 @@ class VGPUHandler(APIHandler):
     async def known(self, vgpu_id: str) -> bool:
         """True for one of this session's vGPUs; otherwise the refusal is written and False returned."""
         if self.state is None:
-            self.refuse(404, self.config.why_not())
+            self.refuse(404, self.vgpu_config.why_not())
             return False
         try:
             ids = await self.state.vgpu_ids()
@@ -54,8 +54,8 @@ class VGPUsHandler(VGPUHandler):
     @tornado.web.authenticated
     async def get(self):
         if self.state is None:
-            self.answer({"configured": False, "message": self.config.why_not(), "emulated": False, "vgpus": [],
-                         "gpus": [], "time": None, "refresh": self.config.refresh})
+            self.answer({"configured": False, "message": self.vgpu_config.why_not(), "emulated": False, "vgpus": [],
+                         "gpus": [], "time": None, "refresh": self.vgpu_config.refresh})
             return
         try:
             self.answer(await self.state.panel())
@@ -67,7 +67,7 @@ class HistoryHandler(VGPUHandler):
     @tornado.web.authenticated
     async def get(self, vgpu_id):
         if await self.known(vgpu_id):
-            self.answer({"interval": self.config.refresh, "samples": self.state.history.samples(vgpu_id)})
+            self.answer({"interval": self.vgpu_config.refresh, "samples": self.state.history.samples(vgpu_id)})
 
 
 class TraceHandler(VGPUHandler):

@@ -1,4 +1,4 @@
-"""Dependencies run one way: gpulab (the CLI) -> hub_spawner -> gpu_worker.client -> gpu_worker.
+"""Dependencies run one way: gpulab (the CLI) -> hub_spawner and server_extension -> gpu_worker.client -> gpu_worker.
 
 Read from the source with ast, so an import hidden inside a function or given as a string to
 importlib counts too: the old CLI imported hub_spawner by string from gpu_worker."""
@@ -67,6 +67,16 @@ def test_hub_spawner_uses_only_the_public_client(path):
                  if m.startswith("gpu_worker") and not (m == "gpu_worker.client" or m.startswith("gpu_worker.client."))}
     assert not internals, f"{path.relative_to(ROOT)} imports gpu_worker internals {sorted(internals)}"
     assert not {m for m in imported_modules(path) if m.split(".")[0] == "gpulab"}
+
+
+@pytest.mark.parametrize("path", sources("server_extension"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_server_extension_uses_only_the_public_client(path):
+    """The Jupyter server extension sits between the CLI and the worker's client: it may use gpu_worker.client
+    (and itself), never gpu_worker's internals, the hub's parts or the CLI."""
+    project = ("gpu_worker", "hub_spawner", "gpulab")
+    wrong = {m for m in imported_modules(path) if m.split(".")[0] in project
+             and not (m == "gpu_worker.client" or m.startswith("gpu_worker.client."))}
+    assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}"
 
 
 def test_the_checker_sees_hidden_and_relative_imports(tmp_path):

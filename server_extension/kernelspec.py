@@ -17,6 +17,8 @@ from pathlib import Path
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
+from gpu_worker.client import shim_dir
+
 from .provisioner import NAME as PROVISIONER
 
 KERNEL_NAME = "python3-vgpu"
@@ -24,9 +26,14 @@ DISPLAY_NAME = "Python 3 (vGPU)"
 
 
 def kernel_json(display_name: str = DISPLAY_NAME, python: str = sys.executable, config: dict | None = None) -> dict:
-    """The kernelspec's kernel.json: ipykernel with the magics, started by the vGPU provisioner."""
+    """The kernelspec's kernel.json: ipykernel with the magics, started by the vGPU provisioner.
+
+    Its env stanza puts the shim first on LD_LIBRARY_PATH too, for front ends that start kernelspecs
+    themselves and skip provisioners (VS Code's and PyCharm's local kernels, docs/ide.md); under a
+    Jupyter server the provisioner does it again, once, with the credentials and the checks."""
     return {
         "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--ext=gpulab"],
+        "env": {"LD_LIBRARY_PATH": f"{shim_dir()}:${{LD_LIBRARY_PATH}}"},
         "display_name": display_name,
         "language": "python",
         "interrupt_mode": "signal",

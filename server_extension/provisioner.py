@@ -54,8 +54,14 @@ class VGPUProvisioner(LocalProvisioner):
                          f"environment (start the server from a GPU profile, or set them)")
         if control:
             await self.confirm(control, token)
-        kwargs["env"] = vgpu_env(env, worker, token, control)
+        self.vgpu = (worker, token, control)  # applied by _finalize_env, after the kernelspec's own env stanza
+        kwargs["env"] = env
         return await super().pre_launch(**kwargs)
+
+    def _finalize_env(self, env: dict[str, str]) -> None:
+        super()._finalize_env(env)
+        if getattr(self, "vgpu", None):
+            env.update(vgpu_env(env, *self.vgpu))
 
     async def confirm(self, control: str, token: str) -> None:
         """Ask the worker whether the token still has a usable vGPU; NoVGPU if not."""
@@ -73,9 +79,10 @@ class VGPUProvisioner(LocalProvisioner):
 
 
 def vgpu_env(base: dict, worker: str, token: str, control: str = "") -> dict:
-    """`base` with the shim first on LD_LIBRARY_PATH (once) and the vGPU's credentials."""
+    """`base` with the shim first on LD_LIBRARY_PATH (once) and the vGPU's credentials. An entry left as
+    "${LD_LIBRARY_PATH}" (the kernelspec's stanza, where the server had none to substitute) goes."""
     shim = str(shim_dir())
-    rest = [p for p in base.get("LD_LIBRARY_PATH", "").split(":") if p and p != shim]
+    rest = [p for p in base.get("LD_LIBRARY_PATH", "").split(":") if p and p != shim and "${" not in p]
     env = shim_env(worker, token, base={**base, "LD_LIBRARY_PATH": ":".join(rest)})
     if control:
         env["GPULAB_CONTROL_URL"] = control

@@ -192,7 +192,8 @@ def test_credentials_from_the_kernelspec_config_and_the_shim_once(worker, specs)
     base = server_env(None, LD_LIBRARY_PATH=f"/opt/lib:{shim_dir()}")
     cmd, kw = pre_start(specs, base, "vgpu-configured")
     env = kw["env"]
-    assert env["LD_LIBRARY_PATH"] == f"{shim_dir()}:/opt/lib"  # first, and only once
+    assert env["LD_LIBRARY_PATH"] == f"{shim_dir()}:/opt/lib"  # first, and only once (the kernelspec has it too)
+    assert pre_start(specs, server_env(worker))[1]["env"]["LD_LIBRARY_PATH"] == str(shim_dir())  # nothing else
     assert (env["GPULAB_WORKER"], env["GPULAB_TOKEN"], env["GPULAB_CONTROL_URL"]) == \
         (worker.unix, worker.token, worker.control)
     assert cmd[-1] == "--ext=gpulab"  # the magics load at start

@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
+from tornado.web import HTTPError
 from traitlets import Float, Unicode
 
 from gpu_worker.client import shim_dir, shim_env
@@ -24,8 +25,17 @@ from gpu_worker.client.control import ControlError, call
 NAME = "gpulab-vgpu"  # its entry point name, which kernelspecs give as provisioner_name
 
 
-class NoVGPU(RuntimeError):
-    """Why this kernel gets no vGPU, as one sentence for the person starting it."""
+class NoVGPU(HTTPError):
+    """Why this kernel gets no vGPU, as one sentence for the person starting it.  An HTTPError so that a
+    Jupyter server answers the front end with the sentence (its API handlers answer any other
+    exception with "Unhandled error"); 503: the server cannot give this kernel what it needs."""
+
+    def __init__(self, sentence: str):
+        super().__init__(503, sentence, reason="No vGPU")
+        self.sentence = sentence
+
+    def __str__(self) -> str:
+        return self.sentence
 
 
 class VGPUProvisioner(LocalProvisioner):

@@ -9,6 +9,8 @@ import asyncio
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
@@ -197,3 +199,33 @@ def test_credentials_from_the_kernelspec_config_and_the_shim_once(worker, specs)
     assert (env["GPULAB_WORKER"], env["GPULAB_TOKEN"], env["GPULAB_CONTROL_URL"]) == \
         (worker.unix, worker.token, worker.control)
     assert cmd[-1] == "--ext=gpulab"  # the magics load at start
+
+
+def test_a_front_end_that_skips_provisioners_still_gets_the_shim_first(specs):
+    """VS Code's and PyCharm's local kernels: the kernelspec's argv and env, no provisioner."""
+    prefix = specs[1]
+    spec_dir = prefix / "share" / "jupyter" / "kernels" / kernelspec.KERNEL_NAME
+    plain = json.loads((spec_dir / "kernel.json").read_text())
+    del plain["metadata"]["kernel_provisioner"]
+    (spec_dir.parent / "vgpu-plain").mkdir()
+    (spec_dir.parent / "vgpu-plain" / "kernel.json").write_text(json.dumps(plain))
+    cmd, kw = pre_start(specs, server_env(None, LD_LIBRARY_PATH="/opt/lib"), "vgpu-plain")
+    assert kw["env"]["LD_LIBRARY_PATH"] == f"{shim_dir()}:/opt/lib" and cmd[-1] == "--ext=gpulab"
+
+
+def test_kernelspec_install_and_remove_from_the_command_line(tmp_path):
+    gpulab = [sys.executable, "-m", "gpulab.cli", "kernelspec"]
+    p = subprocess.run([*gpulab, "install", "--prefix", str(tmp_path), "--name", "gpu-k", "--display-name", "GPU k"],
+                       capture_output=True, text=True, timeout=60)
+    spec = tmp_path / "share" / "jupyter" / "kernels" / "gpu-k"
+    assert p.returncode == 0 and f"installed kernelspec gpu-k (GPU k) in {spec}" in p.stdout, p.stderr
+    k = json.loads((spec / "kernel.json").read_text())
+    assert k["display_name"] == "GPU k" and k["metadata"]["kernel_provisioner"]["provisioner_name"] == "gpulab-vgpu"
+    assert k["argv"][0] == sys.executable
+    p = subprocess.run([*gpulab, "remove", "--prefix", str(tmp_path), "--name", "gpu-k"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and not spec.exists()
+    p = subprocess.run([*gpulab, "remove", "--prefix", str(tmp_path), "--name", "gpu-k"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1
+    assert p.stderr.strip() == f"gpulab kernelspec remove: no kernelspec named gpu-k in {spec.parent}"

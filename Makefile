@@ -90,7 +90,12 @@ SERVER_CONFIG := $(VENV)/etc/jupyter/jupyter_server_config.d/gpulab.json
 $(SERVER_CONFIG): server_extension/jupyter-config/jupyter_server_config.d/gpulab.json | $(PIP_STAMP)
 	@mkdir -p $(dir $@) && cp $< $@
 
-build: install gpu_worker/shim/lib/libcuda.so.1 $(SERVER_CONFIG)
+# The "Python 3 (vGPU)" kernelspec in this venv, where the lab's single-user servers find it (docs/ide.md).
+KERNELSPEC := $(VENV)/share/jupyter/kernels/python3-vgpu/kernel.json
+$(KERNELSPEC): server_extension/kernelspec.py | $(PIP_STAMP)
+	$(VENV)/bin/gpulab kernelspec install --sys-prefix
+
+build: install gpu_worker/shim/lib/libcuda.so.1 $(SERVER_CONFIG) $(KERNELSPEC)
 
 # Regenerate the C stubs and the Python dispatch from gpu_worker/api/table.py (standard library only).
 generate:

@@ -31,9 +31,11 @@ TRACE_DEFAULT = 20
 def session_credential(environ=None) -> tuple[str, str]:
     """(control URL, session token) from this kernel's environment; UsageError naming what is missing."""
     env = os.environ if environ is None else environ
-    if not env.get("GPULAB_TOKEN") or not env.get("GPULAB_WORKER"):
-        raise UsageError("this kernel has no vGPU: GPULAB_WORKER and GPULAB_TOKEN are not in its environment "
-                         "(start it from the \"Python 3 (vGPU)\" kernel, or a server spawned with a GPU profile)")
+    missing = [name for name in ("GPULAB_WORKER", "GPULAB_TOKEN") if not env.get(name)]
+    if missing:
+        raise UsageError(f"this kernel has no vGPU: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                         f"not in its environment (start it from the \"Python 3 (vGPU)\" kernel, or a server "
+                         f"spawned with a GPU profile)")
     if not env.get("GPULAB_CONTROL_URL"):
         raise UsageError(f"this kernel's vGPU (worker {env['GPULAB_WORKER']}) has no control API address: "
                          f"GPULAB_CONTROL_URL is not in its environment")

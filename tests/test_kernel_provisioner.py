@@ -147,6 +147,9 @@ def test_magic_errors_are_one_sentence(kernel):
         "%vgpu frobnicate": "no %vgpu subcommand 'frobnicate'",
         "%vgpu trace many": "usage: %vgpu trace [N]",
         "import os; _t = os.environ.pop('GPULAB_TOKEN')\ntry:\n    %vgpu\nfinally:\n    os.environ['GPULAB_TOKEN'] = _t":
+            "this kernel has no vGPU: GPULAB_TOKEN is not in its environment",
+        "import os; _e = {k: os.environ.pop(k) for k in ('GPULAB_TOKEN', 'GPULAB_WORKER')}\ntry:\n    %vgpu\n"
+        "finally:\n    os.environ.update(_e)":
             "this kernel has no vGPU: GPULAB_WORKER and GPULAB_TOKEN are not in its environment",
         "import os; _u = os.environ['GPULAB_CONTROL_URL']; os.environ['GPULAB_CONTROL_URL'] = 'http://127.0.0.1:9'"
         "\ntry:\n    %vgpu\nfinally:\n    os.environ['GPULAB_CONTROL_URL'] = _u":

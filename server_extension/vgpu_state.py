@@ -1,7 +1,7 @@
 """What the panel shows, from the worker's answer kept for ``refresh`` seconds.
 
-However many browser tabs poll, the worker is asked at most once per interval (and once per interval
-more for the recent calls of a vGPU while a panel shows them).  The same refresh feeds the usage
+However many browser tabs poll, the worker is asked at most once per interval (and, while a panel
+shows a vGPU's recent calls, once more when its counters moved).  The same refresh feeds the usage
 history, and runs on a timer while no panel is open so that the chart has a past."""
 from __future__ import annotations
 
@@ -17,11 +17,45 @@ from .idle import IdleHint
 from .kernels import kernels_now, map_processes
 from .worker_client import WorkerClient, WorkerError
 
+GPUS_EVERY = 30.0  # seconds between two looks at the GPUs (their model and memory do not change)
+TRACE_EVERY = 30.0  # seconds a vGPU's recent calls are kept while its counters do not move
 
-async def fetch(client: WorkerClient) -> tuple[list[dict], list[dict]]:
-    """One refresh from the worker: (its vGPUs as this session sees them, their GPUs)."""
-    vgpus, gpus = await asyncio.gather(client.vgpus(), client.gpus())
-    return vgpus, gpus
+
+class WorkerView:
+    """The worker's answers as this server last had them, asked for as little as the panel allows: the
+    vGPUs at each refresh; the GPUs (model and memory, which do not change) every GPUS_EVERY seconds or
+    when a vGPU names one not seen yet; a vGPU's recent calls only when its call counter moved since
+    they were fetched (or TRACE_EVERY passed), so an idle session's open panel costs one request per
+    refresh.  benchmarks/panel_polling.py polls through this class, as the server does."""
+
+    def __init__(self, client: WorkerClient):
+        self.client = client
+        self.vgpus: list[dict] = []
+        self.gpus: list[dict] | None = None
+        self.gpus_at = 0.0
+        self.traces: dict[tuple[str, int], tuple[float, tuple, list[dict]]] = {}
+
+    async def refresh(self) -> tuple[list[dict], list[dict]]:
+        """(the vGPUs as this session sees them, their GPUs) from the worker."""
+        if self.gpus is None or time.monotonic() - self.gpus_at >= GPUS_EVERY:
+            self.vgpus, self.gpus = await asyncio.gather(self.client.vgpus(), self.client.gpus())
+            self.gpus_at = time.monotonic()
+        else:
+            self.vgpus = await self.client.vgpus()
+            known = {g["uuid"] for g in self.gpus}
+            if any(u not in known for v in self.vgpus for u in v.get("gpus") or ()):
+                self.gpus, self.gpus_at = await self.client.gpus(), time.monotonic()
+        return self.vgpus, self.gpus
+
+    async def trace(self, vgpu_id: str, last: int) -> list[dict]:
+        """The vGPU's ``last`` newest call records, fetched again only when its counters moved."""
+        v = next((v for v in self.vgpus if str(v["id"]) == vgpu_id), {})
+        mark = (v.get("calls"), v.get("launches"), v.get("sessions_opened"), len(v.get("processes") or ()))
+        kept = self.traces.get((vgpu_id, last))
+        if kept is None or kept[1] != mark or time.monotonic() - kept[0] >= TRACE_EVERY:
+            records = await self.client.trace(vgpu_id, last)
+            self.traces[(vgpu_id, last)] = kept = (time.monotonic(), mark, records)
+        return kept[2]
 
 
 class VGPUState:
@@ -32,6 +66,7 @@ class VGPUState:
         self.kernel_manager = kernel_manager
         self.session_manager = session_manager
         self.client = WorkerClient(config.control_url, config.token, config.request_timeout)
+        self.view = WorkerView(self.client)
         self.history = History(config.history)
         self.actions = Actions(self.client, ended=lambda _action: self.stale())
         self.idle = IdleHint(self, kernel_manager)
@@ -55,7 +90,7 @@ class VGPUState:
             if self.cached is None or not self.fresh(self.cached[0]):
                 asked = time.monotonic()
                 try:
-                    vgpus, gpus = await fetch(self.client)
+                    vgpus, gpus = await self.view.refresh()
                     answer: dict | WorkerError = {"vgpus": vgpus, "gpus": gpus, "time": time.time()}
                     self.history.add(answer["time"], vgpus)
                 except WorkerError as exc:
@@ -88,13 +123,14 @@ class VGPUState:
                 "vgpus": vgpus, "gpus": snap["gpus"], "time": snap["time"], "refresh": self.config.refresh}
 
     async def trace(self, vgpu_id: str, last: int) -> list[dict]:
-        key = (vgpu_id, last)
-        kept = self.traces.get(key)
+        """The recent calls, no older than ``refresh`` (another tab asking too costs the worker nothing)."""
+        kept = self.traces.get((vgpu_id, last))
         if kept is None or not self.fresh(kept[0]):
             asked = time.monotonic()
-            records = await self.client.trace(vgpu_id, last)
+            await self.snapshot()  # the counters that say whether the worker has new records
+            records = await self.view.trace(vgpu_id, last)
             self.traces = {k: v for k, v in self.traces.items() if self.fresh(v[0])}
-            self.traces[key] = kept = (asked, records)
+            self.traces[(vgpu_id, last)] = kept = (asked, records)
         return kept[1]
 
     # ------------------------------------------------------------ timers

@@ -151,10 +151,9 @@ class ControlServer:
 
             return CONTENT_TYPE, render(self.registry)
         if path == "/api/vgpus" and method == "GET":
-            vgpus = self.registry.vgpus()
-            if caller is not None:
-                vgpus = [v for v in vgpus if str(v["id"]) == str(caller["id"])]
-            return _json({"vgpus": vgpus})
+            # a session sees its own vGPU, described a moment ago by authenticate: describing all of the
+            # worker's vGPUs for each of their panels' polls would cost the worker n * n per interval
+            return _json({"vgpus": self.registry.vgpus() if caller is None else [caller]})
         if path == "/api/gpus" and method == "GET":
             return _json({"gpus": self.gpus(caller)})
         m = _VGPU.fullmatch(path)

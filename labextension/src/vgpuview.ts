@@ -67,15 +67,17 @@ export class VgpuView {
 
     this.vramChart = createChart('gpulab-vram-chart', 'GPU memory over time per tier');
     this.shareChart = createChart('gpulab-share-chart', 'Compute use against the share');
+    const vramLegend = legend([
+      ['gpulab-tier-hot', 'hot (on the GPU)'],
+      ['gpulab-tier-warm', 'warm (host memory)'],
+      ['gpulab-tier-cold', 'cold (disk)'],
+      ['gpulab-quota', 'quota']
+    ]);
+    this.quotaLegend = vramLegend.lastChild!.lastChild!;
     this.node.append(
       make('h3', 'gpulab-heading', undefined, 'GPU memory over time'),
       this.vramChart,
-      legend([
-        ['gpulab-tier-hot', 'hot (on the GPU)'],
-        ['gpulab-tier-warm', 'warm (host memory)'],
-        ['gpulab-tier-cold', 'cold (disk)'],
-        ['gpulab-quota', 'quota']
-      ]),
+      vramLegend,
       make('h3', 'gpulab-heading', undefined, 'Compute use against the share'),
       this.shareChart,
       legend([
@@ -119,6 +121,7 @@ export class VgpuView {
       `${fmt.usedOfQuota(vgpu.used + vgpu.overhead, vgpu.quota)} ` +
       `(context overhead ${fmt.bytes(vgpu.overhead)}) · ${tierLine(vgpu.tiers)}`;
     this.compute.textContent = `${fmt.percent(vgpu.share_measured)} used of a ${fmt.percent(vgpu.share)} share`;
+    this.quotaLegend.textContent = `quota ${fmt.bytes(vgpu.quota)}`;
     const samples = this.model.history(vgpu.id);
     drawVram(this.vramChart, samples);
     drawShare(this.shareChart, samples);
@@ -238,6 +241,7 @@ export class VgpuView {
   private readonly vram: HTMLElement;
   private readonly compute: HTMLElement;
   private readonly vramChart: SVGSVGElement;
+  private readonly quotaLegend: ChildNode;
   private readonly shareChart: SVGSVGElement;
   private readonly buttons: Record<TierRequest, HTMLButtonElement>;
   private readonly progress: HTMLElement;

@@ -40,7 +40,7 @@ demo-cuda test-gpu validate-gpu wheelhouse: NEEDS := gpu
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-cuda test test-gpu validate-gpu system install build generate bench wheelhouse clean FORCE
+.PHONY: demo demo-cuda test test-gpu validate-gpu system install build labextension generate bench wheelhouse clean FORCE
 
 # The embedded default: JupyterHub + GPU pool + a local worker (the GPU, or the emulated device).
 demo: build
@@ -95,7 +95,23 @@ KERNELSPEC := $(VENV)/share/jupyter/kernels/python3-vgpu/kernel.json
 $(KERNELSPEC): server_extension/kernelspec.py | $(PIP_STAMP)
 	$(VENV)/bin/gpulab kernelspec install --sys-prefix
 
-build: install gpu_worker/shim/lib/libcuda.so.1 $(SERVER_CONFIG) $(KERNELSPEC)
+# The JupyterLab front end (labextension/, TypeScript): npm ci and the JupyterLab builder, through
+# tools/build_labextension.py, when its sources change; then linked where this venv's JupyterLab
+# looks for prebuilt extensions (a wheel carries the build instead: setup.py). The GPU goals skip it
+# (their NEEDS reaches these recipes; the device machine has no Node.js).
+SRC_LAB := $(addprefix labextension/,package.json package-lock.json tsconfig.json) \
+	$(wildcard labextension/src/*.ts labextension/style/* labextension/schema/*.json)
+LAB_BUILT := server_extension/labextension/package.json
+LAB_LINK := $(VENV)/share/jupyter/labextensions/@gpulab/vgpu-panel
+$(LAB_BUILT): $(SRC_LAB) tools/build_labextension.py | $(PIP_STAMP)
+	[ "$(NEEDS)" = gpu ] || $(VPY) tools/build_labextension.py
+
+labextension: $(LAB_BUILT)
+	@[ "$(NEEDS)" = gpu ] || [ "$$(readlink '$(LAB_LINK)')" = "$(CURDIR)/server_extension/labextension" ] || \
+		{ mkdir -p '$(dir $(LAB_LINK))' && rm -rf '$(LAB_LINK)' && \
+		  ln -s '$(CURDIR)/server_extension/labextension' '$(LAB_LINK)'; }
+
+build: install gpu_worker/shim/lib/libcuda.so.1 $(SERVER_CONFIG) $(KERNELSPEC) labextension
 
 # Regenerate the C stubs and the Python dispatch from gpu_worker/api/table.py (standard library only).
 generate:
@@ -117,4 +133,4 @@ wheelhouse: $(VENV)/pyvenv.cfg
 FORCE:
 
 clean:
-	rm -rf $(STAMP) gpu_worker/shim/lib build *.egg-info
+	rm -rf $(STAMP) gpu_worker/shim/lib build *.egg-info server_extension/labextension labextension/lib labextension/tsconfig.tsbuildinfo

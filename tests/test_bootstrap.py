@@ -86,8 +86,12 @@ def test_node_from_no_package_without_npm_is_a_sentence():
     assert "/opt/node/bin/node is not from a Debian package" in p.problems[0]
 
 
-def test_npm_is_not_needed_once_the_proxy_is_there():
-    assert plan(dataclasses.replace(EVERYTHING, npm=False)).steps == []
+def test_npm_builds_the_front_end_even_with_the_proxy_there():
+    no_npm = dataclasses.replace(EVERYTHING, npm=False, node_package="nodejs", node_provides=("nodejs-abi-108",))
+    for goal in ("test", "demo"):  # `make labextension` runs npm ci and the JupyterLab builder
+        p = plan(no_npm, goal)
+        assert apt_packages(p) == ["npm"] and "front end" in p.steps[-1].why, p
+    assert plan(no_npm, "gpu").steps == []  # the device machine builds no front end
 
 
 def test_everything_present_means_nothing_to_do():

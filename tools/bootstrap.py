@@ -30,11 +30,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# What each make goal needs. npm only matters for installing configurable-http-proxy, so it is
-# needed only while the proxy is missing; Node.js runs the proxy, so it is always needed.
+# What each make goal needs. Node.js runs the proxy; npm builds the JupyterLab front end
+# (tools/build_labextension.py, `make labextension`) and installs the proxy. The GPU goals build
+# no front end and start no hub, so the device machine needs neither.
 NEEDS = {
-    "demo": frozenset({"cc", "venv", "node", "proxy"}),
-    "test": frozenset({"cc", "venv", "node", "proxy", "chromium", "prometheus"}),
+    "demo": frozenset({"cc", "venv", "node", "npm", "proxy"}),
+    "test": frozenset({"cc", "venv", "node", "npm", "proxy", "chromium", "prometheus"}),
     "gpu": frozenset({"cc", "venv"}),
 }
 
@@ -105,13 +106,14 @@ def decide(f: Facts, needs: frozenset, venv: str = ".venv") -> Plan:
         apt.append(("prometheus", "Debian's Prometheus and promtool, which the metrics tests run (its service "
                                   "is not started)"))
     if "node" in needs and not f.node:
-        apt.append(("nodejs", "Node.js, which runs configurable-http-proxy"))
+        apt.append(("nodejs", "Node.js, which runs configurable-http-proxy and builds the JupyterLab front end"))
     npm_ok = True
-    if "proxy" in needs and not f.proxy and not f.npm:
+    if ("npm" in needs or ("proxy" in needs and not f.proxy)) and not f.npm:
         if not f.node:
             # Debian's nodejs ships no npm. Should the nodejs apt picks bring its own npm
             # (NodeSource's does), the re-probe after installing it drops this step.
-            apt.append(("npm", "npm, to install configurable-http-proxy (unless nodejs brought it)"))
+            apt.append(("npm", "npm, to build the JupyterLab front end and install configurable-http-proxy "
+                               "(unless nodejs brought it)"))
         elif "npm" in f.node_provides:
             npm_ok = False
             problems.append(
@@ -119,13 +121,14 @@ def decide(f: Facts, needs: frozenset, venv: str = ".venv") -> Plan:
                 f"(Debian's npm conflicts with it), but npm is not on PATH: reinstall that package "
                 f"(apt-get install --reinstall {f.node_package}) or put its npm on PATH.")
         elif f.node_package == "nodejs":
-            apt.append(("npm", "npm, to install configurable-http-proxy (Debian's nodejs ships none)"))
+            apt.append(("npm", "npm, to build the JupyterLab front end and install configurable-http-proxy "
+                               "(Debian's nodejs ships none)"))
         else:
             npm_ok = False
             problems.append(
                 f"Node.js at {f.node_path} is not from a Debian package and has no npm beside it: install the "
-                f"npm that belongs to it (Debian's npm would bring a second Node.js), or install {PROXY} "
-                f"yourself.")
+                f"npm that belongs to it (Debian's npm would bring a second Node.js); npm builds the JupyterLab "
+                f"front end and installs {PROXY}.")
 
     steps: list[Step] = []
     apt_blocked = set()

@@ -167,3 +167,26 @@ def test_dashboard_is_for_admins_only(page, hub):
     login(page, hub, "bob")
     resp = page.goto(f"{hub.url}/services/gpulab-pool/")
     assert resp.status == 403
+
+
+def test_lab_status_bar_shows_the_quota_through_the_hub(page, hub):
+    """The vGPU front end under the hub's base URL: its API calls go to /user/<name>/gpulab/api/ (from
+    the page's settings, not the site root) and the status bar shows the server's quota."""
+    login(page, hub, "bob")
+    calls = []
+    page.on("response", lambda r: calls.append((r.url.split("?")[0], r.status)) if "/gpulab/api/" in r.url else None)
+    status, _ = hub.api("POST", "users/bob/server", {"profile": "small"})
+    assert status in (201, 202)
+    try:
+        hub.wait_ready("bob")
+        [alloc] = hub.allocations("bob")
+        gib = alloc["vram"] / (1 << 30)
+        quota = f"{gib:g} GiB" if gib >= 1 else f"{alloc['vram'] >> 20} MiB"
+        page.goto(f"{hub.url}/user/bob/lab")
+        item = page.locator("[data-testid=gpulab-status]")
+        playwright_api.expect(item).to_have_text(re.compile(rf"^vGPU 0 / {re.escape(quota)}"), timeout=120000)
+        assert (f"{hub.url}/user/bob/gpulab/api/vgpus", 200) in calls, calls
+        assert not any(url.startswith(f"{hub.url}/gpulab/") for url, _ in calls), calls
+    finally:
+        hub.api("DELETE", "users/bob/server")
+        hub.wait_stopped("bob")

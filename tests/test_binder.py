@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import nbformat
@@ -142,6 +143,7 @@ def test_binder_builds_clean_and_serves_the_emulated_vgpu(binder_env):
     shutil.copy(repo / "binder" / "gpulab-tour.ipynb", tour)
     p = run(env, str(repo / "binder" / "start"), "jupyter", "nbconvert", "--to", "notebook", "--execute",
             "--inplace", "--ExecutePreprocessor.timeout=120", str(tour), cwd=home, timeout=300)
+    stop_worker(tmp)
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
     print(f"the tour notebook under binder/start: {time.monotonic() - started:.1f} s")
     out = "\n".join(o.get("text", "") for c in nbformat.read(tour, 4).cells if c.cell_type == "code"
@@ -149,6 +151,36 @@ def test_binder_builds_clean_and_serves_the_emulated_vgpu(binder_env):
     assert "bytes intact after the offload: True" in out, out
     assert "is warm: 0 bytes hot, 256.0 MiB warm" in out and "is cold: 0 bytes hot, 0 bytes warm, 256.0 MiB cold" in out
     assert "cuMemAlloc" in out and "VRAM:     256.0 MiB / 1.0 GiB" in out, out
+
+
+def test_binder_start_serves_jupyterlab_with_the_vgpu(binder_env):
+    """What Binder runs: `binder/start jupyter lab ...`; the server extension sees the emulated vGPU."""
+    _, _, env, tmp = binder_env
+    repo = binder_env[0]
+    log = open(tmp / "lab.log", "w+")
+    lab = subprocess.Popen([str(repo / "binder" / "start"), "jupyter", "lab", "--no-browser", "--ServerApp.port=0",
+                            "--IdentityProvider.token=binder-test", f"--ServerApp.root_dir={tmp / 'home'}",
+                            *(["--allow-root"] if os.geteuid() == 0 else [])],  # Binder's user is not root; CI's may be
+                           env=env, cwd=tmp / "home", stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, url = time.monotonic() + 60, None
+        while url is None and time.monotonic() < deadline and lab.poll() is None:
+            time.sleep(0.2)
+            found = re.search(r"(http://(?:127\.0\.0\.1|localhost):\d+/)lab", (tmp / "lab.log").read_text())
+            url = found and found.group(1)
+        assert url, (tmp / "lab.log").read_text()
+        page = urllib.request.urlopen(urllib.request.Request(url + "lab?token=binder-test"), timeout=30).read()
+        assert b"JupyterLab" in page
+        req = urllib.request.Request(url + "gpulab/api/vgpus", headers={"Authorization": "token binder-test"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
+        assert answer["configured"] and answer["emulated"], answer
+        (v,) = answer["vgpus"]
+        assert v["quota"] == QUOTA
+    finally:
+        os.killpg(lab.pid, signal.SIGTERM)
+        lab.wait(30)
+        log.close()
+        stop_worker(tmp)
 
 
 def test_binder_installs_the_front_end_from_the_wheel(binder_env):

@@ -45,6 +45,15 @@ function xs(samples: Sample[]): number[] {
   return samples.map(s => ((s.t - first) / span) * WIDTH);
 }
 
+/** Each figure holds until the next sample (a poll sees a state, not a ramp): a step line. */
+function stepped(samples: Sample[]): Sample[] {
+  const out = [samples[0]];
+  for (let i = 1; i < samples.length; i++) {
+    out.push({ ...samples[i - 1], t: samples[i].t }, samples[i]);
+  }
+  return out;
+}
+
 function y(value: number, top: number): number {
   return HEIGHT - (Math.max(0, value) / top) * HEIGHT;
 }
@@ -67,7 +76,7 @@ export function drawVram(svg: SVGSVGElement, samples: Sample[]): void {
     svg.removeAttribute('data-last');
     return;
   }
-  const single = samples.length === 1 ? [{ ...samples[0], t: samples[0].t - 1 }, samples[0]] : samples;
+  const single = stepped(samples.length === 1 ? [{ ...samples[0], t: samples[0].t - 1 }, samples[0]] : samples);
   const x = xs(single);
   const quota = Math.max(...single.map(s => s.quota));
   const top = Math.max(quota, ...single.map(s => s.hot + s.warm + s.cold), 1) * 1.05;
@@ -108,7 +117,7 @@ export function drawShare(svg: SVGSVGElement, samples: Sample[]): void {
     svg.removeAttribute('data-last');
     return;
   }
-  const series = known.length === 1 ? [{ ...known[0], t: known[0].t - 1 }, known[0]] : known;
+  const series = stepped(known.length === 1 ? [{ ...known[0], t: known[0].t - 1 }, known[0]] : known);
   const x = xs(series);
   const top = Math.max(10, ...series.map(s => Math.max(s.share ?? 0, s.share_measured ?? 0))) * 1.2;
   const used = points(x, series.map(s => y(s.share_measured ?? 0, top)));

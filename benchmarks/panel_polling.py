@@ -1,19 +1,24 @@
 #!/usr/bin/env python
 """What the vGPU panel's polling costs the worker, and how often a tier action's progress updates.
 
-    python benchmarks/panel_polling.py [--quick] [--vgpus N] [--window S]
+    python benchmarks/panel_polling.py [--quick] [--vgpus N] [--window S] [--refresh S]
 
 * Polling cost.  One emulated worker holds N vGPUs (default 50), each with a live client process
   holding memory through a session of its own.  The worker's CPU (the daemon and its executor
-  processes: utime + stime from /proc) is measured over a window with nobody polling, then over an
-  equal window in which N pollers each do exactly what one Jupyter server's extension does per
-  refresh with a panel open (server_extension.vgpu_state.fetch: the vGPUs and the GPUs; and the
-  panel's recent calls, the newest 20 trace records), at the extension's default refresh interval
-  (c.VGPUExtension.refresh), each with its own session token, started at staggered times.  Like the
-  server, a poller asks for the GPUs only every 30 s and for the recent calls only when the vGPU's
-  counters moved, so an idle session's panel costs one request per refresh.  Printed:
-  CPU % of one core for both windows, their difference (what polling costs) and ratio; the target is
-  a difference below 1% of one core.  The pollers' own CPU per Jupyter server is printed too.
+  processes: utime + stime from /proc) is measured over equal windows (default 30 s):
+  1. idle sessions, nobody polling (the baseline);
+  2. idle sessions, N panels polling: N pollers each do what one Jupyter server's extension does
+     when its panel polls at the default interval (c.VGPUExtension.refresh), with its own session
+     token, started at staggered times, through the extension's own WorkerView: the vGPU at the
+     server's pace (every refresh, or every background_refresh once two answers in a row showed no
+     activity and, here, no kernel is busy), the GPUs every 30 s, the recent calls (the newest 20)
+     when the vGPU's counters moved;
+  3. idle sessions, N servers with no panel open (history samples every background_refresh);
+  4. every session running a cell (one call a second that touches its memory), nobody polling;
+  5. the same, N panels polling: every answer shows activity, so the refresh pace throughout.
+  Pollers start 3 refresh intervals before their window (servers run long before and after it).
+  Printed: CPU % of one core per window and the polling cost (2 - 1, 5 - 4) with its ratio; the
+  target is a cost below 1% of one core.  The pollers' own CPU per server is printed too.
 * Action progress.  A program holding memory is in a long call (a kernel that sleeps on the emulated
   device), so the worker acts on an offload only when it ends; the extension's Actions
   (server_extension/actions.py) follows it as in the server.  Printed: the updates of its "updated"
@@ -50,7 +55,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 TRACE = 20  # recent calls a panel shows (GET vgpus/<id>/trace's default)
 KERNELS = str(ROOT / "tests" / "emulated_kernels.py")
 
-# A client process holding argv[3] bytes on its vGPU (a raw session: no CUDA library needed), until stdin closes.
+# A client process holding argv[3] bytes on its vGPU (a raw session: no CUDA library needed), until stdin closes;
+# told "work", it makes one call a second that touches its memory (a running cell), told "rest", none.
 RAW_HOLDER = """
 import sys
 sys.path.insert(0, {tests!r})
@@ -62,7 +68,17 @@ res = s.alloc(int(sys.argv[3]))
 assert res[0] == 0, res
 assert s.memset(res[1][0], 7, int(sys.argv[3]))[0] == 0
 print("ready", flush=True)
-sys.stdin.read()
+import threading, time
+mode = ["rest"]
+def read():
+    for line in sys.stdin:
+        mode[0] = line.strip()
+    mode[0] = "end"
+threading.Thread(target=read, daemon=True).start()
+while mode[0] != "end":
+    if mode[0] == "work":  # a running cell: one call a second that touches the memory
+        assert s.memset(res[1][0], 7, 4096)[0] == 0
+    time.sleep(1.0)
 """.format(tests=str(ROOT / "tests"))
 
 
@@ -102,51 +118,63 @@ def group_ticks(pgid: int) -> int:
 
 
 def cpu_percent(pgid: int, seconds: float, during=None) -> float:
-    """% of one core the group used over ``seconds`` (while ``during``, a coroutine factory, runs)."""
-    t0, w0 = group_ticks(pgid), time.monotonic()
+    """% of one core the group used over ``seconds``; with ``during`` (a coroutine function of the seconds and
+    a ``start`` to call when the measured window begins, after its warm-up), while that runs."""
+    mark = {}
+
+    def start():
+        mark.update(t0=group_ticks(pgid), w0=time.monotonic())
+
     if during is None:
+        start()
         time.sleep(seconds)
     else:
-        asyncio.run(during(seconds))
-    took = time.monotonic() - w0
-    return (group_ticks(pgid) - t0) / TICK / took * 100
+        asyncio.run(during(seconds, start))
+    took = time.monotonic() - mark["w0"]
+    return (group_ticks(pgid) - mark["t0"]) / TICK / took * 100
+
+
+COUNTS = {"requests": 0, "rounds": 0}  # over all pollers, since the start
 
 
 class CountingClient(WorkerClient):
     """A WorkerClient that counts the requests it makes."""
 
-    requests = 0
-
     async def call(self, *args, **kwargs):
-        CountingClient.requests += 1
+        COUNTS["requests"] += 1
         return await super().call(*args, **kwargs)
 
 
-async def poll(worker: BenchWorker, tokens: list[str], refresh: float, seconds: float) -> dict:
-    """Each token's poller: every ``refresh`` s, one extension refresh and the panel's recent calls, through
-    the extension's WorkerView (what a server with a panel open asks the worker)."""
+async def poll(worker: BenchWorker, tokens: list[str], refresh: float, background: float, seconds: float,
+               panel: bool = True) -> dict:
+    """Each token's poller: every ``refresh`` s what one server's extension does when its panel polls (``panel``:
+    the vGPU, and its recent calls) or its history timer fires, through the extension's WorkerView."""
     views = [WorkerView(CountingClient(worker.control, t, timeout=10)) for t in tokens]
     ids = [f"t-{token_hash(t)[:8]}" for t in tokens]
-    rounds, errors = [0], []
-    CountingClient.requests = 0
+    errors = []
 
     async def one(i: int):
         await asyncio.sleep(refresh * i / len(views))  # servers start at different times
         end = time.monotonic() + seconds - refresh * i / len(views)
+        asked = -1e9
         while time.monotonic() < end:
             t0 = time.monotonic()
             try:
-                vgpus, _gpus = await views[i].refresh()
-                assert [v["id"] for v in vgpus] == [ids[i]], vgpus
-                await views[i].trace(ids[i], TRACE)
-                rounds[0] += 1
+                # as VGPUState.snapshot: the last answer serves while it is fresh for the vGPU's pace (no kernel
+                # here, so nothing on the server is busy: a quiet vGPU is asked every background_refresh)
+                if t0 - asked >= views[i].interval(refresh, background, busy=False) - 0.1:
+                    asked = t0
+                    vgpus, _gpus = await views[i].refresh()
+                    assert [v["id"] for v in vgpus] == [ids[i]], vgpus
+                if panel:
+                    await views[i].trace(ids[i], TRACE)
+                COUNTS["rounds"] += 1
             except Exception as exc:  # counted and shown: a benchmark of a failing worker is no benchmark
                 errors.append(repr(exc))
             await asyncio.sleep(max(0.0, refresh - (time.monotonic() - t0)))
 
-    c0 = time.process_time()
     await asyncio.gather(*(one(i) for i in range(len(views))))
-    return {"rounds": rounds[0], "requests": CountingClient.requests, "errors": errors, "cpu": time.process_time() - c0}
+    return {"errors": errors}
 
 
 async def follow_action(worker: BenchWorker, token: str, vgpu_id: str, holder: subprocess.Popen) -> dict:
@@ -170,12 +198,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--quick", action="store_true", help="5 vGPUs, 4 s windows, a 1.5 s action (a smoke run)")
     ap.add_argument("--vgpus", type=int, default=None, help="vGPUs and pollers (default 50; 5 with --quick)")
-    ap.add_argument("--window", type=float, default=None, help="seconds of each window (default 60; 4 with --quick)")
+    ap.add_argument("--window", type=float, default=None, help="seconds of each window (default 30; 4 with --quick)")
     ap.add_argument("--refresh", type=float, default=None, help="seconds between two refreshes (default: the "
                                                                  "extension's, c.VGPUExtension.refresh)")
     args = ap.parse_args()
     n = args.vgpus or (5 if args.quick else 50)
-    window = args.window or (4.0 if args.quick else 60.0)
+    window = args.window or (4.0 if args.quick else 30.0)
     held = 4 * MiB
     sleep_ms = 1500 if args.quick else 4000
     refresh = args.refresh or VGPUExtension().refresh  # the extension's default interval
@@ -206,26 +234,62 @@ def main() -> int:
                   f"{' (c.VGPUExtension.refresh default)' if not args.refresh else ''}")
             time.sleep(2.0)  # start-up settles
             pgid = worker.proc.pid
-            quiet = cpu_percent(pgid, window)
+            background = VGPUExtension().background_refresh
             result = {}
 
-            async def polling(seconds):
-                result.update(await poll(worker, tokens, refresh, seconds))
+            warmup = 3 * refresh  # servers run long before and after a window: their first answers are not in it
 
-            busy = cpu_percent(pgid, window, polling)
-            cost = busy - quiet
+            def polled(interval, panel):
+                async def run(seconds, start):
+                    task = asyncio.ensure_future(poll(worker, tokens, interval, background, warmup + seconds, panel))
+                    await asyncio.sleep(warmup)
+                    before = dict(COUNTS)
+                    c0 = time.process_time()
+                    start()
+                    res = await task
+                    result.clear()
+                    result.update(res, cpu=time.process_time() - c0,
+                                  **{k: COUNTS[k] - before[k] for k in COUNTS})
+                return run
+
+            def tell(word):
+                for h in holders[:-1]:
+                    h.stdin.write(word + "\n")
+                    h.stdin.flush()
+
+            quiet = cpu_percent(pgid, window)
+            print(f"worker CPU, {window:g} s, idle sessions, nobody polling: {quiet:.3f} % of one core")
+            idle_panels = cpu_percent(pgid, window, polled(refresh, True))
+            idle_result = dict(result)
+            print(f"worker CPU, {window:g} s, idle sessions, {n} panels polling: {idle_panels:.3f} % of one core "
+                  f"({idle_result['rounds']} refreshes, {idle_result['requests']} requests to the worker; "
+                  f"{len(idle_result['errors'])} errors)")
+            no_panel = cpu_percent(pgid, window, polled(background, False))
+            print(f"worker CPU, {window:g} s, idle sessions, {n} servers with no panel open: {no_panel:.3f} % of one "
+                  f"core ({result['requests']} requests)")
+            tell("work")
+            time.sleep(2.0)
+            working = cpu_percent(pgid, window)
+            print(f"worker CPU, {window:g} s, every session running a cell (a call a second), nobody polling: "
+                  f"{working:.3f} % of one core")
+            busy_panels = cpu_percent(pgid, window, polled(refresh, True))
+            busy_result = dict(result)
+            print(f"worker CPU, {window:g} s, every session running a cell, {n} panels polling: {busy_panels:.3f} % of "
+                  f"one core ({busy_result['rounds']} refreshes, {busy_result['requests']} requests to the worker; "
+                  f"{len(busy_result['errors'])} errors)")
+            tell("rest")
             expected = n * window / refresh
-            print(f"worker CPU, {window:g} s without polling: {quiet:.3f} % of one core")
-            print(f"worker CPU, {window:g} s with {n} panels polling: {busy:.3f} % of one core "
-                  f"({result['rounds']} refreshes, {expected:.0f} expected, {result['requests']} requests to the worker; "
-                  f"{len(result['errors'])} errors)")
-            ratio = busy / quiet if quiet > 0 else float("inf")
-            print(f"polling cost: {cost:+.3f} % of one core (ratio {ratio:.2f}x); target < 1 %: "
-                  f"{'MET' if cost < 1.0 else 'MISSED'}")
-            print(f"pollers' own CPU (the Jupyter servers' side): {result['cpu'] / window / n * 100:.3f} % of one core "
-                  f"per server")
-            if result["errors"]:
-                print("first poller error:", result["errors"][0])
+            for what, cost, base, res in (("idle sessions", idle_panels - quiet, quiet, idle_result),
+                                          ("sessions running cells", busy_panels - working, working, busy_result)):
+                ratio = (cost + base) / base if base > 0 else float("inf")
+                print(f"polling cost, {what}: {cost:+.3f} % of one core (ratio {ratio:.2f}x; {res['rounds']} of "
+                      f"{expected:.0f} refreshes); target < 1 %: {'MET' if cost < 1.0 else 'MISSED'}")
+            print(f"no panel open: {no_panel - quiet:+.3f} % of one core")
+            print(f"pollers' own CPU (the Jupyter servers' side), panels on running sessions: "
+                  f"{busy_result['cpu'] / window / n * 100:.3f} % of one core per server")
+            errors = idle_result["errors"] + busy_result["errors"] + result["errors"]
+            if errors:
+                print("first poller error:", errors[0])
                 return 1
 
             figures = asyncio.run(follow_action(worker, "act", f"t-{token_hash('act')[:8]}", act))

@@ -21,10 +21,17 @@ class VGPUExtension(Configurable):
                          "vGPU. Default: $GPULAB_TOKEN, which the gpulab spawner sets.").tag(config=True)
     refresh = Float(2.0, help="Seconds the server keeps the worker's answer: however many browser tabs poll, the "
                               "worker gets at most one request per interval (vGPUs and GPUs; and the recent calls "
-                              "while a panel shows them). Also the interval of the usage history's samples, which "
-                              "the server takes while no panel is open too.").tag(config=True)
-    history = Int(900, help="Samples of the usage history kept per vGPU (one per refresh: 900 at 2 s is the last "
-                            "30 minutes), so a panel opened later draws its chart at once.").tag(config=True)
+                              "while a panel shows them). Also the interval of the usage history's samples while a "
+                              "panel is open (see background_refresh).").tag(config=True)
+    background_refresh = Float(10.0, help="Seconds between two refreshes while nothing is expected to change: no "
+                                           "panel polls this server (none asked within three refresh intervals), or "
+                                           "the vGPU is quiet (its last two answers showed no call, allocation, move "
+                                           "or process, no cell runs in any kernel and no tier action runs). The "
+                                           "first sign of work brings back the refresh pace; an idle lab's servers "
+                                           "cost the worker little.").tag(config=True)
+    history = Int(900, help="Samples of the usage history kept per vGPU (one per refresh: 900 at 2 s is 30 minutes "
+                            "of a panel open, more with none), so a panel opened later draws its chart at once."
+                  ).tag(config=True)
     idle_hint = Bool(True, help="Tell the worker when no cell runs in any kernel (all kernels idle), with the time "
                                 "of the kernels' last activity: the worker's idle clock, which moves an idle vGPU's "
                                 "memory to host RAM and disk, then counts from there.").tag(config=True)
@@ -52,7 +59,7 @@ class VGPUExtension(Configurable):
                                  f"not {proposal.value!r}")
         return url
 
-    @validate("refresh", "idle_interval", "request_timeout")
+    @validate("refresh", "background_refresh", "idle_interval", "request_timeout")
     def _check_seconds(self, proposal):
         name, value = proposal.trait.name, proposal.value
         if not value >= 0.1 or value == float("inf"):  # nan fails too

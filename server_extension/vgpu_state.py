@@ -2,7 +2,10 @@
 
 However many browser tabs poll, the worker is asked at most once per interval (and, while a panel
 shows a vGPU's recent calls, once more when its counters moved).  The same refresh feeds the usage
-history, and runs on a timer while no panel is open so that the chart has a past."""
+history, and runs on a timer while no panel is open (every background_refresh seconds) so that the
+chart has a past.  A quiet vGPU (two answers in a row showing no activity, no cell running in any
+kernel, no tier action) is asked every background_refresh seconds too: an idle session's open panel
+costs the worker little, and the first sign of work (a cell starting) brings the pace back."""
 from __future__ import annotations
 
 import asyncio
@@ -30,6 +33,7 @@ class WorkerView:
 
     def __init__(self, client: WorkerClient):
         self.client = client
+        self.marks: list[tuple] = []  # the activity marks of the last two answers
         self.vgpus: list[dict] = []
         self.gpus: list[dict] | None = None
         self.gpus_at = 0.0
@@ -45,7 +49,17 @@ class WorkerView:
             known = {g["uuid"] for g in self.gpus}
             if any(u not in known for v in self.vgpus for u in v.get("gpus") or ()):
                 self.gpus, self.gpus_at = await self.client.gpus(), time.monotonic()
+        self.marks = [*self.marks[-1:], tuple(activity(v) for v in self.vgpus)]
         return self.vgpus, self.gpus
+
+    def quiet(self) -> bool:
+        """Did the last two answers show the same activity: no call, allocation, move or process between them?"""
+        return len(self.marks) == 2 and self.marks[0] == self.marks[1]
+
+    def interval(self, refresh: float, background: float, busy: bool) -> float:
+        """Seconds the last answer may serve: ``refresh``, or ``background`` while the vGPU is quiet and
+        nothing on this server (a cell running, a tier action) may be changing it."""
+        return background if self.quiet() and not busy else refresh
 
     async def trace(self, vgpu_id: str, last: int) -> list[dict]:
         """The vGPU's ``last`` newest call records, fetched again only when its counters moved."""
@@ -56,6 +70,12 @@ class WorkerView:
             records = await self.client.trace(vgpu_id, last)
             self.traces[(vgpu_id, last)] = kept = (time.monotonic(), mark, records)
         return kept[2]
+
+
+def activity(v: dict) -> tuple:
+    """What moves when anything happens on a vGPU (its clocks aside)."""
+    return (v.get("state"), v.get("used"), v.get("overhead"), v.get("calls"), v.get("launches"), v.get("kernel_time"),
+            tuple(sorted((v.get("tiers") or {}).items())), tuple(p.get("pid") for p in v.get("processes") or ()))
 
 
 class VGPUState:
@@ -75,19 +95,37 @@ class VGPUState:
         self.lock: asyncio.Lock | None = None
         self.timers: list[PeriodicCallback] = []
         self.fetches = 0  # refreshes from the worker, for the tests
+        self.watched = 0.0  # when a panel last asked (time.monotonic)
 
     # ------------------------------------------------------------ the worker's answer, cached
-    def fresh(self, t: float) -> bool:
-        """Was ``t`` (when a request to the worker started) within this refresh interval?  A little slack,
-        so that the sampling timer, firing one interval after the last request, does not find it fresh."""
-        return time.monotonic() - t < self.config.refresh - min(0.1, self.config.refresh / 10)
+    def fresh(self, t: float, interval: float | None = None) -> bool:
+        """Was ``t`` (when a request to the worker started) within this interval (default: refresh)?  A little
+        slack, so that the sampling timer, firing one interval after the last request, does not find it fresh."""
+        interval = self.config.refresh if interval is None else interval
+        return time.monotonic() - t < interval - min(0.1, self.config.refresh / 10)
+
+    def busy(self) -> bool:
+        """Is something on this server changing the vGPU now: a cell running in a kernel, a tier action?"""
+        if any(a.state == "running" for a in self.actions.by_id.values()):
+            return True
+        for kid in list(self.kernel_manager.list_kernel_ids()):
+            try:
+                if getattr(self.kernel_manager.get_kernel(kid), "execution_state", None) != "idle":
+                    return True
+            except KeyError:
+                continue
+        return False
 
     async def snapshot(self) -> dict:
-        """{"vgpus", "gpus", "time"} no older than ``refresh``; WorkerError (also kept that long)."""
+        """{"vgpus", "gpus", "time"} no older than ``refresh`` (``background_refresh`` while the vGPU is quiet);
+        WorkerError (kept one refresh interval)."""
         if self.lock is None:
             self.lock = asyncio.Lock()
         async with self.lock:  # tabs asking together share one request
-            if self.cached is None or not self.fresh(self.cached[0]):
+            interval = self.view.interval(self.config.refresh, self.config.background_refresh, self.busy())
+            if self.cached is not None and isinstance(self.cached[1], WorkerError):
+                interval = self.config.refresh  # a failure is kept one interval: a down worker is not hammered
+            if self.cached is None or not self.fresh(self.cached[0], interval):
                 asked = time.monotonic()
                 try:
                     vgpus, gpus = await self.view.refresh()
@@ -111,6 +149,7 @@ class VGPUState:
 
     # ------------------------------------------------------------ what the routes answer
     async def panel(self) -> dict:
+        self.watched = time.monotonic()
         snap = await self.snapshot()
         kernels = await kernels_now(self.kernel_manager, self.session_manager)
         vgpus = []
@@ -142,6 +181,10 @@ class VGPUState:
             t.start()
 
     async def _sample(self) -> None:
+        """A history sample each refresh while a panel polls, each background_refresh while none does."""
+        if (time.monotonic() - self.watched > 3 * self.config.refresh and self.cached is not None
+                and self.fresh(self.cached[0], self.config.background_refresh)):
+            return
         try:
             await self.snapshot()
         except WorkerError:

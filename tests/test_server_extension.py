@@ -74,7 +74,8 @@ def vgpu_worker(request, make_worker, monkeypatch):
 @pytest.fixture
 def jp_server_config(vgpu_worker):
     return Config({"ServerApp": {"jpserver_extensions": {"server_extension": True}},
-                   "VGPUExtension": {"refresh": 0.5, "idle_interval": 0.3}})
+                   "VGPUExtension": {"refresh": 0.5, "background_refresh": 2.0,
+                                     "idle_interval": 0.3}})
 
 
 @pytest.fixture
@@ -152,13 +153,55 @@ async def test_the_vgpu_as_the_worker_sees_it_with_quota_usage_and_gpu(jp_fetch,
     assert proc["client_pid"] == p.first["pid"] and proc["used"] >= 16 * MiB
     assert v["kernels"] == [] and v["action"] is None
     # the history has a sample per refresh, taken while nobody polls too
-    await asyncio.sleep(1.2)
+    await asyncio.sleep(2.5)
     status, hist = await get(jp_fetch, "vgpus", v["id"], "history")
     assert status == 200 and hist["interval"] == 0.5 and len(hist["samples"]) >= 2, hist
     last = hist["samples"][-1]
     assert set(last) == {"t", "hot", "warm", "cold", "used", "overhead", "quota", "share", "share_measured"}
     assert last["hot"] >= 16 * MiB and last["quota"] == 256 * MiB
     assert [s["t"] for s in hist["samples"]] == sorted(s["t"] for s in hist["samples"])
+
+
+async def test_many_tabs_cost_the_worker_one_request_per_interval(jp_fetch, jp_serverapp):
+    state = jp_serverapp.web_app.settings["gpulab_vgpu_state"]
+    await the_vgpu(jp_fetch)
+    state.stale()  # as when the interval passed: the next look asks the worker
+    before = state.fetches
+    answers = await asyncio.gather(*(get(jp_fetch, "vgpus") for _ in range(10)))
+    assert all(status == 200 for status, _ in answers)
+    assert state.fetches - before == 1, state.fetches - before
+    assert len({body["time"] for _, body in answers}) == 1  # the same answer for every tab
+
+
+async def test_a_quiet_vgpu_is_asked_less_until_a_cell_runs(jp_fetch, jp_serverapp, holders):
+    state = jp_serverapp.web_app.settings["gpulab_vgpu_state"]
+    holders(MiB)
+
+    async def quiet():
+        await get(jp_fetch, "vgpus")
+        return state.view.quiet()
+
+    await until(quiet, "two answers in a row without activity")
+
+    async def fetches_while_polling(seconds: float) -> int:
+        before, end = state.fetches, time.monotonic() + seconds
+        while time.monotonic() < end:
+            assert (await get(jp_fetch, "vgpus"))[0] == 200
+            await asyncio.sleep(0.1)
+        return state.fetches - before
+
+    assert await fetches_while_polling(1.8) <= 1  # background_refresh 2 s, not refresh 0.5 s
+    r = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": "python3"}))
+    client = jp_serverapp.kernel_manager.get_kernel(json.loads(r.body)["id"]).client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=60)
+        cell = asyncio.ensure_future(client.execute_interactive("import time; time.sleep(3)", timeout=30))
+        await asyncio.sleep(0.3)
+        assert await fetches_while_polling(1.8) >= 3  # a cell runs: the refresh pace
+        await cell
+    finally:
+        client.stop_channels()
 
 
 async def test_recent_calls_are_the_newest_records_oldest_first(jp_fetch, holders):
@@ -270,7 +313,7 @@ async def test_a_second_action_while_one_runs_is_409_and_bad_requests_are_refuse
 async def test_a_worker_that_is_down_is_a_502_with_the_reason(jp_fetch, vgpu_worker):
     await the_vgpu(jp_fetch)
     vgpu_worker.stop()
-    await asyncio.sleep(0.6)  # past the refresh interval: the next request asks the worker
+    await asyncio.sleep(2.1)  # past the background interval (the vGPU was quiet): the next request asks the worker
     status, body = await get(jp_fetch, "vgpus")
     where = vgpu_worker.control.split("//")[1]
     assert status == 502 and body["message"].startswith(f"cannot reach the vGPU's worker at {where}: "), body

@@ -45,12 +45,16 @@ function xs(samples: Sample[]): number[] {
   return samples.map(s => ((s.t - first) / span) * WIDTH);
 }
 
-/** Each figure holds until the next sample (a poll sees a state, not a ramp): a step line. */
+/** Each figure holds until the next sample (a poll sees a state, not a ramp): a step line, whose
+ * last step is as wide as an average one, so the newest state is visible too. */
 function stepped(samples: Sample[]): Sample[] {
   const out = [samples[0]];
   for (let i = 1; i < samples.length; i++) {
     out.push({ ...samples[i - 1], t: samples[i].t }, samples[i]);
   }
+  const last = samples[samples.length - 1];
+  const gap = (last.t - samples[0].t) / Math.max(samples.length - 1, 1);
+  out.push({ ...last, t: last.t + (gap > 0 ? gap : 1) });
   return out;
 }
 

@@ -3,8 +3,9 @@ first on PATH, as repo2docker's Python is) on a copy of the checkout, then, in t
 server extension enabled, the "Python 3 (vGPU)" kernelspec there, the front end installed, a CUDA
 program under binder/start seeing the emulated vGPU's quota, and the tour notebook run end to end.
 
-pip may use its cache; the install takes a minute or two on a small machine, so this is one test with
-its steps in order (the time of each is printed for the report: run with -s)."""
+pip and npm may use their caches; postBuild takes a minute or two on a small machine (about 75 s on
+2 cores here, front end build included), so the environment is built once for the module's tests
+(the time of each step is printed: run with -s)."""
 from __future__ import annotations
 
 import json
@@ -50,8 +51,8 @@ print(json.dumps({"total": total, "free": free, "same": bool((back == data).all(
 
 
 def checkout_copy(dest: Path) -> None:
-    """The files a clone would have (tracked and new, not ignored), plus the front end's build output
-    when it is here: a clone's wheel build makes it with Node.js (setup.py), which takes minutes."""
+    """The files a clone would have: tracked and new, not ignored (so no built front end, no node_modules:
+    postBuild builds the front end as on Binder)."""
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, check=True).stdout.decode().split("\0")
     for name in filter(None, files):
@@ -59,9 +60,6 @@ def checkout_copy(dest: Path) -> None:
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
-    built = ROOT / "server_extension" / "labextension"
-    if (built / "package.json").is_file():
-        shutil.copytree(built, dest / "server_extension" / "labextension")
 
 
 @pytest.fixture(scope="module")

@@ -126,9 +126,15 @@ export class VgpuView {
     drawVram(this.vramChart, samples);
     drawShare(this.shareChart, samples);
     this.updateButtons();
-    if (!this.running && vgpu.action && vgpu.action.state === 'running') {
-      // started elsewhere (another tab, %vgpu): show its progress too
-      this.showProgress(vgpu.action);
+    if (this.running === null && vgpu.action) {
+      // started elsewhere (another tab, %vgpu): its progress too, then its outcome
+      if (vgpu.action.state === 'running') {
+        this.watching = vgpu.action.id;
+        this.showProgress(vgpu.action);
+      } else if (this.watching === vgpu.action.id) {
+        this.watching = null;
+        this.showOutcome(vgpu.action);
+      }
     }
     this.fillKernels(vgpu);
     this.fillTrace();
@@ -234,6 +240,7 @@ export class VgpuView {
 
   private vgpu: VGPU | null = null;
   private running: TierRequest | null = null;
+  private watching: string | null = null;
   private readonly profile: HTMLElement;
   private readonly worker: HTMLElement;
   private readonly gpu: HTMLElement;

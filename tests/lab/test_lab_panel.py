@@ -104,22 +104,25 @@ def wait_vram(page, condition: str, timeout=30000) -> dict:
 
 
 def run_cell(page, index: int, expected: str, timeout=120000) -> str:
-    """Runs one cell and waits for its output. Shift+Enter right after the page connects to a new
-    kernel can be dropped by the page (the prompt stays "[ ]:"), so it is pressed again then; an
-    accepted run shows "[*]:" or its number at once."""
+    """Runs one cell and waits for this run's output (its prompt gets a new number). Shift+Enter right
+    after the page connects to a new kernel can be dropped (the prompt stays as it was), so it is
+    pressed again then; an accepted run shows "[*]:" at once."""
     cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
     prompt = cell.locator(".jp-InputPrompt")
+    before = prompt.inner_text().strip()
     for attempt in range(3):
         cell.locator(".jp-InputArea-editor").click()
         page.keyboard.press("Shift+Enter")
         try:
-            expect(prompt).not_to_have_text(re.compile(r"^\[ \]:$"), timeout=10000)
+            expect(prompt).not_to_have_text(before, timeout=10000)
             break
         except AssertionError:
             if attempt == 2:
                 raise
+    finished = re.compile(r"^\[\d+\]:$")
+    expect(prompt).to_have_text(finished, timeout=timeout)
     out = cell.locator(".jp-OutputArea-output")
-    expect(out).to_contain_text(expected, timeout=timeout)
+    expect(out).to_contain_text(expected)
     return out.inner_text()
 
 
@@ -188,6 +191,35 @@ def test_next_cell_gets_its_bytes_back(page, lab):
     shot = artifacts() / "vgpu-panel-light.png"
     panel(page).screenshot(path=str(shot))
     copy_to_docs(shot)
+
+
+def act(page, testid: str, title: str) -> str:
+    """Clicks a tier button, confirms, and returns the outcome sentence once the action ended."""
+    page.click(f"[data-testid={testid}]")
+    dialog = page.locator(".jp-Dialog")
+    expect(dialog).to_contain_text(title)
+    dialog.locator(".jp-Dialog-button.jp-mod-accept").click()
+    outcome = page.locator("[data-testid=gpulab-action-outcome]")
+    expect(outcome).to_have_attribute("data-state", re.compile("done|failed"), timeout=60000)
+    assert outcome.get_attribute("data-state") == "done", outcome.inner_text()
+    return outcome.inner_text()
+
+
+def test_cancel_moves_nothing_then_disk_and_restore(page):
+    page.click("[data-testid=gpulab-offload-cold]")
+    page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-reject").click()
+    expect(page.locator(".jp-Dialog")).to_have_count(0)
+    page.wait_for_timeout(1500)  # more than a refresh: a move would show by now
+    assert page.inner_text("[data-testid=gpulab-tier]") == "hot"
+    act(page, "gpulab-offload-cold", "Move to disk")
+    expect(page.locator("[data-testid=gpulab-tier]")).to_have_text("cold", timeout=30000)
+    v = wait_vram(page, f"v.cold >= {64 * MiB} && v.hot === 0 && v.warm === 0")
+    assert v["quota"] == QUOTA
+    expect(page.locator("[data-testid=gpulab-restore]")).to_be_enabled()
+    act(page, "gpulab-restore", "Restore")
+    expect(page.locator("[data-testid=gpulab-tier]")).to_have_text("hot", timeout=30000)
+    wait_vram(page, f"v.hot >= {64 * MiB} && v.cold === 0")
+    run_cell(page, 1, "bytes match: True")  # still the same bytes after the round trip through the disk
 
 
 def test_dark_theme(page, lab):

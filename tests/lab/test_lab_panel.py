@@ -141,6 +141,16 @@ def test_status_bar_shows_the_quota_and_opens_the_panel(page):
     assert vram(page)["quota"] == QUOTA
 
 
+def test_polls_at_the_refresh_interval_of_the_settings(page):
+    """labtools sets refreshInterval to 1 s: five or six polls in six seconds (the default 2 s: at most 4)."""
+    polls = []
+    listen = lambda r: polls.append(r.status) if r.url.split("?")[0].endswith("/gpulab/api/vgpus") else None  # noqa: E731
+    page.on("response", listen)
+    page.wait_for_timeout(6000)
+    page.remove_listener("response", listen)
+    assert 5 <= len(polls) <= 8 and set(polls) == {200}, polls
+
+
 def test_cell_allocates_and_the_chart_rises(page, lab):
     run_cell(page, 0, "allocated 64 MiB")
     v = wait_vram(page, f"v.hot >= {64 * MiB}")

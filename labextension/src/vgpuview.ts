@@ -113,13 +113,13 @@ export class VgpuView {
     this.vgpu = vgpu;
     this.profile.textContent = vgpu.profile || '–';
     this.worker.textContent = vgpu.worker || '–';
-    const models = vgpu.gpus.map(uuid => gpus.find(g => g.uuid === uuid)?.model ?? uuid);
+    const models = (vgpu.gpus ?? []).map(uuid => gpus.find(g => g.uuid === uuid)?.model ?? uuid);
     this.gpu.textContent = models.length ? models.join(', ') : 'none';
     this.tier.textContent = vgpu.tier;
     this.tier.dataset.tier = vgpu.tier;
     this.vram.textContent =
       `${fmt.usedOfQuota(vgpu.used + vgpu.overhead, vgpu.quota)} ` +
-      `(context overhead ${fmt.bytes(vgpu.overhead)}) · ${tierLine(vgpu.tiers)}`;
+      `(context overhead ${fmt.bytes(vgpu.overhead)}) · ${tierLine(vgpu.tiers ?? { hot: vgpu.used, warm: 0, cold: 0 })}`;
     this.compute.textContent = `${fmt.percent(vgpu.share_measured)} used of a ${fmt.percent(vgpu.share)} share`;
     this.quotaLegend.textContent = `quota ${fmt.bytes(vgpu.quota)}`;
     const samples = this.model.history(vgpu.id);

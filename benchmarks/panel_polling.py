@@ -5,13 +5,13 @@
 
 * Polling cost.  One emulated worker holds N vGPUs (default 50), each with a live client process
   holding memory through a session of its own.  The worker's CPU (the daemon and its executor
-  processes: utime + stime from /proc) is measured over equal windows (default 30 s):
+  processes: utime + stime from /proc) is measured over equal windows (default 60 s):
   1. idle sessions, nobody polling (the baseline);
   2. idle sessions, N panels polling: N pollers each do what one Jupyter server's extension does
      when its panel polls at the default interval (c.VGPUExtension.refresh), with its own session
      token, started at staggered times, through the extension's own WorkerView: the vGPU at the
      server's pace (every refresh, or every background_refresh once two answers in a row showed no
-     activity and, here, no kernel is busy), the GPUs every 30 s, the recent calls (the newest 20)
+     activity and, here, no kernel is busy), the GPUs every 60 s, the recent calls (the newest 20)
      when the vGPU's counters moved;
   3. idle sessions, N servers with no panel open (history samples every background_refresh);
   4. every session running a cell (one call a second that touches its memory), nobody polling;
@@ -198,12 +198,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--quick", action="store_true", help="5 vGPUs, 4 s windows, a 1.5 s action (a smoke run)")
     ap.add_argument("--vgpus", type=int, default=None, help="vGPUs and pollers (default 50; 5 with --quick)")
-    ap.add_argument("--window", type=float, default=None, help="seconds of each window (default 30; 4 with --quick)")
+    ap.add_argument("--window", type=float, default=None, help="seconds of each window (default 60; 4 with --quick)")
     ap.add_argument("--refresh", type=float, default=None, help="seconds between two refreshes (default: the "
                                                                  "extension's, c.VGPUExtension.refresh)")
     args = ap.parse_args()
     n = args.vgpus or (5 if args.quick else 50)
-    window = args.window or (4.0 if args.quick else 30.0)
+    window = args.window or (4.0 if args.quick else 60.0)
     held = 4 * MiB
     sleep_ms = 1500 if args.quick else 4000
     refresh = args.refresh or VGPUExtension().refresh  # the extension's default interval

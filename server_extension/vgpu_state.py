@@ -20,8 +20,8 @@ from .idle import IdleHint
 from .kernels import kernels_now, map_processes
 from .worker_client import WorkerClient, WorkerError
 
-GPUS_EVERY = 30.0  # seconds between two looks at the GPUs (their model and memory do not change)
-TRACE_EVERY = 30.0  # seconds a vGPU's recent calls are kept while its counters do not move
+GPUS_EVERY = 60.0  # seconds between two looks at the GPUs (model and memory do not change; their facts little)
+TRACE_EVERY = 300.0  # seconds a vGPU's recent calls are kept while its counters do not move (a safety net)
 
 
 class WorkerView:

@@ -419,3 +419,43 @@ async def test_every_route_refuses_an_unauthenticated_request(jp_serverapp, jp_w
                 assert "/login" in r.headers["Location"], r.headers
             assert b"vgpus" not in r.body and b"quota" not in r.body
 
+
+
+def test_a_kernels_child_process_counts_for_the_kernel():
+    """A program a kernel started (`!python train.py` runs it under a shell) is found up its parent chain."""
+    import os
+    import subprocess
+    import sys
+
+    from server_extension.kernels import map_processes, owner
+
+    shell = subprocess.Popen(["sh", "-c", f"{sys.executable} -c 'import time; time.sleep(30)' & wait"],
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not (grandchildren := [p for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == shell.pid]):
+            assert time.monotonic() < deadline, "the shell's child did not start"
+            time.sleep(0.05)
+        program = int(grandchildren[0])
+        assert owner(program, {shell.pid: "k1"}) == "k1"  # two levels up: the shell
+        assert owner(program, {os.getpid(): "k2"}) == "k2"  # three: this process started the shell
+        assert owner(program, {1 << 22: "k3"}) is None  # no kernel among its ancestors
+        kernels = [{"kernel_id": "k1", "name": "python3", "pid": shell.pid, "notebook": "a.ipynb",
+                    "execution_state": "idle", "last_activity": None},
+                   {"kernel_id": "k9", "name": "python3", "pid": None, "notebook": None,
+                    "execution_state": "idle", "last_activity": None}]
+        rows, others = map_processes([{"pid": 11, "client_pid": program, "used": 5, "overhead": 2, "calls": 3},
+                                      {"pid": 12, "client_pid": 1 << 22, "used": 7, "overhead": 0, "calls": 1}], kernels)
+        assert rows[0] == {"kernel_id": "k1", "name": "python3", "notebook": "a.ipynb", "execution_state": "idle",
+                           "pids": [program], "used": 5, "overhead": 2, "calls": 3}
+        assert rows[1]["kernel_id"] == "k9" and rows[1]["pids"] == [] and rows[1]["used"] == 0
+        assert [p["pid"] for p in others] == [12]
+    finally:
+        os.killpg(shell.pid, 9)
+        shell.wait()
+
+
+def _parent(pid: int) -> int | None:
+    from server_extension.kernels import parent_of
+
+    return parent_of(pid)

@@ -11,8 +11,8 @@
      when its panel polls at the default interval (c.VGPUExtension.refresh), with its own session
      token, started at staggered times, through the extension's own WorkerView: the vGPU at the
      server's pace (every refresh, or every background_refresh once two answers in a row showed no
-     activity and, here, no kernel is busy), the GPUs every 60 s, the recent calls (the newest 20)
-     when the vGPU's counters moved;
+     activity and, here, no kernel is busy), with the recent calls (the newest 20) in the same
+     request, and the GPUs every 60 s;
   3. idle sessions, N servers with no panel open (history samples every background_refresh);
   4. every session running a cell (one call a second that touches its memory), nobody polling;
   5. the same, N panels polling: every answer shows activity, so the refresh pace throughout.
@@ -164,7 +164,7 @@ async def poll(worker: BenchWorker, tokens: list[str], refresh: float, backgroun
                 # here, so nothing on the server is busy: a quiet vGPU is asked every background_refresh)
                 if t0 - asked >= views[i].interval(refresh, background, busy=False) - 0.1:
                     asked = t0
-                    vgpus, _gpus = await views[i].refresh()
+                    vgpus, _gpus = await views[i].refresh(TRACE if panel else 0)
                     assert [v["id"] for v in vgpus] == [ids[i]], vgpus
                 if panel:
                     await views[i].trace(ids[i], TRACE)

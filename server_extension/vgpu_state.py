@@ -28,8 +28,8 @@ class WorkerView:
     """The worker's answers as this server last had them, asked for as little as the panel allows: the
     vGPUs at each refresh; the GPUs (model and memory, which do not change) every GPUS_EVERY seconds or
     when a vGPU names one not seen yet; a vGPU's recent calls only when its call counter moved since
-    they were fetched (or TRACE_EVERY passed), so an idle session's open panel costs one request per
-    refresh.  benchmarks/panel_polling.py polls through this class, as the server does."""
+    they were fetched (or TRACE_EVERY passed), and in the refresh's own request while a panel shows
+    them: a panel costs one request per refresh.  benchmarks/panel_polling.py polls through this class, as the server does."""
 
     def __init__(self, client: WorkerClient):
         self.client = client
@@ -39,16 +39,20 @@ class WorkerView:
         self.gpus_at = 0.0
         self.traces: dict[tuple[str, int], tuple[float, tuple, list[dict]]] = {}
 
-    async def refresh(self) -> tuple[list[dict], list[dict]]:
-        """(the vGPUs as this session sees them, their GPUs) from the worker."""
+    async def refresh(self, trace: int = 0) -> tuple[list[dict], list[dict]]:
+        """(the vGPUs as this session sees them, their GPUs) from the worker; with ``trace`` (a panel shows
+        recent calls) each vGPU's newest records come in the same request and are kept for ``trace()``."""
         if self.gpus is None or time.monotonic() - self.gpus_at >= GPUS_EVERY:
-            self.vgpus, self.gpus = await asyncio.gather(self.client.vgpus(), self.client.gpus())
+            self.vgpus, self.gpus = await asyncio.gather(self.client.vgpus(trace), self.client.gpus())
             self.gpus_at = time.monotonic()
         else:
-            self.vgpus = await self.client.vgpus()
+            self.vgpus = await self.client.vgpus(trace)
             known = {g["uuid"] for g in self.gpus}
             if any(u not in known for v in self.vgpus for u in v.get("gpus") or ()):
                 self.gpus, self.gpus_at = await self.client.gpus(), time.monotonic()
+        for v in self.vgpus:
+            if "trace" in v:
+                self.traces[(str(v["id"]), trace)] = (time.monotonic(), mark(v), v.pop("trace"))
         self.marks = [*self.marks[-1:], tuple(activity(v) for v in self.vgpus)]
         return self.vgpus, self.gpus
 
@@ -63,13 +67,17 @@ class WorkerView:
 
     async def trace(self, vgpu_id: str, last: int) -> list[dict]:
         """The vGPU's ``last`` newest call records, fetched again only when its counters moved."""
-        v = next((v for v in self.vgpus if str(v["id"]) == vgpu_id), {})
-        mark = (v.get("calls"), v.get("launches"), v.get("sessions_opened"), len(v.get("processes") or ()))
+        now = mark(next((v for v in self.vgpus if str(v["id"]) == vgpu_id), {}))
         kept = self.traces.get((vgpu_id, last))
-        if kept is None or kept[1] != mark or time.monotonic() - kept[0] >= TRACE_EVERY:
+        if kept is None or kept[1] != now or time.monotonic() - kept[0] >= TRACE_EVERY:
             records = await self.client.trace(vgpu_id, last)
-            self.traces[(vgpu_id, last)] = kept = (time.monotonic(), mark, records)
+            self.traces[(vgpu_id, last)] = kept = (time.monotonic(), now, records)
         return kept[2]
+
+
+def mark(v: dict) -> tuple:
+    """What moves when a vGPU's call trace gets new records."""
+    return (v.get("calls"), v.get("launches"), v.get("sessions_opened"), len(v.get("processes") or ()))
 
 
 def activity(v: dict) -> tuple:
@@ -96,6 +104,7 @@ class VGPUState:
         self.timers: list[PeriodicCallback] = []
         self.fetches = 0  # refreshes from the worker, for the tests
         self.watched = 0.0  # when a panel last asked (time.monotonic)
+        self.traced = (0, 0.0)  # the recent calls a panel last asked for (how many, when): refreshes bring them
 
     # ------------------------------------------------------------ the worker's answer, cached
     def fresh(self, t: float, interval: float | None = None) -> bool:
@@ -128,7 +137,8 @@ class VGPUState:
             if self.cached is None or not self.fresh(self.cached[0], interval):
                 asked = time.monotonic()
                 try:
-                    vgpus, gpus = await self.view.refresh()
+                    last, when = self.traced
+                    vgpus, gpus = await self.view.refresh(last if asked - when < 3 * self.config.refresh else 0)
                     answer: dict | WorkerError = {"vgpus": vgpus, "gpus": gpus, "time": time.time()}
                     self.history.add(answer["time"], vgpus)
                 except WorkerError as exc:
@@ -163,10 +173,11 @@ class VGPUState:
 
     async def trace(self, vgpu_id: str, last: int) -> list[dict]:
         """The recent calls, no older than ``refresh`` (another tab asking too costs the worker nothing)."""
+        self.traced = (last, time.monotonic())
         kept = self.traces.get((vgpu_id, last))
         if kept is None or not self.fresh(kept[0]):
             asked = time.monotonic()
-            await self.snapshot()  # the counters that say whether the worker has new records
+            await self.snapshot()  # the counters that say whether the worker has new records (and, often, them)
             records = await self.view.trace(vgpu_id, last)
             self.traces = {k: v for k, v in self.traces.items() if self.fresh(v[0])}
             self.traces[(vgpu_id, last)] = kept = (asked, records)

@@ -57,8 +57,9 @@ class WorkerClient:
         said = said or (f"HTTP {response.code}" if response.code not in accept else "an answer that is not JSON")
         raise WorkerError(502, f"the vGPU's worker at {self.where} refused: {said}")
 
-    async def vgpus(self) -> list[dict]:
-        return (await self.call("GET", "/api/vgpus"))[1]["vgpus"]
+    async def vgpus(self, trace: int = 0) -> list[dict]:
+        """This session's vGPUs; with ``trace``, each carries its ``trace`` newest call records too."""
+        return (await self.call("GET", f"/api/vgpus?trace={int(trace)}" if trace else "/api/vgpus"))[1]["vgpus"]
 
     async def vgpu(self, vgpu_id: str) -> dict:
         return (await self.call("GET", f"/api/vgpus/{_q(vgpu_id)}"))[1]

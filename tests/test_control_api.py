@@ -375,6 +375,17 @@ def test_trace_last_answers_the_newest_records_oldest_first(server, registry):
     assert status == 400 and "last" in body["message"]
 
 
+def test_the_vgpu_list_can_carry_each_vgpus_newest_records(server, registry):
+    for i in range(4):
+        registry.record("17", "cuMemAlloc", i)
+    status, body = call(server, "GET", "/api/vgpus?trace=2", "tok-alice")
+    assert status == 200 and [v["id"] for v in body["vgpus"]] == ["17"]
+    assert [r["seq"] for r in body["vgpus"][0]["trace"]] == [3, 4]
+    assert "trace" not in call(server, "GET", "/api/vgpus", "tok-alice")[1]["vgpus"][0]
+    status, body = call(server, "GET", "/api/vgpus?trace=-1", "tok-alice")
+    assert status == 400 and "trace" in body["message"]
+
+
 def test_a_long_wait_is_capped_and_ends_when_the_server_stops(server, monkeypatch):
     monkeypatch.setattr(control, "MAX_WAIT", 0.5)
     t0 = time.monotonic()

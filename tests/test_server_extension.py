@@ -459,3 +459,28 @@ def _parent(pid: int) -> int | None:
     from server_extension.kernels import parent_of
 
     return parent_of(pid)
+
+
+async def test_a_panel_showing_recent_calls_gets_them_with_each_refresh(jp_fetch, jp_serverapp, holders):
+    """Once a panel asked for the recent calls, every refresh brings them in its one request to the worker."""
+    state = jp_serverapp.web_app.settings["gpulab_vgpu_state"]
+    v = await the_vgpu(jp_fetch)
+    assert (await get(jp_fetch, "vgpus", v["id"], "trace", limit="5"))[0] == 200
+    separate = []
+    fetch_trace = state.client.trace
+
+    async def counted(*args):
+        separate.append(args)
+        return await fetch_trace(*args)
+
+    state.client.trace = counted
+    holders(MiB)  # new calls on the vGPU
+
+    async def alloc_seen():
+        status, body = await get(jp_fetch, "vgpus", v["id"], "trace", limit="5")
+        assert status == 200, body
+        return "cuMemAlloc" in {r["function"] for r in body["records"]}
+
+    await until(alloc_seen, "the new program's allocation among the recent calls")
+    assert separate == []  # no request of their own: they came with the vGPU
+    assert "trace" not in (await the_vgpu(jp_fetch))  # and the vGPU's JSON keeps its shape

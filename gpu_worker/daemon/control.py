@@ -5,7 +5,8 @@ does only its own vGPU, and any other vGPU's id answers 404 as an unknown one do
 be probed; no credential or a wrong one answers 403.  The credential comes as ``Authorization:
 token <t>`` (``Bearer <t>`` too, which is what Prometheus's ``authorization`` setting sends).
 
-    GET  /api/vgpus                     {"vgpus": [vGPU, ...]}
+    GET  /api/vgpus?trace=K             {"vgpus": [vGPU, ...]}; with trace, each with "trace": its K newest
+                                        call records, oldest first (a panel's refresh in one request)
     GET  /api/vgpus/<id>                vGPU
     GET  /api/vgpus/<id>/trace?since=N&wait=S&limit=L&last=K
                                         {"records": [...], "next": N'}: records newer than N, oldest
@@ -153,7 +154,13 @@ class ControlServer:
         if path == "/api/vgpus" and method == "GET":
             # a session sees its own vGPU, described a moment ago by authenticate: describing all of the
             # worker's vGPUs for each of their panels' polls would cost the worker n * n per interval
-            return _json({"vgpus": self.registry.vgpus() if caller is None else [caller]})
+            vgpus = self.registry.vgpus() if caller is None else [caller]
+            last = min(_number(query, "trace", 0, int), MAX_LIMIT)
+            if last < 0:
+                raise APIError(400, "trace (how many of each vGPU's newest call records to add) must not be negative")
+            if last:  # a panel's figures and recent calls in one request
+                vgpus = [{**v, "trace": self.registry.trace(str(v["id"]), 0, MAX_LIMIT, last)[0]} for v in vgpus]
+            return _json({"vgpus": vgpus})
         if path == "/api/gpus" and method == "GET":
             return _json({"gpus": self.gpus(caller)})
         m = _VGPU.fullmatch(path)

@@ -87,13 +87,15 @@ gpu_worker/shim/lib/libcuda.so.1: $(SRC_SHIM) | $(PIP_STAMP)
 # An editable install installs no data files: the server extension's enabling config goes where
 # jupyter_server reads it in this venv (a wheel installs it through pyproject's data-files).
 SERVER_CONFIG := $(VENV)/etc/jupyter/jupyter_server_config.d/gpulab.json
+# The GPU goals skip this and the kernelspec below (their NEEDS reaches these recipes): the device
+# machine carries no Jupyter server or jupyter_client (docs/validation.md).
 $(SERVER_CONFIG): server_extension/jupyter-config/jupyter_server_config.d/gpulab.json | $(PIP_STAMP)
-	@mkdir -p $(dir $@) && cp $< $@
+	@[ "$(NEEDS)" = gpu ] || { mkdir -p $(dir $@) && cp $< $@; }
 
 # The "Python 3 (vGPU)" kernelspec in this venv, where the lab's single-user servers find it (docs/ide.md).
 KERNELSPEC := $(VENV)/share/jupyter/kernels/python3-vgpu/kernel.json
 $(KERNELSPEC): server_extension/kernelspec.py | $(PIP_STAMP)
-	$(VENV)/bin/gpulab kernelspec install --sys-prefix
+	[ "$(NEEDS)" = gpu ] || $(VENV)/bin/gpulab kernelspec install --sys-prefix
 
 # The JupyterLab front end (labextension/, TypeScript): npm ci and the JupyterLab builder, through
 # tools/build_labextension.py, when its sources change; then linked where this venv's JupyterLab

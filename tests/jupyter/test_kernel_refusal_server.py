@@ -8,8 +8,6 @@ import pytest
 
 from server_extension import kernelspec
 
-pytest_plugins = ["pytest_jupyter.jupyter_server"]
-
 
 @pytest.fixture
 def no_vgpu(monkeypatch):

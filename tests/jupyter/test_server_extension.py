@@ -15,7 +15,6 @@ from traitlets import TraitError
 from traitlets.config import Config
 from workertools import SLEEP_PRELUDE, LineProgram
 
-pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
 MiB = 1 << 20
 

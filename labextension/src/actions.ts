@@ -12,7 +12,7 @@ import { bytes } from './format';
 
 export type TierRequest = 'warm' | 'cold' | 'restore';
 
-/** Seconds between two looks at a running action. */
+/** Milliseconds between two looks at a running action. */
 const FOLLOW_EVERY = 500;
 
 interface Wording {

@@ -83,6 +83,7 @@ export interface Overview {
   gpus: GPU[];
   time: number;
   refresh?: number;
+  background_refresh?: number;
 }
 
 export interface Sample {

@@ -62,7 +62,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
             void model.refresh();
           });
         })
-        .catch(reason => console.warn(`vGPU panel: the settings could not be read (${reason}); polling every 2 s`))
+        .catch(reason => console.warn(`vGPU panel: the settings could not be read (${reason}); polling every 5 s`))
         .finally(() => model.start());
     } else {
       model.start();

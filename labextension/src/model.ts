@@ -10,7 +10,7 @@ import { ISignal, Signal } from '@lumino/signaling';
 
 import { ApiError, Overview, Sample, TraceRecord, VGPU, VgpuApi } from './api';
 
-/** Samples kept per vGPU: ten minutes at the default 2 s. */
+/** Samples kept per vGPU: 25 minutes at the default 5 s. */
 const MAX_SAMPLES = 300;
 
 export class VgpuModel {
@@ -36,6 +36,10 @@ export class VgpuModel {
   }
 
   /** Seconds between two polls; takes effect from the next one. */
+  get interval(): number {
+    return this._interval / 1000;
+  }
+
   set interval(seconds: number) {
     this._interval = Math.max(0.5, seconds) * 1000;
   }
@@ -131,7 +135,7 @@ export class VgpuModel {
   private _changed = new Signal<this, void>(this);
   private _history = new Map<string, Sample[]>();
   private _trace = new Map<string, TraceRecord[]>();
-  private _interval = 2000;
+  private _interval = 5000;
   private _timer = 0;
   private _busy = false;
   private _again = false;

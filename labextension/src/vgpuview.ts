@@ -34,6 +34,9 @@ function tierLine(tiers: Tiers): string {
   return `hot ${fmt.bytes(tiers.hot)} · warm ${fmt.bytes(tiers.warm)} · cold ${fmt.bytes(tiers.cold)}`;
 }
 
+/** Seconds a quiet vGPU's answer may serve (the server's background_refresh default) when it does not say. */
+const QUIET_REFRESH = 10;
+
 /** What the panel says while an action moves memory, per request. */
 const DOING: Record<TierRequest, string> = {
   warm: 'Freeing GPU memory',
@@ -60,7 +63,12 @@ export class VgpuView {
     this.profile = fact('Profile', 'gpulab-profile');
     this.worker = fact('Worker', 'gpulab-worker');
     this.gpu = fact('GPU', 'gpulab-gpu');
-    this.tier = fact('Tier', 'gpulab-tier');
+    // the tier, and beside it how old the figures are when the server's answer is stale
+    const tierFact = fact('Tier', '');
+    this.tier = make('span', '', 'gpulab-tier');
+    this.asOf = make('span', 'gpulab-asof', 'gpulab-asof');
+    this.asOf.hidden = true;
+    tierFact.append(this.tier, this.asOf);
     this.vram = fact('GPU memory', 'gpulab-vram-text');
     this.compute = fact('Compute', 'gpulab-compute');
     this.node.append(facts);
@@ -117,6 +125,7 @@ export class VgpuView {
     this.gpu.textContent = models.length ? models.join(', ') : 'none';
     this.tier.textContent = vgpu.tier;
     this.tier.dataset.tier = vgpu.tier;
+    this.showAge();
     this.vram.textContent =
       `${fmt.usedOfQuota(vgpu.used + vgpu.overhead, vgpu.quota)} ` +
       `(context overhead ${fmt.bytes(vgpu.overhead)}) · ${tierLine(vgpu.tiers ?? { hot: vgpu.used, warm: 0, cold: 0 })}`;
@@ -138,6 +147,29 @@ export class VgpuView {
     }
     this.fillKernels(vgpu);
     this.fillTrace();
+  }
+
+  /**
+   * "as of 12:03:04" beside the tier when the server's answer (its "time") is older than two refresh
+   * intervals, the page's or the server's (its "refresh"), whichever is longer, and older than the
+   * server's quiet pace (a quiet vGPU's answer serves up to background_refresh, 10 s), with a second
+   * for the way. At the defaults (5 s) only an answer the server could not renew (a slow or lost
+   * worker) shows its age; nothing while the figures are fresh.
+   */
+  private showAge(): void {
+    const overview = this.model.overview;
+    const time = overview?.time;
+    const refresh = Math.max(this.model.interval, overview?.refresh ?? 0);
+    const limit = Math.max(2 * refresh, overview?.background_refresh ?? QUIET_REFRESH) + 1;
+    if (typeof time !== 'number' || Date.now() / 1000 - time <= limit) {
+      this.asOf.hidden = true;
+      this.asOf.textContent = '';
+      this.asOf.title = '';
+      return;
+    }
+    this.asOf.hidden = false;
+    this.asOf.textContent = `as of ${fmt.clock(time)}`;
+    this.asOf.title = `The figures are the worker's answer of ${new Date(time * 1000).toLocaleString()}.`;
   }
 
   private button(request: TierRequest, testid: string): HTMLButtonElement {
@@ -245,6 +277,7 @@ export class VgpuView {
   private readonly worker: HTMLElement;
   private readonly gpu: HTMLElement;
   private readonly tier: HTMLElement;
+  private readonly asOf: HTMLElement;
   private readonly vram: HTMLElement;
   private readonly compute: HTMLElement;
   private readonly vramChart: SVGSVGElement;

@@ -20,8 +20,8 @@ from traitlets import Bool, Float, Int, Unicode
 from traitlets.config import Application
 
 from gpu_worker.client.control import TIER_WAIT, ControlError, call, find_credential, quote
-from gpu_worker.client.vgpu_text import TRACE_HEADER, describe, pct, seconds, short_gpus, table, tier_bytes, \
-    tiers, trace_rows, vram
+from gpu_worker.client.vgpu_text import TRACE_HEADER, describe, moved, pct, seconds, short_gpus, table, \
+    tier_bytes, trace_rows, vram
 from gpulab.cli import SubcommandApp
 
 FOLLOW_WAIT = 25  # seconds each --follow long-poll is held by the worker
@@ -163,13 +163,8 @@ class MoveCommand(VGPUCommand):
     def move(self, action: str, body: dict | None) -> None:
         vid = self.one_id()
         v = self.call("POST", f"/api/vgpus/{vid}/{action}", body, timeout=TIER_WAIT + 30)
-        if self.emit(v):
-            return
-        if v.get("done", True):
-            print(f"vGPU {v['id']} is {tiers(v)}")
-        else:
-            print(f"vGPU {v['id']}: asked, but its processes have not all acted within {TIER_WAIT} s (one may be "
-                  f"in a long call); it is {tiers(v)}")
+        if not self.emit(v):
+            print(moved(v))
 
 
 class OffloadApp(MoveCommand):

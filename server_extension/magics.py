@@ -21,8 +21,8 @@ import time
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
-from gpu_worker.client.control import MAX_TRACE, TIER_WAIT, Control, ControlError, quote
-from gpu_worker.client.vgpu_text import TRACE_HEADER, describe, table, tiers, trace_rows
+from gpu_worker.client.control import MAX_TRACE, TIER_WAIT, Control, ControlError, missing_vgpu_settings, quote
+from gpu_worker.client.vgpu_text import TRACE_HEADER, describe, moved, table, trace_rows
 
 USAGE = "usage: %vgpu [status | offload [warm|cold] | restore | trace [N]]"
 TRACE_DEFAULT = 20
@@ -31,11 +31,10 @@ TRACE_DEFAULT = 20
 def session_credential(environ=None) -> tuple[str, str]:
     """(control URL, session token) from this kernel's environment; UsageError naming what is missing."""
     env = os.environ if environ is None else environ
-    missing = [name for name in ("GPULAB_WORKER", "GPULAB_TOKEN") if not env.get(name)]
+    missing = missing_vgpu_settings(env.get("GPULAB_WORKER", ""), env.get("GPULAB_TOKEN", ""))
     if missing:
-        raise UsageError(f"this kernel has no vGPU: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-                         f"not in its environment (start it from the \"Python 3 (vGPU)\" kernel, or a server "
-                         f"spawned with a GPU profile)")
+        raise UsageError(f"this kernel has no vGPU: {missing} not in its environment (start it from the "
+                         f"\"Python 3 (vGPU)\" kernel, or a server spawned with a GPU profile)")
     if not env.get("GPULAB_CONTROL_URL"):
         raise UsageError(f"this kernel's vGPU (worker {env['GPULAB_WORKER']}) has no control API address: "
                          f"GPULAB_CONTROL_URL is not in its environment")
@@ -97,23 +96,14 @@ class VGPUMagics(Magics):
     def move(self, action: str, body: dict | None) -> None:
         vid, started = self.mine()["id"], time.monotonic()
         v = self.ask("POST", f"/api/vgpus/{quote(vid)}/{action}", body, timeout=TIER_WAIT + 30)
-        took = time.monotonic() - started
-        if v.get("done", True):
-            print(f"vGPU {v['id']} is {tiers(v)} ({action} took {took:.2f} s)")
-        else:
-            print(f"vGPU {v['id']}: asked, but its processes have not all acted within {TIER_WAIT} s (one may be "
-                  f"in a long call); it is {tiers(v)}")
+        print(moved(v, action, took=time.monotonic() - started))
 
     def trace(self, args: list[str]) -> None:
         if len(args) > 1 or (args and not (args[0].isdigit() and 0 < int(args[0]) <= MAX_TRACE)):
             raise UsageError(f"usage: %vgpu trace [N] (N: how many of the newest calls, 1 to {MAX_TRACE})")
         n = int(args[0]) if args else TRACE_DEFAULT
         vid = self.mine()["id"]
-        url, token = session_credential()
-        try:
-            kept = Control(url, token).trace_last(vid, n)
-        except ControlError as e:
-            raise UsageError(str(e)) from None
+        kept = self.ask("GET", f"/api/vgpus/{quote(vid)}/trace?last={n}")["records"]
         print(table(trace_rows(kept), TRACE_HEADER) if kept else "no calls recorded")
 
 

@@ -20,7 +20,7 @@ from tornado.web import HTTPError
 from traitlets import Float, Unicode
 
 from gpu_worker.client import shim_dir, shim_env
-from gpu_worker.client.control import ControlError, call
+from gpu_worker.client.control import ControlError, call, missing_vgpu_settings
 
 NAME = "gpulab-vgpu"  # its entry point name, which kernelspecs give as provisioner_name
 
@@ -57,11 +57,11 @@ class VGPUProvisioner(LocalProvisioner):
         worker = self.worker or env.get("GPULAB_WORKER", "")
         token = self.token or env.get("GPULAB_TOKEN", "")
         control = self.control_url or env.get("GPULAB_CONTROL_URL", "")
-        if not worker or not token:
-            missing = " and ".join(n for n, v in (("GPULAB_WORKER", worker), ("GPULAB_TOKEN", token)) if not v)
+        missing = missing_vgpu_settings(worker, token)
+        if missing:
             raise NoVGPU(f"the \"{self.kernel_spec.display_name}\" kernel needs a vGPU, but this Jupyter server "
-                         f"has none: {missing} {'is' if ' and ' not in missing else 'are'} not set in its "
-                         f"environment (start the server from a GPU profile, or set them)")
+                         f"has none: {missing} not set in its environment (start the server from a GPU "
+                         f"profile, or set them)")
         if control:
             await self.confirm(control, token)
         self.vgpu = (worker, token, control)  # applied by _finalize_env, after the kernelspec's own env stanza

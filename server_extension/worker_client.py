@@ -10,7 +10,7 @@ import urllib.parse
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-TIER_WAIT = 30.0  # seconds the worker may hold an offload or restore (gpu_worker/daemon/control.py)
+from gpu_worker.client.control import TIER_WAIT
 
 
 class WorkerError(Exception):

@@ -691,3 +691,10 @@ def test_cli_takes_the_token_from_the_environment_with_url(server):
     assert [v["id"] for v in json.loads(p.stdout)] == ["17", "18"]
     p = gpulab_vgpu("list", "--url", server.url)
     assert p.returncode == 1 and "set GPULAB_TOKEN" in p.stderr and "`ps`" in p.stderr
+
+
+def test_the_clients_tier_wait_is_the_workers():
+    """gpu_worker/client/control.py keeps its own copy (the kernel's magics must not load the daemon)."""
+    from gpu_worker.client import control as client_control
+
+    assert client_control.TIER_WAIT == control.TIER_WAIT

@@ -21,7 +21,9 @@ import urllib.parse
 import urllib.request
 
 MAX_TRACE = 1024  # trace records one answer may hold (daemon/control.py MAX_LIMIT)
-TIER_WAIT = 30  # seconds the worker waits for a vGPU's processes to move its memory (daemon/control.py)
+# Seconds the worker waits for a vGPU's processes to move its memory: the client side's copy of
+# daemon/control.py's TIER_WAIT (not imported: the kernel's magics would load the daemon's modules).
+TIER_WAIT = 30
 
 
 class ControlError(Exception):
@@ -30,6 +32,13 @@ class ControlError(Exception):
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
+
+
+def missing_vgpu_settings(worker: str, token: str) -> str:
+    """Which of a vGPU's two settings are empty, as a sentence's subject and verb ("GPULAB_TOKEN is",
+    "GPULAB_WORKER and GPULAB_TOKEN are"); "" when both are set."""
+    missing = [name for name, value in (("GPULAB_WORKER", worker), ("GPULAB_TOKEN", token)) if not value]
+    return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'}" if missing else ""
 
 
 def find_credential(url: str = "", token: str = "", worker: str = "", state_dir: str = "",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 
+from .control import TIER_WAIT
 from .units import format_size
 
 TRACE_HEADER = ["TIME", "PID", "FUNCTION", "DURATION", "BYTES", "RESULT"]
@@ -41,6 +42,15 @@ def tier_bytes(v: dict, tier: str) -> str:
 def tiers(v: dict) -> str:
     """Where its memory is: "mixed: 150.0 MiB hot, 75.0 MiB warm, 75.0 MiB cold"."""
     return f"{v.get('tier', '-')}: " + ", ".join(f"{tier_bytes(v, t)} {t}" for t in ("hot", "warm", "cold"))
+
+
+def moved(v: dict, action: str = "", took: float | None = None) -> str:
+    """What an offload or restore left: the vGPU's tiers ("... (offload took 0.12 s)" with ``took``), or
+    that the worker stopped waiting for its processes (``done`` false in the answer)."""
+    if not v.get("done", True):
+        return (f"vGPU {v['id']}: asked, but its processes have not all acted within {TIER_WAIT} s (one may be "
+                f"in a long call); it is {tiers(v)}")
+    return f"vGPU {v['id']} is {tiers(v)}" + ("" if took is None else f" ({action} took {took:.2f} s)")
 
 
 def moves(v: dict) -> str:

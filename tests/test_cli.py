@@ -13,7 +13,7 @@ import pytest
 
 from workertools import ROOT
 
-SUBCOMMANDS = ["up", "worker", "pool", "vgpu", "run", "shim-path", "demo"]
+SUBCOMMANDS = ["up", "worker", "pool", "vgpu", "run", "shim-path", "demo", "kernelspec"]
 # Options each subcommand must offer (the spellings scripts, tests and the Makefile use).
 EXPECTED = {
     "up": ["--ip", "--port", "--state-dir", "--backend", "--pool-port", "--worker-port", "--emulated-kernels",
@@ -27,6 +27,7 @@ EXPECTED = {
     "run": ["--worker", "--token"],
     "shim-path": [],
     "demo": ["--backend"],
+    "kernelspec": [],  # its subcommands' options: tests/jupyter/test_kernel_provisioner.py
 }
 
 

@@ -107,10 +107,16 @@ class Actions:
             if status == 202:  # the processes have not all acted yet (one in a long call acts after it)
                 status = await self._follow(action)
             self._outcome(action, status, body)
+        except asyncio.CancelledError:  # the server stops (cancel()): not an Exception
+            action.end("failed", None, f"the {self.words(action)} was stopped with the Jupyter server; the worker "
+                                       f"may still finish it")
+            raise
         except Exception as exc:  # a bug of ours must still end the action, with a sentence
             action.end("failed", None, f"the {self.words(action)} failed inside the Jupyter server: {exc!r}")
             raise
         finally:
+            if not move.done():
+                move.cancel()  # its request, which would otherwise outlive the loop
             if look is not None:
                 look.cancel()
             if self.ended is not None:

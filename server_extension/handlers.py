@@ -98,8 +98,9 @@ class TierHandler(VGPUHandler):
                 body = None
             to = body.get("to") if isinstance(body, dict) else None
             if to not in ("warm", "cold"):
+                sent = self.request.body[:200].decode(errors="replace")
                 self.refuse(400, "the body must be {\"to\": \"warm\"} (free GPU memory into the worker's host RAM) "
-                                 f"or {{\"to\": \"cold\"}} (move it to the worker's disk), not {self.request.body[:200]!r}")
+                                 f"or {{\"to\": \"cold\"}} (move it to the worker's disk), not {sent!r}")
                 return
         if not await self.known(vgpu_id):
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from .kernels import kernels_now
+from .kernels import is_busy, kernels_now
 from .worker_client import WorkerError
 
 log = logging.getLogger("gpulab.server_extension")
@@ -24,10 +24,12 @@ class IdleHint:
         self.kernel_manager = kernel_manager
         self.told: float | None = None  # the `since` of the idle period the worker was told about
         self.hints = 0  # hints sent, for the log and the tests
+        self.failing = False  # the worker could not be told: warned once, until it can be again
 
     def idle_since(self, kernels: list[dict]) -> float | None:
-        """The kernels' last activity when none is busy, else None (a cell runs, or there is no kernel)."""
-        if not kernels or any(k["execution_state"] == "busy" for k in kernels):
+        """The kernels' last activity when none is busy, else None (a cell runs or a kernel starts, or there is
+        no kernel)."""
+        if not kernels or any(is_busy(k["execution_state"]) for k in kernels):
             return None
         times = [k["last_activity"] for k in kernels if k["last_activity"]]
         return max(times) if times else None
@@ -44,6 +46,14 @@ class IdleHint:
                     self.hints += 1
                     log.info("vGPU %s: told the worker that all kernels have been idle since %.0f", v["id"], since)
         except WorkerError as exc:
-            log.warning("cannot tell the vGPU's worker that the kernels are idle: %s", exc.message)
+            if not self.failing:  # once per outage, not every idle_interval while it lasts
+                log.warning("cannot tell the vGPU's worker that the kernels are idle (retried every %g s, not "
+                            "logged again until it works): %s", self.state.config.idle_interval, exc.message)
+            else:
+                log.debug("cannot tell the vGPU's worker that the kernels are idle: %s", exc.message)
+            self.failing = True
             return
+        if self.failing:
+            log.info("the vGPU's worker answers the idle hint again")
+        self.failing = False
         self.told = since

@@ -10,6 +10,14 @@ import datetime as dt
 
 MAX_DEPTH = 64  # parent links followed from one process before giving up (init is reached far sooner)
 
+# A kernel in one of these states may be changing the vGPU: a cell runs, or the kernel is starting.
+# Anything else (idle, dead, unknown) is not.  vgpu_state.busy() and the idle hint both ask this.
+BUSY_STATES = ("busy", "starting")
+
+
+def is_busy(execution_state) -> bool:
+    return execution_state in BUSY_STATES
+
 
 def parent_of(pid: int) -> int | None:
     """The parent pid of ``pid`` from /proc; None when it is gone (or hidden from this server)."""

@@ -17,7 +17,7 @@ from .actions import Actions
 from .config import VGPUExtension
 from .history import History
 from .idle import IdleHint
-from .kernels import kernels_now, map_processes
+from .kernels import is_busy, kernels_now, map_processes
 from .worker_client import WorkerClient, WorkerError
 
 GPUS_EVERY = 60.0  # seconds between two looks at the GPUs (model and memory do not change; their facts little)
@@ -53,6 +53,7 @@ class WorkerView:
         for v in self.vgpus:
             if "trace" in v:
                 self.traces[(str(v["id"]), trace)] = (time.monotonic(), mark(v), v.pop("trace"))
+        self.forget_old_traces()
         self.marks = [*self.marks[-1:], tuple(activity(v) for v in self.vgpus)]
         return self.vgpus, self.gpus
 
@@ -72,7 +73,13 @@ class WorkerView:
         if kept is None or kept[1] != now or time.monotonic() - kept[0] >= TRACE_EVERY:
             records = await self.client.trace(vgpu_id, last)
             self.traces[(vgpu_id, last)] = kept = (time.monotonic(), now, records)
+            self.forget_old_traces()
         return kept[2]
+
+    def forget_old_traces(self) -> None:
+        """Drop what no panel asked for within TRACE_EVERY (another N, a vGPU gone)."""
+        now = time.monotonic()
+        self.traces = {k: x for k, x in self.traces.items() if now - x[0] < TRACE_EVERY}
 
 
 def mark(v: dict) -> tuple:
@@ -99,7 +106,6 @@ class VGPUState:
         self.actions = Actions(self.client, ended=lambda _action: self.stale())
         self.idle = IdleHint(self, kernel_manager)
         self.cached: tuple[float, dict | WorkerError] | None = None
-        self.traces: dict[tuple[str, int], tuple[float, list[dict]]] = {}
         self.lock: asyncio.Lock | None = None
         self.timers: list[PeriodicCallback] = []
         self.fetches = 0  # refreshes from the worker, for the tests
@@ -114,12 +120,13 @@ class VGPUState:
         return time.monotonic() - t < interval - min(0.1, self.config.refresh / 10)
 
     def busy(self) -> bool:
-        """Is something on this server changing the vGPU now: a cell running in a kernel, a tier action?"""
+        """Is something on this server changing the vGPU now: a cell running or a kernel starting (kernels.py
+        is_busy, as the idle hint has it), a tier action?"""
         if any(a.state == "running" for a in self.actions.by_id.values()):
             return True
         for kid in list(self.kernel_manager.list_kernel_ids()):
             try:
-                if getattr(self.kernel_manager.get_kernel(kid), "execution_state", None) != "idle":
+                if is_busy(getattr(self.kernel_manager.get_kernel(kid), "execution_state", None)):
                     return True
             except KeyError:
                 continue
@@ -166,22 +173,18 @@ class VGPUState:
         for v in snap["vgpus"]:
             mapped, others = map_processes(v.get("processes") or [], kernels)
             action = self.actions.latest(v["id"])
+            v = {k: x for k, x in v.items() if k != "token_hash"}  # the worker's business, not the browser's
             vgpus.append({**v, "worker": self.client.where, "kernels": mapped, "other_processes": others,
                           "action": action.json() if action else None})
         return {"configured": True, "message": None, "emulated": any(g.get("emulated") for g in snap["gpus"]),
                 "vgpus": vgpus, "gpus": snap["gpus"], "time": snap["time"], "refresh": self.config.refresh}
 
     async def trace(self, vgpu_id: str, last: int) -> list[dict]:
-        """The recent calls, no older than ``refresh`` (another tab asking too costs the worker nothing)."""
+        """The recent calls as of the cached answer: WorkerView keeps them and asks again only when the
+        vGPU's counters moved, so another tab asking too costs the worker nothing."""
         self.traced = (last, time.monotonic())
-        kept = self.traces.get((vgpu_id, last))
-        if kept is None or not self.fresh(kept[0]):
-            asked = time.monotonic()
-            await self.snapshot()  # the counters that say whether the worker has new records (and, often, them)
-            records = await self.view.trace(vgpu_id, last)
-            self.traces = {k: v for k, v in self.traces.items() if self.fresh(v[0])}
-            self.traces[(vgpu_id, last)] = kept = (asked, records)
-        return kept[1]
+        await self.snapshot()  # the counters that say whether the worker has new records (and, often, them)
+        return await self.view.trace(vgpu_id, last)
 
     # ------------------------------------------------------------ timers
     def start(self) -> None:

@@ -332,3 +332,14 @@ def test_an_id_seen_twice_means_the_active_vgpu_and_malformed_grants_are_skipped
     assert reg.get("7")["state"] == "active"
     reg.apply_grants(["not a grant", {"id": 1}], {})  # logged and skipped, the rest goes on
     assert reg.get("7")["state"] == "active"
+
+
+def test_a_session_looking_up_its_vgpu_gets_the_overhead_measured():
+    """A session's GET /api/vgpus answers with find_token's description: it must measure the context
+    overhead as vgpus() does (_measure itself keeps to one measurement per MEASURE_EVERY)."""
+    reg = registry_with_lookup()
+    reg.admit("fresh-token")
+    measured = []
+    reg._measure = lambda: measured.append(1)
+    assert reg.find_token("fresh-token")["id"] == "7"
+    assert measured == [1]

@@ -539,7 +539,10 @@ class VGPURegistry:
             return None if v is None else self._describe(v)
 
     def find_token(self, token: str) -> dict | None:
+        """The vGPU of a session token, described now: a session's GET /api/vgpus answers with this, so
+        the context overhead is measured here too (at most every MEASURE_EVERY seconds, on a real GPU)."""
         with self.lock:
+            self._measure()
             v = self.table.get(token_hash(token))
             return None if v is None else self._describe(v)
 

@@ -146,6 +146,7 @@ async def test_the_vgpu_as_the_worker_sees_it_with_quota_usage_and_gpu(jp_fetch,
     (v,) = body["vgpus"]
     (worker_view,) = vgpu_worker.vgpus()
     assert v["id"] == worker_view["id"] and v["quota"] == 256 * MiB
+    assert "token_hash" in worker_view and "token_hash" not in v  # the worker's business, not the browser's
     assert v["used"] >= 16 * MiB and v["tiers"]["hot"] >= 16 * MiB and v["tier"] == "hot"
     assert v["worker"] == vgpu_worker.control.split("//")[1]
     (proc,) = v["other_processes"]  # a program, not a kernel's
@@ -295,7 +296,7 @@ async def test_a_second_action_while_one_runs_is_409_and_bad_requests_are_refuse
         assert status == 400 and '"to"' in body["message"], body
     r = await jp_fetch("gpulab", "api", "vgpus", v["id"], "offload", method="POST", body="not json",
                        raise_error=False)
-    assert r.code == 400
+    assert r.code == 400 and json.loads(r.body)["message"].endswith(", not 'not json'"), r.body
     for path in (("vgpus", "nope", "history"), ("vgpus", "nope", "trace"), ("actions", "nope")):
         status, body = await get(jp_fetch, *path)
         assert status == 404 and "nope" in body["message"], (path, body)
@@ -410,12 +411,16 @@ async def test_every_route_refuses_an_unauthenticated_request(jp_serverapp, jp_w
         path = sample_url(pattern)
         assert re.fullmatch(pattern, path) and path.startswith(jp_base_url + "gpulab/api/"), (pattern, path)
         for method in ("GET", "POST"):
+            # A matching XSRF cookie and header: jupyter_server checks XSRF before authentication, so a POST
+            # without them would be refused (403) even by a handler that forgot @authenticated.
             r = await http_server_client.fetch(path, method=method, body=b"{}" if method == "POST" else None,
+                                               headers={"Cookie": "_xsrf=x", "X-XSRFToken": "x"},
                                                raise_error=False, follow_redirects=False)
             serves = method.lower() in vars(handler)  # tornado answers 405 to a method before any handler code
             assert r.code in ((403, 302) if serves else (403, 302, 405)), (method, path, r.code)
             if r.code == 302:
                 assert "/login" in r.headers["Location"], r.headers
+            assert b"xsrf" not in r.body.lower(), (method, path, r.body)  # refused by authentication, not XSRF
             assert b"vgpus" not in r.body and b"quota" not in r.body
 
 
@@ -483,3 +488,49 @@ async def test_a_panel_showing_recent_calls_gets_them_with_each_refresh(jp_fetch
     await until(alloc_seen, "the new program's allocation among the recent calls")
     assert separate == []  # no request of their own: they came with the vGPU
     assert "trace" not in (await the_vgpu(jp_fetch))  # and the vGPU's JSON keeps its shape
+
+
+async def test_the_idle_hint_warns_once_per_outage(caplog):
+    """A worker that stays down is logged once, not every idle_interval; once it answers, the next outage
+    is logged again."""
+    import logging
+    from types import SimpleNamespace
+
+    from server_extension.idle import IdleHint
+    from server_extension.worker_client import WorkerError
+
+    class Kernels:
+        def list_kernel_ids(self):
+            return ["k"]
+
+        def get_kernel(self, kid):
+            return SimpleNamespace(execution_state="idle", last_activity=None, kernel_name="python3")
+
+    down = [True]
+    told = []
+
+    class State:
+        config = SimpleNamespace(idle_interval=5.0)
+        client = SimpleNamespace(idle=lambda vid, since: _done(told.append(vid)))
+
+        async def snapshot(self):
+            if down[0]:
+                raise WorkerError(502, "cannot reach the worker")
+            return {"vgpus": [{"id": "v1", "state": "active"}]}
+
+    async def _done(_):
+        return None
+
+    hint = IdleHint(State(), Kernels())
+    hint.idle_since = lambda kernels: 1000.0 + len(told)  # a new idle period each time it was told
+    caplog.set_level(logging.DEBUG, "gpulab.server_extension")
+    for _ in range(3):
+        await hint.check()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "cannot reach the worker" in warnings[0].getMessage(), caplog.records
+    down[0] = False
+    await hint.check()
+    assert told == ["v1"]
+    down[0] = True
+    await hint.check()
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2

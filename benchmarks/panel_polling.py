@@ -8,9 +8,9 @@
   processes: utime + stime from /proc) is measured over equal windows (default 60 s):
   1. idle sessions, nobody polling (the baseline);
   2. idle sessions, N panels polling: N pollers each do what one Jupyter server's extension does
-     when its panel polls at the default interval (c.VGPUExtension.refresh), with its own session
-     token, started at staggered times, through the extension's own WorkerView: the vGPU at the
-     server's pace (every refresh, or every background_refresh once two answers in a row showed no
+     when its panel polls at the default interval (c.VGPUExtension.refresh, 5 s; 2 s with --quick),
+     with its own session token, started at staggered times, through the extension's own WorkerView:
+     the vGPU at the server's pace (every refresh, or every background_refresh once two answers in a row showed no
      activity and, here, no kernel is busy), with the recent calls (the newest 20) in the same
      request, and the GPUs every 60 s;
   3. idle sessions, N servers with no panel open (history samples every background_refresh);
@@ -196,17 +196,20 @@ async def follow_action(worker: BenchWorker, token: str, vgpu_id: str, holder: s
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("--quick", action="store_true", help="5 vGPUs, 4 s windows, a 1.5 s action (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="5 vGPUs, 4 s windows, refresh 2 s, a 1.5 s action (a smoke "
+                                                         "run)")
     ap.add_argument("--vgpus", type=int, default=None, help="vGPUs and pollers (default 50; 5 with --quick)")
     ap.add_argument("--window", type=float, default=None, help="seconds of each window (default 60; 4 with --quick)")
     ap.add_argument("--refresh", type=float, default=None, help="seconds between two refreshes (default: the "
-                                                                 "extension's, c.VGPUExtension.refresh)")
+                                                                 "extension's, c.VGPUExtension.refresh; 2 with "
+                                                                 "--quick, whose windows are 4 s)")
     args = ap.parse_args()
     n = args.vgpus or (5 if args.quick else 50)
     window = args.window or (4.0 if args.quick else 60.0)
     held = 4 * MiB
     sleep_ms = 1500 if args.quick else 4000
-    refresh = args.refresh or VGPUExtension().refresh  # the extension's default interval
+    # the extension's default interval; a smoke run's 4 s windows need a shorter one to see several refreshes
+    refresh = args.refresh or (2.0 if args.quick else VGPUExtension().refresh)
 
     with tempfile.TemporaryDirectory(prefix="gpulab-panel-") as tmp:
         tokens = [f"lab{i}" for i in range(n)]
@@ -231,7 +234,7 @@ def main() -> int:
             live = sum(1 for v in vgpus if v["processes"] and v["used"] >= held)
             print(f"worker: emulated, {len(vgpus)} vGPUs, {live} with a live client process holding "
                   f"{held // MiB} MiB or more; refresh interval {refresh:g} s"
-                  f"{' (c.VGPUExtension.refresh default)' if not args.refresh else ''}")
+                  f"{' (c.VGPUExtension.refresh default)' if not (args.refresh or args.quick) else ''}")
             time.sleep(2.0)  # start-up settles
             pgid = worker.proc.pid
             background = VGPUExtension().background_refresh

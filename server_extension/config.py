@@ -19,17 +19,19 @@ class VGPUExtension(Configurable):
                                "no vGPU, and the extension only says so.").tag(config=True)
     token = Unicode(help="The session token of this server's vGPU; the worker shows a session token only its own "
                          "vGPU. Default: $GPULAB_TOKEN, which the gpulab spawner sets.").tag(config=True)
-    refresh = Float(2.0, help="Seconds the server keeps the worker's answer: however many browser tabs poll, the "
+    refresh = Float(5.0, help="Seconds the server keeps the worker's answer: however many browser tabs poll, the "
                               "worker gets at most one request per interval (vGPUs and GPUs; and the recent calls "
                               "while a panel shows them). Also the interval of the usage history's samples while a "
-                              "panel is open (see background_refresh).").tag(config=True)
+                              "panel is open (see background_refresh). 5 s, the pace of jupyter-resource-usage's "
+                              "own polling; the panel's refreshInterval setting has the same default."
+                    ).tag(config=True)
     background_refresh = Float(10.0, help="Seconds between two refreshes while nothing is expected to change: no "
                                            "panel polls this server (none asked within three refresh intervals), or "
                                            "the vGPU is quiet (its last two answers showed no call, allocation, move "
                                            "or process, no cell runs in any kernel and no tier action runs). The "
                                            "first sign of work brings back the refresh pace; an idle lab's servers "
                                            "cost the worker little.").tag(config=True)
-    history = Int(900, help="Samples of the usage history kept per vGPU (one per refresh: 900 at 2 s is 30 minutes "
+    history = Int(900, help="Samples of the usage history kept per vGPU (one per refresh: 900 at 5 s is 75 minutes "
                             "of a panel open, more with none), so a panel opened later draws its chart at once."
                   ).tag(config=True)
     idle_hint = Bool(True, help="Tell the worker when no cell runs in any kernel (all kernels idle), with the time "

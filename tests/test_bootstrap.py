@@ -333,6 +333,21 @@ def fake_report(pytest_out=PYTEST_OUT, pytest_rc=1, bench_out=BENCH_OUT):
                         0, 71.2, bench_out, "Worker backend: cuda (the real GPU).")])
 
 
+def test_pytest_gpu_leaves_out_what_this_machine_cannot_collect(monkeypatch):
+    """The device machine carries neither JupyterHub nor Jupyter's server packages: a collection error
+    there would stop `pytest -m gpu` before any GPU test ran."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    cmd, note = vg.pytest_command()
+    assert "--ignore=tests/jupyter" not in cmd and "tests/jupyter" not in note  # all installed here
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("jupyterhub", "pytest_jupyter") else real(name, *a))
+    cmd, note = vg.pytest_command()
+    assert "--ignore=tests/hub" in cmd and "--ignore=tests/jupyter" in cmd
+    assert "tests/jupyter/ not collected: pytest_jupyter not installed here." in note
+
+
 def test_pytest_summary_is_parsed():
     assert vg.pytest_counts(PYTEST_OUT) == {"passed": 2, "failed": 1, "skipped": 1, "deselected": 212,
                                             "warnings": 1}

@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import socket
 import threading
@@ -368,9 +369,14 @@ def split_bind(bind: str) -> tuple[str, int]:
 
 
 class _Server(ThreadingHTTPServer):
-    """A thread per connection, within MAX_CONNECTIONS + ADMIN_RESERVE; connections that owe their
-    request past its deadline are shut down by the accept loop (`service_actions`), so a slow
-    sender cannot stretch HEADER_TIMEOUT a byte at a time."""
+    """A thread per connection being served, within MAX_CONNECTIONS + ADMIN_RESERVE; connections that
+    owe their request past its deadline are shut down by the accept loop (`service_actions`), so a
+    slow sender cannot stretch HEADER_TIMEOUT a byte at a time.
+
+    A thread that has served its connection waits for the next one instead of ending: starting a
+    thread per connection was a fifth of what a panel's poll cost the worker (benchmarks/panel_polling.py).
+    A new thread starts only when none waits, and a thread counts itself as waiting before it gives
+    its slot back, so there are never more threads than slots."""
 
     daemon_threads = True
     request_queue_size = 128  # a burst of connections waits in the kernel instead of being refused there
@@ -383,6 +389,10 @@ class _Server(ThreadingHTTPServer):
         self.admin_only: set[socket.socket] = set()  # connections in the reserve
         self.owing: dict[socket.socket, float] = {}  # connection -> when its request must have arrived
         self.owing_lock = threading.Lock()
+        self.handoff: queue.SimpleQueue = queue.SimpleQueue()  # connections for the waiting threads
+        self.idle_threads = 0  # threads waiting on handoff and not yet promised a connection
+        self.threads = 0
+        self.threads_lock = threading.Lock()
 
     def process_request(self, request, client_address):
         if self.slots.acquire(blocking=False):
@@ -393,8 +403,27 @@ class _Server(ThreadingHTTPServer):
         else:  # a flood costs a socket, never a thread
             self.shutdown_request(request)
             return
-        threading.Thread(target=self._connection, args=(request, client_address, release),
-                         name="gpulab-control-request", daemon=True).start()
+        with self.threads_lock:
+            start = self.idle_threads == 0
+            if start:
+                self.threads += 1
+            else:
+                self.idle_threads -= 1
+        self.handoff.put((request, client_address, release))
+        if start:
+            threading.Thread(target=self._serve_connections, name="gpulab-control-request", daemon=True).start()
+
+    def _serve_connections(self) -> None:
+        """Serve a handed-off connection, then wait for the next (None: the server closed)."""
+        while (job := self.handoff.get()) is not None:
+            self._connection(*job)
+
+    def server_close(self):
+        super().server_close()
+        with self.threads_lock:
+            waiting, self.threads = self.threads, 0
+        for _ in range(waiting):  # a thread still serving ends after its connection
+            self.handoff.put(None)
 
     def _connection(self, request, client_address, release) -> None:
         try:
@@ -405,6 +434,8 @@ class _Server(ThreadingHTTPServer):
             self.received(request)
             self.admin_only.discard(request)
             self.shutdown_request(request)
+            with self.threads_lock:
+                self.idle_threads += 1  # before the slot is free: the next connection finds this thread
             release()
 
     def awaiting(self, connection) -> None:

@@ -102,7 +102,8 @@ sys.stdin.readline()
 
 
 def group_ticks(pgid: int) -> int:
-    """CPU ticks (user + system) of every live process in process group ``pgid``."""
+    """CPU ticks (user + system) of every live process in process group ``pgid``; those of its leader (the
+    worker's daemon, which serves the control API) go to LEADER too."""
     total = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -114,7 +115,12 @@ def group_ticks(pgid: int) -> int:
             continue
         if int(fields[2]) == pgid:
             total += int(fields[11]) + int(fields[12])
+            if int(entry) == pgid:
+                LEADER["ticks"] = int(fields[11]) + int(fields[12])
     return total
+
+
+LEADER = {"ticks": 0, "percent": 0.0}  # the daemon alone: the executors' share moves with the machine's load
 
 
 def cpu_percent(pgid: int, seconds: float, during=None) -> float:
@@ -123,7 +129,7 @@ def cpu_percent(pgid: int, seconds: float, during=None) -> float:
     mark = {}
 
     def start():
-        mark.update(t0=group_ticks(pgid), w0=time.monotonic())
+        mark.update(t0=group_ticks(pgid), l0=LEADER["ticks"], w0=time.monotonic())
 
     if during is None:
         start()
@@ -131,7 +137,9 @@ def cpu_percent(pgid: int, seconds: float, during=None) -> float:
     else:
         asyncio.run(during(seconds, start))
     took = time.monotonic() - mark["w0"]
-    return (group_ticks(pgid) - mark["t0"]) / TICK / took * 100
+    total = group_ticks(pgid)
+    LEADER["percent"] = (LEADER["ticks"] - mark["l0"]) / TICK / took * 100
+    return (total - mark["t0"]) / TICK / took * 100
 
 
 COUNTS = {"requests": 0, "rounds": 0}  # over all pollers, since the start
@@ -261,8 +269,10 @@ def main() -> int:
                     h.stdin.flush()
 
             quiet = cpu_percent(pgid, window)
+            daemon = {"quiet": LEADER["percent"]}
             print(f"worker CPU, {window:g} s, idle sessions, nobody polling: {quiet:.3f} % of one core")
             idle_panels = cpu_percent(pgid, window, polled(refresh, True))
+            daemon["idle_panels"] = LEADER["percent"]
             idle_result = dict(result)
             print(f"worker CPU, {window:g} s, idle sessions, {n} panels polling: {idle_panels:.3f} % of one core "
                   f"({idle_result['rounds']} refreshes, {idle_result['requests']} requests to the worker; "
@@ -273,9 +283,11 @@ def main() -> int:
             tell("work")
             time.sleep(2.0)
             working = cpu_percent(pgid, window)
+            daemon["working"] = LEADER["percent"]
             print(f"worker CPU, {window:g} s, every session running a cell (a call a second), nobody polling: "
                   f"{working:.3f} % of one core")
             busy_panels = cpu_percent(pgid, window, polled(refresh, True))
+            daemon["busy_panels"] = LEADER["percent"]
             busy_result = dict(result)
             print(f"worker CPU, {window:g} s, every session running a cell, {n} panels polling: {busy_panels:.3f} % of "
                   f"one core ({busy_result['rounds']} refreshes, {busy_result['requests']} requests to the worker; "
@@ -288,6 +300,10 @@ def main() -> int:
                 print(f"polling cost, {what}: {cost:+.3f} % of one core (ratio {ratio:.2f}x; {res['rounds']} of "
                       f"{expected:.0f} refreshes); target < 1 %: {'MET' if cost < 1.0 else 'MISSED'}")
             print(f"no panel open: {no_panel - quiet:+.3f} % of one core")
+            print(f"the daemon alone (it serves the control API; the rest is the executors): idle sessions "
+                  f"{daemon['quiet']:.3f} % unpolled, {daemon['idle_panels']:.3f} % polled "
+                  f"({daemon['idle_panels'] - daemon['quiet']:+.3f} %); sessions running cells {daemon['working']:.3f} % "
+                  f"unpolled, {daemon['busy_panels']:.3f} % polled ({daemon['busy_panels'] - daemon['working']:+.3f} %)")
             print(f"pollers' own CPU (the Jupyter servers' side), panels on running sessions: "
                   f"{busy_result['cpu'] / window / n * 100:.3f} % of one core per server")
             errors = idle_result["errors"] + busy_result["errors"] + result["errors"]

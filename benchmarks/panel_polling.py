@@ -142,6 +142,12 @@ def cpu_percent(pgid: int, seconds: float, during=None) -> float:
     return (total - mark["t0"]) / TICK / took * 100
 
 
+def print_polled(what: str, percent: float, result: dict) -> None:
+    """One polled window's line: the worker's CPU and what the pollers asked of it."""
+    print(f"{what}: {percent:.3f} % of one core ({result['rounds']} refreshes, {result['requests']} requests to the "
+          f"worker; {len(result['errors'])} errors)")
+
+
 COUNTS = {"requests": 0, "rounds": 0}  # over all pollers, since the start
 
 
@@ -274,9 +280,7 @@ def main() -> int:
             idle_panels = cpu_percent(pgid, window, polled(refresh, True))
             daemon["idle_panels"] = LEADER["percent"]
             idle_result = dict(result)
-            print(f"worker CPU, {window:g} s, idle sessions, {n} panels polling: {idle_panels:.3f} % of one core "
-                  f"({idle_result['rounds']} refreshes, {idle_result['requests']} requests to the worker; "
-                  f"{len(idle_result['errors'])} errors)")
+            print_polled(f"worker CPU, {window:g} s, idle sessions, {n} panels polling", idle_panels, idle_result)
             no_panel = cpu_percent(pgid, window, polled(background, False))
             print(f"worker CPU, {window:g} s, idle sessions, {n} servers with no panel open: {no_panel:.3f} % of one "
                   f"core ({result['requests']} requests)")
@@ -289,9 +293,8 @@ def main() -> int:
             busy_panels = cpu_percent(pgid, window, polled(refresh, True))
             daemon["busy_panels"] = LEADER["percent"]
             busy_result = dict(result)
-            print(f"worker CPU, {window:g} s, every session running a cell, {n} panels polling: {busy_panels:.3f} % of "
-                  f"one core ({busy_result['rounds']} refreshes, {busy_result['requests']} requests to the worker; "
-                  f"{len(busy_result['errors'])} errors)")
+            print_polled(f"worker CPU, {window:g} s, every session running a cell, {n} panels polling", busy_panels,
+                         busy_result)
             tell("rest")
             expected = n * window / refresh
             for what, cost, base, res in (("idle sessions", idle_panels - quiet, quiet, idle_result),

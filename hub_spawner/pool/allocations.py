@@ -206,15 +206,31 @@ class AllocationBook:
         cutoff = time.time() - heartbeat_timeout
         with self.Session.begin() as db:
             for w in db.scalars(select(Worker).where(Worker.status == "up", Worker.last_seen < cutoff)):
-                w.status = "lost"
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(w.last_seen))
                 log.warning("worker %s stopped sending heartbeats (last at %s): marked lost", w.name, when)
-                for a in db.scalars(select(Allocation).where(Allocation.worker_name == w.name,
-                                                             Allocation.status == "active")):
-                    a.status = "lost"
-                    a.ended = time.time()
-                    a.message = (f"Your vGPU was lost: GPU worker {w.name} stopped responding at {when}. "
-                                 "Stop and start your server to get a new one.")
+                _lose(db, w, f"GPU worker {w.name} stopped responding at {when}")
+
+    def mark_lost(self, name: str, why: str) -> bool:
+        """Worker ``name`` is gone now (its pod was deleted or failed: ``why``, a clause), not after the
+        heartbeat timeout; its active allocations become lost with a message saying so.  False when no
+        such worker is up."""
+        with self.Session.begin() as db:
+            w = db.get(Worker, name, with_for_update=True)
+            if w is None or w.status != "up":
+                return False
+            log.warning("worker %s is gone: %s; marked lost", name, why)
+            _lose(db, w, f"GPU worker {name} is gone: {why}")
+        return True
+
+    def worker_for_pod(self, pod: str, node: str) -> str | None:
+        """The worker that registered from pod ``pod``; else the one worker on ``node`` that named no pod
+        (a worker of an older version); None when there is none or several."""
+        with self.Session() as db:
+            name = db.scalars(select(Worker.name).where(Worker.pod == pod)).first()
+            if name is not None or not node:
+                return name
+            names = list(db.scalars(select(Worker.name).where(Worker.pod == "", Worker.node == node)))
+            return names[0] if len(names) == 1 else None
 
     def gpu_table(self) -> list[dict]:
         with self.Session.begin() as db:
@@ -249,6 +265,15 @@ class AllocationBook:
     def usage_table(self) -> list[dict]:
         """The per-user rows of usage_report (the dashboard's table)."""
         return self.usage_report()["users"]
+
+
+def _lose(db, w: Worker, what: str) -> None:
+    """Mark ``w`` lost and its active allocations lost, each with a message that starts with ``what``."""
+    w.status = "lost"
+    now = time.time()
+    for a in db.scalars(select(Allocation).where(Allocation.worker_name == w.name, Allocation.status == "active")):
+        a.status, a.ended = "lost", now
+        a.message = f"Your vGPU was lost: {what}. Stop and start your server to get a new one."
 
 
 def _zero() -> dict:

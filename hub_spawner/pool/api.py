@@ -78,7 +78,8 @@ class HealthHandler(APIHandler):
         pass
 
     def get(self):
-        self.send({"status": "ok"})
+        """Alive, which replica answers and whether it leads (does the periodic work: leader.py)."""
+        self.send({"status": "ok", "replica": self.pool.replica_name, "leader": self.pool.leader})
 
 
 MAX_ID = (1 << 63) - 1  # SQLite's largest integer: a larger id names no allocation

@@ -37,11 +37,12 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 from urllib.parse import urlparse
 
 from jupyterhub.services.auth import HubOAuthCallbackHandler
-from sqlalchemy import select
+from sqlalchemy import make_url, select
 from tornado import ioloop, web
 from traitlets import Enum, Float, Set, TraitError, Unicode, default, validate
 from traitlets.config import Application
@@ -53,7 +54,8 @@ from .worker_api import (GrantHandler, HeartbeatHandler, NotHereHandler, WorkerC
                          WorkersHandler)
 from .dashboard import DashboardHandler
 from .live import LiveFacts
-from .db import Worker
+from .db import Worker, engine_url
+from .leader import LeaderLease
 from .metrics import MetricsHandler, PoolMetrics
 from .scheduler import STRATEGIES, Limits
 
@@ -100,6 +102,23 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
                               "answers 404 to worker routes. Listen on an address the workers reach, e.g. "
                               "http://0.0.0.0:8766 in a cluster (a network policy limits who reaches it)."
                               ).tag(config=True)
+    lease_period = Float(15.0, help="Seconds within which another replica takes over the periodic work (the "
+                         "heartbeat checker, the Kubernetes pod watch) when the replica doing it dies. Replicas "
+                         "on one database hold a lease in it: the leader renews it every quarter of this, each "
+                         "renewal valid for half of it. From 1 to 3600.").tag(config=True)
+    replica_name = Unicode(help="This replica's name in the leader lease and in api/health (default: the host "
+                           "name and process id; in Kubernetes the pod name).").tag(config=True)
+    pod_watch = Enum(["auto", "on", "off"], "auto", help="Watch the worker DaemonSet's pods through the Kubernetes "
+                     "API, so that a deleted or failed worker pod is marked lost at once rather than after "
+                     "heartbeat_timeout, and cross-check each worker's GPUs with its node's GPU feature "
+                     "discovery labels. 'auto': when the pool runs in a cluster ($KUBERNETES_SERVICE_HOST) or "
+                     "kubeconfig is set. Needs the RBAC of deploy/kubernetes/rbac.yaml.").tag(config=True)
+    kubeconfig = Unicode("", help="A kubeconfig file for the pod watch (default: the pod's service account "
+                         "when in a cluster).").tag(config=True)
+    kubernetes_namespace = Unicode(help="Namespace of the worker pods (default: $POD_NAMESPACE, else the "
+                                   "service account's namespace, else 'default').").tag(config=True)
+    worker_pod_selector = Unicode("app.kubernetes.io/name=gpulab-worker", help="Label selector of the worker "
+                                  "pods (deploy/kubernetes/worker.yaml).").tag(config=True)
     admin_users = Set(Unicode(), help="Hub users who may see the dashboard (hub admins always may)."
                       ).tag(config=True)
     bind_url = Unicode(help="URL to listen on (default: $JUPYTERHUB_SERVICE_URL or http://127.0.0.1:8765)."
@@ -115,7 +134,9 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
                "prefix": "GPUPool.prefix", "heartbeat-timeout": "GPUPool.heartbeat_timeout",
                "vram-oversubscription": "GPUPool.vram_oversubscription",
                "compute-oversubscription": "GPUPool.compute_oversubscription",
-               "admin-users": "GPUPool.admin_users", "config": "GPUPool.config_file"}
+               "admin-users": "GPUPool.admin_users", "config": "GPUPool.config_file",
+               "lease-period": "GPUPool.lease_period", "replica-name": "GPUPool.replica_name",
+               "pod-watch": "GPUPool.pod_watch", "kubeconfig": "GPUPool.kubeconfig"}
     flags = {"show-config": Application.flags["show-config"]}
 
     def initialize(self, argv=None):
@@ -127,11 +148,11 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
                 self.exit(2)
             self.load_config_file(os.path.basename(path), os.path.dirname(path))
 
-    @validate("vram_oversubscription", "compute_oversubscription", "heartbeat_timeout")
+    @validate("vram_oversubscription", "compute_oversubscription", "heartbeat_timeout", "lease_period")
     def _finite_in_range(self, proposal):
         """A ratio below 1 or an infinite timeout would silently break placement or loss detection."""
         name, value = proposal["trait"].name, proposal["value"]
-        low, high = (0.1, 3600.0) if name == "heartbeat_timeout" else (1.0, 100.0)
+        low, high = {"heartbeat_timeout": (0.1, 3600.0), "lease_period": (1.0, 3600.0)}.get(name, (1.0, 100.0))
         if not (low <= value <= high):  # also false for nan
             raise TraitError(f"c.GPUPool.{name}: {value!r} is not a number from {low:g} to {high:g}")
         return value
@@ -143,6 +164,19 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
     @default("worker_token")
     def _worker_token(self):
         return os.environ.get("GPULAB_POOL_WORKER_TOKEN", "")
+
+    @default("replica_name")
+    def _replica_name(self):
+        return f"{socket.gethostname()}-{os.getpid()}"
+
+    @default("kubernetes_namespace")
+    def _kubernetes_namespace(self):
+        try:
+            with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+                account = f.read().strip()
+        except OSError:
+            account = ""
+        return os.environ.get("POD_NAMESPACE") or account or "default"
 
     @default("bind_url")
     def _bind_url(self):
@@ -189,6 +223,27 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
                                    Limits(self.vram_oversubscription, self.compute_oversubscription))
         self.metrics = PoolMetrics(self)
         self.live = LiveFacts()  # the workers' last heartbeats: vGPU processes, GPU facts (live.py)
+        self.lease = LeaderLease(self.book.Session, self.replica_name, self.lease_period)
+        self.pod_watcher = None  # kube.PodWatch while this replica leads, where pod_watch is on
+
+    @property
+    def leader(self) -> bool:
+        return self.lease.leader
+
+    def lead(self) -> None:
+        """Take or renew the leader lease; start or stop what only the leader runs."""
+        was = self.pod_watcher is not None
+        now = self.lease.hold()
+        self.metrics.leader.set(1 if now else 0)
+        if now and not was:
+            self.start_pod_watch()
+        elif was and not now:
+            self.stop_pod_watch()
+
+    def periodic_work(self) -> None:
+        """What one replica does for all, on the leader only."""
+        if self.leader:
+            self.check_heartbeats()
 
     def check_heartbeats(self) -> None:
         """Mark silent workers lost, counting each worker that becomes so and forgetting its live facts.
@@ -204,11 +259,62 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         with self.book.Session() as db:
             return set(db.scalars(select(Worker.name).where(Worker.status == "lost")))
 
+    # ------------------------------------------------------------ Kubernetes
+    def pod_watch_wanted(self) -> bool:
+        if self.pod_watch == "auto":
+            return bool(self.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST"))
+        return self.pod_watch == "on"
+
+    def start_pod_watch(self) -> None:
+        if not self.pod_watch_wanted():
+            return
+        from .kube import PodWatch, api_client  # the kubernetes client is needed only here
+        try:
+            client = api_client(self.kubeconfig)
+        except Exception as exc:
+            log.error("the pod watch cannot start (c.GPUPool.kubeconfig=%r): %s; workers are marked lost by "
+                      "their heartbeats only", self.kubeconfig, exc)
+            return
+        loop = ioloop.IOLoop.current()
+        self.pod_watcher = PodWatch(
+            client, self.kubernetes_namespace, self.worker_pod_selector,
+            on_gone=lambda pod, node, why: loop.add_callback(self.pod_gone, pod, node, why),
+            on_node=lambda node, labels: loop.add_callback(self.node_facts, node, labels))
+        self.pod_watcher.start()
+
+    def stop_pod_watch(self) -> None:
+        if self.pod_watcher is not None:
+            self.pod_watcher.stop()
+            self.pod_watcher = None
+
+    def pod_gone(self, pod: str, node: str, why: str) -> None:
+        """The pod watch saw a worker's pod deleted or failed: mark that worker lost now."""
+        name = self.book.worker_for_pod(pod, node)
+        if name is not None and self.book.mark_lost(name, why):
+            self.metrics.worker_lost()
+            self.live.forget(name)
+
+    def node_facts(self, node: str, labels: dict) -> None:
+        """Compare a worker node's GPU feature discovery labels with what its worker registered."""
+        from .kube import compare_node
+        with self.book.Session() as db:
+            workers = list(db.scalars(select(Worker).where(Worker.node == node)))
+            for w in workers:
+                gpus = [{"model": g.model, "memory": g.memory} for g in w.gpus]
+                for sentence in compare_node(labels, gpus):
+                    log.warning("worker %s on node %s: %s", w.name, node, sentence)
+
+    def stop(self) -> None:
+        """A clean stop: the pod watch ends and another replica may lead at once."""
+        self.stop_pod_watch()
+        self.lease.give_up()
+        ioloop.IOLoop.current().stop()
+
     def start(self):
         # JupyterHub stops a managed service with SIGINT: end quietly, with no KeyboardInterrupt trace.
         loop = ioloop.IOLoop.current().asyncio_loop
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, loop.stop)
+            loop.add_signal_handler(sig, self.stop)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s gpulab-pool %(levelname)s %(message)s")
         self.open_state()
         url = urlparse(self.bind_url)
@@ -216,10 +322,12 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         app.listen(url.port or 80, url.hostname or "127.0.0.1")
         wurl = urlparse(self.worker_bind_url)
         self.make_worker_app().listen(wurl.port or 80, wurl.hostname or "127.0.0.1")
-        ioloop.PeriodicCallback(self.check_heartbeats, max(self.heartbeat_timeout / 3, 0.2) * 1000).start()
+        self.lead()
+        ioloop.PeriodicCallback(self.lead, self.lease.interval * 1000).start()
+        ioloop.PeriodicCallback(self.periodic_work, max(self.heartbeat_timeout / 3, 0.2) * 1000).start()
         print(f"gpulab pool listening on {self.bind_url}{self.prefix}, workers on {self.worker_bind_url} "
-              f"(database {self.db_url}, "
-              f"strategy {self.strategy})", flush=True)
+              f"(database {make_url(engine_url(self.db_url)).render_as_string(hide_password=True)}, strategy {self.strategy}, replica {self.replica_name}"
+              f"{', leader' if self.leader else ''})", flush=True)
         ioloop.IOLoop.current().start()
 
 

@@ -1,7 +1,9 @@
-"""The pool's state in a database (SQLAlchemy): workers, their GPUs, and allocations.
+"""The pool's state in a database (SQLAlchemy): workers, their GPUs, allocations and the leader's lease.
 
-SQLite by default; any SQLAlchemy URL (PostgreSQL) by configuration.  Allocations are
-rows, so they survive restarts of the pool and of the hub.
+SQLite by default; PostgreSQL (psycopg 3) by configuration, on which several pool replicas share
+one database.  Allocations are rows, so they survive restarts of the pool and of the hub.  The
+schema is kept by Alembic revisions (migrations/): every pool brings the database to the newest
+at start, so an upgrade keeps what the database holds.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ class Worker(Base):
     # sha256 of the credential issued at enrolment (worker_api.py); None: the name may be enrolled
     credential_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
     control_url: Mapped[str] = mapped_column(String(255), default="")  # its control API, http://host:port
+    # its Kubernetes pod ("" outside a cluster): the pool's pod watch marks it lost when the pod goes
+    pod: Mapped[str] = mapped_column(String(253), default="", server_default="")
     gpus: Mapped[list["GPU"]] = relationship(back_populates="worker", cascade="all, delete-orphan")
 
 
@@ -95,9 +99,32 @@ class Allocation(Base):
         return self.kernel_seconds / 3600.0
 
 
+class Lease(Base):
+    """Periodic work that one replica does for all (leader.py): who holds it and until when, in
+    seconds of the database's clock."""
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    expires: Mapped[float] = mapped_column(Float)
+    acquired: Mapped[float] = mapped_column(Float)
+
+
+def engine_url(url: str) -> str:
+    """The URL SQLAlchemy opens: plain ``postgresql://`` URLs run on psycopg 3, the driver the pool
+    depends on (SQLAlchemy's default for that scheme is psycopg2)."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
 def make_sessionmaker(url: str):
-    """An engine and session factory; SQLite gets a busy timeout and serialised writers."""
+    """An engine and session factory over a database brought to the newest schema; SQLite gets a busy
+    timeout and serialised writers."""
+    url = engine_url(url)
     kwargs = {}
+    if url.startswith("postgresql"):
+        # two replicas, each with a burst of requests and a heartbeat stream: connections stay open
+        kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     engine = create_engine(url, **kwargs)
@@ -114,13 +141,14 @@ def make_sessionmaker(url: str):
         def _begin_immediate(conn):
             # take the write lock at the start: two pools placing at once cannot double book
             conn.exec_driver_sql("BEGIN IMMEDIATE")
-    Base.metadata.create_all(engine)
-    _migrate(engine)
+    from .migrations import upgrade  # the revisions import this module's models
+    upgrade(engine)
     return engine, sessionmaker(engine, expire_on_commit=False)
 
 
-# Columns added since the first release, as (table, column, SQL type and default).  The pool has no
-# migration framework: a database made by an older pool is brought up to date in place at start.
+# Columns added before the pool kept its schema with Alembic, as (table, column, SQL type and default).
+# A database made by such a pool is brought to revision 0001 in place (bring_to_first_revision), then
+# upgraded by the revisions like any other.
 ADDED_COLUMNS = [
     # per-worker credentials: workers of an older database enrol again (their names are free until they do)
     ("workers", "credential_hash", "VARCHAR(64)"),
@@ -135,9 +163,9 @@ ADDED_COLUMNS = [
 ]
 
 
-def _migrate(engine) -> None:
-    """Add the columns an older database lacks, replace its plain session tokens by their hashes and make
-    the hashes unique."""
+def bring_to_first_revision(engine) -> None:
+    """A database from before Alembic: add the columns it lacks, replace its plain session tokens by
+    their hashes and make the hashes unique; it then has revision 0001's schema."""
     for table, column, sql in ADDED_COLUMNS:
         if column not in _columns(engine, table):
             with engine.begin() as conn:

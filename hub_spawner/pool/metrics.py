@@ -9,7 +9,7 @@ process's default collectors (and any other library's) out of the pool's page.
 """
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 
@@ -73,7 +73,11 @@ class PoolMetrics:
         for reason in REASONS:
             self.refusals.labels(reason)
         self.workers_lost = Counter("gpulab_pool_workers_lost", "Times a worker was marked lost (no heartbeat "
-                                    "within heartbeat_timeout)", registry=self.registry)
+                                    "within heartbeat_timeout, or its Kubernetes pod gone), counted by the "
+                                    "replica that led the pool then", registry=self.registry)
+        self.leader = Gauge("gpulab_pool_leader", "1 on the pool replica that does the periodic work (heartbeat "
+                            "checker, pod watch), else 0; the sum over replicas is 1 (leader.py)",
+                            registry=self.registry)
 
     def refused(self, reason: str) -> None:
         self.refusals.labels(reason).inc()

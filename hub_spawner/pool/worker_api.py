@@ -49,6 +49,7 @@ MAX_SECONDS = 1e11         # cumulative kernel or throttled seconds of one vGPU:
 MAX_SHARE = 100 * MAX_GPUS_PER_VGPU  # percent of one GPU a vGPU of the most GPUs can measure
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # it appears in URL paths and log lines
 CAPABILITY = re.compile(r"(\d{1,3}\.\d{1,3})?")
+POD = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # a Kubernetes object name (DNS subdomain)
 
 
 def credential_hash(credential: str) -> str:
@@ -104,7 +105,7 @@ def check_control(url) -> str:
 
 
 def check_registration(data: dict) -> dict:
-    """The registration body, validated: name, address, node, backend and GPUs."""
+    """The registration body, validated: name, address, node, backend, pod and GPUs."""
     name = data.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise web.HTTPError(400, "name must be 1 to 128 letters, digits, '.', '_' or '-', starting with a "
@@ -117,7 +118,11 @@ def check_registration(data: dict) -> dict:
     backend = data.get("backend", "cuda")
     if backend not in ("cuda", "emulated"):
         raise web.HTTPError(400, f"backend must be 'cuda' or 'emulated', not {backend!r:.40}")
-    out = {"name": name, "address": check_address(data.get("address")),
+    pod = data.get("pod", "")
+    if pod != "" and not (isinstance(pod, str) and POD.fullmatch(pod)):
+        raise web.HTTPError(400, f"pod must be the name of the worker's Kubernetes pod (lower-case letters, digits, "
+                                 f"'-' and '.', at most 253) or absent, not {pod!r:.80}")
+    out = {"name": name, "address": check_address(data.get("address")), "pod": pod,
            "node": _text(data.get("node", ""), "node", 255), "backend": backend,
            "control": check_control(data.get("control", "")), "gpus": []}
     seen = set()
@@ -326,6 +331,7 @@ class WorkersHandler(WorkerAPIHandler):
             if credential:
                 w.credential_hash = credential_hash(credential)
             w.address, w.node, w.backend, w.control_url = reg["address"], reg["node"], reg["backend"], reg["control"]
+            w.pod = reg["pod"]
             w.status, w.last_seen = "up", time.time()
             db.add(w)
             # the GPUs it offers now are all its GPUs: one it no longer offers leaves the pool, and the

@@ -23,13 +23,14 @@ class FakePool:
     """Enrols any worker; answers heartbeats with `replies` in turn (the last one for ever)."""
 
     def __init__(self, replies: list):
-        self.replies, self.beats = replies, []
+        self.replies, self.beats, self.registrations = replies, [], []
         pool = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
                 if self.path == "/api/workers":
+                    pool.registrations.append(body)
                     answer = {"credential": "cred"}
                 else:
                     pool.beats.append(body)
@@ -63,10 +64,10 @@ class FakePool:
 def link_to(tmp_path):
     made = []
 
-    def link(replies, registry):
+    def link(replies, registry, pod=""):
         pool = FakePool(replies)
         pl = PoolLink(pool.url, "enrol", "w1", "tcp://127.0.0.1:7000", "n1", "emulated", [GPU], interval=0.1,
-                      credential_file=str(tmp_path / "w1.credential"), registry=registry)
+                      credential_file=str(tmp_path / f"w1{pod}.credential"), registry=registry, pod=pod)
         pl.start()
         made.append((pool, pl))
         return pool, pl
@@ -118,3 +119,13 @@ def test_saved_grants_of_the_wrong_shape_are_skipped(tmp_path, caplog):
              credential_file=str(tmp_path / "w1.credential"), registry=registry)
     assert registry.get("7")["state"] == "active" and "h" not in registry.revoked
     assert "grant(s) that are not objects" in caplog.text
+
+
+@pytest.mark.parametrize("pod", ["gpulab-worker-x7k2p", ""])
+def test_the_registration_names_the_pod_only_in_one(link_to, pod):
+    """The pool's pod watch finds a worker by its pod's name ($GPULAB_POD_NAME in worker.yaml); outside a
+    pod the registration has no such field."""
+    pool, _ = link_to([{"grants": [], "revoked": {}}], VGPURegistry([GPU], "emulated"), pod=pod)
+    pool.wait_beats(1)
+    assert pool.registrations[0].get("pod", None) == (pod or None)
+    assert pool.registrations[0]["node"] == "n1"

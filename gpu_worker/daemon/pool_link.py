@@ -58,10 +58,12 @@ class PoolRefused(Exception):
 class PoolLink:
     """Registration and heartbeats of one worker; ``registry`` (a VGPURegistry) gives the heartbeat's
     figures and receives the grants; ``control_url`` (http://host:port) is where its control API
-    listens, which the pool hands the sessions' servers ("" for none)."""
+    listens, which the pool hands the sessions' servers ("" for none); ``pod`` is the name of the
+    Kubernetes pod it runs in ("" outside one), by which the pool's pod watch knows this worker."""
 
     def __init__(self, url: str, token: str, name: str, address: str, node: str, backend: str, gpus: list[dict],
-                 interval: float = 5.0, credential_file: str = "", registry=None, control_url: str = ""):
+                 interval: float = 5.0, credential_file: str = "", registry=None, control_url: str = "",
+                 pod: str = ""):
         self.url = url.rstrip("/")
         self.token = token  # the enrolment secret
         self.credential_file = credential_file or default_credential_file(name)
@@ -70,6 +72,8 @@ class PoolLink:
         self.name = name
         self.info = {"name": name, "address": address, "node": node or socket.gethostname(), "backend": backend,
                      "control": control_url, "gpus": gpus}
+        if pod:  # in a pod only; the pool then finds this worker by it when the pod is deleted or fails
+            self.info["pod"] = pod
         self.interval = interval
         self.registry = registry
         self._saved = None  # the grants last written to grants_file

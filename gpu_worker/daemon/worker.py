@@ -27,7 +27,7 @@ import struct
 import sys
 import time
 
-from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
 from ..api import errors as E
@@ -109,6 +109,10 @@ class GPUWorker(Configurable):
                                  "listening address).").tag(config=True)
     node = Unicode("", help="Node (host) this worker runs on; local vGPUs are placed on the user's node."
                    ).tag(config=True)
+    pod = Unicode(help="Name of the Kubernetes pod this worker runs in, sent to the pool at registration so that "
+                       "its pod watch marks this worker lost at once when the pod is deleted or fails (default: "
+                       "$GPULAB_POD_NAME, which deploy/kubernetes/worker.yaml sets from the downward API; empty "
+                       "outside a pod).").tag(config=True)
     heartbeat_interval = Float(5.0, help="Seconds between heartbeats to the pool (a change of a session's VRAM "
                                          "use is sent sooner, at most twice a second).").tag(config=True)
     max_frame = Int(MAX_FRAME, help="Largest request frame accepted (bulk copy data excepted); a "
@@ -338,6 +342,10 @@ class GPUWorker(Configurable):
         os.pwrite(fd, f"worker {self.worker_name()} (pid {os.getpid()}, host {socket.gethostname()})\n".encode(), 0)
         return fd
 
+    @default("pod")
+    def _pod(self):
+        return os.environ.get("GPULAB_POD_NAME", "")
+
     @validate("warm_after", "cold_after")
     def _check_tier_times(self, proposal):
         """Idle times are checked at start-up, once: a QoS level we do not know or a negative time stops it; the
@@ -483,7 +491,7 @@ class GPUWorker(Configurable):
         self.pool_link = PoolLink(self.pool_url, token, self.worker_name(), address, self.node, self.kind,
                                   self.registry.gpus(), self.heartbeat_interval,
                                   credential_file=self.pool_credential_file, registry=self.registry,
-                                  control_url=control_url)
+                                  control_url=control_url, pod=self.pod)
         self.pool_link.start()
 
     # ------------------------------------------------------------ accept loop

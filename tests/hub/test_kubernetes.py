@@ -257,26 +257,53 @@ def test_worker_daemonset():
     assert "nvidia.com/gpu" in c["resources"]["limits"] or spec.get("runtimeClassName") == "nvidia"
 
 
-def test_pool_deployment_service_and_volume():
+def test_pool_deployment_and_service():
     objs = manifests()
     dep = objs["Deployment/gpulab-pool"]
-    assert dep["apiVersion"] == "apps/v1" and dep["spec"]["replicas"] == 1
+    # two replicas on PostgreSQL (SQLite, one replica, is the commented variant)
+    assert dep["apiVersion"] == "apps/v1" and dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate"
     pod = dep["spec"]["template"]
     (c,) = pod["spec"]["containers"]
     cmd = c.get("command", []) + c.get("args", [])
     assert cmd[:2] == ["gpulab", "pool"] or cmd[:3] == ["python", "-m", "hub_spawner.pool"]
     assert "--GPUPool.bind_url=http://0.0.0.0:8765" in cmd
     env = {e["name"]: e for e in c["env"]}
-    for name, key in [("GPULAB_POOL_API_TOKEN", "pool-api-token"), ("GPULAB_POOL_WORKER_TOKEN", "pool-worker-token")]:
+    for name, key in [("GPULAB_POOL_API_TOKEN", "pool-api-token"), ("GPULAB_POOL_WORKER_TOKEN", "pool-worker-token"),
+                      ("GPULAB_POOL_DB_URL", "db-url")]:
         assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "gpulab-secrets", "key": key}
-    claim = pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
-    assert f"PersistentVolumeClaim/{claim}" in objs
+    assert "--GPUPool.db_url=$(GPULAB_POOL_DB_URL)" in cmd
+    assert not pod["spec"].get("volumes")  # no SQLite volume shared by two replicas
+    # the pod watch: its namespace from the downward API, the service account of rbac.yaml
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert "--GPUPool.kubernetes_namespace=$(POD_NAMESPACE)" in cmd
+    assert f"ServiceAccount/{pod['spec']['serviceAccountName']}" in objs
     svc = objs["Service/gpulab-pool"]
     assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert svc["spec"]["ports"][0]["port"] == 8765
     # the worker API on its own port, which the hub's proxy (routed to 8765) never reaches
     assert "--GPUPool.worker_bind_url=http://0.0.0.0:8766" in cmd
     assert {"name": "workers", "port": 8766, "targetPort": "workers"} in svc["spec"]["ports"]
+
+
+def test_rbac_lets_the_pool_read_worker_pods_and_nodes_only():
+    objs = manifests()
+    account = objs["Deployment/gpulab-pool"]["spec"]["template"]["spec"]["serviceAccountName"]
+    role, crole = objs["Role/gpulab-pool"], objs["ClusterRole/gpulab-pool-nodes"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert crole["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}]
+    for kind, ref in (("RoleBinding", role), ("ClusterRoleBinding", crole)):
+        binding = objs[f"{kind}/{ref['metadata']['name']}"]
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": ref["kind"],
+                                      "name": ref["metadata"]["name"]}
+        (subject,) = binding["subjects"]
+        assert subject["kind"] == "ServiceAccount" and subject["name"] == account
+    assert objs["ClusterRoleBinding/gpulab-pool-nodes"]["subjects"][0]["namespace"]  # required cluster-wide
+    assert "rbac.yaml" in load_docs(DEPLOY / "kustomization.yaml")[0]["resources"]
+    # the workers register their pod's name, by which the watch finds them
+    (c,) = objs["DaemonSet/gpulab-worker"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["GPULAB_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
 
 def test_secret_has_every_key_the_manifests_use():

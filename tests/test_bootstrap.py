@@ -21,8 +21,8 @@ vg = load_script("gpulab_validate_gpu", "benchmarks/validate_gpu.py")
 
 VENV = "/srv/lab/.venv"
 EVERYTHING = bs.Facts()  # defaults: root on Debian with every piece present
-FRESH_DEBIAN = bs.Facts(cc=False, libc_headers=False, chromium=False, prometheus=False, node=False, npm=False,
-                        node_path="",
+FRESH_DEBIAN = bs.Facts(cc=False, libc_headers=False, chromium=False, prometheus=False, postgresql=False,
+                        node=False, npm=False, node_path="",
                         node_package=None, proxy=False, venv=False, venv_module=False)
 # NodeSource's nodejs 20.20.2-1nodesource1: Provides and Conflicts npm, and ships /usr/bin/npm.
 NODESOURCE = dict(node=True, npm=True, node_package="nodejs", node_provides=("nodejs-dev", "nodejs-legacy", "npm"))
@@ -45,7 +45,8 @@ def test_fresh_debian_installs_each_piece_with_its_own_apt_command_after_one_upd
     assert p.problems == []
     assert [s.kind for s in p.steps][0] == "apt-update"
     assert [s.kind for s in p.steps].count("apt-update") == 1
-    assert apt_packages(p) == ["gcc", "libc6-dev", "python3-venv", "chromium", "prometheus", "nodejs", "npm"]
+    assert apt_packages(p) == ["gcc", "libc6-dev", "python3-venv", "chromium", "prometheus", "postgresql", "nodejs",
+                              "npm"]
     for argv in argvs(p):
         if "install" in argv and "apt-get" in argv:  # one package per apt-get install
             assert argv[-5:-1] == ["apt-get", "install", "-y", "--no-install-recommends"], argv
@@ -124,7 +125,7 @@ def test_not_root_without_sudo_names_what_to_install():
     assert p.steps == []  # nothing it can do: even the venv waits for python3-venv
     text = " ".join(p.problems)
     assert "not root, and no sudo" in text
-    for pkg in ("gcc", "libc6-dev", "python3-venv", "chromium", "prometheus", "nodejs", "npm"):
+    for pkg in ("gcc", "libc6-dev", "python3-venv", "chromium", "prometheus", "postgresql", "nodejs", "npm"):
         assert f"apt-get install -y --no-install-recommends {pkg}" in text
     # what needs no root still happens: a venv and the proxy when only chromium is missing
     p = plan(dataclasses.replace(EVERYTHING, root=False, sudo=False, chromium=False, proxy=False, venv=False))
@@ -171,6 +172,31 @@ def test_prometheus_is_installed_for_the_tests_without_starting_its_service(tmp_
                                                               *bs.APT_INSTALL, "chromium"]  # others: plain
 
 
+def test_postgresql_is_installed_for_the_tests_and_its_cluster_left_stopped(tmp_path):
+    """The pool's tests start PostgreSQL in a directory of their own (tools/postgres_server.py): Debian's
+    package makes a cluster 'main' on port 5432, which must not start, nor be left running where the
+    machine's own policy-rc.d let it start."""
+    p = plan(dataclasses.replace(EVERYTHING, postgresql=False))
+    assert apt_packages(p) == ["postgresql"]
+    assert apt_packages(plan(dataclasses.replace(EVERYTHING, postgresql=False), "demo")) == []
+    argv = bs.command(p.steps[-1])
+    assert argv[-5:] == [*bs.APT_INSTALL, "postgresql"]
+    assert argv[argv.index("-c") + 1] == bs.NO_START  # the service is kept from starting as prometheus's
+    # what runs after the install, with stand-ins for postgresql-common's programs
+    for name, script in {"pg_lsclusters": 'printf "%s\\n" "15 main 5432 online postgres /var/lib/x /var/log/x" '
+                                          '"16 other 5433 down postgres /var/lib/y /var/log/y"',
+                         "pg_ctlcluster": f'echo "$@" >> {tmp_path / "stopped"}'}.items():
+        (tmp_path / name).write_text(f"#!/bin/sh\n{script}\n")
+        (tmp_path / name).chmod(0o755)
+    after = argv[argv.index("after-install") - 1]
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
+    r = subprocess.run(["sh", "-c", after, "after-install", "true"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "stopped").read_text() == "15 main stop\n"  # the online one only
+    r = subprocess.run(["sh", "-c", after, "after-install", "false"], env=env)  # a failed install stops nothing more
+    assert r.returncode != 0 and (tmp_path / "stopped").read_text() == "15 main stop\n"
+
+
 def test_goals_need_different_pieces():
     bare = dataclasses.replace(EVERYTHING, chromium=False, proxy=False, cc=False)
     assert "chromium" not in apt_packages(plan(bare, "demo"))
@@ -191,7 +217,7 @@ class FakeMachine:
     def execute(self, step, facts, venv):
         self.ran.append((step.kind, step.arg))
         change = {"gcc": {"cc": True}, "libc6-dev": {"libc_headers": True}, "chromium": {"chromium": True},
-                  "prometheus": {"prometheus": True},
+                  "prometheus": {"prometheus": True}, "postgresql": {"postgresql": True},
                   "python3-venv": {"venv_module": True}, "npm": {"npm": True}}.get(step.arg, {})
         if step.arg == "nodejs":
             change = dict(node=True, node_package="nodejs", npm=self.ships_npm,
@@ -209,7 +235,7 @@ def test_bootstrap_decides_again_after_each_step(ships_npm, capsys):
     m = FakeMachine(FRESH_DEBIAN, nodejs_ships_npm=ships_npm)
     assert bs.bootstrap(bs.NEEDS["test"], VENV, probe=m.probe, execute=m.execute) == 0
     installed = [arg for kind, arg in m.ran if kind == "apt-install"]
-    assert installed == ["gcc", "libc6-dev", "python3-venv", "chromium", "prometheus", "nodejs"] + (
+    assert installed == ["gcc", "libc6-dev", "python3-venv", "chromium", "prometheus", "postgresql", "nodejs"] + (
         [] if ships_npm else ["npm"])
     assert [k for k, _ in m.ran].count("apt-update") == 1
     assert m.ran[-2:] == [("venv", VENV), ("proxy", VENV)]

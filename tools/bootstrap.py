@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import shlex
@@ -35,7 +36,7 @@ from pathlib import Path
 # no front end and start no hub, so the device machine needs neither.
 NEEDS = {
     "demo": frozenset({"cc", "venv", "node", "npm", "proxy"}),
-    "test": frozenset({"cc", "venv", "node", "npm", "proxy", "chromium", "prometheus"}),
+    "test": frozenset({"cc", "venv", "node", "npm", "proxy", "chromium", "prometheus", "postgresql"}),
     "gpu": frozenset({"cc", "venv"}),
 }
 
@@ -43,11 +44,18 @@ PROXY = "configurable-http-proxy"
 CHROMIUM = "/usr/bin/chromium"  # the tests drive this path (Playwright cannot download a browser here)
 APT_INSTALL = ["apt-get", "install", "-y", "--no-install-recommends"]
 # Packages whose maintainer scripts start a system service we only want as a program (the tests run
-# Prometheus themselves, on a free port): installed under a policy-rc.d that forbids starting it,
+# Prometheus and PostgreSQL themselves, on free ports): installed under a policy-rc.d that forbids starting it,
 # unless the machine already has a policy-rc.d (Debian's container images do).
-NO_SERVICE = frozenset({"prometheus"})
+NO_SERVICE = frozenset({"prometheus", "postgresql"})
 NO_START = ('p=/usr/sbin/policy-rc.d; [ -e "$p" ] && exec "$@"; '
             'printf "#!/bin/sh\\nexit 101\\n" > "$p" && chmod 755 "$p" && trap \'rm -f "$p"\' EXIT; "$@"')
+# What runs after such an install, should a machine's own policy-rc.d have let the service start anyway:
+# Debian's postgresql makes a cluster 'main' on port 5432, which must not be left running.
+AFTER_INSTALL = {
+    "postgresql": 'pg_lsclusters -h 2>/dev/null | while read -r version name port state rest; do '
+                  '[ "$state" != online ] || pg_ctlcluster "$version" "$name" stop || exit 1; done',
+}
+POSTGRES_BINARIES = "/usr/lib/postgresql/*/bin"  # Debian's, one directory per major version
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class Facts:
     libc_headers: bool = True  # gcc installed without recommends lacks libc6-dev
     chromium: bool = True
     prometheus: bool = True  # Debian's prometheus package: the prometheus and promtool programs
+    postgresql: bool = True  # Debian's postgresql package: initdb and pg_ctl under POSTGRES_BINARIES
     node: bool = True
     npm: bool = True
     node_path: str = "/usr/bin/node"
@@ -105,6 +114,9 @@ def decide(f: Facts, needs: frozenset, venv: str = ".venv") -> Plan:
     if "prometheus" in needs and not f.prometheus:
         apt.append(("prometheus", "Debian's Prometheus and promtool, which the metrics tests run (its service "
                                   "is not started)"))
+    if "postgresql" in needs and not f.postgresql:
+        apt.append(("postgresql", "Debian's PostgreSQL server programs, which the pool's tests start on a port of "
+                                  "their own (its cluster is not started)"))
     if "node" in needs and not f.node:
         apt.append(("nodejs", "Node.js, which runs configurable-http-proxy and builds the JupyterLab front end"))
     npm_ok = True
@@ -168,7 +180,9 @@ def command(step: Step, root: bool = True, python: str = sys.executable) -> list
         return [*sudo, "apt-get", "update"]
     if step.kind == "apt-install":
         no_start = ["sh", "-c", NO_START, "no-service"] if step.arg in NO_SERVICE else []
-        return [*sudo, "env", "DEBIAN_FRONTEND=noninteractive", *no_start, *APT_INSTALL, step.arg]
+        after = ["sh", "-c", f'"$@" && {{ {AFTER_INSTALL[step.arg]}; }}', "after-install"] \
+            if step.arg in AFTER_INSTALL else []
+        return [*sudo, "env", "DEBIAN_FRONTEND=noninteractive", *no_start, *after, *APT_INSTALL, step.arg]
     if step.kind == "venv":
         return [python, "-m", "venv", step.arg]
     if step.kind == "proxy":
@@ -214,6 +228,8 @@ def probe(venv: str) -> Facts:
         libc_headers=Path("/usr/include/stdio.h").exists(),
         chromium=Path(CHROMIUM).exists(),
         prometheus=all(shutil.which(p) for p in ("prometheus", "promtool")),
+        postgresql=any(all(os.access(Path(d) / p, os.X_OK) for p in ("initdb", "pg_ctl"))
+                       for d in glob.glob(POSTGRES_BINARIES)),
         node=node is not None,
         npm=npm is not None,
         node_path=node or "",

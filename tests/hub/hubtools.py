@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -190,24 +191,46 @@ def registration(name="w1", address=None, gpus=1, memory=16 * G, node="n1", **gp
 
 
 class Pool:
-    """A pool process: `url` is its service URL (the hub's API), `worker_url` its internal worker listener."""
+    """A pool process: `url` is its service URL (the hub's API), `worker_url` its internal worker listener.
 
-    def __init__(self, db: str, timeout: float = 30.0, extra=()):
+    `db` is a SQLite file's path or a whole SQLAlchemy URL (one with '://', e.g. a PostgreSQL database's);
+    `extra` are more command-line settings. Its output is read as it comes (`output()`), so a pool that
+    logs much never blocks on a full pipe."""
+
+    def __init__(self, db: str, timeout: float = 30.0, extra=(), start_timeout: float = 60.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.worker_url = f"http://127.0.0.1:{free_port()}/"
         self.credentials: dict[str, str] = {}  # worker name -> the credential the pool issued at enrolment
+        self.lines: list[str] = []
         env = dict(os.environ, GPULAB_POOL_API_TOKEN=HUB_TOKEN, GPULAB_POOL_WORKER_TOKEN=WORKER_TOKEN)
         env.pop("JUPYTERHUB_API_TOKEN", None)
+        db_url = db if "://" in db else f"sqlite:///{db}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hub_spawner.pool", f"--GPUPool.db_url=sqlite:///{db}",
+            [sys.executable, "-m", "hub_spawner.pool", f"--GPUPool.db_url={db_url}",
              f"--GPUPool.bind_url=http://127.0.0.1:{self.port}", f"--GPUPool.worker_bind_url={self.worker_url}",
              f"--GPUPool.heartbeat_timeout={timeout}", *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        line = self.proc.stdout.readline()
-        while line and "listening" not in line:  # e.g. what a migration of an older database said
-            line = self.proc.stdout.readline()
-        assert "listening" in line
+        self._listening = threading.Event()
+        threading.Thread(target=self._read_output, daemon=True).start()
+        # before it listens it may say other things, e.g. what a migration of an older database did
+        self._listening.wait(start_timeout)
+        if "listening" not in self.output():
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"the pool did not start listening (within {start_timeout:.0f} s):\n" + self.output())
+
+    def _read_output(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if "listening" in line:
+                self._listening.set()
+        self._listening.set()  # it ended: nothing more to wait for
+        self.proc.stdout.close()
+
+    def output(self) -> str:
+        """What the pool has written so far (stdout and stderr)."""
+        return "".join(self.lines)
 
     def call(self, method, path, body=None, token=HUB_TOKEN):
         return _call(method, self.url + path, body, token)
@@ -230,6 +253,12 @@ class Pool:
             assert time.time() < deadline, "the worker was not marked lost"
             time.sleep(0.1)
 
-    def stop(self):
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+    def stop(self, sig=signal.SIGKILL, timeout: float = 30.0):
+        """Kill it (SIGKILL: nothing of it runs on), or send `sig` and wait until it has ended."""
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise

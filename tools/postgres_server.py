@@ -84,6 +84,8 @@ class TemporaryPostgres:
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> "TemporaryPostgres":
+        if self.dir is not None:
+            raise RuntimeError(f"this PostgreSQL server already runs in {self.dir}")
         self.bin = find_binaries()
         self.dir = Path(tempfile.mkdtemp(prefix="gpulab-postgres-"))
         atexit.register(self.stop)  # a test run that ends without stopping it leaves no server behind

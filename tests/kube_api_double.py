@@ -11,7 +11,8 @@ official `kubernetes` client, the way the real API server answers it:
   answered as the API server does, with an ERROR event of a Status with code 410 (Expired);
 - ``GET /api/v1/nodes/{name}``: a Node with its labels.
 
-Every request needs ``Authorization: Bearer <token>``; anything else is answered 401.  The tests drive
+Every request needs ``Authorization: Bearer <token>``; anything else is answered 401 (and with
+``forbid_watch`` a watch is answered 403, as for a Role without the verb).  The tests drive
 it with ``add_pod``, ``set_phase``, ``delete_pod``, ``set_node_labels`` and ``expire``; each change
 is an event to every open watch.  ``write_kubeconfig`` writes a kubeconfig file for it.
 """
@@ -67,6 +68,7 @@ class KubeAPIDouble:
         self.requests: list[str] = []  # "GET <path>?<query>" of each request, for the tests
         self.watches = 0          # watch streams started (a watch answered 410 is not one)
         self.closed = False
+        self.forbid_watch = False  # answer watches 403 (a Role that allows list but not watch)
         self.cond = threading.Condition()
         double = self
 
@@ -188,6 +190,9 @@ class KubeAPIDouble:
         parts = url.path.strip("/").split("/")
         if parts[:3] == ["api", "v1", "namespaces"] and len(parts) == 5 and parts[4] == "pods":
             if query.get("watch") in ("true", "1"):
+                if self.forbid_watch:
+                    return self._reply(h, 403, status(403, "Forbidden", 'pods is forbidden: User cannot watch '
+                                                                        'resource "pods" (KubeAPIDouble)'))
                 return self._watch(h, parts[3], query)
             return self._list(h, parts[3], query.get("labelSelector", ""))
         if parts[:3] == ["api", "v1", "nodes"] and len(parts) == 4:

@@ -68,7 +68,7 @@ def api_client(kubeconfig: str = "") -> client.ApiClient:
     """A client of the API server: from the kubeconfig file at this path when one is given, else the
     pod's service account (in-cluster config).  ValueError when neither is there."""
     if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
+        return config.new_client_from_config(config_file=kubeconfig, persist_config=False)
     if in_cluster():
         configuration = client.Configuration()
         config.load_incluster_config(client_configuration=configuration)
@@ -101,11 +101,14 @@ class PodWatch:
         self._gone: set[str] = set()          # pods whose on_gone was called, until their DELETED
         self._nodes: dict[str, tuple[float, dict]] = {}  # node -> (when read, labels reported)
         self._failing = ""                    # what failed, while the API server cannot be used
+        self._delay, self._expiries = BACKOFF[0], 0  # the next back-off; expiries since the last event
 
     # ---------------------------------------------------------------- thread
     def start(self) -> None:
         """Watch in a daemon thread (again after a stop: from a new list)."""
         self.stop()
+        if not self.join(1.0):  # stop() shuts the stream at once; a list or node read may take longer
+            log.warning("the previous pod watch thread has not ended yet; it calls back no more")
         self._stop = threading.Event()
         self._pods, self._gone, self._nodes = {}, set(), {}
         self._thread = threading.Thread(target=self._run, args=(self._stop,), name="gpulab-pod-watch",
@@ -128,23 +131,27 @@ class PodWatch:
         return True
 
     def _run(self, stop: threading.Event) -> None:
-        delay = BACKOFF[0]
         while not stop.is_set():
             try:
                 version = self._list(stop)
-                self._recover()
-                delay = BACKOFF[0]
                 while not stop.is_set():
                     version = self._watch_from(version, stop)
             except Expired as exc:
+                self._expiries += 1
                 log.info("the pod watch expired (%s): listing the worker pods again", exc)
-                continue
+                if self._expiries > 1:  # expired again with no event between: do not spin on it
+                    stop.wait(self._backoff())
             except Exception as exc:  # the API server's errors and a bug alike: never end the thread
                 if stop.is_set():
                     break
                 self._fail(exc)
-                stop.wait(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, BACKOFF[1])
+                stop.wait(self._backoff())
+
+    def _backoff(self) -> float:
+        """Seconds to wait before the next try: doubled at each failure in a row, from BACKOFF[0] to BACKOFF[1]."""
+        delay = self._delay * random.uniform(0.8, 1.2)
+        self._delay = min(self._delay * 2, BACKOFF[1])
+        return delay
 
     def _fail(self, exc: Exception) -> None:
         """Log the first failure of an outage (the rest at debug level: no line per retry)."""
@@ -160,9 +167,11 @@ class PodWatch:
         self._failing = what
 
     def _recover(self) -> None:
+        """The API server answered a watch: the outage, if any, is over."""
         if self._failing:
             log.info("the pod watch reaches the Kubernetes API at %s again", self.server)
             self._failing = ""
+        self._delay, self._expiries = BACKOFF[0], 0
 
     # ---------------------------------------------------------------- list and watch
     def _list(self, stop: threading.Event) -> str:
@@ -186,6 +195,8 @@ class PodWatch:
         def open_stream(*args, **kwargs):
             """The watch request; its stream is where stop() finds it (shut at once if stop() came first)."""
             resp = self.core.list_namespaced_pod(*args, **kwargs)
+            if 200 <= resp.status < 300:
+                self._recover()  # the API server accepted the watch: any outage is over
             with self._lock:
                 self._resp = resp
                 if stop.is_set():
@@ -199,7 +210,6 @@ class PodWatch:
                                   _request_timeout=(CONNECT_TIMEOUT, self.watch_timeout + 30)):
                 if stop.is_set():
                     break
-                self._recover()
                 kind, pod = event["type"], event["object"]
                 if kind == "ERROR":
                     raise watch_error(event["raw_object"])

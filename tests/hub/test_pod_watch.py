@@ -51,6 +51,13 @@ class Seen:
             return list(getattr(self, what))
 
 
+def wait_for(condition, failure: str, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def double():
     d = KubeAPIDouble()
@@ -123,10 +130,7 @@ def test_an_expired_watch_lists_again_and_goes_on(double, watching, caplog):
     double.expire()  # the open watch ends; the watch from its version is answered 410 Expired
     double.delete_pod("gpulab-worker-a")  # seen in the new list (missing) or in the new watch
     assert seen.wait("gone") == [("gpulab-worker-a", "n1", "its pod gpulab-worker-a on node n1 was deleted")]
-    deadline = time.monotonic() + 5
-    while "too old resource version" not in caplog.text:
-        assert time.monotonic() < deadline, "the watch did not meet the 410"
-        time.sleep(0.05)
+    wait_for(lambda: "too old resource version" in caplog.text, "the watch did not meet the 410")
     assert sum("watch=" not in r and "/pods" in r for r in double.requests) == lists + 1
     double.wait_watching(2)
     double.set_phase("gpulab-worker-b", "Failed")
@@ -157,9 +161,22 @@ def test_a_refused_token_is_logged_once_and_retried(double, watching, caplog):
     assert sum("/pods" in r for r in double.requests) >= 2  # it kept trying
     double.token = "not-the-token"  # the credential works now (e.g. the RoleBinding was created)
     double.wait_watching(within=5)
-    assert "reaches the Kubernetes API" in caplog.text
+    wait_for(lambda: "reaches the Kubernetes API" in caplog.text, "the recovery was not logged")
     double.delete_pod("gpulab-worker-a")
     assert seen.wait("gone")[0][0] == "gpulab-worker-a"
+
+
+def test_a_forbidden_watch_after_a_good_list_is_logged_once(double, watching, caplog):
+    """A list that works is no recovery while the watch is refused: one error line, retries backing off."""
+    caplog.set_level(logging.DEBUG, "gpulab.pool")
+    double.forbid_watch = True
+    double.add_pod("gpulab-worker-a", "n1")
+    watching()
+    time.sleep(2.0)  # tries at about 0, 0.5 and 1.5 s
+    refused = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(refused) == 1 and "403" in refused[0].getMessage(), caplog.text
+    assert "reaches the Kubernetes API" not in caplog.text
+    assert 2 <= sum("watch=true" in r for r in double.requests) <= 4  # backing off, not spinning
 
 
 def test_stop_ends_the_watch_at_once_and_silences_it(double, watching):

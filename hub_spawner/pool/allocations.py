@@ -9,15 +9,18 @@ import secrets
 import time
 from typing import NamedTuple
 
-from sqlalchemy import select
+from sqlalchemy import Float, bindparam, case, cast, select, text, update
 
 from gpu_worker.client import LimitError, gpu_settings, token_hash
 
 from .db import GPU, Allocation, Worker, make_sessionmaker
-from .scheduler import GPUState, InvalidRequest, Limits, NoFit, Request, place, validate
+from .scheduler import GPUState, InvalidRequest, Limits, NoFit, Request, place, ratios, validate
 
 log = logging.getLogger("gpulab.pool")
 
+# pg_advisory_xact_lock key that serialises placement across replicas on PostgreSQL (SQLite's BEGIN
+# IMMEDIATE serialises every write): any 64-bit number no other program on the database uses
+PLACEMENT_LOCK = 0x67707500706C6163
 REVOKED_FOR = 3600.0  # seconds an ended allocation stays in its worker's heartbeat replies, with why
 MAX_GROUPS = 256      # hub groups one allocation request may name
 RELEASED = "this vGPU was released: its Jupyter server stopped"
@@ -42,20 +45,22 @@ class AllocationBook:
         self.strategy = strategy
         self.limits = limits
 
-    def gpu_states(self, db, lock: bool = False) -> list[GPUState]:
-        """GPUs with what active allocations already hold (``lock``: for placing).  Lost workers' GPUs
-        are included so that the scheduler can say a worker was lost; it places nothing on them."""
-        q = select(GPU, Worker).join(Worker)
-        rows = db.execute(q.with_for_update() if lock else q).all()
-        states = {g.uuid: GPUState(g.uuid, w.name, w.node, g.memory, worker_status=w.status,
-                                   last_seen=w.last_seen) for g, w in rows}
-        for a in db.scalars(select(Allocation).where(Allocation.status == "active")):
-            for u in a.gpu_list:
-                if u in states:
-                    states[u].used_vram += a.vram
-                    states[u].used_compute += a.compute
-                    states[u].sessions += 1
-        return sorted(states.values(), key=lambda s: s.uuid)
+    def gpu_states(self, db) -> list[GPUState]:
+        """Every GPU with what active allocations promise of it (its kept figures), sorted by uuid.  Lost
+        workers' GPUs are included so that the scheduler can say a worker was lost; it places nothing
+        on them."""
+        rows = db.execute(select(GPU.uuid, Worker.name, Worker.node, GPU.memory, GPU.promised_vram,
+                                 GPU.promised_compute, GPU.sessions, Worker.status, Worker.last_seen)
+                          .join(Worker).order_by(GPU.uuid)).all()
+        return [GPUState(uuid, worker, node, memory, vram, compute, sessions, worker_status=status,
+                         last_seen=seen) for uuid, worker, node, memory, vram, compute, sessions, status, seen in rows]
+
+    def lock_placement(self, db) -> None:
+        """Hold the placement lock until ``db``'s transaction ends.  Placing, and whatever changes which
+        workers are up or what GPUs they offer, holds it, so that two replicas never place on the same
+        free room nor on a worker being marked lost."""
+        if db.get_bind().dialect.name == "postgresql":
+            db.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PLACEMENT_LOCK})
 
     def allocate(self, spec: dict) -> tuple[Allocation, str]:
         """Place a request; the allocation and its session token, which the pool keeps only as a hash:
@@ -64,17 +69,47 @@ class AllocationBook:
         groups = groups_from(spec)
         token = secrets.token_urlsafe(24)
         with self.Session.begin() as db:
-            chosen = place(req, self.gpu_states(db, lock=True), self.strategy, self.limits)
-            worker = db.get(Worker, chosen[0].worker)
+            self.lock_placement(db)
+            chosen = self._choose(db, req)
             alloc = Allocation(user=str(spec["user"]), server_name=str(spec.get("server_name", "")),
-                               profile=str(spec.get("profile", "")), worker_name=worker.name,
-                               gpu_uuids=",".join(g.uuid for g in chosen), vram=req.vram, compute=req.compute,
+                               profile=str(spec.get("profile", "")), worker_name=chosen[0][1],
+                               gpu_uuids=",".join(uuid for uuid, _ in chosen), vram=req.vram, compute=req.compute,
                                count=req.count, mode=req.mode, qos=req.qos, burst=burst,
                                groups=json.dumps(groups), token_hash=token_hash(token))
             db.add(alloc)
+            _promise(db, alloc, +1)
         log.info("allocated %s for %s on %s (%d MiB, %d%%)", alloc.id, alloc.user, alloc.worker_name,
                  alloc.vram >> 20, alloc.compute)
         return alloc, token
+
+    def _choose(self, db, req: Request) -> list[tuple[str, str]]:
+        """(uuid, worker) of the GPUs ``req`` goes on: the GPUs that fit, asked of the database in the
+        strategy's order (its load index), which is scheduler.place's choice without reading every GPU.
+        When none fits, place() over the whole pool raises the NoFit that says why."""
+        vram_ratio, compute_ratio = ratios(req, self.limits)
+        q = (select(GPU.uuid, GPU.worker_name).join(Worker)
+             .where(Worker.status == "up", GPU.memory >= req.vram,
+                    GPU.memory * vram_ratio - GPU.promised_vram >= req.vram,
+                    100 * compute_ratio - GPU.promised_compute >= req.compute)
+             .order_by(GPU.load.desc() if self.strategy == "compact-first" else GPU.load.asc(), GPU.uuid))
+        if req.mode == "local" and req.node:
+            q = q.where(Worker.node == req.node)
+        if req.count == 1:
+            row = db.execute(q.limit(1)).first()
+            if row is not None:
+                return [tuple(row)]
+        else:  # the first GPU in order whose worker has enough GPUs that fit: that worker's first ones
+            rows = [tuple(r) for r in db.execute(q)]
+            by_worker: dict[str, list[tuple[str, str]]] = {}
+            for row in rows:
+                by_worker.setdefault(row[1], []).append(row)
+            for _, worker in rows:
+                if len(by_worker[worker]) >= req.count:
+                    return by_worker[worker][:req.count]
+        placed = place(req, self.gpu_states(db), self.strategy, self.limits)  # raises NoFit: nothing fits
+        log.error("placement: the database found no GPU for %s but the scheduler placed it on %s; using the "
+                  "scheduler's choice", req, [g.uuid for g in placed])
+        return [(g.uuid, g.worker) for g in placed]
 
     def release(self, alloc_id: int) -> bool:
         """The spawner gives a vGPU back (its server stopped, or was culled); idempotent."""
@@ -83,8 +118,7 @@ class AllocationBook:
             if alloc is None:
                 return False
             if alloc.status == "active" or alloc.status == "lost":
-                alloc.status = "released"
-                alloc.ended = alloc.ended or time.time()
+                _end(db, alloc, "released", alloc.ended or time.time())
         return True
 
     def revoke(self, alloc_id: int, message: str) -> tuple[Allocation | None, bool]:
@@ -95,8 +129,7 @@ class AllocationBook:
             alloc = db.get(Allocation, alloc_id)
             if alloc is None or alloc.status != "active":
                 return alloc, False
-            alloc.status, alloc.ended = "revoked", time.time()
-            alloc.message = f"an admin revoked this vGPU: {message}"
+            _end(db, alloc, "revoked", time.time(), f"an admin revoked this vGPU: {message}")
         log.info("allocation %s of %s revoked by an admin: %s", alloc.id, alloc.user, message)
         return alloc, True
 
@@ -113,18 +146,19 @@ class AllocationBook:
             w = db.get(Worker, name)
             if w is None:
                 return None
+            now = time.time()
+            memory = dict(db.execute(select(GPU.uuid, GPU.memory).where(GPU.worker_name == name)).all())
+            recent = self._recent(db, name, now)
             if ended:
-                now = time.time()
-                for a in db.scalars(select(Allocation).where(Allocation.worker_name == name,
-                                                             Allocation.status == "active",
-                                                             Allocation.token_hash.in_(list(ended)))):
-                    a.status, a.ended, a.message = "revoked", now, ended[a.token_hash]
-                    log.info("allocation %s of %s ended on worker %s: %s", a.id, a.user, name, a.message)
-            grants, revoked = self._grants(db, w)
-            memory = {g.uuid: g.memory for g in w.gpus}
+                for a in recent:
+                    if a.status == "active" and a.token_hash in ended:
+                        _end(db, a, "revoked", now, ended[a.token_hash])
+                        log.info("allocation %s of %s ended on worker %s: %s", a.id, a.user, name, a.message)
+            grants, revoked = self._grants(db, w.name, memory, recent, now)
             if usage is not None:
-                for a in db.scalars(select(Allocation).where(Allocation.worker_name == name,
-                                                             Allocation.status == "active")):
+                for a in recent:
+                    if a.status != "active":
+                        continue
                     used, overhead = usage.get(a.token_hash, (0, 0))
                     bound = sum(memory.get(u, 0) for u in a.gpu_list)
                     if used + overhead > bound:
@@ -134,43 +168,46 @@ class AllocationBook:
             if kernel:
                 # an allocation that ended lately still counts what its kernels ran before its worker
                 # heard of the end
-                now = time.time()
-                for a in db.scalars(select(Allocation).where(Allocation.worker_name == name,
-                                                             (Allocation.status == "active") |
-                                                             (Allocation.ended >= now - REVOKED_FOR))):
+                for a in recent:
                     if a.token_hash in kernel:
                         add_kernel_time(a, kernel[a.token_hash], now)
             if w.status != "up":
                 log.info("worker %s is back", name)
-            w.status, w.last_seen = "up", time.time()
+            w.status, w.last_seen = "up", now
         return Beat(grants, revoked, set(memory))
 
     def grant(self, name: str, hashed: str) -> dict | None:
         """The grant of worker ``name``'s active allocation with this token hash, or None."""
         with self.Session.begin() as db:
-            w = db.get(Worker, name)
-            if w is None:
+            if db.get(Worker, name) is None:
                 return None
-            return next((g for g in self._grants(db, w)[0] if g["token_hash"] == hashed), None)
+            now = time.time()
+            memory = dict(db.execute(select(GPU.uuid, GPU.memory).where(GPU.worker_name == name)).all())
+            grants = self._grants(db, name, memory, self._recent(db, name, now), now)[0]
+            return next((g for g in grants if g["token_hash"] == hashed), None)
 
-    def _grants(self, db, w: Worker) -> tuple[list[dict], dict[str, str]]:
-        """Every active allocation on ``w`` as a grant, and {token hash: why} of those that ended in the
-        last REVOKED_FOR seconds.  An allocation whose GPUs the worker no longer offers with room for its
-        quota (it registered again with other GPUs) is revoked here: no grant exceeds its GPU."""
-        now = time.time()
-        memory = {g.uuid: g.memory for g in w.gpus}
+    @staticmethod
+    def _recent(db, name: str, now: float) -> list[Allocation]:
+        """Worker ``name``'s active allocations and those that ended in the last REVOKED_FOR seconds."""
+        return list(db.scalars(select(Allocation).where(Allocation.worker_name == name,
+                                                        (Allocation.status == "active") |
+                                                        (Allocation.ended >= now - REVOKED_FOR))))
+
+    @staticmethod
+    def _grants(db, name: str, memory: dict[str, int], recent: list[Allocation],
+                now: float) -> tuple[list[dict], dict[str, str]]:
+        """Every active allocation of ``recent`` as a grant, and {token hash: why} of those that ended.
+        An allocation whose GPUs the worker no longer offers with room for its quota (``memory``: the
+        GPUs it registered; it registered again with others) is revoked here: no grant exceeds its GPU."""
         grants, revoked = [], {}
-        for a in db.scalars(select(Allocation).where(Allocation.worker_name == w.name,
-                                                     (Allocation.status == "active") |
-                                                     (Allocation.ended >= now - REVOKED_FOR))):
+        for a in recent:
             if a.status == "active":
                 small = [u for u in a.gpu_list if memory.get(u, 0) < a.vram]
                 if not small:
                     grants.append(grant_json(a))
                     continue
-                a.status, a.ended = "revoked", now
-                a.message = (f"this vGPU was revoked: worker {w.name} no longer offers GPU {small[0]} with "
-                             f"{a.vram} bytes of memory")
+                _end(db, a, "revoked", now, f"this vGPU was revoked: worker {name} no longer offers GPU "
+                                            f"{small[0]} with {a.vram} bytes of memory")
                 log.warning("allocation %s: %s", a.id, a.message)
             revoked[a.token_hash] = ended_reason(a)
         return grants, revoked
@@ -205,6 +242,7 @@ class AllocationBook:
         """Mark silent workers lost; their sessions' allocations become lost with a message."""
         cutoff = time.time() - heartbeat_timeout
         with self.Session.begin() as db:
+            self.lock_placement(db)
             for w in db.scalars(select(Worker).where(Worker.status == "up", Worker.last_seen < cutoff)):
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(w.last_seen))
                 log.warning("worker %s stopped sending heartbeats (last at %s): marked lost", w.name, when)
@@ -215,7 +253,8 @@ class AllocationBook:
         heartbeat timeout; its active allocations become lost with a message saying so.  False when no
         such worker is up."""
         with self.Session.begin() as db:
-            w = db.get(Worker, name, with_for_update=True)
+            self.lock_placement(db)
+            w = db.get(Worker, name)
             if w is None or w.status != "up":
                 return False
             log.warning("worker %s is gone: %s; marked lost", name, why)
@@ -272,8 +311,58 @@ def _lose(db, w: Worker, what: str) -> None:
     w.status = "lost"
     now = time.time()
     for a in db.scalars(select(Allocation).where(Allocation.worker_name == w.name, Allocation.status == "active")):
-        a.status, a.ended = "lost", now
-        a.message = f"Your vGPU was lost: {what}. Stop and start your server to get a new one."
+        _end(db, a, "lost", now, f"Your vGPU was lost: {what}. Stop and start your server to get a new one.")
+
+
+def _end(db, a: Allocation, status: str, when: float, message: str | None = None) -> None:
+    """``a`` ends as ``status`` (released, revoked or lost); what an active one promised its GPUs is free."""
+    if a.status == "active":
+        _promise(db, a, -1)
+    a.status, a.ended = status, when
+    if message is not None:
+        a.message = message
+
+
+def _promise(db, a: Allocation, sign: int) -> None:
+    """Add (+1) or take back (-1) what ``a`` promises to each of its GPUs, in the database's own
+    arithmetic (no read of the figures, so concurrent ends never lose one), GPUs in uuid order."""
+    vram = GPU.promised_vram + sign * a.vram
+    compute = GPU.promised_compute + sign * a.compute
+    for uuid in sorted(a.gpu_list):
+        db.execute(update(GPU).where(GPU.uuid == uuid)
+                   .values(promised_vram=vram, promised_compute=compute, sessions=GPU.sessions + sign,
+                           load=_load(vram, compute, GPU.memory)),
+                   execution_options={"synchronize_session": False})
+
+
+def _load(vram, compute, memory):
+    """scheduler.place's load of a GPU, max(vram / memory, compute / 100), as a SQL expression."""
+    by_memory, by_compute = cast(vram, Float) / memory, cast(compute, Float) / 100.0
+    return case((by_memory > by_compute, by_memory), else_=by_compute)
+
+
+def recount(conn, workers: list[str] | None = None) -> None:
+    """Set what each GPU is promised (of ``workers``' GPUs, or all) from the active allocations: after
+    a worker registers its GPUs again, and once when the figures were added to the schema."""
+    gpus = GPU.__table__
+    q = select(gpus.c.uuid, gpus.c.memory)
+    alive = select(Allocation.gpu_uuids, Allocation.vram, Allocation.compute).where(Allocation.status == "active")
+    if workers is not None:
+        q = q.where(gpus.c.worker_name.in_(workers))
+        alive = alive.where(Allocation.worker_name.in_(workers))
+    totals = {uuid: [memory, 0, 0, 0] for uuid, memory in conn.execute(q)}
+    for uuids, vram, compute in conn.execute(alive):
+        for u in uuids.split(","):
+            if u in totals:
+                totals[u][1] += vram
+                totals[u][2] += compute
+                totals[u][3] += 1
+    if totals:
+        conn.execute(update(gpus).where(gpus.c.uuid == bindparam("gpu"))
+                     .values(promised_vram=bindparam("vram"), promised_compute=bindparam("compute"),
+                             sessions=bindparam("sessions"), load=bindparam("gpu_load")),
+                     [{"gpu": u, "vram": v, "compute": c, "sessions": n, "gpu_load": max(v / m, c / 100)}
+                      for u, (m, v, c, n) in totals.items()])
 
 
 def _zero() -> dict:

@@ -49,6 +49,13 @@ class GPU(Base):
     memory: Mapped[int] = mapped_column(BigInteger)
     capability: Mapped[str] = mapped_column(String(16), default="")  # CUDA compute capability, e.g. "9.0"
     emulated: Mapped[bool] = mapped_column(Boolean, default=False)
+    # What the active allocations on it promise, changed in the transaction that starts or ends each one
+    # (allocations.py), so that placing reads a few GPUs, not every GPU and allocation of the pool.
+    # load is the larger of the two fractions, indexed for the strategies' order.
+    promised_vram: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    promised_compute: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    sessions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    load: Mapped[float] = mapped_column(Float, default=0.0, server_default="0", index=True)
     worker: Mapped[Worker] = relationship(back_populates="gpus")
 
 
@@ -134,6 +141,10 @@ def make_sessionmaker(url: str):
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
+            # a commit waits for no fsync (the WAL is synced at checkpoints): a crash of the pool loses
+            # nothing, a power cut may undo the last moments' writes; without it each placement waited
+            # for the disk under the write lock (docs/configuration.md)
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 

@@ -32,6 +32,7 @@ from tornado import web
 
 from gpu_worker.client.limits import MAX_COUNT as MAX_GPUS_PER_VGPU
 
+from .allocations import recount
 from .api import APIHandler
 from .db import GPU, Worker
 
@@ -314,6 +315,7 @@ class WorkersHandler(WorkerAPIHandler):
         reg = check_registration(self.body())
         name, credential = reg["name"], None
         with self.book.Session.begin() as db:
+            self.book.lock_placement(db)  # what it offers changes what may be placed
             w = db.get(Worker, name)
             if self.enrolling:
                 if w is not None and w.credential_hash:
@@ -344,6 +346,8 @@ class WorkersHandler(WorkerAPIHandler):
                 row.capability, row.emulated = g["capability"], g["emulated"]
                 rows.append(row)
             w.gpus = rows
+            db.flush()
+            recount(db.connection(), [name])  # a GPU it offers again is promised what is still on it
         if set(known) != {g["uuid"] for g in reg["gpus"]}:
             self.pool.live.forget(name, {g["uuid"] for g in reg["gpus"]})
         log.info("worker %s %s at %s with %d GPU(s)", name, "enrolled" if credential else "registered",

@@ -152,10 +152,13 @@ def test_an_older_database_gets_burst_by_qos(tmp_path, book):
     db = sqlite3.connect(tmp_path / "pool.sqlite")
     for column in ("burst", "groups", "kernel_seconds", "kernel_time_seen"):
         db.execute(f"ALTER TABLE allocations DROP COLUMN {column}")
-    # a database from before schema revisions: no revision, no lease, no pods
+    # a database from before schema revisions: no revision, no lease, no pods, no promised figures
     db.execute("DROP TABLE alembic_version")
     db.execute("DROP TABLE leases")
     db.execute("ALTER TABLE workers DROP COLUMN pod")
+    db.execute("DROP INDEX ix_gpus_load")
+    for column in ("promised_vram", "promised_compute", "sessions", "load"):
+        db.execute(f"ALTER TABLE gpus DROP COLUMN {column}")
     db.commit()
     db.close()
     again = AllocationBook(f"sqlite:///{tmp_path / 'pool.sqlite'}", "compact-first", Limits())

@@ -1,7 +1,8 @@
 """The pool database's schema revisions (hub_spawner/pool/migrations) on SQLite and on a real PostgreSQL:
 an empty database gets the model's schema, a database of the last pool before revisions is upgraded
 with what it holds, two replicas starting at once upgrade it once, and the leader lease works on both."""
-import threading
+import subprocess
+import sys
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from sqlalchemy import (BigInteger, Boolean, Column, Float, ForeignKey, Integer,
 
 from gpu_worker.client import token_hash
 from hub_spawner.pool.allocations import AllocationBook
-from hub_spawner.pool.db import Allocation, Base, Worker, engine_url, make_sessionmaker
+from hub_spawner.pool.db import GPU, Allocation, Base, Worker, engine_url, make_sessionmaker
 from hub_spawner.pool.leader import LeaderLease
 from hub_spawner.pool.migrations import current, head
 from hub_spawner.pool.scheduler import Limits
@@ -65,7 +66,7 @@ def test_an_empty_database_gets_the_models_schema_at_the_newest_revision(db_url)
     engine, _ = make_sessionmaker(db_url)
     try:
         with engine.connect() as conn:
-            assert current(conn) == head() == "0002"
+            assert current(conn) == head() == "0003"
         assert schema_drift(engine) == []
     finally:
         engine.dispose()
@@ -93,12 +94,14 @@ def test_a_database_of_the_previous_pool_is_upgraded_with_its_allocations(db_url
     book = AllocationBook(db_url, "compact-first", Limits())
     try:
         with book.engine.connect() as conn:
-            assert current(conn) == "0002"
+            assert current(conn) == "0003"
         assert schema_drift(book.engine) == []
         with book.Session() as db:
             kept = [(a.id, a.user, a.status, a.token_hash, a.used_vram, a.kernel_seconds, a.group_list)
                     for a in db.scalars(select(Allocation).order_by(Allocation.id))]
             assert db.get(Worker, "w1").pod == ""
+            gpu = db.get(GPU, "GPU-w1-0")  # revision 0003 counted the active allocation onto its GPU
+            assert (gpu.promised_vram, gpu.promised_compute, gpu.sessions, gpu.load) == (4 * G, 25, 1, 0.25)
         assert kept == [(1, "ann", "active", token_hash("ann"), G, 3.5, ["physics"]),
                         (2, "bob", "released", token_hash("bob"), G, 3.5, ["physics"])]
         # what it holds still counts: 12 of the 16 GiB are free, and new ids go on from the old ones
@@ -114,26 +117,24 @@ def test_a_database_of_the_previous_pool_is_upgraded_with_its_allocations(db_url
 
 
 def test_two_replicas_starting_together_upgrade_once(db_url):
-    """Both create the schema's tables at the same moment: one upgrades, the other finds it done."""
-    errors, engines = [], []
-
-    def start():
-        try:
-            engines.append(make_sessionmaker(db_url)[0])
-        except Exception as exc:  # noqa: BLE001 - the test reports whatever a replica raised
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == [] and len(engines) == 2
-    with engines[0].connect() as conn:
-        assert current(conn) == "0002"
-        assert set(inspect(conn).get_table_names()) >= {"workers", "gpus", "allocations", "leases"}
-    for e in engines:
-        e.dispose()
+    """Two processes open an empty database at the same moment: one upgrades it, the other finds it done."""
+    code = ("import sys; from hub_spawner.pool.db import make_sessionmaker; sys.stdin.readline(); "
+            "make_sessionmaker(sys.argv[1])[0].dispose(); print('ok')")
+    starts = [subprocess.Popen([sys.executable, "-c", code, db_url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in starts:  # both have imported everything: the upgrades begin together
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for p in starts:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
+    engine = create_engine(engine_url(db_url))
+    try:
+        with engine.connect() as conn:
+            assert current(conn) == "0003"
+            assert set(inspect(conn).get_table_names()) >= {"workers", "gpus", "allocations", "leases"}
+    finally:
+        engine.dispose()
 
 
 def test_one_leader_at_a_time_and_a_dead_leaders_lease_runs_out(db_url):

@@ -1,0 +1,122 @@
+"""Each GPU's promised figures (gpus.promised_vram, promised_compute, sessions, load), which placement
+reads instead of every allocation: after any mix of placements, releases, revocations, lost workers and
+registrations they equal the sums over the active allocations, and the database's choice of GPUs is
+scheduler.place's choice over those sums, for both strategies."""
+import random
+import time
+
+import pytest
+from sqlalchemy import select
+
+from hub_spawner.pool.allocations import AllocationBook
+from hub_spawner.pool.db import GPU, Allocation, Worker
+from hub_spawner.pool.scheduler import STRATEGIES, GPUState, Limits, NoFit, Request, place
+
+G = 1 << 30
+
+
+def add_worker(book, name, gpus, memory, node="n1"):
+    with book.Session.begin() as db:
+        w = Worker(name=name, address="tcp://10.0.0.1:7000", node=node, backend="emulated", last_seen=time.time())
+        w.gpus = [GPU(uuid=f"GPU-{name}-{i}", index=i, model="test GPU", memory=memory) for i in range(gpus)]
+        db.add(w)
+
+
+def truth(book) -> list[GPUState]:
+    """The GPUs' states summed from the active allocations, as the pool computed them before it kept
+    figures: the reference."""
+    with book.Session() as db:
+        rows = db.execute(select(GPU, Worker).join(Worker)).all()
+        states = {g.uuid: GPUState(g.uuid, w.name, w.node, g.memory, worker_status=w.status, last_seen=w.last_seen)
+                  for g, w in rows}
+        for a in db.scalars(select(Allocation).where(Allocation.status == "active")):
+            for u in a.gpu_list:
+                if u in states:
+                    states[u].used_vram += a.vram
+                    states[u].used_compute += a.compute
+                    states[u].sessions += 1
+    return sorted(states.values(), key=lambda s: s.uuid)
+
+
+def kept(book) -> list[tuple]:
+    with book.Session() as db:
+        return [(s.uuid, s.used_vram, s.used_compute, s.sessions) for s in book.gpu_states(db)]
+
+
+def expected_choice(book, req):
+    try:
+        return [g.uuid for g in place(req, truth(book), book.strategy, book.limits)]
+    except NoFit as exc:
+        return exc.constraint
+
+
+def database_choice(book, req):
+    try:
+        with book.Session.begin() as db:
+            return [u for u, _ in book._choose(db, req)]
+    except NoFit as exc:
+        return exc.constraint
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_kept_figures_and_the_databases_choice_follow_every_change(tmp_path, strategy):
+    rng = random.Random(13)
+    book = AllocationBook(f"sqlite:///{tmp_path / 'pool.sqlite'}", strategy, Limits(1.5, 2.0))
+    for i in range(6):
+        add_worker(book, f"w{i}", gpus=rng.choice([1, 2, 4]), memory=rng.choice([16, 40, 80]) * G, node=f"n{i % 3}")
+    live: list[int] = []
+    for step in range(300):
+        op = rng.random()
+        if op < 0.55 or not live:
+            req = dict(vram=rng.choice([1, 2, 8, 20, 60]) * G, compute=rng.choice([5, 10, 25, 50, 100]),
+                       count=rng.choice([1, 1, 1, 2, 4]), qos=rng.choice(["low", "medium", "high"]),
+                       mode=rng.choice(["any", "any", "local"]), node=f"n{rng.randrange(3)}")
+            want = expected_choice(book, Request(**req))
+            assert database_choice(book, Request(**req)) == want, (step, req)
+            if isinstance(want, list):
+                alloc, _ = book.allocate({"user": f"u{step}", **req})
+                assert alloc.gpu_list == want
+                live.append(alloc.id)
+        elif op < 0.75:
+            book.release(live.pop(rng.randrange(len(live))))
+        elif op < 0.85:
+            book.revoke(live.pop(rng.randrange(len(live))), "test")
+        elif op < 0.92:
+            name = f"w{rng.randrange(6)}"
+            if book.mark_lost(name, "its pod was deleted"):
+                live = [a for a in live if book_status(book, a) == "active"]
+            book.heartbeat(name, None)  # it comes back: its lost allocations stay lost
+        else:
+            name = f"w{rng.randrange(6)}"
+            with book.Session() as db:
+                hashes = {a.token_hash for a in db.scalars(select(Allocation).where(
+                    Allocation.worker_name == name, Allocation.status == "active"))}
+            book.heartbeat(name, {}, {h: "the session revoked it" for h in list(hashes)[:1]})
+            live = [a for a in live if book_status(book, a) == "active"]
+        assert kept(book) == [(s.uuid, s.used_vram, s.used_compute, s.sessions) for s in truth(book)], step
+    book.engine.dispose()
+
+
+def book_status(book, alloc_id):
+    with book.Session() as db:
+        return db.get(Allocation, alloc_id).status
+
+
+def test_a_gpu_offered_again_is_promised_what_is_still_on_it(pool):
+    """A worker registers without a GPU, then with it again before its heartbeat revoked the allocation on
+    it: the GPU's figures count that allocation again, so nothing is placed on room that is taken."""
+    pool.register("w1", gpus=2)
+    status, alloc = pool.call("POST", "api/allocations", {"user": "ann", "vram": "16G"})
+    assert status == 201
+    gpu = alloc["gpus"][0]
+    body = {"name": "w1", "address": "tcp://10.0.0.1:7002", "node": "n1", "backend": "emulated",
+            "gpus": [{"uuid": u, "index": i, "model": "test GPU", "memory": 16 * G}
+                     for i, u in enumerate(["GPU-w1-0", "GPU-w1-1"]) if u != gpu]}
+    assert pool.worker_call("POST", "api/workers", body)[0] == 200
+    body["gpus"].append({"uuid": gpu, "index": 1, "model": "test GPU", "memory": 16 * G})
+    assert pool.worker_call("POST", "api/workers", body)[0] == 200
+    used = {g["uuid"]: g["used_vram"] for g in pool.call("GET", "api/gpus")[1]}
+    assert used[gpu] == 16 * G
+    status, second = pool.call("POST", "api/allocations", {"user": "bob", "vram": "16G"})
+    assert status == 201 and second["gpus"] != [gpu]
+    assert pool.call("POST", "api/allocations", {"user": "cat", "vram": "16G"})[0] == 503

@@ -10,7 +10,9 @@ if connection is None:
     # the alembic command line (writing a revision): a database given as -x db=URL
     url = context.get_x_argument(as_dictionary=True).get("db", "sqlite:///gpulab-pool.sqlite")
     connection = create_engine(engine_url(url)).connect()
-context.configure(connection=connection, target_metadata=Base.metadata,
+# SQLite's DDL is transactional too (Alembic assumes not): all revisions in one transaction under its
+# write lock, so that a second pool starting at the same moment never sees half a schema
+context.configure(connection=connection, target_metadata=Base.metadata, transactional_ddl=True,
                   render_as_batch=connection.dialect.name == "sqlite")
 with context.begin_transaction():
     context.run_migrations()

@@ -4,7 +4,8 @@ A worker whose pod is deleted, fails or starts terminating is gone at once; with
 would learn it only when the heartbeat timeout passes, placing students on it meanwhile.
 ``PodWatch`` lists the worker pods, then watches them from the list's resourceVersion, in a daemon
 thread, through the official ``kubernetes`` client (an optional dependency: import this module only
-when the pool runs with Kubernetes).  It tells the pool through two callbacks, called from that
+when the pool runs with Kubernetes, and at start-up rather than on the event loop: the client takes
+about 0.3 s to import; CoreV1Api's module, most of a second more, is imported by the watch thread).  It tells the pool through two callbacks, called from that
 thread (the pool hands them to its event loop):
 
 - ``on_gone(pod_name, node_name, why)``: the worker of this pod is gone; ``why`` is a sentence such
@@ -88,7 +89,8 @@ class PodWatch:
     def __init__(self, api: client.ApiClient, namespace: str, selector: str = WORKER_SELECTOR, *,
                  on_gone: Callable[[str, str, str], None], on_node: Callable[[str, dict], None] | None = None,
                  watch_timeout: int = WATCH_TIMEOUT):
-        self.core = client.CoreV1Api(api)
+        self.api = api
+        self.core: client.CoreV1Api | None = None  # made in the thread: its module takes most of a second to import
         self.server = api.configuration.host
         self.namespace, self.selector = namespace, selector
         self.on_gone, self.on_node = on_gone, on_node
@@ -131,6 +133,8 @@ class PodWatch:
         return True
 
     def _run(self, stop: threading.Event) -> None:
+        if self.core is None:
+            self.core = client.CoreV1Api(self.api)
         while not stop.is_set():
             try:
                 version = self._list(stop)

@@ -338,3 +338,35 @@ def test_a_new_worker_pods_registration_is_compared_with_its_node(double, tmp_pa
                  lambda: "no difference logged:\n" + pool.output(), within=3)
     finally:
         pool.stop()
+
+
+def test_only_the_leader_watches_and_the_next_leader_takes_the_watch_over(double, tmp_path):
+    """Two replicas on one database: one watch at a time; the leader killed, the other leads within the lease
+    period and its watch marks a deleted pod's worker lost."""
+    needs_the_pools_kubernetes_settings()
+    db = str(tmp_path / "pool.sqlite")
+    double.add_pod("gpulab-worker-a", "n1")
+    extra = [f"--GPUPool.kubeconfig={double.write_kubeconfig(tmp_path / 'kc')}",
+             "--GPUPool.kubernetes_namespace=default", "--GPUPool.lease_period=2"]
+    pools = [Pool(db, timeout=60.0, extra=extra + [f"--GPUPool.replica_name=r{i}"]) for i in (1, 2)]
+    try:
+        double.wait_watching(1, within=10)
+        time.sleep(1.5)  # several renewals of the lease: the other replica never watches meanwhile
+        assert double.watches == 1
+        leader = next(p for p in pools if p.call("GET", "api/health")[1]["leader"])
+        other = next(p for p in pools if p is not leader)
+        status, answer = other.worker_call("POST", "api/workers",
+                                           {**registration("w1", node="n1"), "pod": "gpulab-worker-a"}, WORKER_TOKEN)
+        assert status == 200, answer
+        leader.stop()  # SIGKILL: its lease runs out
+        double.wait_watching(2, within=2 + 5)
+        start = time.monotonic()
+        double.delete_pod("gpulab-worker-a")
+        wait_for(lambda: other.call("GET", "api/gpus")[1][0]["worker_status"] == "lost",
+                 "the new leader's watch did not mark w1 lost", within=2)
+        assert time.monotonic() - start < 2
+        wait_for(lambda: other.call("GET", "api/health")[1]["leader"], "the survivor does not say it leads", within=2)
+    finally:
+        for p in pools:
+            if p.proc.poll() is None:
+                p.stop()

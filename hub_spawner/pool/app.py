@@ -54,7 +54,7 @@ from .worker_api import (GrantHandler, HeartbeatHandler, NotHereHandler, WorkerC
                          WorkersHandler)
 from .dashboard import DashboardHandler
 from .live import LiveFacts
-from .db import Worker, engine_url
+from .db import GPU, Worker, engine_url
 from .leader import LeaderLease
 from .metrics import MetricsHandler, PoolMetrics
 from .scheduler import STRATEGIES, Limits
@@ -225,6 +225,8 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         self.live = LiveFacts()  # the workers' last heartbeats: vGPU processes, GPU facts (live.py)
         self.lease = LeaderLease(self.book.Session, self.replica_name, self.lease_period)
         self.pod_watcher = None  # kube.PodWatch while this replica leads, where pod_watch is on
+        self.node_labels: dict[str, dict] = {}  # node -> its GPU feature discovery labels (the pod watch's)
+        self.compared: dict[str, tuple] = {}    # worker -> the GPUs compared with its node's labels
 
     @property
     def leader(self) -> bool:
@@ -244,6 +246,7 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         """What one replica does for all, on the leader only."""
         if self.leader:
             self.check_heartbeats()
+            self.compare_nodes()  # workers that registered at another replica too
 
     def check_heartbeats(self) -> None:
         """Mark silent workers lost, counting each worker that becomes so and forgetting its live facts.
@@ -268,7 +271,7 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
     def start_pod_watch(self) -> None:
         if not self.pod_watch_wanted():
             return
-        from .kube import PodWatch, api_client  # the kubernetes client is needed only here
+        from .kube import PodWatch, api_client  # imported at start (start()), not on the event loop now
         try:
             client = api_client(self.kubeconfig)
         except Exception as exc:
@@ -295,14 +298,32 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
             self.live.forget(name)
 
     def node_facts(self, node: str, labels: dict) -> None:
-        """Compare a worker node's GPU feature discovery labels with what its worker registered."""
+        """The pod watch read a worker node's GPU feature discovery labels: keep them and compare them with
+        what the node's workers registered."""
+        self.node_labels[node] = labels
+        self.compare_nodes([node], again=True)
+
+    def compare_nodes(self, nodes: list[str] | None = None, again: bool = False) -> None:
+        """Log where a worker's registered GPUs disagree with its node's labels (kube.compare_node): each
+        worker once per set of GPUs it registered (``again``: its node's labels changed), so a worker that
+        registers after its pod ran is compared too."""
+        nodes = [n for n in (self.node_labels if nodes is None else nodes) if n in self.node_labels]
+        if not nodes:
+            return
         from .kube import compare_node
         with self.book.Session() as db:
-            workers = list(db.scalars(select(Worker).where(Worker.node == node)))
-            for w in workers:
-                gpus = [{"model": g.model, "memory": g.memory} for g in w.gpus]
-                for sentence in compare_node(labels, gpus):
-                    log.warning("worker %s on node %s: %s", w.name, node, sentence)
+            rows = db.execute(select(Worker.name, Worker.node, GPU.model, GPU.memory).join(GPU)
+                              .where(Worker.node.in_(nodes)).order_by(Worker.name, GPU.index)).all()
+        registered: dict[tuple[str, str], list[dict]] = {}
+        for name, node, model, memory in rows:
+            registered.setdefault((name, node), []).append({"model": model, "memory": memory})
+        for (name, node), gpus in registered.items():
+            seen = (node, tuple((g["model"], g["memory"]) for g in gpus))
+            if self.compared.get(name) == seen and not again:
+                continue
+            self.compared[name] = seen
+            for sentence in compare_node(self.node_labels[node], gpus):
+                log.warning("worker %s on node %s: %s", name, node, sentence)
 
     def stop(self) -> None:
         """A clean stop: the pod watch ends and another replica may lead at once."""
@@ -316,6 +337,13 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s gpulab-pool %(levelname)s %(message)s")
+        if self.pod_watch_wanted():
+            try:  # the kubernetes client takes a while to import: at start, not on the loop when leading
+                from . import kube  # noqa: F401
+            except ImportError as exc:
+                log.error("the pod watch needs the kubernetes package (pip install 'gpulab[kubernetes]'): %s; "
+                          "workers are marked lost by their heartbeats only", exc)
+                self.pod_watch = "off"
         self.open_state()
         url = urlparse(self.bind_url)
         app = self.make_app()

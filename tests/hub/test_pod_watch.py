@@ -317,9 +317,6 @@ def test_the_pool_logs_what_node_labels_say_against_its_worker(double, tmp_path)
         pool.stop()
 
 
-@pytest.mark.xfail(reason="the pool compares a node's labels when the watch reports them, which for a new worker pod "
-                          "is before its worker registers; keeping the labels per node and comparing at "
-                          "registration too would close it", strict=False)
 def test_a_new_worker_pods_registration_is_compared_with_its_node(double, tmp_path):
     """The usual order in a cluster: the pool watches, a worker pod starts running, then its worker registers."""
     needs_the_pools_kubernetes_settings()

@@ -32,7 +32,7 @@ from tornado import web
 
 from gpu_worker.client.limits import MAX_COUNT as MAX_GPUS_PER_VGPU
 
-from .allocations import recount
+from .allocations import WRONG_CREDENTIAL, recount
 from .api import APIHandler
 from .db import GPU, Worker
 
@@ -370,15 +370,28 @@ class HeartbeatHandler(WorkerAPIHandler):
     The reply is the worker's grants (every active allocation on it) and "revoked" {token hash: why}
     of its allocations that ended in the last hour: the worker ends every vGPU not granted."""
 
-    def post(self, name):
+    def prepare(self):
+        """Authenticated in post(), by the heartbeat's own transaction: the usual heartbeat costs one."""
+
+    def authenticate(self, name: str) -> None:
+        """What every other worker route checks before its work, with its 403 sentences."""
+        super().prepare()
         self.own(name)
-        body = check_heartbeat(self.body())
+
+    def post(self, name):
+        token = self.request_token()
+        try:
+            body = check_heartbeat(self.body())
+        except web.HTTPError:
+            self.authenticate(name)  # a caller without the credential learns nothing of the body
+            raise
         usage, kernel = None, None
         if "vgpus" in body:
             usage = {h: (e["used"], e["overhead"]) for h, e in body["vgpus"].items()}
             kernel = {h: e["kernel_time"] for h, e in body["vgpus"].items() if e["kernel_time"] is not None}
-        beat = self.book.heartbeat(name, usage, body.get("ended", {}), kernel)
-        if beat is None:
+        beat = self.book.heartbeat(name, usage, body.get("ended", {}), kernel, credential=credential_hash(token))
+        if beat is None or beat is WRONG_CREDENTIAL:
+            self.authenticate(name)  # raises the 403 that says why
             raise web.HTTPError(404, f"unknown worker {name}")
         hold_shares(name, body, beat.grants)
         self.pool.live.record(name, body, {g["token_hash"] for g in beat.grants}, beat.gpus)

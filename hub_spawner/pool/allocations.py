@@ -3,6 +3,7 @@
 Everything here is database work; the web handlers (api.py) and the dashboard only ask it."""
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -64,9 +65,9 @@ class AllocationBook:
         if db.get_bind().dialect.name == "postgresql":
             db.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PLACEMENT_LOCK})
 
-    def allocate(self, spec: dict) -> tuple[Allocation, str]:
-        """Place a request; the allocation and its session token, which the pool keeps only as a hash:
-        the caller answers it once."""
+    def allocate(self, spec: dict) -> tuple[Allocation, str, Worker]:
+        """Place a request; the allocation, its session token, which the pool keeps only as a hash (the
+        caller answers it once), and the worker it is on."""
         req, burst = request_from(spec)
         groups = groups_from(spec)
         token = secrets.token_urlsafe(24)
@@ -80,28 +81,25 @@ class AllocationBook:
                                groups=json.dumps(groups), token_hash=token_hash(token))
             db.add(alloc)
             _promise(db, alloc, +1)
+            worker = db.get(Worker, alloc.worker_name)
         log.info("allocated %s for %s on %s (%d MiB, %d%%)", alloc.id, alloc.user, alloc.worker_name,
                  alloc.vram >> 20, alloc.compute)
-        return alloc, token
+        return alloc, token, worker
 
     def _choose(self, db, req: Request) -> list[tuple[str, str]]:
         """(uuid, worker) of the GPUs ``req`` goes on: the GPUs that fit, asked of the database in the
         strategy's order (its load index), which is scheduler.place's choice without reading every GPU.
         When none fits, place() over the whole pool raises the NoFit that says why."""
         vram_ratio, compute_ratio = ratios(req, self.limits)
-        q = (select(GPU.uuid, GPU.worker_name).join(Worker)
-             .where(Worker.status == "up", GPU.memory >= req.vram,
-                    GPU.memory * vram_ratio - GPU.promised_vram >= req.vram,
-                    100 * compute_ratio - GPU.promised_compute >= req.compute)
-             .order_by(GPU.load.desc() if self.strategy == "compact-first" else GPU.load.asc(), GPU.uuid))
-        if req.mode == "local" and req.node:
-            q = q.where(Worker.node == req.node)
+        params = {"vram": req.vram, "compute": req.compute, "vram_ratio": float(vram_ratio),
+                  "compute_ratio": float(compute_ratio), "node": req.node}
+        q = fitting_gpus(self.strategy, req.mode == "local" and bool(req.node), req.count == 1)
         if req.count == 1:
-            row = db.execute(q.limit(1)).first()
+            row = db.execute(q, params).first()
             if row is not None:
                 return [tuple(row)]
         else:  # the first GPU in order whose worker has enough GPUs that fit: that worker's first ones
-            rows = [tuple(r) for r in db.execute(q)]
+            rows = [tuple(r) for r in db.execute(q, params)]
             by_worker: dict[str, list[tuple[str, str]]] = {}
             for row in rows:
                 by_worker.setdefault(row[1], []).append(row)
@@ -358,19 +356,38 @@ def _end(db, a: Allocation, status: str, when: float, message: str | None = None
 def _promise(db, a: Allocation, sign: int) -> None:
     """Add (+1) or take back (-1) what ``a`` promises to each of its GPUs, in the database's own
     arithmetic (no read of the figures, so concurrent ends never lose one), GPUs in uuid order."""
-    vram = GPU.promised_vram + sign * a.vram
-    compute = GPU.promised_compute + sign * a.compute
-    for uuid in sorted(a.gpu_list):
-        db.execute(update(GPU).where(GPU.uuid == uuid)
-                   .values(promised_vram=vram, promised_compute=compute, sessions=GPU.sessions + sign,
-                           load=_load(vram, compute, GPU.memory)),
-                   execution_options={"synchronize_session": False})
+    db.connection().execute(PROMISE, [{"gpu": uuid, "vram": sign * a.vram, "compute": sign * a.compute,
+                                       "sessions": sign} for uuid in sorted(a.gpu_list)])
 
 
 def _load(vram, compute, memory):
     """scheduler.place's load of a GPU, max(vram / memory, compute / 100), as a SQL expression."""
     by_memory, by_compute = cast(vram, Float) / memory, cast(compute, Float) / 100.0
     return case((by_memory > by_compute, by_memory), else_=by_compute)
+
+
+PROMISE = update(GPU.__table__).where(GPU.__table__.c.uuid == bindparam("gpu")).values(
+    promised_vram=GPU.__table__.c.promised_vram + bindparam("vram"),
+    promised_compute=GPU.__table__.c.promised_compute + bindparam("compute"),
+    sessions=GPU.__table__.c.sessions + bindparam("sessions"),
+    load=_load(GPU.__table__.c.promised_vram + bindparam("vram"), GPU.__table__.c.promised_compute
+               + bindparam("compute"), GPU.__table__.c.memory))
+
+
+@functools.lru_cache(maxsize=None)
+def fitting_gpus(strategy: str, local: bool, first_only: bool):
+    """The statement that lists the GPUs of live workers a request fits on, in the strategy's order (an
+    index: ix_gpus_busiest or ix_gpus_idlest), with the request as parameters (vram, compute, vram_ratio,
+    compute_ratio, node); built once per kind of request."""
+    g, w = GPU.__table__.c, Worker.__table__.c
+    q = (select(g.uuid, g.worker_name).join(Worker.__table__, w.name == g.worker_name)
+         .where(w.status == "up", g.memory >= bindparam("vram"),
+                g.memory * bindparam("vram_ratio", type_=Float) - g.promised_vram >= bindparam("vram"),
+                bindparam("compute_ratio", type_=Float) * 100 - g.promised_compute >= bindparam("compute"))
+         .order_by(g.load.desc() if strategy == "compact-first" else g.load.asc(), g.uuid))
+    if local:
+        q = q.where(w.node == bindparam("node"))
+    return q.limit(1) if first_only else q
 
 
 def recount(conn, workers: list[str] | None = None) -> None:

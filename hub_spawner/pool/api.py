@@ -103,7 +103,7 @@ class AllocationsHandler(APIHandler):
             if not isinstance(value, str) or len(value) > 255:
                 raise web.HTTPError(400, f"{field} must be a string of at most 255 characters")
         try:
-            alloc, token = self.book.allocate(spec)
+            alloc, token, worker = self.book.allocate(spec)
         except InvalidRequest as exc:
             raise web.HTTPError(400, str(exc)) from None
         except NoFit as exc:
@@ -111,8 +111,7 @@ class AllocationsHandler(APIHandler):
             self.pool.metrics.refused(exc.constraint)
             self.send({"status": 503, **exc.to_json()}, status=503)
             return
-        with self.book.Session() as db:
-            data = allocation_json(alloc, db.get(Worker, alloc.worker_name))
+        data = allocation_json(alloc, worker)
         data["token"] = token  # once: the pool keeps only its hash
         self.send(data, status=201)
 

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 
-from sqlalchemy import (BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event,
+from sqlalchemy import (BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, create_engine, event,
                         inspect, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
@@ -51,12 +51,15 @@ class GPU(Base):
     emulated: Mapped[bool] = mapped_column(Boolean, default=False)
     # What the active allocations on it promise, changed in the transaction that starts or ends each one
     # (allocations.py), so that placing reads a few GPUs, not every GPU and allocation of the pool.
-    # load is the larger of the two fractions, indexed for the strategies' order.
+    # load is the larger of the two fractions; the strategies' orders (load, then uuid) are indexes.
     promised_vram: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     promised_compute: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     sessions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    load: Mapped[float] = mapped_column(Float, default=0.0, server_default="0", index=True)
+    load: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     worker: Mapped[Worker] = relationship(back_populates="gpus")
+
+    __table_args__ = (Index("ix_gpus_busiest", load.desc(), "uuid"),   # compact-first
+                      Index("ix_gpus_idlest", "load", "uuid"))          # low-load-first
 
 
 class Allocation(Base):

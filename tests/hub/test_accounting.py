@@ -36,7 +36,7 @@ def book(tmp_path):
 
 def place(book, user="ann", groups=(), hours_ago=HOURS, **gpu) -> tuple[int, str]:
     """An allocation placed ``hours_ago``: its id and token hash."""
-    alloc, token = book.allocate({"user": user, "vram": "1G", "compute": 25, "groups": list(groups), **gpu})
+    alloc, token, _ = book.allocate({"user": user, "vram": "1G", "compute": 25, "groups": list(groups), **gpu})
     with book.Session.begin() as db:
         db.get(Allocation, alloc.id).created = time.time() - hours_ago * 3600
     return alloc.id, token_hash(token)
@@ -156,7 +156,8 @@ def test_an_older_database_gets_burst_by_qos(tmp_path, book):
     db.execute("DROP TABLE alembic_version")
     db.execute("DROP TABLE leases")
     db.execute("ALTER TABLE workers DROP COLUMN pod")
-    db.execute("DROP INDEX ix_gpus_load")
+    db.execute("DROP INDEX ix_gpus_busiest")
+    db.execute("DROP INDEX ix_gpus_idlest")
     for column in ("promised_vram", "promised_compute", "sessions", "load"):
         db.execute(f"ALTER TABLE gpus DROP COLUMN {column}")
     db.commit()

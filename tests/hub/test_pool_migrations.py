@@ -105,7 +105,7 @@ def test_a_database_of_the_previous_pool_is_upgraded_with_its_allocations(db_url
         assert kept == [(1, "ann", "active", token_hash("ann"), G, 3.5, ["physics"]),
                         (2, "bob", "released", token_hash("bob"), G, 3.5, ["physics"])]
         # what it holds still counts: 12 of the 16 GiB are free, and new ids go on from the old ones
-        alloc, _ = book.allocate({"user": "cat", "vram": "12G", "compute": 10})
+        alloc, _, _ = book.allocate({"user": "cat", "vram": "12G", "compute": 10})
         assert alloc.id == 3
         with pytest.raises(Exception, match="free memory"):
             book.allocate({"user": "dan", "vram": "1G", "compute": 10})

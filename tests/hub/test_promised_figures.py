@@ -74,7 +74,7 @@ def test_kept_figures_and_the_databases_choice_follow_every_change(tmp_path, str
             want = expected_choice(book, Request(**req))
             assert database_choice(book, Request(**req)) == want, (step, req)
             if isinstance(want, list):
-                alloc, _ = book.allocate({"user": f"u{step}", **req})
+                alloc, _, _ = book.allocate({"user": f"u{step}", **req})
                 assert alloc.gpu_list == want
                 live.append(alloc.id)
         elif op < 0.75:

@@ -19,7 +19,9 @@ def upgrade() -> None:
         batch.add_column(sa.Column("promised_compute", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("sessions", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("load", sa.Float(), nullable=False, server_default="0"))
-        batch.create_index("ix_gpus_load", ["load"])
+    # the strategies' orders: compact-first the busiest first, low-load-first the idlest; uuid breaks ties
+    op.create_index("ix_gpus_busiest", "gpus", [sa.text("load DESC"), "uuid"])
+    op.create_index("ix_gpus_idlest", "gpus", ["load", "uuid"])
     # the active allocations of the database, counted onto their GPUs
     from hub_spawner.pool.allocations import recount
     recount(op.get_bind())
@@ -27,6 +29,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table("gpus") as batch:
-        batch.drop_index("ix_gpus_load")
+        batch.drop_index("ix_gpus_busiest")
+        batch.drop_index("ix_gpus_idlest")
         for column in ("load", "sessions", "promised_compute", "promised_vram"):
             batch.drop_column(column)

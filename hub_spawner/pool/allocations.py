@@ -12,7 +12,7 @@ import time
 from types import SimpleNamespace
 from typing import NamedTuple
 
-from sqlalchemy import Float, bindparam, case, cast, or_, select, text, update
+from sqlalchemy import Float, Row, bindparam, case, cast, or_, select, text, update
 
 from gpu_worker.client import LimitError, gpu_settings, token_hash
 
@@ -65,7 +65,7 @@ class AllocationBook:
         if db.get_bind().dialect.name == "postgresql":
             db.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PLACEMENT_LOCK})
 
-    def allocate(self, spec: dict) -> tuple[Allocation, str, Worker]:
+    def allocate(self, spec: dict) -> tuple[Allocation, str, Row]:
         """Place a request; the allocation, its session token, which the pool keeps only as a hash (the
         caller answers it once), and the worker it is on."""
         req, burst = request_from(spec)
@@ -81,7 +81,9 @@ class AllocationBook:
                                groups=json.dumps(groups), token_hash=token_hash(token))
             db.add(alloc)
             _promise(db, alloc, +1)
-            worker = db.get(Worker, alloc.worker_name)
+            # its address and URLs for the answer, read beside the placement (no flush of the new row yet)
+            worker = db.connection().execute(select(Worker.__table__).where(
+                Worker.__table__.c.name == bindparam("worker")), {"worker": alloc.worker_name}).first()
         log.info("allocated %s for %s on %s (%d MiB, %d%%)", alloc.id, alloc.user, alloc.worker_name,
                  alloc.vram >> 20, alloc.compute)
         return alloc, token, worker

@@ -67,26 +67,49 @@ class AllocationBook:
 
     def allocate(self, spec: dict) -> tuple[Allocation, str, Row]:
         """Place a request; the allocation, its session token, which the pool keeps only as a hash (the
-        caller answers it once), and the worker it is on."""
-        req, burst = request_from(spec)
-        groups = groups_from(spec)
-        token = secrets.token_urlsafe(24)
+        caller answers it once), and the worker it is on.  InvalidRequest or NoFit when it cannot be."""
+        placed = self.allocate_many([spec])[0]
+        if isinstance(placed, Exception):
+            raise placed
+        return placed
+
+    def allocate_many(self, specs: list[dict]) -> list[tuple[Allocation, str, Row] | InvalidRequest | NoFit]:
+        """Place requests in order in one transaction (a lab's first minute brings hundreds at once, and
+        the transaction's begin, lock and commit are paid once): for each, what allocate() answers, or
+        the InvalidRequest or NoFit that says why it was not placed.  The others are placed all the same;
+        an error of the database fails them all."""
+        out: list = []
+        placed: list[tuple[int, Allocation, str]] = []
         with self.Session.begin() as db:
             self.lock_placement(db)
-            chosen = self._choose(db, req)
-            alloc = Allocation(user=str(spec["user"]), server_name=str(spec.get("server_name", "")),
-                               profile=str(spec.get("profile", "")), worker_name=chosen[0][1],
-                               gpu_uuids=",".join(uuid for uuid, _ in chosen), vram=req.vram, compute=req.compute,
-                               count=req.count, mode=req.mode, qos=req.qos, burst=burst,
-                               groups=json.dumps(groups), token_hash=token_hash(token))
-            db.add(alloc)
-            _promise(db, alloc, +1)
-            # its address and URLs for the answer, read beside the placement (no flush of the new row yet)
-            worker = db.connection().execute(select(Worker.__table__).where(
-                Worker.__table__.c.name == bindparam("worker")), {"worker": alloc.worker_name}).first()
-        log.info("allocated %s for %s on %s (%d MiB, %d%%)", alloc.id, alloc.user, alloc.worker_name,
-                 alloc.vram >> 20, alloc.compute)
-        return alloc, token, worker
+            for spec in specs:
+                try:
+                    req, burst = request_from(spec)
+                    groups = groups_from(spec)
+                    chosen = self._choose(db, req)
+                except (InvalidRequest, NoFit) as exc:
+                    out.append(exc)
+                    continue
+                token = secrets.token_urlsafe(24)
+                alloc = Allocation(user=str(spec["user"]), server_name=str(spec.get("server_name", "")),
+                                   profile=str(spec.get("profile", "")), worker_name=chosen[0][1],
+                                   gpu_uuids=",".join(uuid for uuid, _ in chosen), vram=req.vram,
+                                   compute=req.compute, count=req.count, mode=req.mode, qos=req.qos, burst=burst,
+                                   groups=json.dumps(groups), token_hash=token_hash(token))
+                db.add(alloc)
+                _promise(db, alloc, +1)
+                placed.append((len(out), alloc, token))
+                out.append(None)
+            # the workers' addresses and URLs for the answers, read beside the placements (with Core: no
+            # flush of the new rows before the commit's one)
+            names = sorted({alloc.worker_name for _, alloc, _ in placed})
+            workers = {w.name: w for w in db.connection().execute(
+                select(Worker.__table__).where(Worker.__table__.c.name.in_(names)))} if names else {}
+        for i, alloc, token in placed:
+            out[i] = (alloc, token, workers[alloc.worker_name])
+            log.info("allocated %s for %s on %s (%d MiB, %d%%)", alloc.id, alloc.user, alloc.worker_name,
+                     alloc.vram >> 20, alloc.compute)
+        return out
 
     def _choose(self, db, req: Request) -> list[tuple[str, str]]:
         """(uuid, worker) of the GPUs ``req`` goes on: the GPUs that fit, asked of the database in the

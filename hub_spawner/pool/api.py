@@ -94,7 +94,7 @@ def allocation_id(text: str) -> int:
 
 
 class AllocationsHandler(APIHandler):
-    def post(self):
+    async def post(self):
         spec = self.body()
         if not spec.get("user"):
             raise web.HTTPError(400, "user is required")
@@ -102,15 +102,15 @@ class AllocationsHandler(APIHandler):
             value = spec.get(field, "")
             if not isinstance(value, str) or len(value) > 255:
                 raise web.HTTPError(400, f"{field} must be a string of at most 255 characters")
-        try:
-            alloc, token, worker = self.book.allocate(spec)
-        except InvalidRequest as exc:
-            raise web.HTTPError(400, str(exc)) from None
-        except NoFit as exc:
-            log.info("no room for %s: %s", spec.get("user"), exc)
-            self.pool.metrics.refused(exc.constraint)
-            self.send({"status": 503, **exc.to_json()}, status=503)
+        placed = await self.pool.placer.place(spec)  # placer.py: with the requests that came with it
+        if isinstance(placed, InvalidRequest):
+            raise web.HTTPError(400, str(placed))
+        if isinstance(placed, NoFit):
+            log.info("no room for %s: %s", spec.get("user"), placed)
+            self.pool.metrics.refused(placed.constraint)
+            self.send({"status": 503, **placed.to_json()}, status=503)
             return
+        alloc, token, worker = placed
         data = allocation_json(alloc, worker)
         data["token"] = token  # once: the pool keeps only its hash
         self.send(data, status=201)

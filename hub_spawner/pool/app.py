@@ -39,6 +39,7 @@ import secrets
 import signal
 import socket
 import sys
+import time
 from urllib.parse import urlparse
 
 from jupyterhub.services.auth import HubOAuthCallbackHandler
@@ -56,10 +57,13 @@ from .dashboard import DashboardHandler
 from .live import LiveFacts
 from .db import GPU, Worker, engine_url
 from .leader import LeaderLease
+from .placer import BatchPlacer
 from .metrics import MetricsHandler, PoolMetrics
 from .scheduler import STRATEGIES, Limits
 
 log = logging.getLogger("gpulab.pool")
+
+LISTEN_BACKLOG = 1024  # connections waiting to be accepted (tornado's default is 128)
 
 
 class GPUPool(Application):
@@ -224,6 +228,7 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         self.metrics = PoolMetrics(self)
         self.live = LiveFacts()  # the workers' last heartbeats: vGPU processes, GPU facts (live.py)
         self.lease = LeaderLease(self.book.Session, self.replica_name, self.lease_period)
+        self.placer = BatchPlacer(self.book)  # requests that arrive together, placed in one transaction
         self.pod_watcher = None  # kube.PodWatch while this replica leads, where pod_watch is on
         self.node_labels: dict[str, dict] = {}  # node -> its GPU feature discovery labels (the pod watch's)
         self.compared: dict[str, tuple] = {}    # worker -> the GPUs compared with its node's labels
@@ -243,10 +248,25 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
             self.stop_pod_watch()
 
     def periodic_work(self) -> None:
-        """What one replica does for all, on the leader only."""
-        if self.leader:
+        """What one replica does for all, on the leader only.  When this replica's own event loop was held
+        up (the callback comes late by more than half a period), heartbeats may be waiting unread in its
+        sockets: the check waits one more period rather than call their workers lost."""
+        now, period = time.monotonic(), self.periodic_interval
+        lag = now - self._last_periodic - period
+        self._last_periodic = now
+        if not self.leader:
+            return
+        if lag > period / 2 and self._periodic_ran:
+            log.warning("the pool's event loop was held up for %.1f s: the heartbeat check waits a period", lag)
+        else:
             self.check_heartbeats()
-            self.compare_nodes()  # workers that registered at another replica too
+        self._periodic_ran = True
+        self.compare_nodes()  # workers that registered at another replica too
+
+    @property
+    def periodic_interval(self) -> float:
+        """Seconds between two runs of the periodic work."""
+        return max(self.heartbeat_timeout / 3, 0.2)
 
     def check_heartbeats(self) -> None:
         """Mark silent workers lost, counting each worker that becomes so and forgetting its live facts.
@@ -347,12 +367,14 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         self.open_state()
         url = urlparse(self.bind_url)
         app = self.make_app()
-        app.listen(url.port or 80, url.hostname or "127.0.0.1")
+        # a lab's first minute opens hundreds of connections at once: room for them in the listen queue
+        app.listen(url.port or 80, url.hostname or "127.0.0.1", backlog=LISTEN_BACKLOG)
         wurl = urlparse(self.worker_bind_url)
-        self.make_worker_app().listen(wurl.port or 80, wurl.hostname or "127.0.0.1")
+        self.make_worker_app().listen(wurl.port or 80, wurl.hostname or "127.0.0.1", backlog=LISTEN_BACKLOG)
         self.lead()
         ioloop.PeriodicCallback(self.lead, self.lease.interval * 1000).start()
-        ioloop.PeriodicCallback(self.periodic_work, max(self.heartbeat_timeout / 3, 0.2) * 1000).start()
+        self._last_periodic, self._periodic_ran = time.monotonic(), False
+        ioloop.PeriodicCallback(self.periodic_work, self.periodic_interval * 1000).start()
         print(f"gpulab pool listening on {self.bind_url}{self.prefix}, workers on {self.worker_bind_url} "
               f"(database {make_url(engine_url(self.db_url)).render_as_string(hide_password=True)}, strategy {self.strategy}, replica {self.replica_name}"
               f"{', leader' if self.leader else ''})", flush=True)

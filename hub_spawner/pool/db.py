@@ -43,7 +43,7 @@ class Worker(Base):
 class GPU(Base):
     __tablename__ = "gpus"
     uuid: Mapped[str] = mapped_column(String(128), primary_key=True)
-    worker_name: Mapped[str] = mapped_column(ForeignKey("workers.name"))
+    worker_name: Mapped[str] = mapped_column(ForeignKey("workers.name"), index=True)
     index: Mapped[int] = mapped_column(Integer, default=0)
     model: Mapped[str] = mapped_column(String(255), default="")
     memory: Mapped[int] = mapped_column(BigInteger)

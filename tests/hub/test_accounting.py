@@ -158,6 +158,7 @@ def test_an_older_database_gets_burst_by_qos(tmp_path, book):
     db.execute("ALTER TABLE workers DROP COLUMN pod")
     db.execute("DROP INDEX ix_gpus_busiest")
     db.execute("DROP INDEX ix_gpus_idlest")
+    db.execute("DROP INDEX ix_gpus_worker_name")
     for column in ("promised_vram", "promised_compute", "sessions", "load"):
         db.execute(f"ALTER TABLE gpus DROP COLUMN {column}")
     db.commit()

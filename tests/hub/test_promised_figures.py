@@ -120,3 +120,23 @@ def test_a_gpu_offered_again_is_promised_what_is_still_on_it(pool):
     status, second = pool.call("POST", "api/allocations", {"user": "bob", "vram": "16G"})
     assert status == 201 and second["gpus"] != [gpu]
     assert pool.call("POST", "api/allocations", {"user": "cat", "vram": "16G"})[0] == 503
+
+
+def test_a_batch_places_in_order_and_a_refusal_stops_none_of_the_others(tmp_path):
+    """allocate_many: what the pool does with the requests that arrive together (placer.py)."""
+    book = AllocationBook(f"sqlite:///{tmp_path / 'pool.sqlite'}", "compact-first", Limits())
+    add_worker(book, "w1", gpus=1, memory=16 * G)
+    results = book.allocate_many([
+        {"user": "ann", "vram": "10G", "compute": 50},
+        {"user": "bob", "vram": "a lot"},                  # invalid
+        {"user": "cat", "vram": "10G", "compute": 10},     # no room left after ann's
+        {"user": "dan", "vram": "6G", "compute": 50},      # exactly the rest
+        {"user": "eve", "vram": "1G", "compute": 1}])      # full now
+    ann, bob, cat, dan, eve = results
+    assert ann[0].user == "ann" and ann[0].id == 1 and ann[2].name == "w1" and len(ann[1]) > 20
+    assert type(bob).__name__ == "InvalidRequest" and "vram" in str(bob)
+    assert isinstance(cat, NoFit) and cat.constraint == "memory"
+    assert dan[0].id == 2 and dan[0].gpu_list == ["GPU-w1-0"]
+    assert isinstance(eve, NoFit) and eve.constraint in ("memory", "compute")
+    assert kept(book) == [("GPU-w1-0", 16 * G, 100, 2)]
+    book.engine.dispose()

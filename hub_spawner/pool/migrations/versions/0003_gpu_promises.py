@@ -1,4 +1,5 @@
-"""What each GPU is promised, kept on its row: placement reads a few GPUs instead of every allocation.
+"""What each GPU is promised, kept on its row: placement reads a few GPUs instead of every allocation;
+indexes for the strategies' orders and for a worker's GPUs.
 
 Revision ID: 0003
 Revises: 0002
@@ -22,6 +23,7 @@ def upgrade() -> None:
     # the strategies' orders: compact-first the busiest first, low-load-first the idlest; uuid breaks ties
     op.create_index("ix_gpus_busiest", "gpus", [sa.text("load DESC"), "uuid"])
     op.create_index("ix_gpus_idlest", "gpus", ["load", "uuid"])
+    op.create_index("ix_gpus_worker_name", "gpus", ["worker_name"])  # a heartbeat reads its worker's GPUs
     # the active allocations of the database, counted onto their GPUs
     from hub_spawner.pool.allocations import recount
     recount(op.get_bind())
@@ -31,5 +33,6 @@ def downgrade() -> None:
     with op.batch_alter_table("gpus") as batch:
         batch.drop_index("ix_gpus_busiest")
         batch.drop_index("ix_gpus_idlest")
+        batch.drop_index("ix_gpus_worker_name")
         for column in ("load", "sessions", "promised_compute", "promised_vram"):
             batch.drop_column(column)

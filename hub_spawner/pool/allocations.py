@@ -43,10 +43,14 @@ class Beat(NamedTuple):
 class AllocationBook:
     """Allocations in the pool database, placed by one strategy under oversubscription limits."""
 
-    def __init__(self, db_url: str, strategy: str, limits: Limits):
+    def __init__(self, db_url: str, strategy: str, limits: Limits, write_every: float = 0.0):
         self.engine, self.Session = make_sessionmaker(db_url)
         self.strategy = strategy
         self.limits = limits
+        # A worker's last_seen is written by a heartbeat only when it is this many seconds old (most
+        # heartbeats then write nothing); the heartbeat check reads it, so a silent worker is found this
+        # much later at most.  0: every heartbeat writes it.
+        self.write_every = write_every
 
     def gpu_states(self, db) -> list[GPUState]:
         """Every GPU with what active allocations promise of it (its kept figures), sorted by uuid.  Lost
@@ -185,13 +189,14 @@ class AllocationBook:
             ending = [a for a in recent if a.status == "active" and (
                 a.token_hash in (ended or {}) or any(memory.get(u, 0) < a.vram for u in a.gpu_list))]
             if not ending or _settled:
-                return self._beat(conn, name, w.status, memory, recent, usage, kernel, now)
+                return self._beat(conn, name, w, memory, recent, usage, kernel, now)
         self._settle(name, ended or {})
         return self.heartbeat(name, usage, None, kernel, credential, _settled=True)
 
-    def _beat(self, conn, name, status, memory, recent, usage, kernel, now) -> Beat:
+    def _beat(self, conn, name, w, memory, recent, usage, kernel, now) -> Beat:
         """The usual heartbeat: grants and ends from ``recent`` (its allocations, read), the figures of
-        those whose figures changed written back, the worker up and seen now."""
+        those whose figures changed written back; the worker up, and seen now when it was not up or its
+        last_seen is write_every old."""
         grants = [grant_json(a) for a in recent if a.status == "active"]
         revoked = {a.token_hash: ended_reason(a) for a in recent if a.status != "active"}
         changed = []
@@ -213,9 +218,10 @@ class AllocationBook:
                                 "seconds": a.kernel_seconds, "seen": a.kernel_time_seen})
         if changed:
             conn.execute(BEAT_FIGURES, changed)
-        if status != "up":
+        if w.status != "up":
             log.info("worker %s is back", name)
-        conn.execute(BEAT_SEEN, {"worker": name, "now": now})
+        if w.status != "up" or now - w.last_seen >= self.write_every:
+            conn.execute(BEAT_SEEN, {"worker": name, "now": now})
         return Beat(grants, revoked, set(memory))
 
     def _settle(self, name: str, ended: dict[str, str]) -> None:
@@ -446,7 +452,7 @@ def _zero() -> dict:
 # A heartbeat's statements (AllocationBook.heartbeat), built once, on the tables' own columns: no ORM work
 # per heartbeat
 _W, _G, _A = Worker.__table__.c, GPU.__table__.c, Allocation.__table__.c
-BEAT_WORKER = select(_W.status, _W.credential_hash).where(_W.name == bindparam("name"))
+BEAT_WORKER = select(_W.status, _W.credential_hash, _W.last_seen).where(_W.name == bindparam("name"))
 BEAT_GPUS = select(_G.uuid, _G.memory).where(_G.worker_name == bindparam("name"))
 BEAT_RECENT = select(*[_A[c] for c in (
     "id", "user", "profile", "qos", "burst", "gpu_uuids", "vram", "compute", "count", "status", "ended", "message",

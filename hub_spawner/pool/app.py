@@ -223,8 +223,10 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
 
     def open_state(self) -> None:
         """What the handlers read: the book (the database), the metrics and the workers' last heartbeats."""
+        # a silent worker is still found within heartbeat_timeout plus a quarter of it
         self.book = AllocationBook(self.db_url, self.strategy,
-                                   Limits(self.vram_oversubscription, self.compute_oversubscription))
+                                   Limits(self.vram_oversubscription, self.compute_oversubscription),
+                                   write_every=self.heartbeat_timeout / 4)
         self.metrics = PoolMetrics(self)
         self.live = LiveFacts()  # the workers' last heartbeats: vGPU processes, GPU facts (live.py)
         self.lease = LeaderLease(self.book.Session, self.replica_name, self.lease_period)

@@ -9,7 +9,8 @@ about 0.3 s to import; CoreV1Api's module, most of a second more, is imported by
 thread (the pool hands them to its event loop):
 
 - ``on_gone(pod_name, node_name, why)``: the worker of this pod is gone; ``why`` is a sentence such
-  as "its pod gpulab-worker-abc on node n1 was deleted".  Called once per pod.
+  as "its pod gpulab-worker-abc on node n1 was deleted".  Called once per pod, and once more when a pod
+  already said to be terminating or failed is deleted.
 - ``on_node(node_name, labels)``: a worker pod runs on this node, whose labels (NVIDIA GPU feature
   discovery's ``nvidia.com/gpu.*`` among them) are these.  Called when a pod is first seen running
   on the node and again when the node's labels change.
@@ -236,6 +237,10 @@ class PodWatch:
         name, node = pod.metadata.name, (pod.spec.node_name if pod.spec else None) or ""
         why = gone_reason(kind, pod)
         if why:
+            if kind == "DELETED":
+                # said again though its terminating or failure was said: a heartbeat the worker sent while
+                # its pod was terminating may have brought it back meanwhile
+                self._gone.discard(name)
             self._gone_now(name, node, why, stop)
             if kind == "DELETED":
                 self._gone.discard(name)

@@ -350,6 +350,7 @@ class WorkersHandler(WorkerAPIHandler):
             recount(db.connection(), [name])  # a GPU it offers again is promised what is still on it
         if set(known) != {g["uuid"] for g in reg["gpus"]}:
             self.pool.live.forget(name, {g["uuid"] for g in reg["gpus"]})
+        self.book.registered()
         self.pool.compare_nodes([reg["node"]])  # its GPUs against its node's labels, where the pod watch read them
         log.info("worker %s %s at %s with %d GPU(s)", name, "enrolled" if credential else "registered",
                  reg["address"], len(reg["gpus"]))

@@ -49,8 +49,8 @@ class AllocationBook:
         self.strategy = strategy
         self.limits = limits
         # A worker's last_seen is written by a heartbeat only when it is this many seconds old (most
-        # heartbeats then write nothing); the heartbeat check reads it, so a silent worker is found this
-        # much later at most.  0: every heartbeat writes it.
+        # heartbeats then write nothing); check_heartbeats allows for the lag, so a silent worker is found
+        # up to this much later, never sooner.  0: every heartbeat writes it.
         self.write_every = write_every
         self._registered = 0  # registrations since the planner's statistics were last refreshed here
 
@@ -72,9 +72,12 @@ class AllocationBook:
         self._registered += 1
         if self._registered % REFRESH_EVERY != 1 or self.engine.dialect.name != "postgresql":
             return
-        with self.engine.connect() as conn:
-            conn.exec_driver_sql("ANALYZE workers, gpus, allocations")
-            conn.commit()
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("ANALYZE workers, gpus")
+                conn.commit()
+        except Exception as exc:  # the registration itself has been stored: say it and go on
+            log.warning("could not refresh the database's statistics after a registration: %s", exc)
 
     def lock_placement(self, db) -> None:
         """Hold the placement lock until ``db``'s transaction ends.  Placing, and whatever changes which
@@ -157,6 +160,7 @@ class AllocationBook:
     def release(self, alloc_id: int) -> bool:
         """The spawner gives a vGPU back (its server stopped, or was culled); idempotent."""
         with self.Session.begin() as db:
+            self.lock_placement(db)  # every end of an allocation holds it: no GPU gets its figures back twice
             alloc = db.get(Allocation, alloc_id)
             if alloc is None:
                 return False
@@ -169,6 +173,7 @@ class AllocationBook:
         ``message``.  The allocation (None: no such one) and whether it was revoked now: one that
         already ended is left as it was."""
         with self.Session.begin() as db:
+            self.lock_placement(db)
             alloc = db.get(Allocation, alloc_id)
             if alloc is None or alloc.status != "active":
                 return alloc, False
@@ -232,6 +237,8 @@ class AllocationBook:
                                 "seconds": a.kernel_seconds, "seen": a.kernel_time_seen})
         if changed:
             conn.execute(BEAT_FIGURES, changed)
+        if w.status == "gone":  # its pod went: only a registration (a new pod) brings it back
+            return Beat(grants, revoked, set(memory))
         if w.status != "up":
             log.info("worker %s is back", name)
         if w.status != "up" or now - w.last_seen >= self.write_every:
@@ -242,6 +249,7 @@ class AllocationBook:
         """End what a heartbeat of ``name`` ends: the active allocations it reports ended (revoked with its
         sentence) and those whose GPUs it no longer offers with room for their quota (_grants)."""
         with self.Session.begin() as db:
+            self.lock_placement(db)
             now = time.time()
             memory = dict(db.execute(select(GPU.uuid, GPU.memory).where(GPU.worker_name == name)).all())
             recent = self._recent(db, name, now)
@@ -254,6 +262,7 @@ class AllocationBook:
     def grant(self, name: str, hashed: str) -> dict | None:
         """The grant of worker ``name``'s active allocation with this token hash, or None."""
         with self.Session.begin() as db:
+            self.lock_placement(db)  # _grants may end an allocation that no longer fits
             if db.get(Worker, name) is None:
                 return None
             now = time.time()
@@ -314,26 +323,30 @@ class AllocationBook:
         return out
 
     def check_heartbeats(self, heartbeat_timeout: float) -> None:
-        """Mark silent workers lost; their sessions' allocations become lost with a message."""
-        cutoff = time.time() - heartbeat_timeout
+        """Mark silent workers lost; their sessions' allocations become lost with a message.  last_seen
+        lags a live worker's last heartbeat by up to write_every, so silent means for heartbeat_timeout
+        beyond that.  The rows are locked (PostgreSQL), so a heartbeat committing meanwhile is seen."""
+        cutoff = time.time() - heartbeat_timeout - self.write_every
         with self.Session.begin() as db:
             self.lock_placement(db)
-            for w in db.scalars(select(Worker).where(Worker.status == "up", Worker.last_seen < cutoff)):
+            for w in db.scalars(select(Worker).where(Worker.status == "up", Worker.last_seen < cutoff)
+                                .with_for_update()):
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(w.last_seen))
                 log.warning("worker %s stopped sending heartbeats (last at %s): marked lost", w.name, when)
                 _lose(db, w, f"GPU worker {w.name} stopped responding at {when}")
 
     def mark_lost(self, name: str, why: str) -> bool:
         """Worker ``name`` is gone now (its pod was deleted or failed: ``why``, a clause), not after the
-        heartbeat timeout; its active allocations become lost with a message saying so.  False when no
-        such worker is up."""
+        heartbeat timeout; its active allocations become lost with a message saying so.  Its status is
+        "gone": a heartbeat it still sends (a terminating pod's) does not bring it back, only a new
+        registration does.  False when no such worker is up."""
         with self.Session.begin() as db:
             self.lock_placement(db)
-            w = db.get(Worker, name)
+            w = db.get(Worker, name, with_for_update=True)
             if w is None or w.status != "up":
                 return False
-            log.warning("worker %s is gone: %s; marked lost", name, why)
-            _lose(db, w, f"GPU worker {name} is gone: {why}")
+            log.warning("worker %s is gone: %s; marked gone", name, why)
+            _lose(db, w, f"GPU worker {name} is gone: {why}", status="gone")
         return True
 
     def worker_for_pod(self, pod: str, node: str) -> str | None:
@@ -381,9 +394,10 @@ class AllocationBook:
         return self.usage_report()["users"]
 
 
-def _lose(db, w: Worker, what: str) -> None:
-    """Mark ``w`` lost and its active allocations lost, each with a message that starts with ``what``."""
-    w.status = "lost"
+def _lose(db, w: Worker, what: str, status: str = "lost") -> None:
+    """Mark ``w`` lost (or gone) and its active allocations lost, each with a message that starts with
+    ``what``."""
+    w.status = status
     now = time.time()
     for a in db.scalars(select(Allocation).where(Allocation.worker_name == w.name, Allocation.status == "active")):
         _end(db, a, "lost", now, f"Your vGPU was lost: {what}. Stop and start your server to get a new one.")
@@ -466,7 +480,9 @@ def _zero() -> dict:
 # A heartbeat's statements (AllocationBook.heartbeat), built once, on the tables' own columns: no ORM work
 # per heartbeat
 _W, _G, _A = Worker.__table__.c, GPU.__table__.c, Allocation.__table__.c
-BEAT_WORKER = select(_W.status, _W.credential_hash, _W.last_seen).where(_W.name == bindparam("name"))
+# the worker's row first, locked (PostgreSQL): the order every other writer of a worker and its
+# allocations keeps (_lose), so the two never wait for each other
+BEAT_WORKER = select(_W.status, _W.credential_hash, _W.last_seen).where(_W.name == bindparam("name")).with_for_update()
 BEAT_GPUS = select(_G.uuid, _G.memory).where(_G.worker_name == bindparam("name"))
 BEAT_RECENT = select(*[_A[c] for c in (
     "id", "user", "profile", "qos", "burst", "gpu_uuids", "vram", "compute", "count", "status", "ended", "message",

@@ -43,7 +43,9 @@ import time
 from urllib.parse import urlparse
 
 from jupyterhub.services.auth import HubOAuthCallbackHandler
+from alembic.util.exc import CommandError
 from sqlalchemy import make_url, select
+from sqlalchemy.exc import SQLAlchemyError
 from tornado import ioloop, web
 from traitlets import Enum, Float, Set, TraitError, Unicode, default, validate
 from traitlets.config import Application
@@ -93,8 +95,10 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
                                   "tiering idle sessions out of VRAM).").tag(config=True)
     compute_oversubscription = Float(1.0, help="How many times 100% of a GPU's compute may be promised."
                                      ).tag(config=True)
-    heartbeat_timeout = Float(30.0, help="Seconds without a heartbeat before a worker is marked lost."
-                              ).tag(config=True)
+    heartbeat_timeout = Float(30.0, help="Seconds without a heartbeat before a worker is marked lost (the "
+                              "leader checks every third of it; a heartbeat writes the worker's last_seen only "
+                              "when it is a quarter of this old, and the check allows for that, so a silent "
+                              "worker is marked lost after 1 to about 1.6 times this).").tag(config=True)
     api_token = Unicode(help="Secret the hub (spawner) uses for the allocation API "
                         "(default: $GPULAB_POOL_API_TOKEN).").tag(config=True)
     worker_token = Unicode(help="Enrolment secret of the workers (default: $GPULAB_POOL_WORKER_TOKEN). It "
@@ -223,7 +227,7 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
 
     def open_state(self) -> None:
         """What the handlers read: the book (the database), the metrics and the workers' last heartbeats."""
-        # a silent worker is still found within heartbeat_timeout plus a quarter of it
+        # last_seen written when a quarter of heartbeat_timeout old; the check allows for that lag
         self.book = AllocationBook(self.db_url, self.strategy,
                                    Limits(self.vram_oversubscription, self.compute_oversubscription),
                                    write_every=self.heartbeat_timeout / 4)
@@ -258,12 +262,21 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         self._last_periodic = now
         if not self.leader:
             return
-        if lag > period / 2 and self._periodic_ran:
-            log.warning("the pool's event loop was held up for %.1f s: the heartbeat check waits a period", lag)
-        else:
-            self.check_heartbeats()
-        self._periodic_ran = True
-        self.compare_nodes()  # workers that registered at another replica too
+        try:
+            if lag > period / 2 and self._periodic_ran:
+                log.warning("the pool's event loop was held up for %.1f s: the heartbeat check waits a period", lag)
+            else:
+                self.check_heartbeats()
+            self._periodic_ran = True
+            self.compare_nodes()  # workers that registered at another replica too
+        except SQLAlchemyError as exc:  # the database is out of reach: said once, tried again next period
+            if not self._periodic_failing:
+                log.error("the periodic work could not reach the pool database: %s", exc)
+            self._periodic_failing = True
+            return
+        if self._periodic_failing:
+            log.info("the periodic work reaches the pool database again")
+        self._periodic_failing = False
 
     @property
     def periodic_interval(self) -> float:
@@ -299,6 +312,7 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         except Exception as exc:
             log.error("the pod watch cannot start (c.GPUPool.kubeconfig=%r): %s; workers are marked lost by "
                       "their heartbeats only", self.kubeconfig, exc)
+            self.pod_watch = "off"  # said once, not at every renewal of the lease
             return
         loop = ioloop.IOLoop.current()
         self.pod_watcher = PodWatch(
@@ -314,6 +328,8 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
 
     def pod_gone(self, pod: str, node: str, why: str) -> None:
         """The pod watch saw a worker's pod deleted or failed: mark that worker lost now."""
+        if not self.leader:  # queued by a watch this replica ran while it led
+            return
         name = self.book.worker_for_pod(pod, node)
         if name is not None and self.book.mark_lost(name, why):
             self.metrics.worker_lost()
@@ -366,7 +382,12 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
                 log.error("the pod watch needs the kubernetes package (pip install 'gpulab[kubernetes]'): %s; "
                           "workers are marked lost by their heartbeats only", exc)
                 self.pod_watch = "off"
-        self.open_state()
+        try:
+            self.open_state()
+        except (SQLAlchemyError, CommandError) as exc:
+            where = make_url(engine_url(self.db_url)).render_as_string(hide_password=True)
+            print(f"gpulab pool: cannot open the pool database {where}: {str(exc).splitlines()[0]}", file=sys.stderr)
+            self.exit(2)
         url = urlparse(self.bind_url)
         app = self.make_app()
         # a lab's first minute opens hundreds of connections at once: room for them in the listen queue
@@ -375,7 +396,7 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         self.make_worker_app().listen(wurl.port or 80, wurl.hostname or "127.0.0.1", backlog=LISTEN_BACKLOG)
         self.lead()
         ioloop.PeriodicCallback(self.lead, self.lease.interval * 1000).start()
-        self._last_periodic, self._periodic_ran = time.monotonic(), False
+        self._last_periodic, self._periodic_ran, self._periodic_failing = time.monotonic(), False, False
         ioloop.PeriodicCallback(self.periodic_work, self.periodic_interval * 1000).start()
         print(f"gpulab pool listening on {self.bind_url}{self.prefix}, workers on {self.worker_bind_url} "
               f"(database {make_url(engine_url(self.db_url)).render_as_string(hide_password=True)}, strategy {self.strategy}, replica {self.replica_name}"

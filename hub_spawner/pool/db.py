@@ -30,7 +30,7 @@ class Worker(Base):
     address: Mapped[str] = mapped_column(String(255))
     node: Mapped[str] = mapped_column(String(255), default="")
     backend: Mapped[str] = mapped_column(String(32), default="cuda")
-    status: Mapped[str] = mapped_column(String(16), default="up")  # up | lost
+    status: Mapped[str] = mapped_column(String(16), default="up")  # up | lost | gone (its pod went)
     last_seen: Mapped[float] = mapped_column(Float, default=time.time)
     # sha256 of the credential issued at enrolment (worker_api.py); None: the name may be enrolled
     credential_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)

@@ -22,7 +22,7 @@ from .scheduler import Request, free_vram
 # the scheduler's source.
 REASONS = ("no-workers", "lost", "node", "size", "memory", "compute", "count")
 STATES = ("active", "lost", "released", "revoked")
-WORKER_STATUSES = ("up", "lost")
+WORKER_STATUSES = ("up", "lost", "gone")
 MEDIUM = Request(vram=1)  # capacity left is what a low- or medium-QoS vGPU may still be promised
 
 

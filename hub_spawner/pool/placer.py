@@ -45,7 +45,9 @@ class BatchPlacer:
         except Exception as exc:  # the database failed: every request of the batch gets the error
             log.error("placing %d request(s) failed: %s", len(batch), exc)
             for _, future in batch:
-                future.set_exception(exc)
+                if not future.done():
+                    future.set_exception(exc)
             return
         for (_, future), result in zip(batch, results):
-            future.set_result(result)
+            if not future.done():  # never cancelled by tornado; the others are answered all the same
+                future.set_result(result)

@@ -36,7 +36,7 @@ class GPUState:
     used_compute: int = 0
     sessions: int = 0
     labels: dict = field(default_factory=dict)
-    worker_status: str = "up"  # up | lost: a lost worker's GPUs take nothing, but explain a failure
+    worker_status: str = "up"  # up | lost | gone: such a worker's GPUs take nothing, but explain a failure
     last_seen: float = 0.0     # the worker's last heartbeat (seconds since the epoch)
 
 
@@ -127,7 +127,7 @@ def place(req: Request, gpus: list[GPUState], strategy: str, limits: Limits) -> 
                         "profile needs a GPU on that node", "Pick a remote profile or ask your hub admin")
     up = [g for g in candidates if g.worker_status == "up"]
     if not up:
-        lost = [g for g in candidates if g.worker_status == "lost"]
+        lost = [g for g in candidates if g.worker_status != "up"]  # lost, or gone (its pod)
         if not lost:
             raise NoFit("no-workers", "no GPU worker has registered with this hub yet",
                         "Pick a profile without a GPU, or try again later")

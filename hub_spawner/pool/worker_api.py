@@ -381,6 +381,8 @@ class HeartbeatHandler(WorkerAPIHandler):
 
     def post(self, name):
         token = self.request_token()
+        if not token:
+            self.authenticate(name)  # 403 before reading the body
         try:
             body = check_heartbeat(self.body())
         except web.HTTPError:

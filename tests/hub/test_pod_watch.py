@@ -292,7 +292,7 @@ def test_a_deleted_pod_marks_its_worker_lost_in_the_pool(double, tmp_path):
             assert time.monotonic() - start < 2.0, f"still {allocs['status']} 2 s after the pod was deleted"
             time.sleep(0.05)
         assert "gpulab-worker-a" in allocs["message"] and "deleted" in allocs["message"], allocs["message"]
-        assert {g["worker_status"] for g in pool.call("GET", "api/gpus")[1]} == {"lost"}
+        assert {g["worker_status"] for g in pool.call("GET", "api/gpus")[1]} == {"gone"}
     finally:
         pool.stop()
 
@@ -364,7 +364,7 @@ def test_only_the_leader_watches_and_the_next_leader_takes_the_watch_over(double
         double.wait_watching(2, within=2 + 5)
         start = time.monotonic()
         double.delete_pod("gpulab-worker-a")
-        wait_for(lambda: other.call("GET", "api/gpus")[1][0]["worker_status"] == "lost",
+        wait_for(lambda: other.call("GET", "api/gpus")[1][0]["worker_status"] == "gone",
                  "the new leader's watch did not mark w1 lost", within=2)
         assert time.monotonic() - start < 2
         wait_for(lambda: other.call("GET", "api/health")[1]["leader"], "the survivor does not say it leads", within=2)

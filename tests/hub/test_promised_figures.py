@@ -140,3 +140,48 @@ def test_a_batch_places_in_order_and_a_refusal_stops_none_of_the_others(tmp_path
     assert isinstance(eve, NoFit) and eve.constraint in ("memory", "compute")
     assert kept(book) == [("GPU-w1-0", 16 * G, 100, 2)]
     book.engine.dispose()
+
+
+def test_two_replicas_ending_one_allocation_at_once_give_its_room_back_once(postgres_url):
+    """PostgreSQL, two connections as two replicas: a release, a pod watch's mark_lost, an admin revoke and
+    a registration's recount of the same worker, all at once, many times: the kept figures always equal
+    the allocations' sums (never a room given back twice, never a release undone)."""
+    import threading
+
+    from hub_spawner.pool.allocations import recount
+
+    books = [AllocationBook(postgres_url, "compact-first", Limits()) for _ in range(2)]
+    try:
+        for round_ in range(12):
+            name = f"w{round_}"
+            add_worker(books[0], name, gpus=2, memory=16 * G)
+            allocs = [books[0].allocate({"user": f"u{i}", "vram": "4G", "compute": 25, "node": ""})[0]
+                      for i in range(3)]
+            barrier = threading.Barrier(4)
+            errors = []
+
+            def run(fn):
+                try:
+                    barrier.wait(10)
+                    fn()
+                except Exception as exc:  # noqa: BLE001 - the test reports what any of them raised
+                    errors.append(exc)
+
+            def reregister():
+                with books[1].Session.begin() as db:
+                    books[1].lock_placement(db)
+                    recount(db.connection(), [name])
+
+            jobs = [lambda: books[0].release(allocs[0].id), lambda: books[1].mark_lost(name, "its pod was deleted"),
+                    lambda: books[1].revoke(allocs[1].id, "test"), reregister]
+            threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert errors == []
+            assert kept(books[0]) == [(s.uuid, s.used_vram, s.used_compute, s.sessions) for s in truth(books[0])]
+            assert all(v >= 0 and c >= 0 and n >= 0 for _, v, c, n in kept(books[0]))
+    finally:
+        for b in books:
+            b.engine.dispose()

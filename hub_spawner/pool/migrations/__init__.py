@@ -14,6 +14,7 @@ import os
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.util.exc import CommandError
 from sqlalchemy import inspect
 
 log = logging.getLogger("gpulab.pool")
@@ -53,8 +54,12 @@ def upgrade(engine) -> None:
             conn.commit()
         try:
             _upgrade(engine, conn)
+        except CommandError as exc:
+            raise CommandError(f"{exc} (the database's schema is newer than this pool's, {head()}: run the newer "
+                               "pool)" if "Can't locate revision" in str(exc) else str(exc)) from None
         finally:
             if postgres:
+                conn.rollback()  # a failed upgrade leaves the transaction aborted: the unlock needs a new one
                 conn.exec_driver_sql(f"SELECT pg_advisory_unlock({UPGRADE_LOCK})")
                 conn.commit()
 

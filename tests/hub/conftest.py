@@ -5,8 +5,16 @@ import os
 
 import pytest
 
-from hubtools import Hub, Pool
+from hubtools import RUNNING_POOLS, Hub, Pool
 from workertools import load_script
+
+
+@pytest.fixture(autouse=True)
+def _no_pool_left():
+    """A test that fails between starting two pools (or forgets one) leaves no pool process running."""
+    yield
+    for p in list(RUNNING_POOLS):
+        p.stop()
 
 
 @pytest.fixture(scope="module")

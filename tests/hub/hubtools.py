@@ -190,6 +190,9 @@ def registration(name="w1", address=None, gpus=1, memory=16 * G, node="n1", **gp
                      for i in range(gpus)]}
 
 
+RUNNING_POOLS: list = []  # Pool processes started and not stopped yet
+
+
 class Pool:
     """A pool process: `url` is its service URL (the hub's API), `worker_url` its internal worker listener.
 
@@ -211,6 +214,7 @@ class Pool:
              f"--GPUPool.bind_url=http://127.0.0.1:{self.port}", f"--GPUPool.worker_bind_url={self.worker_url}",
              f"--GPUPool.heartbeat_timeout={timeout}", *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        RUNNING_POOLS.append(self)  # stopped after its test whatever happens (conftest.py)
         self._listening = threading.Event()
         threading.Thread(target=self._read_output, daemon=True).start()
         # before it listens it may say other things, e.g. what a migration of an older database did
@@ -255,6 +259,10 @@ class Pool:
 
     def stop(self, sig=signal.SIGKILL, timeout: float = 30.0):
         """Kill it (SIGKILL: nothing of it runs on), or send `sig` and wait until it has ended."""
+        if self in RUNNING_POOLS:
+            RUNNING_POOLS.remove(self)
+        if self.proc.poll() is not None:
+            return
         self.proc.send_signal(sig)
         try:
             self.proc.wait(timeout)

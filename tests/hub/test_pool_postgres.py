@@ -96,6 +96,11 @@ def test_200_concurrent_allocations_on_two_replicas_never_double_book(postgres_u
         assert len(tokens) == 64
         _, active = a.call("GET", "api/allocations?status=active")
         assert sorted(x["id"] for x in active) == sorted(r["id"] for s, r in results if s == 201)
+        booked = {}  # counted from the allocations themselves, not from the GPUs' kept figures
+        for x in active:
+            for uuid in x["gpus"]:
+                booked[uuid] = booked.get(uuid, 0) + x["vram"]
+        assert booked == {g["uuid"]: g["used_vram"] for g in gpus}
     finally:
         a.stop()
         b.stop()

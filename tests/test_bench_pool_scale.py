@@ -33,6 +33,8 @@ def postgres_works() -> bool:
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_quick_run_prints_its_table(database, tmp_path):
     if database == "postgresql" and not postgres_works():
+        if os.environ.get("CI"):  # make test's bootstrap installs it there: a skip would hide the gap
+            pytest.fail("no PostgreSQL server could be started (tools/postgres_server.py)")
         pytest.skip("no PostgreSQL server could be started here (tools/postgres_server.py)")
     out_json = tmp_path / "scale.json"
     # its SQLite files and logs in tmp_path, to see that it leaves none; PostgreSQL's own server runs as the postgres

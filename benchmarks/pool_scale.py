@@ -4,11 +4,12 @@ at 10, 100 and 1,000 simulated workers of 8 GPUs, on SQLite and on PostgreSQL, i
 
     python benchmarks/pool_scale.py [--quick] [--sizes 10,100,1000] [--databases sqlite,postgresql]
                                     [--heartbeat-interval S] [--window S] [--burst N] [--bursts K]
-                                    [--json FILE] [--profile PREFIX]
+                                    [--replicas N] [--json FILE] [--profile PREFIX]
 
 For each database and size a fresh database and a fresh pool process (``python -m hub_spawner.pool``, as
 tests/hub/hubtools.Pool starts it, on free loopback ports; SQLite in a temporary file, PostgreSQL a database of
-its own on one temporary server from tools/postgres_server.py):
+its own on one temporary server from tools/postgres_server.py; with ``--replicas N``, N pool processes on that
+PostgreSQL database, the workers' heartbeats and the burst's requests spread over them in turn, their CPU added):
 
 1. N simulated workers enrol with the worker secret (registration bodies of 8 GPUs of 80 GiB, backend
    "emulated") and keep the credential the pool issues each.
@@ -263,8 +264,9 @@ class Heartbeats:
             w.conn.close()
 
 
-async def enrol(worker_port: int, n: int) -> list[SimulatedWorker]:
-    """N workers enrolled with the worker secret, 8 connections at a time; each keeps its credential."""
+async def enrol(worker_port: int, n: int, beat_ports: list[int]) -> list[SimulatedWorker]:
+    """N workers enrolled with the worker secret, 8 connections at a time; each keeps its credential and beats
+    to one of ``beat_ports`` (the replicas' worker listeners), in turn."""
     workers: list[SimulatedWorker | None] = [None] * n
     todo = list(range(n))
 
@@ -278,17 +280,18 @@ async def enrol(worker_port: int, n: int) -> list[SimulatedWorker]:
             status, answer = await conn.call("POST", "/api/workers", body)
             if status != 200 or not answer.get("credential"):
                 raise RuntimeError(f"enrolment of {name} answered {status}: {answer}")
-            workers[i] = SimulatedWorker(i, answer["credential"], worker_port)
+            workers[i] = SimulatedWorker(i, answer["credential"], beat_ports[i % len(beat_ports)])
         conn.close()
 
     await asyncio.gather(*(lane() for _ in range(8)))
     return workers
 
 
-async def burst(port: int, size: int) -> dict:
-    """``size`` POST api/allocations at once, a connection each: latencies (s), ids placed, 201s and 503s."""
+async def burst(ports: list[int], size: int) -> dict:
+    """``size`` POST api/allocations at once, a connection each, to the replicas in turn: latencies (s), ids
+    placed, 201s and 503s."""
     async def one(i: int):
-        conn = Connection(port, HUB_TOKEN)
+        conn = Connection(ports[i % len(ports)], HUB_TOKEN)
         t = time.monotonic()
         try:
             status, answer = await conn.call("POST", "/api/allocations", {"user": f"student{i:03d}", **REQUEST})
@@ -322,8 +325,11 @@ async def release(port: int, ids: list[int], lanes: int = 20) -> None:
     await asyncio.gather(*(lane() for _ in range(lanes)))
 
 
-async def measure(pool: PoolProcess, n: int, args, server=None) -> dict:
-    workers = await enrol(pool.worker_port, n)
+async def measure(pools: list[PoolProcess], n: int, args, server=None) -> dict:
+    """One size on ``pools`` (replicas of one database): the heartbeats and the bursts go to them in turn, and
+    the pool's CPU is theirs together."""
+    pool = pools[0]
+    workers = await enrol(pool.worker_port, n, [p.worker_port for p in pools])
     beats = Heartbeats(workers, args.heartbeat_interval)
     beats.start()
     try:
@@ -331,17 +337,17 @@ async def measure(pool: PoolProcess, n: int, args, server=None) -> dict:
         latencies, placed, refused, other = [], 0, 0, []
         window = {}
         for k in range(args.bursts):
-            result = await burst(pool.port, args.burst)
+            result = await burst([p.port for p in pools], args.burst)
             latencies += result["latencies"]
             placed, refused, other = placed + result["201"], refused + result["503"], other + result["other"]
             if k == 0:  # with the first burst's vGPUs active: every worker learns its grants, then the window
                 await asyncio.sleep(args.heartbeat_interval)
                 beats.reset()
-                ticks, db, mine, t0 = (process_ticks(pool.proc.pid), server_ticks(server), time.process_time(),
-                                       time.monotonic())
+                ticks, db, mine, t0 = (sum(process_ticks(p.proc.pid) for p in pools), server_ticks(server),
+                                       time.process_time(), time.monotonic())
                 await asyncio.sleep(args.window)
                 took = time.monotonic() - t0
-                cpu = (process_ticks(pool.proc.pid) - ticks) / TICK
+                cpu = (sum(process_ticks(p.proc.pid) for p in pools) - ticks) / TICK
                 window = {"seconds": took, "pool_cpu_s": cpu, "generator_cpu_s": time.process_time() - mine,
                           "db_cpu_s": (server_ticks(server) - db) / TICK,
                           "beats": beats.answered, "hb_latencies": list(beats.latencies),
@@ -351,7 +357,7 @@ async def measure(pool: PoolProcess, n: int, args, server=None) -> dict:
         await beats.stop()
     # failures are part of the measure (a pool too busy to accept connections), shown and counted
     per_beat = window["pool_cpu_s"] / window["beats"] * 1000 if window["beats"] else float("nan")
-    return {"workers": n, "gpus": n * GPUS, "alloc_p50_ms": percentile(latencies, 50) * 1000,
+    return {"workers": n, "gpus": n * GPUS, "replicas": len(pools), "alloc_p50_ms": percentile(latencies, 50) * 1000,
             "alloc_p95_ms": percentile(latencies, 95) * 1000, "alloc_max_ms": max(latencies) * 1000,
             "allocations": len(latencies), "201": placed, "503": refused, "alloc_failed": other,
             "hb_failed": list(beats.errors),
@@ -392,7 +398,8 @@ def server_ticks(server) -> int:
 
 
 def print_table(kind: str, rows: list[dict]) -> None:
-    print(f"\n{kind}:")
+    replicas = rows[0]["replicas"] if rows else 1
+    print(f"\n{kind}{f', {replicas} replicas' if replicas > 1 else ''}:")
     print(f"{'workers':>7} {'GPUs':>5} | {'alloc p50':>9} {'p95':>7} {'max':>7} ms | {'201':>4} {'503':>4} | "
           f"{'hb CPU ms/beat':>14} {'% core':>7} | {'hb p50':>7} {'p95 ms':>7} | {'beats':>11} | {'gen % core':>10}"
           f"{' | PostgreSQL % core' if kind == 'postgresql' else ''}")
@@ -434,6 +441,8 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=None, help="seconds of the heartbeat window (default 20)")
     ap.add_argument("--burst", type=int, default=None, help="concurrent allocations per burst (default 200)")
     ap.add_argument("--bursts", type=int, default=3, help="bursts per size (default 3)")
+    ap.add_argument("--replicas", type=int, default=1, help="pool replicas on the PostgreSQL database, the heartbeats "
+                                                            "and bursts spread over them (default 1; SQLite: 1)")
     ap.add_argument("--json", default="", help="write the results to this file")
     ap.add_argument("--profile", default="", help="run each pool under cProfile: PREFIX-<database>-<workers>.prof")
     args = ap.parse_args()
@@ -455,21 +464,24 @@ def main() -> int:
             rows = []
             try:
                 for n in sizes:
-                    profile = f"{args.profile}-{kind}-{n}.prof" if args.profile else ""
-                    pool = PoolProcess(database_url(kind, Path(tmp), n, server), Path(tmp) / f"pool-{kind}-{n}.log",
-                                       profile)
+                    url, pools = database_url(kind, Path(tmp), n, server), []
                     try:
+                        for i in range(args.replicas if kind == "postgresql" else 1):
+                            profile = f"{args.profile}-{kind}-{n}-{i}.prof" if args.profile else ""
+                            pools.append(PoolProcess(url, Path(tmp) / f"pool-{kind}-{n}-{i}.log", profile))
                         t0 = time.monotonic()
-                        rows.append(asyncio.run(measure(pool, n, args, server)))
+                        rows.append(asyncio.run(measure(pools, n, args, server)))
                     except Exception:
-                        print(pool.log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
+                        for pool in pools:
+                            print(pool.log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
                         raise
                     finally:
-                        pool.stop()
+                        for pool in pools:
+                            pool.stop()
                     r = rows[-1]
                     # a pool too busy to read heartbeats for its heartbeat_timeout marks workers lost
-                    r["marked_lost"] = pool.log_path.read_text(errors="replace").count("marked lost")
-                    print(f"  {kind} {n} workers: done in {time.monotonic() - t0:.0f} s (allocation p50/p95/max "
+                    r["marked_lost"] = sum(p.log_path.read_text(errors="replace").count("marked lost") for p in pools)
+                    print(f"  {kind} {n} workers, {len(pools)} replica(s): done in {time.monotonic() - t0:.0f} s (allocation p50/p95/max "
                           f"{r['alloc_p50_ms']:.1f}/{r['alloc_p95_ms']:.1f}/{r['alloc_max_ms']:.1f} ms, {r['201']} "
                           f"placed; {r['hb_cpu_ms_per_beat']:.2f} ms CPU per heartbeat, {r['hb_core_percent']:.1f}% "
                           f"of a core, heartbeat p95 {r['hb_p95_ms']:.1f} ms, {r['beats']}/{r['beats_expected']} "

@@ -251,7 +251,7 @@ def test_prometheus_scrapes_a_worker_and_the_pool_and_the_alert_rules_find_them(
         assert calls >= 3  # cuInit, context, cuMemAlloc at least
 
         # the pool's own figures
-        assert values(prom.query("gpulab_pool_workers"), "status") == {"up": 0, "lost": 1}
+        assert values(prom.query("gpulab_pool_workers"), "status") == {"up": 0, "lost": 1, "gone": 0}
         assert values(prom.query("gpulab_pool_workers_lost_total"), "job") == {"gpulab-pool": 1}
 
         # each rule's expression, evaluated by Prometheus as its rule evaluation does

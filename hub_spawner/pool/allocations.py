@@ -12,7 +12,7 @@ import time
 from types import SimpleNamespace
 from typing import NamedTuple
 
-from sqlalchemy import Float, Row, bindparam, case, cast, or_, select, text, update
+from sqlalchemy import Float, Row, and_, bindparam, case, cast, or_, select, text, update
 
 from gpu_worker.client import LimitError, gpu_settings, token_hash
 
@@ -251,7 +251,7 @@ class AllocationBook:
         with self.Session.begin() as db:
             self.lock_placement(db)
             now = time.time()
-            memory = dict(db.execute(select(GPU.uuid, GPU.memory).where(GPU.worker_name == name)).all())
+            memory = dict(db.execute(BEAT_GPUS, {"name": name}).all())
             recent = self._recent(db, name, now)
             for a in recent:
                 if a.status == "active" and a.token_hash in ended:
@@ -266,16 +266,15 @@ class AllocationBook:
             if db.get(Worker, name) is None:
                 return None
             now = time.time()
-            memory = dict(db.execute(select(GPU.uuid, GPU.memory).where(GPU.worker_name == name)).all())
+            memory = dict(db.execute(BEAT_GPUS, {"name": name}).all())
             grants = self._grants(db, name, memory, self._recent(db, name, now), now)[0]
             return next((g for g in grants if g["token_hash"] == hashed), None)
 
     @staticmethod
     def _recent(db, name: str, now: float) -> list[Allocation]:
-        """Worker ``name``'s active allocations and those that ended in the last REVOKED_FOR seconds."""
-        return list(db.scalars(select(Allocation).where(Allocation.worker_name == name,
-                                                        (Allocation.status == "active") |
-                                                        (Allocation.ended >= now - REVOKED_FOR))))
+        """Worker ``name``'s active allocations and those that ended in the last REVOKED_FOR seconds, as ORM
+        objects (the heartbeat's own read, BEAT_RECENT, gives rows)."""
+        return list(db.scalars(select(Allocation).where(RECENT), {"name": name, "since": now - REVOKED_FOR}))
 
     @staticmethod
     def _grants(db, name: str, memory: dict[str, int], recent: list[Allocation],
@@ -484,10 +483,12 @@ _W, _G, _A = Worker.__table__.c, GPU.__table__.c, Allocation.__table__.c
 # allocations keeps (_lose), so the two never wait for each other
 BEAT_WORKER = select(_W.status, _W.credential_hash, _W.last_seen).where(_W.name == bindparam("name")).with_for_update()
 BEAT_GPUS = select(_G.uuid, _G.memory).where(_G.worker_name == bindparam("name"))
+# a worker's active allocations and those ended since a time: what its heartbeat's reply is made of
+RECENT = and_(_A.worker_name == bindparam("name"), or_(_A.status == "active", _A.ended >= bindparam("since")))
 BEAT_RECENT = select(*[_A[c] for c in (
     "id", "user", "profile", "qos", "burst", "gpu_uuids", "vram", "compute", "count", "status", "ended", "message",
     "worker_name", "token_hash", "used_vram", "overhead_vram", "kernel_seconds", "kernel_time_seen", "created")]
-).where(_A.worker_name == bindparam("name"), or_(_A.status == "active", _A.ended >= bindparam("since")))
+).where(RECENT)
 BEAT_FIGURES = update(Allocation.__table__).where(_A.id == bindparam("row")).values(
     used_vram=bindparam("used"), overhead_vram=bindparam("overhead"), kernel_seconds=bindparam("seconds"),
     kernel_time_seen=bindparam("seen"))

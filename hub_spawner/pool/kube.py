@@ -38,7 +38,6 @@ from kubernetes.client.rest import ApiException
 log = logging.getLogger("gpulab.pool")
 
 WORKER_SELECTOR = "app.kubernetes.io/name=gpulab-worker"
-SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 WATCH_TIMEOUT = 300      # seconds the API server keeps one watch open; then a new one, from where it ended
 CONNECT_TIMEOUT = 10.0   # seconds to reach the API server
 NODE_TTL = 60.0          # seconds a node's labels are taken as read before a running pod reads them again
@@ -52,18 +51,6 @@ GPU_COUNT, GPU_PRODUCT, GPU_MEMORY = "nvidia.com/gpu.count", "nvidia.com/gpu.pro
 def in_cluster() -> bool:
     """Whether this process runs in a Kubernetes pod (the kubelet sets this variable in every pod)."""
     return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-
-
-def default_namespace() -> str:
-    """The namespace the pool's pod runs in: $POD_NAMESPACE (the downward API in pool.yaml), else its
-    service account's, else "default"."""
-    if os.environ.get("POD_NAMESPACE"):
-        return os.environ["POD_NAMESPACE"]
-    try:
-        with open(SERVICE_ACCOUNT_NAMESPACE) as f:
-            return f.read().strip() or "default"
-    except OSError:
-        return "default"
 
 
 def api_client(kubeconfig: str = "") -> client.ApiClient:

@@ -4,7 +4,7 @@ at 10, 100 and 1,000 simulated workers of 8 GPUs, on SQLite and on PostgreSQL, i
 
     python benchmarks/pool_scale.py [--quick] [--sizes 10,100,1000] [--databases sqlite,postgresql]
                                     [--heartbeat-interval S] [--window S] [--burst N] [--bursts K]
-                                    [--replicas N] [--json FILE] [--profile PREFIX]
+                                    [--replicas N] [--http-heartbeats] [--json FILE] [--profile PREFIX]
 
 For each database and size a fresh database and a fresh pool process (``python -m hub_spawner.pool``, as
 tests/hub/hubtools.Pool starts it, on free loopback ports; SQLite in a temporary file, PostgreSQL a database of
@@ -14,9 +14,13 @@ PostgreSQL database, the workers' heartbeats and the burst's requests spread ove
 1. N simulated workers enrol with the worker secret (registration bodies of 8 GPUs of 80 GiB, backend
    "emulated") and keep the credential the pool issues each.
 2. Every worker heartbeats every ``--heartbeat-interval`` seconds (default: the worker's, PoolLink's 5 s), the
-   workers spread evenly over the interval, each on a keep-alive connection of its own, from the start to the
-   end of the run.  A body is what a worker sends: its 8 GPUs' facts, and for each grant of its last reply
-   (its active allocations) a vGPU entry with used/overhead, one process, counters and cumulative kernel time.
+   workers spread evenly over the interval, from the start to the end of the run, each as real workers do: a
+   message on a WebSocket of its own to ``api/workers/<name>/heartbeats``, kept open (tornado's
+   websocket_connect, authenticated at the upgrade), each message answered in turn.  ``--http-heartbeats``: by
+   ``POST api/workers/<name>/heartbeat`` instead, each worker on a keep-alive connection of its own, to compare
+   the two (older workers POST too, though on a new connection per beat).  A body is what a worker
+   sends: its 8 GPUs' facts, and for each grant of its last reply (its active allocations) a vGPU entry with
+   used/overhead, one process, counters and cumulative kernel time.
 3. Burst: ``--burst`` (200) POST api/allocations issued at once, a connection each; latency from each request's
    connect to its answer; 201s and 503s counted.  The first burst's allocations stay for one heartbeat
    interval (every worker learns its grants) and then the heartbeat window (``--window``, 20 s): the pool's
@@ -25,8 +29,8 @@ PostgreSQL database, the workers' heartbeats and the burst's requests spread ove
    heartbeats' latencies in the window give p50/p95.  Then they are released (DELETE) and the other bursts
    follow (``--bursts``, 3 in all), each released before the next, latencies pooled over bursts.
 
-The load generator is this one process (asyncio streams, keep-alive): its own CPU over the window is printed
-beside the pool's, as this machine has only two cores.
+The load generator is this one process (asyncio: tornado's WebSocket client, or streams for HTTP): its own CPU
+over the window is printed beside the pool's, as this machine has only two cores.
 
 Printed: a table per database (workers, GPUs, allocation p50/p95/max ms, 201/503, CPU ms per heartbeat, % of one
 core, heartbeat p50/p95 ms), the exponent of the fit of log(allocation p95) and log(CPU per heartbeat) against
@@ -34,11 +38,11 @@ log(workers) (least squares over the sizes: 1 is linear growth), and the targets
 p95 < 250 ms under the burst and heartbeats < 20% of one core, MET or MISSED per database.
 ``--profile PREFIX`` runs each pool under cProfile, written to PREFIX-<database>-<workers>.prof when it stops.
 
-Requests that fail otherwise (not 201/503, a heartbeat not 200, a connect that timed out because the pool's
-listen queue was full) are part of the measure: counted and printed with the first of them, and workers the pool
-marked lost in the run (no heartbeat read within its heartbeat_timeout) are counted from its log.  The exit status
-is 0 whether or not the targets are met (a benchmark, not a test) and non-zero when it could not run (a pool that
-did not start).
+Requests that fail otherwise (not 201/503, a heartbeat not 200 or a socket the pool closed or would not open, a
+connect that timed out because the pool's listen queue was full) are part of the measure: counted and printed with
+the first of them, and workers the pool marked lost in the run (no heartbeat read within its heartbeat_timeout) are
+counted from its log.  The exit status is 0 whether or not the targets are met (a benchmark, not a test) and
+non-zero when it could not run (a pool that did not start).
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ for p in (ROOT, ROOT / "tests", ROOT / "tests" / "hub"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 from hubtools import HUB_TOKEN, WORKER_TOKEN, free_port, registration, tree  # noqa: E402
+from tornado import httpclient, websocket  # noqa: E402
 
 from gpu_worker.daemon.pool_link import PoolLink  # noqa: E402
 
@@ -187,14 +192,40 @@ class PoolProcess:
 
 
 class SimulatedWorker:
-    """A worker's heartbeats: its credential, its grants (from the last reply) and what its vGPUs report."""
+    """A worker's heartbeats: its credential, its grants (from the last reply) and what its vGPUs report;
+    sent on its WebSocket, or with ``http`` by POST on its keep-alive connection."""
 
-    def __init__(self, index: int, credential: str, port: int):
+    def __init__(self, index: int, credential: str, port: int, http: bool = False):
         self.name = f"w{index:04d}"
         self.index = index
+        self.port, self.credential, self.http = port, credential, http
         self.conn = Connection(port, credential)
+        self.socket: websocket.WebSocketClientConnection | None = None
         self.grants: list[dict] = []
         self.kernel: dict[str, float] = {}
+
+    async def beat(self) -> tuple[int, object]:
+        """One heartbeat: (status, reply) as the HTTP route answers it.  The socket is opened at the first beat
+        and again after the pool closed it (that beat failed: ConnectionError)."""
+        if self.http:
+            return await self.conn.call("POST", f"/api/workers/{self.name}/heartbeat", self.body())
+        if self.socket is None:
+            self.socket = await websocket.websocket_connect(httpclient.HTTPRequest(
+                f"ws://127.0.0.1:{self.port}/api/workers/{self.name}/heartbeats",
+                headers={"Authorization": f"token {self.credential}"}))
+        await self.socket.write_message(json.dumps(self.body()))
+        answer = await self.socket.read_message()
+        if answer is None:
+            closed, self.socket = self.socket, None
+            raise ConnectionError(f"the pool closed the heartbeat socket ({closed.close_code} {closed.close_reason})")
+        reply = json.loads(answer)
+        return reply.pop("status"), reply
+
+    def close(self):
+        self.conn.close()
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
 
     def body(self) -> dict:
         vgpus = {}
@@ -241,7 +272,7 @@ class Heartbeats:
                 break
             t = time.monotonic()
             try:
-                status, reply = await w.conn.call("POST", f"/api/workers/{w.name}/heartbeat", w.body())
+                status, reply = await w.beat()
             except Exception as exc:  # counted and shown: a pool that drops heartbeats is part of the result
                 self.errors.append(f"{w.name}: {exc!r}")
                 status, reply = 0, None
@@ -261,12 +292,12 @@ class Heartbeats:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for w in self.workers:
-            w.conn.close()
+            w.close()
 
 
-async def enrol(worker_port: int, n: int, beat_ports: list[int]) -> list[SimulatedWorker]:
+async def enrol(worker_port: int, n: int, beat_ports: list[int], http: bool = False) -> list[SimulatedWorker]:
     """N workers enrolled with the worker secret, 8 connections at a time; each keeps its credential and beats
-    to one of ``beat_ports`` (the replicas' worker listeners), in turn."""
+    to one of ``beat_ports`` (the replicas' worker listeners), in turn (``http``: by POST)."""
     workers: list[SimulatedWorker | None] = [None] * n
     todo = list(range(n))
 
@@ -280,7 +311,7 @@ async def enrol(worker_port: int, n: int, beat_ports: list[int]) -> list[Simulat
             status, answer = await conn.call("POST", "/api/workers", body)
             if status != 200 or not answer.get("credential"):
                 raise RuntimeError(f"enrolment of {name} answered {status}: {answer}")
-            workers[i] = SimulatedWorker(i, answer["credential"], beat_ports[i % len(beat_ports)])
+            workers[i] = SimulatedWorker(i, answer["credential"], beat_ports[i % len(beat_ports)], http)
         conn.close()
 
     await asyncio.gather(*(lane() for _ in range(8)))
@@ -329,7 +360,7 @@ async def measure(pools: list[PoolProcess], n: int, args, server=None) -> dict:
     """One size on ``pools`` (replicas of one database): the heartbeats and the bursts go to them in turn, and
     the pool's CPU is theirs together."""
     pool = pools[0]
-    workers = await enrol(pool.worker_port, n, [p.worker_port for p in pools])
+    workers = await enrol(pool.worker_port, n, [p.worker_port for p in pools], args.http_heartbeats)
     beats = Heartbeats(workers, args.heartbeat_interval)
     beats.start()
     try:
@@ -443,6 +474,8 @@ def main() -> int:
     ap.add_argument("--bursts", type=int, default=3, help="bursts per size (default 3)")
     ap.add_argument("--replicas", type=int, default=1, help="pool replicas on the PostgreSQL database, the heartbeats "
                                                             "and bursts spread over them (default 1; SQLite: 1)")
+    ap.add_argument("--http-heartbeats", action="store_true", help="heartbeats by POST on keep-alive connections "
+                                                                    "rather than on each worker's WebSocket")
     ap.add_argument("--json", default="", help="write the results to this file")
     ap.add_argument("--profile", default="", help="run each pool under cProfile: PREFIX-<database>-<workers>.prof")
     args = ap.parse_args()
@@ -455,7 +488,8 @@ def main() -> int:
         ap.error("--databases: sqlite and/or postgresql")
     print(f"pool scale: {','.join(map(str, sizes))} workers x {GPUS} GPUs of 80 GiB; heartbeats every "
           f"{args.heartbeat_interval:g} s, window {args.window:g} s; {args.bursts} bursts of {args.burst} "
-          f"allocations ({REQUEST['vram']}, {REQUEST['compute']}% compute); databases {','.join(kinds)}", flush=True)
+          f"allocations ({REQUEST['vram']}, {REQUEST['compute']}% compute); heartbeats "
+          f"{'by HTTP POST' if args.http_heartbeats else 'on WebSockets'}; databases {','.join(kinds)}", flush=True)
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="gpulab-scale-") as tmp:

@@ -21,9 +21,16 @@ then ends that allocation too, so that its memory is free for placement and the 
 The link looks at the vGPUs twice a second and beats at once when a figure changed or a vGPU
 ended, so the pool follows allocations and frees closely without being written to when nothing
 moves.
+
+Heartbeats go as messages on one WebSocket to the pool (``api/workers/<name>/heartbeats``), kept open
+between beats: a message costs the pool about half of what an HTTP request costs it besides the
+heartbeat's own work, which counts with a thousand workers. A pool without that route (older) gets
+``POST api/workers/<name>/heartbeat`` for the rest of the link's life, as does a beat too large for
+one message.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -32,6 +39,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+
+from tornado import httpclient, ioloop, iostream, websocket
 
 from ..client.env import default_state_dir
 
@@ -42,6 +51,10 @@ LAST_CALLS = 5      # trace records per vGPU in a heartbeat (the dashboard's "la
 MAX_PROCESSES = 4096  # processes one heartbeat reports over all vGPUs: the pool refuses more
 MAX_ENDED = 4096      # ended vGPUs one heartbeat reports: the pool refuses more
 MAX_REASON = 1024     # characters of an ended vGPU's reason: what the pool keeps of a message
+TIMEOUT = 5.0         # seconds for one call to the pool, over HTTP or the socket
+SOCKET_MESSAGE = 4 << 20  # bytes of one socket message the pool reads (worker_api.MAX_SOCKET_MESSAGE)
+NO_SOCKET = (404, 405, 501)  # an upgrade answered so: the pool serves no heartbeat socket (it is older)
+FORGOTTEN = (4403, 4404)     # the socket closed so: the pool no longer knows the credential, or the worker
 
 
 def default_credential_file(worker_name: str) -> str:
@@ -53,6 +66,14 @@ def default_credential_file(worker_name: str) -> str:
 
 class PoolRefused(Exception):
     """The pool refused this worker, with its sentence."""
+
+
+class _Forgotten(Exception):
+    """The pool refused the heartbeat socket's credential or no longer knows the worker: register again."""
+
+
+class _NoSocket(Exception):
+    """The pool serves no heartbeat socket: it is older than the link."""
 
 
 class PoolLink:
@@ -80,6 +101,12 @@ class PoolLink:
         self._stop = threading.Event()
         # the figures the last heartbeat carried, when it went, and whether the pool failed to answer
         self._sent, self._beat_at, self._failing = None, float("-inf"), False
+        # the heartbeat socket: its event loop (made at the first beat), the connection kept between beats,
+        # whether the pool serves none (HTTP for the rest of the link's life), one beat at a time
+        self._loop: ioloop.IOLoop | None = None
+        self._socket: websocket.WebSocketClientConnection | None = None
+        self._http_only = False
+        self._socket_lock = threading.Lock()
         if registry is not None:
             self._restore_grants()
             registry.set_lookup(self.grant_for)
@@ -139,7 +166,7 @@ class PoolLink:
             except OSError as exc:
                 log.error("cannot save the grants in %s: %s", self.grants_file, exc)
 
-    def _request(self, method: str, path: str, body=None, timeout: float = 5.0, token: str | None = None):
+    def _request(self, method: str, path: str, body=None, timeout: float = TIMEOUT, token: str | None = None):
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={"Authorization": f"token {token or self.credential}",
@@ -211,15 +238,104 @@ class PoolLink:
         if body is None:
             body = self.heartbeat_body(self.vgpu_figures())
         try:
-            reply = self._request("POST", f"/api/workers/{self.name}/heartbeat", body)
+            reply = self._beat(body)
         except urllib.error.HTTPError as exc:
             if exc.code in (403, 404):  # the pool forgot us (new database, name released): again
                 self.register()
                 return None
             raise
+        except _Forgotten as exc:  # the same, said by the socket
+            log.info("the GPU pool refused this worker's heartbeat socket (%s): registering again", exc)
+            self.register()
+            return None
         if self.registry is not None:
             self._apply(reply)
         return reply
+
+    def _beat(self, body: dict):
+        """One heartbeat's reply: over the socket, else (an older pool, a beat too large for a message)
+        by POST.  OSError when the pool cannot be reached or does not answer in time; PoolRefused with
+        the pool's sentence when it refuses the body (400)."""
+        payload = json.dumps(body)
+        if not self._http_only and len(payload.encode()) <= SOCKET_MESSAGE:
+            try:
+                return self._over_socket(payload)
+            except _NoSocket as exc:
+                self._http_only = True
+                log.info("the GPU pool at %s serves no heartbeat socket (%s, an older pool): heartbeats go by "
+                         "HTTP POST from now on", self.url, exc)
+        return self._request("POST", f"/api/workers/{self.name}/heartbeat", body)
+
+    def _over_socket(self, payload: str) -> dict:
+        """Send one heartbeat on the socket (connected first where none is open) and wait for its reply,
+        on the link's own event loop, within TIMEOUT.  A failed beat drops the socket: the next one
+        connects again."""
+        with self._socket_lock:
+            if self._loop is None:
+                self._loop = ioloop.IOLoop(make_current=False)
+            try:
+                reply = self._loop.run_sync(lambda: self._exchange(payload), timeout=TIMEOUT)
+            except asyncio.TimeoutError:  # not an OSError before Python 3.11
+                self._loop.run_sync(self._hang_up)
+                raise TimeoutError(f"the GPU pool did not answer a heartbeat within {TIMEOUT:g} s") from None
+            except BaseException:
+                self._loop.run_sync(self._hang_up)
+                raise
+        status = reply.get("status") if isinstance(reply, dict) else None
+        if status == 400:
+            raise PoolRefused(f"400: {reply.get('message')}")
+        if status != 200:
+            raise PoolRefused(f"the GPU pool answered a heartbeat with {str(reply)[:200]}")
+        return {k: v for k, v in reply.items() if k != "status"}
+
+    async def _exchange(self, payload: str) -> dict:
+        """One message and its reply.  A socket kept from an earlier beat may have been closed by the pool
+        meanwhile (a restart): then once more on a new one."""
+        for kept in ([True, False] if self._socket is not None else [False]):
+            if not kept:
+                self._socket = await self._connect()
+            try:
+                await self._socket.write_message(payload)
+                answer = await self._socket.read_message()
+            except (websocket.WebSocketClosedError, iostream.StreamClosedError):
+                answer = None
+            if answer is not None:
+                return json.loads(answer)
+            closed, self._socket = self._socket, None
+            if closed.close_code in FORGOTTEN:
+                raise _Forgotten(f"{closed.close_code}: {closed.close_reason}")
+        raise ConnectionError(f"the GPU pool closed the heartbeat socket ({closed.close_code or 'no code'}"
+                              f"{': ' + closed.close_reason if closed.close_reason else ''})")
+
+    async def _connect(self) -> websocket.WebSocketClientConnection:
+        """The heartbeat socket, authenticated at the upgrade: ws(s):// where the pool is http(s)://."""
+        url = "ws" + self.url[len("http"):] if self.url.startswith("http") else self.url
+        request = httpclient.HTTPRequest(f"{url}/api/workers/{self.name}/heartbeats",
+                                         headers={"Authorization": f"token {self.credential}"},
+                                         connect_timeout=TIMEOUT, request_timeout=TIMEOUT)
+        try:
+            return await websocket.websocket_connect(request)
+        except httpclient.HTTPClientError as exc:
+            if exc.code == 403:
+                raise _Forgotten(_sentence(exc)) from None
+            if exc.code in NO_SOCKET:
+                raise _NoSocket(f"{exc.code} {exc.message}") from None
+            # 599: no answer in time or the connection broke; another code: something between answered it
+            raise ConnectionError(f"the heartbeat socket was not opened: {_sentence(exc)}") from None
+        except websocket.WebSocketError as exc:  # e.g. a 200 answer to the upgrade: not the pool's
+            raise ConnectionError(f"the heartbeat socket was not opened: {exc}") from None
+
+    async def _hang_up(self) -> None:
+        """Close the socket, waiting a moment for the pool's side of the close."""
+        ws, self._socket = self._socket, None
+        if ws is None:
+            return
+        ws.close()
+        try:
+            while await asyncio.wait_for(ws.read_message(), 1.0) is not None:
+                pass
+        except asyncio.TimeoutError:
+            pass
 
     def grant_for(self, hashed: str) -> dict | None:
         """The pool's grant for a token hash this worker holds no grant for (placed since the last
@@ -260,6 +376,7 @@ class PoolLink:
                 log.exception("heartbeat to the GPU pool failed")
                 self._failing = True
             self._stop.wait(max(min(self.interval, WATCH_PERIOD) - (time.monotonic() - now), 0.01))
+        self._close_socket()  # a beat that raced stop() may have opened it again
 
     def _watch(self, now: float) -> None:
         """One look at the vGPUs; a heartbeat when the interval is up or a figure moved."""
@@ -287,7 +404,17 @@ class PoolLink:
         return t
 
     def stop(self) -> None:
+        """End the beats and close the heartbeat socket (after the beat under way, if any)."""
         self._stop.set()
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        """Close the heartbeat socket and its event loop; a later beat makes them again."""
+        with self._socket_lock:
+            if self._loop is not None:
+                self._loop.run_sync(self._hang_up)
+                self._loop.close(all_fds=True)
+                self._loop = None
 
 
 def _well_formed(grants: list, revoked: dict, where: str) -> tuple[list[dict], dict[str, str]]:
@@ -300,6 +427,14 @@ def _well_formed(grants: list, revoked: dict, where: str) -> tuple[list[dict], d
     if len(ended) < len(revoked):
         log.error("%s holds %d revocation(s) whose reason is not a string: ignored", where, len(revoked) - len(ended))
     return good, ended
+
+
+def _sentence(exc: httpclient.HTTPClientError) -> str:
+    """The pool's sentence from an answer to the socket's upgrade, else its status."""
+    try:
+        return f"{exc.code}: {json.loads(exc.response.body)['message']}"
+    except (AttributeError, ValueError, KeyError, TypeError):
+        return f"{exc.code} {exc.message}"
 
 
 def _reason(exc: Exception) -> str:

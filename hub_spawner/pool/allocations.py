@@ -41,6 +41,17 @@ class Beat(NamedTuple):
         return {"grants": self.grants, "revoked": self.revoked}
 
 
+class KnownBeat(NamedTuple):
+    """What this replica read of a worker for its last heartbeat, good while the worker's version is
+    the same (AllocationBook.heartbeat): its GPUs' memory, its recent allocations as stored, the
+    answer, and when the oldest revocation in it expires."""
+    version: int
+    memory: dict[str, int]
+    recent: list[SimpleNamespace]
+    beat: Beat
+    expires: float
+
+
 class AllocationBook:
     """Allocations in the pool database, placed by one strategy under oversubscription limits."""
 
@@ -52,6 +63,13 @@ class AllocationBook:
         # heartbeats then write nothing); check_heartbeats allows for the lag, so a silent worker is found
         # up to this much later, never sooner.  0: every heartbeat writes it.
         self.write_every = write_every
+        self._known: dict[str, KnownBeat] = {}  # worker name -> its last heartbeat as read here
+        # the one read of the usual heartbeat, on a connection of its own in autocommit, with the driver's
+        # own cursor: SQLAlchemy's execution, its pool's ping and rollback cost more than the read itself
+        # (PostgreSQL: three round trips instead of one), and SQLite's transactions here take the write lock
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        self._version_sql = f"SELECT status, credential_hash, last_seen, version FROM workers WHERE name = {mark}"
+        self._reader = None
         self._registered = 0  # registrations since the planner's statistics were last refreshed here
 
     def gpu_states(self, db) -> list[GPUState]:
@@ -101,7 +119,7 @@ class AllocationBook:
         an error of the database fails them all."""
         out: list = []
         placed: list[tuple[int, Allocation, str]] = []
-        with self.Session.begin() as db:
+        with self.Session.begin() as db, db.no_autoflush:  # the new rows go in one INSERT at the commit
             self.lock_placement(db)
             for spec in specs:
                 try:
@@ -124,6 +142,8 @@ class AllocationBook:
             # the workers' addresses and URLs for the answers, read beside the placements (with Core: no
             # flush of the new rows before the commit's one)
             names = sorted({alloc.worker_name for _, alloc, _ in placed})
+            if names:  # their heartbeats' replies change (in name order, as every writer of several)
+                db.connection().execute(TOUCH, [{"worker": n} for n in names])
             workers = {w.name: w for w in db.connection().execute(
                 select(Worker.__table__).where(Worker.__table__.c.name.in_(names)))} if names else {}
         for i, alloc, token in placed:
@@ -192,13 +212,23 @@ class AllocationBook:
         allocation's GPUs is a worker's error: it is logged and held at that bound, and the rest of the
         heartbeat counts as usual.
 
-        Heartbeats are the pool's most frequent request (1,000 workers every 5 s), so the usual one is a
-        few SQL statements without the ORM in one transaction; ending an allocation, which is rare, goes
-        through _settle first."""
+        Heartbeats are the pool's most frequent request (1,000 workers every 5 s).  The usual one changes
+        nothing: its worker's version is what this replica read at its last heartbeat, the memory figures
+        are the same, and its last_seen is not yet write_every old.  That one is answered from what was
+        read then (_known), after one read of the worker's row; kernel seconds alone wait for the next
+        write (they are cumulative: nothing is lost, the stored figure lags by up to write_every).  The
+        others are a few SQL statements without the ORM in one transaction; ending an allocation, which is
+        rare, goes through _settle first."""
         now = time.time()
+        known = self._known.get(name)
+        if known is not None and not _settled:
+            answer = self._known_answer(name, known, usage, ended, credential, now)
+            if answer is not None:
+                return answer
         with self.engine.begin() as conn:
             w = conn.execute(BEAT_WORKER, {"name": name}).first()
             if w is None:
+                self._known.pop(name, None)
                 return None
             if credential is not None and not (w.credential_hash and hmac.compare_digest(w.credential_hash,
                                                                                            credential)):
@@ -212,10 +242,64 @@ class AllocationBook:
         self._settle(name, ended or {})
         return self.heartbeat(name, usage, None, kernel, credential, _settled=True)
 
+    def _known_answer(self, name: str, known: KnownBeat, usage, ended, credential, now: float):
+        """The answer from what the last heartbeat read, or None when this heartbeat must go to the
+        database: the worker's version moved, it is not up, its last_seen is due, a memory figure
+        changed, it ended one of its active allocations, or a revocation in the answer expired."""
+        try:
+            row = self._read_version(name)
+        except Exception as exc:  # e.g. the database restarted: this heartbeat goes the usual way
+            log.info("the heartbeat's quick read failed (%s): reading the usual way", exc)
+            self.close_reader()
+            return None
+        if row is None:
+            return None
+        status, hashed, last_seen, version = row
+        if credential is not None and not (hashed and hmac.compare_digest(hashed, credential)):
+            return WRONG_CREDENTIAL
+        if (version != known.version or status != "up" or now - last_seen >= self.write_every
+                or now >= known.expires):
+            return None
+        for a in known.recent:
+            if a.status != "active":
+                continue
+            if ended and a.token_hash in ended:
+                return None
+            if usage is not None and _memory_figures(a, usage, known.memory) != (a.used_vram, a.overhead_vram):
+                return None
+        return known.beat
+
+    def _read_version(self, name: str):
+        """(status, credential_hash, last_seen, version) of worker ``name``, or None."""
+        if self._reader is None:
+            fairy = self.engine.raw_connection()
+            fairy.detach()  # ours until close_reader(), outside the engine's pool
+            if self.engine.dialect.name == "postgresql":
+                fairy.dbapi_connection.rollback()  # the pool's ping opened a transaction
+                fairy.dbapi_connection.autocommit = True
+            self._reader = fairy
+        cursor = self._reader.cursor()
+        try:
+            cursor.execute(self._version_sql, (name,))
+            return cursor.fetchone()
+        finally:
+            cursor.close()
+
+    def close_reader(self) -> None:
+        """Close the heartbeat's reading connection (opened again when next needed)."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            try:
+                reader.close()
+            except Exception:  # already broken: nothing more to close
+                pass
+
     def _beat(self, conn, name, w, memory, recent, usage, kernel, now) -> Beat:
-        """The usual heartbeat: grants and ends from ``recent`` (its allocations, read), the figures of
-        those whose figures changed written back; the worker up, and seen now when it was not up or its
-        last_seen is write_every old."""
+        """The heartbeat in the database: grants and ends from ``recent`` (its allocations, read), the
+        figures of those whose figures changed written back (the worker's version moves with them, so
+        that no replica counts kernel seconds from figures it read before); the worker up, and seen now
+        when it was not up or its last_seen is write_every old.  What was read is kept for the next
+        heartbeat (_known)."""
         grants = [grant_json(a) for a in recent if a.status == "active"]
         revoked = {a.token_hash: ended_reason(a) for a in recent if a.status != "active"}
         changed = []
@@ -227,7 +311,7 @@ class AllocationBook:
                 if used + overhead > bound:
                     log.warning("worker %s says allocation %s holds %d bytes, more than its GPUs' %d: "
                                 "counted as %d", name, a.id, used + overhead, bound, bound)
-                a.used_vram, a.overhead_vram = min(used + overhead, bound), min(overhead, bound)
+                a.used_vram, a.overhead_vram = _memory_figures(a, usage, memory)
             if kernel and a.token_hash in kernel:
                 # an allocation that ended lately still counts what its kernels ran before its worker
                 # heard of the end
@@ -235,15 +319,23 @@ class AllocationBook:
             if (a.used_vram, a.overhead_vram, a.kernel_seconds, a.kernel_time_seen) != before:
                 changed.append({"row": a.id, "used": a.used_vram, "overhead": a.overhead_vram,
                                 "seconds": a.kernel_seconds, "seen": a.kernel_time_seen})
+        beat = Beat(grants, revoked, set(memory))
+        version = w.version + bool(changed)
         if changed:
             conn.execute(BEAT_FIGURES, changed)
         if w.status == "gone":  # its pod went: only a registration (a new pod) brings it back
-            return Beat(grants, revoked, set(memory))
+            if changed:
+                conn.execute(TOUCH, {"worker": name})
+            self._known.pop(name, None)
+            return beat
         if w.status != "up":
             log.info("worker %s is back", name)
-        if w.status != "up" or now - w.last_seen >= self.write_every:
-            conn.execute(BEAT_SEEN, {"worker": name, "now": now})
-        return Beat(grants, revoked, set(memory))
+        if w.status != "up" or now - w.last_seen >= self.write_every or changed:
+            conn.execute(BEAT_SEEN, {"worker": name, "now": now, "bump": int(bool(changed))})
+        ends = [a.ended for a in recent if a.status != "active" and a.ended is not None]
+        self._known[name] = KnownBeat(version, memory, recent, beat,
+                                      min(ends) + REVOKED_FOR if ends else float("inf"))
+        return beat
 
     def _settle(self, name: str, ended: dict[str, str]) -> None:
         """End what a heartbeat of ``name`` ends: the active allocations it reports ended (revoked with its
@@ -406,6 +498,7 @@ def _end(db, a: Allocation, status: str, when: float, message: str | None = None
     """``a`` ends as ``status`` (released, revoked or lost); what an active one promised its GPUs is free."""
     if a.status == "active":
         _promise(db, a, -1)
+    db.connection().execute(TOUCH, {"worker": a.worker_name})  # its worker's reply changes
     a.status, a.ended = status, when
     if message is not None:
         a.message = message
@@ -414,8 +507,10 @@ def _end(db, a: Allocation, status: str, when: float, message: str | None = None
 def _promise(db, a: Allocation, sign: int) -> None:
     """Add (+1) or take back (-1) what ``a`` promises to each of its GPUs, in the database's own
     arithmetic (no read of the figures, so concurrent ends never lose one), GPUs in uuid order."""
-    db.connection().execute(PROMISE, [{"gpu": uuid, "vram": sign * a.vram, "compute": sign * a.compute,
-                                       "sessions": sign} for uuid in sorted(a.gpu_list)])
+    rows = [{"gpu": uuid, "vram": sign * a.vram, "compute": sign * a.compute, "sessions": sign}
+            for uuid in sorted(a.gpu_list)]
+    # one GPU, the usual vGPU: a plain execute (the driver's executemany costs PostgreSQL a pipeline)
+    db.connection().execute(PROMISE, rows[0] if len(rows) == 1 else rows)
 
 
 def _load(vram, compute, memory):
@@ -481,7 +576,8 @@ def _zero() -> dict:
 _W, _G, _A = Worker.__table__.c, GPU.__table__.c, Allocation.__table__.c
 # the worker's row first, locked (PostgreSQL): the order every other writer of a worker and its
 # allocations keeps (_lose), so the two never wait for each other
-BEAT_WORKER = select(_W.status, _W.credential_hash, _W.last_seen).where(_W.name == bindparam("name")).with_for_update()
+BEAT_WORKER = select(_W.status, _W.credential_hash, _W.last_seen, _W.version).where(
+    _W.name == bindparam("name")).with_for_update()
 BEAT_GPUS = select(_G.uuid, _G.memory).where(_G.worker_name == bindparam("name"))
 # a worker's active allocations and those ended since a time: what its heartbeat's reply is made of
 RECENT = and_(_A.worker_name == bindparam("name"), or_(_A.status == "active", _A.ended >= bindparam("since")))
@@ -492,8 +588,10 @@ BEAT_RECENT = select(*[_A[c] for c in (
 BEAT_FIGURES = update(Allocation.__table__).where(_A.id == bindparam("row")).values(
     used_vram=bindparam("used"), overhead_vram=bindparam("overhead"), kernel_seconds=bindparam("seconds"),
     kernel_time_seen=bindparam("seen"))
-BEAT_SEEN = update(Worker.__table__).where(_W.name == bindparam("worker")).values(status="up",
-                                                                                  last_seen=bindparam("now"))
+BEAT_SEEN = update(Worker.__table__).where(_W.name == bindparam("worker")).values(
+    status="up", last_seen=bindparam("now"), version=_W.version + bindparam("bump"))
+# a change a worker's heartbeat reply depends on (KnownBeat): its version moves on
+TOUCH = update(Worker.__table__).where(_W.name == bindparam("worker")).values(version=_W.version + 1)
 WRONG_CREDENTIAL = object()  # AllocationBook.heartbeat: the credential is not the worker's
 
 
@@ -503,6 +601,14 @@ def _readout(row) -> SimpleNamespace:
     a = SimpleNamespace(**row._mapping)
     a.gpu_list = [u for u in a.gpu_uuids.split(",") if u]
     return a
+
+
+def _memory_figures(a, usage: dict, memory: dict[str, int]) -> tuple[int, int]:
+    """What active allocation ``a`` holds by a heartbeat's ``usage`` (absent: nothing), as stored: VRAM in
+    use (used + overhead) and overhead, each held at the memory of its GPUs."""
+    used, overhead = usage.get(a.token_hash, (0, 0))
+    bound = sum(memory.get(u, 0) for u in a.gpu_list)
+    return min(used + overhead, bound), min(overhead, bound)
 
 
 def add_kernel_time(a: Allocation, figure: float, now: float) -> None:

@@ -10,6 +10,8 @@ internal; the hub's proxy does not route it), at its root (worker_api.py):
 ``POST   api/workers/<name>/heartbeat``      worker   keep-alive with its vGPUs' and GPUs' figures; answers
                                                       its grants and recent revocations; a worker silent
                                                       for ``heartbeat_timeout`` is marked lost
+``GET    api/workers/<name>/heartbeats``     worker   WebSocket: the same heartbeats as messages on one
+                                                      connection, each answered in turn
 ``POST   api/workers/<name>/grants``         worker   the grant of one of its allocations, by token hash
                                                       (one placed since its last heartbeat)
 ==========================================  =======  ==============================================
@@ -33,6 +35,7 @@ the worker routes above answer 404 there:
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import secrets
@@ -53,8 +56,8 @@ from traitlets.config import Application
 from .allocations import AllocationBook
 from .api import (AllocationHandler, AllocationsHandler, AvailabilityHandler, GPUsHandler, HealthHandler,
                   RevokeHandler, UsageHandler, log_request)
-from .worker_api import (GrantHandler, HeartbeatHandler, NotHereHandler, WorkerCredentialHandler,
-                         WorkersHandler)
+from .worker_api import (MAX_SOCKET_MESSAGE, GrantHandler, HeartbeatHandler, HeartbeatSocket, NotHereHandler,
+                         WorkerCredentialHandler, WorkersHandler)
 from .dashboard import DashboardHandler
 from .live import LiveFacts
 from .db import GPU, Worker, engine_url
@@ -200,7 +203,7 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         routes = [
             (p + "api/health", HealthHandler),
             (p + r"api/workers/([^/]+)/credential", WorkerCredentialHandler),
-            (p + r"api/workers(/.*)?", NotHereHandler),
+            (p + r"api/workers(/.*)?", NotHereHandler),  # every worker route, the heartbeat socket too
             (p + "api/allocations", AllocationsHandler),
             (p + r"api/allocations/(\d+)", AllocationHandler),
             (p + r"api/allocations/(\d+)/revoke", RevokeHandler),
@@ -221,9 +224,11 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
             ("/api/health", HealthHandler),
             ("/api/workers", WorkersHandler),
             (r"/api/workers/([^/]+)/heartbeat", HeartbeatHandler),
+            (r"/api/workers/([^/]+)/heartbeats", HeartbeatSocket),
             (r"/api/workers/([^/]+)/grants", GrantHandler),
         ]
-        return web.Application(routes, pool=self, log_function=log_request)
+        return web.Application(routes, pool=self, log_function=log_request,
+                               websocket_max_message_size=MAX_SOCKET_MESSAGE)
 
     def open_state(self) -> None:
         """What the handlers read: the book (the database), the metrics and the workers' last heartbeats."""
@@ -395,6 +400,11 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         wurl = urlparse(self.worker_bind_url)
         self.make_worker_app().listen(wurl.port or 80, wurl.hostname or "127.0.0.1", backlog=LISTEN_BACKLOG)
         self.lead()
+        # What start-up made (modules, classes, the tables' metadata: some 100,000 objects) lives as long as
+        # the pool: kept out of the collector's full passes, which would otherwise walk it a few times a
+        # minute under load, ~100 ms each on a small machine, in the middle of a lab's burst
+        gc.collect()
+        gc.freeze()
         ioloop.PeriodicCallback(self.lead, self.lease.interval * 1000).start()
         self._last_periodic, self._periodic_ran, self._periodic_failing = time.monotonic(), False, False
         ioloop.PeriodicCallback(self.periodic_work, self.periodic_interval * 1000).start()

@@ -37,6 +37,10 @@ class Worker(Base):
     control_url: Mapped[str] = mapped_column(String(255), default="")  # its control API, http://host:port
     # its Kubernetes pod ("" outside a cluster): the pool's pod watch marks it lost when the pod goes
     pod: Mapped[str] = mapped_column(String(253), default="", server_default="")
+    # one more at every change a heartbeat's reply depends on (its allocations placed or ended, its GPUs
+    # registered, their figures written): a replica that read this version answers the worker's next
+    # heartbeat from what it read, after one read of this row (AllocationBook.heartbeat)
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     gpus: Mapped[list["GPU"]] = relationship(back_populates="worker", cascade="all, delete-orphan")
 
 

@@ -15,12 +15,18 @@ A credential per worker, the JupyterHub way (tokens random, stored only as hashe
 These routes are served on the pool's internal worker listener (``GPUPool.worker_bind_url``),
 never on the service URL the hub's proxy publishes; there they answer 404 with a sentence.
 
+Heartbeats come two ways, with one body of work (``take_heartbeat``): a message on the worker's
+WebSocket (``api/workers/<name>/heartbeats``, kept open between beats: about half the CPU an HTTP
+request costs the pool besides the heartbeat's work) or, from older workers and as the fallback,
+``POST api/workers/<name>/heartbeat``.
+
 Every body is checked before anything is stored: a bad one is 400 with a sentence.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import re
 import secrets
@@ -28,7 +34,7 @@ import time
 from urllib.parse import urlparse
 
 from sqlalchemy import select
-from tornado import web
+from tornado import web, websocket
 
 from gpu_worker.client.limits import MAX_COUNT as MAX_GPUS_PER_VGPU
 
@@ -335,6 +341,7 @@ class WorkersHandler(WorkerAPIHandler):
             w.address, w.node, w.backend, w.control_url = reg["address"], reg["node"], reg["backend"], reg["control"]
             w.pod = reg["pod"]
             w.status, w.last_seen = "up", time.time()
+            w.version = (w.version or 0) + 1  # what its heartbeats are answered changes (GPUs, grants)
             db.add(w)
             # the GPUs it offers now are all its GPUs: one it no longer offers leaves the pool, and the
             # allocations on it are revoked at its next heartbeat (AllocationBook._grants)
@@ -357,6 +364,39 @@ class WorkersHandler(WorkerAPIHandler):
         self.send({"name": name, **({"credential": credential} if credential else {})})
 
 
+MAX_SOCKET_MESSAGE = 4 << 20  # bytes of one heartbeat socket message (the worker sends a larger beat by POST)
+CLOSE_CREDENTIAL, CLOSE_UNKNOWN = 4403, 4404  # the socket's close codes: the HTTP route's 403 and 404
+
+
+def heartbeat_data(raw: bytes | str) -> dict:
+    """A heartbeat's JSON object, from a request body or a socket message (empty: {})."""
+    try:
+        data = json.loads(raw or b"{}")
+    except ValueError:
+        raise web.HTTPError(400, "the body is not JSON") from None
+    if not isinstance(data, dict):
+        raise web.HTTPError(400, "the body must be a JSON object")
+    return data
+
+
+def take_heartbeat(pool, name: str, credential: str, raw: bytes | str):
+    """One heartbeat of worker ``name``, whichever way it came, so that the two cannot drift: the body
+    checked (web.HTTPError 400 with its sentence), its figures stored by the book in one transaction
+    that also checks the credential, its live facts kept.  The reply ({"grants", "revoked"}), or what
+    the book answered instead: None (no such worker) or WRONG_CREDENTIAL."""
+    body = check_heartbeat(heartbeat_data(raw))
+    usage, kernel = None, None
+    if "vgpus" in body:
+        usage = {h: (e["used"], e["overhead"]) for h, e in body["vgpus"].items()}
+        kernel = {h: e["kernel_time"] for h, e in body["vgpus"].items() if e["kernel_time"] is not None}
+    beat = pool.book.heartbeat(name, usage, body.get("ended", {}), kernel, credential=credential_hash(credential))
+    if beat is None or beat is WRONG_CREDENTIAL:
+        return beat
+    hold_shares(name, body, beat.grants)
+    pool.live.record(name, body, {g["token_hash"] for g in beat.grants}, beat.gpus)
+    return beat.reply()
+
+
 class HeartbeatHandler(WorkerAPIHandler):
     """A worker is alive; with "vgpus", what each of its vGPUs holds (the whole truth: an active
     allocation missing from it holds nothing), with "gpus" its devices' facts.  The database keeps
@@ -369,7 +409,9 @@ class HeartbeatHandler(WorkerAPIHandler):
     sentence, as an admin's revocation here would; the others are ignored.
 
     The reply is the worker's grants (every active allocation on it) and "revoked" {token hash: why}
-    of its allocations that ended in the last hour: the worker ends every vGPU not granted."""
+    of its allocations that ended in the last hour: the worker ends every vGPU not granted.
+
+    HeartbeatSocket takes the same heartbeats as messages on one connection per worker."""
 
     def prepare(self):
         """Authenticated in post(), by the heartbeat's own transaction: the usual heartbeat costs one."""
@@ -384,21 +426,65 @@ class HeartbeatHandler(WorkerAPIHandler):
         if not token:
             self.authenticate(name)  # 403 before reading the body
         try:
-            body = check_heartbeat(self.body())
+            reply = take_heartbeat(self.pool, name, token, self.request.body)
         except web.HTTPError:
             self.authenticate(name)  # a caller without the credential learns nothing of the body
             raise
-        usage, kernel = None, None
-        if "vgpus" in body:
-            usage = {h: (e["used"], e["overhead"]) for h, e in body["vgpus"].items()}
-            kernel = {h: e["kernel_time"] for h, e in body["vgpus"].items() if e["kernel_time"] is not None}
-        beat = self.book.heartbeat(name, usage, body.get("ended", {}), kernel, credential=credential_hash(token))
-        if beat is None or beat is WRONG_CREDENTIAL:
+        if reply is None or reply is WRONG_CREDENTIAL:
             self.authenticate(name)  # raises the 403 that says why
             raise web.HTTPError(404, f"unknown worker {name}")
-        hold_shares(name, body, beat.grants)
-        self.pool.live.record(name, body, {g["token_hash"] for g in beat.grants}, beat.gpus)
-        self.send(beat.reply())
+        self.send(reply)
+
+
+class HeartbeatSocket(WorkerAPIHandler, websocket.WebSocketHandler):
+    """A worker's heartbeats as text messages on one WebSocket it keeps open: each message is a
+    heartbeat body (HeartbeatHandler's), each answered in turn by {"status": 200, "grants", "revoked"},
+    or {"status": 400, "message"} for a bad one, after which the socket goes on.  The upgrade is
+    authenticated as every worker route is (403 with its sentence, no socket); each message checks
+    the credential again in the heartbeat's transaction, so a credential an admin released meanwhile
+    closes the socket with 4403 (4404: the worker is gone), the sentence as the reason: the worker
+    then registers again, as after the HTTP route's 403 or 404."""
+
+    def prepare(self):
+        super().prepare()
+        self.own(self.path_args[0])
+
+    def open(self, name):
+        self.credential = self.request_token()  # prepare() found it is worker ``name``'s (self.worker)
+        self.set_nodelay(True)  # a reply is one small frame: no waiting for the worker's ACK
+
+    def on_message(self, message):
+        start = time.perf_counter()
+        try:
+            if isinstance(message, bytes):
+                raise web.HTTPError(400, "a heartbeat is a text message: a JSON object")
+            reply = take_heartbeat(self.pool, self.worker, self.credential, message)
+        except web.HTTPError as exc:
+            self.answer({"status": exc.status_code, "message": exc.log_message}, start)
+            return
+        if reply is WRONG_CREDENTIAL:
+            self.hang_up(CLOSE_CREDENTIAL, "a valid worker credential is required", start)
+        elif reply is None:
+            self.hang_up(CLOSE_UNKNOWN, f"unknown worker {self.worker}", start)
+        else:
+            self.answer({"status": 200, **reply}, start)
+
+    def answer(self, reply: dict, start: float) -> None:
+        """One reply, logged as log_request logs an HTTP heartbeat (successes at debug level)."""
+        status = reply["status"]
+        log.log(logging.DEBUG if status < 400 else logging.WARNING, "%d MESSAGE %s %.1fms", status,
+                self.request.path, 1000 * (time.perf_counter() - start))
+        if self.ws_connection is None:  # the worker hung up while its heartbeat was taken
+            return
+        try:
+            self.write_message(json.dumps(reply))
+        except websocket.WebSocketClosedError:
+            pass
+
+    def hang_up(self, code: int, reason: str, start: float) -> None:
+        """Close with ``code``; a close reason holds at most 123 bytes."""
+        log.warning("%d CLOSE %s %.1fms: %s", code, self.request.path, 1000 * (time.perf_counter() - start), reason)
+        self.close(code, reason.encode()[:123].decode(errors="ignore"))
 
 
 class GrantHandler(WorkerAPIHandler):

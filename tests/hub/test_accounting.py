@@ -19,7 +19,7 @@ from hub_spawner.pool.db import GPU, Allocation, Worker
 from hub_spawner.pool.scheduler import InvalidRequest, Limits
 from hub_spawner.pool.worker_api import check_heartbeat, hold_shares
 from hub_spawner.spawner.mixin import GPUSimpleLocalProcessSpawner, check_profile, describe_gpu
-from hubtools import G
+from hubtools import G, Pool
 
 HOURS = 10  # how long ago the test allocations were placed: room for the kernel seconds they report
 
@@ -156,6 +156,7 @@ def test_an_older_database_gets_burst_by_qos(tmp_path, book):
     db.execute("DROP TABLE alembic_version")
     db.execute("DROP TABLE leases")
     db.execute("ALTER TABLE workers DROP COLUMN pod")
+    db.execute("ALTER TABLE workers DROP COLUMN version")
     db.execute("DROP INDEX ix_gpus_busiest")
     db.execute("DROP INDEX ix_gpus_idlest")
     db.execute("DROP INDEX ix_gpus_worker_name")
@@ -189,7 +190,9 @@ def test_the_spawner_sends_the_users_groups_and_the_form_says_burst():
 
 
 # ------------------------------------------------------------------------------ the wire
-def test_heartbeat_fields_usage_report_and_grants_over_http(pool):
+def test_heartbeat_fields_usage_report_and_grants_over_http(tmp_path):
+    # heartbeat_timeout 4 s: the pool writes a worker's kernel seconds at most every 1 s (a quarter of it)
+    pool = Pool(str(tmp_path / "pool.sqlite"), timeout=4.0)
     pool.register(gpus=2)
     status, alloc = pool.call("POST", "api/allocations", {"user": "ann", "vram": "1G", "compute": 25, "qos": "low",
                                                           "groups": ["physics"]})
@@ -201,6 +204,13 @@ def test_heartbeat_fields_usage_report_and_grants_over_http(pool):
              "queue_depth": 1}
     status, reply = pool.worker_call("POST", "api/workers/w1/heartbeat", {"vgpus": {h: entry}})
     assert status == 200 and reply["grants"][0]["burst"] is False
+    status, reply = pool.worker_call("POST", "api/workers/w1/heartbeat", {"vgpus": {h: {**entry,
+                                                                                        "kernel_time": 0.75}}})
+    assert status == 200
+    # cumulative kernel time waits for the worker's next write (its memory figures would not): the
+    # 0.5 s more are stored by the first heartbeat after a quarter of the timeout, none lost
+    assert pool.call("GET", f"api/allocations/{alloc['id']}")[1]["kernel_seconds"] == 0.25
+    time.sleep(1.05)
     status, reply = pool.worker_call("POST", "api/workers/w1/heartbeat", {"vgpus": {h: {**entry,
                                                                                         "kernel_time": 0.75}}})
     assert status == 200

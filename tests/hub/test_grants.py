@@ -122,6 +122,7 @@ def test_no_grant_exceeds_the_memory_of_its_gpu(tmp_path):
         assert status == 503 and body["constraint"] == "size" and "largest GPU here offers 16 GiB" in body["message"]
         big, h = allocate(p, vram="12G")
         small, h2 = allocate(p, vram="12G")  # two fit: 24 of the 32 GiB promised
+        assert len(beat(p)["grants"]) == 2  # read: its next heartbeats are answered from that while nothing changes
         p.register(memory=8 * G)  # the same worker comes back with less memory
         reply = beat(p)
         assert reply["grants"] == []

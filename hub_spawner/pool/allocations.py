@@ -69,6 +69,10 @@ class AllocationBook:
         # (PostgreSQL: three round trips instead of one), and SQLite's transactions here take the write lock
         mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
         self._version_sql = f"SELECT status, credential_hash, last_seen, version FROM workers WHERE name = {mark}"
+        self._seen_sql = (f"UPDATE workers SET last_seen = {mark}, version = version WHERE name = {mark} "
+                          f"AND version = {mark} AND status = 'up'")
+        self._kernel_sql = f"UPDATE allocations SET kernel_seconds = {mark}, kernel_time_seen = {mark} WHERE id = {mark}"
+        self._begin_sql = "BEGIN IMMEDIATE" if self.engine.dialect.name == "sqlite" else "BEGIN"
         self._reader = None
         self._registered = 0  # registrations since the planner's statistics were last refreshed here
 
@@ -222,7 +226,11 @@ class AllocationBook:
         now = time.time()
         known = self._known.get(name)
         if known is not None and not _settled:
-            answer = self._known_answer(name, known, usage, ended, credential, now)
+            try:
+                answer = self._known_answer(name, known, usage, ended, kernel, credential, now)
+            except Exception as exc:  # the database failed under the quick write: the usual way says so
+                log.info("the heartbeat's quick write failed (%s): writing the usual way", exc)
+                answer = None
             if answer is not None:
                 return answer
         with self.engine.begin() as conn:
@@ -242,10 +250,13 @@ class AllocationBook:
         self._settle(name, ended or {})
         return self.heartbeat(name, usage, None, kernel, credential, _settled=True)
 
-    def _known_answer(self, name: str, known: KnownBeat, usage, ended, credential, now: float):
+    def _known_answer(self, name: str, known: KnownBeat, usage, ended, kernel, credential, now: float):
         """The answer from what the last heartbeat read, or None when this heartbeat must go to the
-        database: the worker's version moved, it is not up, its last_seen is due, a memory figure
-        changed, it ended one of its active allocations, or a revocation in the answer expired."""
+        database: the worker's version moved, it is not up, a memory figure changed, it ended one of its
+        active allocations, or a revocation in the answer expired.  When its last_seen is due, it is
+        written here with the kernel seconds that waited (_write_seen)."""
+        if self.write_every <= 0:  # every heartbeat writes: nothing is answered from memory
+            return None
         try:
             row = self._read_version(name)
         except Exception as exc:  # e.g. the database restarted: this heartbeat goes the usual way
@@ -257,8 +268,7 @@ class AllocationBook:
         status, hashed, last_seen, version = row
         if credential is not None and not (hashed and hmac.compare_digest(hashed, credential)):
             return WRONG_CREDENTIAL
-        if (version != known.version or status != "up" or now - last_seen >= self.write_every
-                or now >= known.expires):
+        if version != known.version or status != "up" or now >= known.expires:
             return None
         for a in known.recent:
             if a.status != "active":
@@ -267,7 +277,43 @@ class AllocationBook:
                 return None
             if usage is not None and _memory_figures(a, usage, known.memory) != (a.used_vram, a.overhead_vram):
                 return None
+        if now - last_seen >= self.write_every and not self._write_seen(name, known, kernel, now):
+            return None
         return known.beat
+
+    def _write_seen(self, name: str, known: KnownBeat, kernel, now: float) -> bool:
+        """Write that worker ``name`` was seen now, and the kernel seconds of its allocations that grew
+        since they were stored, on the reading connection, if its row is still at the version read
+        (False: it is not, and nothing was written).  With figures, the version moves on (so another
+        replica reads them again before it counts more) and what is known here moves with it."""
+        recent, figures = [], []
+        for a in known.recent:
+            if kernel and a.token_hash in kernel:
+                a = SimpleNamespace(**vars(a))
+                add_kernel_time(a, kernel[a.token_hash], now)
+                figures.append((a.kernel_seconds, a.kernel_time_seen, a.id))
+            recent.append(a)
+        cursor = self._reader.cursor()
+        try:
+            if not figures:  # one statement: its own transaction
+                cursor.execute(self._seen_sql, (now, name, known.version))
+                return cursor.rowcount == 1
+            cursor.execute(self._begin_sql)
+            cursor.execute(self._seen_sql.replace("version = version", "version = version + 1"),
+                           (now, name, known.version))
+            if cursor.rowcount != 1:
+                cursor.execute("ROLLBACK")
+                return False
+            cursor.executemany(self._kernel_sql, figures)
+            cursor.execute("COMMIT")
+        except Exception:
+            self.close_reader()  # an open transaction goes with it
+            raise
+        finally:
+            if self._reader is not None:
+                cursor.close()
+        self._known[name] = known._replace(version=known.version + 1, recent=recent)
+        return True
 
     def _read_version(self, name: str):
         """(status, credential_hash, last_seen, version) of worker ``name``, or None."""

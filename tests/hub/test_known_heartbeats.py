@@ -111,3 +111,25 @@ def test_a_released_credential_a_lost_worker_and_an_ended_vgpu_are_not_answered_
     with b.Session.begin() as db:
         db.get(Worker, "w1").credential_hash = None
     assert beat(a) is WRONG_CREDENTIAL
+
+
+def test_a_due_heartbeat_writes_last_seen_and_the_kernel_seconds_that_waited(replicas):
+    a, b = replicas
+    a.write_every = b.write_every = 0.3
+    alloc, token, _ = a.allocate({"user": "ann", "vram": "4G", "compute": 25})
+    h = token_hash(token)
+    with a.Session.begin() as db:
+        db.get(Allocation, alloc.id).created = time.time() - 3600
+    beat(a, {h: (G, 0)}, {h: 10.0})
+    seen, version = worker_row(a)
+    beat(a, {h: (G, 0)}, {h: 12.0})
+    assert stored(a, alloc.id) == (G, 10.0) and worker_row(a) == (seen, version)
+    time.sleep(0.35)
+    assert len(beat(a, {h: (G, 0)}, {h: 15.0}).grants) == 1
+    assert stored(a, alloc.id) == (G, 15.0)
+    later, moved = worker_row(a)
+    assert later > seen and moved == version + 1
+    beat(b, {h: (G, 0)}, {h: 16.0})  # the other replica reads 15 s as stored and adds 1
+    time.sleep(0.35)
+    beat(a, {h: (G, 0)}, {h: 20.0})  # a's reading is old (b moved the version): a reads again, adds 4
+    assert stored(a, alloc.id) == (G, 20.0)

@@ -16,6 +16,7 @@ from sqlalchemy import Float, Row, and_, bindparam, case, cast, or_, select, tex
 
 from gpu_worker.client import LimitError, gpu_settings, token_hash
 
+from .batch_plan import BatchPlan
 from .db import GPU, Allocation, Worker, make_sessionmaker
 from .scheduler import GPUState, InvalidRequest, Limits, NoFit, Request, place, ratios, validate
 
@@ -123,16 +124,33 @@ class AllocationBook:
         an error of the database fails them all."""
         out: list = []
         placed: list[tuple[int, Allocation, str]] = []
+        parsed = []
+        for spec in specs:
+            try:
+                req, burst = request_from(spec)
+                parsed.append((spec, req, burst, groups_from(spec)))
+            except InvalidRequest as exc:
+                parsed.append(exc)
         with self.Session.begin() as db, db.no_autoflush:  # the new rows go in one INSERT at the commit
             self.lock_placement(db)
-            for spec in specs:
-                try:
-                    req, burst = request_from(spec)
-                    groups = groups_from(spec)
-                    chosen = self._choose(db, req)
-                except (InvalidRequest, NoFit) as exc:
-                    out.append(exc)
+            simple = [p[1] for p in parsed if not isinstance(p, Exception) and _one_gpu_anywhere(p[1])]
+            plan = BatchPlan(db.connection(), self.strategy, self.limits, simple) if len(simple) > 1 else None
+            for item in parsed:
+                if isinstance(item, Exception):
+                    out.append(item)
                     continue
+                spec, req, burst, groups = item
+                got = plan.take(req) if plan is not None and _one_gpu_anywhere(req) else None
+                chosen, promised = ([got], True) if got is not None else (None, False)
+                if got is None:
+                    if plan is not None:  # from here on, one by one, on what the plan placed
+                        plan.flush(db.connection(), PROMISE)
+                        plan = None
+                    try:
+                        chosen, promised = self._take(db, req)
+                    except (InvalidRequest, NoFit) as exc:
+                        out.append(exc)
+                        continue
                 token = secrets.token_urlsafe(24)
                 alloc = Allocation(user=str(spec["user"]), server_name=str(spec.get("server_name", "")),
                                    profile=str(spec.get("profile", "")), worker_name=chosen[0][1],
@@ -140,9 +158,12 @@ class AllocationBook:
                                    compute=req.compute, count=req.count, mode=req.mode, qos=req.qos, burst=burst,
                                    groups=json.dumps(groups), token_hash=token_hash(token))
                 db.add(alloc)
-                _promise(db, alloc, +1)
+                if not promised:
+                    _promise(db, alloc, +1)
                 placed.append((len(out), alloc, token))
                 out.append(None)
+            if plan is not None:
+                plan.flush(db.connection(), PROMISE)
             # the workers' addresses and URLs for the answers, read beside the placements (with Core: no
             # flush of the new rows before the commit's one)
             names = sorted({alloc.worker_name for _, alloc, _ in placed})
@@ -156,13 +177,29 @@ class AllocationBook:
                      alloc.vram >> 20, alloc.compute)
         return out
 
+    def _take(self, db, req: Request) -> tuple[list[tuple[str, str]], bool]:
+        """_choose's GPUs for ``req``, and whether what it promises them is counted already: a vGPU of one
+        GPU (the usual one) is chosen and promised by one statement (TAKE_FIRST: one round trip to the
+        database, not two); others are chosen here and promised by the caller (_promise)."""
+        if req.count == 1:
+            row = db.connection().execute(take_first(self.strategy, req.mode == "local" and bool(req.node)),
+                                          self._fit_params(req)).first()
+            if row is not None:
+                return [tuple(row)], True
+        return self._choose(db, req), False
+
+    def _fit_params(self, req: Request) -> dict:
+        """The parameters of fitting_gpus (and take_first) for ``req``."""
+        vram_ratio, compute_ratio = ratios(req, self.limits)
+        return {"vram": req.vram, "compute": req.compute, "vram_ratio": float(vram_ratio),
+                "compute_ratio": float(compute_ratio), "full": float(max(vram_ratio, compute_ratio)),
+                "node": req.node, "sessions": 1}
+
     def _choose(self, db, req: Request) -> list[tuple[str, str]]:
         """(uuid, worker) of the GPUs ``req`` goes on: the GPUs that fit, asked of the database in the
         strategy's order (its load index), which is scheduler.place's choice without reading every GPU.
         When none fits, place() over the whole pool raises the NoFit that says why."""
-        vram_ratio, compute_ratio = ratios(req, self.limits)
-        params = {"vram": req.vram, "compute": req.compute, "vram_ratio": float(vram_ratio),
-                  "compute_ratio": float(compute_ratio), "node": req.node}
+        params = self._fit_params(req)
         q = fitting_gpus(self.strategy, req.mode == "local" and bool(req.node), req.count == 1)
         if req.count == 1:
             row = db.execute(q, params).first()
@@ -565,12 +602,13 @@ def _load(vram, compute, memory):
     return case((by_memory > by_compute, by_memory), else_=by_compute)
 
 
-PROMISE = update(GPU.__table__).where(GPU.__table__.c.uuid == bindparam("gpu")).values(
+_PROMISED = dict(  # a GPU's figures with a vGPU's promise added (vram, compute, sessions: negative to take it back)
     promised_vram=GPU.__table__.c.promised_vram + bindparam("vram"),
     promised_compute=GPU.__table__.c.promised_compute + bindparam("compute"),
     sessions=GPU.__table__.c.sessions + bindparam("sessions"),
     load=_load(GPU.__table__.c.promised_vram + bindparam("vram"), GPU.__table__.c.promised_compute
                + bindparam("compute"), GPU.__table__.c.memory))
+PROMISE = update(GPU.__table__).where(GPU.__table__.c.uuid == bindparam("gpu")).values(**_PROMISED)
 
 
 @functools.lru_cache(maxsize=None)
@@ -580,13 +618,25 @@ def fitting_gpus(strategy: str, local: bool, first_only: bool):
     compute_ratio, node); built once per kind of request."""
     g, w = GPU.__table__.c, Worker.__table__.c
     q = (select(g.uuid, g.worker_name).join(Worker.__table__, w.name == g.worker_name)
-         .where(w.status == "up", g.memory >= bindparam("vram"),
+         # a GPU a vGPU fits has room for more memory and compute (each > 0) than it is promised, so its
+         # load is below the larger ratio: the index skips the full GPUs a lab's first minute leaves in
+         # front of compact-first's order, or each placement would walk past all of them
+         .where(g.load < bindparam("full", type_=Float), w.status == "up", g.memory >= bindparam("vram"),
                 g.memory * bindparam("vram_ratio", type_=Float) - g.promised_vram >= bindparam("vram"),
                 bindparam("compute_ratio", type_=Float) * 100 - g.promised_compute >= bindparam("compute"))
          .order_by(g.load.desc() if strategy == "compact-first" else g.load.asc(), g.uuid))
     if local:
         q = q.where(w.node == bindparam("node"))
     return q.limit(1) if first_only else q
+
+
+@functools.lru_cache(maxsize=None)
+def take_first(strategy: str, local: bool):
+    """PROMISE on the first GPU fitting_gpus lists, in one statement: the uuid and worker of the GPU
+    promised a vGPU of one GPU (parameters: fitting_gpus' and sessions=1), or no row when none fits."""
+    g = GPU.__table__.c
+    first = fitting_gpus(strategy, local, True).with_only_columns(g.uuid).scalar_subquery()
+    return update(GPU.__table__).where(g.uuid == first).values(**_PROMISED).returning(g.uuid, g.worker_name)
 
 
 def recount(conn, workers: list[str] | None = None) -> None:
@@ -647,6 +697,11 @@ def _readout(row) -> SimpleNamespace:
     a = SimpleNamespace(**row._mapping)
     a.gpu_list = [u for u in a.gpu_uuids.split(",") if u]
     return a
+
+
+def _one_gpu_anywhere(req: Request) -> bool:
+    """A request a BatchPlan places: one GPU, on any node."""
+    return req.count == 1 and not (req.mode == "local" and req.node)
 
 
 def _memory_figures(a, usage: dict, memory: dict[str, int]) -> tuple[int, int]:

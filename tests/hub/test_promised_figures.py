@@ -185,3 +185,65 @@ def test_two_replicas_ending_one_allocation_at_once_give_its_room_back_once(post
     finally:
         for b in books:
             b.engine.dispose()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_batch_places_what_placing_one_by_one_would(request, tmp_path, strategy, database):
+    """allocate_many places most of a batch from one read of the GPUs at the front of the strategy's order
+    (batch_plan.py): its choices are scheduler.place's, request after request, over more GPUs than a plan
+    reads, for mixed sizes, QoS, GPU counts and nodes, with releases between batches."""
+    url = (f"sqlite:///{tmp_path / 'pool.sqlite'}" if database == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    rng = random.Random(29)
+    book = AllocationBook(url, strategy, Limits(1.5, 1.0))
+    for i in range(30):
+        add_worker(book, f"w{i:02d}", gpus=rng.choice([1, 2, 4]), memory=rng.choice([16, 40, 80]) * G,
+                   node=f"n{i % 4}")
+    live: list[int] = []
+    try:
+        for batch in range(14):
+            lab = batch % 2 == 0  # a lab's burst: vGPUs of one GPU anywhere, which the plan places alone
+            specs = [dict(user=f"u{batch}-{k}", vram=rng.choice([1, 2, 8, 10, 20]) * G,
+                          compute=rng.choice([5, 10, 25, 25, 50]), qos=rng.choice(["low", "medium", "high"]),
+                          count=1 if lab else rng.choice([1] * 6 + [2]),
+                          mode="any" if lab else rng.choice(["any"] * 4 + ["local"]),
+                          node=f"n{rng.randrange(4)}") for k in range(rng.randrange(2, 40))]
+            states = truth(book)  # scheduler.place, one request after the other, on the sums
+            want = []
+            for spec in specs:
+                req = Request(**{k: v for k, v in spec.items() if k != "user"})
+                try:
+                    chosen = place(req, states, strategy, book.limits)
+                except NoFit as exc:
+                    want.append(exc.constraint)
+                    continue
+                for g in chosen:
+                    g.used_vram += req.vram
+                    g.used_compute += req.compute
+                    g.sessions += 1
+                want.append([g.uuid for g in chosen])
+            got = book.allocate_many(specs)
+            assert [r.constraint if isinstance(r, NoFit) else r[0].gpu_list for r in got] == want, batch
+            assert kept(book) == [(s.uuid, s.used_vram, s.used_compute, s.sessions) for s in truth(book)], batch
+            live += [r[0].id for r in got if not isinstance(r, NoFit)]
+            for _ in range(len(live) // 3):
+                book.release(live.pop(rng.randrange(len(live))))
+    finally:
+        book.close_reader()
+        book.engine.dispose()
+
+
+def test_a_batch_asks_the_database_when_a_gpu_it_did_not_read_may_come_first(tmp_path):
+    """low-load-first: a plan reads the ten idlest GPUs; the one GPU among them that fits 20 GiB takes the
+    first request, and then is busier than the last one read, so an idler GPU it did not read may come
+    first: the second request is placed by the database, on that GPU."""
+    book = AllocationBook(f"sqlite:///{tmp_path / 'pool.sqlite'}", "low-load-first", Limits())
+    for i in range(9):
+        add_worker(book, f"a{i}", gpus=1, memory=16 * G)
+    for i in range(2):
+        add_worker(book, f"b{i}", gpus=1, memory=80 * G)
+    first, second = book.allocate_many([{"user": "ann", "vram": "20G", "compute": 50},
+                                        {"user": "bob", "vram": "20G", "compute": 25}])
+    assert (first[0].gpu_list, second[0].gpu_list) == (["GPU-b0-0"], ["GPU-b1-0"])
+    book.engine.dispose()

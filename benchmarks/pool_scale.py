@@ -32,7 +32,8 @@ PostgreSQL database, the workers' heartbeats and the burst's requests spread ove
 The load generator is this one process (asyncio: tornado's WebSocket client, or streams for HTTP): its own CPU
 over the window is printed beside the pool's, as this machine has only two cores.
 
-Printed: a table per database (workers, GPUs, allocation p50/p95/max ms, 201/503, CPU ms per heartbeat, % of one
+Printed: for each database and size, a line with each burst's p95 beside the pooled one (one slow burst, e.g.
+while the database's autovacuum runs, is the pooled p95 on this two-core machine); a table per database (workers, GPUs, allocation p50/p95/max ms, 201/503, CPU ms per heartbeat, % of one
 core, heartbeat p50/p95 ms), the exponent of the fit of log(allocation p95) and log(CPU per heartbeat) against
 log(workers) (least squares over the sizes: 1 is linear growth), and the targets at 1,000 workers: allocation
 p95 < 250 ms under the burst and heartbeats < 20% of one core, MET or MISSED per database.
@@ -365,11 +366,12 @@ async def measure(pools: list[PoolProcess], n: int, args, server=None) -> dict:
     beats.start()
     try:
         await asyncio.sleep(args.heartbeat_interval)  # every worker has beaten once
-        latencies, placed, refused, other = [], 0, 0, []
+        latencies, placed, refused, other, burst_p95 = [], 0, 0, [], []
         window = {}
         for k in range(args.bursts):
             result = await burst([p.port for p in pools], args.burst)
             latencies += result["latencies"]
+            burst_p95.append(percentile(result["latencies"], 95) * 1000)
             placed, refused, other = placed + result["201"], refused + result["503"], other + result["other"]
             if k == 0:  # with the first burst's vGPUs active: every worker learns its grants, then the window
                 await asyncio.sleep(args.heartbeat_interval)
@@ -390,6 +392,7 @@ async def measure(pools: list[PoolProcess], n: int, args, server=None) -> dict:
     per_beat = window["pool_cpu_s"] / window["beats"] * 1000 if window["beats"] else float("nan")
     return {"workers": n, "gpus": n * GPUS, "replicas": len(pools), "alloc_p50_ms": percentile(latencies, 50) * 1000,
             "alloc_p95_ms": percentile(latencies, 95) * 1000, "alloc_max_ms": max(latencies) * 1000,
+            "burst_p95_ms": burst_p95,
             "allocations": len(latencies), "201": placed, "503": refused, "alloc_failed": other,
             "hb_failed": list(beats.errors),
             "hb_cpu_ms_per_beat": per_beat, "hb_core_percent": window["pool_cpu_s"] / window["seconds"] * 100,
@@ -516,8 +519,8 @@ def main() -> int:
                     # a pool too busy to read heartbeats for its heartbeat_timeout marks workers lost
                     r["marked_lost"] = sum(p.log_path.read_text(errors="replace").count("marked lost") for p in pools)
                     print(f"  {kind} {n} workers, {len(pools)} replica(s): done in {time.monotonic() - t0:.0f} s (allocation p50/p95/max "
-                          f"{r['alloc_p50_ms']:.1f}/{r['alloc_p95_ms']:.1f}/{r['alloc_max_ms']:.1f} ms, {r['201']} "
-                          f"placed; {r['hb_cpu_ms_per_beat']:.2f} ms CPU per heartbeat, {r['hb_core_percent']:.1f}% "
+                          f"{r['alloc_p50_ms']:.1f}/{r['alloc_p95_ms']:.1f}/{r['alloc_max_ms']:.1f} ms, each burst's p95 "
+                          f"{'/'.join(f'{v:.0f}' for v in r['burst_p95_ms'])} ms, {r['201']} placed; {r['hb_cpu_ms_per_beat']:.2f} ms CPU per heartbeat, {r['hb_core_percent']:.1f}% "
                           f"of a core, heartbeat p95 {r['hb_p95_ms']:.1f} ms, {r['beats']}/{r['beats_expected']} "
                           f"beats; {r['vgpus_reported']} vGPUs reported; {r['marked_lost']} marked lost)", flush=True)
                     if args.json:  # what is measured so far, should a later size not finish

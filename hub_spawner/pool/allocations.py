@@ -74,7 +74,7 @@ class AllocationBook:
                           f"AND version = {mark} AND status = 'up'")
         self._kernel_sql = f"UPDATE allocations SET kernel_seconds = {mark}, kernel_time_seen = {mark} WHERE id = {mark}"
         self._begin_sql = "BEGIN IMMEDIATE" if self.engine.dialect.name == "sqlite" else "BEGIN"
-        self._reader = None
+        self._reader = self._cursor = None
         self._registered = 0  # registrations since the planner's statistics were last refreshed here
 
     def gpu_states(self, db) -> list[GPUState]:
@@ -330,7 +330,7 @@ class AllocationBook:
                 add_kernel_time(a, kernel[a.token_hash], now)
                 figures.append((a.kernel_seconds, a.kernel_time_seen, a.id))
             recent.append(a)
-        cursor = self._reader.cursor()
+        cursor = self._cursor
         try:
             if not figures:  # one statement: its own transaction
                 cursor.execute(self._seen_sql, (now, name, known.version))
@@ -346,9 +346,6 @@ class AllocationBook:
         except Exception:
             self.close_reader()  # an open transaction goes with it
             raise
-        finally:
-            if self._reader is not None:
-                cursor.close()
         self._known[name] = known._replace(version=known.version + 1, recent=recent)
         return True
 
@@ -360,17 +357,13 @@ class AllocationBook:
             if self.engine.dialect.name == "postgresql":
                 fairy.dbapi_connection.rollback()  # the pool's ping opened a transaction
                 fairy.dbapi_connection.autocommit = True
-            self._reader = fairy
-        cursor = self._reader.cursor()
-        try:
-            cursor.execute(self._version_sql, (name,))
-            return cursor.fetchone()
-        finally:
-            cursor.close()
+            self._reader, self._cursor = fairy, fairy.cursor()  # one cursor for all: each costs the driver
+        self._cursor.execute(self._version_sql, (name,))
+        return self._cursor.fetchone()
 
     def close_reader(self) -> None:
         """Close the heartbeat's reading connection (opened again when next needed)."""
-        reader, self._reader = self._reader, None
+        reader, self._reader, self._cursor = self._reader, None, None
         if reader is not None:
             try:
                 reader.close()

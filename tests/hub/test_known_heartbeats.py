@@ -133,3 +133,27 @@ def test_a_due_heartbeat_writes_last_seen_and_the_kernel_seconds_that_waited(rep
     time.sleep(0.35)
     beat(a, {h: (G, 0)}, {h: 20.0})  # a's reading is old (b moved the version): a reads again, adds 4
     assert stored(a, alloc.id) == (G, 20.0)
+
+
+def test_a_broken_reading_connection_costs_one_heartbeat_the_usual_way(replicas):
+    """The quick read's own connection dies (PostgreSQL: its server process is terminated, as at a
+    database restart; SQLite: it is closed): that heartbeat is answered the usual way, correctly, and
+    the next one reads on a new connection."""
+    a, b = replicas
+    alloc, token, _ = b.allocate({"user": "ann", "vram": "4G", "compute": 25})
+    beat(a)
+    beat(a)  # the reading connection is open now
+    dead = a._reader
+    if a.engine.dialect.name == "postgresql":
+        pid = dead.dbapi_connection.info.backend_pid
+        with b.engine.connect() as conn:
+            assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})").scalar() is True
+        time.sleep(0.2)
+    else:
+        dead.dbapi_connection.close()
+    b.revoke(alloc.id, "the lab is over")
+    answer = beat(a)
+    assert answer.grants == [] and token_hash(token) in answer.revoked
+    assert a._reader is None  # given up; the next quick read opens another
+    beat(a)
+    assert a._reader is not None and a._reader is not dead

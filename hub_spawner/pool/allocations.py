@@ -70,8 +70,10 @@ class AllocationBook:
         # (PostgreSQL: three round trips instead of one), and SQLite's transactions here take the write lock
         mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
         self._version_sql = f"SELECT status, credential_hash, last_seen, version FROM workers WHERE name = {mark}"
-        self._seen_sql = (f"UPDATE workers SET last_seen = {mark}, version = version WHERE name = {mark} "
-                          f"AND version = {mark} AND status = 'up'")
+        self._seen_sql = (f"UPDATE workers SET last_seen = {mark} WHERE name = {mark} AND version = {mark} "
+                          f"AND status = 'up'")
+        self._seen_moved_sql = (f"UPDATE workers SET last_seen = {mark}, version = version + 1 WHERE name = {mark} "
+                                f"AND version = {mark} AND status = 'up'")
         self._kernel_sql = f"UPDATE allocations SET kernel_seconds = {mark}, kernel_time_seen = {mark} WHERE id = {mark}"
         self._begin_sql = "BEGIN IMMEDIATE" if self.engine.dialect.name == "sqlite" else "BEGIN"
         self._reader = self._cursor = None
@@ -179,7 +181,7 @@ class AllocationBook:
 
     def _take(self, db, req: Request) -> tuple[list[tuple[str, str]], bool]:
         """_choose's GPUs for ``req``, and whether what it promises them is counted already: a vGPU of one
-        GPU (the usual one) is chosen and promised by one statement (TAKE_FIRST: one round trip to the
+        GPU (the usual one) is chosen and promised by one statement (take_first: one round trip to the
         database, not two); others are chosen here and promised by the caller (_promise)."""
         if req.count == 1:
             row = db.connection().execute(take_first(self.strategy, req.mode == "local" and bool(req.node)),
@@ -336,8 +338,7 @@ class AllocationBook:
                 cursor.execute(self._seen_sql, (now, name, known.version))
                 return cursor.rowcount == 1
             cursor.execute(self._begin_sql)
-            cursor.execute(self._seen_sql.replace("version = version", "version = version + 1"),
-                           (now, name, known.version))
+            cursor.execute(self._seen_moved_sql, (now, name, known.version))
             if cursor.rowcount != 1:
                 cursor.execute("ROLLBACK")
                 return False

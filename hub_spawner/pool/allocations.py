@@ -16,7 +16,7 @@ from sqlalchemy import Float, Row, and_, bindparam, case, cast, or_, select, tex
 
 from gpu_worker.client import LimitError, gpu_settings, token_hash
 
-from .batch_plan import BatchPlan
+from .batch_plan import BatchPlan, live_gpus_in_order
 from .db import GPU, Allocation, Worker, make_sessionmaker
 from .scheduler import GPUState, InvalidRequest, Limits, NoFit, Request, place, ratios, validate
 
@@ -383,12 +383,11 @@ class AllocationBook:
         for a in recent:
             before = (a.used_vram, a.overhead_vram, a.kernel_seconds, a.kernel_time_seen)
             if usage is not None and a.status == "active":
-                used, overhead = usage.get(a.token_hash, (0, 0))
-                bound = sum(memory.get(u, 0) for u in a.gpu_list)
-                if used + overhead > bound:
-                    log.warning("worker %s says allocation %s holds %d bytes, more than its GPUs' %d: "
-                                "counted as %d", name, a.id, used + overhead, bound, bound)
                 a.used_vram, a.overhead_vram = _memory_figures(a, usage, memory)
+                reported = sum(usage.get(a.token_hash, (0, 0)))
+                if reported > a.used_vram:  # held at the memory of its GPUs
+                    log.warning("worker %s says allocation %s holds %d bytes, more than its GPUs' %d: "
+                                "counted as %d", name, a.id, reported, a.used_vram, a.used_vram)
             if kernel and a.token_hash in kernel:
                 # an allocation that ended lately still counts what its kernels ran before its worker
                 # heard of the end
@@ -609,16 +608,15 @@ PROMISE = update(GPU.__table__).where(GPU.__table__.c.uuid == bindparam("gpu")).
 def fitting_gpus(strategy: str, local: bool, first_only: bool):
     """The statement that lists the GPUs of live workers a request fits on, in the strategy's order (an
     index: ix_gpus_busiest or ix_gpus_idlest), with the request as parameters (vram, compute, vram_ratio,
-    compute_ratio, node); built once per kind of request."""
+    compute_ratio, full, node: _fit_params); built once per kind of request."""
     g, w = GPU.__table__.c, Worker.__table__.c
-    q = (select(g.uuid, g.worker_name).join(Worker.__table__, w.name == g.worker_name)
-         # a GPU a vGPU fits has room for more memory and compute (each > 0) than it is promised, so its
-         # load is below the larger ratio: the index skips the full GPUs a lab's first minute leaves in
-         # front of compact-first's order, or each placement would walk past all of them
-         .where(g.load < bindparam("full", type_=Float), w.status == "up", g.memory >= bindparam("vram"),
-                g.memory * bindparam("vram_ratio", type_=Float) - g.promised_vram >= bindparam("vram"),
-                bindparam("compute_ratio", type_=Float) * 100 - g.promised_compute >= bindparam("compute"))
-         .order_by(g.load.desc() if strategy == "compact-first" else g.load.asc(), g.uuid))
+    # a GPU a vGPU fits has room for more memory and compute (each > 0) than it is promised, so its load is
+    # below the larger ratio ("full"): the index skips the full GPUs a lab's first minute leaves in front
+    # of compact-first's order, or each placement would walk past all of them
+    q = live_gpus_in_order(strategy, g.uuid, g.worker_name).where(
+        g.memory >= bindparam("vram"),
+        g.memory * bindparam("vram_ratio", type_=Float) - g.promised_vram >= bindparam("vram"),
+        bindparam("compute_ratio", type_=Float) * 100 - g.promised_compute >= bindparam("compute"))
     if local:
         q = q.where(w.node == bindparam("node"))
     return q.limit(1) if first_only else q

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Float, bindparam, select
 
 from .db import GPU, Worker
 from .scheduler import GPUState, Limits, Request, fits, ratios
@@ -39,24 +39,23 @@ class BatchPlan:
     def take(self, req: Request) -> tuple[str, str] | None:
         """(uuid, worker) of the GPU ``req`` (one GPU, any node) goes on, promised here; None when the
         database must be asked."""
-        order = sorted(self.gpus, key=lambda g: (-load(g) if self.compact else load(g), g.uuid))
-        for g in order:
-            if not fits(g, req, self.limits):
-                continue
-            # compact-first: a GPU placed on here only moves forward, past every GPU not read.
-            # low-load-first: it moves back; one that reached the last read load may follow GPUs not read
-            if not self.compact and self.last is not None and g.uuid in self.changed and load(g) >= self.last:
-                return None
-            g.used_vram += req.vram
-            g.used_compute += req.compute
-            g.sessions += 1
-            self.changed.add(g.uuid)
-            promise = self.pending.setdefault(g.uuid, [0, 0, 0])
-            promise[0] += req.vram
-            promise[1] += req.compute
-            promise[2] += 1
-            return g.uuid, g.worker
-        return None
+        fitting = [g for g in self.gpus if fits(g, req, self.limits)]
+        if not fitting:
+            return None
+        g = min(fitting, key=lambda g: (-load(g) if self.compact else load(g), g.uuid))  # first in order
+        # compact-first: a GPU placed on here only moves forward, past every GPU not read.
+        # low-load-first: it moves back; one that reached the last read load may follow GPUs not read
+        if not self.compact and self.last is not None and g.uuid in self.changed and load(g) >= self.last:
+            return None
+        g.used_vram += req.vram
+        g.used_compute += req.compute
+        g.sessions += 1
+        self.changed.add(g.uuid)
+        promise = self.pending.setdefault(g.uuid, [0, 0, 0])
+        promise[0] += req.vram
+        promise[1] += req.compute
+        promise[2] += 1
+        return g.uuid, g.worker
 
     def flush(self, conn, promise_statement) -> None:
         """Write what was promised here, a row per GPU in uuid order (as every writer of several GPUs)."""
@@ -71,13 +70,19 @@ def load(g: GPUState) -> float:
     return max(g.used_vram / g.memory, g.used_compute / 100)
 
 
+def live_gpus_in_order(strategy: str, *columns):
+    """``columns`` of the GPUs of live workers below load ``full`` (a parameter), in the strategy's order:
+    its index (ix_gpus_busiest or ix_gpus_idlest), then uuid.  What allocations.fitting_gpus narrows to
+    one request and front_of cuts short."""
+    g, w = GPU.__table__.c, Worker.__table__.c
+    return (select(*columns).join(Worker.__table__, w.name == g.worker_name)
+            .where(g.load < bindparam("full", type_=Float), w.status == "up")
+            .order_by(g.load.desc() if strategy == "compact-first" else g.load.asc(), g.uuid))
+
+
 @functools.lru_cache(maxsize=None)
 def front_of(strategy: str):
-    """The first ``wanted`` GPUs of live workers below load ``full``, in the strategy's order (its index),
-    with their promised figures."""
-    g, w = GPU.__table__.c, Worker.__table__.c
-    return (select(g.uuid, g.worker_name, g.memory, g.promised_vram, g.promised_compute, g.sessions)
-            .join(Worker.__table__, w.name == g.worker_name)
-            .where(g.load < bindparam("full"), w.status == "up")
-            .order_by(g.load.desc() if strategy == "compact-first" else g.load.asc(), g.uuid)
-            .limit(bindparam("wanted")))
+    """The first ``wanted`` of live_gpus_in_order, with their promised figures."""
+    g = GPU.__table__.c
+    return live_gpus_in_order(strategy, g.uuid, g.worker_name, g.memory, g.promised_vram, g.promised_compute,
+                              g.sessions).limit(bindparam("wanted"))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rawclient import RawSession
 from workertools import PRELUDE, ROOT, Worker
+from workertools import spool_files as files_under
 
 from gpu_worker.api import errors as E
 
@@ -47,8 +48,7 @@ def own(spool: Path) -> Path:
 
 def spool_files(spool: Path) -> list[str]:
     """The cold files in the worker's subdirectory (its lock file aside), relative to it."""
-    path = own(spool)
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if not p.is_dir() and p.name != ".lock")
+    return files_under(own(spool))
 
 
 def start_cold_holder(tmp_path: Path) -> tuple[Worker, subprocess.Popen, dict]:

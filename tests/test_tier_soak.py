@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from rawclient import RawSession
-from workertools import Worker
+from workertools import Worker, spool_files
 
 from gpu_worker.api import errors as E
 from gpu_worker.client.tokens import token_hash
@@ -56,13 +56,6 @@ def evictions(log: str) -> list[tuple[float, str, list[tuple[str, str]]]]:
     worker's log (its line is written when it ends, with how long it took)."""
     return [(log_time(m.group(1)) - float(m.group(4)), m.group(2), VICTIM.findall(m.group(3)))
             for m in EVICTION.finditer(log)]
-
-
-def spool_files(path: Path) -> list[str]:
-    """Files left in a spool directory (the directories of vGPUs may stay, and the worker's lock file; their files
-    may not)."""
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*")
-                  if not p.is_dir() and p.name != ".lock") if path.exists() else []
 
 
 class Lab:

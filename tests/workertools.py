@@ -27,6 +27,14 @@ def load_script(name: str, path: str):
     return mod
 
 
+def spool_files(path: Path) -> list[str]:
+    """Files under a worker's spool directory, relative to it, the worker's lock file aside (the directories of
+    vGPUs may stay after their files went). The worker removes files while this looks: os.walk passes over a
+    directory that went where rglob would raise, and a caller waiting for an empty spool asks again."""
+    return sorted(str((Path(top) / name).relative_to(path)) for top, _dirs, names in os.walk(path)
+                  for name in names if name != ".lock")
+
+
 def gpu_present() -> bool:
     return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
 

@@ -12,11 +12,12 @@ import time
 from types import SimpleNamespace
 from typing import NamedTuple
 
-from sqlalchemy import Float, Row, and_, bindparam, case, cast, or_, select, text, update
+from sqlalchemy import Float, Row, and_, bindparam, case, cast, event, or_, select, text, update
 
 from gpu_worker.client import LimitError, gpu_settings, token_hash
 
 from .batch_plan import BatchPlan, live_gpus_in_order
+from .changes import WorkerChanges
 from .db import GPU, Allocation, Worker, make_sessionmaker
 from .scheduler import GPUState, InvalidRequest, Limits, NoFit, Request, place, ratios, validate
 
@@ -29,6 +30,7 @@ REFRESH_EVERY = 32   # registrations between two refreshes of PostgreSQL's stati
 REVOKED_FOR = 3600.0  # seconds an ended allocation stays in its worker's heartbeat replies, with why
 MAX_GROUPS = 256      # hub groups one allocation request may name
 RELEASED = "this vGPU was released: its Jupyter server stopped"
+MOVED = "gpulab_moved_workers"  # a session's info key: workers whose heartbeat answer its commit changes
 
 
 class Beat(NamedTuple):
@@ -45,18 +47,22 @@ class Beat(NamedTuple):
 class KnownBeat(NamedTuple):
     """What this replica read of a worker for its last heartbeat, good while the worker's version is
     the same (AllocationBook.heartbeat): its GPUs' memory, its recent allocations as stored, the
-    answer, and when the oldest revocation in it expires."""
+    answer, when the oldest revocation in it expires, its credential's hash and its last_seen as
+    this replica last read or wrote it."""
     version: int
     memory: dict[str, int]
     recent: list[SimpleNamespace]
     beat: Beat
     expires: float
+    credential: str | None
+    seen: float
 
 
 class AllocationBook:
     """Allocations in the pool database, placed by one strategy under oversubscription limits."""
 
-    def __init__(self, db_url: str, strategy: str, limits: Limits, write_every: float = 0.0):
+    def __init__(self, db_url: str, strategy: str, limits: Limits, write_every: float = 0.0,
+                 listen: bool = True):
         self.engine, self.Session = make_sessionmaker(db_url)
         self.strategy = strategy
         self.limits = limits
@@ -77,6 +83,13 @@ class AllocationBook:
         self._kernel_sql = f"UPDATE allocations SET kernel_seconds = {mark}, kernel_time_seen = {mark} WHERE id = {mark}"
         self._begin_sql = "BEGIN IMMEDIATE" if self.engine.dialect.name == "sqlite" else "BEGIN"
         self._reader = self._cursor = None
+        # PostgreSQL: the database tells which workers changed (changes.py), and the usual heartbeat reads
+        # nothing; SQLite's read is in-process and cheap
+        self._changes = (WorkerChanges(self.engine) if listen and self.engine.dialect.name == "postgresql"
+                         else None)
+        self._epoch = 0  # the listening epoch _known is good for
+        event.listen(self.Session, "after_commit", self._forget_moved)
+        event.listen(self.Session, "after_rollback", lambda db: db.info.pop(MOVED, None))
         self._registered = 0  # registrations since the planner's statistics were last refreshed here
 
     def gpu_states(self, db) -> list[GPUState]:
@@ -166,11 +179,19 @@ class AllocationBook:
                 out.append(None)
             if plan is not None:
                 plan.flush(db.connection(), PROMISE)
+            if placed and db.get_bind().dialect.name == "postgresql":
+                # ids from the sequence in one statement: the rows then go in as one executemany (pipelined,
+                # the statement parsed once) instead of one INSERT ... RETURNING of every row, whose
+                # thousands of parameters the driver parsed anew each time (a quarter of a batch's time)
+                ids = db.connection().execute(NEXT_IDS, {"n": len(placed)}).scalars()
+                for (_, alloc, _), new_id in zip(placed, ids):
+                    alloc.id = new_id
             # the workers' addresses and URLs for the answers, read beside the placements (with Core: no
             # flush of the new rows before the commit's one)
             names = sorted({alloc.worker_name for _, alloc, _ in placed})
             if names:  # their heartbeats' replies change (in name order, as every writer of several)
                 db.connection().execute(TOUCH, [{"worker": n} for n in names])
+                moved(db, *names)
             workers = {w.name: w for w in db.connection().execute(
                 select(Worker.__table__).where(Worker.__table__.c.name.in_(names)))} if names else {}
         for i, alloc, token in placed:
@@ -263,10 +284,11 @@ class AllocationBook:
         others are a few SQL statements without the ORM in one transaction; ending an allocation, which is
         rare, goes through _settle first."""
         now = time.time()
+        listening = self.take_changes()
         known = self._known.get(name)
         if known is not None and not _settled:
             try:
-                answer = self._known_answer(name, known, usage, ended, kernel, credential, now)
+                answer = self._known_answer(name, known, usage, ended, kernel, credential, now, listening)
             except Exception as exc:  # the database failed under the quick write: the usual way says so
                 log.info("the heartbeat's quick write failed (%s): writing the usual way", exc)
                 answer = None
@@ -289,22 +311,51 @@ class AllocationBook:
         self._settle(name, ended or {})
         return self.heartbeat(name, usage, None, kernel, credential, _settled=True)
 
-    def _known_answer(self, name: str, known: KnownBeat, usage, ended, kernel, credential, now: float):
+    def take_changes(self) -> bool:
+        """Forget what is known of the workers the database says changed (True), or say that it cannot
+        say (False: not listening, and each heartbeat reads its worker's row).  When listening starts
+        again everything known is forgotten: a change before it was not told."""
+        if self._changes is None:
+            return False
+        moved = self._changes.moved()
+        if moved is None:
+            return False
+        if self._changes.epoch != self._epoch:
+            self._epoch = self._changes.epoch
+            self._known.clear()
+        for name, version in moved.items():
+            known = self._known.get(name)
+            if known is not None and known.version != version:  # not the move this replica made itself
+                del self._known[name]
+        return True
+
+    def _forget_moved(self, db) -> None:
+        """After a commit of this replica's that changed workers' answers (moved()): what was known of them
+        is old, here at once (other replicas hear it from the database)."""
+        for name in db.info.pop(MOVED, ()):
+            self._known.pop(name, None)
+
+    def _known_answer(self, name: str, known: KnownBeat, usage, ended, kernel, credential, now: float,
+                      listening: bool):
         """The answer from what the last heartbeat read, or None when this heartbeat must go to the
         database: the worker's version moved, it is not up, a memory figure changed, it ended one of its
-        active allocations, or a revocation in the answer expired.  When its last_seen is due, it is
-        written here with the kernel seconds that waited (_write_seen)."""
+        active allocations, or a revocation in the answer expired.  Listening (take_changes), what is
+        known is its row as it is; else one read of the row says.  When its last_seen is due, it is
+        written here with the kernel seconds that waited (_write_seen), if its version is the one known."""
         if self.write_every <= 0:  # every heartbeat writes: nothing is answered from memory
             return None
-        try:
-            row = self._read_version(name)
-        except Exception as exc:  # e.g. the database restarted: this heartbeat goes the usual way
-            log.info("the heartbeat's quick read failed (%s): reading the usual way", exc)
-            self.close_reader()
-            return None
-        if row is None:
-            return None
-        status, hashed, last_seen, version = row
+        if listening:
+            status, hashed, last_seen, version = "up", known.credential, known.seen, known.version
+        else:
+            try:
+                row = self._read_version(name)
+            except Exception as exc:  # e.g. the database restarted: this heartbeat goes the usual way
+                log.info("the heartbeat's quick read failed (%s): reading the usual way", exc)
+                self.close_reader()
+                return None
+            if row is None:
+                return None
+            status, hashed, last_seen, version = row
         if credential is not None and not (hashed and hmac.compare_digest(hashed, credential)):
             return WRONG_CREDENTIAL
         if version != known.version or status != "up" or now >= known.expires:
@@ -332,11 +383,14 @@ class AllocationBook:
                 add_kernel_time(a, kernel[a.token_hash], now)
                 figures.append((a.kernel_seconds, a.kernel_time_seen, a.id))
             recent.append(a)
-        cursor = self._cursor
         try:
+            cursor = self._reading_cursor()
             if not figures:  # one statement: its own transaction
                 cursor.execute(self._seen_sql, (now, name, known.version))
-                return cursor.rowcount == 1
+                if cursor.rowcount != 1:
+                    return False
+                self._known[name] = known._replace(seen=now)
+                return True
             cursor.execute(self._begin_sql)
             cursor.execute(self._seen_moved_sql, (now, name, known.version))
             if cursor.rowcount != 1:
@@ -347,11 +401,17 @@ class AllocationBook:
         except Exception:
             self.close_reader()  # an open transaction goes with it
             raise
-        self._known[name] = known._replace(version=known.version + 1, recent=recent)
+        self._known[name] = known._replace(version=known.version + 1, recent=recent, seen=now)
         return True
 
     def _read_version(self, name: str):
         """(status, credential_hash, last_seen, version) of worker ``name``, or None."""
+        cursor = self._reading_cursor()
+        cursor.execute(self._version_sql, (name,))
+        return cursor.fetchone()
+
+    def _reading_cursor(self):
+        """The cursor of the heartbeat's own connection (opened when first needed)."""
         if self._reader is None:
             fairy = self.engine.raw_connection()
             fairy.detach()  # ours until close_reader(), outside the engine's pool
@@ -359,8 +419,7 @@ class AllocationBook:
                 fairy.dbapi_connection.rollback()  # the pool's ping opened a transaction
                 fairy.dbapi_connection.autocommit = True
             self._reader, self._cursor = fairy, fairy.cursor()  # one cursor for all: each costs the driver
-        self._cursor.execute(self._version_sql, (name,))
-        return self._cursor.fetchone()
+        return self._cursor
 
     def close_reader(self) -> None:
         """Close the heartbeat's reading connection (opened again when next needed)."""
@@ -370,6 +429,13 @@ class AllocationBook:
                 reader.close()
             except Exception:  # already broken: nothing more to close
                 pass
+
+    def close(self) -> None:
+        """Close the heartbeats' own connections and the engine's (a replica that stops)."""
+        self.close_reader()
+        if self._changes is not None:
+            self._changes.close()
+        self.engine.dispose()
 
     def _beat(self, conn, name, w, memory, recent, usage, kernel, now) -> Beat:
         """The heartbeat in the database: grants and ends from ``recent`` (its allocations, read), the
@@ -406,11 +472,13 @@ class AllocationBook:
             return beat
         if w.status != "up":
             log.info("worker %s is back", name)
+        seen = w.last_seen
         if w.status != "up" or now - w.last_seen >= self.write_every or changed:
             conn.execute(BEAT_SEEN, {"worker": name, "now": now, "bump": int(bool(changed))})
+            seen = now
         ends = [a.ended for a in recent if a.status != "active" and a.ended is not None]
         self._known[name] = KnownBeat(version, memory, recent, beat,
-                                      min(ends) + REVOKED_FOR if ends else float("inf"))
+                                      min(ends) + REVOKED_FOR if ends else float("inf"), w.credential_hash, seen)
         return beat
 
     def _settle(self, name: str, ended: dict[str, str]) -> None:
@@ -565,9 +633,16 @@ def _lose(db, w: Worker, what: str, status: str = "lost") -> None:
     """Mark ``w`` lost (or gone) and its active allocations lost, each with a message that starts with
     ``what``."""
     w.status = status
+    moved(db, w.name)
     now = time.time()
     for a in db.scalars(select(Allocation).where(Allocation.worker_name == w.name, Allocation.status == "active")):
         _end(db, a, "lost", now, f"Your vGPU was lost: {what}. Stop and start your server to get a new one.")
+
+
+def moved(db, *workers: str) -> None:
+    """Session ``db`` changes what these workers' heartbeats are answered: when it commits, the book
+    forgets what it knew of them (AllocationBook._forget_moved)."""
+    db.info.setdefault(MOVED, set()).update(workers)
 
 
 def _end(db, a: Allocation, status: str, when: float, message: str | None = None) -> None:
@@ -575,6 +650,7 @@ def _end(db, a: Allocation, status: str, when: float, message: str | None = None
     if a.status == "active":
         _promise(db, a, -1)
     db.connection().execute(TOUCH, {"worker": a.worker_name})  # its worker's reply changes
+    moved(db, a.worker_name)
     a.status, a.ended = status, when
     if message is not None:
         a.message = message
@@ -678,6 +754,8 @@ BEAT_FIGURES = update(Allocation.__table__).where(_A.id == bindparam("row")).val
     kernel_time_seen=bindparam("seen"))
 BEAT_SEEN = update(Worker.__table__).where(_W.name == bindparam("worker")).values(
     status="up", last_seen=bindparam("now"), version=_W.version + bindparam("bump"))
+# PostgreSQL: n new allocation ids, in order (allocate_many)
+NEXT_IDS = text("SELECT nextval(pg_get_serial_sequence('allocations', 'id')) FROM generate_series(1, :n)")
 # a change a worker's heartbeat reply depends on (KnownBeat): its version moves on
 TOUCH = update(Worker.__table__).where(_W.name == bindparam("worker")).values(version=_W.version + 1)
 WRONG_CREDENTIAL = object()  # AllocationBook.heartbeat: the credential is not the worker's

@@ -50,7 +50,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy import make_url, select
 from sqlalchemy.exc import SQLAlchemyError
 from tornado import ioloop, web
-from traitlets import Enum, Float, Set, TraitError, Unicode, default, validate
+from traitlets import Bool, Enum, Float, Set, TraitError, Unicode, default, validate
 from traitlets.config import Application
 
 from .allocations import AllocationBook
@@ -102,6 +102,12 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
                               "leader checks every third of it; a heartbeat writes the worker's last_seen only "
                               "when it is a quarter of this old, and the check allows for that, so a silent "
                               "worker is marked lost after 1 to about 1.6 times this).").tag(config=True)
+    listen_for_worker_changes = Bool(True, help="PostgreSQL: learn which workers changed from the database "
+                                     "(LISTEN/NOTIFY on channel gpulab_workers) and answer the usual heartbeat "
+                                     "without reading its worker's row. Turn off behind a connection pooler in "
+                                     "transaction mode (PgBouncer), where LISTEN does not reach this replica: each "
+                                     "heartbeat then reads its worker's row. No effect on SQLite, whose heartbeats "
+                                     "read it in-process.").tag(config=True)
     api_token = Unicode(help="Secret the hub (spawner) uses for the allocation API "
                         "(default: $GPULAB_POOL_API_TOKEN).").tag(config=True)
     worker_token = Unicode(help="Enrolment secret of the workers (default: $GPULAB_POOL_WORKER_TOKEN). It "
@@ -235,7 +241,8 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         # last_seen written when a quarter of heartbeat_timeout old; the check allows for that lag
         self.book = AllocationBook(self.db_url, self.strategy,
                                    Limits(self.vram_oversubscription, self.compute_oversubscription),
-                                   write_every=self.heartbeat_timeout / 4)
+                                   write_every=self.heartbeat_timeout / 4,
+                                   listen=self.listen_for_worker_changes)
         self.metrics = PoolMetrics(self)
         self.live = LiveFacts()  # the workers' last heartbeats: vGPU processes, GPU facts (live.py)
         self.lease = LeaderLease(self.book.Session, self.replica_name, self.lease_period)
@@ -408,6 +415,9 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         ioloop.PeriodicCallback(self.lead, self.lease.interval * 1000).start()
         self._last_periodic, self._periodic_ran, self._periodic_failing = time.monotonic(), False, False
         ioloop.PeriodicCallback(self.periodic_work, self.periodic_interval * 1000).start()
+        # notices of changed workers are read at each heartbeat, and at least every second: a listener that
+        # left them unread would hold back PostgreSQL's notification queue, shared by the whole server
+        ioloop.PeriodicCallback(self.book.take_changes, 1000).start()
         print(f"gpulab pool listening on {self.bind_url}{self.prefix}, workers on {self.worker_bind_url} "
               f"(database {make_url(engine_url(self.db_url)).render_as_string(hide_password=True)}, strategy {self.strategy}, replica {self.replica_name}"
               f"{', leader' if self.leader else ''})", flush=True)

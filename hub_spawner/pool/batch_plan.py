@@ -9,6 +9,7 @@ read fits): the caller then writes what the plan placed (flush) and places the r
 """
 from __future__ import annotations
 
+import bisect
 import functools
 
 from sqlalchemy import Float, bindparam, select
@@ -29,8 +30,10 @@ class BatchPlan:
         full = max(max(ratios(r, limits)) for r in requests)
         wanted = len(requests) + SPARE
         rows = conn.execute(front_of(strategy), {"full": float(full), "wanted": wanted}).all()
-        self.gpus = [GPUState(uuid, worker, "", memory, vram, compute, sessions)
-                     for uuid, worker, memory, vram, compute, sessions in rows]
+        # kept in the strategy's order as placing here changes their loads: a request takes the first that
+        # fits, mostly at the front (a batch of 200 looked at all 208 GPUs read for each: most of its time)
+        self.gpus = sorted((GPUState(uuid, worker, "", memory, vram, compute, sessions)
+                            for uuid, worker, memory, vram, compute, sessions in rows), key=self.order)
         # GPUs not read come after the last one read, in the strategy's order: None when all were read
         self.last = load(self.gpus[-1]) if len(rows) == wanted else None
         self.changed: set[str] = set()
@@ -39,23 +42,30 @@ class BatchPlan:
     def take(self, req: Request) -> tuple[str, str] | None:
         """(uuid, worker) of the GPU ``req`` (one GPU, any node) goes on, promised here; None when the
         database must be asked."""
-        fitting = [g for g in self.gpus if fits(g, req, self.limits)]
-        if not fitting:
+        at = next((i for i, g in enumerate(self.gpus) if fits(g, req, self.limits)), None)
+        if at is None:
             return None
-        g = min(fitting, key=lambda g: (-load(g) if self.compact else load(g), g.uuid))  # first in order
+        g = self.gpus[at]
         # compact-first: a GPU placed on here only moves forward, past every GPU not read.
         # low-load-first: it moves back; one that reached the last read load may follow GPUs not read
         if not self.compact and self.last is not None and g.uuid in self.changed and load(g) >= self.last:
             return None
+        del self.gpus[at]
         g.used_vram += req.vram
         g.used_compute += req.compute
         g.sessions += 1
+        bisect.insort(self.gpus, g, key=self.order)
         self.changed.add(g.uuid)
         promise = self.pending.setdefault(g.uuid, [0, 0, 0])
         promise[0] += req.vram
         promise[1] += req.compute
         promise[2] += 1
         return g.uuid, g.worker
+
+    def order(self, g: GPUState) -> tuple[float, str]:
+        """A GPU's place in the strategy's order: compact-first the busiest first, low-load-first the
+        idlest; uuid breaks ties (scheduler.place's order)."""
+        return (-load(g) if self.compact else load(g), g.uuid)
 
     def flush(self, conn, promise_statement) -> None:
         """Write what was promised here, a row per GPU in uuid order (as every writer of several GPUs)."""

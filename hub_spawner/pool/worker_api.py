@@ -38,7 +38,7 @@ from tornado import web, websocket
 
 from gpu_worker.client.limits import MAX_COUNT as MAX_GPUS_PER_VGPU
 
-from .allocations import WRONG_CREDENTIAL, recount
+from .allocations import WRONG_CREDENTIAL, moved, recount
 from .api import APIHandler
 from .db import GPU, Worker
 
@@ -342,6 +342,7 @@ class WorkersHandler(WorkerAPIHandler):
             w.pod = reg["pod"]
             w.status, w.last_seen = "up", time.time()
             w.version = (w.version or 0) + 1  # what its heartbeats are answered changes (GPUs, grants)
+            moved(db, name)
             db.add(w)
             # the GPUs it offers now are all its GPUs: one it no longer offers leaves the pool, and the
             # allocations on it are revoked at its next heartbeat (AllocationBook._grants)
@@ -509,6 +510,7 @@ class WorkerCredentialHandler(APIHandler):
             if w is None:
                 raise web.HTTPError(404, f"unknown worker {name}")
             w.credential_hash = None
+            moved(db, name)  # its heartbeats are refused from now on
         log.info("worker %s's credential was released; the name may be enrolled again", name)
         self.set_status(204)
         self.finish()

@@ -66,7 +66,7 @@ def test_an_empty_database_gets_the_models_schema_at_the_newest_revision(db_url)
     engine, _ = make_sessionmaker(db_url)
     try:
         with engine.connect() as conn:
-            assert current(conn) == head() == "0004"
+            assert current(conn) == head() == "0005"
         assert schema_drift(engine) == []
     finally:
         engine.dispose()
@@ -94,7 +94,7 @@ def test_a_database_of_the_previous_pool_is_upgraded_with_its_allocations(db_url
     book = AllocationBook(db_url, "compact-first", Limits())
     try:
         with book.engine.connect() as conn:
-            assert current(conn) == "0004"
+            assert current(conn) == "0005"
         assert schema_drift(book.engine) == []
         with book.Session() as db:
             kept = [(a.id, a.user, a.status, a.token_hash, a.used_vram, a.kernel_seconds, a.group_list)
@@ -131,7 +131,7 @@ def test_two_replicas_starting_together_upgrade_once(db_url):
     engine = create_engine(engine_url(db_url))
     try:
         with engine.connect() as conn:
-            assert current(conn) == "0004"
+            assert current(conn) == "0005"
             assert set(inspect(conn).get_table_names()) >= {"workers", "gpus", "allocations", "leases"}
     finally:
         engine.dispose()

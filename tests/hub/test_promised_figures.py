@@ -230,8 +230,7 @@ def test_a_batch_places_what_placing_one_by_one_would(request, tmp_path, strateg
             for _ in range(len(live) // 3):
                 book.release(live.pop(rng.randrange(len(live))))
     finally:
-        book.close_reader()
-        book.engine.dispose()
+        book.close()
 
 
 def test_a_batch_asks_the_database_when_a_gpu_it_did_not_read_may_come_first(tmp_path):

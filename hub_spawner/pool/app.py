@@ -35,7 +35,6 @@ the worker routes above answer 404 there:
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import secrets
@@ -54,6 +53,7 @@ from traitlets import Bool, Enum, Float, Set, TraitError, Unicode, default, vali
 from traitlets.config import Application
 
 from .allocations import AllocationBook
+from .heap import HeapKeeper
 from .api import (AllocationHandler, AllocationsHandler, AvailabilityHandler, GPUsHandler, HealthHandler,
                   RevokeHandler, UsageHandler, log_request)
 from .worker_api import (MAX_SOCKET_MESSAGE, GrantHandler, HeartbeatHandler, HeartbeatSocket, NotHereHandler,
@@ -407,11 +407,9 @@ gpulab pool --db-url postgresql://pool:pw@db/pool --strategy low-load-first --vr
         wurl = urlparse(self.worker_bind_url)
         self.make_worker_app().listen(wurl.port or 80, wurl.hostname or "127.0.0.1", backlog=LISTEN_BACKLOG)
         self.lead()
-        # What start-up made (modules, classes, the tables' metadata: some 100,000 objects) lives as long as
-        # the pool: kept out of the collector's full passes, which would otherwise walk it a few times a
-        # minute under load, ~100 ms each on a small machine, in the middle of a lab's burst
-        gc.collect()
-        gc.freeze()
+        # what start-up made (modules, classes, the tables' metadata: some 100,000 objects) and what survives
+        # each full collection (the workers' connections) are kept out of the next ones (heap.py)
+        HeapKeeper(ioloop.IOLoop.current().asyncio_loop).start()
         ioloop.PeriodicCallback(self.lead, self.lease.interval * 1000).start()
         self._last_periodic, self._periodic_ran, self._periodic_failing = time.monotonic(), False, False
         ioloop.PeriodicCallback(self.periodic_work, self.periodic_interval * 1000).start()

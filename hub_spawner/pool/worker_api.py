@@ -510,7 +510,8 @@ class WorkerCredentialHandler(APIHandler):
             if w is None:
                 raise web.HTTPError(404, f"unknown worker {name}")
             w.credential_hash = None
-            moved(db, name)  # its heartbeats are refused from now on
+            w.version = (w.version or 0) + 1  # its heartbeats are refused from now on, here and at every replica
+            moved(db, name)
         log.info("worker %s's credential was released; the name may be enrolled again", name)
         self.set_status(204)
         self.finish()

@@ -23,8 +23,8 @@ PostgreSQL database, the workers' heartbeats and the burst's requests spread ove
    used/overhead, one process, counters and cumulative kernel time.
 3. Once every worker's first heartbeat was answered (at least one interval after they began; at 1,000 workers
    on a small machine the first round, a WebSocket handshake and a full read each, can take longer, and a burst
-   inside it would measure a pool's restart rather than a lab's first minute; the time it took is printed), the
-   bursts.  Burst: ``--burst`` (200) POST api/allocations issued at once, a connection each; latency from each
+   inside it would measure a pool's restart rather than a lab's first minute; the time it took is printed) and
+   one more interval (for the beats a slow first round delayed), the bursts.  Burst: ``--burst`` (200) POST api/allocations issued at once, a connection each; latency from each
    request's connect to its answer; 201s and 503s counted.  The first burst's allocations stay for one
    heartbeat interval (every worker learns its grants) and then the heartbeat window (``--window``, 20 s): the
    pool's CPU (utime + stime from /proc/<pid>/stat) over it, divided by the heartbeats answered in it, is its
@@ -383,6 +383,8 @@ async def measure(pools: list[PoolProcess], n: int, args, server=None) -> dict:
         if len(beats.first_answered) < n:
             raise RuntimeError(f"only {len(beats.first_answered)} of {n} workers had a heartbeat answered in "
                                f"{FIRST_ROUND_LIMIT:.0f} s")
+        # and one more interval: beats the first round delayed (they go at once, none made up) are answered
+        await asyncio.sleep(args.heartbeat_interval)
         latencies, placed, refused, other, burst_p95 = [], 0, 0, [], []
         window = {}
         for k in range(args.bursts):

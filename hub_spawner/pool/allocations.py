@@ -317,13 +317,13 @@ class AllocationBook:
         again everything known is forgotten: a change before it was not told."""
         if self._changes is None:
             return False
-        moved = self._changes.moved()
-        if moved is None:
+        changed = self._changes.moved()
+        if changed is None:
             return False
         if self._changes.epoch != self._epoch:
             self._epoch = self._changes.epoch
             self._known.clear()
-        for name, version in moved.items():
+        for name, version in changed.items():
             known = self._known.get(name)
             if known is not None and known.version != version:  # not the move this replica made itself
                 del self._known[name]

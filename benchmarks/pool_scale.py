@@ -24,13 +24,14 @@ PostgreSQL database, the workers' heartbeats and the burst's requests spread ove
 3. Once every worker's first heartbeat was answered (at least one interval after they began; at 1,000 workers
    on a small machine the first round, a WebSocket handshake and a full read each, can take longer, and a burst
    inside it would measure a pool's restart rather than a lab's first minute; the time it took is printed) and
-   one more interval (for the beats a slow first round delayed), the bursts.  Burst: ``--burst`` (200) POST api/allocations issued at once, a connection each; latency from each
-   request's connect to its answer; 201s and 503s counted.  The first burst's allocations stay for one
-   heartbeat interval (every worker learns its grants) and then the heartbeat window (``--window``, 20 s): the
-   pool's CPU (utime + stime from /proc/<pid>/stat) over it, divided by the heartbeats answered in it, is its
-   CPU per heartbeat; over the window's length, the percent of one core heartbeats at that interval take; the
-   heartbeats' latencies in the window give p50/p95.  Then they are released (DELETE) and the other bursts
-   follow (``--bursts``, 3 in all), each released before the next, latencies pooled over bursts.
+   one more interval (for the beats a slow first round delayed), the bursts.  Burst: ``--burst`` (200) POST
+   api/allocations issued at once, a connection each; latency from each request's connect to its answer; 201s
+   and 503s counted.  The first burst's allocations stay for one heartbeat interval (every worker learns its
+   grants) and then the heartbeat window (``--window``, 20 s): the pool's CPU (utime + stime from
+   /proc/<pid>/stat) over it, divided by the heartbeats answered in it, is its CPU per heartbeat; over the
+   window's length, the percent of one core heartbeats at that interval take; the heartbeats' latencies in the
+   window give p50/p95.  Then they are released (DELETE) and the other bursts follow (``--bursts``, 3 in all),
+   each released before the next, latencies pooled over bursts.
 
 The load generator is this one process (asyncio: tornado's WebSocket client, or streams for HTTP): its own CPU
 over the window is printed beside the pool's, as this machine has only two cores.
@@ -409,7 +410,8 @@ async def measure(pools: list[PoolProcess], n: int, args, server=None) -> dict:
         await beats.stop()
     # failures are part of the measure (a pool too busy to accept connections), shown and counted
     per_beat = window["pool_cpu_s"] / window["beats"] * 1000 if window["beats"] else float("nan")
-    return {"workers": n, "gpus": n * GPUS, "replicas": len(pools), "first_round_s": first_round, "alloc_p50_ms": percentile(latencies, 50) * 1000,
+    return {"workers": n, "gpus": n * GPUS, "replicas": len(pools), "first_round_s": first_round,
+            "alloc_p50_ms": percentile(latencies, 50) * 1000,
             "alloc_p95_ms": percentile(latencies, 95) * 1000, "alloc_max_ms": max(latencies) * 1000,
             "burst_p95_ms": burst_p95,
             "allocations": len(latencies), "201": placed, "503": refused, "alloc_failed": other,

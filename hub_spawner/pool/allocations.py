@@ -325,7 +325,9 @@ class AllocationBook:
             self._known.clear()
         for name, version in changed.items():
             known = self._known.get(name)
-            if known is not None and known.version != version:  # not the move this replica made itself
+            # versions only grow: a notice of a version already known is this replica's own move, or one it
+            # read after it happened
+            if known is not None and (version < 0 or version > known.version):
                 del self._known[name]
         return True
 

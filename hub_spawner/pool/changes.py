@@ -68,6 +68,7 @@ class WorkerChanges:
     def _listen(self) -> bool:
         if time.monotonic() - self._failed_at < self.retry_after:
             return False
+        fairy = None
         try:
             fairy = self.engine.raw_connection()
             fairy.detach()  # ours until close(), outside the engine's pool
@@ -79,6 +80,8 @@ class WorkerChanges:
         except Exception as exc:
             log.warning("could not listen for changes to workers (%s): heartbeats read the database", exc)
             self._failed_at = time.monotonic()
+            self._fairy = fairy
+            self.close()  # a connection that opened but could not listen
             return False
         self._fairy, self._ended = fairy, ""
         self.epoch += 1

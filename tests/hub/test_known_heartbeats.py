@@ -52,10 +52,18 @@ def beat(book, usage=None, kernel=None, ended=None):
 
 
 def heard(book) -> None:
-    """A listening book: wait for the notice of a change the other replica committed (notices come after
-    the commit, a moment later).  Reading books read the row at the next heartbeat: nothing to wait for."""
-    if book._changes is not None:
-        assert book._changes.wait(5.0), "no notice of the other replica's change came within 5 s"
+    """A listening book: wait until the notice of a change the other replica committed made it forget w1
+    (notices come after the commit, a moment later; an older one may come first).  Reading books read the
+    row at the next heartbeat: nothing to wait for."""
+    if book._changes is None:
+        return
+    deadline = time.monotonic() + 5.0
+    while True:
+        assert book.take_changes(), "the book is not listening"
+        if "w1" not in book._known:
+            return
+        assert time.monotonic() < deadline, "no notice of the other replica's change came within 5 s"
+        book._changes.wait(deadline - time.monotonic())
 
 
 def stored(book, alloc_id) -> tuple:
@@ -235,6 +243,25 @@ def test_a_listening_replica_answers_the_usual_heartbeat_without_the_database(li
     assert answer.grants == [] and answer.revoked == {h: "an admin revoked this vGPU: the lab is over"}
     assert statements, "the heartbeat after another replica's change did not read the database"
     assert stored(a, alloc.id) == (2 * G, 16.0)
+
+
+def test_an_older_notice_does_not_unsettle_what_was_read_after_it(listeners):
+    """Notices come a moment after their commit: one of a version this replica has already read past
+    (its own older move, another replica's) leaves what it knows alone; a newer one, or -1, does not."""
+    a, b, sent = listeners
+    alloc, _, _ = b.allocate({"user": "ann", "vram": "4G", "compute": 25})
+    b.release(alloc.id)  # the worker's version is 2 now
+    beat(a)
+    version = a._known["w1"].version
+    assert version == 2
+    for payload, forgets in ((f"w1 {version - 1}", False), (f"w1 {version}", False),
+                             (f"w1 {version + 1}", True)):
+        with b.engine.connect() as conn:
+            conn.exec_driver_sql(f"SELECT pg_notify('gpulab_workers', '{payload}')")
+            conn.commit()
+        assert a._changes.wait(5.0)
+        answer, statements = quiet(a, sent)
+        assert bool(statements) == forgets, (payload, statements)
 
 
 def test_a_lost_notice_is_caught_when_last_seen_is_next_written(listeners):

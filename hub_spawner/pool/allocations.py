@@ -18,7 +18,7 @@ from gpu_worker.client import LimitError, gpu_settings, token_hash
 
 from .batch_plan import BatchPlan, live_gpus_in_order
 from .changes import WorkerChanges
-from .db import GPU, Allocation, Worker, make_sessionmaker
+from .db import GPU, Allocation, Worker, close_quietly, make_sessionmaker, own_connection
 from .scheduler import GPUState, InvalidRequest, Limits, NoFit, Request, place, ratios, validate
 
 log = logging.getLogger("gpulab.pool")
@@ -415,22 +415,14 @@ class AllocationBook:
     def _reading_cursor(self):
         """The cursor of the heartbeat's own connection (opened when first needed)."""
         if self._reader is None:
-            fairy = self.engine.raw_connection()
-            fairy.detach()  # ours until close_reader(), outside the engine's pool
-            if self.engine.dialect.name == "postgresql":
-                fairy.dbapi_connection.rollback()  # the pool's ping opened a transaction
-                fairy.dbapi_connection.autocommit = True
+            fairy = own_connection(self.engine)
             self._reader, self._cursor = fairy, fairy.cursor()  # one cursor for all: each costs the driver
         return self._cursor
 
     def close_reader(self) -> None:
         """Close the heartbeat's reading connection (opened again when next needed)."""
         reader, self._reader, self._cursor = self._reader, None, None
-        if reader is not None:
-            try:
-                reader.close()
-            except Exception:  # already broken: nothing more to close
-                pass
+        close_quietly(reader)
 
     def close(self) -> None:
         """Close the heartbeats' own connections and the engine's (a replica that stops)."""

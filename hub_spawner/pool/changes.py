@@ -15,6 +15,8 @@ import logging
 import select
 import time
 
+from .db import close_quietly, own_connection
+
 log = logging.getLogger("gpulab.pool")
 
 CHANNEL = "gpulab_workers"
@@ -70,18 +72,13 @@ class WorkerChanges:
             return False
         fairy = None
         try:
-            fairy = self.engine.raw_connection()
-            fairy.detach()  # ours until close(), outside the engine's pool
-            dbapi = fairy.dbapi_connection
-            dbapi.rollback()  # the pool's ping opened a transaction
-            dbapi.autocommit = True
-            dbapi.execute(f"LISTEN {CHANNEL}")
-            dbapi.add_notice_handler(self._noticed)
+            fairy = own_connection(self.engine)
+            fairy.dbapi_connection.execute(f"LISTEN {CHANNEL}")
+            fairy.dbapi_connection.add_notice_handler(self._noticed)
         except Exception as exc:
             log.warning("could not listen for changes to workers (%s): heartbeats read the database", exc)
             self._failed_at = time.monotonic()
-            self._fairy = fairy
-            self.close()  # a connection that opened but could not listen
+            close_quietly(fairy)  # a connection that opened but could not listen
             return False
         self._fairy, self._ended = fairy, ""
         self.epoch += 1
@@ -95,8 +92,4 @@ class WorkerChanges:
 
     def close(self) -> None:
         fairy, self._fairy = self._fairy, None
-        if fairy is not None:
-            try:
-                fairy.close()
-            except Exception:  # already broken: nothing more to close
-                pass
+        close_quietly(fairy)

@@ -181,6 +181,31 @@ ADDED_COLUMNS = [
 ]
 
 
+def own_connection(engine):
+    """A connection of the caller's own, outside the engine's pool until close_quietly(), in autocommit on
+    PostgreSQL (the heartbeats' quick reads and writes, the notices' listener): SQLAlchemy's execution, its
+    pool's ping and rollback would cost more than what these connections do."""
+    fairy = engine.raw_connection()
+    try:
+        fairy.detach()
+        if engine.dialect.name == "postgresql":
+            fairy.dbapi_connection.rollback()  # the pool's ping opened a transaction
+            fairy.dbapi_connection.autocommit = True
+    except Exception:
+        close_quietly(fairy)
+        raise
+    return fairy
+
+
+def close_quietly(fairy) -> None:
+    """Close an own_connection() whatever became of it (a broken one has nothing more to close)."""
+    if fairy is not None:
+        try:
+            fairy.close()
+        except Exception:
+            pass
+
+
 def bring_to_first_revision(engine) -> None:
     """A database from before Alembic: add the columns it lacks, replace its plain session tokens by
     their hashes and make the hashes unique; it then has revision 0001's schema."""

@@ -64,10 +64,11 @@ class FakePool:
 def link_to(tmp_path):
     made = []
 
-    def link(replies, registry, pod=""):
+    def link(replies, registry, pod="", unix_socket=""):
         pool = FakePool(replies)
         pl = PoolLink(pool.url, "enrol", "w1", "tcp://127.0.0.1:7000", "n1", "emulated", [GPU], interval=0.1,
-                      credential_file=str(tmp_path / f"w1{pod}.credential"), registry=registry, pod=pod)
+                      credential_file=str(tmp_path / f"w1{pod}.credential"), registry=registry, pod=pod,
+                      unix_socket=unix_socket)
         pl.start()
         made.append((pool, pl))
         return pool, pl
@@ -129,3 +130,15 @@ def test_the_registration_names_the_pod_only_in_one(link_to, pod):
     pool.wait_beats(1)
     assert pool.registrations[0].get("pod", None) == (pod or None)
     assert pool.registrations[0]["node"] == "n1"
+
+
+@pytest.mark.parametrize("unix_socket", ["/run/gpulab/worker.sock", "worker.sock", ""])
+def test_the_registration_names_the_unix_socket_absolute_only_with_one(link_to, unix_socket, monkeypatch, tmp_path):
+    """The pool hands a local vGPU's server the worker's Unix socket (native mode): a relative --unix-socket is
+    sent as the absolute path the worker bound; a worker with none sends no such field."""
+    monkeypatch.chdir(tmp_path)
+    pool, _ = link_to([{"grants": [], "revoked": {}}], VGPURegistry([GPU], "emulated"), unix_socket=unix_socket)
+    pool.wait_beats(1)
+    expected = {"/run/gpulab/worker.sock": "/run/gpulab/worker.sock", "worker.sock": str(tmp_path / "worker.sock"),
+                "": None}[unix_socket]
+    assert pool.registrations[0].get("unix_socket", None) == expected

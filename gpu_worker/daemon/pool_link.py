@@ -80,11 +80,13 @@ class PoolLink:
     """Registration and heartbeats of one worker; ``registry`` (a VGPURegistry) gives the heartbeat's
     figures and receives the grants; ``control_url`` (http://host:port) is where its control API
     listens, which the pool hands the sessions' servers ("" for none); ``pod`` is the name of the
-    Kubernetes pod it runs in ("" outside one), by which the pool's pod watch knows this worker."""
+    Kubernetes pod it runs in ("" outside one), by which the pool's pod watch knows this worker;
+    ``unix_socket`` is the path of its Unix socket ("" for none), which the pool hands the servers of
+    local vGPUs on this node: their native libcuda.so.1 reaches this worker there."""
 
     def __init__(self, url: str, token: str, name: str, address: str, node: str, backend: str, gpus: list[dict],
                  interval: float = 5.0, credential_file: str = "", registry=None, control_url: str = "",
-                 pod: str = ""):
+                 pod: str = "", unix_socket: str = ""):
         self.url = url.rstrip("/")
         self.token = token  # the enrolment secret
         self.credential_file = credential_file or default_credential_file(name)
@@ -95,6 +97,8 @@ class PoolLink:
                      "control": control_url, "gpus": gpus}
         if pod:  # in a pod only; the pool then finds this worker by it when the pod is deleted or fails
             self.info["pod"] = pod
+        if unix_socket:  # absolute: the servers of its local vGPUs dial it from other working directories
+            self.info["unix_socket"] = os.path.abspath(unix_socket)
         self.interval = interval
         self.registry = registry
         self._saved = None  # the grants last written to grants_file

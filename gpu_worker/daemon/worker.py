@@ -491,7 +491,7 @@ class GPUWorker(Configurable):
         self.pool_link = PoolLink(self.pool_url, token, self.worker_name(), address, self.node, self.kind,
                                   self.registry.gpus(), self.heartbeat_interval,
                                   credential_file=self.pool_credential_file, registry=self.registry,
-                                  control_url=control_url, pod=self.pod)
+                                  control_url=control_url, pod=self.pod, unix_socket=self.unix_socket)
         self.pool_link.start()
 
     # ------------------------------------------------------------ accept loop

@@ -54,13 +54,24 @@ TIER_OFF = 224                   # VRAM tiers of the process's own allocations (
 # that touched device memory (wall clock).  Each field has one writer and is written alone (pack_into at its own
 # offset): the keepalive thread stamps last_touch while the main thread counts moves.
 TIERS = struct.Struct("<3Q4II4x2Q3d")
-# offsets in TIERS of the fields written one by one
-T_OFFLOADS, T_RESTORES, T_FAILURES, T_DONE, T_RESULT = 24, 28, 32, 36, 40
+# offsets in TIERS of the fields written one by one. T_FROZEN is in the padding after T_RESULT, for native-mode
+# processes: its byte is the daemon's "frozen" flag (native.py sets it before freezing the process, the shim reads
+# it at every call), the next byte the shim's reasons not to freeze it (native.py's UVM, IPC bits)
+T_OFFLOADS, T_RESTORES, T_FAILURES, T_DONE, T_RESULT, T_FROZEN = 24, 28, 32, 36, 40, 44
 T_BYTES_OUT, T_BYTES_IN, T_SECONDS_OUT, T_SECONDS_IN, T_TOUCH = 48, 56, 64, 72, 80
 RING_OFF = TIER_OFF + TIERS.size
 SLOT_SIZE = RING_OFF + 8 + TRACE_LEN * RECORD.size  # the ring's write count, then the ring
 FREE, LIVE = 0, 1
 U64 = struct.Struct("<Q")
+
+
+def native_layout() -> dict[str, int]:
+    """Where the native-mode shim finds what it reads and writes in these pages (sent at its attach, so this
+    file stays the layout's one owner): header offsets, then offsets within a slot."""
+    return {"header": HEADER_SIZE, "slot_size": SLOT_SIZE, "revoked_off": 4, "quota_off": 8, "reason_len_off": 16,
+            "pace_off": PACE_OFF, "reason_off": REASON_OFF, "used_off": USED_OFF, "overhead_off": OVERHEAD_OFF,
+            "calls_off": 32, "launches_off": 40, "kernel_off": KERNEL_OFF, "tier_off": TIER_OFF,
+            "frozen_off": TIER_OFF + T_FROZEN}
 
 
 class Ledger:
@@ -200,6 +211,13 @@ class Ledger:
         first = max(after, count - TRACE_LEN)
         out = [RECORD.unpack_from(self.map, ring + 8 + (k % TRACE_LEN) * RECORD.size) for k in range(first, count)]
         return out, count
+
+    def set_frozen(self, i: int, frozen: bool) -> None:
+        """(daemon) A native-mode process is being frozen (its next CUDA call asks for a thaw), or is not."""
+        self.map[self._slot_off(i) + TIER_OFF + T_FROZEN] = int(frozen)
+
+    def frozen(self, i: int) -> bool:
+        return bool(self.map[self._slot_off(i) + TIER_OFF + T_FROZEN])
 
     def charged(self) -> int:
         """Bytes charged over the live slots (used + overhead), read without the lock."""

@@ -54,7 +54,8 @@ class VGPU:
         self.row = board.take(*_pacing(grant)) if board is not None else None
         self.ledger.set_pacing(*_ledger_pacing(grant))
         self.samples: collections.deque = collections.deque()  # (monotonic time, kernel time) for the share
-        self.procs: dict[int, int] = {}  # executor pid -> ledger slot
+        self.procs: dict[int, int] = {}  # executor pid -> ledger slot (a native-mode process: its own pid)
+        self.native: set[int] = set()    # which of them are native-mode processes (native.py), not executors
         self.rows: dict[int, int] = {}   # executor pid -> its row on the worker's tier board
         self.state, self.reason = "active", ""
         self.ended_at = 0.0
@@ -142,6 +143,7 @@ class VGPURegistry:
         self.device_locks = {g["uuid"]: os.memfd_create("gpulab-emulated-gpu", os.MFD_CLOEXEC) for g in gpus} \
             if kind == "emulated" else {}
         self.lookup = None
+        self.native_tier = None  # native.py: moves a vGPU's native-mode processes (request_tier calls it)
         self.names = _function_names()
 
     # ------------------------------------------------------------------ grants
@@ -308,6 +310,15 @@ class VGPURegistry:
             v.opened += 1
             self.by_pid[pid] = v
 
+    def bind_native(self, v: VGPU, slot: int, pid: int) -> None:
+        """(daemon) A native-mode process owns ``slot`` itself: no executor, no tier-board row; never signalled."""
+        with self.lock:
+            v.ledger.bind(slot, pid, pid, time.time(), v.ledger.read_slot(slot)["overhead"])
+            v.procs[pid] = slot
+            v.native.add(pid)
+            v.opened += 1
+            self.by_pid[pid] = v
+
     def cancel(self, v: VGPU, slot: int) -> None:
         """(daemon) The fork failed: the slot goes back."""
         with self.lock:
@@ -321,6 +332,7 @@ class VGPURegistry:
                 return
             self._harvest(v)  # while it is still among the processes: its last calls go into the trace
             slot = v.procs.pop(pid)
+            v.native.discard(pid)
             final = v.ledger.read_slot(slot)
             if final is not None:
                 for k in COUNTERS:
@@ -358,11 +370,16 @@ class VGPURegistry:
             v.asked = (want, time.time())
             told = []
             for pid in v.procs:
+                if pid in v.native:  # not an executor: native.py freezes and thaws it
+                    continue
                 try:
                     os.kill(pid, signal.SIGUSR2)
                     told.append(pid)
                 except ProcessLookupError:
                     pass
+            if v.native and self.native_tier is not None:
+                self.native_tier(v, seq, want)
+                told += sorted(v.native)
             return seq, told
 
     def _acted(self, vgpu_id: str) -> dict[int, tuple[int, int]] | None:
@@ -428,6 +445,8 @@ class VGPURegistry:
         self.revoked[v.grant["token_hash"]] = (reason, v.ended_at)
         v.ledger.revoke(reason)
         for pid, slot in v.procs.items():
+            if pid in v.native:  # the shim refuses its allocations and launches from now on, with the reason
+                continue
             v.ledger.set_overhead(slot, 0)  # the executor closes its device: its context is gone
             try:
                 os.kill(pid, signal.SIGUSR1)  # the executor frees its memory and refuses every call

@@ -33,8 +33,10 @@ from traitlets.config import Configurable
 from ..api import errors as E
 from .executor import Executor, FrameReader
 from ..api.protocol import HELLO, MAX_FRAME, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER, ProtocolError
+from ..api.wire import OP_NATIVE_HELLO
 from ..client.tokens import token_hash
 from .ledger import Slot
+from .native import DriverCheckpointer, EmulatedCheckpointer, NativeLink, NativeProcesses
 from .pacing import QOS_RANK, Pacer
 from .session import Session
 from .tiers import TierStore
@@ -186,6 +188,7 @@ class GPUWorker(Configurable):
         self._stop = False
         self.pool_link = None
         self.tiering = None
+        self.native = None  # native-mode processes attached to the vGPUs (native.py)
         self._spool_lock: int | None = None  # fd of the spool's lock file, held (flock) for the worker's lifetime
         self.evict_links: dict[int, _EvictLink] = {}  # executor pid -> the daemon's end of its eviction link
         self._next_tick = 0.0
@@ -266,6 +269,8 @@ class GPUWorker(Configurable):
 
         self.tiering = Tiering(self.registry, warm_after=self.warm_after, cold_after=self.cold_after,
                                eviction_wait=self.eviction_wait)
+        self.native = NativeProcesses(self.registry, EmulatedCheckpointer(self.registry) if self.kind == "emulated"
+                                      else DriverCheckpointer())
         static = dict(self.tokens)
         if self.token:
             static.setdefault(self.token, {})
@@ -523,6 +528,9 @@ class GPUWorker(Configurable):
                     self._finish_lookups(sel)
                 elif isinstance(key.data, _EvictLink):
                     self._evict_request(sel, key.data)
+                elif isinstance(key.data, NativeLink):
+                    if not self.native.readable(key.data):
+                        sel.unregister(key.fileobj)
                 else:
                     self._handshake_bytes(sel, key.data)
             self._expire_handshakes(sel)
@@ -539,6 +547,8 @@ class GPUWorker(Configurable):
         self._lookups.shutdown(wait=False, cancel_futures=True)
         for conn in list(self.checking):
             conn.close()
+        if self.native is not None:
+            self.native.close_all()
         for pid in list(self.children):
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -647,12 +657,12 @@ class GPUWorker(Configurable):
             return
         hs.data += got
         if len(hs.data) == REQ_HEADER.size:
-            plen, op, _flags = REQ_HEADER.unpack(hs.data)
-            if op != OP_HELLO or plen < HELLO.size or plen > 4096:
+            plen, op, flags = REQ_HEADER.unpack(hs.data)
+            if op not in (OP_HELLO, OP_NATIVE_HELLO) or plen < HELLO.size or plen > 4096:
                 log.warning("connection from %s: first frame is not a hello; closing", hs.source)
                 self._drop(sel, hs)
                 return
-            hs.plen = plen
+            hs.plen, hs.op, hs.flags = plen, op, flags
             return
         if len(hs.data) < REQ_HEADER.size + hs.plen:
             return
@@ -708,30 +718,55 @@ class GPUWorker(Configurable):
             hs, result = self._checked.popleft()
             self.checking.pop(hs.conn, None)
             try:
-                self._open(hs, result, sel)
+                kept = self._open(hs, result, sel)
             finally:
-                hs.conn.close()  # the executor has its own copy
+                if not kept:
+                    hs.conn.close()  # the executor has its own copy
 
-    def _open(self, hs: "_Handshake", grant, sel) -> None:
-        """Fork the session's executor for a granted token, or refuse with a reason."""
+    def _open(self, hs: "_Handshake", grant, sel) -> bool:
+        """Fork the session's executor for a granted token (attach a native-mode process), or refuse with a
+        reason; True when the daemon keeps the connection (a native process's)."""
         conn, limits = hs.conn, grant
         label = f"session {self.sessions + 1} (client pid {hs.pid})"
         if isinstance(limits, E.Refusal):
             _refuse(conn, limits.code, limits.why)
-            return
+            return False
         if isinstance(limits, LimitError):
             _refuse(conn, E.NOT_PERMITTED, f"this worker's limits for the session token are not valid "
                                            f"({limits}); tell your hub admin")
-            return
+            return False
         if isinstance(limits, Exception):
             log.error("%s: checking its token failed: %r", label, limits)
             _refuse(conn, E.NOT_PERMITTED, "the worker could not check the session token (an internal error; "
                                            "its log has the details)")
-            return
+            return False
         if limits is None:
             self._wrong_token(hs.source, label)
             _refuse(conn, E.NOT_PERMITTED, "the session token is not valid for this worker")
-            return
+            return False
+        if hs.op == OP_NATIVE_HELLO:
+            return self._open_native(hs, grant, sel, f"session {self.sessions + 1}")
+        self._fork_executor(hs, grant, sel, label)
+        return False
+
+    def _open_native(self, hs: "_Handshake", grant, sel, label: str) -> bool:
+        try:
+            link = self.native.open(hs.conn, grant, hs.flags, label, self.max_sessions_per_token)
+        except E.Refusal as exc:
+            log.warning("%s: native attach refused: %s", label, exc.why)
+            _refuse(hs.conn, exc.code, exc.why)
+            return False
+        except OSError as exc:
+            log.warning("%s: native attach failed: %s", label, exc)
+            return False
+        if link is None:
+            return False
+        self.sessions += 1
+        sel.register(hs.conn, selectors.EVENT_READ, link)
+        return True
+
+    def _fork_executor(self, hs: "_Handshake", grant, sel, label: str) -> None:
+        conn = hs.conn
         try:
             vgpu, slot = self.registry.open_slot(grant, hs.pid, self.max_sessions_per_token)
         except E.Refusal as exc:
@@ -768,6 +803,8 @@ class GPUWorker(Configurable):
                     other.close()  # else a timed-out client would wait for this executor's end
                 for link in self.evict_links.values():
                     link.sock.close()
+                for native in self.native.links.values():
+                    native.conn.close()
                 ours.close()
                 sel.close()
                 self._wake_r.close()
@@ -897,12 +934,12 @@ class _EvictLink:
 class _Handshake:
     """A connection in its handshake: all the daemon holds for it before the token is checked."""
 
-    __slots__ = ("conn", "source", "deadline", "data", "plen", "token", "pid")
+    __slots__ = ("conn", "source", "deadline", "data", "plen", "op", "flags", "token", "pid")
 
     def __init__(self, conn: socket.socket, source: str, deadline: float):
         self.conn, self.source, self.deadline = conn, source, deadline
         self.data = b""
-        self.plen = 0
+        self.plen = self.op = self.flags = 0
         self.token = ""
         self.pid = 0
 

@@ -25,10 +25,17 @@
 
 #define GL_EXPORT __attribute__((visibility("default")))
 
+/* Where the worker's address and the session token come from. The CI double of a GPU node's driver
+ * (build.py's build_driver_double: native mode's "real" library when no GPU is there) is this shim
+ * built with GL_ENV_PREFIX "GPULAB_DRIVER_", so it and the native shim above it can hold two sessions. */
+#ifndef GL_ENV_PREFIX
+#define GL_ENV_PREFIX "GPULAB_"
+#endif
+
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
 typedef void *CUcontext, *CUstream, *CUevent, *CUmodule, *CUfunction, *CUlibrary, *CUkernel, *CUgraph,
-    *CUgraphExec;
+    *CUgraphExec, *CUmemoryPool;
 
 enum {
     CUDA_SUCCESS = 0,
@@ -106,6 +113,8 @@ void gl_untrack_alloc(CUdeviceptr p);
 void gl_memory_reset_after_fork(void);
 /* launch.c */
 void gl_launch_reset_after_fork(void);
+/* gl_generated.c, from table.MEMPOOL_ATTR_SIZES: bytes of a CUmemPool_attribute's value (0: unknown) */
+size_t gl_mempool_attr_size(int attr);
 
 /* Entry points that the hand-written code calls (generated, and procaddress.c's cuGetErrorName). */
 CUresult cuGetErrorName(CUresult e, const char **p);

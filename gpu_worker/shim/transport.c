@@ -349,8 +349,8 @@ static int parse_tcp(const char *hostport, struct sockaddr_storage *sa, socklen_
 /* Open the session: connect, send HELLO with the token, read the verdict. */
 static CUresult connect_worker(void)
 {
-    const char *addr = getenv("GPULAB_WORKER");
-    const char *token = getenv("GPULAB_TOKEN");
+    const char *addr = getenv(GL_ENV_PREFIX "WORKER");
+    const char *token = getenv(GL_ENV_PREFIX "TOKEN");
     C.addr = addr ? addr : "";
     if (!addr || !*addr) {
         gl_log("GPULAB_WORKER is not set (expected tcp://host:port or unix:///path)");

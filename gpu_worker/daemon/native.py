@@ -1,0 +1,346 @@
+"""Native-mode processes: kernels on this node that run the real driver in-process, attached to their vGPU.
+
+A native-mode shim (gpu_worker/shim/native) connects to the worker's Unix socket and sends a native
+hello. The token is checked as for a forwarded session; then, instead of forking an executor, the
+daemon claims a slot of the vGPU's ledger for the process (its CUDA context charged up front, as for
+an executor) and sends the ledger's memfd and its layout. The process charges its allocations there
+itself, under the ledger's lock, beside the vGPU's forwarded executors. The socket stays open: its
+end is the process's end, and the slot is freed (`VGPURegistry.reap`). The peer's pid comes from the
+kernel (SO_PEERCRED), never from the hello.
+
+The warm tier of a native process is the driver's checkpoint (`Checkpointer`): freezing sets the
+slot's frozen byte, waits a grace period (a call that sees the byte asks for a thaw instead of
+entering the driver), then locks the process's CUDA calls and checkpoints its device memory to host
+memory. The process's next call asks for a thaw (OP_NATIVE_THAW): the worker waits until the GPU has
+room for the memory (a restore that fails for lack of it leaves a process stuck), restores, unlocks,
+clears the byte and answers. A process that uses managed (UVM) or IPC memory is never frozen: the
+shim marks its slot, and the control API says so.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+from ..api import errors as E
+from ..api.protocol import REP_HEADER, REQ_HEADER
+from ..api.wire import NATIVE_OBSERVE, OP_NATIVE_THAW
+from .ledger import TIER_OFF, T_FROZEN, Slot, native_layout
+from .pacing import CHECK_EVERY, DEPTH
+
+log = logging.getLogger("gpulab.worker.native")
+
+GRACE = 0.05          # seconds between marking a process frozen and locking it
+ROOM_POLL = 0.5       # seconds between two looks for room while a thaw waits
+UVM, IPC = 1, 2       # the shim's bits in the byte after the frozen byte: why it cannot be frozen
+WHY_NOT = {UVM: "it uses managed (UVM) memory, which the driver's checkpoint does not move",
+           IPC: "it shares device memory with another process (IPC), which the driver's checkpoint does not move"}
+
+
+def peer_pid(conn: socket.socket) -> int:
+    pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid
+
+
+class NativeLink:
+    """The daemon's end of one native process's socket."""
+
+    __slots__ = ("conn", "vgpu", "pid", "slot", "label", "state", "checkpointed")
+
+    def __init__(self, conn, vgpu, pid: int, slot: int, label: str):
+        self.conn, self.vgpu, self.pid, self.slot, self.label = conn, vgpu, pid, slot, label
+        self.state = "running"  # running, freezing, frozen, thawing
+        self.checkpointed = 0   # bytes the last checkpoint moved to host memory
+
+
+class NativeProcesses:
+    """(daemon) The native processes attached to this worker's vGPUs, and their warm tier."""
+
+    def __init__(self, registry, checkpointer: "Checkpointer"):
+        self.registry = registry
+        self.checkpointer = checkpointer
+        self.links: dict[int, NativeLink] = {}  # pid -> link
+        self.lock = threading.Lock()
+        registry.native_tier = self.request_tier
+
+    # ------------------------------------------------------------------ attach
+    def open(self, conn: socket.socket, grant: dict, flags: int, label: str, max_processes: int) -> NativeLink | None:
+        """Answer a checked native hello; the link to watch, or None when the connection is done (refused,
+        or an observer that only reads the ledger). Raises E.Refusal with the sentence for the person."""
+        if conn.family != socket.AF_UNIX:
+            raise E.Refusal(E.NOT_PERMITTED, "native mode attaches through the worker's Unix socket only: the "
+                                             "process must run on the worker's node")
+        pid = peer_pid(conn)
+        observe = bool(flags & NATIVE_OBSERVE)
+        if observe:
+            v = self.registry.table.get(grant["token_hash"])
+            if v is None:
+                raise E.Refusal(E.DEVICE_UNAVAILABLE, "this vGPU is not granted to this worker")
+            slot = 0
+        else:
+            v, slot = self.registry.open_slot(grant, pid, max_processes)
+            self.registry.bind_native(v, slot, pid)
+        info = {**native_layout(), "slot": slot, "slots": v.ledger.slots, "gpus": ",".join(grant["gpus"]),
+                "depth_us": round(DEPTH * 1e6), "check_every_us": round(CHECK_EVERY * 1e6),
+                "backend": self.checkpointer.backend}
+        payload = "".join(f"{k}={val}\n" for k, val in info.items()).encode()
+        conn.setblocking(True)
+        try:
+            socket.send_fds(conn, [REP_HEADER.pack(len(payload), 0, 0) + payload], [v.ledger.fd])
+        except OSError:
+            if not observe:
+                self.registry.reap(pid)
+            raise
+        if observe:
+            return None
+        link = NativeLink(conn, v, pid, slot, f"{label} of vGPU {v.id} (native, pid {pid})")
+        with self.lock:
+            self.links[pid] = link
+        log.info("%s: attached (quota %s)", link.label, v.ledger.quota)
+        return link
+
+    def readable(self, link: NativeLink) -> bool:
+        """A request or the end of a native process; False when it ended (the caller unregisters the socket)."""
+        try:
+            head = link.conn.recv(REQ_HEADER.size, socket.MSG_WAITALL)
+        except OSError:
+            head = b""
+        if len(head) == REQ_HEADER.size:
+            plen, op, _flags = REQ_HEADER.unpack(head)
+            if op == OP_NATIVE_THAW and plen == 0:
+                threading.Thread(target=self._thaw_and_answer, args=(link,), name="gpulab-thaw", daemon=True).start()
+                return True
+            log.warning("%s: unexpected frame (opcode %d); closing", link.label, op)
+        self.closed(link)
+        return False
+
+    def closed(self, link: NativeLink) -> None:
+        with self.lock:
+            self.links.pop(link.pid, None)
+        if link.state in ("frozen", "thawing"):
+            self.checkpointer.forget(link.pid)
+        self.registry.reap(link.pid)
+        link.conn.close()
+        log.info("%s: ended", link.label)
+
+    def close_all(self) -> None:
+        for link in list(self.links.values()):
+            self.closed(link)
+
+    # ------------------------------------------------------------------ warm tier
+    def request_tier(self, v, seq: int, want: int) -> None:
+        """(registry.request_tier) Move the vGPU's native processes: any colder tier freezes them (the driver's
+        checkpoint keeps device memory in host RAM: warm; cold is served as warm), hot thaws them."""
+        with self.lock:
+            links = [link for link in self.links.values() if link.vgpu is v]
+        for link in links:
+            threading.Thread(target=self._move, args=(link, seq, want), name="gpulab-freeze", daemon=True).start()
+
+    def _move(self, link: NativeLink, seq: int, want: int) -> None:
+        slot = Slot(link.vgpu.ledger, link.slot)
+        try:
+            result = self._freeze(link) if want else self._thaw(link)
+        except Exception:
+            log.exception("%s: the %s failed", link.label, "freeze" if want else "thaw")
+            result = E.UNKNOWN
+        slot.set_done(seq, result)
+
+    def why_not(self, link: NativeLink) -> str:
+        flags = link.vgpu.ledger.map[link.vgpu.ledger._slot_off(link.slot) + TIER_OFF + T_FROZEN + 1]
+        return "; ".join(text for bit, text in WHY_NOT.items() if flags & bit)
+
+    def _freeze(self, link: NativeLink) -> int:
+        why = self.why_not(link)
+        if why:
+            log.info("%s: not frozen: %s", link.label, why)
+            return E.NOT_SUPPORTED
+        ledger = link.vgpu.ledger
+        with self.lock:
+            if link.state != "running":
+                return E.SUCCESS
+            link.state = "freezing"
+        ledger.set_frozen(link.slot, True)
+        time.sleep(GRACE)
+        with self.lock:
+            if link.state != "freezing" or not ledger.frozen(link.slot):  # a call came: it is not idle
+                link.state = "running"
+                ledger.set_frozen(link.slot, False)
+                return E.SUCCESS
+        start = time.monotonic()
+        result = self.checkpointer.freeze(link.pid)
+        rec = ledger.read_slot(link.slot) or {}
+        nbytes = rec.get("used", 0) + rec.get("overhead", 0)
+        slot = Slot(ledger, link.slot)
+        with self.lock:
+            if result != E.SUCCESS:
+                link.state = "running"
+                ledger.set_frozen(link.slot, False)
+                slot.count_move("failed")
+                log.warning("%s: the driver's checkpoint failed (%s); the process runs on", link.label, E.name_of(result))
+                return result
+            link.state, link.checkpointed = "frozen", nbytes
+        slot.set_tiers(0, rec.get("used", 0), 0)
+        slot.count_move("offload", nbytes, time.monotonic() - start)
+        log.info("%s: frozen, %d bytes to host memory in %.3f s", link.label, nbytes, time.monotonic() - start)
+        return E.SUCCESS
+
+    def _thaw(self, link: NativeLink) -> int:
+        ledger = link.vgpu.ledger
+        with self.lock:
+            if link.state == "freezing":  # not locked yet: the freeze stops
+                link.state = "running"
+                ledger.set_frozen(link.slot, False)
+                return E.SUCCESS
+            if link.state != "frozen":
+                return E.SUCCESS
+            link.state = "thawing"
+        start = time.monotonic()
+        waited = False
+        while not self.checkpointer.has_room(link.vgpu.grant["gpus"], link.checkpointed):
+            if not waited:
+                log.warning("%s: waiting for %d bytes of room on its GPU before restoring", link.label,
+                            link.checkpointed)
+                waited = True
+            time.sleep(ROOM_POLL)
+        result = self.checkpointer.thaw(link.pid)
+        slot = Slot(ledger, link.slot)
+        rec = ledger.read_slot(link.slot) or {}
+        with self.lock:
+            if result != E.SUCCESS:
+                link.state = "frozen"
+                slot.count_move("failed")
+                log.error("%s: the driver's restore failed (%s)", link.label, E.name_of(result))
+                return result
+            link.state = "running"
+        ledger.set_frozen(link.slot, False)
+        slot.set_tiers(rec.get("used", 0), 0, 0)
+        slot.count_move("restore", link.checkpointed, time.monotonic() - start)
+        log.info("%s: thawed in %.3f s", link.label, time.monotonic() - start)
+        return E.SUCCESS
+
+    def _thaw_and_answer(self, link: NativeLink) -> None:
+        """The process's own call found it frozen: thaw, then answer (the call goes on once answered)."""
+        try:
+            result = self._thaw(link)
+        except Exception:
+            log.exception("%s: the thaw failed", link.label)
+            result = E.UNKNOWN
+        why = b"" if result == E.SUCCESS else (f"the worker could not restore this process's GPU memory "
+                                               f"({E.name_of(result)}); its log says why").encode()
+        if result != E.SUCCESS:  # the process would wait in the driver's lock: say why, and let it try again
+            link.vgpu.ledger.set_frozen(link.slot, True)
+        try:
+            link.conn.sendall(REP_HEADER.pack(len(why), result, len(why)) + why)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------- checkpointers
+class Checkpointer:
+    """How the worker freezes and thaws a process's CUDA state (the driver's checkpoint API)."""
+
+    backend = "cuda"
+
+    def freeze(self, pid: int) -> int:
+        raise NotImplementedError
+
+    def thaw(self, pid: int) -> int:
+        raise NotImplementedError
+
+    def has_room(self, gpus: list[str], nbytes: int) -> bool:
+        raise NotImplementedError
+
+    def forget(self, pid: int) -> None:
+        """The process ended while frozen."""
+
+
+class DriverCheckpointer(Checkpointer):
+    """The real driver's checkpoint API (driver >= 570), called in a helper process of its own: the daemon
+    forks executors, so it must never initialize CUDA itself."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def _ask(self, op: str, pid: int) -> int:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                env = {k: val for k, val in os.environ.items() if k != "LD_LIBRARY_PATH"}  # the real libcuda
+                self.proc = subprocess.Popen([sys.executable, "-m", "gpu_worker.daemon.checkpoint_helper"],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            self.proc.stdin.write(f"{op} {pid}\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        try:
+            return int(json.loads(line)["result"])
+        except (ValueError, KeyError, TypeError):
+            log.error("the checkpoint helper answered %r to %s %d", line, op, pid)
+            return E.UNKNOWN
+
+    def freeze(self, pid: int) -> int:
+        return self._ask("freeze", pid)
+
+    def thaw(self, pid: int) -> int:
+        return self._ask("thaw", pid)
+
+    def has_room(self, gpus: list[str], nbytes: int) -> bool:
+        try:
+            import pynvml as nvml
+
+            nvml.nvmlInit()
+            free = min(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByUUID(u)).free for u in gpus)
+        except Exception:  # no NVML: the restore is tried, the driver refuses cleanly when short
+            return True
+        return free >= nbytes
+
+
+class EmulatedCheckpointer(Checkpointer):
+    """The test double on a worker without a GPU, where a native process's "real driver" is the forwarding shim
+    (build.py's driver double) talking to this worker: its checkpoint moves that process's forwarded vGPU(s)
+    to the warm tier, and its restore brings them back hot, through the executors' own tier machinery."""
+
+    backend = "emulated"
+    WAIT = 30.0
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def _vgpus_of(self, pid: int) -> list[str]:
+        with self.registry.lock:
+            out = []
+            for v in self.registry.table.values():
+                for exe, slot in v.procs.items():
+                    rec = v.ledger.read_slot(slot)
+                    if exe not in v.native and rec is not None and rec["client_pid"] == pid:
+                        out.append(v.id)
+            return sorted(set(out))
+
+    def _move(self, pid: int, want: int) -> int:
+        for vid in self._vgpus_of(pid):
+            asked = self.registry.request_tier(vid, want)
+            if asked is None:
+                continue
+            deadline = time.monotonic() + self.WAIT
+            while not self.registry.tier_done(vid, asked[0]):
+                if time.monotonic() > deadline:
+                    return E.UNKNOWN
+                time.sleep(0.01)
+            failures = self.registry.tier_failures(vid, asked[0])
+            if failures:
+                return next(iter(failures.values()))
+        return E.SUCCESS
+
+    def freeze(self, pid: int) -> int:
+        return self._move(pid, 1)
+
+    def thaw(self, pid: int) -> int:
+        return self._move(pid, 0)
+
+    def has_room(self, gpus: list[str], nbytes: int) -> bool:
+        return True

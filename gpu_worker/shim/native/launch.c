@@ -1,0 +1,212 @@
+/* gpulab native mode: launches, for the vGPU's compute share.
+ *
+ * The rule is pacing.py's, enforced here in-process: the vGPU's token bucket (in its ledger, shared by
+ * all its processes, native and forwarded) fills at the share and is debited with the kernel time its
+ * processes measured; a process that finds it empty sleeps before its next launch. A native process
+ * measures its own kernels with a pair of events around each launch, read back without waiting at
+ * later launches, and publishes the sum in its slot, where the other processes' debits find it.
+ *
+ * Cost: when the share is the whole GPU (or more) nothing is timed and the bucket is looked at once per
+ * CHECK_EVERY; a stream being captured into a graph is never given events (they would become nodes). */
+#define _GNU_SOURCE
+#include "gl_native.h"
+
+#include <pthread.h>
+#include <time.h>
+
+#define PENDING 256
+
+typedef CUresult (*event_create_t)(CUevent *, unsigned);
+typedef CUresult (*event_record_t)(CUevent, CUstream);
+typedef CUresult (*event_query_t)(CUevent);
+typedef CUresult (*event_sync_t)(CUevent);
+typedef CUresult (*event_elapsed_t)(float *, CUevent, CUevent);
+typedef CUresult (*event_destroy_t)(CUevent);
+typedef CUresult (*capturing_t)(CUstream, int *);
+
+static struct {
+    pthread_mutex_t mu;
+    double next_check, kernel_time, throttled;
+    int paced;
+    CUevent start[PENDING], end[PENDING];
+    unsigned head, count;
+} P = { .mu = PTHREAD_MUTEX_INITIALIZER };
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* Kernel time of the launches whose end event has passed, oldest first; ``wait``: the oldest at least. (mu held) */
+static void collect(int wait)
+{
+    while (P.count) {
+        unsigned i = P.head;
+        CUresult q = wait ? GL_REAL(event_sync_t, "cuEventSynchronize")(P.end[i])
+                          : GL_REAL(event_query_t, "cuEventQuery")(P.end[i]);
+        if (q == CUDA_ERROR_NOT_READY) break;
+        float ms = 0;
+        if (q == CUDA_SUCCESS && GL_REAL(event_elapsed_t, "cuEventElapsedTime")(&ms, P.start[i], P.end[i]) ==
+                                     CUDA_SUCCESS)
+            P.kernel_time += ms / 1000.0;
+        GL_REAL(event_destroy_t, "cuEventDestroy_v2")(P.start[i]);
+        GL_REAL(event_destroy_t, "cuEventDestroy_v2")(P.end[i]);
+        P.head = (P.head + 1) % PENDING;
+        P.count--;
+        wait = 0;
+    }
+}
+
+/* pacing.py's Pacer.admit: wait while the vGPU is over its share. (mu held) */
+static void admit(void)
+{
+    double now = now_s();
+    if (now < P.next_check) return;
+    P.next_check = now + gl_pace_check_every();
+    collect(0);
+    double share = gl_share();
+    if (share >= gl_vgpu_gpu_count() || share <= 0.0) {
+        P.paced = 0;
+        gl_publish_kernel_time(P.kernel_time, P.throttled, 0);
+        gl_reset_bucket();  /* a bucket from a smaller share starts afresh if one comes back */
+        return;
+    }
+    P.paced = 1;
+    int waiting = 0;
+    for (;;) {
+        gl_publish_kernel_time(P.kernel_time, P.throttled, waiting);
+        double tokens = gpulab_native_settle(now, share, share, gl_pace_depth());
+        if (tokens >= 0) break;
+        waiting = 1;
+        double pause = -tokens / share;
+        pause = pause < 0.001 ? 0.001 : pause > 0.02 ? 0.02 : pause;
+        struct timespec ts = { 0, (long)(pause * 1e9) };
+        nanosleep(&ts, NULL);
+        double later = now_s();
+        P.throttled += later - now;
+        now = later;
+        collect(0);
+    }
+    gl_publish_kernel_time(P.kernel_time, P.throttled, 0);
+}
+
+static CUstream record_stream(CUstream s, int per_thread)
+{
+    return per_thread && !s ? CU_STREAM_PER_THREAD : s;
+}
+
+void gl_pace_before(CUstream s, int per_thread, CUevent *start)
+{
+    *start = NULL;
+    gl_count_launch();
+    pthread_mutex_lock(&P.mu);
+    admit();
+    int timed = P.paced;
+    pthread_mutex_unlock(&P.mu);
+    if (!timed) return;
+    int capturing = 0;
+    CUstream rs = record_stream(s, per_thread);
+    if (GL_REAL(capturing_t, per_thread ? "cuStreamIsCapturing_ptsz" : "cuStreamIsCapturing")(rs, &capturing) !=
+            CUDA_SUCCESS || capturing)
+        return;
+    CUevent e;
+    if (GL_REAL(event_create_t, "cuEventCreate")(&e, 0) != CUDA_SUCCESS) return;
+    if (GL_REAL(event_record_t, per_thread ? "cuEventRecord_ptsz" : "cuEventRecord")(e, rs) != CUDA_SUCCESS) {
+        GL_REAL(event_destroy_t, "cuEventDestroy_v2")(e);
+        return;
+    }
+    *start = e;
+}
+
+void gl_pace_after(CUstream s, int per_thread, CUevent start)
+{
+    if (!start) return;
+    CUevent e;
+    if (GL_REAL(event_create_t, "cuEventCreate")(&e, 0) != CUDA_SUCCESS ||
+        GL_REAL(event_record_t, per_thread ? "cuEventRecord_ptsz" : "cuEventRecord")(e, record_stream(s, per_thread))
+            != CUDA_SUCCESS) {
+        GL_REAL(event_destroy_t, "cuEventDestroy_v2")(start);
+        return;
+    }
+    pthread_mutex_lock(&P.mu);
+    if (P.count == PENDING) collect(1);  /* the oldest must end before one more is timed */
+    unsigned i = (P.head + P.count) % PENDING;
+    P.start[i] = start;
+    P.end[i] = e;
+    P.count++;
+    pthread_mutex_unlock(&P.mu);
+}
+
+/* ------------------------------------------------------------------- the hooked launches */
+typedef CUresult (*launch_t)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                             CUstream, void **, void **);
+typedef CUresult (*coop_t)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                           CUstream, void **);
+typedef struct { unsigned grid[3], block[3], shared; CUstream stream; void *attrs; unsigned nattrs; } launch_config;
+typedef CUresult (*launch_ex_t)(const launch_config *, CUfunction, void **, void **);
+typedef CUresult (*graph_launch_t)(CUgraphExec, CUstream);
+
+#define PACED(stream, per_thread, call)                                                              \
+    do {                                                                                             \
+        CUresult r_ = gl_entry_check();                                                              \
+        if (r_ != CUDA_SUCCESS) return r_;                                                           \
+        CUevent start_;                                                                              \
+        gl_pace_before((stream), (per_thread), &start_);                                             \
+        r_ = (call);                                                                                 \
+        if (r_ == CUDA_SUCCESS) gl_pace_after((stream), (per_thread), start_);                       \
+        else if (start_) GL_REAL(event_destroy_t, "cuEventDestroy_v2")(start_);                      \
+        return r_;                                                                                   \
+    } while (0)
+
+#define LAUNCH_KERNEL(name, real_name, per_thread)                                                            \
+    GL_EXPORT CUresult name(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,     \
+                            unsigned bz, unsigned shared, CUstream s, void **params, void **extra)             \
+    {                                                                                                         \
+        PACED(s, per_thread, GL_REAL(launch_t, real_name)(f, gx, gy, gz, bx, by, bz, shared, s, params, extra)); \
+    }
+
+LAUNCH_KERNEL(cuLaunchKernel, "cuLaunchKernel", 0)
+LAUNCH_KERNEL(cuLaunchKernel_ptsz, "cuLaunchKernel_ptsz", 1)
+
+#define LAUNCH_COOPERATIVE(name, real_name, per_thread)                                                       \
+    GL_EXPORT CUresult name(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,     \
+                            unsigned bz, unsigned shared, CUstream s, void **params)                           \
+    {                                                                                                         \
+        PACED(s, per_thread, GL_REAL(coop_t, real_name)(f, gx, gy, gz, bx, by, bz, shared, s, params));         \
+    }
+
+LAUNCH_COOPERATIVE(cuLaunchCooperativeKernel, "cuLaunchCooperativeKernel", 0)
+LAUNCH_COOPERATIVE(cuLaunchCooperativeKernel_ptsz, "cuLaunchCooperativeKernel_ptsz", 1)
+
+#define LAUNCH_EX(name, real_name, per_thread)                                                                \
+    GL_EXPORT CUresult name(const launch_config *c, CUfunction f, void **params, void **extra)                \
+    {                                                                                                         \
+        if (!c) return GL_REAL(launch_ex_t, real_name)(c, f, params, extra);                                  \
+        PACED(c->stream, per_thread, GL_REAL(launch_ex_t, real_name)(c, f, params, extra));                   \
+    }
+
+LAUNCH_EX(cuLaunchKernelEx, "cuLaunchKernelEx", 0)
+LAUNCH_EX(cuLaunchKernelEx_ptsz, "cuLaunchKernelEx_ptsz", 1)
+
+/* A graph's memory nodes reserve memory at its launch: the device's graph memory is charged after it. */
+#define GRAPH_LAUNCH(name, real_name, per_thread)                                                             \
+    GL_EXPORT CUresult name(CUgraphExec g, CUstream s)                                                        \
+    {                                                                                                         \
+        CUresult r_ = gl_entry_check();                                                                       \
+        if (r_ != CUDA_SUCCESS) return r_;                                                                    \
+        CUevent start_;                                                                                       \
+        gl_pace_before(s, per_thread, &start_);                                                               \
+        r_ = GL_REAL(graph_launch_t, real_name)(g, s);                                                        \
+        if (r_ == CUDA_SUCCESS) {                                                                             \
+            gl_pace_after(s, per_thread, start_);                                                             \
+            gl_true_up_graph_memory();                                                                        \
+        } else if (start_) {                                                                                  \
+            GL_REAL(event_destroy_t, "cuEventDestroy_v2")(start_);                                            \
+        }                                                                                                     \
+        return r_;                                                                                            \
+    }
+
+GRAPH_LAUNCH(cuGraphLaunch, "cuGraphLaunch", 0)
+GRAPH_LAUNCH(cuGraphLaunch_ptsz, "cuGraphLaunch_ptsz", 1)

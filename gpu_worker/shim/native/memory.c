@@ -1,0 +1,521 @@
+/* gpulab native mode: every kind of device allocation, charged to the vGPU's ledger, and what memory a
+ * program sees (cuMemGetInfo, cuDeviceTotalMem: the vGPU's quota, not the card).
+ *
+ * The rule: charge before the driver allocates, so two processes never pass the quota together; give
+ * the charge back when the driver refuses; where the driver's own rounding is known only afterwards
+ * (pitch, arrays, a pool's reservation, graphs' memory) the charge is trued up after the call.
+ *
+ *   cuMemAlloc, cuMemAllocManaged  the size asked (managed memory is counted whole: it may all be on the GPU)
+ *   cuMemAllocPitch                the row width rounded up, trued up to pitch x height
+ *   cuMemCreate                    the physical allocation's size, given back at cuMemRelease
+ *   arrays, mipmapped arrays       an estimate from the descriptor, trued up to the driver's requirements
+ *   stream-ordered (cuMemAllocAsync, cuMemAllocFromPoolAsync)
+ *                                  per pool, what it holds: its live allocations, or what it has reserved
+ *                                  when more (CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT); re-read at each of the
+ *                                  pool's calls, at trims and before a refusal, given back at its destroy
+ *   graphs' memory nodes           the device's graph memory reserved, read after each graph launch */
+#include "gl_native.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum kind { DEVICE = 1, VMM, ARRAY, MIPMAPPED, ASYNC };
+
+typedef struct entry { unsigned long long key; size_t size; int kind; CUmemoryPool pool; struct entry *next; } entry;
+typedef struct pool_rec { CUmemoryPool pool; size_t live, charged; struct pool_rec *next; } pool_rec;
+
+#define BUCKETS 4096
+static entry *table[BUCKETS];
+static pool_rec *pools;
+static size_t graph_charged[8];
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+
+static size_t bucket(unsigned long long key, int kind) { return (size_t)((key >> 8) ^ key ^ (unsigned)kind) % BUCKETS; }
+
+static void remember(unsigned long long key, int kind, size_t size, CUmemoryPool pool)
+{
+    entry *e = malloc(sizeof *e);
+    if (!e) return;  /* not tracked: its free will not give the bytes back, the process's end will */
+    e->key = key;
+    e->kind = kind;
+    e->size = size;
+    e->pool = pool;
+    pthread_mutex_lock(&mu);
+    size_t b = bucket(key, kind);
+    e->next = table[b];
+    table[b] = e;
+    pthread_mutex_unlock(&mu);
+}
+
+/* The entry for ``key`` taken out of the table (its size in *size), 0 when not ours. */
+static int forget(unsigned long long key, int kind, size_t *size, CUmemoryPool *pool)
+{
+    pthread_mutex_lock(&mu);
+    entry **p = &table[bucket(key, kind)];
+    while (*p && !((*p)->key == key && (*p)->kind == kind)) p = &(*p)->next;
+    entry *e = *p;
+    if (e) *p = e->next;
+    pthread_mutex_unlock(&mu);
+    if (!e) return 0;
+    *size = e->size;
+    if (pool) *pool = e->pool;
+    free(e);
+    return 1;
+}
+
+static CUresult refuse(const char *fn, size_t n, size_t room)
+{
+    gl_oom_say(fn, n, room);
+    return CUDA_ERROR_OUT_OF_MEMORY;
+}
+
+/* ------------------------------------------------------------------- pools (stream-ordered) */
+typedef CUresult (*pool_attr_t)(CUmemoryPool, int, void *);
+
+static pool_rec *pool_of(CUmemoryPool p)
+{
+    pool_rec *r = pools;
+    while (r && r->pool != p) r = r->next;
+    if (!r && (r = calloc(1, sizeof *r))) {
+        r->pool = p;
+        r->next = pools;
+        pools = r;
+    }
+    return r;
+}
+
+/* The pool's charge becomes what it holds now: its live bytes, or its reservation when larger. (mu held) */
+static void true_up(pool_rec *r)
+{
+    unsigned long long reserved = 0;
+    if (r->pool && GL_REAL(pool_attr_t, "cuMemPoolGetAttribute")(r->pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                                                                 &reserved) != CUDA_SUCCESS)
+        reserved = 0;
+    size_t target = reserved > r->live ? (size_t)reserved : r->live;
+    if (target > r->charged) gl_force_charge(target - r->charged);
+    else if (target < r->charged) gl_uncharge(r->charged - target);
+    r->charged = target;
+}
+
+static void true_up_all(void)
+{
+    pthread_mutex_lock(&mu);
+    for (pool_rec *r = pools; r; r = r->next) true_up(r);
+    pthread_mutex_unlock(&mu);
+}
+
+/* Charge what an allocation of ``n`` from pool ``p`` may add beyond what the pool holds already. */
+static int charge_pool(CUmemoryPool p, size_t n, size_t *room)
+{
+    pthread_mutex_lock(&mu);
+    pool_rec *r = pool_of(p);
+    size_t need = r && r->live + n > r->charged ? r->live + n - r->charged : 0;
+    int ok = !r ? gl_charge(n, room) : !need || gl_charge(need, room);
+    if (ok && r) {
+        r->charged += need;
+        r->live += n;
+    }
+    pthread_mutex_unlock(&mu);
+    return ok;
+}
+
+static void settle_pool(CUmemoryPool p, size_t gone)
+{
+    pthread_mutex_lock(&mu);
+    pool_rec *r = pool_of(p);
+    if (r) {
+        r->live = r->live > gone ? r->live - gone : 0;
+        true_up(r);
+    }
+    pthread_mutex_unlock(&mu);
+}
+
+typedef CUresult (*ctx_dev_t)(CUdevice *);
+typedef CUresult (*dev_pool_t)(CUmemoryPool *, CUdevice);
+
+static CUmemoryPool current_pool(void)
+{
+    CUdevice d;
+    CUmemoryPool p = NULL;
+    if (GL_REAL(ctx_dev_t, "cuCtxGetDevice")(&d) != CUDA_SUCCESS) return NULL;
+    if (GL_REAL(dev_pool_t, "cuDeviceGetMemPool")(&p, d) != CUDA_SUCCESS) return NULL;
+    return p;
+}
+
+typedef CUresult (*alloc_async_t)(CUdeviceptr *, size_t, CUstream);
+typedef CUresult (*alloc_pool_t)(CUdeviceptr *, size_t, CUmemoryPool, CUstream);
+typedef CUresult (*free_async_t)(CUdeviceptr, CUstream);
+
+static CUresult alloc_async(const char *name, alloc_async_t real_async, alloc_pool_t real_pool, CUdeviceptr *dptr,
+                            size_t n, CUmemoryPool pool, CUstream s)
+{
+    CUresult r = gl_entry_check();
+    if (r != CUDA_SUCCESS) return r;
+    if (!dptr) return CUDA_ERROR_INVALID_VALUE;
+    CUmemoryPool p = real_pool ? pool : current_pool();
+    size_t room = 0;
+    if (!charge_pool(p, n, &room)) {
+        true_up_all();
+        if (!charge_pool(p, n, &room)) return refuse(name, n, room);
+    }
+    r = real_pool ? real_pool(dptr, n, pool, s) : real_async(dptr, n, s);
+    if (r == CUDA_SUCCESS) {
+        remember(*dptr, ASYNC, n, p);
+        settle_pool(p, 0);
+    } else {
+        settle_pool(p, n);
+    }
+    return r;
+}
+
+GL_EXPORT CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t n, CUstream s)
+{
+    return alloc_async("cuMemAllocAsync", GL_REAL(alloc_async_t, "cuMemAllocAsync"), NULL, dptr, n, NULL, s);
+}
+
+GL_EXPORT CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t n, CUstream s)
+{
+    return alloc_async("cuMemAllocAsync", GL_REAL(alloc_async_t, "cuMemAllocAsync_ptsz"), NULL, dptr, n, NULL, s);
+}
+
+GL_EXPORT CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t n, CUmemoryPool pool, CUstream s)
+{
+    return alloc_async("cuMemAllocFromPoolAsync", NULL, GL_REAL(alloc_pool_t, "cuMemAllocFromPoolAsync"), dptr, n,
+                       pool, s);
+}
+
+GL_EXPORT CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t n, CUmemoryPool pool, CUstream s)
+{
+    return alloc_async("cuMemAllocFromPoolAsync", NULL, GL_REAL(alloc_pool_t, "cuMemAllocFromPoolAsync_ptsz"), dptr,
+                       n, pool, s);
+}
+
+static CUresult free_async(free_async_t real, CUdeviceptr p, CUstream s)
+{
+    gl_thaw_if_frozen();
+    CUresult r = real(p, s);
+    size_t n;
+    CUmemoryPool pool;
+    if (r == CUDA_SUCCESS && forget(p, ASYNC, &n, &pool)) settle_pool(pool, n);
+    return r;
+}
+
+GL_EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s)
+{
+    return free_async(GL_REAL(free_async_t, "cuMemFreeAsync"), p, s);
+}
+
+GL_EXPORT CUresult cuMemFreeAsync_ptsz(CUdeviceptr p, CUstream s)
+{
+    return free_async(GL_REAL(free_async_t, "cuMemFreeAsync_ptsz"), p, s);
+}
+
+typedef CUresult (*trim_t)(CUmemoryPool, size_t);
+typedef CUresult (*pool_destroy_t)(CUmemoryPool);
+
+GL_EXPORT CUresult cuMemPoolTrimTo(CUmemoryPool pool, size_t keep)
+{
+    gl_thaw_if_frozen();
+    CUresult r = GL_REAL(trim_t, "cuMemPoolTrimTo")(pool, keep);
+    if (r == CUDA_SUCCESS) settle_pool(pool, 0);
+    return r;
+}
+
+GL_EXPORT CUresult cuMemPoolDestroy(CUmemoryPool pool)
+{
+    gl_thaw_if_frozen();
+    CUresult r = GL_REAL(pool_destroy_t, "cuMemPoolDestroy")(pool);
+    if (r != CUDA_SUCCESS) return r;
+    pthread_mutex_lock(&mu);
+    for (pool_rec **p = &pools; *p; p = &(*p)->next) {
+        if ((*p)->pool != pool) continue;
+        pool_rec *gone = *p;
+        *p = gone->next;
+        gl_uncharge(gone->charged);  /* its live allocations' entries stay until freed: nothing more to give */
+        free(gone);
+        break;
+    }
+    pthread_mutex_unlock(&mu);
+    return r;
+}
+
+/* ------------------------------------------------------------------- synchronous allocations */
+typedef CUresult (*alloc_t)(CUdeviceptr *, size_t);
+typedef CUresult (*alloc_managed_t)(CUdeviceptr *, size_t, unsigned);
+typedef CUresult (*alloc_pitch_t)(CUdeviceptr *, size_t *, size_t, size_t, unsigned);
+typedef CUresult (*free_t)(CUdeviceptr);
+
+GL_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t n)
+{
+    CUresult r = gl_entry_check();
+    size_t room = 0;
+    if (r != CUDA_SUCCESS) return r;
+    if (!gl_charge(n, &room)) {
+        true_up_all();
+        if (!gl_charge(n, &room)) return refuse("cuMemAlloc", n, room);
+    }
+    r = GL_REAL(alloc_t, "cuMemAlloc_v2")(dptr, n);
+    if (r == CUDA_SUCCESS) remember(*dptr, DEVICE, n, NULL);
+    else gl_uncharge(n);
+    return r;
+}
+
+GL_EXPORT CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t n, unsigned flags)
+{
+    CUresult r = gl_entry_check();
+    size_t room = 0;
+    if (r != CUDA_SUCCESS) return r;
+    if (!gl_charge(n, &room)) return refuse("cuMemAllocManaged", n, room);
+    r = GL_REAL(alloc_managed_t, "cuMemAllocManaged")(dptr, n, flags);
+    if (r == CUDA_SUCCESS) gl_unfreezable(GL_UNFREEZABLE_UVM);
+    if (r == CUDA_SUCCESS) remember(*dptr, DEVICE, n, NULL);
+    else gl_uncharge(n);
+    return r;
+}
+
+GL_EXPORT CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t width, size_t height, unsigned elem)
+{
+    CUresult r = gl_entry_check();
+    size_t room = 0, guess = ((width + 511) / 512) * 512 * height;
+    if (r != CUDA_SUCCESS) return r;
+    if (!gl_charge(guess, &room)) return refuse("cuMemAllocPitch", guess, room);
+    r = GL_REAL(alloc_pitch_t, "cuMemAllocPitch_v2")(dptr, pitch, width, height, elem);
+    if (r != CUDA_SUCCESS) {
+        gl_uncharge(guess);
+        return r;
+    }
+    size_t real = *pitch * height;
+    if (real > guess) gl_force_charge(real - guess);
+    else gl_uncharge(guess - real);
+    remember(*dptr, DEVICE, real, NULL);
+    return r;
+}
+
+GL_EXPORT CUresult cuMemFree_v2(CUdeviceptr p)
+{
+    gl_thaw_if_frozen();
+    CUresult r = GL_REAL(free_t, "cuMemFree_v2")(p);
+    size_t n;
+    if (r == CUDA_SUCCESS && forget(p, DEVICE, &n, NULL)) gl_uncharge(n);
+    return r;
+}
+
+/* ------------------------------------------------------------------- virtual memory management */
+typedef CUresult (*create_t)(unsigned long long *, size_t, const void *, unsigned long long);
+typedef CUresult (*release_t)(unsigned long long);
+
+GL_EXPORT CUresult cuMemCreate(unsigned long long *handle, size_t n, const void *prop, unsigned long long flags)
+{
+    CUresult r = gl_entry_check();
+    size_t room = 0;
+    if (r != CUDA_SUCCESS) return r;
+    if (!gl_charge(n, &room)) {
+        true_up_all();
+        if (!gl_charge(n, &room)) return refuse("cuMemCreate", n, room);
+    }
+    r = GL_REAL(create_t, "cuMemCreate")(handle, n, prop, flags);
+    if (r == CUDA_SUCCESS) remember(*handle, VMM, n, NULL);
+    else gl_uncharge(n);
+    return r;
+}
+
+GL_EXPORT CUresult cuMemRelease(unsigned long long handle)
+{
+    gl_thaw_if_frozen();
+    CUresult r = GL_REAL(release_t, "cuMemRelease")(handle);
+    size_t n;
+    if (r == CUDA_SUCCESS && forget(handle, VMM, &n, NULL)) gl_uncharge(n);
+    return r;
+}
+
+/* ------------------------------------------------------------------- arrays */
+typedef struct { size_t width, height; int format; unsigned channels; } array_desc;
+typedef struct { size_t width, height, depth; int format; unsigned channels, flags; } array3d_desc;
+typedef struct { size_t size, alignment; unsigned reserved[4]; } array_requirements;
+typedef CUresult (*array_create_t)(CUarray *, const void *);
+typedef CUresult (*mipmapped_create_t)(CUmipmappedArray *, const void *, unsigned);
+typedef CUresult (*array_destroy_t)(void *);
+typedef CUresult (*requirements_t)(array_requirements *, void *, CUdevice);
+
+static size_t element_bytes(int format, unsigned channels)
+{
+    int low = format & 0x0f;
+    size_t one = format == 0x10 ? 2 : (low == 1 || low == 8) ? 1 : (low == 2 || low == 9) ? 2 : 4;
+    return one * (channels ? channels : 1);
+}
+
+static size_t dims(size_t w, size_t h, size_t d) { return w * (h ? h : 1) * (d ? d : 1); }
+
+/* An array made: its charge trued up to the driver's requirement where it tells, else the estimate stays. */
+static CUresult charge_array(const char *fn, void *array, int kind, size_t guess, const char *req_name)
+{
+    CUdevice d;
+    array_requirements req = { 0 };
+    size_t n = guess;
+    if (GL_REAL(ctx_dev_t, "cuCtxGetDevice")(&d) == CUDA_SUCCESS &&
+        GL_REAL(requirements_t, req_name)(&req, array, d) == CUDA_SUCCESS && req.size)
+        n = req.size;
+    if (n > guess) gl_force_charge(n - guess);
+    else gl_uncharge(guess - n);
+    (void)fn;
+    remember((unsigned long long)(uintptr_t)array, kind, n, NULL);
+    return CUDA_SUCCESS;
+}
+
+static CUresult array_create(const char *fn, const char *real_name, CUarray *out, const void *desc, size_t guess)
+{
+    CUresult r = gl_entry_check();
+    size_t room = 0;
+    if (r != CUDA_SUCCESS) return r;
+    if (!out || !desc) return CUDA_ERROR_INVALID_VALUE;
+    if (!gl_charge(guess, &room)) return refuse(fn, guess, room);
+    r = GL_REAL(array_create_t, real_name)(out, desc);
+    if (r != CUDA_SUCCESS) {
+        gl_uncharge(guess);
+        return r;
+    }
+    return charge_array(fn, *out, ARRAY, guess, "cuArrayGetMemoryRequirements");
+}
+
+GL_EXPORT CUresult cuArrayCreate_v2(CUarray *out, const array_desc *d)
+{
+    size_t guess = d ? dims(d->width, d->height, 1) * element_bytes(d->format, d->channels) : 0;
+    return array_create("cuArrayCreate", "cuArrayCreate_v2", out, d, guess);
+}
+
+GL_EXPORT CUresult cuArray3DCreate_v2(CUarray *out, const array3d_desc *d)
+{
+    size_t guess = d ? dims(d->width, d->height, d->depth) * element_bytes(d->format, d->channels) : 0;
+    return array_create("cuArray3DCreate", "cuArray3DCreate_v2", out, d, guess);
+}
+
+GL_EXPORT CUresult cuMipmappedArrayCreate(CUmipmappedArray *out, const array3d_desc *d, unsigned levels)
+{
+    CUresult r = gl_entry_check();
+    size_t room = 0;
+    if (r != CUDA_SUCCESS) return r;
+    if (!out || !d) return CUDA_ERROR_INVALID_VALUE;
+    /* every level is at most a quarter of the one above: the whole is under 4/3 of the first */
+    size_t guess = dims(d->width, d->height, d->depth) * element_bytes(d->format, d->channels) / 3 * 4;
+    if (!gl_charge(guess, &room)) return refuse("cuMipmappedArrayCreate", guess, room);
+    r = GL_REAL(mipmapped_create_t, "cuMipmappedArrayCreate")(out, d, levels);
+    if (r != CUDA_SUCCESS) {
+        gl_uncharge(guess);
+        return r;
+    }
+    return charge_array("cuMipmappedArrayCreate", *out, MIPMAPPED, guess, "cuMipmappedArrayGetMemoryRequirements");
+}
+
+static CUresult array_destroy(const char *real_name, void *array, int kind)
+{
+    gl_thaw_if_frozen();
+    CUresult r = GL_REAL(array_destroy_t, real_name)(array);
+    size_t n;
+    if (r == CUDA_SUCCESS && forget((unsigned long long)(uintptr_t)array, kind, &n, NULL)) gl_uncharge(n);
+    return r;
+}
+
+GL_EXPORT CUresult cuArrayDestroy(CUarray a) { return array_destroy("cuArrayDestroy", a, ARRAY); }
+
+GL_EXPORT CUresult cuMipmappedArrayDestroy(CUmipmappedArray a)
+{
+    return array_destroy("cuMipmappedArrayDestroy", a, MIPMAPPED);
+}
+
+/* ------------------------------------------------------------------- graphs' memory (launch.c) */
+typedef CUresult (*graph_attr_t)(CUdevice, int, void *);
+#define CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT 2
+
+/* After a graph launch or a graph memory trim: the device's graph memory reservation is charged. */
+void gl_true_up_graph_memory(void)
+{
+    CUdevice d;
+    unsigned long long reserved = 0;
+    if (GL_REAL(ctx_dev_t, "cuCtxGetDevice")(&d) != CUDA_SUCCESS || d < 0 || d >= 8) return;
+    if (GL_REAL(graph_attr_t, "cuDeviceGetGraphMemAttribute")(d, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT,
+                                                               &reserved) != CUDA_SUCCESS)
+        return;
+    pthread_mutex_lock(&mu);
+    if (reserved > graph_charged[d]) gl_force_charge(reserved - graph_charged[d]);
+    else gl_uncharge(graph_charged[d] - reserved);
+    graph_charged[d] = reserved;
+    pthread_mutex_unlock(&mu);
+}
+
+typedef CUresult (*graph_trim_t)(CUdevice);
+
+GL_EXPORT CUresult cuDeviceGraphMemTrim(CUdevice d)
+{
+    gl_thaw_if_frozen();
+    CUresult r = GL_REAL(graph_trim_t, "cuDeviceGraphMemTrim")(d);
+    if (r == CUDA_SUCCESS) gl_true_up_graph_memory();
+    return r;
+}
+
+/* ------------------------------------------------------------------- what memory a program sees */
+typedef CUresult (*mem_info_t)(size_t *, size_t *);
+typedef CUresult (*total_mem_t)(size_t *, CUdevice);
+
+GL_EXPORT CUresult cuMemGetInfo_v2(size_t *free_out, size_t *total_out)
+{
+    gl_thaw_if_frozen();
+    size_t free_real = 0, total_real = 0;
+    CUresult r = GL_REAL(mem_info_t, "cuMemGetInfo_v2")(&free_real, &total_real);
+    if (r != CUDA_SUCCESS) return r;
+    unsigned long long quota = gl_quota();
+    if (quota) {
+        true_up_all();
+        unsigned long long used = gl_vgpu_charged();
+        size_t left = used < quota ? (size_t)(quota - used) : 0;
+        free_real = left < free_real ? left : free_real;  /* the card may have less free than the quota */
+        total_real = (size_t)quota;
+    }
+    if (free_out) *free_out = free_real;
+    if (total_out) *total_out = total_real;
+    return r;
+}
+
+GL_EXPORT CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice d)
+{
+    CUresult r = GL_REAL(total_mem_t, "cuDeviceTotalMem_v2")(bytes, d);
+    unsigned long long quota = gl_quota();
+    if (r == CUDA_SUCCESS && bytes && quota && quota < *bytes) *bytes = (size_t)quota;
+    return r;
+}
+
+/* ------------------------------------------------------------------- memory shared between processes */
+/* Allowed, but such a process is never frozen: the driver's checkpoint does not move IPC memory. */
+typedef CUresult (*ipc_get_t)(void *, CUdeviceptr);
+typedef CUresult (*export_t)(void *, unsigned long long, int, unsigned long long);
+typedef CUresult (*import_t)(unsigned long long *, void *, int);
+
+static CUresult shared_memory(CUresult r)
+{
+    if (r == CUDA_SUCCESS) gl_unfreezable(GL_UNFREEZABLE_IPC);
+    return r;
+}
+
+GL_EXPORT CUresult cuIpcGetMemHandle(void *handle, CUdeviceptr p)
+{
+    return shared_memory(GL_REAL(ipc_get_t, "cuIpcGetMemHandle")(handle, p));
+}
+
+/* the handle is a 64-byte struct passed by value: taken here as its bytes, handed on the same way */
+typedef struct { char reserved[64]; } ipc_mem_handle;
+typedef CUresult (*ipc_open_value_t)(CUdeviceptr *, ipc_mem_handle, unsigned);
+
+GL_EXPORT CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *p, ipc_mem_handle handle, unsigned flags)
+{
+    return shared_memory(GL_REAL(ipc_open_value_t, "cuIpcOpenMemHandle_v2")(p, handle, flags));
+}
+
+GL_EXPORT CUresult cuMemExportToShareableHandle(void *out, unsigned long long handle, int type, unsigned long long flags)
+{
+    return shared_memory(GL_REAL(export_t, "cuMemExportToShareableHandle")(out, handle, type, flags));
+}
+
+GL_EXPORT CUresult cuMemImportFromShareableHandle(unsigned long long *handle, void *os_handle, int type)
+{
+    return shared_memory(GL_REAL(import_t, "cuMemImportFromShareableHandle")(handle, os_handle, type));
+}

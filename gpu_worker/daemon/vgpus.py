@@ -529,6 +529,7 @@ class VGPURegistry:
                 moves[k] += rec[k]
             errors.update(rec["errors"])
             procs.append({"pid": pid, "client_pid": rec["client_pid"], "used": rec["used"],
+                          "mode": "native" if pid in v.native else "forwarded",
                           "overhead": rec["overhead"], "started": rec["started"], "waiting": bool(rec["waiting"]),
                           **{k: rec[k] for k in COUNTERS}, "tiers": {k: rec[k] for k in TIER_NAMES},
                           "last_touch": rec["last_touch"] or None})

@@ -124,7 +124,8 @@ gl_thaw_then_jump:
 
 
 def native_exports_source() -> str:
-    """The C file of the pass-through entry points, the table they jump through, and the hooks' table."""
+    """The C file of the pass-through entry points (and their addresses), the table they jump through, and the
+    hooks' table."""
     hooks = native_hooks()
     names = [n for n in driver_exports() if n not in set(hooks)]
     quoted = ", ".join('"' + n + '"' for n in names)
@@ -134,7 +135,8 @@ def native_exports_source() -> str:
            f"void *gl_slots[{len(names)}];",
            f"const size_t gl_nexports = {len(names)};",
            "typedef struct { const char *name; void *hook; } gl_hook;"]
-    out += [f"extern void {n}(void);" for n in hooks]
+    out += [f"extern void {n}(void);" for n in hooks + names]
+    out.append("void *const gl_entries[] = {" + ", ".join(f"(void *){n}" for n in names) + "};")
     out.append("const gl_hook gl_hooks[] = {" + ", ".join(f'{{"{n}", (void *){n}}}' for n in hooks) + "};")
     out.append(f"const size_t gl_nhooks = {len(hooks)};")
     asm = THAW_THEN_JUMP + "".join(TRAMPOLINE.format(name=n, index=i, offset=8 * i) for i, n in enumerate(names))

@@ -1,0 +1,298 @@
+"""Native mode without a GPU: the native shim (gpu_worker/shim/lib/native) over a double of the node's driver.
+
+The "real driver" below the native shim is build.py's driver double: the forwarding shim reading
+GPULAB_DRIVER_WORKER/GPULAB_DRIVER_TOKEN, holding a session of its own on the same emulated worker with a
+token for the whole node (both GPUs, no quota). Above it, the native shim attaches to the vGPU of
+GPULAB_TOKEN (one GPU, a quota). What the native shim hooks must show the vGPU; everything else must be
+the double's own answer; the ledger must be shared with forwarded sessions of the same vGPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from workertools import PRELUDE, ROOT, Worker
+
+from gpu_worker.daemon.gpus import describe_gpus
+from gpu_worker.shim import build as shim_build
+from gpu_worker.shim import native_dir
+
+QUOTA = 64 << 20
+TOKENS = {"vgpu": {"vram": "64M", "gpus": [1], "compute": 25}, "node": {"gpus": [0, 1]}}
+
+pytestmark = pytest.mark.skipif(not shim_build.native_supported(), reason="native mode is built for x86-64 only")
+
+
+@pytest.fixture(scope="module")
+def driver_double(tmp_path_factory):
+    return shim_build.build_driver_double(tmp_path_factory.mktemp("driver-double"))
+
+
+@pytest.fixture
+def node(tmp_path, driver_double):
+    (tmp_path / "tokens.json").write_text(json.dumps(TOKENS))
+    w = Worker(tmp_path, token=None, extra=("--emulated-gpus", "2", "--emulated-memory", "4G", "--name", "node",
+                                            "--tokens-file", str(tmp_path / "tokens.json")))
+    w.double = driver_double
+    yield w
+    w.stop()
+
+
+def native_env(w: Worker, token="vgpu") -> dict:
+    env = dict(os.environ)
+    env.update({"LD_LIBRARY_PATH": str(native_dir()), "GPULAB_WORKER": w.unix, "GPULAB_TOKEN": token,
+                "GPULAB_REAL_LIBCUDA": str(w.double), "GPULAB_DRIVER_WORKER": w.unix, "GPULAB_DRIVER_TOKEN": "node"})
+    return env
+
+
+def run_native(w: Worker, code: str, token="vgpu", check=True, env_extra=None):
+    p = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], env={**native_env(w, token),
+                                                                                     **(env_extra or {})},
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    if check and p.returncode != 0:
+        raise AssertionError(f"client failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    p.result = json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else None
+    return p
+
+
+class Native:
+    """A native-mode program driven a line at a time: each line is Python run in it, answered by one JSON line."""
+
+    def __init__(self, w: Worker, token="vgpu"):
+        driver = PRELUDE + textwrap.dedent("""
+            import ctypes, sys
+            state = {}
+            print(json.dumps({"pid": __import__("os").getpid()}), flush=True)
+            for line in sys.stdin:
+                try:
+                    out = eval(compile(line, "<line>", "eval"), globals(), state) if not line.startswith("!") else \\
+                        exec(line[1:], globals(), state)
+                except SystemExit as exc:
+                    out = {"exit": str(exc)}
+                print(json.dumps(out), flush=True)
+        """)
+        self.proc = subprocess.Popen([sys.executable, "-c", driver], env=native_env(w, token), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.pid = self.said()["pid"]
+
+    def said(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the program stopped: {self.proc.stderr.read()}")
+        return json.loads(line)
+
+    def __call__(self, line: str):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.said()
+
+    def close(self) -> str:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+        return self.proc.stderr.read()
+
+
+def vgpu_of(w: Worker, token: str) -> dict:
+    from gpu_worker.client.tokens import token_hash
+
+    return next(v for v in w.vgpus() if v["token_hash"] == token_hash(token))
+
+
+def test_the_vgpu_is_what_a_native_process_sees(node):
+    """cuMemGetInfo, cuDeviceTotalMem and enumeration are the vGPU's; the double below shows the whole node."""
+    gpus = describe_gpus("emulated", "node", 4 << 30, 2)
+    r = run_native(node, """
+        import ctypes, os, uuid
+        ok(d.cuInit(0))
+        n = ok(d.cuDeviceGetCount())
+        dev = ok(d.cuDeviceGet(0))
+        ctx = ok(d.cuDevicePrimaryCtxRetain(dev)); ok(d.cuCtxSetCurrent(ctx))
+        free, total = ok(d.cuMemGetInfo())
+        below = ctypes.CDLL(os.environ["GPULAB_REAL_LIBCUDA"])
+        real_n = ctypes.c_int()
+        below.cuDeviceGetCount(ctypes.byref(real_n))
+        real_total = ctypes.c_size_t()
+        below.cuDeviceTotalMem_v2(ctypes.byref(real_total), 0)
+        done(count=n, device=int(dev), beyond=name(d.cuDeviceGet(1)), free=free, total=total,
+             total_mem=ok(d.cuDeviceTotalMem(dev)),
+             uuid="GPU-" + str(uuid.UUID(bytes=bytes(ok(d.cuDeviceGetUuid(dev)).bytes))),
+             real_count=real_n.value, real_total=real_total.value)
+    """)
+    got = r.result
+    assert got["real_count"] == 2 and got["real_total"] == 4 << 30  # the double: the whole node
+    assert got["count"] == 1 and got["beyond"] == "CUDA_ERROR_INVALID_DEVICE"
+    assert got["uuid"] == gpus[1]["uuid"]  # the vGPU's GPU, as ordinal 0 ...
+    assert got["device"] == 1  # ... which is the node's second device
+    assert got["total"] == QUOTA and got["total_mem"] == QUOTA and got["free"] == QUOTA
+
+
+def test_quota_holds_across_native_processes_and_forwarded_sessions_of_one_vgpu(node):
+    a, b = Native(node), Native(node)
+    try:
+        for p in (a, b):
+            assert p("ok(d.cuInit(0)) or 0") == 0
+            assert p("!ctx = ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(0)))); ok(d.cuCtxSetCurrent(ctx))") is None
+        assert a("!p = ok(d.cuMemAlloc(40 << 20))") is None
+        assert b("name(d.cuMemAlloc(40 << 20))") == "CUDA_ERROR_OUT_OF_MEMORY"
+        assert b("[int(x) for x in ok(d.cuMemGetInfo())]") == [QUOTA - (40 << 20), QUOTA]
+        v = vgpu_of(node, "vgpu")
+        assert v["used"] == 40 << 20
+        assert sorted(p["mode"] for p in v["processes"]) == ["native", "native"]
+        # a forwarded session of the same vGPU (the ordinary shim) is held to the same ledger
+        fwd = node.run(PRELUDE + "setup(); done(r=name(d.cuMemAlloc(40 << 20)))", token="vgpu").result
+        assert fwd["r"] == "CUDA_ERROR_OUT_OF_MEMORY"
+        assert a("name(d.cuMemFree(state['p']))") == "CUDA_SUCCESS"
+        assert b("!q = ok(d.cuMemAlloc(40 << 20))") is None
+        assert vgpu_of(node, "vgpu")["used"] == 40 << 20
+    finally:
+        said = b.close()
+        a.close()
+    assert "cuMemAlloc refused: 40.0 MiB asked, 24.0 MiB left of this vGPU's 64.0 MiB quota" in said
+    # the processes ended: their slots are free, nothing stays charged
+    deadline = time.monotonic() + 10
+    while vgpu_of(node, "vgpu")["processes"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert vgpu_of(node, "vgpu")["used"] == 0 and vgpu_of(node, "vgpu")["processes"] == []
+
+
+def test_unhooked_functions_and_the_export_table_pass_straight_through(node):
+    """An un-hooked function, cuGetExportTable included, is the library below's own: cuGetProcAddress hands out
+    our entry point of the same name, which is one jump to it (after a look at the frozen byte)."""
+    r = run_native(node, """
+        import ctypes, os
+        ok(d.cuInit(0))
+        below = ctypes.CDLL(os.environ["GPULAB_REAL_LIBCUDA"])
+        ours = ctypes.CDLL("libcuda.so.1")
+        def addr(lib, fn):
+            return ctypes.cast(getattr(lib, fn), ctypes.c_void_p).value
+        def proc(sym):
+            err, pfn, _status = d.cuGetProcAddress(sym.encode(), 12000, 0)
+            return int(pfn) if int(err) == 0 else None
+        table, uuid = ctypes.c_void_p(), (ctypes.c_char * 16)()
+        handed = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)(proc("cuGetExportTable"))
+        ctx = ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(0)))); ok(d.cuCtxSetCurrent(ctx))
+        dev = ctypes.c_int(-1)
+        below_ctx = below.cuCtxGetDevice(ctypes.byref(dev))
+        done(ctx_get_device=[proc("cuCtxGetDevice"), addr(below, "cuCtxGetDevice"), addr(ours, "cuCtxGetDevice")],
+             device=[int(ok(d.cuCtxGetDevice())), dev.value, below_ctx],
+             export_table=[proc("cuGetExportTable"), addr(ours, "cuGetExportTable")],
+             export_table_call=[handed(ctypes.byref(table), uuid), below.cuGetExportTable(ctypes.byref(table), uuid)],
+             mem_alloc=[proc("cuMemAlloc"), addr(below, "cuMemAlloc_v2"), addr(ours, "cuMemAlloc_v2")])
+    """, env_extra={"GPULAB_DEBUG": "1"})
+    got = r.result
+    handed, below, ours = got["ctx_get_device"]
+    assert handed == ours != below
+    assert got["device"] == [1, 1, 0]  # called through our entry point: the library below's answer
+    assert got["export_table"][0] == got["export_table"][1]
+    # the double has no private tables: its own answer, and its own debug line, come through
+    assert got["export_table_call"] == [801, 801]
+    assert r.stderr.count("cuGetExportTable: not offered by a gpulab vGPU") == 2
+    handed, below, ours = got["mem_alloc"]
+    assert handed == ours != below  # hooked: the caller gets ours
+
+
+def test_pacing_arithmetic_is_pacing_py_s_on_the_shared_bucket(node):
+    """The native shim's bucket arithmetic (C) and the executors' (pacing.py) take turns on one vGPU's bucket."""
+    r = run_native(node, """
+        import ctypes, mmap, os
+        from gpu_worker.daemon import ledger as L
+        from gpu_worker.daemon.pacing import DEPTH, Pacer
+        ok(d.cuInit(0))
+        ours = ctypes.CDLL("libcuda.so.1")
+        ours.gpulab_native_settle.restype = ctypes.c_double
+        ours.gpulab_native_settle.argtypes = [ctypes.c_double] * 4
+        fd = next(int(f) for f in os.listdir("/proc/self/fd")
+                  if os.readlink(f"/proc/self/fd/{f}").startswith("/memfd:gpulab-vgpu-ledger"))
+        ledger = L.Ledger.__new__(L.Ledger)
+        ledger.slots = 256
+        ledger.size = os.fstat(fd).st_size
+        ledger.slots = (ledger.size - L.HEADER_SIZE) // L.SLOT_SIZE
+        ledger.fd, ledger.map = fd, mmap.mmap(fd, ledger.size)
+        share = ledger.pacing()[0]
+        mine = L.Slot(ledger, 0)
+        class Backend:
+            def __init__(self): self.t = 0.0
+            def kernel_time(self): return self.t
+        backend = Backend()
+        pacer = Pacer(mine, backend, None, None)
+        steps = [ours.gpulab_native_settle(100.0, share, share, DEPTH)]
+        mine.set_pacing_figures(0.010, 0.0, False)
+        steps.append(ours.gpulab_native_settle(100.02, share, share, DEPTH))
+        backend.t = pacer.kernel_time = 0.030
+        steps.append(pacer._settle(100.04, share, 0, False))
+        steps.append(ours.gpulab_native_settle(100.06, share, share, DEPTH))
+        done(share=share, steps=steps)
+    """)
+    got = r.result
+    assert got["share"] == 0.25
+    full = 0.25 * 0.1
+    expected = [full, full - 0.010, min(full - 0.010 + 0.25 * 0.02, full) - 0.020, 0.25 * 0.02]
+    assert got["steps"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_freeze_and_thaw_through_the_chain_keep_the_bytes(node):
+    """The control API's offload freezes the native process (on this worker: the double's vGPU goes warm); its next
+    CUDA call thaws it, and the bytes it wrote come back."""
+    p = Native(node)
+    try:
+        assert p("!ok(d.cuInit(0)); ctx = ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(0)))); "
+                 "ok(d.cuCtxSetCurrent(ctx))") is None
+        assert p("!data = np.arange(1 << 20, dtype=np.uint32); ptr = ok(d.cuMemAlloc(data.nbytes)); "
+                 "ok(d.cuMemcpyHtoD(ptr, data.ctypes.data, data.nbytes))") is None
+        v = vgpu_of(node, "vgpu")
+        status, body = node.api(f"/api/vgpus/{v['id']}/offload", method="POST", body={"to": "warm"})
+        assert status == 200, body
+        below = vgpu_of(node, "node")
+        assert below["tiers"]["warm"] >= 4 << 20 and below["tiers"]["hot"] == 0  # the double's memory moved
+        me = vgpu_of(node, "vgpu")["processes"][0]
+        assert me["mode"] == "native" and me["tiers"]["warm"] == 4 << 20 and me["tiers"]["hot"] == 0
+        back = p("!out = np.zeros_like(data); ok(d.cuMemcpyDtoH(out.ctypes.data, ptr, out.nbytes))")
+        assert back is None
+        assert p("bool((out == data).all())") is True
+        me = vgpu_of(node, "vgpu")["processes"][0]
+        assert me["tiers"]["hot"] == 4 << 20 and me["tiers"]["warm"] == 0
+        moves = vgpu_of(node, "vgpu")["moves"]
+        assert moves["offloads"] == 1 and moves["restores"] == 1
+        assert vgpu_of(node, "node")["tiers"]["warm"] == 0
+    finally:
+        p.close()
+    assert "thawed" in node.log_text() and "frozen" in node.log_text()
+
+
+def test_a_wrong_token_or_a_tcp_worker_is_cuinit_s_error_with_a_reason(node):
+    bad = run_native(node, "done(r=name(d.cuInit(0)))", token="nope")
+    assert bad.result["r"] == "CUDA_ERROR_NOT_PERMITTED"
+    assert "the session token is not valid for this worker" in bad.stderr
+    env = native_env(node)
+    env["GPULAB_WORKER"] = "tcp://127.0.0.1:1"
+    p = subprocess.run([sys.executable, "-c", PRELUDE + "done(r=name(d.cuInit(0)))"], env=env, capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert json.loads(p.stdout)["r"] == "CUDA_ERROR_NO_DEVICE"
+    assert "needs its worker on this node" in p.stderr
+
+
+def test_without_a_real_driver_every_call_says_so(node, tmp_path):
+    env = native_env(node)
+    env["GPULAB_REAL_LIBCUDA"] = str(tmp_path / "missing.so")
+    p = subprocess.run([sys.executable, "-c", PRELUDE + "done(r=name(d.cuInit(0)))"], env=env, capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert json.loads(p.stdout)["r"] == "CUDA_ERROR_NO_DEVICE"
+    assert f"GPULAB_REAL_LIBCUDA={tmp_path / 'missing.so'} is not a CUDA driver library" in p.stderr
+
+
+def test_the_real_driver_is_found_on_the_library_path_but_never_ourselves(node):
+    """Without GPULAB_REAL_LIBCUDA: the native directory comes first on LD_LIBRARY_PATH and is skipped."""
+    env = native_env(node)
+    del env["GPULAB_REAL_LIBCUDA"]
+    env["LD_LIBRARY_PATH"] = f"{native_dir()}:{node.double.parent}"
+    env["GPULAB_DEBUG"] = "1"
+    p = subprocess.run([sys.executable, "-c", PRELUDE + "done(r=name(d.cuInit(0)), n=ok(d.cuDeviceGetCount()))"],
+                       env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert json.loads(p.stdout) == {"r": "CUDA_SUCCESS", "n": 1}
+    assert f"native: real driver {node.double.parent}/libcuda.so.1" in p.stderr

@@ -104,6 +104,11 @@ class Worker:
         p.result = json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else None
         return p
 
+    def start(self, code: str, token=None) -> subprocess.Popen:
+        """A Python client through the shim driven line by line: text pipes for its stdin, stdout, stderr."""
+        return subprocess.Popen([sys.executable, "-c", code], env=self.env(token=token), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
     def log_text(self) -> str:
         self.log.flush()
         return self.log_path.read_text()

@@ -25,7 +25,7 @@ WIRE = {"i32": ("int", "i", 4), "u32": ("unsigned int", "I", 4), "u64": ("unsign
         "f32": ("float", "f", 4), "size": ("size_t", "Q", 8), "dptr": ("CUdeviceptr", "Q", 8)}
 HANDLE_CTYPES = {"ctx": "CUcontext", "stream": "CUstream", "event": "CUevent", "module": "CUmodule",
                  "function": "CUfunction", "library": "CUlibrary", "kernel": "CUkernel",
-                 "graph": "CUgraph", "graph_exec": "CUgraphExec"}
+                 "graph": "CUgraph", "graph_exec": "CUgraphExec", "mempool": "CUmemoryPool"}
 
 
 def ctype(t: str) -> str:
@@ -36,6 +36,15 @@ def ctype(t: str) -> str:
 
 def fmt(t: str) -> str:
     return "Q" if t.startswith("h:") else WIRE[t][1]
+
+
+def layout_size(name: str) -> int:
+    return struct.calcsize(next(lay.format for lay in T.LAYOUTS if lay.name == name))
+
+
+def field_fmt(p: T.Param) -> str:
+    """A fixed request field's struct format: a struct read by the call travels as raw bytes."""
+    return f"{layout_size(p.arg)}s" if p.rule == "inbytes" else fmt(p.type)
 
 
 def c_param(p: T.Param) -> str:
@@ -50,7 +59,7 @@ def c_param(p: T.Param) -> str:
         return f"char *{p.name}"
     if r in ("outbytes", "outvar", "hostout", "null"):
         return f"void *{p.name}"
-    if r in ("image", "hostin"):
+    if r in ("image", "hostin", "inbytes"):
         return f"const void *{p.name}"
     if r == "ignored":
         return f"{p.type} {p.name}"
@@ -59,7 +68,7 @@ def c_param(p: T.Param) -> str:
 
 def wire_in(f: T.Func):
     """Fixed-size request fields in order, then the one variable field (if any)."""
-    fixed = [p for p in f.params if p.rule in ("in", "dptr", "mint")]
+    fixed = [p for p in f.params if p.rule in ("in", "dptr", "mint", "inbytes")]
     var = [p for p in f.params if p.rule in ("cstr", "image", "hostin")]
     assert len(var) <= 1, f.name
     return fixed, (var[0] if var else None)
@@ -75,7 +84,7 @@ def wire_out(f: T.Func):
 
 def in_struct(f: T.Func) -> str:
     fixed, _ = wire_in(f)
-    return "<" + "".join(fmt(p.type) for p in fixed)
+    return "<" + "".join(field_fmt(p) for p in fixed)
 
 
 def out_struct(f: T.Func) -> str:
@@ -89,7 +98,7 @@ def gen_c_stub(f: T.Func) -> str:
     sig = ", ".join(c_param(p) for p in f.params) or "void"
     lines = [f"GL_EXPORT CUresult {f.symbol}({sig})", "{"]
     for p in f.params:
-        if p.rule in ("out", "mint", "outstr", "outbytes", "outvar", "image", "cstr"):
+        if p.rule in ("out", "mint", "outstr", "outbytes", "outvar", "image", "cstr", "inbytes"):
             lines.append(f"    if ({p.name} == NULL) return CUDA_ERROR_INVALID_VALUE;")
         if p.rule in ("hostin", "hostout"):
             lines.append(f"    if ({p.name} == NULL && {p.arg} != 0) return CUDA_ERROR_INVALID_VALUE;")
@@ -105,6 +114,8 @@ def gen_c_stub(f: T.Func) -> str:
         if p.rule == "mint":
             lines.append(f"    *{p.name} = ({ctype(p.type)})gl_mint_handle();")
             lines.append(f"    gl_put_u64(&m, (unsigned long long)(uintptr_t)*{p.name});")
+        elif p.rule == "inbytes":
+            lines.append(f"    gl_put(&m, {p.name}, GL_{p.arg}_SIZE);")
         elif p.is_handle:
             lines.append(f"    gl_put_u64(&m, (unsigned long long)(uintptr_t){p.name});")
         else:
@@ -177,6 +188,16 @@ def gen_c(names: list[str]) -> str:
             out.append(f'GL_EXPORT CUresult {n}(void) {{ return gl_probed("{n}"); }}')
         else:
             out.append(f'GL_EXPORT CUresult {n}(void) {{ static int once; return gl_unsupported("{n}", &once); }}')
+    out.append("")
+    out.append("/* Bytes of a memory pool attribute's value (table.MEMPOOL_ATTR_SIZES); 0: one we do not know. */")
+    out.append("size_t gl_mempool_attr_size(int attr)")
+    out.append("{")
+    out.append("    switch (attr) {")
+    for attr, size in sorted(T.MEMPOOL_ATTR_SIZES.items()):
+        out.append(f"    case {attr}: return {size};")
+    out.append("    default: return 0;")
+    out.append("    }")
+    out.append("}")
     out.append("")
     out.append("/* Answered by the hand-written shim files without a round trip. */")
     for abi, _ in T.LOCAL.values():
@@ -256,8 +277,8 @@ def gen_wire_py() -> str:
 def gen_py_handler(f: T.Func) -> str:
     fixed, var = wire_in(f)
     ofixed, ovar, obulk = wire_out(f)
-    fixed_size = sum(4 if fmt(p.type) in "iIf" else 8 for p in fixed)
-    call_args = ["a_" + p.name for p in f.params if p.rule in ("in", "dptr", "cstr", "image", "hostin")]
+    fixed_size = struct.calcsize(in_struct(f))
+    call_args = ["a_" + p.name for p in f.params if p.rule in ("in", "dptr", "cstr", "image", "hostin", "inbytes")]
     lines = [f"def make_{f.name}(s):",
              f'    fn = s.impl("{f.name}")']
     if fixed:

@@ -7,6 +7,8 @@ reference for both.
 import struct
 
 from . import wire
+from .errors import INVALID_VALUE, CudaError
+from .table import MEMPOOL_ATTR_SIZES
 from .wire import (FIRST_OPCODE, FLAG_REPLY, LAUNCH_ATTR_SIZE, MAX_FRAME, MAX_REASON, OP_HELLO,  # noqa: F401
                    OP_LAUNCH, OP_PARAM_LAYOUT, OP_SET_CONTEXT, PROTOCOL_VERSION, REPLY_ENDED)
 
@@ -14,6 +16,7 @@ REQ_HEADER = struct.Struct(wire.REQ_HEADER_FORMAT)
 REP_HEADER = struct.Struct(wire.REP_HEADER_FORMAT)
 HELLO = struct.Struct(wire.HELLO_FORMAT)
 LAUNCH = struct.Struct(wire.LAUNCH_FORMAT)
+MEMPOOL_PROPS = struct.Struct(wire.MEMPOOL_PROPS_FORMAT)
 
 
 class ProtocolError(Exception):
@@ -31,3 +34,16 @@ def ended_frame(code: int, reason: str) -> bytes:
     shim is still sending; nothing follows it."""
     why = clip_reason(reason)
     return REP_HEADER.pack(4 + len(why), code, REPLY_ENDED | len(why)) + struct.pack("<I", code) + why
+
+
+def pool_attribute_bytes(attr: int, value: int) -> bytes:
+    """A memory pool attribute's value as the driver writes it: a cuuint64_t or an int (MEMPOOL_ATTR_SIZES)."""
+    return struct.pack("<Q" if MEMPOOL_ATTR_SIZES[attr] == 8 else "<i", value)
+
+
+def pool_attribute_value(attr: int, data) -> int:
+    """The value a program passed to cuMemPoolSetAttribute; CUDA_ERROR_INVALID_VALUE for an unknown attribute."""
+    size = MEMPOOL_ATTR_SIZES.get(attr)
+    if size is None or len(data) != size:
+        raise CudaError(INVALID_VALUE, f"memory pool attribute {attr} with a {len(data)}-byte value")
+    return struct.unpack("<Q" if size == 8 else "<i", bytes(data))[0]

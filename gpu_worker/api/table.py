@@ -20,6 +20,8 @@ minted by the shim, 8 bytes).  Parameter rules:
 ``Image``    a module image (PTX text, cubin ELF or fatbin); its size is found by the shim.
 ``HostIn``   host memory read by the call, size from another parameter (bulk data).
 ``HostOut``  host memory written by the call, size from another parameter (bulk data).
+``InBytes``  pointer to a fixed-size struct the call reads (e.g. CUmemPoolProps); its size is the
+             ``LAYOUTS`` entry named by ``arg``, and it travels as raw bytes among the fixed fields.
 ``Null``     a pointer parameter we accept only as NULL (anything else: NOT_SUPPORTED).
 ``Ignored``  a parameter that does not travel (JIT option arrays and the like).
 ``DPtr``     a device pointer; ``span`` is an expression for the byte range it must
@@ -75,6 +77,10 @@ def OutStr(name, length):  # noqa: N802
 
 def OutBytes(name, size):  # noqa: N802
     return Param("outbytes", name, arg=str(size))
+
+
+def InBytes(name, layout):  # noqa: N802
+    return Param("inbytes", name, arg=layout)
 
 
 def OutVar(name, maxsize):  # noqa: N802
@@ -152,6 +158,13 @@ WIRE = [
     Const("OP_SET_CONTEXT", 2, "the calling thread's current context id (never replied)"),
     Const("OP_LAUNCH", 3, "a kernel launch with its parameter buffer (never replied)"),
     Const("OP_PARAM_LAYOUT", 4, "offset and size of each parameter of a function"),
+    Const("OP_NATIVE_HELLO", 5, "opens a native-mode process's attachment to its vGPU's ledger (same payload as "
+                                "HELLO, Unix socket only): the reply's payload is key=value lines and carries the "
+                                "ledger's file descriptor (SCM_RIGHTS)"),
+    Const("OP_NATIVE_THAW", 6, "a native process found itself frozen (warm tier): the worker restores it; replied "
+                               "once it may run"),
+    Const("NATIVE_OBSERVE", 2, "request flags bit of OP_NATIVE_HELLO: read the ledger only (the NVML stand-in): no "
+                               "slot, nothing charged"),
     Const("FIRST_OPCODE", 16, "opcode of FORWARDED[0]; FORWARDED[i] is FIRST_OPCODE + i"),
     Const("FLAG_REPLY", 1, "request flags bit: the shim waits for a reply"),
     Const("LAUNCH_ATTR_SIZE", 72, "bytes of one CUlaunchAttribute, sent as the driver lays it out"),
@@ -176,6 +189,9 @@ LAYOUTS = [
     Layout("HELLO", "<IIQ", "u32 protocol version, u32 client pid, u64 token length (token follows)"),
     Layout("LAUNCH", "<Q7IQI", "u64 function id, u32 grid x,y,z, block x,y,z, shared bytes, u64 stream id, "
                                "u32 attribute count (attributes, then u64 length + parameter buffer follow)"),
+    # CUmemPoolProps: allocType, handleTypes, location (type, id), win32SecurityAttributes, maxSize, usage,
+    # gpuDirectRDMACapable, reserved (88 bytes, as CUDA 12 and 13 lay it out)
+    Layout("MEMPOOL_PROPS", "<IIiiQQHB53x", "cuMemPoolCreate's CUmemPoolProps as the program laid it out"),
 ]
 
 
@@ -342,7 +358,42 @@ FORWARDED = [
     F("cuGraphLaunch", [In("hGraphExec", "h:graph_exec"), In("hStream", "h:stream")], since=10000, mode="async"),
     F("cuGraphExecDestroy", [In("hGraphExec", "h:graph_exec")], since=10000, mode="async"),
     F("cuGraphDestroy", [In("hGraph", "h:graph")], since=10000, mode="async"),
+    # --- stream-ordered allocation and memory pools ------------------------------------
+    # Pools are client-minted ids like streams; a device's default pool has a fixed id (the session's
+    # DEFAULT_POOL_BASE + device).  An allocation returns the worker's address (a round trip, as cuMemAlloc)
+    # and is tracked in the shim; a free is pipelined but sent at once, as cuMemFree.  The vGPU's quota is
+    # charged what the pools hold reserved (docs/protocol.md, *Memory pools*).  The per-thread-stream
+    # (_ptsz) variants share these stubs, as every other function's do (cuGetProcAddress ignores the flag).
+    F("cuDeviceGetDefaultMemPool", [Out("pool_out", "h:mempool"), In("dev", "i32")], since=11020),
+    F("cuDeviceGetMemPool", [Out("pool", "h:mempool"), In("dev", "i32")], since=11020),
+    F("cuDeviceSetMemPool", [In("dev", "i32"), In("pool", "h:mempool")], since=11020),
+    F("cuMemPoolCreate", [Mint("pool", "mempool"), InBytes("poolProps", "MEMPOOL_PROPS")], since=11020,
+      c_failed="*pool = NULL"),
+    F("cuMemPoolDestroy", [In("pool", "h:mempool")], since=11020),
+    F("cuMemAllocAsync", [Out("dptr", "dptr"), In("bytesize", "size"), In("hStream", "h:stream")], since=11020,
+      c_after="r = gl_track_new_alloc(*dptr, bytesize)"),
+    F("cuMemAllocFromPoolAsync", [Out("dptr", "dptr"), In("bytesize", "size"), In("pool", "h:mempool"),
+                                  In("hStream", "h:stream")], since=11020,
+      c_after="r = gl_track_new_alloc(*dptr, bytesize)"),
+    F("cuMemFreeAsync", [In("dptr", "dptr"), In("hStream", "h:stream")], since=11020, mode="async", send_now=True,
+      c_after="gl_untrack_alloc(dptr)"),
+    F("cuMemPoolTrimTo", [In("pool", "h:mempool"), In("minBytesToKeep", "size")], since=11020),
+    # the value's size depends on the attribute (int or cuuint64_t): the shim knows which, the worker checks
+    F("cuMemPoolSetAttribute", [In("pool", "h:mempool"), In("attr", "i32"),
+                                HostIn("value", "gl_mempool_attr_size(attr)")], since=11020),
+    F("cuMemPoolGetAttribute", [In("pool", "h:mempool"), In("attr", "i32"), OutVar("value", 8)], since=11020),
 ]
+
+# The value of a memory pool attribute (cuMemPoolSetAttribute, cuMemPoolGetAttribute) is an int or a
+# cuuint64_t, by attribute: CUmemPool_attribute -> its bytes.  The shim sends exactly these (codegen writes
+# gl_mempool_attr_size); the worker reads and writes them (gpu_worker.api.protocol.pool_attribute_*).
+MEMPOOL_ATTR_SIZES = {
+    1: 4, 2: 4, 3: 4,           # REUSE_FOLLOW_EVENT_DEPENDENCIES, REUSE_ALLOW_OPPORTUNISTIC, ..._INTERNAL_DEPENDENCIES
+    4: 8,                       # RELEASE_THRESHOLD
+    5: 8, 6: 8, 7: 8, 8: 8,     # RESERVED_MEM_CURRENT, RESERVED_MEM_HIGH, USED_MEM_CURRENT, USED_MEM_HIGH
+    9: 4, 10: 4, 11: 4, 12: 4,  # ALLOCATION_TYPE, EXPORT_HANDLE_TYPES, LOCATION_ID, LOCATION_TYPE
+    13: 8, 14: 4, 15: 4,        # MAX_POOL_SIZE, HW_DECOMPRESS_ENABLED, LOCALITY_DOMAIN_ID
+}
 
 # Functions the shim answers itself, without a round trip (hand-written in shim/*.c):
 # name -> (abi symbol, since).

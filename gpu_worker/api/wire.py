@@ -6,6 +6,9 @@ OP_HELLO = 1  # opens the session: version, client pid, token
 OP_SET_CONTEXT = 2  # the calling thread's current context id (never replied)
 OP_LAUNCH = 3  # a kernel launch with its parameter buffer (never replied)
 OP_PARAM_LAYOUT = 4  # offset and size of each parameter of a function
+OP_NATIVE_HELLO = 5  # opens a native-mode process's attachment to its vGPU's ledger (same payload as HELLO, Unix socket only): the reply's payload is key=value lines and carries the ledger's file descriptor (SCM_RIGHTS)
+OP_NATIVE_THAW = 6  # a native process found itself frozen (warm tier): the worker restores it; replied once it may run
+NATIVE_OBSERVE = 2  # request flags bit of OP_NATIVE_HELLO: read the ledger only (the NVML stand-in): no slot, nothing charged
 FIRST_OPCODE = 16  # opcode of FORWARDED[0]; FORWARDED[i] is FIRST_OPCODE + i
 FLAG_REPLY = 1  # request flags bit: the shim waits for a reply
 LAUNCH_ATTR_SIZE = 72  # bytes of one CUlaunchAttribute, sent as the driver lays it out
@@ -25,3 +28,4 @@ REQ_HEADER_FORMAT = "<QII"  # u64 payload length, u32 opcode, u32 flags
 REP_HEADER_FORMAT = "<QiI"  # u64 payload length, i32 CUresult, u32 reason length (the payload's last bytes)
 HELLO_FORMAT = "<IIQ"  # u32 protocol version, u32 client pid, u64 token length (token follows)
 LAUNCH_FORMAT = "<Q7IQI"  # u64 function id, u32 grid x,y,z, block x,y,z, shared bytes, u64 stream id, u32 attribute count (attributes, then u64 length + parameter buffer follow)
+MEMPOOL_PROPS_FORMAT = "<IIiiQQHB53x"  # cuMemPoolCreate's CUmemPoolProps as the program laid it out

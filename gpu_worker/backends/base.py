@@ -48,6 +48,18 @@ class Backend(Protocol):
     def read_source(self, ptr: int, n: int, stream: Handle | None) -> memoryview:
         """``n`` bytes from ``ptr``, complete when returned (the reply is sent from this view)."""
 
+    # -------------------------------------------------------------- memory pools
+    # Stream-ordered allocations come from a pool; the session charges the vGPU what the pool holds reserved
+    # (gpu_worker/daemon/pools.py), asking the backend for that figure after each call that may change it.
+    def pool_alloc(self, pool: Handle, n: int, stream: Handle | None) -> int:
+        """``n`` bytes from ``pool`` (cuMemAllocFromPoolAsync); the session has charged the reserve's growth."""
+
+    def pool_free(self, ptr: int, stream: Handle | None) -> None:
+        """Give an allocation made by pool_alloc back to its pool (cuMemFreeAsync)."""
+
+    def pool_reserved(self, pool: Handle) -> int:
+        """Bytes ``pool`` holds reserved on its device (CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)."""
+
     # -------------------------------------------------------------- VRAM tiering
     # An owned allocation can leave the GPU and come back at the same address: the session copies it
     # out, releases its physical memory, and later remaps and copies it back (docs/vgpu.md).
@@ -115,6 +127,21 @@ class Backend(Protocol):
         ...
 
     def cuDevicePrimaryCtxRetain(self, dev: int) -> tuple[Handle]:
+        ...
+
+    def cuDeviceGetDefaultMemPool(self, dev: int) -> tuple[Handle]:
+        ...
+
+    def cuDeviceGetMemPool(self, dev: int) -> tuple[Handle]:
+        ...
+
+    def cuMemPoolCreate(self, props: memoryview) -> tuple[Handle]:
+        """A pool from a CUmemPoolProps as the program laid it out (gpu_worker.api.protocol.MEMPOOL_PROPS)."""
+
+    def cuMemPoolDestroy(self, pool: Handle) -> None:
+        ...
+
+    def cuMemPoolTrimTo(self, pool: Handle, keep: int) -> None:
         ...
 
     def cuModuleGetGlobal(self, hmod: Handle, name: str) -> tuple[int, int]:

@@ -32,6 +32,8 @@ from cuda.bindings import driver as drv
 
 from ..api import errors as E
 from ..api.errors import CudaError, Refusal
+from ..api.protocol import MEMPOOL_PROPS, pool_attribute_bytes, pool_attribute_value
+from ..api.table import MEMPOOL_ATTR_SIZES
 
 if TYPE_CHECKING:
     from .base import Backend
@@ -257,6 +259,8 @@ class CudaBackend:
         self.bases: list[int] = []  # sorted keys of allocations, to find the one holding a pointer
         self.own_ids = 0  # buffer ids given where the driver gives none
         self.host: dict[int, tuple[memoryview, int, mmap.mmap | None]] = {}  # id of a host_buffer view -> it
+        self.made_pools: dict[int, drv.CUmemoryPool] = {}  # pools cuMemPoolCreate made here, destroyed at close
+        self.used_pools: dict[int, drv.CUmemoryPool] = {}  # devices' pools handed out here, trimmed at close
 
     def __getattr__(self, name):
         if not name.startswith("cu"):
@@ -281,6 +285,12 @@ class CudaBackend:
         for ptr in list(self.allocations):  # the session freed its own; what is left must not leak
             with contextlib.suppress(CudaError):
                 self.mem_free(ptr)
+        for pool in self.made_pools.values():  # (the session gave their allocations back first)
+            drv.cuMemPoolDestroy(pool)
+        for pool in self.used_pools.values():  # a device's pool outlives the session: its reserve goes
+            drv.cuMemPoolTrimTo(pool, 0)
+        self.made_pools.clear()
+        self.used_pools.clear()
 
     # -------------------------------------------------------------- contexts
     def set_current(self, ctx):
@@ -399,6 +409,68 @@ class CudaBackend:
         _check(drv.cuMemAddressFree(ptr, a.span))
         del self.allocations[ptr]
         self.bases.remove(ptr)
+
+    # ---------------------------------------------------------- memory pools
+    # The driver's own pools, reached through cuda-python as the rest: what a pool holds reserved is what the
+    # session charges the vGPU (RESERVED_MEM_CURRENT, read after each call that may change it).  Pool memory
+    # is the driver's and stays on the GPU (the VRAM tiers move only mem_alloc's allocations).
+    def cuDeviceGetDefaultMemPool(self, dev):
+        (pool,) = _check(drv.cuDeviceGetDefaultMemPool(dev))
+        self.used_pools.setdefault(int(pool), pool)
+        return (pool,)
+
+    def cuDeviceGetMemPool(self, dev):
+        (pool,) = _check(drv.cuDeviceGetMemPool(dev))
+        if int(pool) not in self.made_pools:
+            self.used_pools.setdefault(int(pool), pool)
+        return (pool,)
+
+    def cuMemPoolCreate(self, props):
+        alloc_type, handle_types, loc_type, loc_id, _win32, max_size, usage, _rdma = \
+            MEMPOOL_PROPS.unpack(props)
+        p = drv.CUmemPoolProps()
+        try:
+            p.allocType = drv.CUmemAllocationType(alloc_type)
+            p.handleTypes = drv.CUmemAllocationHandleType(handle_types)
+            p.location.type = drv.CUmemLocationType(loc_type)
+        except ValueError:  # a value the driver's enums do not have: the driver's answer to it
+            raise CudaError(E.INVALID_VALUE, f"pool properties: allocation type {alloc_type}, handle types "
+                                             f"{handle_types}, location type {loc_type}") from None
+        p.location.id = loc_id
+        p.maxSize = max_size
+        p.usage = usage
+        (pool,) = _check(drv.cuMemPoolCreate(p))
+        self.made_pools[int(pool)] = pool
+        return (pool,)
+
+    def cuMemPoolDestroy(self, pool):
+        _check(drv.cuMemPoolDestroy(pool))
+        self.made_pools.pop(int(pool), None)
+
+    def cuMemPoolTrimTo(self, pool, keep):
+        _check(drv.cuMemPoolTrimTo(pool, keep))
+
+    def cuMemPoolGetAttribute(self, pool, attr):
+        (value,) = _check(drv.cuMemPoolGetAttribute(pool, _pool_attribute(attr)))
+        return (pool_attribute_bytes(attr, int(value)),)
+
+    def cuMemPoolSetAttribute(self, pool, attr, data):
+        value = pool_attribute_value(attr, data)
+        if MEMPOOL_ATTR_SIZES[attr] == 8:
+            value = drv.cuuint64_t(value)
+        _check(drv.cuMemPoolSetAttribute(pool, _pool_attribute(attr), value))
+
+    def pool_alloc(self, pool, n, stream):
+        (ptr,) = _check(drv.cuMemAllocFromPoolAsync(n, pool, _stream(stream)))
+        return int(ptr)
+
+    def pool_free(self, ptr, stream):
+        _check(drv.cuMemFreeAsync(ptr, _stream(stream)))
+
+    def pool_reserved(self, pool):
+        attr = drv.CUmemPool_attribute.CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT
+        (value,) = _check(drv.cuMemPoolGetAttribute(pool, attr))
+        return int(value)
 
     # --------------------------------------------------------- VRAM tiering
     def physical_size(self, n: int) -> int:
@@ -700,6 +772,13 @@ def _fits(buf: memoryview, n: int) -> None:
 
 def _stream(stream):
     return stream if stream is not None else drv.CUstream(0)
+
+
+def _pool_attribute(attr: int):
+    try:
+        return drv.CUmemPool_attribute(attr)
+    except ValueError:
+        raise CudaError(E.INVALID_VALUE, f"unknown memory pool attribute {attr}") from None
 
 
 class _HostCopyInCapture:

@@ -19,6 +19,9 @@ VRAM tiering: an allocation's bytes can be released (mem_release) while its addr
 known, and remapped (mem_remap) zero-filled at the same address, as the cuda backend does with
 virtual memory management; warm-tier host buffers are anonymous mmaps.  Touching a released range
 is refused as a fault, which the session's restore-on-touch never lets happen.
+
+Memory pools and stream-ordered allocation: emulated_pools.py (mixed in), with the reserve rule the
+session charges the vGPU for.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from ..api import errors as E
 from .emulated_graphs import GraphCapture
+from .emulated_pools import MemoryPools
 from .emulated_kernels import DURATIONS, REGISTRY, Launch
 from ..api.errors import CudaError, Refusal
 from .ptx import looks_like_ptx, parse_entries, parse_globals
@@ -85,7 +89,7 @@ def _attributes():
         "STREAM_PRIORITIES_SUPPORTED": 1, "GLOBAL_L1_CACHE_SUPPORTED": 1, "LOCAL_L1_CACHE_SUPPORTED": 1,
         "MANAGED_MEMORY": 0, "MULTI_GPU_BOARD": 0, "MAX_BLOCKS_PER_MULTIPROCESSOR": 32,
         "CONCURRENT_MANAGED_ACCESS": 0, "PAGEABLE_MEMORY_ACCESS": 0, "COOPERATIVE_LAUNCH": 1,
-        "MEMORY_POOLS_SUPPORTED": 0, "VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED": 0, "HOST_REGISTER_SUPPORTED": 0,
+        "MEMORY_POOLS_SUPPORTED": 1, "VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED": 0, "HOST_REGISTER_SUPPORTED": 0,
         "CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM": 0, "DIRECT_MANAGED_MEM_ACCESS_FROM_HOST": 0,
         "RESERVED_SHARED_MEMORY_PER_BLOCK": 1024, "MAX_PERSISTING_L2_CACHE_SIZE": 0,
         "MAX_ACCESS_POLICY_WINDOW_SIZE": 0, "CLUSTER_LAUNCH": 1, "HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED": 0,
@@ -134,7 +138,7 @@ class _Obj:
         self.__dict__.update(kw)
 
 
-class EmulatedBackend(GraphCapture):
+class EmulatedBackend(GraphCapture, MemoryPools):
     """Implements gpu_worker.backends.base.Backend, and every forwarded driver function, in host memory."""
 
     name = "emulated"
@@ -166,6 +170,7 @@ class EmulatedBackend(GraphCapture):
         self.current = None
         self.device_locks = dict(device_locks or {})
         self.kernel_seconds = 0.0
+        self._pools_init()
 
     # ---------------------------------------------------------------- helpers
     def _dev(self, dev) -> _Device:
@@ -226,6 +231,7 @@ class EmulatedBackend(GraphCapture):
         self.spare_bytes = 0
         self.starts.clear()
         self.home.clear()
+        self._pools_init()
         for view, _m in list(self.host.values()):
             self.host_free(view)
         for device in self.devices:
@@ -317,11 +323,14 @@ class EmulatedBackend(GraphCapture):
     def cuCtxGetDevice_v2(self, ctx):
         return ((ctx or self._ctx()).device,)
 
+    # synchronizing points: memory pools give back what they hold above their release threshold
     def cuCtxSynchronize(self):
         self._ctx()
+        self._release_pools()
 
     def cuCtxSynchronize_v2(self, ctx):
         ctx or self._ctx()
+        self._release_pools()
 
     def cuCtxGetApiVersion(self, ctx):
         ctx or self._ctx()
@@ -355,18 +364,26 @@ class EmulatedBackend(GraphCapture):
         device = self.devices[ordinal]
         if device.used + n > device.memory:
             raise CudaError(E.OUT_OF_MEMORY, "emulated device memory exhausted")
+        device.used += n
+        return self._place(n, ordinal)
+
+    def _place(self, n: int, ordinal: int) -> int:
+        """``n`` zeroed bytes at a new device address of device ``ordinal`` (its memory counted by the caller)."""
         ptr = self.next_addr
         self.next_addr += -(-n // 512) * 512 + 512  # a gap keeps off-by-one overruns outside any allocation
         self.mem[ptr] = bytearray(n)
         bisect.insort(self.starts, ptr)
         self.home[ptr] = ordinal
-        device.used += n
         return ptr
 
-    def mem_free(self, ptr: int) -> None:
+    def _unplace(self, ptr: int) -> tuple[bytearray | None, int]:
+        """The address goes: its bytes (None: released) and device ordinal."""
         buf = self.mem.pop(ptr)
         self.starts.remove(ptr)
-        ordinal = self.home.pop(ptr)
+        return buf, self.home.pop(ptr)
+
+    def mem_free(self, ptr: int) -> None:
+        buf, ordinal = self._unplace(ptr)
         if buf is None:  # released: its device bytes were given back then
             del self.released[ptr]
         else:
@@ -685,6 +702,7 @@ class EmulatedBackend(GraphCapture):
     def cuStreamSynchronize(self, stream):
         self._refuse_in_capture(stream)
         self._ctx()
+        self._release_pools()
 
     def cuStreamQuery(self, stream):
         self._refuse_in_capture(stream)
@@ -719,7 +737,7 @@ class EmulatedBackend(GraphCapture):
         self.cuEventRecord(event, stream)
 
     def cuEventSynchronize(self, event):
-        pass
+        self._release_pools()
 
     def cuEventQuery(self, event):
         pass

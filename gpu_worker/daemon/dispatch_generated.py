@@ -1317,6 +1317,168 @@ def make_cuGraphDestroy(s):
 
     return handle
 
+def make_cuDeviceGetDefaultMemPool(s):
+    fn = s.impl("cuDeviceGetDefaultMemPool")
+    unpack = struct.Struct("<i").unpack_from
+    pack = struct.Struct("<Q").pack
+
+    def handle(p):
+        if len(p) != 4:
+            raise ProtocolError("cuDeviceGetDefaultMemPool: payload of %d bytes, expected 4" % len(p))
+        a_dev, = unpack(p)
+        res = fn(a_dev)
+        return pack(*res[0:1])
+
+    return handle
+
+def make_cuDeviceGetMemPool(s):
+    fn = s.impl("cuDeviceGetMemPool")
+    unpack = struct.Struct("<i").unpack_from
+    pack = struct.Struct("<Q").pack
+
+    def handle(p):
+        if len(p) != 4:
+            raise ProtocolError("cuDeviceGetMemPool: payload of %d bytes, expected 4" % len(p))
+        a_dev, = unpack(p)
+        res = fn(a_dev)
+        return pack(*res[0:1])
+
+    return handle
+
+def make_cuDeviceSetMemPool(s):
+    fn = s.impl("cuDeviceSetMemPool")
+    unpack = struct.Struct("<iQ").unpack_from
+
+    def handle(p):
+        if len(p) != 12:
+            raise ProtocolError("cuDeviceSetMemPool: payload of %d bytes, expected 12" % len(p))
+        a_dev, a_pool = unpack(p)
+        a_pool = s.resolve("mempool", a_pool)
+        fn(a_dev, a_pool)
+        return b''
+
+    return handle
+
+def make_cuMemPoolCreate(s):
+    fn = s.impl("cuMemPoolCreate")
+    unpack = struct.Struct("<Q88s").unpack_from
+
+    def handle(p):
+        if len(p) != 96:
+            raise ProtocolError("cuMemPoolCreate: payload of %d bytes, expected 96" % len(p))
+        a_pool, a_poolProps = unpack(p)
+        res = fn(a_poolProps)
+        s.bind("mempool", a_pool, res[0])
+        return b''
+
+    return handle
+
+def make_cuMemPoolDestroy(s):
+    fn = s.impl("cuMemPoolDestroy")
+    unpack = struct.Struct("<Q").unpack_from
+
+    def handle(p):
+        if len(p) != 8:
+            raise ProtocolError("cuMemPoolDestroy: payload of %d bytes, expected 8" % len(p))
+        a_pool, = unpack(p)
+        a_pool = s.resolve("mempool", a_pool)
+        fn(a_pool)
+        return b''
+
+    return handle
+
+def make_cuMemAllocAsync(s):
+    fn = s.impl("cuMemAllocAsync")
+    unpack = struct.Struct("<QQ").unpack_from
+    pack = struct.Struct("<Q").pack
+
+    def handle(p):
+        if len(p) != 16:
+            raise ProtocolError("cuMemAllocAsync: payload of %d bytes, expected 16" % len(p))
+        a_bytesize, a_hStream = unpack(p)
+        a_hStream = s.resolve("stream", a_hStream)
+        res = fn(a_bytesize, a_hStream)
+        return pack(*res[0:1])
+
+    return handle
+
+def make_cuMemAllocFromPoolAsync(s):
+    fn = s.impl("cuMemAllocFromPoolAsync")
+    unpack = struct.Struct("<QQQ").unpack_from
+    pack = struct.Struct("<Q").pack
+
+    def handle(p):
+        if len(p) != 24:
+            raise ProtocolError("cuMemAllocFromPoolAsync: payload of %d bytes, expected 24" % len(p))
+        a_bytesize, a_pool, a_hStream = unpack(p)
+        a_pool = s.resolve("mempool", a_pool)
+        a_hStream = s.resolve("stream", a_hStream)
+        res = fn(a_bytesize, a_pool, a_hStream)
+        return pack(*res[0:1])
+
+    return handle
+
+def make_cuMemFreeAsync(s):
+    fn = s.impl("cuMemFreeAsync")
+    unpack = struct.Struct("<QQ").unpack_from
+
+    def handle(p):
+        if len(p) != 16:
+            raise ProtocolError("cuMemFreeAsync: payload of %d bytes, expected 16" % len(p))
+        a_dptr, a_hStream = unpack(p)
+        a_hStream = s.resolve("stream", a_hStream)
+        fn(a_dptr, a_hStream)
+        return b''
+
+    return handle
+
+def make_cuMemPoolTrimTo(s):
+    fn = s.impl("cuMemPoolTrimTo")
+    unpack = struct.Struct("<QQ").unpack_from
+
+    def handle(p):
+        if len(p) != 16:
+            raise ProtocolError("cuMemPoolTrimTo: payload of %d bytes, expected 16" % len(p))
+        a_pool, a_minBytesToKeep = unpack(p)
+        a_pool = s.resolve("mempool", a_pool)
+        fn(a_pool, a_minBytesToKeep)
+        return b''
+
+    return handle
+
+def make_cuMemPoolSetAttribute(s):
+    fn = s.impl("cuMemPoolSetAttribute")
+    unpack = struct.Struct("<Qi").unpack_from
+
+    def handle(p):
+        if len(p) < 20:
+            raise ProtocolError("cuMemPoolSetAttribute: payload of %d bytes is too short" % len(p))
+        (n,) = U64.unpack_from(p, 12)
+        if n != len(p) - 20:
+            raise ProtocolError("cuMemPoolSetAttribute: variable field of %d bytes does not fit the frame" % n)
+        a_value = p[20:]
+        a_pool, a_attr = unpack(p)
+        a_pool = s.resolve("mempool", a_pool)
+        fn(a_pool, a_attr, a_value)
+        return b''
+
+    return handle
+
+def make_cuMemPoolGetAttribute(s):
+    fn = s.impl("cuMemPoolGetAttribute")
+    unpack = struct.Struct("<Qi").unpack_from
+
+    def handle(p):
+        if len(p) != 12:
+            raise ProtocolError("cuMemPoolGetAttribute: payload of %d bytes, expected 12" % len(p))
+        a_pool, a_attr = unpack(p)
+        a_pool = s.resolve("mempool", a_pool)
+        res = fn(a_pool, a_attr)
+        var = bytes(res[0])[:8]
+        return U64.pack(len(var)) + var
+
+    return handle
+
 # opcode -> (name, mode, factory or None when the worker side is hand-written)
 OPS = {
     16: ("cuInit", "sync", make_cuInit),
@@ -1414,6 +1576,17 @@ OPS = {
     108: ("cuGraphLaunch", "async", make_cuGraphLaunch),
     109: ("cuGraphExecDestroy", "async", make_cuGraphExecDestroy),
     110: ("cuGraphDestroy", "async", make_cuGraphDestroy),
+    111: ("cuDeviceGetDefaultMemPool", "sync", make_cuDeviceGetDefaultMemPool),
+    112: ("cuDeviceGetMemPool", "sync", make_cuDeviceGetMemPool),
+    113: ("cuDeviceSetMemPool", "sync", make_cuDeviceSetMemPool),
+    114: ("cuMemPoolCreate", "sync", make_cuMemPoolCreate),
+    115: ("cuMemPoolDestroy", "sync", make_cuMemPoolDestroy),
+    116: ("cuMemAllocAsync", "sync", make_cuMemAllocAsync),
+    117: ("cuMemAllocFromPoolAsync", "sync", make_cuMemAllocFromPoolAsync),
+    118: ("cuMemFreeAsync", "async", make_cuMemFreeAsync),
+    119: ("cuMemPoolTrimTo", "sync", make_cuMemPoolTrimTo),
+    120: ("cuMemPoolSetAttribute", "sync", make_cuMemPoolSetAttribute),
+    121: ("cuMemPoolGetAttribute", "sync", make_cuMemPoolGetAttribute),
 }
 
 # opcode -> request struct of the fixed fields, for hand-written handlers

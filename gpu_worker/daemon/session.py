@@ -6,7 +6,8 @@ vGPU's, shared with the other processes presenting the same token: ledger.py) an
 of the session's own allocations (every device pointer in a copy, memset or free is checked
 against it), the current context, and the hand-written paths (bulk copies, launches).
 Where each allocation is (GPU, host RAM, disk) is the tier store's (tiers.py): the session
-allocates and frees through it.
+allocates and frees through it.  Memory pools and their stream-ordered allocations, charged by the
+pools' reserves, are pools.py's (mixed in).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..client.units import format_size
 from ..backends.base import Backend
 from .dispatch_generated import IN_STRUCTS, OPS
 from .ledger import Ledger, Slot
+from .pools import SYNCHRONIZING, PoolAccounting, handle_key as _key
 from .tiers import TierStore
 from ..api.protocol import LAUNCH, LAUNCH_ATTR_SIZE, OP_LAUNCH, OP_PARAM_LAYOUT, OP_SET_CONTEXT, ProtocolError
 
@@ -44,7 +46,7 @@ HIDDEN_ATTRIBUTES = _hidden_attributes()
 LAYOUT_ENTRY = struct.Struct("<QQ")
 MODULE_KINDS = ("module", "library")  # each holds a loaded image: counted against max_modules too
 ENDING = ("cuCtxDestroy", "cuModuleUnload", "cuLibraryUnload", "cuStreamDestroy", "cuEventDestroy",
-          "cuGraphDestroy", "cuGraphExecDestroy")
+          "cuGraphDestroy", "cuGraphExecDestroy", "cuMemPoolDestroy")
 
 
 def _handle_ops() -> tuple[dict, frozenset, frozenset, frozenset]:
@@ -71,10 +73,12 @@ def _handle_ops() -> tuple[dict, frozenset, frozenset, frozenset]:
 
 
 MINTS, ENDS, DERIVED, IMAGES = _handle_ops()
+# what the driver answers for a handle it does not know, where that is not CUDA_ERROR_INVALID_HANDLE
+UNKNOWN_HANDLE = {"ctx": E.INVALID_CONTEXT, "mempool": E.INVALID_VALUE}
 PAIR = struct.Struct("<QQ")  # the minted id, then the handle it comes from
 
 
-class Session:
+class Session(PoolAccounting):
     def __init__(self, backend: Backend, quota: int | None = None, label: str = "",
                  slot: Slot | None = None, max_handles: int = 0, max_modules: int = 0,
                  max_module_bytes: int = 0, device_quota: int | None = None, pacer=None, tiers=None):
@@ -110,6 +114,7 @@ class Session:
         self.owned: set[int] = set()
         self.charged: dict[int, int] = {}    # base -> bytes its allocation charges the quota
         self.current_ctx = 0
+        self._pools_init()  # memory pools and their allocations (pools.py)
 
     @property
     def used(self) -> int:
@@ -140,6 +145,9 @@ class Session:
         for op in ENDS:
             name, mode, handler = table[op]
             table[op] = (name, mode, self._then_forget(handler))
+        for op, (name, mode, handler) in list(table.items()):
+            if name in SYNCHRONIZING:
+                table[op] = (name, mode, self._then_settle_pools(handler))
         table[OP_SET_CONTEXT] = ("set_context", "async", self.set_context)
         table[OP_LAUNCH] = ("launch", "async", self.launch)
         table[OP_PARAM_LAYOUT] = ("param_layout", "sync", self.param_layout)
@@ -153,13 +161,13 @@ class Session:
             return None
         entry = self.handles.get(hid)
         if entry is None:
-            raise CudaError(E.INVALID_CONTEXT if kind == "ctx" else E.INVALID_HANDLE, f"unknown {kind} handle {hid:#x}")
+            raise CudaError(UNKNOWN_HANDLE.get(kind, E.INVALID_HANDLE), f"unknown {kind} handle {hid:#x}")
         got, obj = entry
         if got == kind:
             return obj
         if kind == "function" and got == "kernel":
             return self.backend.kernel_function(obj)
-        raise CudaError(E.INVALID_HANDLE, f"handle {hid:#x} is a {got}, not a {kind}")
+        raise CudaError(UNKNOWN_HANDLE.get(kind, E.INVALID_HANDLE), f"handle {hid:#x} is a {got}, not a {kind}")
 
     def bind(self, kind: str, hid: int, obj) -> None:
         if hid in self.handles or hid < 0x1000:
@@ -272,36 +280,50 @@ class Session:
         self.call_bytes = bytesize
         free = self.slot.charge(charged)
         if free is not None:
-            others = self.slot.vgpu_charged() - self.used - self.slot.overhead
-            also = f" ({format_size(others)} of it held by its other processes)" if others > 0 else ""
-            raise Refusal(E.OUT_OF_MEMORY, f"this vGPU's quota is {format_size(self.quota)}{also}, "
-                                           f"{format_size(free)} free", call=call)
+            raise self._over_quota(free, call)
         try:
             # room on the GPU, other vGPUs moved off it if it is full, then the memory
             ptr = self.tiers.allocate(bytesize, charged)
         except BaseException as exc:
             self.slot.uncharge(charged)
-            if not isinstance(exc, CudaError) or exc.code != E.OUT_OF_MEMORY:
-                raise
-            # within the quota, yet the device is full: the GPU is shared, and oversubscribed
-            if isinstance(exc, Refusal):  # the tier store says which GPU, its figures and why, once
-                raise Refusal(E.OUT_OF_MEMORY, f"{exc.why}; try again later", call=call) from None
-            quota = self.quota
-            free = f", {format_size(quota - self.slot.vgpu_charged())} of this vGPU's quota free" if quota else ""
-            raise Refusal(E.OUT_OF_MEMORY, f"the GPU this vGPU runs on is out of memory (other vGPUs share "
-                                           f"it){free}; try again later", call=call) from None
+            raise self._device_full(exc, call) from None
         self._add_span(ptr, bytesize, owned=True)
         self.charged[ptr] = charged
         return (ptr,)
 
+    def _over_quota(self, free: int, call: str) -> Refusal:
+        """An allocation (``call``) that would pass the vGPU's quota, ``free`` bytes being left."""
+        others = self.slot.vgpu_charged() - self.used - self.slot.overhead
+        also = f" ({format_size(others)} of it held by its other processes)" if others > 0 else ""
+        return Refusal(E.OUT_OF_MEMORY, f"this vGPU's quota is {format_size(self.quota)}{also}, "
+                                        f"{format_size(free)} free", call=call)
+
+    def _device_full(self, exc: BaseException, call: str) -> BaseException:
+        """What to raise for ``exc``, raised while getting device memory for ``call`` within the quota: an
+        OUT_OF_MEMORY means the shared GPU is full (oversubscribed), said so; anything else as it is."""
+        if not isinstance(exc, CudaError) or exc.code != E.OUT_OF_MEMORY:
+            return exc
+        if isinstance(exc, Refusal):  # the tier store says which GPU, its figures and why, once
+            return Refusal(E.OUT_OF_MEMORY, f"{exc.why}; try again later", call=call)
+        quota = self.quota
+        free = f", {format_size(quota - self.slot.vgpu_charged())} of this vGPU's quota free" if quota else ""
+        return Refusal(E.OUT_OF_MEMORY, f"the GPU this vGPU runs on is out of memory (other vGPUs share "
+                                        f"it){free}; try again later", call=call)
+
     def cuMemFree(self, dptr: int) -> None:
+        if dptr in self.pooled:  # a stream-ordered allocation, freed at once as the driver allows
+            self._pool_free(dptr, None)
+        else:
+            self._free_owned(dptr, "cuMemFree")
+
+    def _free_owned(self, dptr: int, name: str) -> None:
         if dptr not in self.owned:
             base = self._span_of(dptr)
-            if base in self.owned:
+            if base in self.owned or base in self.pooled:
                 raise Refusal(E.INVALID_VALUE, f"{dptr:#x} is inside the allocation at {base:#x}, not "
-                                               "its start", call=f"cuMemFree({dptr:#x})")
+                                               "its start", call=f"{name}({dptr:#x})")
             raise Refusal(E.INVALID_VALUE, "the address is not in this vGPU's allocations",
-                          call=f"cuMemFree({dptr:#x})")
+                          call=f"{name}({dptr:#x})")
         self.backend.mem_free(dptr)
         self.tiers.free(dptr)  # an offloaded allocation's host copy or file goes, without a restore
         self._drop_span(dptr)
@@ -336,7 +358,9 @@ class Session:
         return ptr, size
 
     def cuDeviceGetAttribute(self, attrib: int, dev: int):
-        """A vGPU offers no memory the hypervisor cannot see: no pools, VMM, managed or mapped host memory."""
+        """A vGPU offers no memory the hypervisor cannot see: no VMM, managed or mapped host memory.  Memory
+        pools are served (pools.py) to programs that call them, but reported unsupported so that libraries that
+        choose (cuda.core) allocate with cuMemAlloc, whose memory the VRAM tiers can move."""
         if attrib in HIDDEN_ATTRIBUTES:
             self.backend.cuDeviceGetAttribute(attrib, dev)  # still validates the device
             return (0,)
@@ -434,8 +458,9 @@ class Session:
 
     def free_all(self) -> None:
         """Free every allocation the session still holds (in whichever tier) and give the device back."""
-        freed = sum(self.sizes[b] for b in self.owned)
-        count = len(self.owned)
+        freed = sum(self.sizes[b] for b in self.owned) + sum(self.sizes[b] for b in self.pooled)
+        count = len(self.owned) + len(self.pooled)
+        self._free_pooled_all()
         for base in list(self.owned):
             try:
                 self.backend.mem_free(base)
@@ -460,12 +485,6 @@ class Session:
         if not self.ended:
             self.free_all()
 
-
-def _key(obj):
-    try:
-        return ("int", int(obj))
-    except TypeError:
-        return ("id", id(obj))
 
 
 def _dtoh(p, name):

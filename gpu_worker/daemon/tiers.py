@@ -92,6 +92,7 @@ class TierStore:
         self.pool_bytes = 0
         self.stage: list = []            # staging buffers of the last cold move, kept with the pool
         self.moved_at = 0.0              # monotonic time of the last move
+        self.held: dict[int, int] = {}   # GPU index -> device bytes held outside the allocations (pools' reserves)
 
     # ------------------------------------------------------------ the figures
     def _moved(self, a: _Alloc, tier: int) -> None:
@@ -193,15 +194,30 @@ class TierStore:
         return f"GPU {gpu} is full: {held}, {format_size(n)} more wanted; {why}"
 
     # ----------------------------------------------------- allocations
+    def _gpu_of(self, ordinal: int) -> int:
+        return self.gpus[ordinal] if ordinal < len(self.gpus) else ordinal
+
     def allocate(self, n: int, phys: int) -> int:
         """cuMemAlloc: device memory of ``n`` bytes (``phys`` on the GPU), room made for it if the GPU is full."""
-        ordinal = self.backend.current_device()
-        gpu = self.gpus[ordinal] if ordinal < len(self.gpus) else ordinal
+        gpu = self._gpu_of(self.backend.current_device())
         ptr = self._with_room(gpu, phys, lambda: self.backend.mem_alloc(n))
         self.allocs[ptr] = _Alloc(n, phys, gpu)
         self.bytes[HOT] += phys
         self._publish()
         return ptr
+
+    def hold(self, ordinal: int, n: int) -> None:
+        """``n`` more bytes of device ``ordinal`` held outside the allocations, where they stay (a memory pool's
+        reserve, daemon/pools.py): counted on the GPU, room made if it is full, as for an allocation."""
+        gpu = self._gpu_of(ordinal)
+        self._with_room(gpu, n, lambda: None)
+        self.held[gpu] = self.held.get(gpu, 0) + n
+
+    def let_go(self, ordinal: int, n: int) -> None:
+        """``n`` bytes held with hold() are given back."""
+        gpu = self._gpu_of(ordinal)
+        self.held[gpu] -= n
+        self._uncharge_hot(gpu, n)
 
     def free(self, base: int) -> None:
         """cuMemFree (the backend has freed it): its GPU bytes, host copy or file go too, without a restore."""
@@ -559,6 +575,9 @@ class TierStore:
             except Exception:  # a buffer the backend already closed
                 log.debug("tiers: dropping an allocation at the end failed", exc_info=True)
         self.allocs.clear()
+        for gpu, n in self.held.items():
+            self._uncharge_hot(gpu, n)
+        self.held.clear()
         self.free_spent()
         self._empty_pool()
         self.bytes = [0, 0, 0]

@@ -1415,6 +1415,172 @@ GL_EXPORT CUresult cuGraphDestroy(CUgraph hGraph)
     return r;
 }
 
+GL_EXPORT CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *pool_out, int dev)
+{
+    if (pool_out == NULL) return CUDA_ERROR_INVALID_VALUE;
+    gl_msg m;
+    CUresult r = gl_begin(&m, 111 /* cuDeviceGetDefaultMemPool */, 1);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_i(&m, dev);
+    r = gl_call(&m, NULL, 0);
+    if (r == CUDA_SUCCESS) {
+        unsigned long long pool_out_id = 0; gl_get(&m, &pool_out_id, 8);
+        *pool_out = (CUmemoryPool)(uintptr_t)pool_out_id;
+        r = gl_reply_status(&m);
+    }
+    gl_end(&m);
+    return r;
+}
+
+GL_EXPORT CUresult cuDeviceGetMemPool(CUmemoryPool *pool, int dev)
+{
+    if (pool == NULL) return CUDA_ERROR_INVALID_VALUE;
+    gl_msg m;
+    CUresult r = gl_begin(&m, 112 /* cuDeviceGetMemPool */, 1);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_i(&m, dev);
+    r = gl_call(&m, NULL, 0);
+    if (r == CUDA_SUCCESS) {
+        unsigned long long pool_id = 0; gl_get(&m, &pool_id, 8);
+        *pool = (CUmemoryPool)(uintptr_t)pool_id;
+        r = gl_reply_status(&m);
+    }
+    gl_end(&m);
+    return r;
+}
+
+GL_EXPORT CUresult cuDeviceSetMemPool(int dev, CUmemoryPool pool)
+{
+    gl_msg m;
+    CUresult r = gl_begin(&m, 113 /* cuDeviceSetMemPool */, 1);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_i(&m, dev);
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)pool);
+    r = gl_call(&m, NULL, 0);
+    gl_end(&m);
+    return r;
+}
+
+GL_EXPORT CUresult cuMemPoolCreate(CUmemoryPool *pool, const void *poolProps)
+{
+    if (pool == NULL) return CUDA_ERROR_INVALID_VALUE;
+    if (poolProps == NULL) return CUDA_ERROR_INVALID_VALUE;
+    gl_msg m;
+    CUresult r = gl_begin(&m, 114 /* cuMemPoolCreate */, 1);
+    if (r != CUDA_SUCCESS) return r;
+    *pool = (CUmemoryPool)gl_mint_handle();
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)*pool);
+    gl_put(&m, poolProps, GL_MEMPOOL_PROPS_SIZE);
+    r = gl_call(&m, NULL, 0);
+    gl_end(&m);
+    if (r != CUDA_SUCCESS) *pool = NULL;
+    return r;
+}
+
+GL_EXPORT CUresult cuMemPoolDestroy(CUmemoryPool pool)
+{
+    gl_msg m;
+    CUresult r = gl_begin(&m, 115 /* cuMemPoolDestroy */, 1);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)pool);
+    r = gl_call(&m, NULL, 0);
+    gl_end(&m);
+    return r;
+}
+
+GL_EXPORT CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream hStream)
+{
+    if (dptr == NULL) return CUDA_ERROR_INVALID_VALUE;
+    gl_msg m;
+    CUresult r = gl_begin(&m, 116 /* cuMemAllocAsync */, 1);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_Q(&m, bytesize);
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
+    r = gl_call(&m, NULL, 0);
+    if (r == CUDA_SUCCESS) {
+        gl_get(&m, dptr, 8);
+        r = gl_reply_status(&m);
+    }
+    gl_end(&m);
+    if (r == CUDA_SUCCESS) r = gl_track_new_alloc(*dptr, bytesize);
+    return r;
+}
+
+GL_EXPORT CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool, CUstream hStream)
+{
+    if (dptr == NULL) return CUDA_ERROR_INVALID_VALUE;
+    gl_msg m;
+    CUresult r = gl_begin(&m, 117 /* cuMemAllocFromPoolAsync */, 1);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_Q(&m, bytesize);
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)pool);
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
+    r = gl_call(&m, NULL, 0);
+    if (r == CUDA_SUCCESS) {
+        gl_get(&m, dptr, 8);
+        r = gl_reply_status(&m);
+    }
+    gl_end(&m);
+    if (r == CUDA_SUCCESS) r = gl_track_new_alloc(*dptr, bytesize);
+    return r;
+}
+
+GL_EXPORT CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream hStream)
+{
+    gl_msg m;
+    CUresult r = gl_begin(&m, 118 /* cuMemFreeAsync */, 0);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_Q(&m, dptr);
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)hStream);
+    r = gl_post(&m, 1);
+    gl_end(&m);
+    if (r == CUDA_SUCCESS) gl_untrack_alloc(dptr);
+    return r;
+}
+
+GL_EXPORT CUresult cuMemPoolTrimTo(CUmemoryPool pool, size_t minBytesToKeep)
+{
+    gl_msg m;
+    CUresult r = gl_begin(&m, 119 /* cuMemPoolTrimTo */, 1);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)pool);
+    gl_put_Q(&m, minBytesToKeep);
+    r = gl_call(&m, NULL, 0);
+    gl_end(&m);
+    return r;
+}
+
+GL_EXPORT CUresult cuMemPoolSetAttribute(CUmemoryPool pool, int attr, const void *value)
+{
+    if (value == NULL && gl_mempool_attr_size(attr) != 0) return CUDA_ERROR_INVALID_VALUE;
+    gl_msg m;
+    CUresult r = gl_begin(&m, 120 /* cuMemPoolSetAttribute */, 1);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)pool);
+    gl_put_i(&m, attr);
+    gl_put_bulk(&m, value, gl_mempool_attr_size(attr));
+    r = gl_call(&m, NULL, 0);
+    gl_end(&m);
+    return r;
+}
+
+GL_EXPORT CUresult cuMemPoolGetAttribute(CUmemoryPool pool, int attr, void *value)
+{
+    if (value == NULL) return CUDA_ERROR_INVALID_VALUE;
+    gl_msg m;
+    CUresult r = gl_begin(&m, 121 /* cuMemPoolGetAttribute */, 1);
+    if (r != CUDA_SUCCESS) return r;
+    gl_put_u64(&m, (unsigned long long)(uintptr_t)pool);
+    gl_put_i(&m, attr);
+    r = gl_call(&m, NULL, 0);
+    if (r == CUDA_SUCCESS) {
+        gl_get_var(&m, value, 8);
+        r = gl_reply_status(&m);
+    }
+    gl_end(&m);
+    return r;
+}
+
 /* Every other driver entry point answers CUDA_ERROR_NOT_SUPPORTED and names itself once on stderr;
  * those that libraries probe on healthy runs (table.PROBED) say so in the debug log only. */
 GL_EXPORT CUresult cuArray3DCreate(void) { static int once; return gl_unsupported("cuArray3DCreate", &once); }
@@ -1467,14 +1633,12 @@ GL_EXPORT CUresult cuDevSmResourceSplitByCount(void) { static int once; return g
 GL_EXPORT CUresult cuDeviceGetByPCIBusId(void) { static int once; return gl_unsupported("cuDeviceGetByPCIBusId", &once); }
 GL_EXPORT CUresult cuDeviceGetCliqueCount(void) { static int once; return gl_unsupported("cuDeviceGetCliqueCount", &once); }
 GL_EXPORT CUresult cuDeviceGetCliqueInfo(void) { static int once; return gl_unsupported("cuDeviceGetCliqueInfo", &once); }
-GL_EXPORT CUresult cuDeviceGetDefaultMemPool(void) { static int once; return gl_unsupported("cuDeviceGetDefaultMemPool", &once); }
 GL_EXPORT CUresult cuDeviceGetDevResource(void) { static int once; return gl_unsupported("cuDeviceGetDevResource", &once); }
 GL_EXPORT CUresult cuDeviceGetExecAffinitySupport(void) { static int once; return gl_unsupported("cuDeviceGetExecAffinitySupport", &once); }
 GL_EXPORT CUresult cuDeviceGetFabricClusterUuid(void) { static int once; return gl_unsupported("cuDeviceGetFabricClusterUuid", &once); }
 GL_EXPORT CUresult cuDeviceGetGraphMemAttribute(void) { static int once; return gl_unsupported("cuDeviceGetGraphMemAttribute", &once); }
 GL_EXPORT CUresult cuDeviceGetHostAtomicCapabilities(void) { static int once; return gl_unsupported("cuDeviceGetHostAtomicCapabilities", &once); }
 GL_EXPORT CUresult cuDeviceGetLuid(void) { static int once; return gl_unsupported("cuDeviceGetLuid", &once); }
-GL_EXPORT CUresult cuDeviceGetMemPool(void) { static int once; return gl_unsupported("cuDeviceGetMemPool", &once); }
 GL_EXPORT CUresult cuDeviceGetNvSciSyncAttributes(void) { static int once; return gl_unsupported("cuDeviceGetNvSciSyncAttributes", &once); }
 GL_EXPORT CUresult cuDeviceGetP2PAtomicCapabilities(void) { static int once; return gl_unsupported("cuDeviceGetP2PAtomicCapabilities", &once); }
 GL_EXPORT CUresult cuDeviceGetP2PAttribute(void) { static int once; return gl_unsupported("cuDeviceGetP2PAttribute", &once); }
@@ -1487,7 +1651,6 @@ GL_EXPORT CUresult cuDevicePrimaryCtxReset(void) { static int once; return gl_un
 GL_EXPORT CUresult cuDevicePrimaryCtxSetFlags(void) { static int once; return gl_unsupported("cuDevicePrimaryCtxSetFlags", &once); }
 GL_EXPORT CUresult cuDeviceRegisterAsyncNotification(void) { static int once; return gl_unsupported("cuDeviceRegisterAsyncNotification", &once); }
 GL_EXPORT CUresult cuDeviceSetGraphMemAttribute(void) { static int once; return gl_unsupported("cuDeviceSetGraphMemAttribute", &once); }
-GL_EXPORT CUresult cuDeviceSetMemPool(void) { static int once; return gl_unsupported("cuDeviceSetMemPool", &once); }
 GL_EXPORT CUresult cuDeviceTotalMem(void) { static int once; return gl_unsupported("cuDeviceTotalMem", &once); }
 GL_EXPORT CUresult cuDeviceUnregisterAsyncNotification(void) { static int once; return gl_unsupported("cuDeviceUnregisterAsyncNotification", &once); }
 GL_EXPORT CUresult cuEGLStreamConsumerAcquireFrame(void) { static int once; return gl_unsupported("cuEGLStreamConsumerAcquireFrame", &once); }
@@ -1675,8 +1838,6 @@ GL_EXPORT CUresult cuMemAddressFree(void) { static int once; return gl_unsupport
 GL_EXPORT CUresult cuMemAddressReserve(void) { static int once; return gl_unsupported("cuMemAddressReserve", &once); }
 GL_EXPORT CUresult cuMemAdvise(void) { static int once; return gl_unsupported("cuMemAdvise", &once); }
 GL_EXPORT CUresult cuMemAlloc(void) { static int once; return gl_unsupported("cuMemAlloc", &once); }
-GL_EXPORT CUresult cuMemAllocAsync(void) { static int once; return gl_unsupported("cuMemAllocAsync", &once); }
-GL_EXPORT CUresult cuMemAllocFromPoolAsync(void) { static int once; return gl_unsupported("cuMemAllocFromPoolAsync", &once); }
 GL_EXPORT CUresult cuMemAllocHost(void) { static int once; return gl_unsupported("cuMemAllocHost", &once); }
 GL_EXPORT CUresult cuMemAllocManaged(void) { static int once; return gl_unsupported("cuMemAllocManaged", &once); }
 GL_EXPORT CUresult cuMemAllocPitch(void) { static int once; return gl_unsupported("cuMemAllocPitch", &once); }
@@ -1686,7 +1847,6 @@ GL_EXPORT CUresult cuMemDiscardAndPrefetchBatchAsync(void) { static int once; re
 GL_EXPORT CUresult cuMemDiscardBatchAsync(void) { static int once; return gl_unsupported("cuMemDiscardBatchAsync", &once); }
 GL_EXPORT CUresult cuMemExportToShareableHandle(void) { static int once; return gl_unsupported("cuMemExportToShareableHandle", &once); }
 GL_EXPORT CUresult cuMemFree(void) { static int once; return gl_unsupported("cuMemFree", &once); }
-GL_EXPORT CUresult cuMemFreeAsync(void) { static int once; return gl_unsupported("cuMemFreeAsync", &once); }
 GL_EXPORT CUresult cuMemGetAccess(void) { static int once; return gl_unsupported("cuMemGetAccess", &once); }
 GL_EXPORT CUresult cuMemGetAddressRange(void) { static int once; return gl_unsupported("cuMemGetAddressRange", &once); }
 GL_EXPORT CUresult cuMemGetAllocationGranularity(void) { static int once; return gl_unsupported("cuMemGetAllocationGranularity", &once); }
@@ -1702,17 +1862,12 @@ GL_EXPORT CUresult cuMemHostRegister(void) { static int once; return gl_unsuppor
 GL_EXPORT CUresult cuMemImportFromShareableHandle(void) { static int once; return gl_unsupported("cuMemImportFromShareableHandle", &once); }
 GL_EXPORT CUresult cuMemMap(void) { static int once; return gl_unsupported("cuMemMap", &once); }
 GL_EXPORT CUresult cuMemMapArrayAsync(void) { static int once; return gl_unsupported("cuMemMapArrayAsync", &once); }
-GL_EXPORT CUresult cuMemPoolCreate(void) { static int once; return gl_unsupported("cuMemPoolCreate", &once); }
-GL_EXPORT CUresult cuMemPoolDestroy(void) { static int once; return gl_unsupported("cuMemPoolDestroy", &once); }
 GL_EXPORT CUresult cuMemPoolExportPointer(void) { static int once; return gl_unsupported("cuMemPoolExportPointer", &once); }
 GL_EXPORT CUresult cuMemPoolExportToShareableHandle(void) { static int once; return gl_unsupported("cuMemPoolExportToShareableHandle", &once); }
 GL_EXPORT CUresult cuMemPoolGetAccess(void) { static int once; return gl_unsupported("cuMemPoolGetAccess", &once); }
-GL_EXPORT CUresult cuMemPoolGetAttribute(void) { static int once; return gl_unsupported("cuMemPoolGetAttribute", &once); }
 GL_EXPORT CUresult cuMemPoolImportFromShareableHandle(void) { static int once; return gl_unsupported("cuMemPoolImportFromShareableHandle", &once); }
 GL_EXPORT CUresult cuMemPoolImportPointer(void) { static int once; return gl_unsupported("cuMemPoolImportPointer", &once); }
 GL_EXPORT CUresult cuMemPoolSetAccess(void) { static int once; return gl_unsupported("cuMemPoolSetAccess", &once); }
-GL_EXPORT CUresult cuMemPoolSetAttribute(void) { static int once; return gl_unsupported("cuMemPoolSetAttribute", &once); }
-GL_EXPORT CUresult cuMemPoolTrimTo(void) { static int once; return gl_unsupported("cuMemPoolTrimTo", &once); }
 GL_EXPORT CUresult cuMemPrefetchAsync(void) { static int once; return gl_unsupported("cuMemPrefetchAsync", &once); }
 GL_EXPORT CUresult cuMemPrefetchBatchAsync(void) { static int once; return gl_unsupported("cuMemPrefetchBatchAsync", &once); }
 GL_EXPORT CUresult cuMemRangeGetAttribute(void) { static int once; return gl_unsupported("cuMemRangeGetAttribute", &once); }
@@ -1863,6 +2018,29 @@ GL_EXPORT CUresult cuVDPAUCtxCreate(void) { static int once; return gl_unsupport
 GL_EXPORT CUresult cuVDPAUGetDevice(void) { static int once; return gl_unsupported("cuVDPAUGetDevice", &once); }
 GL_EXPORT CUresult cuWaitExternalSemaphoresAsync(void) { static int once; return gl_unsupported("cuWaitExternalSemaphoresAsync", &once); }
 
+/* Bytes of a memory pool attribute's value (table.MEMPOOL_ATTR_SIZES); 0: one we do not know. */
+size_t gl_mempool_attr_size(int attr)
+{
+    switch (attr) {
+    case 1: return 4;
+    case 2: return 4;
+    case 3: return 4;
+    case 4: return 8;
+    case 5: return 8;
+    case 6: return 8;
+    case 7: return 8;
+    case 8: return 8;
+    case 9: return 4;
+    case 10: return 4;
+    case 11: return 4;
+    case 12: return 4;
+    case 13: return 8;
+    case 14: return 4;
+    case 15: return 4;
+    default: return 0;
+    }
+}
+
 /* Answered by the hand-written shim files without a round trip. */
 CUresult cuGetProcAddress_v2();
 CUresult cuGetErrorString();
@@ -1952,14 +2130,14 @@ const gl_proc gl_procs[] = {
     {"cuDeviceGetCliqueCount", 0, (void *)cuDeviceGetCliqueCount},
     {"cuDeviceGetCliqueInfo", 0, (void *)cuDeviceGetCliqueInfo},
     {"cuDeviceGetCount", 2000, (void *)cuDeviceGetCount},
-    {"cuDeviceGetDefaultMemPool", 0, (void *)cuDeviceGetDefaultMemPool},
+    {"cuDeviceGetDefaultMemPool", 11020, (void *)cuDeviceGetDefaultMemPool},
     {"cuDeviceGetDevResource", 0, (void *)cuDeviceGetDevResource},
     {"cuDeviceGetExecAffinitySupport", 0, (void *)cuDeviceGetExecAffinitySupport},
     {"cuDeviceGetFabricClusterUuid", 0, (void *)cuDeviceGetFabricClusterUuid},
     {"cuDeviceGetGraphMemAttribute", 0, (void *)cuDeviceGetGraphMemAttribute},
     {"cuDeviceGetHostAtomicCapabilities", 0, (void *)cuDeviceGetHostAtomicCapabilities},
     {"cuDeviceGetLuid", 0, (void *)cuDeviceGetLuid},
-    {"cuDeviceGetMemPool", 0, (void *)cuDeviceGetMemPool},
+    {"cuDeviceGetMemPool", 11020, (void *)cuDeviceGetMemPool},
     {"cuDeviceGetName", 2000, (void *)cuDeviceGetName},
     {"cuDeviceGetNvSciSyncAttributes", 0, (void *)cuDeviceGetNvSciSyncAttributes},
     {"cuDeviceGetP2PAtomicCapabilities", 0, (void *)cuDeviceGetP2PAtomicCapabilities},
@@ -1976,7 +2154,7 @@ const gl_proc gl_procs[] = {
     {"cuDevicePrimaryCtxSetFlags", 11000, (void *)cuDevicePrimaryCtxSetFlags_v2},
     {"cuDeviceRegisterAsyncNotification", 0, (void *)cuDeviceRegisterAsyncNotification},
     {"cuDeviceSetGraphMemAttribute", 0, (void *)cuDeviceSetGraphMemAttribute},
-    {"cuDeviceSetMemPool", 0, (void *)cuDeviceSetMemPool},
+    {"cuDeviceSetMemPool", 11020, (void *)cuDeviceSetMemPool},
     {"cuDeviceTotalMem", 3020, (void *)cuDeviceTotalMem_v2},
     {"cuDeviceUnregisterAsyncNotification", 0, (void *)cuDeviceUnregisterAsyncNotification},
     {"cuDriverGetVersion", 2000, (void *)cuDriverGetVersion},
@@ -2194,8 +2372,8 @@ const gl_proc gl_procs[] = {
     {"cuMemAddressReserve", 0, (void *)cuMemAddressReserve},
     {"cuMemAdvise", 0, (void *)cuMemAdvise},
     {"cuMemAlloc", 3020, (void *)cuMemAlloc_v2},
-    {"cuMemAllocAsync", 0, (void *)cuMemAllocAsync},
-    {"cuMemAllocFromPoolAsync", 0, (void *)cuMemAllocFromPoolAsync},
+    {"cuMemAllocAsync", 11020, (void *)cuMemAllocAsync},
+    {"cuMemAllocFromPoolAsync", 11020, (void *)cuMemAllocFromPoolAsync},
     {"cuMemAllocHost", 3020, (void *)cuMemAllocHost_v2},
     {"cuMemAllocManaged", 0, (void *)cuMemAllocManaged},
     {"cuMemAllocPitch", 0, (void *)cuMemAllocPitch},
@@ -2205,7 +2383,7 @@ const gl_proc gl_procs[] = {
     {"cuMemDiscardBatchAsync", 0, (void *)cuMemDiscardBatchAsync},
     {"cuMemExportToShareableHandle", 0, (void *)cuMemExportToShareableHandle},
     {"cuMemFree", 3020, (void *)cuMemFree_v2},
-    {"cuMemFreeAsync", 0, (void *)cuMemFreeAsync},
+    {"cuMemFreeAsync", 11020, (void *)cuMemFreeAsync},
     {"cuMemFreeHost", 2000, (void *)cuMemFreeHost},
     {"cuMemGetAccess", 0, (void *)cuMemGetAccess},
     {"cuMemGetAddressRange", 3020, (void *)cuMemGetAddressRange_v2},
@@ -2224,17 +2402,17 @@ const gl_proc gl_procs[] = {
     {"cuMemImportFromShareableHandle", 0, (void *)cuMemImportFromShareableHandle},
     {"cuMemMap", 0, (void *)cuMemMap},
     {"cuMemMapArrayAsync", 0, (void *)cuMemMapArrayAsync},
-    {"cuMemPoolCreate", 0, (void *)cuMemPoolCreate},
-    {"cuMemPoolDestroy", 0, (void *)cuMemPoolDestroy},
+    {"cuMemPoolCreate", 11020, (void *)cuMemPoolCreate},
+    {"cuMemPoolDestroy", 11020, (void *)cuMemPoolDestroy},
     {"cuMemPoolExportPointer", 0, (void *)cuMemPoolExportPointer},
     {"cuMemPoolExportToShareableHandle", 0, (void *)cuMemPoolExportToShareableHandle},
     {"cuMemPoolGetAccess", 0, (void *)cuMemPoolGetAccess},
-    {"cuMemPoolGetAttribute", 0, (void *)cuMemPoolGetAttribute},
+    {"cuMemPoolGetAttribute", 11020, (void *)cuMemPoolGetAttribute},
     {"cuMemPoolImportFromShareableHandle", 0, (void *)cuMemPoolImportFromShareableHandle},
     {"cuMemPoolImportPointer", 0, (void *)cuMemPoolImportPointer},
     {"cuMemPoolSetAccess", 0, (void *)cuMemPoolSetAccess},
-    {"cuMemPoolSetAttribute", 0, (void *)cuMemPoolSetAttribute},
-    {"cuMemPoolTrimTo", 0, (void *)cuMemPoolTrimTo},
+    {"cuMemPoolSetAttribute", 11020, (void *)cuMemPoolSetAttribute},
+    {"cuMemPoolTrimTo", 11020, (void *)cuMemPoolTrimTo},
     {"cuMemPrefetchAsync", 0, (void *)cuMemPrefetchAsync},
     {"cuMemPrefetchBatchAsync", 0, (void *)cuMemPrefetchBatchAsync},
     {"cuMemRangeGetAttribute", 0, (void *)cuMemRangeGetAttribute},

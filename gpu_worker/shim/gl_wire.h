@@ -8,6 +8,9 @@
 #define GL_OP_SET_CONTEXT 2u  /* the calling thread's current context id (never replied) */
 #define GL_OP_LAUNCH 3u  /* a kernel launch with its parameter buffer (never replied) */
 #define GL_OP_PARAM_LAYOUT 4u  /* offset and size of each parameter of a function */
+#define GL_OP_NATIVE_HELLO 5u  /* opens a native-mode process's attachment to its vGPU's ledger (same payload as HELLO, Unix socket only): the reply's payload is key=value lines and carries the ledger's file descriptor (SCM_RIGHTS) */
+#define GL_OP_NATIVE_THAW 6u  /* a native process found itself frozen (warm tier): the worker restores it; replied once it may run */
+#define GL_NATIVE_OBSERVE 2u  /* request flags bit of OP_NATIVE_HELLO: read the ledger only (the NVML stand-in): no slot, nothing charged */
 #define GL_FIRST_OPCODE 16u  /* opcode of FORWARDED[0]; FORWARDED[i] is FIRST_OPCODE + i */
 #define GL_FLAG_REPLY 1u  /* request flags bit: the shim waits for a reply */
 #define GL_LAUNCH_ATTR_SIZE 72u  /* bytes of one CUlaunchAttribute, sent as the driver lays it out */
@@ -27,5 +30,6 @@
 #define GL_REP_HEADER_SIZE 16u  /* u64 payload length, i32 CUresult, u32 reason length (the payload's last bytes) */
 #define GL_HELLO_SIZE 16u  /* u32 protocol version, u32 client pid, u64 token length (token follows) */
 #define GL_LAUNCH_SIZE 48u  /* u64 function id, u32 grid x,y,z, block x,y,z, shared bytes, u64 stream id, u32 attribute count (attributes, then u64 length + parameter buffer follow) */
+#define GL_MEMPOOL_PROPS_SIZE 88u  /* cuMemPoolCreate's CUmemPoolProps as the program laid it out */
 
 #endif

@@ -30,6 +30,7 @@ REFRESH_EVERY = 32   # registrations between two refreshes of PostgreSQL's stati
 REVOKED_FOR = 3600.0  # seconds an ended allocation stays in its worker's heartbeat replies, with why
 MAX_GROUPS = 256      # hub groups one allocation request may name
 RELEASED = "this vGPU was released: its Jupyter server stopped"
+NATIVE_BACKENDS = ("cuda", "emulated")  # workers whose local vGPUs may run natively (local_address)
 MOVED = "gpulab_moved_workers"  # a session's info key: workers whose heartbeat answer its commit changes
 
 
@@ -839,7 +840,20 @@ def ended_reason(a: Allocation) -> str:
     return a.message  # revoked: the admin's message or why it no longer fits, in a sentence already
 
 
+def local_address(a: Allocation, worker: Worker | None) -> str:
+    """Where the server of ``a`` reaches its worker in native mode (unix:///path), or "" when it is forwarded.
+
+    Native: a local vGPU (placed on the server's own node, or in Kubernetes, on the node its pod is then
+    pinned to) on a worker that listens on a Unix socket.  The native libcuda.so.1 loads the node's
+    driver, so the backend is cuda; the emulated one (a test double) qualifies too so that the path can
+    be tested without a GPU, and the answer names the backend ("backend", "emulated")."""
+    if a.mode != "local" or worker is None or not worker.unix_socket or worker.backend not in NATIVE_BACKENDS:
+        return ""
+    return f"unix://{worker.unix_socket}"
+
+
 def allocation_json(a: Allocation, worker: Worker | None) -> dict:
+    native = local_address(a, worker)
     return {"id": a.id, "user": a.user, "server_name": a.server_name, "profile": a.profile,
             "worker": a.worker_name, "address": worker.address if worker else "",
             "control_url": worker.control_url if worker else "",
@@ -848,4 +862,5 @@ def allocation_json(a: Allocation, worker: Worker | None) -> dict:
             "burst": a.burst, "groups": a.group_list, "status": a.status, "message": a.message,
             "used_vram": a.used_vram, "overhead_vram": a.overhead_vram, "kernel_seconds": a.kernel_seconds,
             "created": a.created, "ended": a.ended,
-            "emulated": worker.backend == "emulated" if worker else False}
+            "emulated": worker.backend == "emulated" if worker else False,
+            "backend": worker.backend if worker else "", "native": bool(native), "local_address": native}

@@ -37,6 +37,9 @@ class Worker(Base):
     control_url: Mapped[str] = mapped_column(String(255), default="")  # its control API, http://host:port
     # its Kubernetes pod ("" outside a cluster): the pool's pod watch marks it lost when the pod goes
     pod: Mapped[str] = mapped_column(String(253), default="", server_default="")
+    # the path of its Unix socket ("" for none): a local vGPU's server on its node reaches it there in
+    # native mode (allocations.allocation_json)
+    unix_socket: Mapped[str] = mapped_column(String(255), default="", server_default="")
     # one more at every change a heartbeat's reply depends on (its allocations placed or ended, its GPUs
     # registered, their figures written): a replica that read this version answers the worker's next
     # heartbeat from what it read, after one read of this row (AllocationBook.heartbeat)

@@ -56,6 +56,7 @@ MAX_SECONDS = 1e11         # cumulative kernel or throttled seconds of one vGPU:
 MAX_SHARE = 100 * MAX_GPUS_PER_VGPU  # percent of one GPU a vGPU of the most GPUs can measure
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # it appears in URL paths and log lines
 CAPABILITY = re.compile(r"(\d{1,3}\.\d{1,3})?")
+MAX_SOCKET_PATH = 107      # bytes of a Unix socket's path (sun_path, less its NUL)
 POD = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # a Kubernetes object name (DNS subdomain)
 
 
@@ -95,6 +96,18 @@ def check_address(address) -> str:
     raise web.HTTPError(400, f"address must be tcp://host:port or unix:///path, not {address!r:.80}")
 
 
+def check_unix_socket(path) -> str:
+    """The worker's Unix socket path, which the servers of its local vGPUs dial (native mode), or "" where
+    it listens on none: absolute, and short enough for a socket address (sun_path holds 107 bytes)."""
+    if path == "":
+        return path
+    if not (isinstance(path, str) and path.startswith("/") and len(path.encode()) <= MAX_SOCKET_PATH
+            and path.isprintable()):
+        raise web.HTTPError(400, f"unix_socket must be an absolute path of at most {MAX_SOCKET_PATH} bytes, or "
+                                 f"absent, not {path!r:.80}")
+    return path
+
+
 def check_control(url) -> str:
     """The worker's control API, http://host:port (or https), or "" where it serves none."""
     if url == "":
@@ -112,7 +125,7 @@ def check_control(url) -> str:
 
 
 def check_registration(data: dict) -> dict:
-    """The registration body, validated: name, address, node, backend, pod and GPUs."""
+    """The registration body, validated: name, address, node, backend, pod, Unix socket and GPUs."""
     name = data.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise web.HTTPError(400, "name must be 1 to 128 letters, digits, '.', '_' or '-', starting with a "
@@ -131,7 +144,8 @@ def check_registration(data: dict) -> dict:
                                  f"'-' and '.', at most 253) or absent, not {pod!r:.80}")
     out = {"name": name, "address": check_address(data.get("address")), "pod": pod,
            "node": _text(data.get("node", ""), "node", 255), "backend": backend,
-           "control": check_control(data.get("control", "")), "gpus": []}
+           "control": check_control(data.get("control", "")),
+           "unix_socket": check_unix_socket(data.get("unix_socket", "")), "gpus": []}
     seen = set()
     for i, g in enumerate(gpus):
         if not isinstance(g, dict):
@@ -339,7 +353,7 @@ class WorkersHandler(WorkerAPIHandler):
             if credential:
                 w.credential_hash = credential_hash(credential)
             w.address, w.node, w.backend, w.control_url = reg["address"], reg["node"], reg["backend"], reg["control"]
-            w.pod = reg["pod"]
+            w.pod, w.unix_socket = reg["pod"], reg["unix_socket"]
             w.status, w.last_seen = "up", time.time()
             w.version = (w.version or 0) + 1  # what its heartbeats are answered changes (GPUs, grants)
             moved(db, name)

@@ -3,16 +3,24 @@
 A remote vGPU needs nothing from the node the pod runs on: the pod gets the worker's
 address, its session token and the shim on ``LD_LIBRARY_PATH`` (environment only), and
 neither an ``nvidia.com/gpu`` resource nor a GPU node.  A local vGPU is served by the
-worker on the pod's own node, so the pod is pinned to that worker's node.
+worker on the pod's own node, so the pod is pinned to that worker's node.  Where the pool
+places it natively, the pod gets its GPUs' device nodes and driver libraries from the NVIDIA
+container runtime (NVIDIA_VISIBLE_DEVICES set to their uuids, the runtime class ``nvidia``),
+again without ``nvidia.com/gpu``: the device plugin is not involved, the pool accounts for the
+GPU, and the pod reaches the worker through its Unix socket's directory, mounted from the node.
 """
 from __future__ import annotations
 
+import posixpath
+
+from kubernetes_asyncio.client.models import V1HostPathVolumeSource, V1Volume, V1VolumeMount
 from kubespawner import KubeSpawner
 from traitlets import Unicode
 
 from .mixin import GPUSpawnError, GPUSpawner, profile_slug
 
 HOSTNAME_LABEL = "kubernetes.io/hostname"
+SOCKET_VOLUME = "gpulab-worker-socket"
 
 
 class GPUKubeSpawner(GPUSpawner, KubeSpawner):
@@ -42,6 +50,18 @@ class GPUKubeSpawner(GPUSpawner, KubeSpawner):
         The hub's own installation path means nothing in the user's pod, so the default is a fixed
         path the image provides, e.g. with
         `RUN mkdir -p /opt/gpulab && ln -s "$(gpulab shim-path)" /opt/gpulab/lib`.""").tag(config=True)
+    native_shim_path = Unicode("/opt/gpulab/lib/native", help="""
+        Directory of the native libcuda.so.1 inside the user image, put first on LD_LIBRARY_PATH for a
+        native (local) vGPU: `native` inside `shim_path` where the image links `/opt/gpulab/lib` to
+        `gpulab shim-path`.""").tag(config=True)
+    native_runtime_class = Unicode("nvidia", help="""
+        runtimeClassName of the pods of native (local) vGPUs: the NVIDIA container runtime, whose hook
+        mounts the GPUs named in NVIDIA_VISIBLE_DEVICES and the node's driver libraries into the pod.
+        Empty: the node's default runtime (where that is NVIDIA's already).""").tag(config=True)
+    worker_socket_dir = Unicode("/run/gpulab", help="""
+        Directory on each GPU node that holds the gpulab worker's Unix socket (`--unix-socket` of the
+        worker DaemonSet, docs/kubernetes.md); mounted (hostPath, read-only) at the same path in the pods
+        of native vGPUs, whose GPULAB_WORKER names the socket in it.""").tag(config=True)
     gpu_node = Unicode("", help="""
         Node sent with vGPU requests.  Empty on Kubernetes: the hub cannot know the node of a pod
         not yet scheduled, so a local vGPU may go to a worker on any node and the pod is then pinned
@@ -83,6 +103,35 @@ class GPUKubeSpawner(GPUSpawner, KubeSpawner):
 
     def get_env(self):
         env = super().get_env()
+        alloc = self.native_allocation()
+        # the runtime hook gives the pod these GPUs' device nodes and the driver libraries (compute: libcuda;
+        # utility: libnvidia-ml); an emulated worker's GPUs are no devices, so its pods keep seeing none
+        if alloc and alloc.get("backend", "cuda") != "emulated":
+            env["NVIDIA_VISIBLE_DEVICES"] = ",".join(alloc["gpus"])
+            env["NVIDIA_DRIVER_CAPABILITIES"] = "compute,utility"
         if self.nvidia_visible_devices and not any(k.startswith("nvidia.com/") for k in self.extra_resource_limits):
             env.setdefault("NVIDIA_VISIBLE_DEVICES", self.nvidia_visible_devices)
         return env
+
+    async def get_pod_manifest(self):
+        """KubeSpawner's pod; a native vGPU's also gets the NVIDIA runtime class and the worker's socket
+        directory.  Added to the built pod, not to the volume traits, which a profile's
+        ``kubespawner_override`` may replace."""
+        pod = await super().get_pod_manifest()
+        alloc = self.native_allocation()
+        if alloc is None:
+            return pod
+        if self.native_runtime_class:
+            pod.spec.runtime_class_name = self.native_runtime_class
+        socket_path = alloc["local_address"].split("://", 1)[-1]
+        mounted = posixpath.normpath(self.worker_socket_dir)
+        if posixpath.commonpath([socket_path, mounted]) != mounted:
+            self.log.warning("worker %s listens on %s, not in c.GPUKubeSpawner.worker_socket_dir %s: %s's pod "
+                             "will not reach it", alloc.get("worker"), socket_path, self.worker_socket_dir,
+                             self.user.name)
+        pod.spec.volumes = [*(pod.spec.volumes or []), V1Volume(
+            name=SOCKET_VOLUME, host_path=V1HostPathVolumeSource(path=self.worker_socket_dir, type="Directory"))]
+        container = pod.spec.containers[0]
+        container.volume_mounts = [*(container.volume_mounts or []), V1VolumeMount(
+            name=SOCKET_VOLUME, mount_path=self.worker_socket_dir, read_only=True)]
+        return pod

@@ -3,7 +3,8 @@
 The form lists ``gpu_profiles`` (KubeSpawner's ``profile_list`` schema plus a ``gpu``
 key) with live availability from the pool.  On start the chosen profile is validated
 again (the REST API bypasses the form), a vGPU is allocated and the server gets the
-worker address, its session token, the limits and the shim on ``LD_LIBRARY_PATH``; on
+worker address, its session token, the limits and the shim on ``LD_LIBRARY_PATH`` (the
+native build and the worker's Unix socket where the pool places a local vGPU natively); on
 stop (and when the idle culler stops it) the vGPU is released.  The form is the Jinja
 template ``templates/form.html``; errors are sentences for the user who reads them.
 """
@@ -21,7 +22,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Callable, Dict, List, Unicode, Union, default
 from traitlets.config import Configurable
 
-from gpu_worker.client import GPU_KEYS, LimitError, default_burst, gpu_settings, shim_dir
+from gpu_worker.client import GPU_KEYS, LimitError, default_burst, gpu_settings, native_dir, shim_dir
 
 from ..pool.scheduler import MAX_AVAILABILITY_REQUESTS
 
@@ -73,11 +74,24 @@ class GPUSpawner(Configurable):
                          ).tag(config=True)
     shim_path = Unicode(help="Directory of the gpulab libcuda.so.1 as the user's server sees it "
                         "(default: this installation's `gpulab shim-path`).").tag(config=True)
+    native_shim_path = Unicode(help="""
+        Directory of the native build of libcuda.so.1 (and libnvidia-ml.so.1) as the user's server sees it,
+        put first on LD_LIBRARY_PATH for a local vGPU that the pool places natively (on the server's own
+        node, on a worker with a Unix socket): it loads the node's real driver in-process, so PyTorch,
+        CuPy and JAX work, and accounts to the vGPU's ledger on that worker (default: this installation's
+        `gpu_worker.shim.native_dir()`, `native` inside the shim's directory).""").tag(config=True)
+    real_libcuda = Unicode("", help="""
+        Path of the node's real driver library (libcuda.so.1) for native vGPUs, as GPULAB_REAL_LIBCUDA;
+        empty: the native libcuda.so.1 finds it on the system library path.""").tag(config=True)
+    real_nvml = Unicode("", help="""
+        Path of the node's real libnvidia-ml.so.1 for native vGPUs, as GPULAB_REAL_NVML; empty: found on
+        the system library path.""").tag(config=True)
     gpu_node = Unicode(help="Node the user's server runs on, for local vGPUs (default: $GPULAB_NODE or this "
                        "host's name).").tag(config=True)
     form_template_paths = List(Unicode(), help="""
         Directories searched, before gpulab's own, for `form.html`, the Jinja template of the spawn form.
-        It gets `profiles` (each with `slug`, `display_name`, `description`, `gpu_text`, `has_gpu`, `fits`,
+        It gets `profiles` (each with `slug`, `display_name`, `description`, `gpu_text`, `mode_text` (what
+        its vGPU runs: local ones natively, PyTorch too; others forwarded), `has_gpu`, `fits`,
         `full_label`, `why`, `slots`, `checked`, `options`), `lost_message`, `emulated` and `pool_error`.
         """).tag(config=True)
     # Not cleared by clear_state(): LocalProcessSpawner clears state inside stop() and poll(), before
@@ -95,6 +109,10 @@ class GPUSpawner(Configurable):
     @default("shim_path")
     def _shim_path_default(self):
         return str(shim_dir())
+
+    @default("native_shim_path")
+    def _native_shim_path_default(self):
+        return str(native_dir())
 
     @default("gpu_node")
     def _gpu_node_default(self):
@@ -235,8 +253,12 @@ class GPUSpawner(Configurable):
         profile, gpu = self.resolve(await self.visible_profiles(), self.user_options or {})
         await self.release_gpu()  # a stale allocation from an earlier run
         if gpu is not None:
-            self.gpu_allocation = await self.allocate_gpu(profile, gpu)
-            self.apply_gpu_placement(self.gpu_allocation)
+            self.gpu_allocation = alloc = await self.allocate_gpu(profile, gpu)
+            if alloc.get("mode") == "local" and self.native_allocation() is None:
+                self.log.warning("local vGPU allocation %s of %s is forwarded, not native: worker %s has no Unix "
+                                 "socket (PyTorch, CuPy and JAX will not find a GPU)", alloc.get("id"),
+                                 self.user.name, alloc.get("worker"))
+            self.apply_gpu_placement(alloc)
         try:
             return await super().start()
         except BaseException:
@@ -259,14 +281,30 @@ class GPUSpawner(Configurable):
             await self.release_gpu()
         return status
 
+    def native_allocation(self) -> dict | None:
+        """The vGPU allocation when the pool placed it natively (its answer's ``native`` and
+        ``local_address``: a local vGPU on a worker with a Unix socket), else None."""
+        alloc = self.gpu_allocation
+        return alloc if alloc and alloc.get("native") and alloc.get("local_address") else None
+
     def get_env(self):
+        """The server's environment with its vGPU: forwarded (the shim sends driver calls to the worker's
+        address), or native where the pool says so (the native libcuda.so.1 first on the library path, the
+        worker's Unix socket on this node)."""
         env = super().get_env()
         alloc = self.gpu_allocation
         if alloc:
-            env.update({"GPULAB_WORKER": alloc["address"], "GPULAB_TOKEN": alloc["token"],
+            native = self.native_allocation() is not None
+            lib = self.native_shim_path if native else self.shim_path
+            env.update({"GPULAB_WORKER": alloc["local_address"] if native else alloc["address"],
+                        "GPULAB_TOKEN": alloc["token"],
                         "GPULAB_VRAM": str(alloc["vram"]), "GPULAB_COMPUTE": str(alloc["compute"]),
                         "GPULAB_ALLOCATION": str(alloc["id"]),
-                        "LD_LIBRARY_PATH": ":".join(p for p in (self.shim_path, env.get("LD_LIBRARY_PATH")) if p)})
+                        "LD_LIBRARY_PATH": ":".join(p for p in (lib, env.get("LD_LIBRARY_PATH")) if p)})
+            if native:
+                env["GPULAB_MODE"] = "native"  # informational: the library path decides
+                env.update({k: v for k, v in (("GPULAB_REAL_LIBCUDA", self.real_libcuda),
+                                              ("GPULAB_REAL_NVML", self.real_nvml)) if v})
             if alloc.get("control_url"):  # the worker's control API: `gpulab vgpu` as the session itself
                 env["GPULAB_CONTROL_URL"] = alloc["control_url"]
         return env
@@ -443,8 +481,22 @@ def describe_gpu(gpu: dict | None) -> str:
              f"{compute}% compute" + (" (more when the GPU is idle)" if bursts else "")]
     if gpu.get("count", 1) > 1:
         parts.insert(0, f"{gpu['count']} vGPUs")
-    parts.append({"local": "on this node", "remote": "remote"}.get(gpu.get("mode", "any"), "local or remote"))
     return ", ".join(parts)
+
+
+# What a profile's vGPU runs, by mode.  Only a local vGPU runs natively (the pool's local_address): the
+# others are forwarded, which cuda-python, cuda.core and numba-cuda go through, and PyTorch, CuPy and JAX
+# do not (the CUDA runtime they link asks the driver for export tables, which only a real driver in the
+# process has).
+FORWARDED_RUNS = "CUDA programs through cuda-python, cuda.core, numba-cuda (not PyTorch/CuPy/JAX)"
+MODE_TEXT = {"local": "PyTorch, CuPy, JAX, and any CUDA program: local vGPU on this node",
+             "remote": f"{FORWARDED_RUNS}: remote vGPU",
+             "any": f"{FORWARDED_RUNS}: local or remote vGPU"}
+
+
+def describe_mode(gpu: dict | None) -> str:
+    """What programs a profile's vGPU runs, and where it is ("" for no GPU)."""
+    return MODE_TEXT[gpu.get("mode", "any")] if gpu else ""
 
 
 def form_profiles(views: list[dict], avail: list[dict]) -> list[dict]:
@@ -454,8 +506,9 @@ def form_profiles(views: list[dict], avail: list[dict]) -> list[dict]:
     for v in views:
         p, a = v["profile"], avail[v["ask"]] if v["ask"] is not None else None
         item = {"slug": profile_slug(p), "display_name": p["display_name"], "description": p.get("description", ""),
-                "gpu_text": describe_gpu(v["gpu"]), "has_gpu": v["gpu"] is not None, "default": bool(p.get("default")),
-                "checked": False, **availability_view(a)}
+                "gpu_text": describe_gpu(v["gpu"]), "mode_text": describe_mode(v["gpu"]),
+                "has_gpu": v["gpu"] is not None, "default": bool(p.get("default")), "checked": False,
+                **availability_view(a)}
         item["options"] = [{**o, "choices": [{**c, **availability_view(avail[c["ask"]] if c["ask"] is not None
                                                                          else None)} for c in o["choices"]]}
                            for o in v["options"]]

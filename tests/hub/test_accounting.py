@@ -157,6 +157,7 @@ def test_an_older_database_gets_burst_by_qos(tmp_path, book):
     db.execute("DROP TABLE leases")
     db.execute("ALTER TABLE workers DROP COLUMN pod")
     db.execute("ALTER TABLE workers DROP COLUMN version")
+    db.execute("ALTER TABLE workers DROP COLUMN unix_socket")
     db.execute("DROP INDEX ix_gpus_busiest")
     db.execute("DROP INDEX ix_gpus_idlest")
     db.execute("DROP INDEX ix_gpus_worker_name")
@@ -182,8 +183,7 @@ def test_the_spawner_sends_the_users_groups_and_the_form_says_burst():
     s.pool_call = pool_call
     asyncio.run(s.allocate_gpu({"slug": "small"}, {"vram": G, "burst": False}))
     assert sent[0]["groups"] == ["physics", "staff"] and sent[0]["burst"] is False
-    assert describe_gpu({"vram": G, "compute": 25}) == "1 GiB VRAM, 25% compute (more when the GPU is idle), " \
-                                                       "local or remote"
+    assert describe_gpu({"vram": G, "compute": 25}) == "1 GiB VRAM, 25% compute (more when the GPU is idle)"
     assert "idle" not in describe_gpu({"vram": G, "compute": 25, "qos": "low"})
     assert "idle" not in describe_gpu({"vram": G, "compute": 25, "burst": False})
     assert "idle" not in describe_gpu({"vram": G, "compute": 100})

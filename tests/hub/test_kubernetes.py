@@ -45,8 +45,8 @@ def make_spawner():
     with mock.patch.object(ks, "load_config"), mock.patch.object(ks, "shared_client"):
         def make(**kw):
             user = SimpleNamespace(name="alice", id=7, url="/user/alice/", groups=[])
-            return GPUKubeSpawner(_mock=True, user=user, gpu_profiles=PROFILES, pool_url="http://pool/",
-                                  config=Config(), **kw)
+            return GPUKubeSpawner(_mock=True, user=user, pool_url="http://pool/", config=Config(),
+                                  **{"gpu_profiles": PROFILES, **kw})
         yield make
 
 
@@ -144,6 +144,65 @@ def test_configured_paths_and_gpu_visibility(make_spawner):
     assert gpu_resources(pod) == {"nvidia.com/gpu": "1"}
 
 
+# ------------------------------------------------------------------ native mode
+def native(**kw) -> dict:
+    """A local vGPU the pool placed natively: the worker's Unix socket on the node, GPUs by uuid."""
+    placed = {"native": True, "local_address": "unix:///run/gpulab/worker.sock", "backend": "cuda",
+              "gpus": ["GPU-5a1c0e2d-0000-4000-8000-000000000001"]}
+    return alloc("local", node="gpu-node-2", **{**placed, **kw})
+
+
+def socket_mounts(pod: dict) -> tuple[list, list]:
+    """The pod's volumes and the notebook container's mounts of the worker's socket directory."""
+    volumes = [v for v in pod["spec"].get("volumes") or [] if v.get("hostPath")]
+    mounts = [m for m in pod["spec"]["containers"][0].get("volumeMounts") or []
+              if m["name"] in {v["name"] for v in volumes}]
+    return volumes, mounts
+
+
+def test_native_vgpu_gets_its_gpu_from_the_runtime_not_the_device_plugin(make_spawner):
+    pod = place(make_spawner(), native())
+    env = container_env(pod)
+    assert env["GPULAB_WORKER"] == "unix:///run/gpulab/worker.sock" and env["GPULAB_MODE"] == "native"
+    assert env["LD_LIBRARY_PATH"].split(":")[0] == "/opt/gpulab/lib/native"
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "GPU-5a1c0e2d-0000-4000-8000-000000000001"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+    assert pod["spec"]["runtimeClassName"] == "nvidia"
+    assert gpu_resources(pod) == {}  # no nvidia.com/gpu: the scheduler does not count the GPU as taken
+    assert pod["spec"]["nodeSelector"] == {HOSTNAME_LABEL: "gpu-node-2"}
+    volumes, mounts = socket_mounts(pod)
+    assert [v["hostPath"] for v in volumes] == [{"path": "/run/gpulab", "type": "Directory"}]
+    assert [(m["mountPath"], m["readOnly"]) for m in mounts] == [("/run/gpulab", True)]
+
+
+def test_native_settings_are_configurable(make_spawner, caplog):
+    s = make_spawner(native_runtime_class="", worker_socket_dir="/var/run/gpu", native_shim_path="/srv/native",
+                     real_libcuda="/usr/lib64/libcuda.so.1")
+    pod = place(s, native(local_address="unix:///var/run/gpu/w.sock", gpus=["GPU-a", "GPU-b"], count=2))
+    env = container_env(pod)
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "GPU-a,GPU-b" and env["LD_LIBRARY_PATH"].split(":")[0] == "/srv/native"
+    assert env["GPULAB_REAL_LIBCUDA"] == "/usr/lib64/libcuda.so.1" and "GPULAB_REAL_NVML" not in env
+    assert not pod["spec"].get("runtimeClassName")  # the node's default runtime
+    volumes, mounts = socket_mounts(pod)
+    assert [v["hostPath"]["path"] for v in volumes] == ["/var/run/gpu"] and mounts[0]["mountPath"] == "/var/run/gpu"
+    assert "not in c.GPUKubeSpawner.worker_socket_dir" not in caplog.text
+    place(make_spawner(), native(local_address="unix:///tmp/w.sock"))  # a socket the mount does not hold
+    assert "listens on /tmp/w.sock, not in c.GPUKubeSpawner.worker_socket_dir /run/gpulab" in caplog.text
+
+
+def test_a_native_vgpu_of_an_emulated_worker_sees_no_device(make_spawner):
+    env = container_env(place(make_spawner(), native(backend="emulated")))
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "void" and "NVIDIA_DRIVER_CAPABILITIES" not in env
+    assert env["GPULAB_WORKER"] == "unix:///run/gpulab/worker.sock"
+
+
+def test_a_local_vgpu_that_is_not_native_stays_forwarded(make_spawner):
+    pod = place(make_spawner(), alloc("local", native=False, local_address=""))
+    env = container_env(pod)
+    assert env["GPULAB_WORKER"] == "tcp://10.1.2.3:7000" and env["NVIDIA_VISIBLE_DEVICES"] == "void"
+    assert "GPULAB_MODE" not in env and not pod["spec"].get("runtimeClassName") and socket_mounts(pod) == ([], [])
+
+
 # --------------------------------------------------------- start() end to end
 def run_start(spawner, monkeypatch, user_options, allocation):
     """GPUSpawner.start() with the pool and the cluster replaced: KubeSpawner's start loads the
@@ -181,6 +240,17 @@ def test_start_local_profile_pin_survives_profile_node_selector(make_spawner, mo
     s = make_spawner()
     pod, _ = run_start(s, monkeypatch, {"profile": "local"}, alloc("local", node="gpu-node-4"))
     assert pod["spec"]["nodeSelector"] == {"pool": "gpu", HOSTNAME_LABEL: "gpu-node-4"}
+
+
+def test_start_native_keeps_the_socket_when_a_profile_replaces_the_volumes(make_spawner, monkeypatch):
+    profiles = [{"display_name": "Local vGPU", "slug": "local", "gpu": {"vram": "8G", "mode": "local"},
+                 "kubespawner_override": {"volumes": [{"name": "data", "emptyDir": {}}],
+                                          "volume_mounts": [{"name": "data", "mountPath": "/data"}]}}]
+    s = make_spawner(gpu_profiles=profiles)
+    pod, _ = run_start(s, monkeypatch, {"profile": "local"}, native())
+    assert [v["name"] for v in pod["spec"]["volumes"]] == ["data", "gpulab-worker-socket"]
+    assert [m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]] == ["/data", "/run/gpulab"]
+    assert pod["spec"]["runtimeClassName"] == "nvidia" and gpu_resources(pod) == {}
 
 
 def test_start_cpu_profile_allocates_nothing(make_spawner, monkeypatch):
@@ -249,6 +319,11 @@ def test_worker_daemonset():
     assert flags["--advertise"].startswith("tcp://$(HOST_IP):")
     assert flags["--tcp"].startswith("$(HOST_IP):")
     assert flags["--pool-url"].startswith("http://gpulab-pool:8766/")  # the pool's worker listener
+    # native vGPUs: the socket lies in the node's directory that GPUKubeSpawner mounts into their pods
+    socket_dir = GPUKubeSpawner.worker_socket_dir.default_value
+    assert flags["--unix-socket"].rsplit("/", 1)[0] == socket_dir
+    (volume,) = [v for v in spec["volumes"] if v["hostPath"]["path"] == socket_dir]
+    assert {"name": volume["name"], "mountPath": socket_dir} in c["volumeMounts"]
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"

@@ -1,7 +1,8 @@
 """Native mode, the pool's and the spawner's part: a worker registers its Unix socket; the pool answers a
 local vGPU on that worker with ``native`` and ``local_address``, a remote one without; the spawner gives a
 native vGPU's server the socket, the native libcuda.so.1 first on LD_LIBRARY_PATH and the real driver's
-paths; the form says what each mode runs.  A real pool (SQLite and PostgreSQL) and a real emulated worker."""
+paths; the form says what each mode runs.  A real pool (SQLite and PostgreSQL) and a real emulated worker;
+at the end a spawned server's program runs through the native library over build.py's driver double."""
 from __future__ import annotations
 
 import asyncio
@@ -15,10 +16,11 @@ from types import SimpleNamespace
 import pytest
 
 from gpu_worker.client import native_dir, shim_dir
+from gpu_worker.shim import build as shim_build
 from hub_spawner.spawner import GPUSimpleLocalProcessSpawner
 from hub_spawner.spawner.mixin import MODE_TEXT
 from hubtools import HUB_TOKEN, WORKER_TOKEN, Pool, registration
-from workertools import SEE_DEVICES, Worker
+from workertools import PRELUDE, SEE_DEVICES, Worker
 
 NODE = socket.gethostname()  # the worker's node, and the spawner's: a local vGPU lands on this host
 PROFILES = [{"display_name": "Local", "slug": "local", "gpu": {"vram": "1G", "compute": 25, "mode": "local"}},
@@ -164,3 +166,61 @@ def test_the_form_says_what_each_mode_runs():
         in boxes["remote"]
     assert MODE_TEXT["any"] in boxes["any"] and "not PyTorch" in MODE_TEXT["any"]
     assert "gpulab-mode" not in boxes["cpu"]
+
+
+# ------------------------------------------------------------------ end to end, through the native library
+# A spawned server's program runs with nothing but the environment its spawner built: the native
+# libcuda.so.1 first on LD_LIBRARY_PATH, the worker's Unix socket, the vGPU's token and, as the node's
+# "real driver", the driver double of gpu_worker/shim/build.py (the forwarding shim on a node-wide token of
+# the same worker), given as GPULAB_REAL_LIBCUDA through c.GPUSpawner.real_libcuda.
+NATIVE_SERVER = PRELUDE + """
+import os, uuid
+setup()
+dev = ok(d.cuDeviceGet(0))
+free, total = ok(d.cuMemGetInfo())
+ptr = ok(d.cuMemAlloc(256 << 20))
+done(count=ok(d.cuDeviceGetCount()), uuid="GPU-" + str(uuid.UUID(bytes=bytes(ok(d.cuDeviceGetUuid(dev)).bytes))),
+     total=total, free=free, device_total=ok(d.cuDeviceTotalMem(dev)), too_much=name(d.cuMemAlloc(900 << 20)),
+     libcuda=sorted({line.split()[-1] for line in open("/proc/self/maps") if "libcuda" in line}))
+"""
+
+
+@pytest.mark.skipif(not shim_build.native_supported(), reason="native mode is built for x86-64 only")
+def test_a_spawned_native_server_sees_its_vgpu_through_the_native_library(pool, tmp_path):
+    if not (native_dir() / "libcuda.so.1").exists():
+        pytest.skip("the native libcuda.so.1 is not built")
+    double = shim_build.build_driver_double(tmp_path / "driver-double")
+    (tmp_path / "tokens.json").write_text(json.dumps({"node": {"gpus": [0]}}))  # the double's own session
+    env = dict(os.environ, GPULAB_POOL_TOKEN=WORKER_TOKEN)
+    w = Worker(tmp_path, token=None, tcp=True, env=env,
+               extra=("--pool-url", pool.worker_url, "--name", "w-e2e", "--heartbeat-interval", "1",
+                      "--emulated-memory", "4G", "--tokens-file", str(tmp_path / "tokens.json")))
+    try:
+        until = time.monotonic() + 20
+        while not pool.call("GET", "api/gpus")[1]:
+            assert time.monotonic() < until, "the worker did not register"
+            time.sleep(0.1)
+        (tmp_path / "server.py").write_text(NATIVE_SERVER)
+        out = tmp_path / "server.json"
+        s = spawner(pool_url=pool.url, pool_token=HUB_TOKEN, cmd=[sys.executable, str(tmp_path / "server.py")],
+                    home_dir=str(tmp_path / "home"), real_libcuda=str(double),
+                    environment={"GPULAB_DRIVER_WORKER": w.unix, "GPULAB_DRIVER_TOKEN": "node"})
+        s.user_options = {"profile": "local"}
+        with open(out, "w") as f, open(tmp_path / "server.err", "w") as err:
+            s.popen_kwargs = {"stdout": f, "stderr": err}
+            asyncio.run(s.start())
+            try:
+                assert s.proc.wait(60) == 0, (tmp_path / "server.err").read_text()
+                seen = json.loads(out.read_text().strip().splitlines()[-1])
+                alloc = s.gpu_allocation
+                assert alloc["native"] and alloc["local_address"] == w.unix
+                # the native library, and below it the "real driver" it loaded, not the forwarding shim
+                assert seen["libcuda"] == sorted([str(native_dir() / "libcuda.so.1"), str(double)])
+                # the vGPU, not the 4 GiB card: one device, its quota as memory, no more than the quota
+                assert (seen["count"], seen["uuid"]) == (1, alloc["gpus"][0])
+                assert seen["total"] == seen["device_total"] == 1 << 30 and seen["free"] <= 1 << 30
+                assert seen["too_much"] == "CUDA_ERROR_OUT_OF_MEMORY"
+            finally:
+                asyncio.run(s.stop(now=True))
+    finally:
+        w.stop()

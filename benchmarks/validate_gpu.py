@@ -34,6 +34,7 @@ DEV_NODES = ("/dev/nvidiactl", "/dev/nvidia0")  # what tests/workertools.gpu_pre
 PYTEST_TIMEOUT_S = 300
 BENCH_TIMEOUT_S = 150  # `remote_driver.py --backend cuda --quick` aims at under a minute; with the pytest
                        # run and the install, inside 8 minutes on an H100 machine
+NATIVE_TIMEOUT_S = 300  # `native.py --quick`: three PyTorch children, 16 GiB frozen and thawed (not yet timed on a GPU)
 
 # Distributions whose versions say what the run used (absent ones are reported as absent).
 VERSIONS = ["gpulab", "cuda-python", "cuda-bindings", "cuda-core", "cuda-pathfinder", "nvidia-cuda-nvrtc",
@@ -285,6 +286,14 @@ def tiering_command() -> tuple[list, str]:
             "host RAM and disk).")
 
 
+def native_command() -> tuple[list, str]:
+    """benchmarks/native.py, quick: PyTorch natively under the shim, and freeze/thaw through the driver's checkpoint."""
+    return ([sys.executable, str(ROOT / "benchmarks" / "native.py"), "--quick"],
+            "Native mode (the real driver in-process under the native libcuda.so.1, a cuda worker's ledger): a PyTorch "
+            "training step against the same child without the shim, and freeze/thaw of 4 and 16 GiB through the "
+            "worker's control API against pinned copies, all measured in the same run.")
+
+
 # What tests/jupyter/ (the server extension, the kernel provisioner) imports.
 JUPYTER_TEST_NEEDS = ("jupyter_server", "jupyter_client", "pytest_jupyter")
 
@@ -319,9 +328,11 @@ def main(argv=None) -> int:
     tests = run("pytest -m gpu", cmd, PYTEST_TIMEOUT_S, note)
     bench_cmd, bench_note = remote_driver_command()
     tier_cmd, tier_note = tiering_command()
+    native_cmd, native_note = native_command()
     benches = [run("remote driver benchmark", bench_cmd, BENCH_TIMEOUT_S,
                    bench_note + " `benchmarks/spawn.py` is not run: it measures the hub, not the GPU."),
-               run("tiering benchmark", tier_cmd, BENCH_TIMEOUT_S, tier_note)]
+               run("tiering benchmark", tier_cmd, BENCH_TIMEOUT_S, tier_note),
+               run("native mode benchmark", native_cmd, NATIVE_TIMEOUT_S, native_note)]
     rep = Report(date=datetime.date.today().isoformat(), machine=device_facts(), versions=versions(),
                  python=platform.python_version(), system=f"{platform.system()} {platform.release()}",
                  cpus=os.cpu_count() or 0, commit=commit(), pytest=tests, benches=benches)

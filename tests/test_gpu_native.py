@@ -1,0 +1,272 @@
+"""Native mode on a REAL GPU: unmodified PyTorch, CuPy and JAX programs in child processes with the native
+libcuda.so.1 (`gpu_worker.shim.native_dir()` first on LD_LIBRARY_PATH, GPULAB_WORKER the worker's Unix socket,
+GPULAB_TOKEN the vGPU), the real driver below it, accounted on a real `--backend cuda` worker.
+
+tests/test_native_mode.py shows the same without a GPU (an emulated worker and a driver double); here every
+child is checked to have the native library mapped, so a pass cannot come from another libcuda. Skipped
+without a GPU; run `pytest -m gpu tests/test_gpu_native.py` on a GPU machine.
+
+The quota of the vGPUs that two processes share is 8 GiB, not 2: the worker charges each process's CUDA context
+up front (512 MiB until NVML has measured one, docs/vgpu.md), so two contexts and 1.5 GiB would fill 2 GiB
+before the second process could allocate anything.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from workertools import ROOT, Worker, load_script
+
+from gpu_worker.shim import build as shim_build
+
+pytestmark = pytest.mark.gpu
+
+bench = load_script("gpulab_bench_native", "benchmarks/native.py")
+
+MiB, GiB = 1 << 20, 1 << 30
+QUOTA = 2 * GiB
+TOKENS = {"small": {"vram": "2G", "gpus": [0]},
+          "oom-native": {"vram": "2G", "gpus": [0]},
+          "oom-expandable": {"vram": "2G", "gpus": [0]},
+          "oom-async": {"vram": "2G", "gpus": [0]},
+          "roomy": {"vram": "8G", "gpus": [0]},
+          "frozen": {"vram": "8G", "gpus": [0]},
+          "shared": {"vram": "8G", "gpus": [0]}}
+# what the native shim says when it refuses an allocation (gpu_worker/shim/native/attach.c, gl_oom_say)
+REFUSED = re.compile(r"refused: [\d.]+ MiB asked, [\d.]+ MiB left of this vGPU's ([\d.]+) MiB quota")
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    """A cuda worker with a vGPU per test on GPU 0 (module-wide: one worker start for all)."""
+    if not shim_build.native_supported():
+        pytest.skip("native mode is built for x86-64 only")
+    from gpu_worker.shim import native_dir
+
+    lib = native_dir() / "libcuda.so.1"
+    if not lib.exists():
+        pytest.fail(f"the native build of the shim is missing ({lib}): run `python gpu_worker/shim/build.py`")
+    tmp = tmp_path_factory.mktemp("native-gpu")
+    (tmp / "tokens.json").write_text(json.dumps(TOKENS))
+    w = Worker(tmp, token=None, backend="cuda", extra=("--tokens-file", str(tmp / "tokens.json")))
+    w.tmp = tmp
+    yield w
+    w.stop()
+
+
+def vgpu_of(w: Worker, token: str) -> dict:
+    return bench.vgpu_of(w.vgpus(), token)
+
+
+def run_native(w: Worker, token: str, code: str, env_extra=None, timeout=300):
+    """A child program in native mode; it prints one JSON document last. Returns (result, stderr). A variable
+    of ``env_extra`` set to None is left out of the child's environment."""
+    env = bench.child_env({**bench.native_env(w.unix, token), **(env_extra or {})})
+    env = {k: v for k, v in env.items() if v is not None}
+    p = subprocess.run([sys.executable, "-c", bench.NATIVE_MAPPED + textwrap.dedent(code)], env=env,
+                       capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if p.returncode != 0:
+        raise AssertionError(f"the child failed ({p.returncode}):\n{p.stdout}\n{p.stderr}\n"
+                             f"worker log:\n{w.log_text()[-3000:]}")
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result.get("native") is True, f"the native libcuda.so.1 was not mapped in the child: {result}"
+    return result, p.stderr
+
+
+def child(w: Worker, token: str, name: str) -> "bench.Child":
+    """A native-mode child driven by code strings (benchmarks/native.py's Child), PyTorch imported."""
+    c = bench.Child(bench.native_env(w.unix, token), w.tmp / f"{name}.log")
+    assert c.must(bench.NATIVE_MAPPED + "import torch\nout = None") is None
+    return c
+
+
+def need(module: str):
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed in this environment")
+
+
+# ---------------------------------------------------------------------------------------------- what it sees
+
+
+def test_torch_sees_the_vgpu_s_quota_as_its_memory(node):
+    need("torch")
+    got, _ = run_native(node, "small", """
+        import json, torch
+        x = torch.ones(64 << 20, dtype=torch.uint8, device="cuda")
+        free, total = torch.cuda.mem_get_info()
+        print(json.dumps({"native": native_mapped(), "free": free, "total": total, "count": torch.cuda.device_count(),
+                          "sum": int(x.sum().item())}))
+    """)
+    assert got["count"] == 1
+    assert got["total"] == QUOTA
+    assert 0 < got["free"] <= QUOTA - (64 << 20)
+    assert got["sum"] == 64 << 20
+
+
+def test_nvidia_smi_reports_the_quota(node):
+    from gpu_worker.shim import native_dir
+
+    if not (native_dir() / "libnvidia-ml.so.1").exists():
+        pytest.skip(f"no NVML stand-in: {native_dir() / 'libnvidia-ml.so.1'} is not built")
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("nvidia-smi is not installed here")
+    p = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                       env=bench.native_env(node.unix, "small"), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = [line.strip() for line in p.stdout.splitlines() if line.strip()]
+    assert lines == [str(QUOTA // MiB)], p.stdout + p.stderr
+
+
+# ---------------------------------------------------------------------------------------------- the quota
+
+
+@pytest.mark.parametrize("token,alloc_conf", [("oom-native", None), ("oom-expandable", "expandable_segments:True"),
+                                              ("oom-async", "backend:cudaMallocAsync")],
+                         ids=["caching-allocator", "expandable-segments", "cudaMallocAsync"])
+def test_allocating_past_the_quota_is_torch_s_out_of_memory_error_with_our_reason(node, token, alloc_conf):
+    need("torch")
+    got, stderr = run_native(node, token, """
+        import json, torch
+        oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+        small = torch.ones(256 << 20, dtype=torch.uint8, device="cuda")
+        try:
+            big = torch.ones(3 << 30, dtype=torch.uint8, device="cuda")
+            what = "allocated"
+        except oom as exc:
+            what = "OutOfMemoryError"
+        except Exception as exc:
+            what = f"{type(exc).__name__}: {exc}"
+        after = torch.ones(16 << 20, dtype=torch.uint8, device="cuda")  # the process goes on
+        print(json.dumps({"native": native_mapped(), "what": what, "backend": torch.cuda.get_allocator_backend(),
+                          "sums": [int(small.sum().item()), int(after.sum().item())]}))
+    """, env_extra={"PYTORCH_CUDA_ALLOC_CONF": alloc_conf})
+    assert got["what"] == "OutOfMemoryError", got
+    assert got["sums"] == [256 << 20, 16 << 20]
+    if alloc_conf == "backend:cudaMallocAsync":
+        assert got["backend"] == "cudaMallocAsync"
+    said = REFUSED.search(stderr)
+    assert said, f"no refusal from the shim on stderr:\n{stderr}"
+    assert float(said.group(1)) == QUOTA / MiB
+
+
+def test_two_processes_share_one_vgpu_s_quota(node):
+    need("torch")
+    a, b = child(node, "shared", "shared-a"), child(node, "shared", "shared-b")
+    try:
+        assert a.must("held = torch.ones(5 << 30, dtype=torch.uint8, device='cuda'); torch.cuda.synchronize()") is None
+        assert b.must("torch.ones(1, device='cuda').sum().item()") is None  # B's context exists
+        v = vgpu_of(node, "shared")
+        assert sorted(p["mode"] for p in v["processes"]) == ["native", "native"]
+        assert v["used"] >= 5 << 30
+        tried = b("x = torch.ones(4 << 30, dtype=torch.uint8, device='cuda')")
+        assert isinstance(tried, dict) and tried.get("error", "").startswith("OutOfMemoryError"), tried
+        assert a.must("del held; torch.cuda.empty_cache(); torch.cuda.synchronize()") is None
+        assert b.must("x = torch.ones(4 << 30, dtype=torch.uint8, device='cuda'); out = int(x[-1].item())") == 1
+        assert vgpu_of(node, "shared")["used"] >= 4 << 30
+    finally:
+        said_b = b.close()
+        a.close()
+    said = REFUSED.search(said_b)
+    assert said and float(said.group(1)) == 8 * GiB / MiB, said_b
+
+
+# ---------------------------------------------------------------------------------------------- frameworks compute
+
+
+def test_a_small_mlp_trains(node):
+    need("torch")
+    got, _ = run_native(node, "roomy", """
+        import json, torch
+        torch.manual_seed(0)
+        x = torch.randn(4096, 64, device="cuda")
+        y = x @ torch.randn(64, 1, device="cuda") / 8  # a linear teacher, unit variance
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                    torch.nn.ReLU(), torch.nn.Linear(256, 1)).cuda()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        losses = []
+        for _ in range(200):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        print(json.dumps({"native": native_mapped(), "losses": losses}))
+    """)
+    losses = got["losses"]
+    assert len(losses) == 200 and all(loss == loss for loss in losses)  # no NaN
+    assert losses[-1] < losses[0] / 2, (losses[0], losses[-1])
+    assert sum(losses[-10:]) < sum(losses[:10]) / 2
+
+
+def test_cupy_computes(node):
+    need("cupy")
+    got, _ = run_native(node, "roomy", """
+        import json
+        import cupy as cp
+        import numpy as np
+        rng = np.random.default_rng(3)
+        a = rng.standard_normal((512, 512), dtype=np.float32)
+        b = rng.standard_normal((512, 512), dtype=np.float32)
+        c = cp.asnumpy(cp.asarray(a) @ cp.asarray(b))
+        free, total = cp.cuda.runtime.memGetInfo()
+        print(json.dumps({"native": native_mapped(), "match": bool(np.allclose(c, a @ b, rtol=1e-3, atol=1e-2)),
+                          "total": total}))
+    """)
+    assert got["match"]
+    assert got["total"] == 8 * GiB
+
+
+def test_jax_computes(node):
+    need("jax")
+    got, _ = run_native(node, "roomy", """
+        import json
+        import jax
+        import jax.numpy as jnp
+        x = jnp.arange(1000, dtype=jnp.float32)
+        total = float(jnp.sum(x * 2).block_until_ready())
+        print(json.dumps({"native": native_mapped(), "platform": jax.devices()[0].platform,
+                          "devices": len(jax.devices()), "sum": total}))
+    """, env_extra={"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": "cuda"})
+    assert got["platform"] == "gpu" and got["devices"] == 1
+    assert got["sum"] == 999000.0
+
+
+# ---------------------------------------------------------------------------------------------- the warm tier
+
+
+def test_a_torch_process_is_frozen_and_thawed_with_its_tensors_intact(node):
+    need("torch")
+    driver = bench.driver_version()
+    if driver is None or driver < bench.CHECKPOINT_DRIVER:
+        pytest.skip(f"the driver's checkpoint API needs driver 570 (cuDriverGetVersion >= {bench.CHECKPOINT_DRIVER}); "
+                    f"this driver reports {driver}")
+    p = child(node, "frozen", "frozen")
+    try:
+        digest = ("import hashlib; out = hashlib.sha256(x.cpu().numpy().tobytes()).hexdigest() + "
+                  "hashlib.sha256(y.cpu().numpy().tobytes()).hexdigest()")
+        assert p.must("torch.manual_seed(1); x = torch.randn(64 << 20, device='cuda'); "
+                      "y = (x * 3 + 1).to(torch.float16); torch.cuda.synchronize()") is None
+        before = p.must(digest)
+        v = vgpu_of(node, "frozen")
+        assert v["moves"]["offloads"] == 0 and v["moves"]["restores"] == 0
+        status, body = node.api(f"/api/vgpus/{v['id']}/offload", method="POST", body={"to": "warm"})
+        assert status == 200 and body["done"], (status, body, node.log_text()[-3000:])
+        (me,) = vgpu_of(node, "frozen")["processes"]
+        assert me["mode"] == "native"
+        assert me["tiers"]["hot"] == 0 and me["tiers"]["warm"] >= 384 << 20, me
+        assert p.must(digest) == before  # its next CUDA call thawed it
+        v = vgpu_of(node, "frozen")
+        (me,) = v["processes"]
+        assert me["tiers"]["warm"] == 0 and me["tiers"]["hot"] >= 384 << 20, me
+        assert v["moves"]["offloads"] == 1 and v["moves"]["restores"] == 1 and v["moves"]["failures"] == 0, v["moves"]
+        assert p.must("out = float((y.float() - (x * 3 + 1)).abs().max().item())") < 0.01
+    finally:
+        p.close()
+    assert "frozen" in node.log_text() and "thawed" in node.log_text()

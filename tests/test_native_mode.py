@@ -283,7 +283,7 @@ def test_without_a_real_driver_every_call_says_so(node, tmp_path):
     p = subprocess.run([sys.executable, "-c", PRELUDE + "done(r=name(d.cuInit(0)))"], env=env, capture_output=True,
                        text=True, timeout=60, cwd=ROOT)
     assert json.loads(p.stdout)["r"] == "CUDA_ERROR_NO_DEVICE"
-    assert f"GPULAB_REAL_LIBCUDA={tmp_path / 'missing.so'} is not a CUDA driver library" in p.stderr
+    assert f"GPULAB_REAL_LIBCUDA={tmp_path / 'missing.so'} is not a libcuda.so.1 this shim can load" in p.stderr
 
 
 def test_the_real_driver_is_found_on_the_library_path_but_never_ourselves(node):
@@ -295,4 +295,91 @@ def test_the_real_driver_is_found_on_the_library_path_but_never_ourselves(node):
     p = subprocess.run([sys.executable, "-c", PRELUDE + "done(r=name(d.cuInit(0)), n=ok(d.cuDeviceGetCount()))"],
                        env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert json.loads(p.stdout) == {"r": "CUDA_SUCCESS", "n": 1}
-    assert f"native: real driver {node.double.parent}/libcuda.so.1" in p.stderr
+    assert f"native: real libcuda.so.1 {node.double.parent}/libcuda.so.1" in p.stderr
+
+
+# ------------------------------------------------------------------------------------------ the NVML stand-in
+@pytest.fixture(scope="module")
+def nvml_double(tmp_path_factory):
+    """build the test double of the node's libnvidia-ml.so.1 (tests/data/nvml_double.c)"""
+    out = tmp_path_factory.mktemp("nvml-double") / "libnvidia-ml.so.1"
+    subprocess.run(["cc", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-o", str(out),
+                    str(ROOT / "tests" / "data" / "nvml_double.c")], check=True)
+    return out
+
+
+NVML_PROBE = """
+import ctypes
+nvml = ctypes.CDLL("libnvidia-ml.so.1")
+class Mem(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+class MemV2(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint), ("total", ctypes.c_ulonglong), ("reserved", ctypes.c_ulonglong),
+                ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+def nvml_devices():
+    n, h, buf = ctypes.c_uint(), ctypes.c_void_p(), ctypes.create_string_buffer(96)
+    init = nvml.nvmlInit_v2()
+    if init:
+        return {"init": init}
+    nvml.nvmlDeviceGetCount_v2(ctypes.byref(n))
+    out = {"count": n.value, "beyond": nvml.nvmlDeviceGetHandleByIndex_v2(n.value, ctypes.byref(h)), "devices": []}
+    for i in range(n.value):
+        nvml.nvmlDeviceGetHandleByIndex_v2(i, ctypes.byref(h))
+        m, m2 = Mem(), MemV2(version=(2 << 24) | ctypes.sizeof(MemV2))
+        nvml.nvmlDeviceGetMemoryInfo(h, ctypes.byref(m))
+        nvml.nvmlDeviceGetMemoryInfo_v2(h, ctypes.byref(m2))
+        nvml.nvmlDeviceGetUUID(h, buf, 96)
+        uuid = buf.value.decode()
+        nvml.nvmlDeviceGetName(h, buf, 96)
+        out["devices"].append({"uuid": uuid, "name": buf.value.decode(), "v1": [m.total, m.used, m.free],
+                               "v2": [m2.total, m2.reserved, m2.used, m2.free]})
+    return out
+"""
+
+
+def nvml_env(double) -> dict:
+    gpus = describe_gpus("emulated", "node", 4 << 30, 2)
+    return {"GPULAB_REAL_NVML": str(double), "GPULAB_NVML_DOUBLE_GPUS": ",".join(g["uuid"] for g in gpus),
+            "GPULAB_NVML_DOUBLE_MEMORY": str(4 << 30)}
+
+
+def test_nvml_shows_the_vgpu_as_cuda_does(node, nvml_double):
+    """libnvidia-ml.so.1 in the native directory: the vGPU's GPU only, its quota as total, what the vGPU's
+    processes hold (native and forwarded, from the ledger) as used; names and UUIDs are the node's NVML's."""
+    gpus = describe_gpus("emulated", "node", 4 << 30, 2)
+    holder = Native(node)
+    try:
+        assert holder("!ok(d.cuInit(0)); ctx = ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(0)))); "
+                      "ok(d.cuCtxSetCurrent(ctx)); p = ok(d.cuMemAlloc(16 << 20))") is None
+        r = run_native(node, NVML_PROBE + textwrap.dedent(f"""
+            seen = nvml_devices()
+            h = ctypes.c_void_p()
+            other = nvml.nvmlDeviceGetHandleByUUID(b"{gpus[0]['uuid']}", ctypes.byref(h))
+            ours = nvml.nvmlDeviceGetHandleByUUID(b"{gpus[1]['uuid']}", ctypes.byref(h))
+            by_bus = [nvml.nvmlDeviceGetHandleByPciBusId_v2(b"00000000:%02X:00.0" % i, ctypes.byref(h))
+                      for i in (16, 17)]
+            ok(d.cuInit(0)); ctx = ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(0)))); ok(d.cuCtxSetCurrent(ctx))
+            p = ok(d.cuMemAlloc(8 << 20))
+            free, total = ok(d.cuMemGetInfo())
+            after = nvml_devices()["devices"][0]
+            done(seen=seen, other=other, ours=ours, by_bus=by_bus, cuda=[int(total), int(free)], after=after)
+        """), env_extra=nvml_env(nvml_double))
+    finally:
+        holder.close()
+    got = r.result
+    assert got["seen"]["count"] == 1 and got["seen"]["beyond"] == 2  # NVML_ERROR_INVALID_ARGUMENT past the count
+    dev = got["seen"]["devices"][0]
+    assert dev["uuid"] == gpus[1]["uuid"] and dev["name"] == "gpulab NVML double"  # passed through
+    assert dev["v1"] == [QUOTA, 16 << 20, QUOTA - (16 << 20)]
+    assert dev["v2"] == [QUOTA, 0, 16 << 20, QUOTA - (16 << 20)]
+    assert got["other"] == 6 and got["ours"] == 0  # NVML_ERROR_NOT_FOUND for the node's other GPU
+    assert got["by_bus"] == [6, 0]
+    # NVML and CUDA agree within the process: its own allocation counts too
+    assert got["cuda"] == [QUOTA, QUOTA - (24 << 20)]
+    assert got["after"]["v1"] == [QUOTA, 24 << 20, QUOTA - (24 << 20)]
+
+
+def test_nvml_without_a_vgpu_says_why(node, nvml_double):
+    r = run_native(node, NVML_PROBE + "done(**nvml_devices())", token="nope", env_extra=nvml_env(nvml_double))
+    assert r.result == {"init": 4}  # NVML_ERROR_NO_PERMISSION
+    assert "the session token is not valid for this worker" in r.stderr

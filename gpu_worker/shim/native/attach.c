@@ -153,12 +153,12 @@ static int open_socket(unsigned flags, const char **why)
     return fd;
 }
 
-static CUresult attach_now(void)
+static CUresult attach_now(unsigned flags)
 {
     const char *why = NULL;
-    int fd = open_socket(0, &why);
+    int fd = open_socket(flags, &why);
     if (fd < 0) {
-        gl_log("native mode: %s; CUDA calls answer CUDA_ERROR_NO_DEVICE", why);
+        gl_log("native mode: %s", why);
         return CUDA_ERROR_NO_DEVICE;
     }
     unsigned char hdr[GL_REP_HEADER_SIZE];
@@ -221,7 +221,13 @@ static CUresult attach_now(void)
     }
     A.sock = fd;
     A.memfd = memfd;
-    if (A.frozen_off > A.slot_off) gl_frozen_at = (volatile unsigned char *)(A.map + A.frozen_off);
+    if (flags & GL_NATIVE_OBSERVE) {  /* an observer owns no slot: it only reads */
+        A.slot = A.slots;
+        close(fd);
+        A.sock = -1;
+    } else if (A.frozen_off > A.slot_off) {
+        gl_frozen_at = (volatile unsigned char *)(A.map + A.frozen_off);
+    }
     gl_debug("native: attached to slot %zu of the vGPU's ledger (%d GPU(s), quota %llu)", A.slot, A.gpus,
              gl_quota());
     return CUDA_SUCCESS;
@@ -244,20 +250,24 @@ static void after_fork_child(void)
     gl_log_reset_after_fork();
 }
 
-CUresult gl_attach(void)
+/* Attach once per process: with a slot of its own (the native shim), or to read only (the NVML stand-in). */
+static CUresult attach(unsigned flags)
 {
     pthread_mutex_lock(&A.once_mu);
     if (!A.done) {
         static int registered;
         if (!registered) pthread_atfork(NULL, NULL, after_fork_child);
         registered = 1;
-        A.status = attach_now();
+        A.status = attach_now(flags);
         A.done = 1;
     }
     CUresult r = A.status;
     pthread_mutex_unlock(&A.once_mu);
     return r;
 }
+
+CUresult gl_attach(void) { return attach(0); }
+CUresult gl_observe(void) { return attach(GL_NATIVE_OBSERVE); }
 
 CUresult gl_attached_status(void) { return A.done ? A.status : CUDA_ERROR_NOT_INITIALIZED; }
 

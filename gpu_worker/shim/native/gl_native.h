@@ -53,6 +53,7 @@ const char *gl_real_path(void);
 
 /* attach.c */
 CUresult gl_attach(void);                 /* once per process: the vGPU's ledger mapped, or why not */
+CUresult gl_observe(void);                /* the same, read-only and without a slot (the NVML stand-in) */
 CUresult gl_attached_status(void);        /* gl_attach's verdict (NOT_INITIALIZED before cuInit) */
 int gl_charge(size_t n, size_t *room);    /* 1 charged; 0 refused (*room: bytes the quota still has) */
 void gl_uncharge(size_t n);

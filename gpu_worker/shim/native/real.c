@@ -4,6 +4,7 @@
  * LD_LIBRARY_PATH and the system's library directories that is neither this file nor another copy of
  * the native shim (each exports gpulab_native_shim). Loaded when this library is (a constructor): every
  * exported entry point jumps through the table filled here, so it must be full before the first call.
+ * The NVML stand-in is built from this file too (GL_NVML: libnvidia-ml.so.1, GPULAB_REAL_NVML).
  *
  * cuGetProcAddress: the real driver answers, and where its answer is the real function behind one of
  * our hooks (matched by address, so versions and per-thread-stream variants map exactly), the caller
@@ -28,20 +29,38 @@ typedef struct { const char *name; void *hook; } gl_hook;
 extern const gl_hook gl_hooks[];
 extern const size_t gl_nhooks;
 
+#ifdef GL_NVML
+#define REAL_SONAME "libnvidia-ml.so.1"
+#define REAL_ENV "GPULAB_REAL_NVML"
+#define REAL_PROBE "nvmlInit_v2"
+#define MARKER "gpulab_native_nvml"
+#define ABSENT 13     /* NVML_ERROR_FUNCTION_NOT_FOUND */
+#define NO_DRIVER 9   /* NVML_ERROR_DRIVER_NOT_LOADED */
+#define SAYS "NVML calls answer NVML_ERROR_DRIVER_NOT_LOADED"
+GL_EXPORT const char gpulab_native_nvml[] = "gpulab native mode: NVML";
+#else
+#define REAL_SONAME "libcuda.so.1"
+#define REAL_ENV "GPULAB_REAL_LIBCUDA"
+#define REAL_PROBE "cuInit"
+#define MARKER "gpulab_native_shim"
+#define ABSENT CUDA_ERROR_NOT_FOUND
+#define NO_DRIVER CUDA_ERROR_NO_DEVICE
+#define SAYS "CUDA calls answer CUDA_ERROR_NO_DEVICE"
 GL_EXPORT const char gpulab_native_shim[] = "gpulab native mode";
+#endif
 
 static void *real_lib;
 static char real_path[4096];
 
 static CUresult absent(void)
 {
-    /* a name our table has and the real driver lacks: what the driver answers for an unknown function */
-    return CUDA_ERROR_NOT_FOUND;
+    /* a name our table has and the real library lacks: what it answers for an unknown function */
+    return ABSENT;
 }
 
 static CUresult no_driver(void)
 {
-    return CUDA_ERROR_NO_DEVICE;
+    return NO_DRIVER;
 }
 
 static int same_file(const char *a, const char *b)
@@ -58,7 +77,7 @@ static void *try_load(const char *path, const char *self)
         gl_debug("native: %s not loaded: %s", path, dlerror());
         return NULL;
     }
-    if (dlsym(h, "gpulab_native_shim") || !dlsym(h, "cuInit")) {  /* another copy of us, or not a driver */
+    if (dlsym(h, MARKER) || !dlsym(h, REAL_PROBE)) {  /* another copy of us, or not the library we stand in for */
         dlclose(h);
         return NULL;
     }
@@ -78,14 +97,14 @@ static void *search(const char *self)
         const char *end = strchr(ld, ':');
         size_t n = end ? (size_t)(end - ld) : strlen(ld);
         if (n && n < sizeof path - 16) {
-            snprintf(path, sizeof path, "%.*s/libcuda.so.1", (int)n, ld);
+            snprintf(path, sizeof path, "%.*s/" REAL_SONAME, (int)n, ld);
             void *h = try_load(path, self);
             if (h) return h;
         }
         ld = end ? end + 1 : NULL;
     }
     for (size_t i = 0; i < sizeof system_dirs / sizeof *system_dirs; i++) {
-        snprintf(path, sizeof path, "%s/libcuda.so.1", system_dirs[i]);
+        snprintf(path, sizeof path, "%s/" REAL_SONAME, system_dirs[i]);
         void *h = try_load(path, self);
         if (h) return h;
     }
@@ -96,23 +115,23 @@ __attribute__((constructor)) static void load_real_driver(void)
 {
     Dl_info me;
     const char *self = dladdr((void *)load_real_driver, &me) && me.dli_fname ? me.dli_fname : NULL;
-    const char *configured = getenv("GPULAB_REAL_LIBCUDA");
+    const char *configured = getenv(REAL_ENV);
     if (configured && *configured) {
         real_lib = try_load(configured, self);
         if (!real_lib)
-            gl_log("native mode: GPULAB_REAL_LIBCUDA=%s is not a CUDA driver library this shim can load "
-                   "(GPULAB_DEBUG=1 says why); CUDA calls answer CUDA_ERROR_NO_DEVICE", configured);
+            gl_log("native mode: " REAL_ENV "=%s is not a " REAL_SONAME " this shim can load (GPULAB_DEBUG=1 says "
+                   "why); " SAYS, configured);
     } else {
         real_lib = search(self);
         if (!real_lib)
-            gl_log("native mode: no real libcuda.so.1 found on LD_LIBRARY_PATH or the system's library "
-                   "directories; set GPULAB_REAL_LIBCUDA to its path. CUDA calls answer CUDA_ERROR_NO_DEVICE");
+            gl_log("native mode: no real " REAL_SONAME " found on LD_LIBRARY_PATH or the system's library "
+                   "directories; set " REAL_ENV " to its path. " SAYS);
     }
     for (size_t i = 0; i < gl_nexports; i++) {
         void *p = real_lib ? dlsym(real_lib, gl_export_names[i]) : NULL;
         gl_slots[i] = p ? p : real_lib ? (void *)absent : (void *)no_driver;
     }
-    if (real_lib) gl_debug("native: real driver %s", real_path);
+    if (real_lib) gl_debug("native: real %s %s", REAL_SONAME, real_path);
 }
 
 void *gl_real(const char *name)
@@ -126,6 +145,7 @@ const char *gl_real_path(void)
     return real_lib ? real_path : "";
 }
 
+#ifndef GL_NVML
 /* What a caller gets for the real function at ``p``: the hook standing in for it, else our exported entry point
  * that jumps to it (so that a frozen process thaws before any call reaches the driver's lock), else ``p``. */
 static void *entry_for(void *p)
@@ -179,3 +199,4 @@ GL_EXPORT CUresult cuGetProcAddress(const char *symbol, void **pfn, int version,
     if (r == CUDA_SUCCESS && pfn && *pfn) *pfn = entry_for(*pfn);
     return r;
 }
+#endif

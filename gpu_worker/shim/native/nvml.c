@@ -1,0 +1,193 @@
+/* gpulab native mode: the libnvidia-ml.so.1 stand-in beside the native libcuda.so.1.
+ *
+ * NVML is passed through (real.c built with GL_NVML) except where it would contradict CUDA inside the
+ * session: the devices are only the vGPU's GPUs, numbered in the vGPU's order as CUDA numbers them, and
+ * a device's memory is the vGPU's: its quota as the total, what all its processes hold as used (read from
+ * the vGPU's ledger, the figures the CUDA side charges, never sampled). So nvidia-smi, pynvml and the
+ * memory probes of frameworks agree with cuMemGetInfo. The stand-in attaches to the ledger read-only
+ * (no slot, nothing charged) at nvmlInit. */
+#include "gl_native.h"
+
+#include <pthread.h>
+#include <string.h>
+#include <strings.h>
+
+typedef int nvmlReturn_t;
+typedef void *nvmlDevice_t;
+typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
+typedef struct { unsigned version; unsigned long long total, reserved, free, used; } nvmlMemory_v2_t;
+
+enum { NVML_SUCCESS = 0, NVML_ERROR_UNINITIALIZED = 1, NVML_ERROR_INVALID_ARGUMENT = 2, NVML_ERROR_NO_PERMISSION = 4,
+       NVML_ERROR_NOT_FOUND = 6 };
+
+#define MAX_GPUS 8
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static int mapped = -1;  /* how many of the vGPU's GPUs were found; -1 before nvmlInit */
+static nvmlDevice_t handles[MAX_GPUS];
+static char uuids[MAX_GPUS][64];
+
+typedef nvmlReturn_t (*init_t)(void);
+typedef nvmlReturn_t (*init_flags_t)(unsigned);
+typedef nvmlReturn_t (*by_uuid_t)(const char *, nvmlDevice_t *);
+typedef nvmlReturn_t (*mem_t)(nvmlDevice_t, void *);
+
+/* After the real nvmlInit: the vGPU's GPUs among the real devices. */
+static nvmlReturn_t find_devices(void)
+{
+    pthread_mutex_lock(&mu);
+    nvmlReturn_t r = NVML_SUCCESS;
+    if (mapped < 0) {
+        if (gl_observe() != CUDA_SUCCESS) {
+            r = NVML_ERROR_NO_PERMISSION;  /* no vGPU to show; the sentence why is on stderr already */
+        } else {
+            int n = gl_vgpu_gpus(uuids, MAX_GPUS);
+            for (int i = 0; i < n && r == NVML_SUCCESS; i++) {
+                r = GL_REAL(by_uuid_t, "nvmlDeviceGetHandleByUUID")(uuids[i], &handles[i]);
+                if (r != NVML_SUCCESS)
+                    gl_sayf("nvmlInit: this vGPU's GPU %s is not among the devices NVML sees here (NVML error %d)",
+                            uuids[i], r);
+            }
+            if (r == NVML_SUCCESS) mapped = n;
+        }
+    }
+    pthread_mutex_unlock(&mu);
+    if (r != NVML_SUCCESS) GL_REAL(init_t, "nvmlShutdown")();  /* the real nvmlInit's count stays balanced */
+    return r;
+}
+
+GL_EXPORT nvmlReturn_t nvmlInit_v2(void)
+{
+    nvmlReturn_t r = GL_REAL(init_t, "nvmlInit_v2")();
+    return r == NVML_SUCCESS ? find_devices() : r;
+}
+
+GL_EXPORT nvmlReturn_t nvmlInit(void)
+{
+    nvmlReturn_t r = GL_REAL(init_t, "nvmlInit")();
+    return r == NVML_SUCCESS ? find_devices() : r;
+}
+
+GL_EXPORT nvmlReturn_t nvmlInitWithFlags(unsigned flags)
+{
+    nvmlReturn_t r = GL_REAL(init_flags_t, "nvmlInitWithFlags")(flags);
+    return r == NVML_SUCCESS ? find_devices() : r;
+}
+
+static int ordinal_of(nvmlDevice_t h)
+{
+    for (int i = 0; i < mapped; i++)
+        if (handles[i] == h) return i;
+    return -1;
+}
+
+GL_EXPORT nvmlReturn_t nvmlDeviceGetCount_v2(unsigned *count)
+{
+    if (!count) return NVML_ERROR_INVALID_ARGUMENT;
+    if (mapped < 0) return NVML_ERROR_UNINITIALIZED;
+    *count = (unsigned)mapped;
+    return NVML_SUCCESS;
+}
+
+GL_EXPORT nvmlReturn_t nvmlDeviceGetCount(unsigned *count) { return nvmlDeviceGetCount_v2(count); }
+
+GL_EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned index, nvmlDevice_t *device)
+{
+    if (!device) return NVML_ERROR_INVALID_ARGUMENT;
+    if (mapped < 0) return NVML_ERROR_UNINITIALIZED;
+    if (index >= (unsigned)mapped) return NVML_ERROR_INVALID_ARGUMENT;  /* what NVML answers past its count */
+    *device = handles[index];
+    return NVML_SUCCESS;
+}
+
+GL_EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex(unsigned index, nvmlDevice_t *device)
+{
+    return nvmlDeviceGetHandleByIndex_v2(index, device);
+}
+
+GL_EXPORT nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device)
+{
+    if (!uuid || !device) return NVML_ERROR_INVALID_ARGUMENT;
+    if (mapped < 0) return NVML_ERROR_UNINITIALIZED;
+    for (int i = 0; i < mapped; i++)
+        if (!strcasecmp(uuids[i], uuid)) {
+            *device = handles[i];
+            return NVML_SUCCESS;
+        }
+    return NVML_ERROR_NOT_FOUND;  /* a GPU of the node that is not this vGPU's */
+}
+
+/* Lookups by other keys find a GPU of the node; only this vGPU's are answered. */
+typedef nvmlReturn_t (*by_key_t)(const char *, nvmlDevice_t *);
+
+static nvmlReturn_t only_ours(const char *real_name, const char *key, nvmlDevice_t *device)
+{
+    if (!key || !device) return NVML_ERROR_INVALID_ARGUMENT;
+    if (mapped < 0) return NVML_ERROR_UNINITIALIZED;
+    nvmlDevice_t found;
+    nvmlReturn_t r = GL_REAL(by_key_t, real_name)(key, &found);
+    if (r != NVML_SUCCESS) return r;
+    if (ordinal_of(found) < 0) return NVML_ERROR_NOT_FOUND;
+    *device = found;
+    return NVML_SUCCESS;
+}
+
+GL_EXPORT nvmlReturn_t nvmlDeviceGetHandleByPciBusId_v2(const char *bus_id, nvmlDevice_t *device)
+{
+    return only_ours("nvmlDeviceGetHandleByPciBusId_v2", bus_id, device);
+}
+
+GL_EXPORT nvmlReturn_t nvmlDeviceGetHandleByPciBusId(const char *bus_id, nvmlDevice_t *device)
+{
+    return only_ours("nvmlDeviceGetHandleByPciBusId", bus_id, device);
+}
+
+GL_EXPORT nvmlReturn_t nvmlDeviceGetHandleBySerial(const char *serial, nvmlDevice_t *device)
+{
+    return only_ours("nvmlDeviceGetHandleBySerial", serial, device);
+}
+
+GL_EXPORT nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned *index)
+{
+    if (!index) return NVML_ERROR_INVALID_ARGUMENT;
+    int i = ordinal_of(device);
+    if (i < 0) return NVML_ERROR_INVALID_ARGUMENT;
+    *index = (unsigned)i;
+    return NVML_SUCCESS;
+}
+
+/* The vGPU's figures: (total, used) when it has a quota. */
+static int vgpu_memory(unsigned long long *total, unsigned long long *used)
+{
+    unsigned long long quota = gl_quota();
+    if (!quota) return 0;
+    *total = quota;
+    *used = gl_vgpu_charged();
+    if (*used > quota) *used = quota;
+    return 1;
+}
+
+GL_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory)
+{
+    nvmlReturn_t r = GL_REAL(mem_t, "nvmlDeviceGetMemoryInfo")(device, memory);
+    unsigned long long total, used;
+    if (r == NVML_SUCCESS && memory && ordinal_of(device) >= 0 && vgpu_memory(&total, &used)) {
+        memory->total = total;
+        memory->used = used;
+        memory->free = total - used < memory->free ? total - used : memory->free;
+    }
+    return r;
+}
+
+GL_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory)
+{
+    nvmlReturn_t r = GL_REAL(mem_t, "nvmlDeviceGetMemoryInfo_v2")(device, memory);
+    unsigned long long total, used;
+    if (r == NVML_SUCCESS && memory && ordinal_of(device) >= 0 && vgpu_memory(&total, &used)) {
+        memory->total = total;
+        memory->reserved = 0;  /* the driver's reservation is the card's, outside every vGPU */
+        memory->used = used;
+        memory->free = total - used < memory->free ? total - used : memory->free;
+    }
+    return r;
+}

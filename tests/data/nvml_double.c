@@ -1,0 +1,105 @@
+/* A test double of a GPU node's libnvidia-ml.so.1, for the NVML stand-in's tests on machines without a GPU.
+ *
+ * It shows the GPUs named in GPULAB_NVML_DOUBLE_GPUS (comma-separated UUIDs), each with
+ * GPULAB_NVML_DOUBLE_MEMORY bytes of which a tenth is used and 1 MiB reserved, named "gpulab NVML double".
+ * Only what the tests call is here; every other name is absent, as in an NVML too old to have it. */
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#define EXPORT __attribute__((visibility("default")))
+#define MAX 8
+
+typedef struct { unsigned long long total, free, used; } mem_v1;
+typedef struct { unsigned version; unsigned long long total, reserved, free, used; } mem_v2;
+typedef struct { char uuid[80]; char bus[32]; char serial[32]; } gpu;
+
+static gpu gpus[MAX];
+static int count = -1;
+static unsigned long long memory;
+
+EXPORT int nvmlInit_v2(void)
+{
+    if (count >= 0) return 0;
+    const char *list = getenv("GPULAB_NVML_DOUBLE_GPUS");
+    const char *mem = getenv("GPULAB_NVML_DOUBLE_MEMORY");
+    memory = mem ? strtoull(mem, NULL, 10) : 0;
+    count = 0;
+    while (list && *list && count < MAX) {
+        size_t n = strcspn(list, ",");
+        snprintf(gpus[count].uuid, sizeof gpus[count].uuid, "%.*s", (int)n, list);
+        snprintf(gpus[count].bus, sizeof gpus[count].bus, "00000000:%02X:00.0", 0x10 + count);
+        snprintf(gpus[count].serial, sizeof gpus[count].serial, "DOUBLE%04d", count);
+        count++;
+        list += n + (list[n] == ',');
+    }
+    return 0;
+}
+
+EXPORT int nvmlInit(void) { return nvmlInit_v2(); }
+EXPORT int nvmlInitWithFlags(unsigned flags) { (void)flags; return nvmlInit_v2(); }
+EXPORT int nvmlShutdown(void) { return 0; }
+
+EXPORT int nvmlDeviceGetCount_v2(unsigned *n)
+{
+    if (count < 0) return 1;
+    *n = (unsigned)count;
+    return 0;
+}
+
+EXPORT int nvmlDeviceGetHandleByIndex_v2(unsigned i, void **h)
+{
+    if (count < 0) return 1;
+    if (i >= (unsigned)count) return 2;
+    *h = &gpus[i];
+    return 0;
+}
+
+static int find(const char *key, size_t field, void **h)
+{
+    if (count < 0) return 1;
+    for (int i = 0; i < count; i++)
+        if (!strcasecmp((const char *)&gpus[i] + field, key)) {
+            *h = &gpus[i];
+            return 0;
+        }
+    return 6;
+}
+
+EXPORT int nvmlDeviceGetHandleByUUID(const char *u, void **h) { return find(u, offsetof(gpu, uuid), h); }
+EXPORT int nvmlDeviceGetHandleByPciBusId_v2(const char *b, void **h) { return find(b, offsetof(gpu, bus), h); }
+EXPORT int nvmlDeviceGetHandleBySerial(const char *s, void **h) { return find(s, offsetof(gpu, serial), h); }
+
+EXPORT int nvmlDeviceGetUUID(void *h, char *out, unsigned len)
+{
+    snprintf(out, len, "%s", ((gpu *)h)->uuid);
+    return 0;
+}
+
+EXPORT int nvmlDeviceGetName(void *h, char *out, unsigned len)
+{
+    (void)h;
+    snprintf(out, len, "gpulab NVML double");
+    return 0;
+}
+
+EXPORT int nvmlDeviceGetMemoryInfo(void *h, mem_v1 *m)
+{
+    (void)h;
+    m->total = memory;
+    m->used = memory / 10;
+    m->free = memory - m->used;
+    return 0;
+}
+
+EXPORT int nvmlDeviceGetMemoryInfo_v2(void *h, mem_v2 *m)
+{
+    (void)h;
+    m->total = memory;
+    m->reserved = 1 << 20;
+    m->used = memory / 10;
+    m->free = memory - m->used - m->reserved;
+    return 0;
+}

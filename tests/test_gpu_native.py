@@ -114,7 +114,8 @@ def test_nvidia_smi_reports_the_quota(node):
     from gpu_worker.shim import native_dir
 
     if not (native_dir() / "libnvidia-ml.so.1").exists():
-        pytest.skip(f"no NVML stand-in: {native_dir() / 'libnvidia-ml.so.1'} is not built")
+        pytest.fail(f"the NVML stand-in is missing ({native_dir() / 'libnvidia-ml.so.1'}): run "
+                    "`python gpu_worker/shim/build.py`")
     if shutil.which("nvidia-smi") is None:
         pytest.skip("nvidia-smi is not installed here")
     p = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],

@@ -245,3 +245,48 @@ def test_a_slow_pool_look_up_delays_no_other_handshake_and_wrong_tokens_stop_rea
         os.killpg(proc.pid, signal.SIGKILL)
         out = proc.communicate()[0]
     assert out.count("look-up") == 3, out
+
+
+def test_servers_of_other_unix_users_reach_the_unix_socket_and_the_token_decides(make_worker, tmp_path):
+    """Each user's server runs as its own Unix user on a GPU node: the worker's socket takes connections from
+    all of them (mode 0666), and the token alone decides which vGPU, if any, a connection gets."""
+    import pwd
+    import socket
+    import tempfile
+
+    from rawclient import say_hello
+
+    if os.geteuid() != 0:
+        import pytest
+
+        pytest.skip("needs root to act as another Unix user")
+    where = tempfile.mkdtemp(prefix="gpulab-run-")  # like /run/gpulab: a directory every user may enter
+    os.chmod(where, 0o755)
+    sock = os.path.join(where, "worker.sock")
+    w = make_worker(unix_socket=sock)
+    assert w.unix == f"unix://{sock}" and os.stat(sock).st_mode & 0o777 == 0o666
+    nobody = pwd.getpwnam("nobody").pw_uid
+    answers = []
+    for token in (w.token, "not-the-token"):
+        r, wr = os.pipe()
+        child = os.fork()
+        if child == 0:  # as user nobody: connect and say hello
+            os.close(r)
+            try:
+                os.setuid(nobody)
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(10)
+                s.connect(sock)
+                res, msg = say_hello(s, token)
+                os.write(wr, f"{res} {msg}".encode())
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent, then the child exits
+                os.write(wr, f"error {exc!r}".encode())
+            os._exit(0)
+        os.close(wr)
+        with os.fdopen(r) as f:
+            answers.append(f.read())
+        os.waitpid(child, 0)
+    os.unlink(sock)
+    os.rmdir(where)
+    assert answers[0].startswith("0 "), answers
+    assert answers[1] == "800 the session token is not valid for this worker", answers  # NOT_PERMITTED

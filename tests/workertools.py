@@ -42,9 +42,9 @@ def gpu_present() -> bool:
 class Worker:
     """A `gpulab worker` process; its log is kept for assertions."""
 
-    def __init__(self, tmp: Path, token="t0ken", backend="emulated", tcp=False, extra=(), env=None):
+    def __init__(self, tmp: Path, token="t0ken", backend="emulated", tcp=False, extra=(), env=None, unix_socket=None):
         self.token = token
-        self.sock = tmp / f"worker-{time.monotonic_ns()}.sock"
+        self.sock = Path(unix_socket) if unix_socket else tmp / f"worker-{time.monotonic_ns()}.sock"
         self.log_path = tmp / f"worker-{time.monotonic_ns()}.log"
         self.admin = f"admin-{time.monotonic_ns()}"  # the control API's admin token
         cmd = [sys.executable, "-m", "gpu_worker.daemon", "--backend", backend,

@@ -227,6 +227,8 @@ class GPUWorker(Configurable):
                 pass
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.bind(self.unix_socket)
+            # every user's server on the node connects here (each as its own Unix user); the token decides
+            os.chmod(self.unix_socket, 0o666)
             s.listen(128)
             self.listeners.append(s)
             addrs.append(f"unix://{self.unix_socket}")

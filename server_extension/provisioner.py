@@ -20,6 +20,7 @@ from tornado.web import HTTPError
 from traitlets import Float, Unicode
 
 from gpu_worker.client import shim_dir, shim_env
+from gpu_worker.shim import native_dir
 from gpu_worker.client.control import ControlError, call, missing_vgpu_settings
 
 NAME = "gpulab-vgpu"  # its entry point name, which kernelspecs give as provisioner_name
@@ -90,10 +91,16 @@ class VGPUProvisioner(LocalProvisioner):
 
 def vgpu_env(base: dict, worker: str, token: str, control: str = "") -> dict:
     """`base` with the shim first on LD_LIBRARY_PATH (once) and the vGPU's credentials. An entry left as
-    "${LD_LIBRARY_PATH}" (the kernelspec's stanza, where the server had none to substitute) goes."""
-    shim = str(shim_dir())
-    rest = [p for p in base.get("LD_LIBRARY_PATH", "").split(":") if p and p != shim and "${" not in p]
+    "${LD_LIBRARY_PATH}" (the kernelspec's stanza, where the server had none to substitute) goes.
+
+    A server whose vGPU the pool placed natively (the spawner sets GPULAB_MODE=native and puts the native
+    library first) gives its kernels the native library, not the forwarding shim the kernelspec names: the
+    kernel then runs PyTorch on the node's GPU, accounted to the same vGPU."""
+    shims = {str(shim_dir()), str(native_dir())}
+    rest = [p for p in base.get("LD_LIBRARY_PATH", "").split(":") if p and p not in shims and "${" not in p]
     env = shim_env(worker, token, base={**base, "LD_LIBRARY_PATH": ":".join(rest)})
+    if base.get("GPULAB_MODE") == "native":
+        env["LD_LIBRARY_PATH"] = ":".join([str(native_dir()), *rest])
     if control:
         env["GPULAB_CONTROL_URL"] = control
     return env

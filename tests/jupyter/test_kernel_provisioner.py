@@ -204,6 +204,21 @@ def test_credentials_from_the_kernelspec_config_and_the_shim_once(worker, specs)
     assert cmd[-1] == "--ext=gpulab"  # the magics load at start
 
 
+def test_a_natively_placed_server_s_kernels_get_the_native_library_not_the_forwarding_shim(worker, specs):
+    """The spawner of a local (native) vGPU puts the native library first and sets GPULAB_MODE=native; the
+    kernelspec's stanza names the forwarding shim, which must not come before it (nor at all)."""
+    from gpu_worker.shim import native_dir
+
+    base = server_env(worker, GPULAB_MODE="native", GPULAB_REAL_LIBCUDA="/usr/lib64/libcuda.so.1",
+                      LD_LIBRARY_PATH=f"{native_dir()}:/opt/lib")
+    env = pre_start(specs, base)[1]["env"]
+    assert env["LD_LIBRARY_PATH"] == f"{native_dir()}:/opt/lib"
+    assert env["GPULAB_REAL_LIBCUDA"] == "/usr/lib64/libcuda.so.1" and env["GPULAB_TOKEN"] == worker.token
+    # a forwarded server's kernel: the forwarding shim, never the native library
+    env = pre_start(specs, server_env(worker, LD_LIBRARY_PATH=f"{native_dir()}:/opt/lib"))[1]["env"]
+    assert env["LD_LIBRARY_PATH"] == f"{shim_dir()}:/opt/lib"
+
+
 def test_a_front_end_that_skips_provisioners_still_gets_the_shim_first(specs):
     """VS Code's and PyCharm's local kernels: the kernelspec's argv and env, no provisioner."""
     prefix = specs[1]

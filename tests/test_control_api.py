@@ -114,6 +114,9 @@ class FakeRegistry:
     def tier_failures(self, vgpu_id, seq):
         return dict(self.failures)
 
+    def native_why_not(self, pid):
+        return ""  # no native processes here: tests/test_native_mode.py shows the reasons
+
     def set_idle_hint(self, vgpu_id, since, now=None):
         v = self.table.get(vgpu_id)
         if v is None or v["state"] != "active":

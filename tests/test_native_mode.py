@@ -265,6 +265,36 @@ def test_freeze_and_thaw_through_the_chain_keep_the_bytes(node):
     assert "thawed" in node.log_text() and "frozen" in node.log_text()
 
 
+def test_a_process_the_driver_cannot_checkpoint_stays_and_the_offload_says_why(node):
+    """Managed (UVM) memory: the shim marks its slot when such an allocation succeeds (the driver double refuses
+    managed allocations, so the program sets the mark itself here, where the shim would); the offload is then
+    refused for it with the reason, and the process and its bytes stay on the GPU."""
+    p = Native(node)
+    try:
+        assert p("!ok(d.cuInit(0)); ctx = ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(0)))); "
+                 "ok(d.cuCtxSetCurrent(ctx)); ptr = ok(d.cuMemAlloc(4 << 20))") is None
+        # the ledger as this process maps it (names at module level: the driver runs each line with exec)
+        assert p("!import builtins, mmap, os; from gpu_worker.daemon import ledger as L; builtins.os = os; "
+                 "fd = [int(f) for f in os.listdir('/proc/self/fd') if os.path.lexists(f'/proc/self/fd/{f}') "
+                 "and os.readlink(f'/proc/self/fd/{f}').startswith('/memfd:gpulab-vgpu-ledger')][0]; "
+                 "m = mmap.mmap(fd, os.fstat(fd).st_size); led = L.Ledger.__new__(L.Ledger); led.map = m; "
+                 "led.slots = (m.size() - L.HEADER_SIZE) // L.SLOT_SIZE; builtins.led = led; "
+                 "mine = [i for i in range(led.slots) if (led.read_slot(i) or {}).get('client_pid') == os.getpid()][0]; "
+                 "m[led._slot_off(mine) + L.TIER_OFF + L.T_FROZEN + 1] = 1") is None
+        v = vgpu_of(node, "vgpu")
+        status, body = node.api(f"/api/vgpus/{v['id']}/offload", method="POST", body={"to": "warm"})
+        assert status == 409, body
+        assert body["message"] == (f"the offload to warm of vGPU {v['id']} failed (process {p.pid}: "
+                                   f"CUDA_ERROR_NOT_SUPPORTED, because it uses managed (UVM) memory, which the "
+                                   f"driver's checkpoint does not move); the worker's log says why, and \"tiers\" "
+                                   f"where its memory is now")
+        me = vgpu_of(node, "vgpu")["processes"][0]
+        assert me["tiers"]["hot"] == 4 << 20 and me["tiers"]["warm"] == 0
+        assert vgpu_of(node, "node")["tiers"]["warm"] == 0  # nothing was checkpointed below
+    finally:
+        p.close()
+
+
 def test_a_wrong_token_or_a_tcp_worker_is_cuinit_s_error_with_a_reason(node):
     bad = run_native(node, "done(r=name(d.cuInit(0)))", token="nope")
     assert bad.result["r"] == "CUDA_ERROR_NOT_PERMITTED"

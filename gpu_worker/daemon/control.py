@@ -278,23 +278,29 @@ class ControlServer:
         vgpu = self.registry.get(vgpu_id) or {"id": vgpu_id}
         if not done:
             return (*_json({**vgpu, "done": False}), 202)
-        status, sentence = self._moved(vgpu, action, to, self.registry.tier_failures(vgpu_id, seq))
+        failures = self.registry.tier_failures(vgpu_id, seq)
+        reasons = {pid: self.registry.native_why_not(pid) for pid in failures}
+        status, sentence = self._moved(vgpu, action, to, failures, reasons)
         if status != 200:
             log.info("vGPU %s: %s to %s not done: %s", vgpu_id, action, to, sentence)
             return (*_json({**vgpu, "done": False, "message": sentence}), status)
         return (*_json({**vgpu, "done": True}), 200)
 
     @staticmethod
-    def _moved(vgpu: dict, action: str, to: str, failures: dict[int, int]) -> tuple[int, str]:
+    def _moved(vgpu: dict, action: str, to: str, failures: dict[int, int],
+               reasons: dict[int, str] | None = None) -> tuple[int, str]:
         """(200, "") when every process moved its memory and the vGPU's tiers show it; else the status and the
         sentence: 507 when every failure was CUDA_ERROR_OUT_OF_MEMORY (no room on the GPU, in the warm budget
-        or on the spool's disk), 409 for any other failure or memory still in a tier it should have left."""
+        or on the spool's disk), 409 for any other failure or memory still in a tier it should have left.
+        ``reasons``: why a process could not move at all (a native process using managed or IPC memory)."""
         from ..api.errors import OUT_OF_MEMORY, name_of
         from ..client.units import format_size
 
         words = "restore" if action == "restore" else f"offload to {to}"
         if failures:
-            said = ", ".join(f"process {pid}: {name_of(code)}" for pid, code in sorted(failures.items()))
+            said = ", ".join(f"process {pid}: {name_of(code)}" + (f", because {reasons[pid]}"
+                                                                   if (reasons or {}).get(pid) else "")
+                             for pid, code in sorted(failures.items()))
             status = 507 if set(failures.values()) == {OUT_OF_MEMORY} else 409
             return status, (f"the {words} of vGPU {vgpu['id']} failed ({said}); the worker's log says why, and "
                             f"\"tiers\" where its memory is now")

@@ -68,6 +68,7 @@ class NativeProcesses:
         self.links: dict[int, NativeLink] = {}  # pid -> link
         self.lock = threading.Lock()
         registry.native_tier = self.request_tier
+        registry.native_why_not = self.why_not_pid
 
     # ------------------------------------------------------------------ attach
     def open(self, conn: socket.socket, grant: dict, flags: int, label: str, max_processes: int) -> NativeLink | None:
@@ -150,6 +151,13 @@ class NativeProcesses:
             log.exception("%s: the %s failed", link.label, "freeze" if want else "thaw")
             result = E.UNKNOWN
         slot.set_done(seq, result)
+
+    def why_not_pid(self, pid: int) -> str:
+        """(registry.native_why_not) Why the native process ``pid`` cannot be frozen; "" if it can, or is not
+        a native process of this worker."""
+        with self.lock:
+            link = self.links.get(pid)
+        return self.why_not(link) if link is not None else ""
 
     def why_not(self, link: NativeLink) -> str:
         flags = link.vgpu.ledger.map[link.vgpu.ledger._slot_off(link.slot) + TIER_OFF + T_FROZEN + 1]

@@ -144,6 +144,7 @@ class VGPURegistry:
             if kind == "emulated" else {}
         self.lookup = None
         self.native_tier = None  # native.py: moves a vGPU's native-mode processes (request_tier calls it)
+        self.native_why_not = lambda pid: ""  # native.py: why a native process cannot be frozen, "" if it can
         self.names = _function_names()
 
     # ------------------------------------------------------------------ grants

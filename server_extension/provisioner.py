@@ -19,8 +19,7 @@ from jupyter_client.provisioning import LocalProvisioner
 from tornado.web import HTTPError
 from traitlets import Float, Unicode
 
-from gpu_worker.client import shim_dir, shim_env
-from gpu_worker.shim import native_dir
+from gpu_worker.client import native_dir, shim_dir, shim_env
 from gpu_worker.client.control import ControlError, call, missing_vgpu_settings
 
 NAME = "gpulab-vgpu"  # its entry point name, which kernelspecs give as provisioner_name

@@ -207,7 +207,7 @@ def test_credentials_from_the_kernelspec_config_and_the_shim_once(worker, specs)
 def test_a_natively_placed_server_s_kernels_get_the_native_library_not_the_forwarding_shim(worker, specs):
     """The spawner of a local (native) vGPU puts the native library first and sets GPULAB_MODE=native; the
     kernelspec's stanza names the forwarding shim, which must not come before it (nor at all)."""
-    from gpu_worker.shim import native_dir
+    from gpu_worker.client import native_dir
 
     base = server_env(worker, GPULAB_MODE="native", GPULAB_REAL_LIBCUDA="/usr/lib64/libcuda.so.1",
                       LD_LIBRARY_PATH=f"{native_dir()}:/opt/lib")

@@ -25,3 +25,8 @@ def default_state_dir() -> str:
         return os.environ["GPULAB_STATE_DIR"]
     xdg = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(xdg, "gpulab")
+
+
+def gpu_visible() -> bool:
+    """Whether this machine shows an NVIDIA GPU: the worker's backend "auto" is then cuda, else emulated."""
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0"))

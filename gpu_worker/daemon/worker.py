@@ -34,6 +34,7 @@ from ..api import errors as E
 from .executor import Executor, FrameReader
 from ..api.protocol import HELLO, MAX_FRAME, OP_HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER, ProtocolError
 from ..api.wire import OP_NATIVE_HELLO
+from ..client.env import gpu_visible
 from ..client.tokens import token_hash
 from .ledger import Slot
 from .native import DriverCheckpointer, EmulatedCheckpointer, NativeLink, NativeProcesses
@@ -197,7 +198,7 @@ class GPUWorker(Configurable):
     def resolved_backend(self) -> str:
         if self.backend != "auto":
             return self.backend
-        return "cuda" if _gpu_visible() else "emulated"
+        return "cuda" if gpu_visible() else "emulated"
 
     def prepare(self) -> None:
         """Import what sessions need once, before forking (the executor starts fast)."""
@@ -990,6 +991,3 @@ def _refuse(conn, code: int, message: str) -> None:
     except OSError:
         pass
 
-
-def _gpu_visible() -> bool:
-    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0"))

@@ -27,7 +27,7 @@ from pathlib import Path
 from traitlets import Enum, Float, Int, List, Unicode, default
 from traitlets.config import Application
 
-from gpu_worker.client.env import default_state_dir
+from gpu_worker.client.env import default_state_dir, gpu_visible
 from hub_spawner.launcher.accounts import ensure_unix_users, shared_account_reason
 
 DEMO_USERS = ["alice", "bob", "carol"]
@@ -49,6 +49,13 @@ EXAMPLE_PROFILES = [
      "gpu": {"vram": "16G", "compute": 100, "mode": "any"}, "groups": [GPU_GROUP]},
     {"display_name": "CPU only", "slug": "cpu", "description": "No GPU."},
 ]
+
+# Offered only where the worker has a GPU (the native libcuda.so.1 needs the node's real driver): on the
+# emulated device its programs would be forwarded, where PyTorch, CuPy and JAX do not run.
+LOCAL_PROFILE = {"display_name": "PyTorch vGPU (this node)", "slug": "local",
+                 "description": "A quarter of this node's GPU, in your server's own process: PyTorch, CuPy and JAX "
+                                "run.",
+                 "gpu": {"vram": "4G", "compute": 25, "mode": "local"}}
 
 CONFIG_TEMPLATE = '''# Written by `gpulab up`; regenerated at every start. Put your changes in --config files.
 import json, os, sys
@@ -99,6 +106,7 @@ c.JupyterHub.services = [
       "command": [sys.executable, "-m", "gpu_worker.daemon", "--backend", settings["backend"],
                   "--tcp", settings["worker_bind"], "--pool-url", settings["pool_worker_url"], "--name", "local",
                   f"--GPUWorker.pool_credential_file={{state}}/worker-local.credential",
+                  *(["--unix-socket", settings["worker_unix_socket"]] if settings["worker_unix_socket"] else []),
                   *sum((["--emulated-kernels", k] for k in settings["emulated_kernels"]), [])],
       "environment": {{"GPULAB_POOL_TOKEN": settings["pool_worker_token"], "GPULAB_STATE_DIR": str(state)}}}},
 ]
@@ -262,6 +270,8 @@ gpulab up --backend emulated --config my_jupyterhub_config.py
         self.shared_reason = self.choose_accounts()
         pool_port = self.pool_port or free_port("127.0.0.1")
         pool_prefix = "/services/gpulab-pool/"
+        worker_port = self.worker_port or free_port("127.0.0.1")
+        unix_socket = self.worker_unix_socket(state, worker_port)
         settings = {
             "state": str(state), "hub_url": self.url,
             "hub_internal_url": f"http://127.0.0.1:{free_port('127.0.0.1')}",
@@ -273,9 +283,10 @@ gpulab up --backend emulated --config my_jupyterhub_config.py
             # the worker API: its own listener, which the proxy does not route (pool/worker_api.py)
             "pool_worker_url": f"http://127.0.0.1:{free_port('127.0.0.1')}/",
             "pool_api_token": sec["pool_api_token"], "pool_worker_token": sec["pool_worker_token"],
-            "worker_bind": f"127.0.0.1:{self.worker_port or free_port('127.0.0.1')}", "backend": self.backend,
+            "worker_bind": f"127.0.0.1:{worker_port}", "backend": self.backend,
             "emulated_kernels": ["gpu_worker.backends.demo_kernels", *self.emulated_kernels],
-            "heartbeat_timeout": self.heartbeat_timeout, "profiles": EXAMPLE_PROFILES,
+            "worker_unix_socket": unix_socket, "heartbeat_timeout": self.heartbeat_timeout,
+            "profiles": EXAMPLE_PROFILES[:1] + [LOCAL_PROFILE] * bool(unix_socket) + EXAMPLE_PROFILES[1:],
             "api_token": self.api_token,
             "unix_user_prefix": None if self.shared_reason else self.unix_user_prefix,
             "extra_configs": [str(Path(c).resolve()) for c in self.config_files],
@@ -285,6 +296,19 @@ gpulab up --backend emulated --config my_jupyterhub_config.py
         path.chmod(0o600)  # it holds the secrets too
         path.write_text(CONFIG_TEMPLATE.format(settings=json.dumps(settings)))
         return path, settings
+
+    def worker_unix_socket(self, state: Path, port: int) -> str:
+        """Where the worker listens for the native mode of local vGPUs (LOCAL_PROFILE), or "" for none: only on
+        a GPU. As root, in /run/gpulab, which every user's server may enter; else in the state directory,
+        which the servers (run as this user) may enter too. Named by the worker's TCP port: a second lab on
+        the machine has its own."""
+        if not (self.backend == "cuda" or (self.backend == "auto" and gpu_visible())):
+            return ""
+        if os.geteuid() == 0:
+            run = Path("/run/gpulab")
+            run.mkdir(mode=0o755, parents=True, exist_ok=True)
+            return str(run / f"worker-{port}.sock")
+        return str(state / f"worker-{port}.sock")
 
     def choose_accounts(self) -> str:
         """Make the lab users' Unix users when servers can run as them; else why they cannot ("": they can)."""

@@ -120,3 +120,33 @@ def test_a_taken_port_fails_at_once(tmp_path):
                             str(tmp_path / "state")], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert p.returncode == 1 and f"127.0.0.1:{port}" in p.stderr and "--port" in p.stderr
     assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize("backend", ["cuda", "emulated"])
+def test_on_a_gpu_the_lab_offers_a_native_pytorch_profile_and_the_worker_a_unix_socket(tmp_path, monkeypatch,
+                                                                                          backend):
+    """Only with the GPU backend: the native libcuda.so.1 needs the node's real driver. The config `gpulab up`
+    writes, loaded as JupyterHub loads it, gives the worker a Unix socket that every user's server can enter
+    (/run/gpulab as root) and the form a local profile; with the emulated device, neither."""
+    from traitlets.config import Config
+
+    from hub_spawner.launcher.up import GPULabUp
+
+    monkeypatch.setattr(GPULabUp, "choose_accounts", lambda self: "one account for all in this test")
+    app = GPULabUp(backend=backend, state_dir=str(tmp_path / "state"), worker_port=45123)
+    path, _settings = app.write_config()
+    c = Config()
+    exec(compile(path.read_text(), str(path), "exec"), {"c": c, "load_subconfig": None})
+    worker = next(s for s in c.JupyterHub.services if s["name"] == "gpulab-worker")["command"]
+    slugs = [p["slug"] for p in c.GPUSpawner.gpu_profiles]
+    if backend == "emulated":
+        assert "--unix-socket" not in worker and slugs == ["small", "half", "full", "cpu"]
+        return
+    sock = worker[worker.index("--unix-socket") + 1]
+    where = "/run/gpulab" if os.geteuid() == 0 else str(tmp_path / "state")
+    assert sock == f"{where}/worker-45123.sock"
+    if os.geteuid() == 0:
+        assert stat.S_IMODE(os.stat(where).st_mode) & 0o005 == 0o005  # every user's server may enter
+    assert slugs == ["small", "local", "half", "full", "cpu"]
+    local = c.GPUSpawner.gpu_profiles[1]
+    assert local["gpu"]["mode"] == "local"

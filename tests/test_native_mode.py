@@ -119,7 +119,10 @@ def test_the_vgpu_is_what_a_native_process_sees(node):
         below.cuDeviceGetCount(ctypes.byref(real_n))
         real_total = ctypes.c_size_t()
         below.cuDeviceTotalMem_v2(ctypes.byref(real_total), 0)
+        libc = ctypes.CDLL(None)
+        libc.getenv.restype = ctypes.c_char_p
         done(count=n, device=int(dev), beyond=name(d.cuDeviceGet(1)), free=free, total=total,
+             visible=libc.getenv(b"CUDA_VISIBLE_DEVICES").decode(),
              total_mem=ok(d.cuDeviceTotalMem(dev)),
              uuid="GPU-" + str(uuid.UUID(bytes=bytes(ok(d.cuDeviceGetUuid(dev)).bytes))),
              real_count=real_n.value, real_total=real_total.value)
@@ -128,7 +131,8 @@ def test_the_vgpu_is_what_a_native_process_sees(node):
     assert got["real_count"] == 2 and got["real_total"] == 4 << 30  # the double: the whole node
     assert got["count"] == 1 and got["beyond"] == "CUDA_ERROR_INVALID_DEVICE"
     assert got["uuid"] == gpus[1]["uuid"]  # the vGPU's GPU, as ordinal 0 ...
-    assert got["device"] == 1  # ... which is the node's second device
+    assert got["device"] == 1  # ... which is the node's second device (the double ignores the next line)
+    assert got["visible"] == gpus[1]["uuid"]  # what a real driver enumerates: only the vGPU's GPU, as ordinal 0
     assert got["total"] == QUOTA and got["total_mem"] == QUOTA and got["free"] == QUOTA
 
 
@@ -159,6 +163,41 @@ def test_quota_holds_across_native_processes_and_forwarded_sessions_of_one_vgpu(
     while vgpu_of(node, "vgpu")["processes"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert vgpu_of(node, "vgpu")["used"] == 0 and vgpu_of(node, "vgpu")["processes"] == []
+
+
+def test_stream_ordered_allocations_and_pools_are_charged_what_the_pools_hold(node):
+    """cuMemAllocAsync and cuMemAllocFromPoolAsync are charged up front; a pool's reserve (what the driver below
+    keeps after a free: CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT) stays charged until the pool gives it back
+    (a trim, a synchronize past its release threshold, its destroy), and counts against the quota."""
+    p = Native(node)
+
+    def used():
+        return vgpu_of(node, "vgpu")["used"]
+
+    try:
+        assert p("!ok(d.cuInit(0)); dev = ok(d.cuDeviceGet(0)); ctx = ok(d.cuDevicePrimaryCtxRetain(dev)); "
+                 "ok(d.cuCtxSetCurrent(ctx)); s = ok(d.cuStreamCreate(0)); default = ok(d.cuDeviceGetMemPool(dev))") \
+            is None
+        assert p("!a = ok(d.cuMemAllocAsync(16 << 20, s))") is None and used() == 16 << 20
+        assert p("!ok(d.cuMemFreeAsync(a, s))") is None and used() == 16 << 20  # the pool keeps it reserved
+        assert p("!ok(d.cuStreamSynchronize(s)); ok(d.cuMemPoolTrimTo(default, 0))") is None and used() == 0
+        # a pool of its own that keeps up to 64 MiB reserved past a synchronize
+        assert p("!props = d.CUmemPoolProps(); "
+                 "props.allocType = d.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED; "
+                 "props.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE; props.location.id = int(dev); "
+                 "kept = ok(d.cuMemPoolCreate(props)); ok(d.cuMemPoolSetAttribute(kept, "
+                 "d.CUmemPool_attribute.CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, d.cuuint64_t(64 << 20)))") is None
+        assert p("!b = ok(d.cuMemAllocFromPoolAsync(40 << 20, kept, s)); ok(d.cuMemFreeAsync(b, s)); "
+                 "ok(d.cuStreamSynchronize(s))") is None
+        assert used() == 40 << 20
+        assert p("name(d.cuMemAlloc(30 << 20))") == "CUDA_ERROR_OUT_OF_MEMORY"
+        assert p("name(d.cuMemAllocAsync(30 << 20, s))") == "CUDA_ERROR_OUT_OF_MEMORY"
+        assert p("!ok(d.cuMemPoolTrimTo(kept, 0)); c = ok(d.cuMemAlloc(30 << 20))") is None and used() == 30 << 20
+        assert p("!ok(d.cuMemPoolDestroy(kept)); ok(d.cuMemFree(c))") is None and used() == 0
+    finally:
+        said = p.close()
+    assert "cuMemAlloc refused: 30.0 MiB asked, 24.0 MiB left of this vGPU's 64.0 MiB quota" in said
+    assert "cuMemAllocAsync refused: 30.0 MiB asked, 24.0 MiB left of this vGPU's 64.0 MiB quota" in said
 
 
 def test_unhooked_functions_and_the_export_table_pass_straight_through(node):

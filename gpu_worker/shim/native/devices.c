@@ -3,11 +3,17 @@
  * cuInit attaches this process to its vGPU's ledger first (a refused token or a full vGPU is cuInit's
  * error, with the worker's sentence), then initializes the real driver and finds each of the vGPU's GPUs
  * among the real devices by UUID. cuDeviceGetCount and cuDeviceGet answer from that list, so a
- * program (and cudart above it) sees ordinals 0..n-1 in the vGPU's order, whatever the node has. */
+ * program (and cudart above it) sees ordinals 0..n-1 in the vGPU's order, whatever the node has.
+ *
+ * Before the real cuInit, CUDA_VISIBLE_DEVICES is set to the vGPU's GPUs (their UUIDs, in its order), as the
+ * worker does for its executors: the driver then enumerates only them, so a device's CUdevice value is its
+ * ordinal here too, and the calls that take ordinals (a pool's location, peer access, lookups by PCI bus id)
+ * agree with what cuDeviceGet answered; child processes inherit the same view. */
 #include "gl_native.h"
 
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -61,10 +67,31 @@ static CUresult map_devices(void)
     return CUDA_SUCCESS;
 }
 
+/* Once, before the real cuInit reads it. (mu held) */
+static void show_only_the_vgpus_gpus(void)
+{
+    static int done;
+    char want[MAX_GPUS][64], list[MAX_GPUS * 65] = "";
+    if (done) return;
+    done = 1;
+    int n = gl_vgpu_gpus(want, MAX_GPUS);
+    for (int k = 0; k < n; k++) {
+        if (k) strcat(list, ",");
+        strncat(list, want[k], 63);
+    }
+    const char *before = getenv("CUDA_VISIBLE_DEVICES");
+    if (before && strcmp(before, list))
+        gl_debug("native: CUDA_VISIBLE_DEVICES=%s replaced by this vGPU's GPUs, %s", before, list);
+    if (n) setenv("CUDA_VISIBLE_DEVICES", list, 1);
+}
+
 GL_EXPORT CUresult cuInit(unsigned flags)
 {
     CUresult r = gl_attach();
     if (r != CUDA_SUCCESS) return r;
+    pthread_mutex_lock(&mu);
+    show_only_the_vgpus_gpus();
+    pthread_mutex_unlock(&mu);
     r = GL_REAL(init_t, "cuInit")(flags);
     if (r != CUDA_SUCCESS) return r;
     pthread_mutex_lock(&mu);

@@ -148,6 +148,9 @@ def test_quota_holds_across_native_processes_and_forwarded_sessions_of_one_vgpu(
         v = vgpu_of(node, "vgpu")
         assert v["used"] == 40 << 20
         assert sorted(p["mode"] for p in v["processes"]) == ["native", "native"]
+        # the idle clock: the worker sees no call of a native process; its allocations stamp its slot
+        touched = [p["last_touch"] for p in v["processes"] if p["used"]]
+        assert len(touched) == 1 and abs(touched[0] - time.time()) < 5 and v["idle_seconds"] < 5
         # a forwarded session of the same vGPU (the ordinary shim) is held to the same ledger
         fwd = node.run(PRELUDE + "setup(); done(r=name(d.cuMemAlloc(40 << 20)))", token="vgpu").result
         assert fwd["r"] == "CUDA_ERROR_OUT_OF_MEMORY"
@@ -452,3 +455,17 @@ def test_nvml_without_a_vgpu_says_why(node, nvml_double):
     r = run_native(node, NVML_PROBE + "done(**nvml_devices())", token="nope", env_extra=nvml_env(nvml_double))
     assert r.result == {"init": 4}  # NVML_ERROR_NO_PERMISSION
     assert "the session token is not valid for this worker" in r.stderr
+
+
+def test_a_node_without_the_native_build_offers_the_pool_no_native_socket(tmp_path, monkeypatch):
+    """Not x86-64 (no lib/native/libcuda.so.1): the worker keeps its Unix socket for forwarded sessions but does
+    not give it to the pool as the native one, so the pool forwards its local vGPUs instead of having their
+    servers load the real driver unaccounted."""
+    from gpu_worker import shim
+    from gpu_worker.daemon.worker import GPUWorker
+
+    w = GPUWorker(unix_socket=str(tmp_path / "w.sock"))
+    assert w._native_socket() == str(tmp_path / "w.sock")  # this machine has the native build
+    monkeypatch.setattr(shim, "native_dir", lambda: tmp_path / "none")
+    assert w._native_socket() == ""
+    assert GPUWorker()._native_socket() == ""  # no Unix socket at all

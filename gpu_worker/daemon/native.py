@@ -38,6 +38,7 @@ log = logging.getLogger("gpulab.worker.native")
 
 GRACE = 0.05          # seconds between marking a process frozen and locking it
 ROOM_POLL = 0.5       # seconds between two looks for room while a thaw waits
+CHECKPOINT_POLL = 0.01  # seconds between two looks while a thaw waits for a checkpoint under way to end
 UVM, IPC = 1, 2       # the shim's bits in the byte after the frozen byte: why it cannot be frozen
 WHY_NOT = {UVM: "it uses managed (UVM) memory, which the driver's checkpoint does not move",
            IPC: "it shares device memory with another process (IPC), which the driver's checkpoint does not move"}
@@ -55,7 +56,7 @@ class NativeLink:
 
     def __init__(self, conn, vgpu, pid: int, slot: int, label: str):
         self.conn, self.vgpu, self.pid, self.slot, self.label = conn, vgpu, pid, slot, label
-        self.state = "running"  # running, freezing, frozen, thawing
+        self.state = "running"  # running, freezing (grace period), checkpointing, frozen, thawing
         self.checkpointed = 0   # bytes the last checkpoint moved to host memory
 
 
@@ -180,6 +181,7 @@ class NativeProcesses:
                 link.state = "running"
                 ledger.set_frozen(link.slot, False)
                 return E.SUCCESS
+            link.state = "checkpointing"  # from here a thaw waits for the checkpoint's end, then undoes it
         start = time.monotonic()
         result = self.checkpointer.freeze(link.pid)
         rec = ledger.read_slot(link.slot) or {}
@@ -200,14 +202,18 @@ class NativeProcesses:
 
     def _thaw(self, link: NativeLink) -> int:
         ledger = link.vgpu.ledger
-        with self.lock:
-            if link.state == "freezing":  # not locked yet: the freeze stops
-                link.state = "running"
-                ledger.set_frozen(link.slot, False)
-                return E.SUCCESS
-            if link.state != "frozen":
-                return E.SUCCESS
-            link.state = "thawing"
+        while True:
+            with self.lock:
+                if link.state == "freezing":  # not locked yet: the freeze stops
+                    link.state = "running"
+                    ledger.set_frozen(link.slot, False)
+                    return E.SUCCESS
+                if link.state != "checkpointing":  # else the driver is locking it now: wait for the outcome
+                    if link.state != "frozen":
+                        return E.SUCCESS
+                    link.state = "thawing"
+                    break
+            time.sleep(CHECKPOINT_POLL)
         start = time.monotonic()
         waited = False
         while not self.checkpointer.has_room(link.vgpu.grant["gpus"], link.checkpointed):

@@ -499,8 +499,25 @@ class GPUWorker(Configurable):
         self.pool_link = PoolLink(self.pool_url, token, self.worker_name(), address, self.node, self.kind,
                                   self.registry.gpus(), self.heartbeat_interval,
                                   credential_file=self.pool_credential_file, registry=self.registry,
-                                  control_url=control_url, pod=self.pod, unix_socket=self.unix_socket)
+                                  control_url=control_url, pod=self.pod, unix_socket=self._native_socket())
         self.pool_link.start()
+
+    def _native_socket(self) -> str:
+        """The Unix socket the pool may hand the servers of local vGPUs for native mode: none where this node
+        has no native build of the shim (not x86-64), so that its local vGPUs are forwarded instead of loading
+        the real driver unaccounted."""
+        from ..shim import native_dir
+
+        if not self.unix_socket:
+            return ""
+        try:
+            built = (native_dir() / "libcuda.so.1").exists()
+        except FileNotFoundError:
+            built = False
+        if not built:
+            log.warning("native mode is off on this node (no native build of the shim, which is x86-64 only): "
+                        "its local vGPUs are forwarded")
+        return self.unix_socket if built else ""
 
     # ------------------------------------------------------------ accept loop
     def stop(self) -> None:

@@ -40,7 +40,7 @@ static struct {
     size_t map_size;
     size_t slot, slots, header, slot_off, slot_size;
     size_t used_off, overhead_off, kernel_off, tier_off, pace_off, calls_off, launches_off;
-    size_t quota_off, revoked_off, reason_off, reason_len_off, frozen_off;
+    size_t quota_off, revoked_off, reason_off, reason_len_off, frozen_off, touch_off;
     double depth, check_every;  /* pacing.py's DEPTH and CHECK_EVERY, from the worker */
     int gpus;
     char uuids[8][64];
@@ -205,6 +205,7 @@ static CUresult attach_now(unsigned flags)
     A.reason_off = key(text, "reason_off");
     A.reason_len_off = key(text, "reason_len_off");
     A.frozen_off = A.slot_off + key(text, "frozen_off");
+    A.touch_off = A.slot_off + key(text, "touch_off");
     A.depth = key(text, "depth_us") / 1e6;
     A.check_every = key(text, "check_every_us") / 1e6;
     parse_gpus(text);
@@ -358,6 +359,15 @@ void gl_oom_say(const char *fn, size_t n, size_t room)
     unsigned long long quota = gl_quota();
     gl_sayf("%s refused: %.1f MiB asked, %.1f MiB left of this vGPU's %.1f MiB quota (its processes use the "
             "rest) (CUDA_ERROR_OUT_OF_MEMORY)", fn, n / 1048576.0, room / 1048576.0, quota / 1048576.0);
+}
+
+/* The idle clock: the wall-clock time of this process's last allocation or launch (an executor stamps each
+ * call's; the worker sees none of a native process's). A coarse clock: a few nanoseconds a call. */
+void gl_touch(void)
+{
+    struct timespec t;
+    if (!A.map || A.touch_off <= A.slot_off || clock_gettime(CLOCK_REALTIME_COARSE, &t)) return;
+    put_f64(A.touch_off, (double)t.tv_sec + t.tv_nsec * 1e-9);
 }
 
 void gl_count_launch(void)

@@ -89,6 +89,7 @@ GL_EXPORT CUresult cuInit(unsigned flags)
 {
     CUresult r = gl_attach();
     if (r != CUDA_SUCCESS) return r;
+    gl_thaw_if_frozen();  /* a repeated cuInit of a frozen process */
     pthread_mutex_lock(&mu);
     show_only_the_vgpus_gpus();
     pthread_mutex_unlock(&mu);
@@ -130,5 +131,6 @@ CUresult gl_entry_check(void)
         gl_sayf("%s (CUDA_ERROR_DEVICE_UNAVAILABLE)", why);
         return CUDA_ERROR_DEVICE_UNAVAILABLE;
     }
+    gl_touch();
     return CUDA_SUCCESS;
 }

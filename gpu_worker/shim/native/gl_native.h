@@ -70,6 +70,7 @@ double gl_pace_check_every(void);         /* pacing.py's CHECK_EVERY: seconds be
 void gl_publish_kernel_time(double kernel_time, double throttled, int waiting);
 void gl_count_launch(void);
 const char *gl_revoked(void);             /* the vGPU ended: why; NULL while it is granted */
+void gl_touch(void);                      /* the idle clock: this process used its GPU now */
 void gl_thaw_if_frozen(void);             /* cheap unless the worker froze this process */
 extern volatile unsigned char *gl_frozen_at; /* read by every exported entry point (exports) */
 #define GL_UNFREEZABLE_UVM 1                 /* native.py's UVM and IPC: why the checkpoint cannot move it */

@@ -478,6 +478,7 @@ GL_EXPORT CUresult cuMemGetInfo_v2(size_t *free_out, size_t *total_out)
 
 GL_EXPORT CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice d)
 {
+    gl_thaw_if_frozen();
     CUresult r = GL_REAL(total_mem_t, "cuDeviceTotalMem_v2")(bytes, d);
     unsigned long long quota = gl_quota();
     if (r == CUDA_SUCCESS && bytes && quota && quota < *bytes) *bytes = (size_t)quota;
@@ -498,6 +499,7 @@ static CUresult shared_memory(CUresult r)
 
 GL_EXPORT CUresult cuIpcGetMemHandle(void *handle, CUdeviceptr p)
 {
+    gl_thaw_if_frozen();
     return shared_memory(GL_REAL(ipc_get_t, "cuIpcGetMemHandle")(handle, p));
 }
 
@@ -507,15 +509,18 @@ typedef CUresult (*ipc_open_value_t)(CUdeviceptr *, ipc_mem_handle, unsigned);
 
 GL_EXPORT CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *p, ipc_mem_handle handle, unsigned flags)
 {
+    gl_thaw_if_frozen();
     return shared_memory(GL_REAL(ipc_open_value_t, "cuIpcOpenMemHandle_v2")(p, handle, flags));
 }
 
 GL_EXPORT CUresult cuMemExportToShareableHandle(void *out, unsigned long long handle, int type, unsigned long long flags)
 {
+    gl_thaw_if_frozen();
     return shared_memory(GL_REAL(export_t, "cuMemExportToShareableHandle")(out, handle, type, flags));
 }
 
 GL_EXPORT CUresult cuMemImportFromShareableHandle(unsigned long long *handle, void *os_handle, int type)
 {
+    gl_thaw_if_frozen();
     return shared_memory(GL_REAL(import_t, "cuMemImportFromShareableHandle")(handle, os_handle, type));
 }

@@ -182,6 +182,7 @@ typedef CUresult (*get_proc_t)(const char *, void **, int, unsigned long long);
 GL_EXPORT CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version, unsigned long long flags,
                                        int *status)
 {
+    gl_thaw_if_frozen();
     if (!real_lib && symbol && pfn) {
         CUresult r = own_entry(symbol, pfn);
         if (status) *status = r == CUDA_SUCCESS ? 0 : 1;  /* CU_GET_PROC_ADDRESS_SUCCESS, _SYMBOL_NOT_FOUND */
@@ -194,6 +195,7 @@ GL_EXPORT CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int versi
 
 GL_EXPORT CUresult cuGetProcAddress(const char *symbol, void **pfn, int version, unsigned long long flags)
 {
+    gl_thaw_if_frozen();
     if (!real_lib && symbol && pfn) return own_entry(symbol, pfn);
     CUresult r = GL_REAL(get_proc_t, "cuGetProcAddress")(symbol, pfn, version, flags);
     if (r == CUDA_SUCCESS && pfn && *pfn) *pfn = entry_for(*pfn);

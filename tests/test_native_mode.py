@@ -184,6 +184,9 @@ def test_stream_ordered_allocations_and_pools_are_charged_what_the_pools_hold(no
         assert p("!a = ok(d.cuMemAllocAsync(16 << 20, s))") is None and used() == 16 << 20
         assert p("!ok(d.cuMemFreeAsync(a, s))") is None and used() == 16 << 20  # the pool keeps it reserved
         assert p("!ok(d.cuStreamSynchronize(s)); ok(d.cuMemPoolTrimTo(default, 0))") is None and used() == 0
+        # cuMemFree takes a stream-ordered allocation too: the pool's live bytes drop, its reserve is trimmed
+        assert p("!e = ok(d.cuMemAllocAsync(8 << 20, s)); ok(d.cuStreamSynchronize(s)); ok(d.cuMemFree(e)); "
+                 "ok(d.cuMemPoolTrimTo(default, 0))") is None and used() == 0
         # a pool of its own that keeps up to 64 MiB reserved past a synchronize
         assert p("!props = d.CUmemPoolProps(); "
                  "props.allocType = d.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED; "

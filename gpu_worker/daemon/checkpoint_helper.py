@@ -18,6 +18,17 @@ def _result(ret) -> int:
     return int(err)
 
 
+# the freeze's answer when the checkpoint failed and the process could not be unlocked either: it stays frozen,
+# and the worker keeps its frozen byte set so that its next call asks for a thaw (CUDA_ERROR_ALREADY_ACQUIRED)
+FROZEN_AS_IS = 210
+
+
+def _state(d, pid: int) -> str:
+    """The process's checkpoint state (RUNNING, LOCKED, CHECKPOINTED, FAILED), or "" when the driver cannot say."""
+    err, state = d.cuCheckpointProcessGetState(pid)
+    return state.name.removeprefix("CU_PROCESS_STATE_") if int(err) == 0 else ""
+
+
 def main() -> int:
     from cuda.bindings import driver as d
 
@@ -37,11 +48,15 @@ def main() -> int:
             result = _result(d.cuCheckpointProcessLock(pid, args))
             if result == 0:
                 result = _result(d.cuCheckpointProcessCheckpoint(pid, None))
-                if result != 0:  # the process runs on, unfrozen
-                    d.cuCheckpointProcessUnlock(pid, None)
+                if result != 0 and _state(d, pid) == "LOCKED":  # the process runs on, unfrozen, or stays frozen
+                    unlocked = _result(d.cuCheckpointProcessUnlock(pid, None))
+                    result = result if unlocked == 0 else FROZEN_AS_IS
         elif op == "thaw":
-            result = _result(d.cuCheckpointProcessRestore(pid, None))
-            if result == 0:
+            # from wherever a failed step left it: checkpointed -> restore; locked -> unlock
+            result = 0
+            if _state(d, pid) == "CHECKPOINTED":
+                result = _result(d.cuCheckpointProcessRestore(pid, None))
+            if result == 0 and _state(d, pid) == "LOCKED":
                 result = _result(d.cuCheckpointProcessUnlock(pid, None))
         else:
             result = 1

@@ -38,6 +38,7 @@ log = logging.getLogger("gpulab.worker.native")
 
 GRACE = 0.05          # seconds between marking a process frozen and locking it
 ROOM_POLL = 0.5       # seconds between two looks for room while a thaw waits
+STILL_LOCKED = 210     # checkpoint_helper.FROZEN_AS_IS (CUDA_ERROR_ALREADY_ACQUIRED): checkpoint and unlock failed
 CHECKPOINT_POLL = 0.01  # seconds between two looks while a thaw waits for a checkpoint under way to end
 UVM, IPC = 1, 2       # the shim's bits in the byte after the frozen byte: why it cannot be frozen
 WHY_NOT = {UVM: "it uses managed (UVM) memory, which the driver's checkpoint does not move",
@@ -188,6 +189,12 @@ class NativeProcesses:
         nbytes = rec.get("used", 0) + rec.get("overhead", 0)
         slot = Slot(ledger, link.slot)
         with self.lock:
+            if result == STILL_LOCKED:  # the checkpoint failed and the unlock too: its next call asks for a thaw
+                link.state, link.checkpointed = "frozen", 0
+                slot.count_move("failed")
+                log.error("%s: the driver's checkpoint failed and the process stays locked until it is thawed",
+                          link.label)
+                return result
             if result != E.SUCCESS:
                 link.state = "running"
                 ledger.set_frozen(link.slot, False)

@@ -337,6 +337,7 @@ int gl_charge(size_t n, size_t *room)
         lock_ledger(F_UNLCK);
     }
     pthread_mutex_unlock(&A.mu);
+    gl_thaw_if_frozen();  /* the ledger's lock may have outlasted the worker's grace period: never enter a locked driver */
     return ok;
 }
 

@@ -40,7 +40,35 @@ static double now_s(void)
 }
 
 /* Kernel time of the launches whose end event has passed, oldest first; ``wait``: the oldest at least. (mu held) */
+typedef CUresult (*capture_mode_t)(int *);
+#define CU_STREAM_CAPTURE_MODE_RELAXED 2
+
+static CUresult elapsed(float *ms, CUevent a, CUevent b)
+{
+    static event_elapsed_t fn;
+    if (!fn) {  /* cuda.h 13 maps the name to _v2; an older driver has only the first */
+        fn = GL_REAL(event_elapsed_t, "cuEventElapsedTime_v2");
+        float probe;
+        if (fn(&probe, NULL, NULL) == CUDA_ERROR_NOT_FOUND) fn = GL_REAL(event_elapsed_t, "cuEventElapsedTime");
+    }
+    return fn(ms, a, b);
+}
+
+/* Event queries are "unsafe" while any thread captures a graph in the default (global) mode: they would
+ * invalidate the capture. Ours never touch a captured stream, so this thread asks for relaxed mode meanwhile. */
+static void collect_events(int wait);
+
 static void collect(int wait)
+{
+    if (!P.count) return;
+    int mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+    capture_mode_t exchange = GL_REAL(capture_mode_t, "cuThreadExchangeStreamCaptureMode");
+    int swapped = exchange(&mode) == CUDA_SUCCESS;
+    collect_events(wait);
+    if (swapped) exchange(&mode);
+}
+
+static void collect_events(int wait)
 {
     while (P.count) {
         unsigned i = P.head;
@@ -48,8 +76,7 @@ static void collect(int wait)
                           : GL_REAL(event_query_t, "cuEventQuery")(P.end[i]);
         if (q == CUDA_ERROR_NOT_READY) break;
         float ms = 0;
-        if (q == CUDA_SUCCESS && GL_REAL(event_elapsed_t, "cuEventElapsedTime")(&ms, P.start[i], P.end[i]) ==
-                                     CUDA_SUCCESS)
+        if (q == CUDA_SUCCESS && elapsed(&ms, P.start[i], P.end[i]) == CUDA_SUCCESS)
             P.kernel_time += ms / 1000.0;
         GL_REAL(event_destroy_t, "cuEventDestroy_v2")(P.start[i]);
         GL_REAL(event_destroy_t, "cuEventDestroy_v2")(P.end[i]);
@@ -101,16 +128,17 @@ void gl_pace_before(CUstream s, int per_thread, CUevent *start)
 {
     *start = NULL;
     gl_count_launch();
-    pthread_mutex_lock(&P.mu);
-    admit();
-    int timed = P.paced;
-    pthread_mutex_unlock(&P.mu);
-    if (!timed) return;
     int capturing = 0;
     CUstream rs = record_stream(s, per_thread);
     if (GL_REAL(capturing_t, per_thread ? "cuStreamIsCapturing_ptsz" : "cuStreamIsCapturing")(rs, &capturing) !=
             CUDA_SUCCESS || capturing)
-        return;
+        return;  /* recorded into a graph, not run: paced when the graph is launched */
+    pthread_mutex_lock(&P.mu);
+    admit();
+    int timed = P.paced;
+    pthread_mutex_unlock(&P.mu);
+    gl_thaw_if_frozen();  /* the wait may have outlasted the worker's grace period: never enter a locked driver */
+    if (!timed) return;
     CUevent e;
     if (GL_REAL(event_create_t, "cuEventCreate")(&e, 0) != CUDA_SUCCESS) return;
     if (GL_REAL(event_record_t, per_thread ? "cuEventRecord_ptsz" : "cuEventRecord")(e, rs) != CUDA_SUCCESS) {
@@ -183,7 +211,10 @@ LAUNCH_COOPERATIVE(cuLaunchCooperativeKernel_ptsz, "cuLaunchCooperativeKernel_pt
 #define LAUNCH_EX(name, real_name, per_thread)                                                                \
     GL_EXPORT CUresult name(const launch_config *c, CUfunction f, void **params, void **extra)                \
     {                                                                                                         \
-        if (!c) return GL_REAL(launch_ex_t, real_name)(c, f, params, extra);                                  \
+        if (!c) {                                                                                             \
+            CUresult r_ = gl_entry_check();                                                                   \
+            return r_ != CUDA_SUCCESS ? r_ : GL_REAL(launch_ex_t, real_name)(c, f, params, extra);           \
+        }                                                                                                     \
         PACED(c->stream, per_thread, GL_REAL(launch_ex_t, real_name)(c, f, params, extra));                   \
     }
 

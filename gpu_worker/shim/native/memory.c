@@ -297,7 +297,9 @@ GL_EXPORT CUresult cuMemFree_v2(CUdeviceptr p)
     gl_thaw_if_frozen();
     CUresult r = GL_REAL(free_t, "cuMemFree_v2")(p);
     size_t n;
+    CUmemoryPool pool;
     if (r == CUDA_SUCCESS && forget(p, DEVICE, &n, NULL)) gl_uncharge(n);
+    else if (r == CUDA_SUCCESS && forget(p, ASYNC, &n, &pool)) settle_pool(pool, n);  /* cuMemFree takes those too */
     return r;
 }
 

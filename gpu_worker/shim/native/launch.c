@@ -39,7 +39,6 @@ static double now_s(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* Kernel time of the launches whose end event has passed, oldest first; ``wait``: the oldest at least. (mu held) */
 typedef CUresult (*capture_mode_t)(int *);
 #define CU_STREAM_CAPTURE_MODE_RELAXED 2
 
@@ -68,6 +67,7 @@ static void collect(int wait)
     if (swapped) exchange(&mode);
 }
 
+/* Kernel time of the launches whose end event has passed, oldest first; ``wait``: the oldest at least. (mu held) */
 static void collect_events(int wait)
 {
     while (P.count) {
@@ -124,21 +124,29 @@ static CUstream record_stream(CUstream s, int per_thread)
     return per_thread && !s ? CU_STREAM_PER_THREAD : s;
 }
 
+/* Whether a launch on ``rs`` is recorded into a graph rather than run (or the driver cannot say). */
+static int capturing(CUstream rs, int per_thread)
+{
+    int on = 0;
+    return GL_REAL(capturing_t, per_thread ? "cuStreamIsCapturing_ptsz" : "cuStreamIsCapturing")(rs, &on) !=
+               CUDA_SUCCESS || on;
+}
+
 void gl_pace_before(CUstream s, int per_thread, CUevent *start)
 {
     *start = NULL;
     gl_count_launch();
-    int capturing = 0;
     CUstream rs = record_stream(s, per_thread);
-    if (GL_REAL(capturing_t, per_thread ? "cuStreamIsCapturing_ptsz" : "cuStreamIsCapturing")(rs, &capturing) !=
-            CUDA_SUCCESS || capturing)
-        return;  /* recorded into a graph, not run: paced when the graph is launched */
+    /* a captured launch is paced when its graph is launched; looked at first only while this process is
+     * paced, so that a vGPU with whole GPUs pays no extra driver call per launch */
+    int looked = __atomic_load_n(&P.paced, __ATOMIC_RELAXED);
+    if (looked && capturing(rs, per_thread)) return;
     pthread_mutex_lock(&P.mu);
     admit();
     int timed = P.paced;
     pthread_mutex_unlock(&P.mu);
     gl_thaw_if_frozen();  /* the wait may have outlasted the worker's grace period: never enter a locked driver */
-    if (!timed) return;
+    if (!timed || (!looked && capturing(rs, per_thread))) return;
     CUevent e;
     if (GL_REAL(event_create_t, "cuEventCreate")(&e, 0) != CUDA_SUCCESS) return;
     if (GL_REAL(event_record_t, per_thread ? "cuEventRecord_ptsz" : "cuEventRecord")(e, rs) != CUDA_SUCCESS) {

@@ -252,8 +252,8 @@ def test_pacing_arithmetic_is_pacing_py_s_on_the_shared_bucket(node):
         ours = ctypes.CDLL("libcuda.so.1")
         ours.gpulab_native_settle.restype = ctypes.c_double
         ours.gpulab_native_settle.argtypes = [ctypes.c_double] * 4
-        fd = next(int(f) for f in os.listdir("/proc/self/fd")
-                  if os.readlink(f"/proc/self/fd/{f}").startswith("/memfd:gpulab-vgpu-ledger"))
+        fd = next(int(f) for f in os.listdir("/proc/self/fd") if os.path.lexists(f"/proc/self/fd/{f}")
+                  and os.readlink(f"/proc/self/fd/{f}").startswith("/memfd:gpulab-vgpu-ledger"))
         ledger = L.Ledger.__new__(L.Ledger)
         ledger.slots = 256
         ledger.size = os.fstat(fd).st_size

@@ -22,7 +22,7 @@ import textwrap
 
 import pytest
 
-from workertools import ROOT, Worker, load_script
+from workertools import PRELUDE, ROOT, Worker, load_script
 
 from gpu_worker.shim import build as shim_build
 
@@ -38,7 +38,11 @@ TOKENS = {"small": {"vram": "2G", "gpus": [0]},
           "oom-async": {"vram": "2G", "gpus": [0]},
           "roomy": {"vram": "8G", "gpus": [0]},
           "frozen": {"vram": "8G", "gpus": [0]},
-          "shared": {"vram": "8G", "gpus": [0]}}
+          "shared": {"vram": "8G", "gpus": [0]},
+          "graph": {"vram": "2G", "gpus": [0]},
+          "host-vmm": {"vram": "2G", "gpus": [0]},
+          "arrays": {"vram": "2G", "gpus": [0]},
+          "pool-shared": {"vram": "2G", "gpus": [0]}}
 # what the native shim says when it refuses an allocation (gpu_worker/shim/native/attach.c, gl_oom_say)
 REFUSED = re.compile(r"refused: [\d.]+ MiB asked, [\d.]+ MiB left of this vGPU's ([\d.]+) MiB quota")
 
@@ -239,6 +243,100 @@ def test_jax_computes(node):
     assert got["sum"] == 999000.0
 
 
+# ------------------------------------------------------------------------- what is charged, driver API (cuda-python)
+# Each program reads its vGPU's free memory through the shim's cuMemGetInfo: the quota less what is charged.
+
+
+def driver_program(body: str) -> str:
+    """A driver API program (cuda-python, tests/workertools.py's PRELUDE) from an indented ``body``."""
+    return PRELUDE + textwrap.dedent(body)
+
+
+def test_a_stream_ordered_allocation_captured_into_a_graph_is_charged_once_when_a_launch_reserves_it(node):
+    """At capture the allocation is a node of the graph (no memory yet): not charged; the graph launch reserves
+    it and the device's graph memory is charged; freed and trimmed, it is given back."""
+    got, _ = run_native(node, "graph", driver_program("""
+        dev, ctx = setup()
+        def free():
+            return ok(d.cuMemGetInfo())[0]
+        s = ok(d.cuStreamCreate(0))
+        f0 = free()
+        ok(d.cuStreamBeginCapture(s, d.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
+        p = ok(d.cuMemAllocAsync(256 << 20, s))
+        g = ok(d.cuStreamEndCapture(s))
+        captured = free()
+        ge = ok(d.cuGraphInstantiate(g, 0))
+        ok(d.cuGraphLaunch(ge, s))
+        ok(d.cuStreamSynchronize(s))
+        launched = free()
+        ok(d.cuMemFreeAsync(p, s))
+        ok(d.cuStreamSynchronize(s))
+        ok(d.cuDeviceGraphMemTrim(dev))
+        done(native=native_mapped(), f0=f0, captured=captured, launched=launched, trimmed=free())
+    """))
+    assert abs(got["f0"] - got["captured"]) < 32 * MiB, got  # before: 256 MiB at capture, again at the launch
+    assert 256 * MiB <= got["f0"] - got["launched"] < 1 * GiB, got
+    assert abs(got["f0"] - got["trimmed"]) < 32 * MiB, got
+
+
+def test_host_located_vmm_memory_is_not_charged_to_the_gpu_quota(node):
+    got, _ = run_native(node, "host-vmm", driver_program("""
+        dev, ctx = setup()
+        def free():
+            return ok(d.cuMemGetInfo())[0]
+        def prop(where, ident):
+            p = d.CUmemAllocationProp()
+            p.type = d.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+            p.location.type = where
+            p.location.id = ident
+            return p
+        L = d.CUmemLocationType
+        host, device = prop(L.CU_MEM_LOCATION_TYPE_HOST, 0), prop(L.CU_MEM_LOCATION_TYPE_DEVICE, int(dev))
+        gran = ok(d.cuMemGetAllocationGranularity(device, d.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM))
+        n = -(-(256 << 20) // gran) * gran
+        f0 = free()
+        r, h = d.cuMemCreate(n, host, 0)
+        on_host = free()
+        hd = ok(d.cuMemCreate(n, device, 0))
+        on_device = free()
+        if r == d.CUresult.CUDA_SUCCESS:
+            ok(d.cuMemRelease(h))
+        ok(d.cuMemRelease(hd))
+        done(native=native_mapped(), host=r.name, n=n, f0=f0, on_host=on_host, on_device=on_device, end=free())
+    """))
+    assert got["on_device"] == got["on_host"] - got["n"], got
+    assert got["end"] == got["f0"], got
+    if got["host"] != "CUDA_SUCCESS":
+        pytest.skip(f"this driver refuses host-located cuMemCreate ({got['host']}); the device half passed")
+    assert got["on_host"] == got["f0"], got  # before: charged n
+
+
+@pytest.mark.parametrize("fmt,width,height,expect", [
+    ("CU_AD_FORMAT_BC1_UNORM", 4096, 4096, 8 * MiB),  # 8 bytes per 4x4 block (before: 64 MiB, 4 bytes a pixel)
+    ("CU_AD_FORMAT_UNORM_INT16X4", 1024, 1024, 8 * MiB),  # 8 bytes a pixel (before: 16)
+    ("CU_AD_FORMAT_FLOAT", 1024, 1024, 16 * MiB),  # 4 channels of 4 bytes
+])
+def test_an_array_is_charged_its_format_s_size(node, fmt, width, height, expect):
+    got, _ = run_native(node, "arrays", driver_program(f"""
+        dev, ctx = setup()
+        def free():
+            return ok(d.cuMemGetInfo())[0]
+        desc = d.CUDA_ARRAY_DESCRIPTOR()
+        desc.Width, desc.Height, desc.NumChannels = {width}, {height}, 4
+        desc.Format = d.CUarray_format.{fmt}
+        f0 = free()
+        r, a = d.cuArrayCreate(desc)
+        made = free()
+        if r == d.CUresult.CUDA_SUCCESS:
+            ok(d.cuArrayDestroy(a))
+        done(native=native_mapped(), r=r.name, f0=f0, made=made, end=free())
+    """))
+    if got["r"] != "CUDA_SUCCESS":
+        pytest.skip(f"this GPU refuses a {fmt} array of 4 channels ({got['r']})")
+    assert expect <= got["f0"] - got["made"] < expect + 2 * MiB, got  # the driver's alignment on top
+    assert got["end"] == got["f0"], got
+
+
 # ---------------------------------------------------------------------------------------------- the warm tier
 
 
@@ -271,3 +369,35 @@ def test_a_torch_process_is_frozen_and_thawed_with_its_tensors_intact(node):
     finally:
         p.close()
     assert "frozen" in node.log_text() and "thawed" in node.log_text()
+
+
+def test_a_process_that_exports_its_pool_is_not_frozen_and_the_offload_says_why(node):
+    """A pool exported as a file descriptor may be mapped by another process: the checkpoint would not move
+    that, so the shim marks the process and the worker refuses to freeze it, saying why."""
+    driver = bench.driver_version()
+    if driver is None or driver < bench.CHECKPOINT_DRIVER:
+        pytest.skip(f"the driver's checkpoint API needs driver 570; this driver reports {driver}")
+    p = bench.Child(bench.native_env(node.unix, "pool-shared"), node.tmp / "pool-shared.log")
+    try:
+        assert p.must(PRELUDE + bench.NATIVE_MAPPED + """
+dev, ctx = setup()
+props = d.CUmemPoolProps()
+props.allocType = d.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+props.handleTypes = d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+props.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+props.location.id = int(dev)
+pool = ok(d.cuMemPoolCreate(props))
+s = ok(d.cuStreamCreate(0))
+ptr = ok(d.cuMemAllocFromPoolAsync(64 << 20, pool, s))
+ok(d.cuStreamSynchronize(s))
+fd = ok(d.cuMemPoolExportToShareableHandle(pool, props.handleTypes, 0))
+out = native_mapped()
+""") is True
+        v = vgpu_of(node, "pool-shared")
+        status, body = node.api(f"/api/vgpus/{v['id']}/offload", method="POST", body={"to": "warm"})
+        assert status == 409, body
+        assert "it shares device memory with another process (IPC)" in body["message"], body
+        (me,) = vgpu_of(node, "pool-shared")["processes"]
+        assert me["tiers"]["warm"] == 0 and me["tiers"]["hot"] >= 64 << 20, me
+    finally:
+        p.close()

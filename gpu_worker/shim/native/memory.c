@@ -12,8 +12,11 @@
  *   stream-ordered (cuMemAllocAsync, cuMemAllocFromPoolAsync)
  *                                  per pool, what it holds: its live allocations, or what it has reserved
  *                                  when more (CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT); re-read at each of the
- *                                  pool's calls, at trims and before a refusal, given back at its destroy
- *   graphs' memory nodes           the device's graph memory reserved, read after each graph launch */
+ *                                  pool's calls, at trims and before a refusal, given back at its destroy.
+ *                                  On a capturing stream nothing: the allocation is a node of the graph,
+ *                                  whose memory is charged when a launch reserves it (next line)
+ *   graphs' memory nodes           the device's graph memory reserved, read after each graph launch
+ *   cuMemCreate on the host        nothing: host memory (CU_MEM_LOCATION_TYPE_HOST*) is not the GPU's */
 #include "gl_native.h"
 
 #include <pthread.h>
@@ -147,12 +150,26 @@ typedef CUresult (*alloc_async_t)(CUdeviceptr *, size_t, CUstream);
 typedef CUresult (*alloc_pool_t)(CUdeviceptr *, size_t, CUmemoryPool, CUstream);
 typedef CUresult (*free_async_t)(CUdeviceptr, CUstream);
 
+typedef CUresult (*is_capturing_t)(CUstream, int *);
+#define CU_STREAM_CAPTURE_STATUS_ACTIVE 1
+
+/* Whether ``s`` is being captured into a graph (not when the driver cannot say: then the call is charged). */
+static int capture_active(CUstream s, int per_thread)
+{
+    int status = 0;
+    return GL_REAL(is_capturing_t, per_thread ? "cuStreamIsCapturing_ptsz" : "cuStreamIsCapturing")(s, &status) ==
+               CUDA_SUCCESS &&
+           status == CU_STREAM_CAPTURE_STATUS_ACTIVE;
+}
+
 static CUresult alloc_async(const char *name, alloc_async_t real_async, alloc_pool_t real_pool, CUdeviceptr *dptr,
-                            size_t n, CUmemoryPool pool, CUstream s)
+                            size_t n, CUmemoryPool pool, CUstream s, int per_thread)
 {
     CUresult r = gl_entry_check();
     if (r != CUDA_SUCCESS) return r;
     if (!dptr) return CUDA_ERROR_INVALID_VALUE;
+    /* a graph's memory node: no memory yet; gl_true_up_graph_memory charges it when a launch reserves it */
+    if (capture_active(s, per_thread)) return real_pool ? real_pool(dptr, n, pool, s) : real_async(dptr, n, s);
     CUmemoryPool p = real_pool ? pool : current_pool();
     size_t room = 0;
     if (!charge_pool(p, n, &room)) {
@@ -171,24 +188,25 @@ static CUresult alloc_async(const char *name, alloc_async_t real_async, alloc_po
 
 GL_EXPORT CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t n, CUstream s)
 {
-    return alloc_async("cuMemAllocAsync", GL_REAL(alloc_async_t, "cuMemAllocAsync"), NULL, dptr, n, NULL, s);
+    return alloc_async("cuMemAllocAsync", GL_REAL(alloc_async_t, "cuMemAllocAsync"), NULL, dptr, n, NULL, s, 0);
 }
 
 GL_EXPORT CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t n, CUstream s)
 {
-    return alloc_async("cuMemAllocAsync", GL_REAL(alloc_async_t, "cuMemAllocAsync_ptsz"), NULL, dptr, n, NULL, s);
+    return alloc_async("cuMemAllocAsync", GL_REAL(alloc_async_t, "cuMemAllocAsync_ptsz"), NULL, dptr, n, NULL, s,
+                       1);
 }
 
 GL_EXPORT CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t n, CUmemoryPool pool, CUstream s)
 {
     return alloc_async("cuMemAllocFromPoolAsync", NULL, GL_REAL(alloc_pool_t, "cuMemAllocFromPoolAsync"), dptr, n,
-                       pool, s);
+                       pool, s, 0);
 }
 
 GL_EXPORT CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t n, CUmemoryPool pool, CUstream s)
 {
     return alloc_async("cuMemAllocFromPoolAsync", NULL, GL_REAL(alloc_pool_t, "cuMemAllocFromPoolAsync_ptsz"), dptr,
-                       n, pool, s);
+                       n, pool, s, 1);
 }
 
 static CUresult free_async(free_async_t real, CUdeviceptr p, CUstream s)
@@ -307,11 +325,25 @@ GL_EXPORT CUresult cuMemFree_v2(CUdeviceptr p)
 typedef CUresult (*create_t)(unsigned long long *, size_t, const void *, unsigned long long);
 typedef CUresult (*release_t)(unsigned long long);
 
+/* CUmemAllocationProp's head: where the allocation's physical memory is */
+typedef struct { int type, requested_handle_types, location_type, location_id; } alloc_prop_head;
+enum { CU_MEM_LOCATION_TYPE_HOST = 2, CU_MEM_LOCATION_TYPE_HOST_NUMA, CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT };
+
+static int host_located(const alloc_prop_head *prop)
+{
+    int t = prop->location_type;
+    return t == CU_MEM_LOCATION_TYPE_HOST || t == CU_MEM_LOCATION_TYPE_HOST_NUMA ||
+           t == CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT;
+}
+
 GL_EXPORT CUresult cuMemCreate(unsigned long long *handle, size_t n, const void *prop, unsigned long long flags)
 {
     CUresult r = gl_entry_check();
     size_t room = 0;
     if (r != CUDA_SUCCESS) return r;
+    /* host-located (HOST, HOST_NUMA, HOST_NUMA_CURRENT): not the GPU's memory, not the quota's */
+    if (prop && host_located((const alloc_prop_head *)prop))
+        return GL_REAL(create_t, "cuMemCreate")(handle, n, prop, flags);
     if (!gl_charge(n, &room)) {
         true_up_all();
         if (!gl_charge(n, &room)) return refuse("cuMemCreate", n, room);
@@ -340,14 +372,39 @@ typedef CUresult (*mipmapped_create_t)(CUmipmappedArray *, const void *, unsigne
 typedef CUresult (*array_destroy_t)(void *);
 typedef CUresult (*requirements_t)(array_requirements *, void *, CUdevice);
 
-static size_t element_bytes(int format, unsigned channels)
+/* Bits per pixel of a CUarray_format (cuda.h 13.0); 0: a block-compressed format, see block_bytes. The formats
+ * with the channels in their name, the YUV ones and the packed ones ignore NumChannels, as the driver wants. */
+static unsigned pixel_bits(int format, unsigned channels)
 {
-    int low = format & 0x0f;
-    size_t one = format == 0x10 ? 2 : (low == 1 || low == 8) ? 1 : (low == 2 || low == 9) ? 2 : 4;
-    return one * (channels ? channels : 1);
+    unsigned ch = channels ? channels : 1;
+    switch (format) {
+    case 0x01: case 0x08: return 8 * ch;              /* [UN]SIGNED_INT8 */
+    case 0x02: case 0x09: case 0x10: return 16 * ch;  /* [UN]SIGNED_INT16, HALF */
+    case 0xc0: case 0xc6: return 8;                   /* [UN|S]NORM_INT8X1 */
+    case 0xc1: case 0xc7: case 0xc3: case 0xc9: case 0xa5: case 0xa2: return 16;  /* X2 of 8, X1 of 16, YUY2, NV16 */
+    case 0xc5: case 0xcb: case 0xb1: return 64;       /* NORM_INT16X4, Y416 */
+    case 0xb0: return 12;                             /* NV12: 8-bit 4:2:0 */
+    case 0x9f: case 0xa1: case 0xb2: case 0xb4: return 24;  /* P010, P016 (16-bit 4:2:0), 8-bit 4:4:4 */
+    case 0xb3: case 0xb5: return 48;                  /* 10- and 16-bit 4:4:4 in 16-bit words */
+    case 0xa3: case 0xa4: case 0xa6: case 0xa7: case 0xa8: case 0xa9: case 0x50:
+    case 0xc2: case 0xc8: case 0xc4: case 0xca: return 32;  /* 4:2:2 of 16-bit words, AYUV, Y410, 10-10-10-2 */
+    }
+    if (format >= 0x91 && format <= 0x9e) return 0;
+    return 32 * ch;                                   /* [UN]SIGNED_INT32, FLOAT, and what is newer */
 }
 
+/* Bytes of a 4x4 block of a block-compressed format: BC1 and BC4 8, the others 16. */
+static size_t block_bytes(int format) { return format <= 0x92 || format == 0x97 || format == 0x98 ? 8 : 16; }
+
 static size_t dims(size_t w, size_t h, size_t d) { return w * (h ? h : 1) * (d ? d : 1); }
+
+/* What an array of w x h x d pixels takes at the least, before the driver's alignment. */
+static size_t array_bytes(size_t w, size_t h, size_t d, int format, unsigned channels)
+{
+    unsigned bits = pixel_bits(format, channels);
+    if (!bits) return dims((w + 3) / 4, ((h ? h : 1) + 3) / 4, d) * block_bytes(format);
+    return (dims(w, h, d) * bits + 7) / 8;
+}
 
 /* An array made: its charge trued up to the driver's requirement where it tells, else the estimate stays. */
 static CUresult charge_array(const char *fn, void *array, int kind, size_t guess, const char *req_name)
@@ -382,13 +439,13 @@ static CUresult array_create(const char *fn, const char *real_name, CUarray *out
 
 GL_EXPORT CUresult cuArrayCreate_v2(CUarray *out, const array_desc *d)
 {
-    size_t guess = d ? dims(d->width, d->height, 1) * element_bytes(d->format, d->channels) : 0;
+    size_t guess = d ? array_bytes(d->width, d->height, 1, d->format, d->channels) : 0;
     return array_create("cuArrayCreate", "cuArrayCreate_v2", out, d, guess);
 }
 
 GL_EXPORT CUresult cuArray3DCreate_v2(CUarray *out, const array3d_desc *d)
 {
-    size_t guess = d ? dims(d->width, d->height, d->depth) * element_bytes(d->format, d->channels) : 0;
+    size_t guess = d ? array_bytes(d->width, d->height, d->depth, d->format, d->channels) : 0;
     return array_create("cuArray3DCreate", "cuArray3DCreate_v2", out, d, guess);
 }
 
@@ -398,8 +455,10 @@ GL_EXPORT CUresult cuMipmappedArrayCreate(CUmipmappedArray *out, const array3d_d
     size_t room = 0;
     if (r != CUDA_SUCCESS) return r;
     if (!out || !d) return CUDA_ERROR_INVALID_VALUE;
-    /* every level is at most a quarter of the one above: the whole is under 4/3 of the first */
-    size_t guess = dims(d->width, d->height, d->depth) * element_bytes(d->format, d->channels) / 3 * 4;
+    /* each level halves every dimension: a 1D chain is under twice its first level, a 2D one (and a 3D one)
+     * under 4/3 of it */
+    size_t first = array_bytes(d->width, d->height, d->depth, d->format, d->channels);
+    size_t guess = d->height ? first / 3 * 4 : first * 2;
     if (!gl_charge(guess, &room)) return refuse("cuMipmappedArrayCreate", guess, room);
     r = GL_REAL(mipmapped_create_t, "cuMipmappedArrayCreate")(out, d, levels);
     if (r != CUDA_SUCCESS) {
@@ -525,4 +584,35 @@ GL_EXPORT CUresult cuMemImportFromShareableHandle(unsigned long long *handle, vo
 {
     gl_thaw_if_frozen();
     return shared_memory(GL_REAL(import_t, "cuMemImportFromShareableHandle")(handle, os_handle, type));
+}
+
+/* a pool's allocations shared with another process, by the pool's handle or by one pointer */
+typedef CUresult (*pool_export_t)(void *, CUmemoryPool, int, unsigned long long);
+typedef CUresult (*pool_import_t)(CUmemoryPool *, void *, int, unsigned long long);
+typedef CUresult (*pointer_export_t)(void *, CUdeviceptr);
+typedef CUresult (*pointer_import_t)(CUdeviceptr *, CUmemoryPool, void *);
+
+GL_EXPORT CUresult cuMemPoolExportToShareableHandle(void *out, CUmemoryPool pool, int type, unsigned long long flags)
+{
+    gl_thaw_if_frozen();
+    return shared_memory(GL_REAL(pool_export_t, "cuMemPoolExportToShareableHandle")(out, pool, type, flags));
+}
+
+GL_EXPORT CUresult cuMemPoolImportFromShareableHandle(CUmemoryPool *pool, void *os_handle, int type,
+                                                      unsigned long long flags)
+{
+    gl_thaw_if_frozen();
+    return shared_memory(GL_REAL(pool_import_t, "cuMemPoolImportFromShareableHandle")(pool, os_handle, type, flags));
+}
+
+GL_EXPORT CUresult cuMemPoolExportPointer(void *out, CUdeviceptr p)
+{
+    gl_thaw_if_frozen();
+    return shared_memory(GL_REAL(pointer_export_t, "cuMemPoolExportPointer")(out, p));
+}
+
+GL_EXPORT CUresult cuMemPoolImportPointer(CUdeviceptr *p, CUmemoryPool pool, void *data)
+{
+    gl_thaw_if_frozen();
+    return shared_memory(GL_REAL(pointer_import_t, "cuMemPoolImportPointer")(p, pool, data));
 }

@@ -17,14 +17,15 @@ import time
 
 import pytest
 
-from workertools import PRELUDE, ROOT, Worker
+from workertools import PRELUDE, ROOT, SLEEP_PRELUDE, Worker
 
 from gpu_worker.daemon.gpus import describe_gpus
 from gpu_worker.shim import build as shim_build
 from gpu_worker.shim import native_dir
 
 QUOTA = 64 << 20
-TOKENS = {"vgpu": {"vram": "64M", "gpus": [1], "compute": 25}, "node": {"gpus": [0, 1]}}
+TOKENS = {"vgpu": {"vram": "64M", "gpus": [1], "compute": 25}, "node": {"gpus": [0, 1]},
+          "neighbour": {"vram": "64M", "gpus": [1], "compute": 50}}
 
 pytestmark = pytest.mark.skipif(not shim_build.native_supported(), reason="native mode is built for x86-64 only")
 
@@ -51,8 +52,8 @@ def native_env(w: Worker, token="vgpu") -> dict:
     return env
 
 
-def run_native(w: Worker, code: str, token="vgpu", check=True, env_extra=None):
-    p = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], env={**native_env(w, token),
+def run_native(w: Worker, code: str, token="vgpu", check=True, env_extra=None, prelude=PRELUDE):
+    p = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], env={**native_env(w, token),
                                                                                      **(env_extra or {})},
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     if check and p.returncode != 0:
@@ -279,6 +280,43 @@ def test_pacing_arithmetic_is_pacing_py_s_on_the_shared_bucket(node):
     full = 0.25 * 0.1
     expected = [full, full - 0.010, min(full - 0.010 + 0.25 * 0.02, full) - 0.020, 0.25 * 0.02]
     assert got["steps"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_a_native_launch_marks_its_vgpu_busy_on_the_gpu_s_board(node):
+    """Bursting lends a GPU's spare share to the vGPUs that may burst (pacing.py's GPUBoard.lent). A native
+    process's launch stamps its vGPU's row as an executor's does, in the same clock, so a bursting neighbour
+    is lent less while it runs (before, a native-only vGPU always looked idle)."""
+    neighbour = Native(node, token="neighbour")
+    try:
+        assert neighbour("!ok(d.cuInit(0))") is None  # its vGPU takes its row on GPU 1's board
+        r = run_native(node, """
+            import mmap, os, time
+            from gpu_worker.daemon import pacing
+            ok(d.cuInit(0))
+            ctx = ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(0)))); ok(d.cuCtxSetCurrent(ctx))
+            fd = next(int(f) for f in os.listdir("/proc/self/fd") if os.path.lexists(f"/proc/self/fd/{f}")
+                      and os.readlink(f"/proc/self/fd/{f}").startswith("/memfd:gpulab-gpu-board"))
+            board = pacing.GPUBoard.__new__(pacing.GPUBoard)
+            board.map = mmap.mmap(fd, pacing.ENTRIES * pacing.ENTRY.size)
+            rows = {pacing.ENTRY.unpack_from(board.map, i * pacing.ENTRY.size)[4]: i for i in range(pacing.ENTRIES)
+                    if pacing.ENTRY.unpack_from(board.map, i * pacing.ENTRY.size)[0]}
+            mine, theirs = rows[0.25], rows[0.5]
+            def stamp():
+                return pacing.ENTRY.unpack_from(board.map, mine * pacing.ENTRY.size)[5]
+            before = stamp()
+            launch_sleep(1)
+            ok(d.cuCtxSynchronize())
+            t = stamp()
+            done(before=before, stamp=t, now=time.monotonic(), lent_busy=board.lent(theirs, t),
+                 lent_idle=board.lent(theirs, t + 1.0))
+        """, prelude=SLEEP_PRELUDE)
+    finally:
+        neighbour.close()
+    got = r.result
+    assert got["before"] == 0.0
+    assert 0 < got["now"] - got["stamp"] < 30, got  # time.monotonic's clock, stamped at the launch
+    # busy: 1 - 0.5 - 0.25 spare, split between the two medium-QoS rows that may burst; idle: all of 1 - 0.5
+    assert got["lent_busy"] == pytest.approx(0.125) and got["lent_idle"] == pytest.approx(0.5), got
 
 
 def test_freeze_and_thaw_through_the_chain_keep_the_bytes(node):

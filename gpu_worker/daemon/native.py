@@ -3,7 +3,9 @@
 A native-mode shim (gpu_worker/shim/native) connects to the worker's Unix socket and sends a native
 hello. The token is checked as for a forwarded session; then, instead of forking an executor, the
 daemon claims a slot of the vGPU's ledger for the process (its CUDA context charged up front, as for
-an executor) and sends the ledger's memfd and its layout. The process charges its allocations there
+an executor) and sends the ledger's memfd and its layout (and the memfd of its GPU's board, pacing.py,
+where the process stamps when its vGPU last wanted to launch, so bursting neighbours are not lent its
+share while it runs). The process charges its allocations there
 itself, under the ledger's lock, beside the vGPU's forwarded executors. The socket stays open: its
 end is the process's end, and the slot is freed (`VGPURegistry.reap`). The peer's pid comes from the
 kernel (SO_PEERCRED), never from the hello.
@@ -92,10 +94,15 @@ class NativeProcesses:
         info = {**native_layout(), "slot": slot, "slots": v.ledger.slots, "gpus": ",".join(grant["gpus"]),
                 "depth_us": round(DEPTH * 1e6), "check_every_us": round(CHECK_EVERY * 1e6),
                 "backend": self.checkpointer.backend}
+        fds = [v.ledger.fd]
+        row = v.row
+        if not observe and v.board is not None and row is not None:  # its launches keep bursting neighbours off
+            info.update(v.board.native_layout(row))
+            fds.append(v.board.fd)
         payload = "".join(f"{k}={val}\n" for k, val in info.items()).encode()
         conn.setblocking(True)
         try:
-            socket.send_fds(conn, [REP_HEADER.pack(len(payload), 0, 0) + payload], [v.ledger.fd])
+            socket.send_fds(conn, [REP_HEADER.pack(len(payload), 0, 0) + payload], fds)
         except OSError:
             if not observe:
                 self.registry.reap(pid)

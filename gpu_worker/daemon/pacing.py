@@ -29,6 +29,7 @@ DEPTH = 0.1           # the bucket holds this many seconds of wall time at the v
 BUSY_WITHIN = 0.05    # a vGPU that wanted to launch this recently is not idle
 QOS_RANK = {"low": 0, "medium": 1, "high": 2}
 ENTRY = struct.Struct("<IIIIdd")  # in use, QoS rank, burst, waiting for its share, share, last wanted (monotonic)
+WANTED_OFF = 24  # the last field's offset in a row: native processes stamp it too (gpu_worker/shim/native)
 ENTRIES = 256
 
 
@@ -55,7 +56,11 @@ class GPUBoard:
         struct.pack_into("<I", self.map, row * ENTRY.size, 0)
 
     def wanted(self, row: int, now: float) -> None:
-        struct.pack_into("<d", self.map, row * ENTRY.size + 24, now)
+        struct.pack_into("<d", self.map, row * ENTRY.size + WANTED_OFF, now)
+
+    def native_layout(self, row: int) -> dict[str, int]:
+        """What a native process of ``row``'s vGPU needs to stamp it (sent with this board's memfd at its attach)."""
+        return {"board_size": ENTRIES * ENTRY.size, "board_wanted_off": row * ENTRY.size + WANTED_OFF}
 
     def waiting(self, row: int, flag: bool) -> None:
         """The vGPU wants more kernel time than it gets (it borrows before lower QoS then)."""

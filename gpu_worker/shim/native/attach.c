@@ -3,8 +3,9 @@
  * At cuInit the shim connects to the worker's Unix socket (GPULAB_WORKER, GPULAB_TOKEN) and sends a
  * native hello. The worker checks the token as for a forwarded session, claims a slot of the vGPU's
  * ledger for this process (its context charged up front) and answers with key=value lines and the
- * ledger's memfd (SCM_RIGHTS). The layout's offsets come in that answer: gpu_worker/daemon/ledger.py
- * owns them. The socket stays open while the process lives: when it closes, the worker frees the slot.
+ * ledger's memfd (SCM_RIGHTS), and the memfd of its GPU's board where the vGPU has a row (pacing.py: when
+ * each vGPU of the GPU last wanted to launch, for bursting). The layout's offsets come in that answer:
+ * gpu_worker/daemon/ledger.py and pacing.py own them. The socket stays open while the process lives: when it closes, the worker frees the slot.
  *
  * Charging is ledger.py's Slot.charge in C: under the ledger's POSIX record lock (per process, so a
  * mutex orders this process's threads first) the live slots are summed and this slot's figure is
@@ -35,9 +36,9 @@ static struct {
     pthread_mutex_t once_mu;
     int done;                 /* gl_attach ran in this process */
     CUresult status;
-    int sock, memfd;
-    unsigned char *map;
-    size_t map_size;
+    int sock, memfd, board_fd;
+    unsigned char *map, *board;
+    size_t map_size, board_size, board_wanted_off;
     size_t slot, slots, header, slot_off, slot_size;
     size_t used_off, overhead_off, kernel_off, tier_off, pace_off, calls_off, launches_off;
     size_t quota_off, revoked_off, reason_off, reason_len_off, frozen_off, touch_off;
@@ -46,7 +47,7 @@ static struct {
     char uuids[8][64];
     unsigned long long used; /* this process's bytes (mirrors its slot) */
 } A = { .mu = PTHREAD_MUTEX_INITIALIZER, .once_mu = PTHREAD_MUTEX_INITIALIZER,
-        .status = CUDA_ERROR_NOT_INITIALIZED, .sock = -1, .memfd = -1 };
+        .status = CUDA_ERROR_NOT_INITIALIZED, .sock = -1, .memfd = -1, .board_fd = -1 };
 
 /* The byte every exported entry point reads before it jumps (exports): a static zero until attached, then the
  * "frozen" byte of this process's slot, which the worker sets when it freezes the process and clears when
@@ -74,10 +75,10 @@ static int io_all(int fd, void *buf, size_t n, int writing)
     return 0;
 }
 
-/* The reply's header, with the memfd the worker attached to its first byte. */
-static int recv_header(int fd, unsigned char *hdr, int *memfd)
+/* The reply's header, with the memfds the worker attached to its first byte (up to two; -1 for those not sent). */
+static int recv_header(int fd, unsigned char *hdr, int memfds[2])
 {
-    char ctl[CMSG_SPACE(sizeof(int))];
+    char ctl[CMSG_SPACE(2 * sizeof(int))];
     struct iovec iov = { hdr, GL_REP_HEADER_SIZE };
     struct msghdr mh = { 0 };
     mh.msg_iov = &iov;
@@ -88,7 +89,15 @@ static int recv_header(int fd, unsigned char *hdr, int *memfd)
     do k = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC); while (k < 0 && errno == EINTR);
     if (k <= 0) return -1;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) memcpy(memfd, CMSG_DATA(c), sizeof(int));
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            memcpy(memfds, CMSG_DATA(c), (n < 2 ? n : 2) * sizeof(int));
+            for (size_t i = 2; i < n; i++) {  /* more than this shim knows of: not kept */
+                int extra;
+                memcpy(&extra, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+                close(extra);
+            }
+        }
     return (size_t)k < GL_REP_HEADER_SIZE ? io_all(fd, hdr + k, GL_REP_HEADER_SIZE - (size_t)k, 0) : 0;
 }
 
@@ -153,6 +162,29 @@ static int open_socket(unsigned flags, const char **why)
     return fd;
 }
 
+static void close_fds(int fds[2])
+{
+    for (int i = 0; i < 2; i++)
+        if (fds[i] >= 0) close(fds[i]);
+}
+
+/* The GPU's board (pacing.py), where a slot's owner stamps when its vGPU last wanted to launch. */
+static void map_board(int fd, const char *text, unsigned flags)
+{
+    if (fd < 0) return;
+    size_t size = key(text, "board_size");
+    void *board = flags & GL_NATIVE_OBSERVE || !size ? MAP_FAILED
+                                                     : mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (board == MAP_FAILED) {
+        close(fd);
+        return;
+    }
+    A.board = board;
+    A.board_size = size;
+    A.board_fd = fd;
+    A.board_wanted_off = key(text, "board_wanted_off");
+}
+
 static CUresult attach_now(unsigned flags)
 {
     const char *why = NULL;
@@ -162,9 +194,11 @@ static CUresult attach_now(unsigned flags)
         return CUDA_ERROR_NO_DEVICE;
     }
     unsigned char hdr[GL_REP_HEADER_SIZE];
-    int memfd = -1;
+    int fds[2] = { -1, -1 };
     char text[4096];
-    if (recv_header(fd, hdr, &memfd)) {
+    int got = recv_header(fd, hdr, fds), memfd = fds[0];
+    if (got) {
+        close_fds(fds);
         gl_log("native mode: the worker closed the connection without answering the hello");
         close(fd);
         return CUDA_ERROR_NO_DEVICE;
@@ -177,6 +211,7 @@ static CUresult attach_now(unsigned flags)
     memcpy(&rlen, hdr + 12, 4);
     if (plen >= sizeof text - 1 || io_all(fd, text + 1, plen, 0)) {
         gl_log("native mode: the worker's answer to the hello is malformed");
+        close_fds(fds);
         close(fd);
         return CUDA_ERROR_NO_DEVICE;
     }
@@ -184,7 +219,7 @@ static CUresult attach_now(unsigned flags)
     text[plen + 1] = 0;
     if (result != CUDA_SUCCESS) {
         gl_sayf("%.*s", (int)(rlen < plen ? rlen : plen), text + 1 + (plen - (rlen < plen ? rlen : plen)));
-        if (memfd >= 0) close(memfd);
+        close_fds(fds);
         close(fd);
         return result;
     }
@@ -216,12 +251,13 @@ static CUresult attach_now(unsigned flags)
         gl_log("native mode: the worker's ledger could not be mapped (%s)", memfd < 0 ? "no descriptor came"
                                                                                       : strerror(errno));
         A.map = NULL;
-        if (memfd >= 0) close(memfd);
+        close_fds(fds);
         close(fd);
         return CUDA_ERROR_NO_DEVICE;
     }
     A.sock = fd;
     A.memfd = memfd;
+    map_board(fds[1], text, flags);
     if (flags & GL_NATIVE_OBSERVE) {  /* an observer owns no slot: it only reads */
         A.slot = A.slots;
         close(fd);
@@ -242,8 +278,10 @@ static void after_fork_child(void)
     if (A.sock >= 0) close(A.sock);
     if (A.map) munmap(A.map, A.map_size);
     if (A.memfd >= 0) close(A.memfd);
-    A.sock = A.memfd = -1;
-    A.map = NULL;
+    if (A.board) munmap(A.board, A.board_size);
+    if (A.board_fd >= 0) close(A.board_fd);
+    A.sock = A.memfd = A.board_fd = -1;
+    A.map = A.board = NULL;
     gl_frozen_at = &not_frozen;
     A.done = 0;
     A.used = 0;
@@ -371,6 +409,16 @@ void gl_touch(void)
     put_f64(A.touch_off, (double)t.tv_sec + t.tv_nsec * 1e-9);
 }
 
+/* pacing.py's GPUBoard.wanted: this vGPU wanted to launch at ``now`` (CLOCK_MONOTONIC, Python's time.monotonic),
+ * so the bursting vGPUs beside it on its GPU are not lent its share meanwhile. */
+void gl_board_wanted(double now)
+{
+    unsigned long long bits;  /* one 8-byte store: a reader never sees half a stamp */
+    memcpy(&bits, &now, 8);
+    if (A.board && A.board_wanted_off + 8 <= A.board_size)
+        __atomic_store_n((unsigned long long *)(A.board + A.board_wanted_off), bits, __ATOMIC_RELAXED);
+}
+
 void gl_count_launch(void)
 {
     if (A.map) __atomic_fetch_add((unsigned long long *)(A.map + A.launches_off), 1, __ATOMIC_RELAXED);
@@ -455,10 +503,10 @@ void gl_thaw_if_frozen(void)
         unsigned char frame[GL_REQ_HEADER_SIZE] = { 0 }, hdr[GL_REP_HEADER_SIZE];
         unsigned op = GL_OP_NATIVE_THAW;
         memcpy(frame + 8, &op, 4);
-        int memfd = -1;
+        int fds[2] = { -1, -1 };  /* none come with this answer */
         struct timeval tv = { 0, 0 };  /* a thaw waits for the worker to find room */
         setsockopt(A.sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-        if (io_all(A.sock, frame, sizeof frame, 1) == 0 && recv_header(A.sock, hdr, &memfd) == 0) {
+        if (io_all(A.sock, frame, sizeof frame, 1) == 0 && recv_header(A.sock, hdr, fds) == 0) {
             unsigned long long plen;
             memcpy(&plen, hdr, 8);
             char text[GL_MAX_REASON + 64];

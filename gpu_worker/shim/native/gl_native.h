@@ -69,6 +69,7 @@ double gl_pace_depth(void);               /* pacing.py's DEPTH: the bucket holds
 double gl_pace_check_every(void);         /* pacing.py's CHECK_EVERY: seconds between two looks at the bucket */
 void gl_publish_kernel_time(double kernel_time, double throttled, int waiting);
 void gl_count_launch(void);
+void gl_board_wanted(double now);           /* pacing.py's board: this vGPU wants kernel time now */
 const char *gl_revoked(void);             /* the vGPU ended: why; NULL while it is granted */
 void gl_touch(void);                      /* the idle clock: this process used its GPU now */
 void gl_thaw_if_frozen(void);             /* cheap unless the worker froze this process */

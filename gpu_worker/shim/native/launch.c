@@ -92,6 +92,7 @@ static void admit(void)
     double now = now_s();
     if (now < P.next_check) return;
     P.next_check = now + gl_pace_check_every();
+    gl_board_wanted(now);
     collect(0);
     double share = gl_share();
     if (share >= gl_vgpu_gpu_count() || share <= 0.0) {
@@ -114,6 +115,7 @@ static void admit(void)
         double later = now_s();
         P.throttled += later - now;
         now = later;
+        gl_board_wanted(now);
         collect(0);
     }
     gl_publish_kernel_time(P.kernel_time, P.throttled, 0);

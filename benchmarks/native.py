@@ -95,17 +95,12 @@ def native_env(worker_unix: str, token: str, base=None) -> dict:
 def plain_env(base=None) -> dict:
     """``base`` with neither the forwarding shim nor the native one on LD_LIBRARY_PATH and no gpulab client
     settings: the real libcuda, as a program without gpulab has it."""
-    from gpu_worker.shim import native_dir, shim_dir
+    from gpu_worker.daemon.native import real_driver_env
 
-    base = dict(os.environ if base is None else base)
-    ours = {os.path.realpath(shim_dir()), os.path.realpath(native_dir())}
-    env = {k: v for k, v in base.items() if k not in ("GPULAB_WORKER", "GPULAB_TOKEN", "GPULAB_QUIET",
-                                                       "GPULAB_CHAIN_TO_WORKER", "GPULAB_DRIVER_WORKER",
-                                                       "GPULAB_DRIVER_TOKEN")}
-    kept = [p for p in base.get("LD_LIBRARY_PATH", "").split(":") if p and os.path.realpath(p) not in ours]
-    env.pop("LD_LIBRARY_PATH", None)
-    if kept:
-        env["LD_LIBRARY_PATH"] = ":".join(kept)
+    env = real_driver_env(base)
+    for k in ("GPULAB_WORKER", "GPULAB_TOKEN", "GPULAB_QUIET", "GPULAB_CHAIN_TO_WORKER", "GPULAB_DRIVER_WORKER",
+              "GPULAB_DRIVER_TOKEN"):
+        env.pop(k, None)
     return env
 
 
@@ -283,6 +278,8 @@ out = None
 HOLDER_SETUP = NATIVE_MAPPED + r"""
 import time
 import torch
+torch.empty(1, device="cuda")  # importing torch loads no driver: this cuInit attaches the process to its vGPU
+torch.cuda.synchronize()
 held = []
 
 def hold(gib):

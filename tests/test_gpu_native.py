@@ -69,7 +69,7 @@ def vgpu_of(w: Worker, token: str) -> dict:
     return bench.vgpu_of(w.vgpus(), token)
 
 
-def run_native(w: Worker, token: str, code: str, env_extra=None, timeout=300):
+def run_native(w: Worker, token: str, code: str, env_extra=None, timeout=150):
     """A child program in native mode; it prints one JSON document last. Returns (result, stderr). A variable
     of ``env_extra`` set to None is left out of the child's environment."""
     env = bench.child_env({**bench.native_env(w.unix, token), **(env_extra or {})})
@@ -271,6 +271,8 @@ def test_a_stream_ordered_allocation_captured_into_a_graph_is_charged_once_when_
         launched = free()
         ok(d.cuMemFreeAsync(p, s))
         ok(d.cuStreamSynchronize(s))
+        ok(d.cuGraphExecDestroy(ge))
+        ok(d.cuGraphDestroy(g))
         ok(d.cuDeviceGraphMemTrim(dev))
         done(native=native_mapped(), f0=f0, captured=captured, launched=launched, trimmed=free())
     """))
@@ -292,7 +294,8 @@ def test_host_located_vmm_memory_is_not_charged_to_the_gpu_quota(node):
             return p
         L = d.CUmemLocationType
         host, device = prop(L.CU_MEM_LOCATION_TYPE_HOST, 0), prop(L.CU_MEM_LOCATION_TYPE_DEVICE, int(dev))
-        gran = ok(d.cuMemGetAllocationGranularity(device, d.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM))
+        least = d.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
+        gran = ok(d.cuMemGetAllocationGranularity(device, least))
         n = -(-(256 << 20) // gran) * gran
         f0 = free()
         r, h = d.cuMemCreate(n, host, 0)
@@ -333,7 +336,7 @@ def test_an_array_is_charged_its_format_s_size(node, fmt, width, height, expect)
     """))
     if got["r"] != "CUDA_SUCCESS":
         pytest.skip(f"this GPU refuses a {fmt} array of 4 channels ({got['r']})")
-    assert expect <= got["f0"] - got["made"] < expect + 2 * MiB, got  # the driver's alignment on top
+    assert got["f0"] - got["made"] == expect, got  # the estimate: the driver tells only deferred-mapping arrays' size
     assert got["end"] == got["f0"], got
 
 
@@ -355,12 +358,12 @@ def test_a_torch_process_is_frozen_and_thawed_with_its_tensors_intact(node):
         before = p.must(digest)
         v = vgpu_of(node, "frozen")
         assert v["moves"]["offloads"] == 0 and v["moves"]["restores"] == 0
-        status, body = node.api(f"/api/vgpus/{v['id']}/offload", method="POST", body={"to": "warm"})
+        status, body = node.api(f"/api/vgpus/{v['id']}/offload", method="POST", body={"to": "warm"}, timeout=60)
         assert status == 200 and body["done"], (status, body, node.log_text()[-3000:])
         (me,) = vgpu_of(node, "frozen")["processes"]
         assert me["mode"] == "native"
         assert me["tiers"]["hot"] == 0 and me["tiers"]["warm"] >= 384 << 20, me
-        assert p.must(digest) == before  # its next CUDA call thawed it
+        assert p.must(digest, timeout=120) == before  # its next CUDA call thawed it
         v = vgpu_of(node, "frozen")
         (me,) = v["processes"]
         assert me["tiers"]["warm"] == 0 and me["tiers"]["hot"] >= 384 << 20, me
@@ -394,7 +397,7 @@ fd = ok(d.cuMemPoolExportToShareableHandle(pool, props.handleTypes, 0))
 out = native_mapped()
 """) is True
         v = vgpu_of(node, "pool-shared")
-        status, body = node.api(f"/api/vgpus/{v['id']}/offload", method="POST", body={"to": "warm"})
+        status, body = node.api(f"/api/vgpus/{v['id']}/offload", method="POST", body={"to": "warm"}, timeout=60)
         assert status == 409, body
         assert "it shares device memory with another process (IPC)" in body["message"], body
         (me,) = vgpu_of(node, "pool-shared")["processes"]

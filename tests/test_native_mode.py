@@ -510,3 +510,15 @@ def test_a_node_without_the_native_build_offers_the_pool_no_native_socket(tmp_pa
     monkeypatch.setattr(shim, "native_dir", lambda: tmp_path / "none")
     assert w._native_socket() == ""
     assert GPUWorker()._native_socket() == ""  # no Unix socket at all
+
+
+def test_the_checkpoint_helper_finds_the_driver_where_the_processes_do(monkeypatch):
+    """The driver's checkpoint must be called through the node's libcuda.so.1, found as the frozen processes
+    find it (an image may reach it only through LD_LIBRARY_PATH), never through gpulab's own libraries."""
+    from gpu_worker.daemon.native import real_driver_env
+    from gpu_worker.shim import shim_dir
+
+    monkeypatch.setenv("LD_LIBRARY_PATH", f"{native_dir()}:/usr/local/nvidia/lib64:{shim_dir()}/:/opt/cuda/compat")
+    assert real_driver_env()["LD_LIBRARY_PATH"] == "/usr/local/nvidia/lib64:/opt/cuda/compat"
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(native_dir()))
+    assert "LD_LIBRARY_PATH" not in real_driver_env()

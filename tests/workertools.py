@@ -69,8 +69,9 @@ class Worker:
         line = self.proc.stdout.readline()
         self.control = line.split("control API at ")[1].strip() if "control API at" in line else None
 
-    def api(self, path: str, token=None, method="GET", body=None):
-        """A control API call (docs/vgpu.md) as admin, or with ``token``: (status, JSON)."""
+    def api(self, path: str, token=None, method="GET", body=None, timeout=10):
+        """A control API call (docs/vgpu.md) as admin, or with ``token``: (status, JSON). An offload may
+        take up to the control API's 30 s wait: such calls pass a longer ``timeout``."""
         import urllib.error
         import urllib.request
 
@@ -78,7 +79,7 @@ class Worker:
                                      data=None if body is None else json.dumps(body).encode(),
                                      headers={"Authorization": f"token {token or self.admin}"})
         try:
-            with urllib.request.urlopen(req, timeout=10) as r:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, json.loads(r.read() or b"null")
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")

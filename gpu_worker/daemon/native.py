@@ -47,6 +47,19 @@ WHY_NOT = {UVM: "it uses managed (UVM) memory, which the driver's checkpoint doe
            IPC: "it shares device memory with another process (IPC), which the driver's checkpoint does not move"}
 
 
+def real_driver_env(base: dict | None = None) -> dict:
+    """``base`` (default: this environment) without gpulab's libraries on LD_LIBRARY_PATH: the node's driver,
+    found where the processes it checkpoints find it (an image may reach libcuda.so.1 only that way)."""
+    from ..shim import native_dir, shim_dir
+
+    ours = {os.path.realpath(shim_dir()), os.path.realpath(native_dir())}
+    env = dict(os.environ if base is None else base)
+    kept = [p for p in env.pop("LD_LIBRARY_PATH", "").split(":") if p and os.path.realpath(p) not in ours]
+    if kept:
+        env["LD_LIBRARY_PATH"] = ":".join(kept)
+    return env
+
+
 def peer_pid(conn: socket.socket) -> int:
     pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     return pid
@@ -299,9 +312,9 @@ class DriverCheckpointer(Checkpointer):
     def _ask(self, op: str, pid: int) -> int:
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
-                env = {k: val for k, val in os.environ.items() if k != "LD_LIBRARY_PATH"}  # the real libcuda
                 self.proc = subprocess.Popen([sys.executable, "-m", "gpu_worker.daemon.checkpoint_helper"],
-                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                             env=real_driver_env())
             self.proc.stdin.write(f"{op} {pid}\n")
             self.proc.stdin.flush()
             line = self.proc.stdout.readline()

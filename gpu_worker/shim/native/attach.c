@@ -5,7 +5,8 @@
  * ledger for this process (its context charged up front) and answers with key=value lines and the
  * ledger's memfd (SCM_RIGHTS), and the memfd of its GPU's board where the vGPU has a row (pacing.py: when
  * each vGPU of the GPU last wanted to launch, for bursting). The layout's offsets come in that answer:
- * gpu_worker/daemon/ledger.py and pacing.py own them. The socket stays open while the process lives: when it closes, the worker frees the slot.
+ * gpu_worker/daemon/ledger.py and pacing.py own them. The socket stays open while the process lives: when it
+ * closes, the worker frees the slot.
  *
  * Charging is ledger.py's Slot.charge in C: under the ledger's POSIX record lock (per process, so a
  * mutex orders this process's threads first) the live slots are summed and this slot's figure is

@@ -8,7 +8,8 @@
  *   cuMemAlloc, cuMemAllocManaged  the size asked (managed memory is counted whole: it may all be on the GPU)
  *   cuMemAllocPitch                the row width rounded up, trued up to pitch x height
  *   cuMemCreate                    the physical allocation's size, given back at cuMemRelease
- *   arrays, mipmapped arrays       an estimate from the descriptor, trued up to the driver's requirements
+ *   arrays, mipmapped arrays       an estimate from the descriptor; for deferred-mapping ones (the only arrays
+ *                                  the driver tells the size of) trued up to its requirements
  *   stream-ordered (cuMemAllocAsync, cuMemAllocFromPoolAsync)
  *                                  per pool, what it holds: its live allocations, or what it has reserved
  *                                  when more (CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT); re-read at each of the
@@ -406,7 +407,8 @@ static size_t array_bytes(size_t w, size_t h, size_t d, int format, unsigned cha
     return (dims(w, h, d) * bits + 7) / 8;
 }
 
-/* An array made: its charge trued up to the driver's requirement where it tells, else the estimate stays. */
+/* An array made: its charge trued up to the driver's requirement where it tells (deferred-mapping arrays
+ * only: cuArrayGetMemoryRequirements refuses the others), else the estimate stays. */
 static CUresult charge_array(const char *fn, void *array, int kind, size_t guess, const char *req_name)
 {
     CUdevice d;

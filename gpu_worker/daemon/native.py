@@ -5,8 +5,8 @@ hello. The token is checked as for a forwarded session; then, instead of forking
 daemon claims a slot of the vGPU's ledger for the process (its CUDA context charged up front, as for
 an executor) and sends the ledger's memfd and its layout (and the memfd of its GPU's board, pacing.py,
 where the process stamps when its vGPU last wanted to launch, so bursting neighbours are not lent its
-share while it runs). The process charges its allocations there
-itself, under the ledger's lock, beside the vGPU's forwarded executors. The socket stays open: its
+share while it runs). The process charges its allocations there itself, under the ledger's lock,
+beside the vGPU's forwarded executors. The socket stays open: its
 end is the process's end, and the slot is freed (`VGPURegistry.reap`). The peer's pid comes from the
 kernel (SO_PEERCRED), never from the hello.
 

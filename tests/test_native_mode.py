@@ -52,9 +52,18 @@ def native_env(w: Worker, token="vgpu") -> dict:
     return env
 
 
+# For the programs: the descriptor of a memfd this process holds (the ledger, the GPU's board), by its name.
+FIND_MEMFD = """
+def memfd(name):
+    import os
+    return next(int(f) for f in os.listdir("/proc/self/fd") if os.path.lexists(f"/proc/self/fd/{f}")
+                and os.readlink(f"/proc/self/fd/{f}").startswith("/memfd:" + name))
+"""
+
+
 def run_native(w: Worker, code: str, token="vgpu", check=True, env_extra=None, prelude=PRELUDE):
-    p = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], env={**native_env(w, token),
-                                                                                     **(env_extra or {})},
+    p = subprocess.run([sys.executable, "-c", prelude + FIND_MEMFD + textwrap.dedent(code)],
+                       env={**native_env(w, token), **(env_extra or {})},
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     if check and p.returncode != 0:
         raise AssertionError(f"client failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
@@ -66,7 +75,7 @@ class Native:
     """A native-mode program driven a line at a time: each line is Python run in it, answered by one JSON line."""
 
     def __init__(self, w: Worker, token="vgpu"):
-        driver = PRELUDE + textwrap.dedent("""
+        driver = PRELUDE + FIND_MEMFD + textwrap.dedent("""
             import ctypes, sys
             state = {}
             print(json.dumps({"pid": __import__("os").getpid()}), flush=True)
@@ -253,8 +262,7 @@ def test_pacing_arithmetic_is_pacing_py_s_on_the_shared_bucket(node):
         ours = ctypes.CDLL("libcuda.so.1")
         ours.gpulab_native_settle.restype = ctypes.c_double
         ours.gpulab_native_settle.argtypes = [ctypes.c_double] * 4
-        fd = next(int(f) for f in os.listdir("/proc/self/fd") if os.path.lexists(f"/proc/self/fd/{f}")
-                  and os.readlink(f"/proc/self/fd/{f}").startswith("/memfd:gpulab-vgpu-ledger"))
+        fd = memfd("gpulab-vgpu-ledger")
         ledger = L.Ledger.__new__(L.Ledger)
         ledger.slots = 256
         ledger.size = os.fstat(fd).st_size
@@ -294,8 +302,7 @@ def test_a_native_launch_marks_its_vgpu_busy_on_the_gpu_s_board(node):
             from gpu_worker.daemon import pacing
             ok(d.cuInit(0))
             ctx = ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(0)))); ok(d.cuCtxSetCurrent(ctx))
-            fd = next(int(f) for f in os.listdir("/proc/self/fd") if os.path.lexists(f"/proc/self/fd/{f}")
-                      and os.readlink(f"/proc/self/fd/{f}").startswith("/memfd:gpulab-gpu-board"))
+            fd = memfd("gpulab-gpu-board")
             board = pacing.GPUBoard.__new__(pacing.GPUBoard)
             board.map = mmap.mmap(fd, pacing.ENTRIES * pacing.ENTRY.size)
             rows = {pacing.ENTRY.unpack_from(board.map, i * pacing.ENTRY.size)[4]: i for i in range(pacing.ENTRIES)
@@ -358,8 +365,7 @@ def test_a_process_the_driver_cannot_checkpoint_stays_and_the_offload_says_why(n
                  "ok(d.cuCtxSetCurrent(ctx)); ptr = ok(d.cuMemAlloc(4 << 20))") is None
         # the ledger as this process maps it (names at module level: the driver runs each line with exec)
         assert p("!import builtins, mmap, os; from gpu_worker.daemon import ledger as L; builtins.os = os; "
-                 "fd = [int(f) for f in os.listdir('/proc/self/fd') if os.path.lexists(f'/proc/self/fd/{f}') "
-                 "and os.readlink(f'/proc/self/fd/{f}').startswith('/memfd:gpulab-vgpu-ledger')][0]; "
+                 "fd = memfd('gpulab-vgpu-ledger'); "
                  "m = mmap.mmap(fd, os.fstat(fd).st_size); led = L.Ledger.__new__(L.Ledger); led.map = m; "
                  "led.slots = (m.size() - L.HEADER_SIZE) // L.SLOT_SIZE; builtins.led = led; "
                  "mine = [i for i in range(led.slots) if (led.read_slot(i) or {}).get('client_pid') == os.getpid()][0]; "

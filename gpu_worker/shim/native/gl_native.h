@@ -96,5 +96,6 @@ void gl_true_up_graph_memory(void);
 /* launch.c */
 void gl_pace_before(CUstream s, int per_thread, CUevent *start);
 void gl_pace_after(CUstream s, int per_thread, CUevent start);
+int gl_capture_status(CUstream s, int per_thread); /* cuStreamIsCapturing's CUstreamCaptureStatus; -1: it failed */
 
 #endif

@@ -126,13 +126,17 @@ static CUstream record_stream(CUstream s, int per_thread)
     return per_thread && !s ? CU_STREAM_PER_THREAD : s;
 }
 
-/* Whether a launch on ``rs`` is recorded into a graph rather than run (or the driver cannot say). */
-static int capturing(CUstream rs, int per_thread)
+int gl_capture_status(CUstream s, int per_thread)
 {
-    int on = 0;
-    return GL_REAL(capturing_t, per_thread ? "cuStreamIsCapturing_ptsz" : "cuStreamIsCapturing")(rs, &on) !=
-               CUDA_SUCCESS || on;
+    int status = 0;
+    return GL_REAL(capturing_t, per_thread ? "cuStreamIsCapturing_ptsz" : "cuStreamIsCapturing")(s, &status) ==
+                   CUDA_SUCCESS
+               ? status
+               : -1;
 }
+
+/* Whether a launch on ``rs`` is recorded into a graph rather than run (or the driver cannot say). */
+static int capturing(CUstream rs, int per_thread) { return gl_capture_status(rs, per_thread) != 0; }
 
 void gl_pace_before(CUstream s, int per_thread, CUevent *start)
 {

@@ -151,17 +151,7 @@ typedef CUresult (*alloc_async_t)(CUdeviceptr *, size_t, CUstream);
 typedef CUresult (*alloc_pool_t)(CUdeviceptr *, size_t, CUmemoryPool, CUstream);
 typedef CUresult (*free_async_t)(CUdeviceptr, CUstream);
 
-typedef CUresult (*is_capturing_t)(CUstream, int *);
 #define CU_STREAM_CAPTURE_STATUS_ACTIVE 1
-
-/* Whether ``s`` is being captured into a graph (not when the driver cannot say: then the call is charged). */
-static int capture_active(CUstream s, int per_thread)
-{
-    int status = 0;
-    return GL_REAL(is_capturing_t, per_thread ? "cuStreamIsCapturing_ptsz" : "cuStreamIsCapturing")(s, &status) ==
-               CUDA_SUCCESS &&
-           status == CU_STREAM_CAPTURE_STATUS_ACTIVE;
-}
 
 static CUresult alloc_async(const char *name, alloc_async_t real_async, alloc_pool_t real_pool, CUdeviceptr *dptr,
                             size_t n, CUmemoryPool pool, CUstream s, int per_thread)
@@ -170,7 +160,8 @@ static CUresult alloc_async(const char *name, alloc_async_t real_async, alloc_po
     if (r != CUDA_SUCCESS) return r;
     if (!dptr) return CUDA_ERROR_INVALID_VALUE;
     /* a graph's memory node: no memory yet; gl_true_up_graph_memory charges it when a launch reserves it */
-    if (capture_active(s, per_thread)) return real_pool ? real_pool(dptr, n, pool, s) : real_async(dptr, n, s);
+    if (gl_capture_status(s, per_thread) == CU_STREAM_CAPTURE_STATUS_ACTIVE)  /* not when the driver cannot say */
+        return real_pool ? real_pool(dptr, n, pool, s) : real_async(dptr, n, s);
     CUmemoryPool p = real_pool ? pool : current_pool();
     size_t room = 0;
     if (!charge_pool(p, n, &room)) {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import textwrap
@@ -74,7 +75,7 @@ def run_native(w: Worker, code: str, token="vgpu", check=True, env_extra=None, p
 class Native:
     """A native-mode program driven a line at a time: each line is Python run in it, answered by one JSON line."""
 
-    def __init__(self, w: Worker, token="vgpu"):
+    def __init__(self, w: Worker, token="vgpu", forwarded=False):
         driver = PRELUDE + FIND_MEMFD + textwrap.dedent("""
             import ctypes, sys
             state = {}
@@ -87,11 +88,16 @@ class Native:
                     out = {"exit": str(exc)}
                 print(json.dumps(out), flush=True)
         """)
-        self.proc = subprocess.Popen([sys.executable, "-c", driver], env=native_env(w, token), stdin=subprocess.PIPE,
+        env = w.env(token=token) if forwarded else native_env(w, token)  # forwarded: the ordinary shim
+        self.proc = subprocess.Popen([sys.executable, "-c", driver], env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         self.pid = self.said()["pid"]
 
-    def said(self):
+    def said(self, timeout=90):
+        # one line answers each request, so nothing waits in the pipe's buffer when select looks
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            self.proc.kill()
+            raise AssertionError(f"the program did not answer within {timeout} s: {self.proc.stderr.read()}")
         line = self.proc.stdout.readline()
         if not line:
             raise AssertionError(f"the program stopped: {self.proc.stderr.read()}")
@@ -353,6 +359,171 @@ def test_freeze_and_thaw_through_the_chain_keep_the_bytes(node):
     finally:
         p.close()
     assert "thawed" in node.log_text() and "frozen" in node.log_text()
+
+
+def small_node(tmp_path, double, tokens: dict) -> Worker:
+    """A node whose GPUs hold 128 MiB each: full after a few allocations."""
+    (tmp_path / "tokens.json").write_text(json.dumps(tokens))
+    w = Worker(tmp_path, token=None, extra=("--emulated-gpus", "2", "--emulated-memory", "128M", "--name", "node",
+                                            "--tokens-file", str(tmp_path / "tokens.json")))
+    w.double = double
+    return w
+
+
+OPEN = "!ok(d.cuInit(0)); ctx = ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(0)))); ok(d.cuCtxSetCurrent(ctx))"
+WRITE = ("!data = np.random.default_rng({seed}).integers(0, 255, {n}, dtype=np.uint8); ptr = ok(d.cuMemAlloc({n})); "
+         "ok(d.cuMemcpyHtoD(ptr, data.ctypes.data, data.nbytes))")
+READ_BACK = ("!out = np.zeros_like(data); ok(d.cuMemcpyDtoH(out.ctypes.data, ptr, out.nbytes)); "
+             "same = bool((out == data).all())")
+
+
+def test_a_native_process_whose_gpu_is_full_gets_room_from_idle_vgpus(tmp_path, driver_double):
+    """The driver (here the double, whose vGPU has the lowest QoS, so that its own executor's asks for room move
+    nobody) finds the GPU full: the native shim asks the worker for room, an idle vGPU of the same QoS moves to
+    warm, the allocation is made. Where only a vGPU of higher QoS holds the GPU, the allocation fails with
+    CUDA_ERROR_OUT_OF_MEMORY and the worker's reason, and its charge is given back."""
+    node = small_node(tmp_path, driver_double, {
+        "node": {"gpus": [0, 1], "qos": "low"}, "vgpu": {"vram": "64M", "gpus": [1]},
+        "idle": {"vram": "96M", "gpus": [1]}, "boss": {"vram": "96M", "gpus": [1], "qos": "high"}})
+    idle = p = boss = None
+    try:
+        idle = Native(node, "idle", forwarded=True)
+        assert idle(OPEN) is None and idle(WRITE.format(seed=1, n=96 << 20)) is None
+        p = Native(node)
+        assert p(OPEN) is None
+        assert p("name(d.cuMemAlloc(48 << 20))") == "CUDA_SUCCESS"  # 96 + 48 MiB > 128 MiB: room was made
+        moved = vgpu_of(node, "idle")
+        assert moved["tiers"]["hot"] == 0 and moved["tiers"]["warm"] == 96 << 20
+        assert vgpu_of(node, "vgpu")["used"] == 48 << 20
+        v = vgpu_of(node, "vgpu")
+        assert f"eviction on GPU 1 for vGPU {v['id']} (process {p.pid}, 48.0 MiB): {moved['id']} -> warm" \
+            in node.log_text()
+        said = p.close()
+        p = None
+        assert "of this vGPU is full" not in said, said
+        # only a vGPU of higher QoS holds the GPU now: nothing may move for this one
+        boss = Native(node, "boss", forwarded=True)
+        assert boss(OPEN) is None and boss(WRITE.format(seed=2, n=96 << 20)) is None
+        p = Native(node)
+        assert p(OPEN) is None
+        assert p("name(d.cuMemAlloc(48 << 20))") == "CUDA_ERROR_OUT_OF_MEMORY"
+        assert vgpu_of(node, "vgpu")["used"] == 0 and vgpu_of(node, "boss")["tiers"]["hot"] == 96 << 20
+        said = p.close()
+        p = None
+        assert ("cuMemAlloc refused: GPU 0 of this vGPU is full: the driver has no room left (0.0 MiB held by this "
+                "process), 48.0 MiB more wanted; the other vGPUs there have a higher QoS than this one (medium) and "
+                "are never moved for it (CUDA_ERROR_OUT_OF_MEMORY)") in said, said
+        assert boss(READ_BACK) is None and boss("same") is True
+        boss.close()
+        boss = None
+        assert idle(READ_BACK) is None and idle("same") is True  # restored with its bytes
+    finally:
+        for prog in (p, boss, idle):
+            if prog is not None:
+                prog.close()
+        node.stop()
+
+
+def test_an_idle_native_vgpu_is_frozen_to_make_room_for_another(tmp_path, driver_double):
+    """A forwarded vGPU's allocation finds the GPU full; the memory there is a native vGPU's of lower QoS (held,
+    on this worker, by the double's vGPU of high QoS, which is never moved for it). The eviction counts the
+    native processes' memory, freezes them, and the allocation is made; the native process's next call thaws it
+    with its bytes."""
+    node = small_node(tmp_path, driver_double, {
+        "node": {"gpus": [0, 1], "qos": "high"}, "vgpu": {"vram": "64M", "gpus": [1], "qos": "low"},
+        "hungry": {"vram": "96M", "gpus": [1]}})
+    p = None
+    try:
+        p = Native(node)
+        assert p(OPEN) is None and p(WRITE.format(seed=3, n=48 << 20)) is None
+        hungry = node.run(PRELUDE + "setup(); done(r=name(d.cuMemAlloc(96 << 20)))", token="hungry")
+        assert hungry.result["r"] == "CUDA_SUCCESS", hungry.stderr
+        me = vgpu_of(node, "vgpu")["processes"][0]
+        assert me["mode"] == "native" and me["tiers"]["warm"] == 48 << 20 and me["tiers"]["hot"] == 0
+        assert "frozen" in node.log_text()
+        assert p(READ_BACK) is None and p("same") is True  # thawed: the bytes came back
+        assert vgpu_of(node, "vgpu")["processes"][0]["tiers"]["hot"] == 48 << 20
+    finally:
+        if p is not None:
+            p.close()
+        node.stop()
+
+
+def test_a_thaw_short_of_room_moves_other_vgpus_off_the_gpu(tmp_path, driver_double):
+    """A frozen native process's next call finds its GPU filled meanwhile by a vGPU of its QoS: the thaw asks the
+    eviction for room (the double's own asks move nobody: its vGPU has the lowest QoS), the filler moves to warm,
+    the process is restored with its bytes."""
+    node = small_node(tmp_path, driver_double, {
+        "node": {"gpus": [0, 1], "qos": "low"}, "vgpu": {"vram": "64M", "gpus": [1]},
+        "filler": {"vram": "96M", "gpus": [1]}})
+    p = filler = None
+    try:
+        p = Native(node)
+        assert p(OPEN) is None and p(WRITE.format(seed=4, n=48 << 20)) is None
+        v = vgpu_of(node, "vgpu")
+        status, body = node.api(f"/api/vgpus/{v['id']}/offload", method="POST", body={"to": "warm"})
+        assert status == 200, body
+        filler = Native(node, "filler", forwarded=True)
+        assert filler(OPEN) is None and filler(WRITE.format(seed=5, n=96 << 20)) is None  # 32 MiB left
+        assert p(READ_BACK) is None and p("same") is True
+        assert vgpu_of(node, "vgpu")["processes"][0]["tiers"]["hot"] == 48 << 20
+        assert vgpu_of(node, "filler")["tiers"] == {"hot": 0, "warm": 96 << 20, "cold": 0}
+        log = node.log_text()
+        assert "waiting for 50331648 bytes of room on its GPU before restoring" in log
+        assert f"eviction on GPU 1 for vGPU {v['id']}" in log and "thawed" in log
+        assert filler(READ_BACK) is None and filler("same") is True
+    finally:
+        for prog in (p, filler):
+            if prog is not None:
+                prog.close()
+        node.stop()
+
+
+def test_a_malformed_request_for_room_is_answered_with_why_and_an_oversized_one_ends_the_attachment(node):
+    """OP_NATIVE_ROOM from a raw native attachment: what the worker cannot read is CUDA_ERROR_OUT_OF_MEMORY with a
+    sentence and the attachment goes on; a sound one is answered with the room there is; a payload past its
+    bound closes the attachment and frees the slot."""
+    import socket
+
+    from gpu_worker.api.protocol import HELLO, PROTOCOL_VERSION, REP_HEADER, REQ_HEADER
+    from gpu_worker.api.wire import OP_NATIVE_HELLO, OP_NATIVE_ROOM
+
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(30)
+    sock.connect(node.unix[len("unix://"):])
+    tok = b"vgpu"
+    sock.sendall(REQ_HEADER.pack(HELLO.size + len(tok), OP_NATIVE_HELLO, 0) + HELLO.pack(PROTOCOL_VERSION, os.getpid(),
+                                                                                         len(tok)) + tok)
+    head, fds, _flags, _addr = socket.recv_fds(sock, REP_HEADER.size, 4, socket.MSG_WAITALL)
+    for fd in fds:
+        os.close(fd)
+    plen, res, _ = REP_HEADER.unpack(head)
+    assert res == 0 and b"eviction_wait_ms=10000" in sock.recv(plen, socket.MSG_WAITALL)
+
+    def ask(body: bytes) -> tuple[int, str]:
+        sock.sendall(REQ_HEADER.pack(len(body), OP_NATIVE_ROOM, 0) + body)
+        plen, res, _ = REP_HEADER.unpack(sock.recv(REP_HEADER.size, socket.MSG_WAITALL))
+        return res, sock.recv(plen, socket.MSG_WAITALL).decode()
+
+    for bad in (b"garbage", b'{"device": 1, "need": 1, "wait": 1}', b'{"device": 0, "need": -5, "wait": 1}'):
+        res, why = ask(bad)
+        assert res == 2 and why.startswith("the worker did not understand this process's request for room"), why
+        assert why.endswith("expected its device's ordinal, the bytes it needs and the seconds it waits")
+    res, freed = ask(b'{"device": 0, "need": 1048576, "wait": 1}')  # an empty 4 GiB GPU: the room is there
+    assert res == 0 and int(freed) == 4 << 30
+    assert len(vgpu_of(node, "vgpu")["processes"]) == 1
+    sock.sendall(REQ_HEADER.pack(1000, OP_NATIVE_ROOM, 0) + b"x" * 1000)
+    try:
+        closed = sock.recv(16) == b""
+    except ConnectionResetError:  # closed with the rest of the payload unread
+        closed = True
+    assert closed
+    sock.close()
+    deadline = time.monotonic() + 10
+    while vgpu_of(node, "vgpu")["processes"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert vgpu_of(node, "vgpu")["processes"] == []
+    assert "unexpected frame (opcode 7, 1000 bytes); closing" in node.log_text()
 
 
 def test_a_process_the_driver_cannot_checkpoint_stays_and_the_offload_says_why(node):

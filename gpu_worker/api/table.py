@@ -163,6 +163,10 @@ WIRE = [
                                 "ledger's file descriptor (SCM_RIGHTS)"),
     Const("OP_NATIVE_THAW", 6, "a native process found itself frozen (warm tier): the worker restores it; replied "
                                "once it may run"),
+    Const("OP_NATIVE_ROOM", 7, "a native process's driver found its GPU full: the payload is JSON {device (the "
+                               "vGPU's ordinal), need (bytes), wait (seconds)}; the worker moves other vGPUs off "
+                               "that GPU (eviction) and replies 0 with the bytes freed as decimal text, or "
+                               "OUT_OF_MEMORY with why nothing could move"),
     Const("NATIVE_OBSERVE", 2, "request flags bit of OP_NATIVE_HELLO: read the ledger only (the NVML stand-in): no "
                                "slot, nothing charged"),
     Const("FIRST_OPCODE", 16, "opcode of FORWARDED[0]; FORWARDED[i] is FIRST_OPCODE + i"),

@@ -8,6 +8,7 @@ OP_LAUNCH = 3  # a kernel launch with its parameter buffer (never replied)
 OP_PARAM_LAYOUT = 4  # offset and size of each parameter of a function
 OP_NATIVE_HELLO = 5  # opens a native-mode process's attachment to its vGPU's ledger (same payload as HELLO, Unix socket only): the reply's payload is key=value lines and carries the ledger's file descriptor (SCM_RIGHTS)
 OP_NATIVE_THAW = 6  # a native process found itself frozen (warm tier): the worker restores it; replied once it may run
+OP_NATIVE_ROOM = 7  # a native process's driver found its GPU full: the payload is JSON {device (the vGPU's ordinal), need (bytes), wait (seconds)}; the worker moves other vGPUs off that GPU (eviction) and replies 0 with the bytes freed as decimal text, or OUT_OF_MEMORY with why nothing could move
 NATIVE_OBSERVE = 2  # request flags bit of OP_NATIVE_HELLO: read the ledger only (the NVML stand-in): no slot, nothing charged
 FIRST_OPCODE = 16  # opcode of FORWARDED[0]; FORWARDED[i] is FIRST_OPCODE + i
 FLAG_REPLY = 1  # request flags bit: the shim waits for a reply

@@ -10,6 +10,11 @@ beside the vGPU's forwarded executors. The socket stays open: its
 end is the process's end, and the slot is freed (`VGPURegistry.reap`). The peer's pid comes from the
 kernel (SO_PEERCRED), never from the hello.
 
+Oversubscription: when the real driver finds the GPU full, the shim asks for room on the same socket
+(OP_NATIVE_ROOM), and the worker's eviction (tiering.py) moves other vGPUs off that GPU as it does for an
+executor; the shim then tries again. A native vGPU is itself a candidate for eviction: its processes'
+memory (their slots) counts as held on its GPUs until they are frozen.
+
 The warm tier of a native process is the driver's checkpoint (`Checkpointer`): freezing sets the
 slot's frozen byte, waits a grace period (a call that sees the byte asks for a thaw instead of
 entering the driver), then locks the process's CUDA calls and checkpoints its device memory to host
@@ -32,7 +37,7 @@ import time
 
 from ..api import errors as E
 from ..api.protocol import REP_HEADER, REQ_HEADER
-from ..api.wire import NATIVE_OBSERVE, OP_NATIVE_THAW
+from ..api.wire import MAX_REASON, NATIVE_OBSERVE, OP_NATIVE_ROOM, OP_NATIVE_THAW
 from .ledger import TIER_OFF, T_FROZEN, Slot, native_layout
 from .pacing import CHECK_EVERY, DEPTH
 
@@ -42,6 +47,7 @@ GRACE = 0.05          # seconds between marking a process frozen and locking it
 ROOM_POLL = 0.5       # seconds between two looks for room while a thaw waits
 STILL_LOCKED = 210     # checkpoint_helper.FROZEN_AS_IS (CUDA_ERROR_ALREADY_ACQUIRED): checkpoint and unlock failed
 CHECKPOINT_POLL = 0.01  # seconds between two looks while a thaw waits for a checkpoint under way to end
+MAX_ROOM_REQUEST = 256  # bytes of an OP_NATIVE_ROOM payload: {"device": k, "need": n, "wait": s} fits well within
 UVM, IPC = 1, 2       # the shim's bits in the byte after the frozen byte: why it cannot be frozen
 WHY_NOT = {UVM: "it uses managed (UVM) memory, which the driver's checkpoint does not move",
            IPC: "it shares device memory with another process (IPC), which the driver's checkpoint does not move"}
@@ -84,8 +90,10 @@ class NativeProcesses:
         self.checkpointer = checkpointer
         self.links: dict[int, NativeLink] = {}  # pid -> link
         self.lock = threading.Lock()
+        self.tiering = None  # tiering.py's Tiering, set by the worker: room for a process whose GPU is full
         registry.native_tier = self.request_tier
         registry.native_why_not = self.why_not_pid
+        registry.native_hot = self.hot_bytes
 
     # ------------------------------------------------------------------ attach
     def open(self, conn: socket.socket, grant: dict, flags: int, label: str, max_processes: int) -> NativeLink | None:
@@ -106,7 +114,8 @@ class NativeProcesses:
             self.registry.bind_native(v, slot, pid)
         info = {**native_layout(), "slot": slot, "slots": v.ledger.slots, "gpus": ",".join(grant["gpus"]),
                 "depth_us": round(DEPTH * 1e6), "check_every_us": round(CHECK_EVERY * 1e6),
-                "backend": self.checkpointer.backend}
+                "backend": self.checkpointer.backend,
+                "eviction_wait_ms": round(self.tiering.eviction_wait * 1000) if self.tiering is not None else 0}
         fds = [v.ledger.fd]
         row = v.row
         if not observe and v.board is not None and row is not None:  # its launches keep bursting neighbours off
@@ -139,7 +148,15 @@ class NativeProcesses:
             if op == OP_NATIVE_THAW and plen == 0:
                 threading.Thread(target=self._thaw_and_answer, args=(link,), name="gpulab-thaw", daemon=True).start()
                 return True
-            log.warning("%s: unexpected frame (opcode %d); closing", link.label, op)
+            if op == OP_NATIVE_ROOM and 0 < plen <= MAX_ROOM_REQUEST:
+                try:
+                    body = link.conn.recv(plen, socket.MSG_WAITALL)
+                except OSError:
+                    body = b""
+                if len(body) == plen:
+                    self._room(link, body)
+                    return True
+            log.warning("%s: unexpected frame (opcode %d, %d bytes); closing", link.label, op, plen)
         self.closed(link)
         return False
 
@@ -155,6 +172,71 @@ class NativeProcesses:
     def close_all(self) -> None:
         for link in list(self.links.values()):
             self.closed(link)
+
+    # ------------------------------------------------------------------ oversubscription
+    def _room(self, link: NativeLink, body: bytes) -> None:
+        """The process's driver found its GPU full: the worker's eviction, as an executor's request (tiering.py),
+        answered on the process's socket: 0 and the bytes freed, or OUT_OF_MEMORY and why none were."""
+        def answer(reply: bytes) -> None:
+            try:
+                got = json.loads(reply)
+            except ValueError:
+                got = {"refused": "the worker's answer to the request for room was unreadable"}
+            freed = int(got.get("freed", 0) or 0)
+            if freed > 0:
+                frame = REP_HEADER.pack(len(str(freed)), E.SUCCESS, 0) + str(freed).encode()
+            else:
+                why = str(got.get("refused") or "no other vGPU's memory could move off it").encode()[:MAX_REASON]
+                frame = REP_HEADER.pack(len(why), E.OUT_OF_MEMORY, len(why)) + why
+            try:
+                link.conn.sendall(frame)
+            except OSError:
+                pass  # the process ended meanwhile
+
+        gpus = link.vgpu.grant["gpus"]
+        try:
+            req = json.loads(body)
+            device, need, wait = req["device"], req["need"], req["wait"]
+            if not (type(device) is int and 0 <= device < len(gpus) and type(need) is int and need > 0
+                    and type(wait) in (int, float) and wait >= 0):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            answer(json.dumps({"refused": f"the worker did not understand this process's request for room "
+                                          f"({body[:80]!r}); expected its device's ordinal, the bytes it needs "
+                                          f"and the seconds it waits"}).encode())
+            return
+        if self.tiering is None:
+            answer(json.dumps({"refused": "this worker does not move vGPUs' memory"}).encode())
+            return
+        index = self.registry.by_uuid[gpus[device]]["index"]
+        self.tiering.request(link.vgpu, link.pid, json.dumps({"gpu": index, "need": need, "wait": wait}).encode(),
+                             answer)
+
+    def _make_room(self, link: NativeLink) -> None:
+        """A thaw finds its GPUs short of room: ask the eviction to move other vGPUs off them (this one, waiting,
+        is never chosen), as an executor's restore does."""
+        gpus = link.vgpu.grant["gpus"]
+        need = -(-link.checkpointed // len(gpus))
+        for uuid in gpus:
+            index = self.registry.by_uuid[uuid]["index"]
+            reply = json.loads(self.tiering.handle(link.vgpu, link.pid,
+                                                   json.dumps({"gpu": index, "need": max(need, 1)}).encode()))
+            if "refused" in reply:
+                log.info("%s: no room made on GPU %d for its thaw: %s", link.label, index, reply["refused"])
+
+    def hot_bytes(self, v) -> int:
+        """(registry.native_hot) Device memory the native processes of ``v`` hold now (their allocations and
+        contexts), all of it until a checkpoint has moved it to host memory."""
+        with self.lock:
+            links = [link for link in self.links.values() if link.vgpu is v]
+        total = 0
+        for link in links:
+            if link.state == "frozen" and link.checkpointed:
+                continue
+            rec = v.ledger.read_slot(link.slot)
+            if rec is not None:
+                total += rec["used"] + rec["overhead"]
+        return total
 
     # ------------------------------------------------------------------ warm tier
     def request_tier(self, v, seq: int, want: int) -> None:
@@ -242,12 +324,15 @@ class NativeProcesses:
                     break
             time.sleep(CHECKPOINT_POLL)
         start = time.monotonic()
-        waited = False
+        asked = None
         while not self.checkpointer.has_room(link.vgpu.grant["gpus"], link.checkpointed):
-            if not waited:
+            if asked is None:
                 log.warning("%s: waiting for %d bytes of room on its GPU before restoring", link.label,
                             link.checkpointed)
-                waited = True
+            if self.tiering is not None and (asked is None or time.monotonic() - asked >= self.tiering.eviction_wait):
+                asked = time.monotonic()
+                self._make_room(link)
+            asked = asked or time.monotonic()
             time.sleep(ROOM_POLL)
         result = self.checkpointer.thaw(link.pid)
         slot = Slot(ledger, link.slot)
@@ -384,4 +469,7 @@ class EmulatedCheckpointer(Checkpointer):
         return self._move(pid, 0)
 
     def has_room(self, gpus: list[str], nbytes: int) -> bool:
-        return True
+        """The emulated GPUs' room is what their tier board leaves (their configured memory)."""
+        board, each = self.registry.tierboard, -(-nbytes // max(len(gpus), 1))
+        indexes = [self.registry.by_uuid[u]["index"] for u in gpus]
+        return all(not board.capacity(i) or board.capacity(i) - board.hot_on(i) >= each for i in indexes)

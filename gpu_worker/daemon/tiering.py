@@ -12,10 +12,12 @@ saying the kernel is idle) when no process touched after the hint came.  The pol
 colder: a touch restores (the executor does it), and it asks for one tier once per idle spell.
 The decision is `decide`, a pure function of plain records, so tests give it their own clock.
 
-Eviction (`Tiering.request`, answered in a thread of its own): an executor whose GPU is full asks
+Eviction (`Tiering.request`, answered in a thread of its own): an executor whose GPU is full (or a
+native process whose driver says so, or a native thaw short of room: native.py) asks
 for ``need`` bytes there, and may say how long it waits (``wait``, seconds).  It counts as waiting
 for room from the moment its request arrives, so it is never a victim while it cannot move.  One
 eviction runs at a time per GPU.  Victims are the other active vGPUs holding memory on that GPU
+(their executors' rows on the tier board, their native processes' slots until frozen: `held_on`)
 whose QoS is not above the requester's and that are not themselves waiting for room, lowest QoS
 first, then least recently active; each goes warm while the warm budget has room for it, else
 cold, until the bytes they hold there cover the shortfall.  The answer comes within
@@ -214,10 +216,9 @@ class Tiering:
             short = in_use + need - capacity if capacity else need
             candidates, higher, waiting = [], 0, 0
             for v in reg.table.values():
-                if v is vgpu or v.state != "active" or not v.rows:
+                if v is vgpu or v.state != "active" or not (v.rows or v.native):
                     continue
-                rows = [board.row_figures(r) for r in v.rows.values()]
-                here = sum(f["hot"][gpu] for f in rows)
+                here, everywhere = reg.held_on(v, gpu)
                 if here <= 0:
                     continue
                 their_rank = QOS_RANK.get(v.grant.get("qos") or "medium", 1)
@@ -226,8 +227,7 @@ class Tiering:
                 elif self.waiting.get(v.id):
                     waiting += 1
                 else:
-                    candidates.append((their_rank, idle_clock(reg.tier_state(v)) or 0.0, v, here,
-                                       sum(sum(f["hot"]) for f in rows)))
+                    candidates.append((their_rank, idle_clock(reg.tier_state(v)) or 0.0, v, here, everywhere))
             if not candidates:
                 if higher:
                     why = (f"the other vGPUs there have a higher QoS than this one ({qos}) and are never moved "
@@ -256,7 +256,7 @@ class Tiering:
         before = sum(here for _v, _want, here in victims)
         while True:
             with reg.lock:
-                left = sum(board.row_figures(r)["hot"][gpu] for v, _w, _h in victims for r in list(v.rows.values()))
+                left = sum(reg.held_on(v, gpu)[0] for v, _w, _h in victims)
                 room = capacity - board.hot_on(gpu) if capacity else 0
             freed = max(before - left, 0)
             if left == 0 or (capacity and room >= need) or (not capacity and freed >= need):

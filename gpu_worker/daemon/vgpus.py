@@ -145,6 +145,7 @@ class VGPURegistry:
         self.lookup = None
         self.native_tier = None  # native.py: moves a vGPU's native-mode processes (request_tier calls it)
         self.native_why_not = lambda pid: ""  # native.py: why a native process cannot be frozen, "" if it can
+        self.native_hot = lambda v: 0  # native.py: device memory a vGPU's native processes hold (until frozen)
         self.names = _function_names()
 
     # ------------------------------------------------------------------ grants
@@ -581,11 +582,32 @@ class VGPURegistry:
     def gpus(self) -> list[dict]:
         return [dict(g) for g in self.gpu_list]
 
+    def held_on(self, v: VGPU, gpu: int) -> tuple[int, int]:
+        """(lock held) Device memory ``v`` holds on the worker's GPU ``gpu``, and on all its GPUs: its executors'
+        rows on the tier board and its native processes' memory (native.py: the shim does not tell a vGPU's
+        GPUs apart, so that counts evenly on each of them)."""
+        rows = [self.tierboard.row_figures(r) for r in v.rows.values()]
+        here, everywhere = sum(f["hot"][gpu] for f in rows), sum(sum(f["hot"]) for f in rows)
+        native = self.native_hot(v) if v.native else 0
+        if native:
+            indexes = [self.by_uuid[u]["index"] for u in v.grant["gpus"]]
+            everywhere += native
+            if gpu in indexes:
+                here += native // len(indexes)
+        return here, everywhere
+
     def tier_figures(self) -> dict:
-        """The tier board's totals: warm bytes held, the warm budget, and hot bytes per GPU uuid."""
+        """The tier board's totals: warm bytes held, the warm budget, and hot bytes per GPU uuid (with a real
+        GPU's native processes; on the emulated device their driver double's executors hold them already)."""
         board = self.tierboard
-        return {"warm": board.warm_total(), "warm_budget": board.warm_budget,
-                "hot": {g["uuid"]: board.hot_on(i) for i, g in enumerate(self.gpu_list)}}
+        hot = {g["uuid"]: board.hot_on(i) for i, g in enumerate(self.gpu_list)}
+        if self.kind == "cuda":
+            with self.lock:
+                for v in self.table.values():
+                    native = self.native_hot(v) if v.native else 0
+                    for u in v.grant["gpus"] if native else ():
+                        hot[u] += native // len(v.grant["gpus"])
+        return {"warm": board.warm_total(), "warm_budget": board.warm_budget, "hot": hot}
 
     def gpu_facts(self) -> dict[str, dict]:
         """Per GPU: NVML's facts on a real GPU; on the emulated device, what its vGPUs hold."""

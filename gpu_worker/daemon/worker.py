@@ -274,6 +274,7 @@ class GPUWorker(Configurable):
                                eviction_wait=self.eviction_wait)
         self.native = NativeProcesses(self.registry, EmulatedCheckpointer(self.registry) if self.kind == "emulated"
                                       else DriverCheckpointer())
+        self.native.tiering = self.tiering  # a native process whose GPU is full asks for room as executors do
         static = dict(self.tokens)
         if self.token:
             static.setdefault(self.token, {})

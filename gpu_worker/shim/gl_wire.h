@@ -10,6 +10,7 @@
 #define GL_OP_PARAM_LAYOUT 4u  /* offset and size of each parameter of a function */
 #define GL_OP_NATIVE_HELLO 5u  /* opens a native-mode process's attachment to its vGPU's ledger (same payload as HELLO, Unix socket only): the reply's payload is key=value lines and carries the ledger's file descriptor (SCM_RIGHTS) */
 #define GL_OP_NATIVE_THAW 6u  /* a native process found itself frozen (warm tier): the worker restores it; replied once it may run */
+#define GL_OP_NATIVE_ROOM 7u  /* a native process's driver found its GPU full: the payload is JSON {device (the vGPU's ordinal), need (bytes), wait (seconds)}; the worker moves other vGPUs off that GPU (eviction) and replies 0 with the bytes freed as decimal text, or OUT_OF_MEMORY with why nothing could move */
 #define GL_NATIVE_OBSERVE 2u  /* request flags bit of OP_NATIVE_HELLO: read the ledger only (the NVML stand-in): no slot, nothing charged */
 #define GL_FIRST_OPCODE 16u  /* opcode of FORWARDED[0]; FORWARDED[i] is FIRST_OPCODE + i */
 #define GL_FLAG_REPLY 1u  /* request flags bit: the shim waits for a reply */

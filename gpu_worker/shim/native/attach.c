@@ -11,7 +11,10 @@
  * Charging is ledger.py's Slot.charge in C: under the ledger's POSIX record lock (per process, so a
  * mutex orders this process's threads first) the live slots are summed and this slot's figure is
  * written only if the quota holds. Forwarded executors and native processes of one vGPU take the same
- * lock over the same pages, so no two of them together pass the quota. */
+ * lock over the same pages, so no two of them together pass the quota.
+ *
+ * The socket carries two requests of the process's own: a thaw (the worker froze it) and, when the real driver
+ * finds the GPU full, a request for room (the worker's eviction moves other vGPUs off it, tiering.py). */
 #define _GNU_SOURCE
 #include "gl_native.h"
 
@@ -35,6 +38,7 @@
 static struct {
     pthread_mutex_t mu;       /* this process's threads, before the ledger's record lock */
     pthread_mutex_t once_mu;
+    pthread_mutex_t sock_mu;  /* one request at a time on the worker's socket */
     int done;                 /* gl_attach ran in this process */
     CUresult status;
     int sock, memfd, board_fd;
@@ -44,10 +48,11 @@ static struct {
     size_t used_off, overhead_off, kernel_off, tier_off, pace_off, calls_off, launches_off;
     size_t quota_off, revoked_off, reason_off, reason_len_off, frozen_off, touch_off;
     double depth, check_every;  /* pacing.py's DEPTH and CHECK_EVERY, from the worker */
+    double eviction_wait;       /* the worker's: seconds it may take to make room on a full GPU (0: it does not) */
     int gpus;
     char uuids[8][64];
     unsigned long long used; /* this process's bytes (mirrors its slot) */
-} A = { .mu = PTHREAD_MUTEX_INITIALIZER, .once_mu = PTHREAD_MUTEX_INITIALIZER,
+} A = { .mu = PTHREAD_MUTEX_INITIALIZER, .once_mu = PTHREAD_MUTEX_INITIALIZER, .sock_mu = PTHREAD_MUTEX_INITIALIZER,
         .status = CUDA_ERROR_NOT_INITIALIZED, .sock = -1, .memfd = -1, .board_fd = -1 };
 
 /* The byte every exported entry point reads before it jumps (exports): a static zero until attached, then the
@@ -169,6 +174,40 @@ static void close_fds(int fds[2])
         if (fds[i] >= 0) close(fds[i]);
 }
 
+/* One request on the worker's socket and its answer (the process's threads take turns): 0, or -1 when the worker
+ * is gone. The answer's payload goes to ``text``, NUL-ended (what does not fit is read and dropped). No
+ * time-out: the worker bounds its own waits (a thaw's for room, eviction_wait for room). */
+static int exchange(unsigned op, const char *body, size_t len, int *result, char *text, size_t text_len)
+{
+    unsigned char frame[GL_REQ_HEADER_SIZE], hdr[GL_REP_HEADER_SIZE];
+    unsigned long long plen = len;
+    unsigned flags = 0;
+    int fds[2] = { -1, -1 }, rc = -1;
+    memcpy(frame, &plen, 8);
+    memcpy(frame + 8, &op, 4);
+    memcpy(frame + 12, &flags, 4);
+    pthread_mutex_lock(&A.sock_mu);
+    struct timeval tv = { 0, 0 };
+    setsockopt(A.sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if (io_all(A.sock, frame, sizeof frame, 1) == 0 && (!len || io_all(A.sock, (void *)body, len, 1) == 0) &&
+        recv_header(A.sock, hdr, fds) == 0) {
+        close_fds(fds);  /* none come with these answers */
+        memcpy(&plen, hdr, 8);
+        memcpy(result, hdr + 8, 4);
+        size_t keep = plen < text_len ? (size_t)plen : text_len - 1;
+        rc = io_all(A.sock, text, keep, 0);
+        text[rc ? 0 : keep] = 0;
+        for (unsigned long long rest = plen - keep; rc == 0 && rest;) {
+            char drop[256];
+            size_t k = rest < sizeof drop ? (size_t)rest : sizeof drop;
+            rc = io_all(A.sock, drop, k, 0);
+            rest -= k;
+        }
+    }
+    pthread_mutex_unlock(&A.sock_mu);
+    return rc;
+}
+
 /* The GPU's board (pacing.py), where a slot's owner stamps when its vGPU last wanted to launch. */
 static void map_board(int fd, const char *text, unsigned flags)
 {
@@ -244,6 +283,7 @@ static CUresult attach_now(unsigned flags)
     A.touch_off = A.slot_off + key(text, "touch_off");
     A.depth = key(text, "depth_us") / 1e6;
     A.check_every = key(text, "check_every_us") / 1e6;
+    A.eviction_wait = key(text, "eviction_wait_ms") / 1e3;
     parse_gpus(text);
     A.map_size = A.header + A.slots * A.slot_size;
     A.map = memfd < 0 || !A.slot_size ? MAP_FAILED
@@ -276,6 +316,7 @@ static void after_fork_child(void)
     /* the child is another process: it is not this slot's owner and attaches afresh at its cuInit */
     pthread_mutex_init(&A.mu, NULL);
     pthread_mutex_init(&A.once_mu, NULL);
+    pthread_mutex_init(&A.sock_mu, NULL);
     if (A.sock >= 0) close(A.sock);
     if (A.map) munmap(A.map, A.map_size);
     if (A.memfd >= 0) close(A.memfd);
@@ -501,25 +542,31 @@ void gl_thaw_if_frozen(void)
     if (!*gl_frozen_at || A.sock < 0) return;
     pthread_mutex_lock(&A.mu);
     if (*gl_frozen_at) {
-        unsigned char frame[GL_REQ_HEADER_SIZE] = { 0 }, hdr[GL_REP_HEADER_SIZE];
-        unsigned op = GL_OP_NATIVE_THAW;
-        memcpy(frame + 8, &op, 4);
-        int fds[2] = { -1, -1 };  /* none come with this answer */
-        struct timeval tv = { 0, 0 };  /* a thaw waits for the worker to find room */
-        setsockopt(A.sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-        if (io_all(A.sock, frame, sizeof frame, 1) == 0 && recv_header(A.sock, hdr, fds) == 0) {
-            unsigned long long plen;
-            memcpy(&plen, hdr, 8);
-            char text[GL_MAX_REASON + 64];
-            if (plen < sizeof text && io_all(A.sock, text, plen, 0) == 0) {
-                int result;
-                memcpy(&result, hdr + 8, 4);
-                if (result != CUDA_SUCCESS) gl_sayf("%.*s", (int)plen, text);
-            }
-        } else {
+        char text[GL_MAX_REASON + 64];
+        int result = CUDA_SUCCESS;
+        if (exchange(GL_OP_NATIVE_THAW, NULL, 0, &result, text, sizeof text) != 0)
             gl_log("native mode: the worker did not answer a thaw request; going on");
-        }
+        else if (result != CUDA_SUCCESS)
+            gl_sayf("%s", text);
         *gl_frozen_at = 0;  /* the worker cleared it, or is gone: either way the call goes on */
     }
     pthread_mutex_unlock(&A.mu);
+}
+
+/* ------------------------------------------------------------------------ a full GPU (memory.c) */
+double gl_eviction_wait(void) { return A.sock < 0 ? 0.0 : A.eviction_wait; }
+unsigned long long gl_process_used(void) { return A.used; }
+
+/* Ask the worker to move other vGPUs off the vGPU's GPU ``ordinal`` until ``n`` bytes fit, within ``wait``
+ * seconds (tiering.py's eviction, as for an executor): the bytes it freed, or 0 and its sentence in ``why``. */
+unsigned long long gl_ask_room(int ordinal, size_t n, double wait, char *why, size_t why_len)
+{
+    char body[160];
+    int len = snprintf(body, sizeof body, "{\"device\": %d, \"need\": %zu, \"wait\": %.3f}", ordinal, n, wait);
+    int result = CUDA_ERROR_UNKNOWN;
+    if (A.sock < 0 || exchange(GL_OP_NATIVE_ROOM, body, (size_t)len, &result, why, why_len) != 0) {
+        snprintf(why, why_len, "the worker did not answer the request for room");
+        return 0;
+    }
+    return result == CUDA_SUCCESS ? strtoull(why, NULL, 10) : 0;
 }

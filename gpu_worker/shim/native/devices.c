@@ -104,6 +104,13 @@ GL_EXPORT CUresult cuInit(unsigned flags)
 
 int gl_vgpu_device_count(void) { return mapped < 0 ? 0 : mapped; }
 
+int gl_vgpu_ordinal(CUdevice d)
+{
+    for (int k = 0; k < mapped; k++)
+        if (devices[k] == d) return k;
+    return 0;
+}
+
 GL_EXPORT CUresult cuDeviceGetCount(int *count)
 {
     if (!count) return CUDA_ERROR_INVALID_VALUE;

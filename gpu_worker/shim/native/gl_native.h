@@ -78,6 +78,9 @@ extern volatile unsigned char *gl_frozen_at; /* read by every exported entry poi
 #define GL_UNFREEZABLE_IPC 2
 void gl_unfreezable(unsigned char why);
 void gl_oom_say(const char *fn, size_t n, size_t room);
+double gl_eviction_wait(void);            /* seconds the worker may take to make room on a full GPU (0: it does not) */
+unsigned long long gl_process_used(void); /* bytes charged to this process */
+unsigned long long gl_ask_room(int ordinal, size_t n, double wait, char *why, size_t why_len); /* bytes freed */
 
 /* ../log.c, shared with the forwarding shim: gl_log for news, gl_sayf for a refusal's reason (said once,
  * repeats counted), gl_debug with GPULAB_DEBUG=1 only */
@@ -88,6 +91,7 @@ void gl_log_reset_after_fork(void);
 
 /* devices.c */
 int gl_vgpu_device_count(void);
+int gl_vgpu_ordinal(CUdevice d);          /* the vGPU's ordinal of a real device (0 when not one of its GPUs) */
 CUresult gl_entry_check(void);            /* thaw, then the revocation's code if the vGPU ended */
 
 /* memory.c */

@@ -17,12 +17,19 @@
  *                                  On a capturing stream nothing: the allocation is a node of the graph,
  *                                  whose memory is charged when a launch reserves it (next line)
  *   graphs' memory nodes           the device's graph memory reserved, read after each graph launch
- *   cuMemCreate on the host        nothing: host memory (CU_MEM_LOCATION_TYPE_HOST*) is not the GPU's */
+ *   cuMemCreate on the host        nothing: host memory (CU_MEM_LOCATION_TYPE_HOST*) is not the GPU's
+ *
+ * When the driver itself finds the GPU full (other vGPUs hold it: the pool may promise a GPU's memory more
+ * than once), the worker is asked to move other vGPUs off it and the driver is called again (WITH_ROOM). */
 #include "gl_native.h"
 
 #include <pthread.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
+#include <time.h>
+
+#include "../gl_wire.h"
 
 enum kind { DEVICE = 1, VMM, ARRAY, MIPMAPPED, ASYNC };
 
@@ -138,6 +145,59 @@ static void settle_pool(CUmemoryPool p, size_t gone)
 typedef CUresult (*ctx_dev_t)(CUdevice *);
 typedef CUresult (*dev_pool_t)(CUmemoryPool *, CUdevice);
 
+static CUdevice current_device(void)
+{
+    CUdevice d = 0;
+    return GL_REAL(ctx_dev_t, "cuCtxGetDevice")(&d) == CUDA_SUCCESS ? d : 0;
+}
+
+#define ROOM_ROUNDS 3  /* tiers.py's EVICTION_ROUNDS: asks for room before an allocation fails */
+
+static double monotonic_now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* The real driver found GPU ``dev`` full for ``n`` bytes: ask the worker to move other vGPUs off it, as an
+ * executor does. 1: room was made, call the driver again; 0: no more (said why). The asks of one call share
+ * one deadline, eviction_wait from the first (``*deadline``, 0 before it). */
+static int room_made(const char *fn, CUdevice dev, size_t n, int round, double *deadline)
+{
+    char why[GL_MAX_REASON + 64] = "";
+    int ordinal = gl_vgpu_ordinal(dev);
+    double now = monotonic_now(), wait = gl_eviction_wait();
+    if (!*deadline) *deadline = now + wait;
+    if (wait <= 0)
+        snprintf(why, sizeof why, "its worker does not move vGPUs' memory");
+    else if (round >= ROOM_ROUNDS)
+        snprintf(why, sizeof why, "other vGPUs' memory was moved off it %d times and it is still full", ROOM_ROUNDS);
+    else if (now >= *deadline)
+        snprintf(why, sizeof why, "other vGPUs did not make room within %g s", wait);
+    else if (gl_ask_room(ordinal, n, *deadline - now, why, sizeof why) > 0) {
+        gl_thaw_if_frozen();  /* frozen while it waited (an offload by hand): never call into a locked driver */
+        return 1;
+    }
+    unsigned long long held = gl_process_used();  /* the bytes asked for are charged already: not "held" */
+    held = held > n ? held - n : 0;
+    gl_sayf("%s refused: GPU %d of this vGPU is full: the driver has no room left (%.1f MiB held by this process), "
+            "%.1f MiB more wanted; %s (CUDA_ERROR_OUT_OF_MEMORY)", fn, ordinal, held / 1048576.0, n / 1048576.0, why);
+    return 0;
+}
+
+/* ``call`` (a driver allocation of ``n`` bytes on ``dev``, already charged to the quota) again while the driver
+ * finds the GPU full and the worker makes room on it (room_made: a few rounds, one deadline). */
+#define WITH_ROOM(fn, dev, n, call)                                                                           \
+    ({                                                                                                        \
+        CUresult r_ = (call);                                                                                 \
+        double deadline_ = 0;                                                                                 \
+        for (int round_ = 0; r_ == CUDA_ERROR_OUT_OF_MEMORY && room_made(fn, dev, n, round_, &deadline_);    \
+             round_++)                                                                                        \
+            r_ = (call);                                                                                      \
+        r_;                                                                                                   \
+    })
+
 static CUmemoryPool current_pool(void)
 {
     CUdevice d;
@@ -168,7 +228,7 @@ static CUresult alloc_async(const char *name, alloc_async_t real_async, alloc_po
         true_up_all();
         if (!charge_pool(p, n, &room)) return refuse(name, n, room);
     }
-    r = real_pool ? real_pool(dptr, n, pool, s) : real_async(dptr, n, s);
+    r = WITH_ROOM(name, current_device(), n, real_pool ? real_pool(dptr, n, pool, s) : real_async(dptr, n, s));
     if (r == CUDA_SUCCESS) {
         remember(*dptr, ASYNC, n, p);
         settle_pool(p, 0);
@@ -265,7 +325,7 @@ GL_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t n)
         true_up_all();
         if (!gl_charge(n, &room)) return refuse("cuMemAlloc", n, room);
     }
-    r = GL_REAL(alloc_t, "cuMemAlloc_v2")(dptr, n);
+    r = WITH_ROOM("cuMemAlloc", current_device(), n, GL_REAL(alloc_t, "cuMemAlloc_v2")(dptr, n));
     if (r == CUDA_SUCCESS) remember(*dptr, DEVICE, n, NULL);
     else gl_uncharge(n);
     return r;
@@ -290,7 +350,8 @@ GL_EXPORT CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t w
     size_t room = 0, guess = ((width + 511) / 512) * 512 * height;
     if (r != CUDA_SUCCESS) return r;
     if (!gl_charge(guess, &room)) return refuse("cuMemAllocPitch", guess, room);
-    r = GL_REAL(alloc_pitch_t, "cuMemAllocPitch_v2")(dptr, pitch, width, height, elem);
+    r = WITH_ROOM("cuMemAllocPitch", current_device(), guess,
+                  GL_REAL(alloc_pitch_t, "cuMemAllocPitch_v2")(dptr, pitch, width, height, elem));
     if (r != CUDA_SUCCESS) {
         gl_uncharge(guess);
         return r;
@@ -319,7 +380,8 @@ typedef CUresult (*release_t)(unsigned long long);
 
 /* CUmemAllocationProp's head: where the allocation's physical memory is */
 typedef struct { int type, requested_handle_types, location_type, location_id; } alloc_prop_head;
-enum { CU_MEM_LOCATION_TYPE_HOST = 2, CU_MEM_LOCATION_TYPE_HOST_NUMA, CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT };
+enum { CU_MEM_LOCATION_TYPE_DEVICE = 1, CU_MEM_LOCATION_TYPE_HOST, CU_MEM_LOCATION_TYPE_HOST_NUMA,
+       CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT };
 
 static int host_located(const alloc_prop_head *prop)
 {
@@ -340,7 +402,10 @@ GL_EXPORT CUresult cuMemCreate(unsigned long long *handle, size_t n, const void 
         true_up_all();
         if (!gl_charge(n, &room)) return refuse("cuMemCreate", n, room);
     }
-    r = GL_REAL(create_t, "cuMemCreate")(handle, n, prop, flags);
+    const alloc_prop_head *where = prop;
+    CUdevice dev = where && where->location_type == CU_MEM_LOCATION_TYPE_DEVICE ? where->location_id
+                                                                                 : current_device();
+    r = WITH_ROOM("cuMemCreate", dev, n, GL_REAL(create_t, "cuMemCreate")(handle, n, prop, flags));
     if (r == CUDA_SUCCESS) remember(*handle, VMM, n, NULL);
     else gl_uncharge(n);
     return r;
@@ -422,7 +487,7 @@ static CUresult array_create(const char *fn, const char *real_name, CUarray *out
     if (r != CUDA_SUCCESS) return r;
     if (!out || !desc) return CUDA_ERROR_INVALID_VALUE;
     if (!gl_charge(guess, &room)) return refuse(fn, guess, room);
-    r = GL_REAL(array_create_t, real_name)(out, desc);
+    r = WITH_ROOM(fn, current_device(), guess, GL_REAL(array_create_t, real_name)(out, desc));
     if (r != CUDA_SUCCESS) {
         gl_uncharge(guess);
         return r;
@@ -453,7 +518,8 @@ GL_EXPORT CUresult cuMipmappedArrayCreate(CUmipmappedArray *out, const array3d_d
     size_t first = array_bytes(d->width, d->height, d->depth, d->format, d->channels);
     size_t guess = d->height ? first / 3 * 4 : first * 2;
     if (!gl_charge(guess, &room)) return refuse("cuMipmappedArrayCreate", guess, room);
-    r = GL_REAL(mipmapped_create_t, "cuMipmappedArrayCreate")(out, d, levels);
+    r = WITH_ROOM("cuMipmappedArrayCreate", current_device(), guess,
+                  GL_REAL(mipmapped_create_t, "cuMipmappedArrayCreate")(out, d, levels));
     if (r != CUDA_SUCCESS) {
         gl_uncharge(guess);
         return r;

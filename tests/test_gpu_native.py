@@ -42,7 +42,9 @@ TOKENS = {"small": {"vram": "2G", "gpus": [0]},
           "graph": {"vram": "2G", "gpus": [0]},
           "host-vmm": {"vram": "2G", "gpus": [0]},
           "arrays": {"vram": "2G", "gpus": [0]},
-          "pool-shared": {"vram": "2G", "gpus": [0]}}
+          "pool-shared": {"vram": "2G", "gpus": [0]},
+          "quarter-strict": {"vram": "2G", "gpus": [0], "compute": 25, "burst": False},
+          "quarter-burst": {"vram": "2G", "gpus": [0], "compute": 25, "burst": True}}
 # what the native shim says when it refuses an allocation (gpu_worker/shim/native/attach.c, gl_oom_say)
 REFUSED = re.compile(r"refused: [\d.]+ MiB asked, [\d.]+ MiB left of this vGPU's ([\d.]+) MiB quota")
 
@@ -94,6 +96,34 @@ def child(w: Worker, token: str, name: str) -> "bench.Child":
 def need(module: str):
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not installed in this environment")
+
+
+# ---------------------------------------------------------------------------------------------- compute share
+
+
+def test_a_native_vgpu_gets_its_share_and_bursts_on_an_idle_gpu(node):
+    """PyTorch matrix products for 3 s on a 25% vGPU: paced to about 25% of the GPU's time without burst, and
+    lent nearly all of it with burst (nothing else runs on the GPU)."""
+    need("torch")
+    shares = {}
+    for token in ("quarter-strict", "quarter-burst"):
+        before = vgpu_of(node, token)["kernel_time"]
+        got, _ = run_native(node, token, """
+            import json, time, torch
+            a = torch.randn(8192, 8192, device="cuda")  # a product takes milliseconds: launches cost little beside
+            torch.cuda.synchronize()
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 3.0:
+                for _ in range(4):
+                    b = a @ a
+                torch.cuda.synchronize()
+            wall = time.monotonic() - t0
+            (a @ a).sum().item()  # one more launch reads the last kernels' times back
+            print(json.dumps({"native": native_mapped(), "wall": wall}))
+        """)
+        shares[token] = (vgpu_of(node, token)["kernel_time"] - before) / got["wall"]
+    assert shares["quarter-strict"] == pytest.approx(0.25, abs=0.08), shares
+    assert shares["quarter-burst"] > 0.7, shares
 
 
 # ---------------------------------------------------------------------------------------------- what it sees

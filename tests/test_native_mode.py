@@ -26,7 +26,8 @@ from gpu_worker.shim import native_dir
 
 QUOTA = 64 << 20
 TOKENS = {"vgpu": {"vram": "64M", "gpus": [1], "compute": 25}, "node": {"gpus": [0, 1]},
-          "neighbour": {"vram": "64M", "gpus": [1], "compute": 50}}
+          "neighbour": {"vram": "64M", "gpus": [1], "compute": 50},
+          "strict": {"vram": "64M", "gpus": [1], "compute": 25, "burst": False}}
 
 pytestmark = pytest.mark.skipif(not shim_build.native_supported(), reason="native mode is built for x86-64 only")
 
@@ -330,6 +331,41 @@ def test_a_native_launch_marks_its_vgpu_busy_on_the_gpu_s_board(node):
     assert 0 < got["now"] - got["stamp"] < 30, got  # time.monotonic's clock, stamped at the launch
     # busy: 1 - 0.5 - 0.25 spare, split between the two medium-QoS rows that may burst; idle: all of 1 - 0.5
     assert got["lent_busy"] == pytest.approx(0.125) and got["lent_idle"] == pytest.approx(0.5), got
+
+
+# Launch a 10 ms kernel and synchronize, over and over, for 2 s: the kernel time the vGPU got over the wall time.
+BUSY_LOOP = """
+import time
+ok(d.cuInit(0))
+ctx = ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(0)))); ok(d.cuCtxSetCurrent(ctx))
+mod = ok(d.cuModuleLoadData(SLEEP_PTX.encode() + b"\\0"))
+fn = ok(d.cuModuleGetFunction(mod, b"sleep_ms"))
+arg = np.array([10], np.uint32)
+params = np.array([arg.ctypes.data], np.uint64)
+t0 = time.monotonic()
+while time.monotonic() - t0 < 2.0:
+    ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, params.ctypes.data, 0))
+    ok(d.cuCtxSynchronize())
+wall = time.monotonic() - t0
+ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, params.ctypes.data, 0))  # its launch reads the last kernel's time
+ok(d.cuCtxSynchronize())
+done(wall=wall)
+"""
+
+
+def test_a_native_vgpu_that_may_burst_is_lent_its_idle_gpu_s_spare_share(node):
+    """Native processes burst by pacing.py's rule, worked out from the GPU's board in the process: alone on its
+    GPU, a 25% vGPU that may burst gets nearly the whole GPU; one that may not gets its 25%."""
+    from workertools import SLEEP_PTX
+
+    got = {}
+    for token in ("strict", "vgpu"):
+        r = run_native(node, f"SLEEP_PTX = {SLEEP_PTX!r}\n" + BUSY_LOOP, token=token, prelude=SLEEP_PRELUDE)
+        v = vgpu_of(node, token)
+        got[token] = {"share": v["kernel_time"] / r.result["wall"], "throttled": v["throttled_time"]}
+    assert got["strict"]["share"] == pytest.approx(0.25, abs=0.08), got
+    assert got["strict"]["throttled"] > 1.0, got
+    assert got["vgpu"]["share"] > 0.75, got
 
 
 def test_freeze_and_thaw_through_the_chain_keep_the_bytes(node):

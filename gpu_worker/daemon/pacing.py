@@ -29,7 +29,8 @@ DEPTH = 0.1           # the bucket holds this many seconds of wall time at the v
 BUSY_WITHIN = 0.05    # a vGPU that wanted to launch this recently is not idle
 QOS_RANK = {"low": 0, "medium": 1, "high": 2}
 ENTRY = struct.Struct("<IIIIdd")  # in use, QoS rank, burst, waiting for its share, share, last wanted (monotonic)
-WANTED_OFF = 24  # the last field's offset in a row: native processes stamp it too (gpu_worker/shim/native)
+# the fields' offsets in a row, for native processes, which read the board and stamp it too (gpu_worker/shim/native)
+QOS_OFF, BURST_OFF, WAITING_OFF, SHARE_OFF, WANTED_OFF = 4, 8, 12, 16, 24
 ENTRIES = 256
 
 
@@ -59,12 +60,16 @@ class GPUBoard:
         struct.pack_into("<d", self.map, row * ENTRY.size + WANTED_OFF, now)
 
     def native_layout(self, row: int) -> dict[str, int]:
-        """What a native process of ``row``'s vGPU needs to stamp it (sent with this board's memfd at its attach)."""
-        return {"board_size": ENTRIES * ENTRY.size, "board_wanted_off": row * ENTRY.size + WANTED_OFF}
+        """What a native process of ``row``'s vGPU needs to stamp its row and to work out what `lent` does (sent
+        with this board's memfd at its attach)."""
+        return {"board_size": ENTRIES * ENTRY.size, "board_rows": ENTRIES, "board_entry": ENTRY.size,
+                "board_row": row, "board_qos_off": QOS_OFF, "board_burst_off": BURST_OFF,
+                "board_waiting_off": WAITING_OFF, "board_share_off": SHARE_OFF, "board_wanted_off": WANTED_OFF,
+                "board_busy_within_us": round(BUSY_WITHIN * 1e6)}
 
     def waiting(self, row: int, flag: bool) -> None:
         """The vGPU wants more kernel time than it gets (it borrows before lower QoS then)."""
-        struct.pack_into("<I", self.map, row * ENTRY.size + 12, int(flag))
+        struct.pack_into("<I", self.map, row * ENTRY.size + WAITING_OFF, int(flag))
 
     def lent(self, row: int, now: float) -> float:
         """The share lent to ``row`` now: the spare share (that of rows wanting nothing lately), split

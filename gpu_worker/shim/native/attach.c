@@ -3,8 +3,8 @@
  * At cuInit the shim connects to the worker's Unix socket (GPULAB_WORKER, GPULAB_TOKEN) and sends a
  * native hello. The worker checks the token as for a forwarded session, claims a slot of the vGPU's
  * ledger for this process (its context charged up front) and answers with key=value lines and the
- * ledger's memfd (SCM_RIGHTS), and the memfd of its GPU's board where the vGPU has a row (pacing.py: when
- * each vGPU of the GPU last wanted to launch, for bursting). The layout's offsets come in that answer:
+ * ledger's memfd (SCM_RIGHTS), and the memfd of its GPU's board where the vGPU has a row (pacing.py: each
+ * vGPU of the GPU's share, QoS and when it last wanted to launch, for bursting). The layout's offsets come in that answer:
  * gpu_worker/daemon/ledger.py and pacing.py own them. The socket stays open while the process lives: when it
  * closes, the worker frees the slot.
  *
@@ -43,7 +43,9 @@ static struct {
     CUresult status;
     int sock, memfd, board_fd;
     unsigned char *map, *board;
-    size_t map_size, board_size, board_wanted_off;
+    size_t map_size, board_size;
+    size_t board_rows, board_entry, board_row, b_qos, b_burst, b_waiting, b_share, b_wanted; /* pacing.py's layout */
+    double busy_within;       /* pacing.py's BUSY_WITHIN */
     size_t slot, slots, header, slot_off, slot_size;
     size_t used_off, overhead_off, kernel_off, tier_off, pace_off, calls_off, launches_off;
     size_t quota_off, revoked_off, reason_off, reason_len_off, frozen_off, touch_off;
@@ -208,13 +210,16 @@ static int exchange(unsigned op, const char *body, size_t len, int *result, char
     return rc;
 }
 
-/* The GPU's board (pacing.py), where a slot's owner stamps when its vGPU last wanted to launch. */
+/* The GPU's board (pacing.py), where a slot's owner stamps when its vGPU last wanted to launch, and from which a
+ * bursting vGPU works out the share it is lent. */
 static void map_board(int fd, const char *text, unsigned flags)
 {
     if (fd < 0) return;
-    size_t size = key(text, "board_size");
-    void *board = flags & GL_NATIVE_OBSERVE || !size ? MAP_FAILED
-                                                     : mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    size_t size = key(text, "board_size"), rows = key(text, "board_rows"), entry = key(text, "board_entry");
+    size_t row = key(text, "board_row");
+    void *board = flags & GL_NATIVE_OBSERVE || !size || !entry || rows * entry > size || row >= rows
+                      ? MAP_FAILED
+                      : mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (board == MAP_FAILED) {
         close(fd);
         return;
@@ -222,7 +227,15 @@ static void map_board(int fd, const char *text, unsigned flags)
     A.board = board;
     A.board_size = size;
     A.board_fd = fd;
-    A.board_wanted_off = key(text, "board_wanted_off");
+    A.board_rows = rows;
+    A.board_entry = entry;
+    A.board_row = row;
+    A.b_qos = key(text, "board_qos_off");
+    A.b_burst = key(text, "board_burst_off");
+    A.b_waiting = key(text, "board_waiting_off");
+    A.b_share = key(text, "board_share_off");
+    A.b_wanted = key(text, "board_wanted_off");
+    A.busy_within = key(text, "board_busy_within_us") / 1e6;
 }
 
 static CUresult attach_now(unsigned flags)
@@ -457,8 +470,52 @@ void gl_board_wanted(double now)
 {
     unsigned long long bits;  /* one 8-byte store: a reader never sees half a stamp */
     memcpy(&bits, &now, 8);
-    if (A.board && A.board_wanted_off + 8 <= A.board_size)
-        __atomic_store_n((unsigned long long *)(A.board + A.board_wanted_off), bits, __ATOMIC_RELAXED);
+    if (A.board)
+        __atomic_store_n((unsigned long long *)(A.board + A.board_row * A.board_entry + A.b_wanted), bits,
+                         __ATOMIC_RELAXED);
+}
+
+/* pacing.py's GPUBoard.waiting: this vGPU wants more kernel time than it gets (it borrows before lower QoS). */
+void gl_board_waiting(int flag)
+{
+    if (A.board)
+        __atomic_store_n((unsigned *)(A.board + A.board_row * A.board_entry + A.b_waiting), (unsigned)!!flag,
+                         __ATOMIC_RELAXED);
+}
+
+static unsigned board_u32(size_t row, size_t off)
+{
+    return __atomic_load_n((unsigned *)(A.board + row * A.board_entry + off), __ATOMIC_RELAXED);
+}
+
+static double board_f64(size_t row, size_t off)
+{
+    unsigned long long bits = __atomic_load_n((unsigned long long *)(A.board + row * A.board_entry + off),
+                                              __ATOMIC_RELAXED);
+    double v;
+    memcpy(&v, &bits, 8);
+    return v;
+}
+
+/* pacing.py's GPUBoard.lent: the share lent to this vGPU at ``now``: the share of the GPU's vGPUs that wanted no
+ * kernel time lately, split among the busy bursting vGPUs of its QoS; nothing while a busy bursting vGPU of
+ * higher QoS still waits for more. */
+double gl_board_lent(double now)
+{
+    if (!A.board) return 0.0;
+    size_t me = A.board_row;
+    double busy = board_f64(me, A.b_share);
+    unsigned top = board_u32(me, A.b_qos), peers = 1;
+    for (size_t i = 0; i < A.board_rows; i++) {
+        if (i == me || !board_u32(i, 0) || now - board_f64(i, A.b_wanted) > A.busy_within) continue;
+        busy += board_f64(i, A.b_share);
+        if (board_u32(i, A.b_burst)) {
+            unsigned qos = board_u32(i, A.b_qos);
+            if (qos > top && board_u32(i, A.b_waiting)) return 0.0;  /* a higher QoS borrows first */
+            peers += qos == top;
+        }
+    }
+    return busy < 1.0 ? (1.0 - busy) / peers : 0.0;
 }
 
 void gl_count_launch(void)
@@ -470,6 +527,7 @@ void gl_count_launch(void)
 /* ledger.py's PACE: share (GPUs, f64), burst (u32), QoS (u32), tokens, last refill, the vGPU's kernel time at
  * the last debit (f64 each), the kernel time of ended processes (f64) */
 double gl_share(void) { return A.map ? f64_at(A.pace_off) : 0.0; }
+int gl_burst(void) { return A.map ? (int)u32_at(A.pace_off + 8) : 0; }
 
 int gl_vgpu_gpu_count(void) { return A.gpus ? A.gpus : 1; }
 double gl_pace_depth(void) { return A.depth; }

@@ -70,6 +70,9 @@ double gl_pace_check_every(void);         /* pacing.py's CHECK_EVERY: seconds be
 void gl_publish_kernel_time(double kernel_time, double throttled, int waiting);
 void gl_count_launch(void);
 void gl_board_wanted(double now);           /* pacing.py's board: this vGPU wants kernel time now */
+void gl_board_waiting(int flag);            /* ... and more of it than it gets */
+double gl_board_lent(double now);           /* ... and the GPU's spare share lent to it (GPUBoard.lent) */
+int gl_burst(void);                         /* the vGPU may burst (the ledger's pacing figures) */
 const char *gl_revoked(void);             /* the vGPU ended: why; NULL while it is granted */
 void gl_touch(void);                      /* the idle clock: this process used its GPU now */
 void gl_thaw_if_frozen(void);             /* cheap unless the worker froze this process */

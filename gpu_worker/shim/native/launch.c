@@ -1,8 +1,9 @@
 /* gpulab native mode: launches, for the vGPU's compute share.
  *
  * The rule is pacing.py's, enforced here in-process: the vGPU's token bucket (in its ledger, shared by
- * all its processes, native and forwarded) fills at the share and is debited with the kernel time its
- * processes measured; a process that finds it empty sleeps before its next launch. A native process
+ * all its processes, native and forwarded) fills at the share (plus, for a vGPU that may burst, the share
+ * its GPU's board says is spare and lent to it) and is debited with the kernel time its processes
+ * measured; a process that finds it empty sleeps before its next launch. A native process
  * measures its own kernels with a pair of events around each launch, read back without waiting at
  * later launches, and publishes the sum in its slot, where the other processes' debits find it.
  *
@@ -102,11 +103,13 @@ static void admit(void)
         return;
     }
     P.paced = 1;
-    int waiting = 0;
+    int waiting = 0, burst = gl_burst();
     for (;;) {
         gl_publish_kernel_time(P.kernel_time, P.throttled, waiting);
-        double tokens = gpulab_native_settle(now, share, share, gl_pace_depth());
+        double rate = share + (burst ? gl_board_lent(now) : 0.0);  /* the spare share of an idle GPU, lent */
+        double tokens = gpulab_native_settle(now, share, rate, gl_pace_depth());
         if (tokens >= 0) break;
+        if (!waiting) gl_board_waiting(1);
         waiting = 1;
         double pause = -tokens / share;
         pause = pause < 0.001 ? 0.001 : pause > 0.02 ? 0.02 : pause;
@@ -118,6 +121,7 @@ static void admit(void)
         gl_board_wanted(now);
         collect(0);
     }
+    if (waiting) gl_board_waiting(0);
     gl_publish_kernel_time(P.kernel_time, P.throttled, 0);
 }
 

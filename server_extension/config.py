@@ -39,6 +39,11 @@ class VGPUExtension(Configurable):
                                 "memory to host RAM and disk, then counts from there.").tag(config=True)
     idle_interval = Float(5.0, help="Seconds between two looks at whether all kernels are idle (with idle_hint). "
                                     "The worker is told once per idle period.").tag(config=True)
+    wake_on_busy = Bool(True, help="When a cell starts and the vGPU's memory was moved off the GPU (warm or cold) "
+                                   "while idle, ask the worker to restore it at once (looked at every idle_interval, "
+                                   "once per busy period): the move overlaps the cell's host work, and a native "
+                                   "process frozen by the driver's checkpoint is thawed even if its first call is "
+                                   "one the shim does not see.").tag(config=True)
     request_timeout = Float(10.0, help="Seconds one request to the worker may take before it counts as failed "
                                        "(an offload or restore may take longer: the worker holds it up to 30 s "
                                        "more while the vGPU's processes move their memory).").tag(config=True)

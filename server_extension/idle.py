@@ -4,7 +4,13 @@ The worker's own idle clock starts at the vGPU's last touch of its memory; a not
 ended an hour ago but whose kernel is still alive looks the same as one that computes on the host
 between GPU calls.  Jupyter knows better: when every kernel is idle (no cell running), the time of
 the kernels' last activity is when the user stopped.  The worker is told once per idle period (a new
-period starts with any kernel activity); a touch of the GPU after the hint wins on the worker."""
+period starts with any kernel activity); a touch of the GPU after the hint wins on the worker.
+
+The other way round (``wake_on_busy``): when a cell starts and the vGPU's memory was moved off the GPU
+while everything was idle, the worker is asked to bring it back at once, once per busy period. The
+cell's first GPU call would bring it back anyway; asked early, the move overlaps the cell's host work,
+and a native process frozen by the driver's checkpoint is thawed even when its first call is one that
+the shim does not see (a driver-private function reached through cuGetExportTable)."""
 from __future__ import annotations
 
 import logging
@@ -25,6 +31,8 @@ class IdleHint:
         self.told: float | None = None  # the `since` of the idle period the worker was told about
         self.hints = 0  # hints sent, for the log and the tests
         self.failing = False  # the worker could not be told: warned once, until it can be again
+        self.woken = False  # this busy period's wake-up was asked (or not needed)
+        self.wakes = 0  # restores asked, for the log and the tests
 
     def idle_since(self, kernels: list[dict]) -> float | None:
         """The kernels' last activity when none is busy, else None (a cell runs or a kernel starts, or there is
@@ -35,7 +43,13 @@ class IdleHint:
         return max(times) if times else None
 
     async def check(self) -> None:
-        since = self.idle_since(await kernels_now(self.kernel_manager, None))
+        kernels = await kernels_now(self.kernel_manager, None)
+        if any(is_busy(k["execution_state"]) for k in kernels):
+            if not self.woken and self.state.config.wake_on_busy:
+                await self.wake()
+        else:
+            self.woken = False
+        since = self.idle_since(kernels) if self.state.config.idle_hint else None
         if since is None or since == self.told:
             return
         try:
@@ -57,3 +71,22 @@ class IdleHint:
             log.info("the vGPU's worker answers the idle hint again")
         self.failing = False
         self.told = since
+
+    async def wake(self) -> None:
+        """A cell runs: ask the worker to restore each vGPU whose memory is off the GPU (not while a tier action
+        of this server runs: that one decides). Once per busy period; a failure is logged, not retried."""
+        if any(a.state == "running" for a in self.state.actions.by_id.values()):
+            return
+        try:
+            vgpus = (await self.state.snapshot())["vgpus"]
+            for v in vgpus:
+                if v.get("state") == "active" and v.get("tier") in ("warm", "cold", "mixed"):
+                    status, body = await self.state.client.move(v["id"], "restore")
+                    self.wakes += 1
+                    log.info("vGPU %s: a cell runs and its memory was %s; asked the worker to bring it back (%d%s)",
+                             v["id"], v["tier"], status, "" if status == 200 else f": {body.get('message', '')}")
+            self.state.stale()
+        except WorkerError as exc:
+            log.warning("a cell runs, but the vGPU's worker could not be asked to bring its memory back: %s",
+                        exc.message)
+        self.woken = True

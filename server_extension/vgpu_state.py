@@ -189,7 +189,7 @@ class VGPUState:
     # ------------------------------------------------------------ timers
     def start(self) -> None:
         self.timers.append(PeriodicCallback(self._sample, self.config.refresh * 1000))
-        if self.config.idle_hint:
+        if self.config.idle_hint or self.config.wake_on_busy:
             self.timers.append(PeriodicCallback(self.idle.check, self.config.idle_interval * 1000))
         for t in self.timers:
             t.start()

@@ -343,6 +343,37 @@ def test_a_bad_setting_fails_at_start_with_its_name(jp_configurable_serverapp):
     assert str(cause).startswith("c.VGPUExtension.refresh must be a number of seconds of at least 0.1"), cause
 
 
+async def test_a_cell_that_starts_brings_the_vgpu_s_memory_back(jp_fetch, jp_serverapp, vgpu_worker, holders):
+    """wake_on_busy: the vGPU's memory went warm while all was idle; when a cell starts, the extension asks the
+    worker to restore it, before (and without) any program touching it; once per busy period."""
+    p = holders(16 * MiB)
+    v = await the_vgpu(jp_fetch)
+    r = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": "python3"}))
+    client = jp_serverapp.kernel_manager.get_kernel(json.loads(r.body)["id"]).client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=60)
+        status, body = vgpu_worker.api(f"/api/vgpus/{v['id']}/offload", method="POST", body={"to": "warm"})
+        assert status == 200 and vgpu_worker.vgpus()[0]["tier"] == "warm", body
+        state = jp_serverapp.web_app.settings["gpulab_vgpu_state"]
+        await asyncio.sleep(1.0)
+        assert state.idle.wakes == 0 and vgpu_worker.vgpus()[0]["tier"] == "warm"  # idle kernels wake nothing
+        cell = asyncio.ensure_future(client.execute_interactive("import time; time.sleep(4)", timeout=30))
+
+        async def hot():
+            return vgpu_worker.vgpus()[0]["tier"] == "hot"
+
+        await until(hot, "the restore asked when the cell started", timeout=3.5)
+        assert not cell.done()  # the cell still runs: the extension, not the cell's end, brought it back
+        assert state.idle.wakes == 1
+        assert (await cell)["content"]["status"] == "ok"
+        assert state.idle.wakes == 1  # once per busy period
+        assert vgpu_worker.vgpus()[0]["moves"]["restores"] == 1
+    finally:
+        client.stop_channels()
+    assert p("check") == {"r": "CUDA_SUCCESS", "same": True}
+
+
 async def test_the_idle_hint_reaches_the_worker_when_all_kernels_are_idle(jp_fetch, jp_serverapp, vgpu_worker):
     assert vgpu_worker.vgpus()[0]["idle_seconds"] is None  # no process, no hint yet
     r = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": "python3"}))
@@ -510,7 +541,7 @@ async def test_the_idle_hint_warns_once_per_outage(caplog):
     told = []
 
     class State:
-        config = SimpleNamespace(idle_interval=5.0)
+        config = SimpleNamespace(idle_interval=5.0, idle_hint=True, wake_on_busy=True)
         client = SimpleNamespace(idle=lambda vid, since: _done(told.append(vid)))
 
         async def snapshot(self):

@@ -413,6 +413,16 @@ READ_BACK = ("!out = np.zeros_like(data); ok(d.cuMemcpyDtoH(out.ctypes.data, ptr
              "same = bool((out == data).all())")
 
 
+# In a Native program: mark its slot as the shim does after a managed allocation (the driver double refuses those),
+# through the ledger as the process maps it (names at module level: the driver runs each line with exec).
+MARK_UVM = ("!import builtins, mmap, os; from gpu_worker.daemon import ledger as L; builtins.os = os; "
+            "fd = memfd('gpulab-vgpu-ledger'); "
+            "m = mmap.mmap(fd, os.fstat(fd).st_size); led = L.Ledger.__new__(L.Ledger); led.map = m; "
+            "led.slots = (m.size() - L.HEADER_SIZE) // L.SLOT_SIZE; builtins.led = led; "
+            "mine = [i for i in range(led.slots) if (led.read_slot(i) or {}).get('client_pid') == os.getpid()][0]; "
+            "m[led._slot_off(mine) + L.TIER_OFF + L.T_FROZEN + 1] = 1")
+
+
 def test_a_native_process_whose_gpu_is_full_gets_room_from_idle_vgpus(tmp_path, driver_double):
     """The driver (here the double, whose vGPU has the lowest QoS, so that its own executor's asks for room move
     nobody) finds the GPU full: the native shim asks the worker for room, an idle vGPU of the same QoS moves to
@@ -464,7 +474,8 @@ def test_an_idle_native_vgpu_is_frozen_to_make_room_for_another(tmp_path, driver
     """A forwarded vGPU's allocation finds the GPU full; the memory there is a native vGPU's of lower QoS (held,
     on this worker, by the double's vGPU of high QoS, which is never moved for it). The eviction counts the
     native processes' memory, freezes them, and the allocation is made; the native process's next call thaws it
-    with its bytes."""
+    with its bytes. A native process the checkpoint cannot move (managed memory) is no candidate: the next such
+    allocation is refused at once, not after waiting for a freeze that cannot happen."""
     node = small_node(tmp_path, driver_double, {
         "node": {"gpus": [0, 1], "qos": "high"}, "vgpu": {"vram": "64M", "gpus": [1], "qos": "low"},
         "hungry": {"vram": "96M", "gpus": [1]}})
@@ -478,6 +489,13 @@ def test_an_idle_native_vgpu_is_frozen_to_make_room_for_another(tmp_path, driver
         assert me["mode"] == "native" and me["tiers"]["warm"] == 48 << 20 and me["tiers"]["hot"] == 0
         assert "frozen" in node.log_text()
         assert p(READ_BACK) is None and p("same") is True  # thawed: the bytes came back
+        assert vgpu_of(node, "vgpu")["processes"][0]["tiers"]["hot"] == 48 << 20
+        assert p(MARK_UVM) is None
+        hungry = node.run(PRELUDE + "setup(); done(r=name(d.cuMemAlloc(96 << 20)))", token="hungry")
+        assert hungry.result["r"] == "CUDA_ERROR_OUT_OF_MEMORY"
+        assert ("the other vGPUs there have a higher QoS than this one (medium) and are never moved for it; 1 vGPU(s) "
+                "there hold only memory that the driver's checkpoint cannot move (managed or shared between "
+                "processes)") in hungry.stderr, hungry.stderr
         assert vgpu_of(node, "vgpu")["processes"][0]["tiers"]["hot"] == 48 << 20
     finally:
         if p is not None:
@@ -570,13 +588,7 @@ def test_a_process_the_driver_cannot_checkpoint_stays_and_the_offload_says_why(n
     try:
         assert p("!ok(d.cuInit(0)); ctx = ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(0)))); "
                  "ok(d.cuCtxSetCurrent(ctx)); ptr = ok(d.cuMemAlloc(4 << 20))") is None
-        # the ledger as this process maps it (names at module level: the driver runs each line with exec)
-        assert p("!import builtins, mmap, os; from gpu_worker.daemon import ledger as L; builtins.os = os; "
-                 "fd = memfd('gpulab-vgpu-ledger'); "
-                 "m = mmap.mmap(fd, os.fstat(fd).st_size); led = L.Ledger.__new__(L.Ledger); led.map = m; "
-                 "led.slots = (m.size() - L.HEADER_SIZE) // L.SLOT_SIZE; builtins.led = led; "
-                 "mine = [i for i in range(led.slots) if (led.read_slot(i) or {}).get('client_pid') == os.getpid()][0]; "
-                 "m[led._slot_off(mine) + L.TIER_OFF + L.T_FROZEN + 1] = 1") is None
+        assert p(MARK_UVM) is None
         v = vgpu_of(node, "vgpu")
         status, body = node.api(f"/api/vgpus/{v['id']}/offload", method="POST", body={"to": "warm"})
         assert status == 409, body

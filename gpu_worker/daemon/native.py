@@ -224,14 +224,15 @@ class NativeProcesses:
             if "refused" in reply:
                 log.info("%s: no room made on GPU %d for its thaw: %s", link.label, index, reply["refused"])
 
-    def hot_bytes(self, v) -> int:
+    def hot_bytes(self, v, movable: bool = False) -> int:
         """(registry.native_hot) Device memory the native processes of ``v`` hold now (their allocations and
-        contexts), all of it until a checkpoint has moved it to host memory."""
+        contexts), all of it until a checkpoint has moved it to host memory; with ``movable``, only that of the
+        processes a checkpoint can move (what an eviction could free)."""
         with self.lock:
             links = [link for link in self.links.values() if link.vgpu is v]
         total = 0
         for link in links:
-            if link.state == "frozen" and link.checkpointed:
+            if (link.state == "frozen" and link.checkpointed) or (movable and self.why_not(link)):
                 continue
             rec = v.ledger.read_slot(link.slot)
             if rec is not None:

@@ -214,12 +214,13 @@ class Tiering:
             if capacity and in_use + need <= capacity:  # room came while it waited for the lock
                 return _freed(capacity - in_use)
             short = in_use + need - capacity if capacity else need
-            candidates, higher, waiting = [], 0, 0
+            candidates, higher, waiting, pinned = [], 0, 0, 0
             for v in reg.table.values():
                 if v is vgpu or v.state != "active" or not (v.rows or v.native):
                     continue
                 here, everywhere = reg.held_on(v, gpu)
                 if here <= 0:
+                    pinned += bool(v.native and reg.native_hot(v))  # only memory a checkpoint cannot move
                     continue
                 their_rank = QOS_RANK.get(v.grant.get("qos") or "medium", 1)
                 if their_rank > rank:
@@ -229,14 +230,16 @@ class Tiering:
                 else:
                     candidates.append((their_rank, idle_clock(reg.tier_state(v)) or 0.0, v, here, everywhere))
             if not candidates:
+                whys = []
                 if higher:
-                    why = (f"the other vGPUs there have a higher QoS than this one ({qos}) and are never moved "
-                           f"for it")
+                    whys.append(f"the other vGPUs there have a higher QoS than this one ({qos}) and are never moved "
+                                f"for it")
                 elif waiting:
-                    why = "the other vGPUs there are waiting for room themselves"
-                else:
-                    why = "no other vGPU holds memory there"
-                return _refused(why)
+                    whys.append("the other vGPUs there are waiting for room themselves")
+                if pinned:
+                    whys.append(f"{pinned} vGPU(s) there hold only memory that the driver's checkpoint cannot move "
+                                f"(managed or shared between processes)")
+                return _refused("; ".join(whys) or "no other vGPU holds memory there")
             candidates.sort(key=lambda c: (c[0], c[1]))
             room = board.warm_budget - board.warm_total()
             victims, expected = [], 0

@@ -145,7 +145,7 @@ class VGPURegistry:
         self.lookup = None
         self.native_tier = None  # native.py: moves a vGPU's native-mode processes (request_tier calls it)
         self.native_why_not = lambda pid: ""  # native.py: why a native process cannot be frozen, "" if it can
-        self.native_hot = lambda v: 0  # native.py: device memory a vGPU's native processes hold (until frozen)
+        self.native_hot = lambda v, movable=False: 0  # native.py: device memory its native processes hold
         self.names = _function_names()
 
     # ------------------------------------------------------------------ grants
@@ -583,12 +583,13 @@ class VGPURegistry:
         return [dict(g) for g in self.gpu_list]
 
     def held_on(self, v: VGPU, gpu: int) -> tuple[int, int]:
-        """(lock held) Device memory ``v`` holds on the worker's GPU ``gpu``, and on all its GPUs: its executors'
-        rows on the tier board and its native processes' memory (native.py: the shim does not tell a vGPU's
-        GPUs apart, so that counts evenly on each of them)."""
+        """(lock held) Device memory of ``v`` that an eviction could move off the worker's GPU ``gpu``, and off
+        all its GPUs: its executors' rows on the tier board and its native processes' memory, of those the
+        driver's checkpoint can move (native.py: the shim does not tell a vGPU's GPUs apart, so that counts
+        evenly on each of them)."""
         rows = [self.tierboard.row_figures(r) for r in v.rows.values()]
         here, everywhere = sum(f["hot"][gpu] for f in rows), sum(sum(f["hot"]) for f in rows)
-        native = self.native_hot(v) if v.native else 0
+        native = self.native_hot(v, movable=True) if v.native else 0
         if native:
             indexes = [self.by_uuid[u]["index"] for u in v.grant["gpus"]]
             everywhere += native

@@ -161,6 +161,32 @@ def test_nvidia_smi_reports_the_quota(node):
     assert lines == [str(QUOTA // MiB)], p.stdout + p.stderr
 
 
+def test_nvidia_smi_lists_only_the_vgpu_s_processes(node):
+    """A torch process of the vGPU and one outside gpulab both hold GPU memory; nvidia-smi in the session lists
+    the first only (the NVML stand-in filters the node's list by the vGPU's ledger)."""
+    need("torch")
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("nvidia-smi is not installed here")
+    ours = child(node, "small", "smi-ours")
+    outsider = bench.Child(bench.plain_env(), node.tmp / "smi-outsider.log")
+    try:
+        assert ours.must("x = torch.ones(64 << 20, device='cuda'); torch.cuda.synchronize(); import os; "
+                         "out = os.getpid()") == ours.proc.pid
+        assert outsider.must("import os, torch; x = torch.ones(64 << 20, device='cuda'); torch.cuda.synchronize(); "
+                             "out = os.getpid()") == outsider.proc.pid
+        query = ["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"]
+        everyone = subprocess.run(query, env=bench.plain_env(), capture_output=True, text=True, timeout=60)
+        session = subprocess.run(query, env=bench.native_env(node.unix, "small"), capture_output=True, text=True,
+                                 timeout=60)
+        assert everyone.returncode == 0 and session.returncode == 0, everyone.stderr + session.stderr
+        everyone_pids = {int(x) for x in everyone.stdout.split()}
+        assert {ours.proc.pid, outsider.proc.pid} <= everyone_pids, everyone.stdout  # the node's NVML sees both
+        assert [int(x) for x in session.stdout.split()] == [ours.proc.pid], session.stdout
+    finally:
+        ours.close()
+        outsider.close()
+
+
 # ---------------------------------------------------------------------------------------------- the quota
 
 

@@ -717,6 +717,44 @@ def test_nvml_shows_the_vgpu_as_cuda_does(node, nvml_double):
     assert got["after"]["v1"] == [QUOTA, 24 << 20, QUOTA - (24 << 20)]
 
 
+def test_nvml_lists_only_the_vgpu_s_processes(node, nvml_double):
+    """The node's NVML runs four processes on the GPU: another process of this vGPU, one of another vGPU, a
+    stranger (pid 1) and the probe itself; the stand-in lists the two of this vGPU, by NVML's rules for the
+    count."""
+    ours, theirs = Native(node, token="neighbour"), Native(node)
+    try:
+        assert ours("!ok(d.cuInit(0))") is None and theirs("!ok(d.cuInit(0))") is None
+        running = f"{theirs.pid}:16777216,{ours.pid}:33554432,1:1073741824"
+        r = run_native(node, NVML_PROBE + textwrap.dedent(f"""
+            import os
+            ok(d.cuInit(0))
+            os.environ["GPULAB_NVML_DOUBLE_PROCESSES"] = "{running}," + str(os.getpid()) + ":8388608"
+            class Proc(ctypes.Structure):
+                _fields_ = [("pid", ctypes.c_uint), ("used", ctypes.c_ulonglong), ("gi", ctypes.c_uint),
+                            ("ci", ctypes.c_uint)]
+            assert nvml.nvmlInit_v2() == 0
+            h = ctypes.c_void_p()
+            nvml.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(h))
+            n = ctypes.c_uint(0)
+            asked = nvml.nvmlDeviceGetComputeRunningProcesses_v3(h, ctypes.byref(n), None)
+            one, n1 = (Proc * 1)(), ctypes.c_uint(1)
+            short = nvml.nvmlDeviceGetComputeRunningProcesses_v3(h, ctypes.byref(n1), one)
+            procs, n8 = (Proc * 8)(), ctypes.c_uint(8)
+            full = nvml.nvmlDeviceGetComputeRunningProcesses_v3(h, ctypes.byref(n8), procs)
+            listed = [[p.pid, p.used] for p in procs[:n8.value]]
+            absent = nvml.nvmlDeviceGetGraphicsRunningProcesses_v3(h, ctypes.byref(n8), procs)
+            done(asked=[asked, n.value], short=[short, n1.value], full=full, listed=listed, me=os.getpid(),
+                 absent=absent)
+        """), token="neighbour", env_extra=nvml_env(nvml_double))
+    finally:
+        ours.close()
+        theirs.close()
+    got = r.result
+    assert got["asked"] == [7, 2] and got["short"] == [7, 2]  # NVML_ERROR_INSUFFICIENT_SIZE: two are needed
+    assert got["full"] == 0 and got["listed"] == [[ours.pid, 32 << 20], [got["me"], 8 << 20]], got
+    assert got["absent"] == 13  # NVML_ERROR_FUNCTION_NOT_FOUND: the node's NVML lacks it
+
+
 def test_nvml_without_a_vgpu_says_why(node, nvml_double):
     r = run_native(node, NVML_PROBE + "done(**nvml_devices())", token="nope", env_extra=nvml_env(nvml_double))
     assert r.result == {"init": 4}  # NVML_ERROR_NO_PERMISSION

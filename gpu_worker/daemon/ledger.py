@@ -71,7 +71,7 @@ def native_layout() -> dict[str, int]:
     return {"header": HEADER_SIZE, "slot_size": SLOT_SIZE, "revoked_off": 4, "quota_off": 8, "reason_len_off": 16,
             "pace_off": PACE_OFF, "reason_off": REASON_OFF, "used_off": USED_OFF, "overhead_off": OVERHEAD_OFF,
             "calls_off": 32, "launches_off": 40, "kernel_off": KERNEL_OFF, "tier_off": TIER_OFF,
-            "frozen_off": TIER_OFF + T_FROZEN, "touch_off": TIER_OFF + T_TOUCH}
+            "frozen_off": TIER_OFF + T_FROZEN, "touch_off": TIER_OFF + T_TOUCH, "pid_off": 8}
 
 
 class Ledger:

@@ -1,7 +1,8 @@
 /* A test double of a GPU node's libnvidia-ml.so.1, for the NVML stand-in's tests on machines without a GPU.
  *
  * It shows the GPUs named in GPULAB_NVML_DOUBLE_GPUS (comma-separated UUIDs), each with
- * GPULAB_NVML_DOUBLE_MEMORY bytes of which a tenth is used and 1 MiB reserved, named "gpulab NVML double".
+ * GPULAB_NVML_DOUBLE_MEMORY bytes of which a tenth is used and 1 MiB reserved, named "gpulab NVML double",
+ * running the compute processes of GPULAB_NVML_DOUBLE_PROCESSES ("pid:bytes,pid:bytes", read at each call).
  * Only what the tests call is here; every other name is absent, as in an NVML too old to have it. */
 #include <stddef.h>
 #include <stdio.h>
@@ -102,4 +103,35 @@ EXPORT int nvmlDeviceGetMemoryInfo_v2(void *h, mem_v2 *m)
     m->used = memory / 10;
     m->free = memory - m->used - m->reserved;
     return 0;
+}
+
+typedef struct { unsigned pid; unsigned long long used; unsigned gpu_instance, compute_instance; } process_info;
+
+/* NVML's rules: *n in, the room in p; out, the entries, or those needed with NVML_ERROR_INSUFFICIENT_SIZE (7). */
+static int processes(unsigned *n, process_info *p)
+{
+    const char *list = getenv("GPULAB_NVML_DOUBLE_PROCESSES");
+    process_info all[64];
+    unsigned k = 0;
+    while (list && *list && k < 64) {
+        char *end;
+        all[k].pid = (unsigned)strtoul(list, &end, 10);
+        all[k].used = *end == ':' ? strtoull(end + 1, &end, 10) : 0;
+        all[k].gpu_instance = all[k].compute_instance = 0xFFFFFFFFu;
+        k++;
+        list = *end == ',' ? end + 1 : end + strlen(end);
+    }
+    if (*n < k) {
+        *n = k;
+        return 7;
+    }
+    if (k) memcpy(p, all, k * sizeof *all);
+    *n = k;
+    return 0;
+}
+
+EXPORT int nvmlDeviceGetComputeRunningProcesses_v3(void *h, unsigned *n, process_info *p)
+{
+    (void)h;
+    return processes(n, p);
 }

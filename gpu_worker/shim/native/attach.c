@@ -48,7 +48,7 @@ static struct {
     double busy_within;       /* pacing.py's BUSY_WITHIN */
     size_t slot, slots, header, slot_off, slot_size;
     size_t used_off, overhead_off, kernel_off, tier_off, pace_off, calls_off, launches_off;
-    size_t quota_off, revoked_off, reason_off, reason_len_off, frozen_off, touch_off;
+    size_t quota_off, revoked_off, reason_off, reason_len_off, frozen_off, touch_off, pid_off;
     double depth, check_every;  /* pacing.py's DEPTH and CHECK_EVERY, from the worker */
     double eviction_wait;       /* the worker's: seconds it may take to make room on a full GPU (0: it does not) */
     int gpus;
@@ -294,6 +294,7 @@ static CUresult attach_now(unsigned flags)
     A.reason_len_off = key(text, "reason_len_off");
     A.frozen_off = A.slot_off + key(text, "frozen_off");
     A.touch_off = A.slot_off + key(text, "touch_off");
+    A.pid_off = key(text, "pid_off");  /* within any slot: the NVML stand-in looks at every slot's */
     A.depth = key(text, "depth_us") / 1e6;
     A.check_every = key(text, "check_every_us") / 1e6;
     A.eviction_wait = key(text, "eviction_wait_ms") / 1e3;
@@ -366,6 +367,17 @@ CUresult gl_observe(void) { return attach(GL_NATIVE_OBSERVE); }
 CUresult gl_attached_status(void) { return A.done ? A.status : CUDA_ERROR_NOT_INITIALIZED; }
 
 unsigned long long gl_quota(void) { return A.map ? u64_at(A.quota_off) : 0; }
+
+/* Whether ``pid`` (as the worker sees it) is one of the vGPU's processes: a native one, or an executor. */
+int gl_vgpu_has_pid(unsigned pid)
+{
+    if (!A.map || !A.pid_off) return 0;
+    for (size_t i = 0; i < A.slots; i++) {
+        size_t off = A.header + i * A.slot_size;
+        if (u32_at(off) == LIVE && u32_at(off + A.pid_off) == pid) return 1;
+    }
+    return 0;
+}
 
 int gl_vgpu_gpus(char uuids[][64], int max)
 {

@@ -59,6 +59,7 @@ int gl_charge(size_t n, size_t *room);    /* 1 charged; 0 refused (*room: bytes 
 void gl_uncharge(size_t n);
 void gl_force_charge(size_t n);           /* after the fact, within the driver's rounding: never refused */
 unsigned long long gl_quota(void);        /* 0: no quota */
+int gl_vgpu_has_pid(unsigned pid);        /* one of the vGPU's processes (native, or an executor) */
 unsigned long long gl_vgpu_charged(void); /* bytes in use over all of the vGPU's processes */
 int gl_vgpu_gpus(char uuids[][64], int max);
 double gl_share(void);                    /* compute share in GPUs (0 or >= the GPU count: not paced) */

@@ -4,11 +4,13 @@
  * session: the devices are only the vGPU's GPUs, numbered in the vGPU's order as CUDA numbers them, and
  * a device's memory is the vGPU's: its quota as the total, what all its processes hold as used (read from
  * the vGPU's ledger, the figures the CUDA side charges, never sampled). So nvidia-smi, pynvml and the
- * memory probes of frameworks agree with cuMemGetInfo. The stand-in attaches to the ledger read-only
- * (no slot, nothing charged) at nvmlInit. */
+ * memory probes of frameworks agree with cuMemGetInfo. The processes on a device are only the vGPU's, so
+ * the list agrees with the memory used and a session does not see other users' programs. The stand-in
+ * attaches to the ledger read-only (no slot, nothing charged) at nvmlInit. */
 #include "gl_native.h"
 
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -18,7 +20,8 @@ typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
 typedef struct { unsigned version; unsigned long long total, reserved, free, used; } nvmlMemory_v2_t;
 
 enum { NVML_SUCCESS = 0, NVML_ERROR_UNINITIALIZED = 1, NVML_ERROR_INVALID_ARGUMENT = 2, NVML_ERROR_NO_PERMISSION = 4,
-       NVML_ERROR_NOT_FOUND = 6 };
+       NVML_ERROR_NOT_FOUND = 6, NVML_ERROR_INSUFFICIENT_SIZE = 7, NVML_ERROR_FUNCTION_NOT_FOUND = 13,
+       NVML_ERROR_MEMORY = 20 };
 
 #define MAX_GPUS 8
 
@@ -191,3 +194,60 @@ GL_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemor
     }
     return r;
 }
+
+/* ------------------------------------------------------------------- the processes on a device */
+/* nvmlProcessInfo_t (v2 and v3 alike) */
+typedef struct { unsigned pid; unsigned long long used; unsigned gpu_instance, compute_instance; } process_info;
+typedef nvmlReturn_t (*processes_t)(nvmlDevice_t, unsigned *, process_info *);
+
+/* NVML's list for the device, less the processes that are not the vGPU's; NVML's rules for the count (in: room
+ * in ``infos``; out: the entries, or those needed with NVML_ERROR_INSUFFICIENT_SIZE). */
+static nvmlReturn_t our_processes(const char *real_name, nvmlDevice_t device, unsigned *count, process_info *infos)
+{
+    processes_t real = (processes_t)gl_real(real_name);
+    if (!real) return NVML_ERROR_FUNCTION_NOT_FOUND;
+    if (!count) return NVML_ERROR_INVALID_ARGUMENT;
+    if (ordinal_of(device) < 0) return real(device, count, infos);
+    process_info *all = NULL;
+    unsigned n = 0;
+    nvmlReturn_t r = NVML_ERROR_INSUFFICIENT_SIZE;
+    for (int tries = 0; tries < 4 && r == NVML_ERROR_INSUFFICIENT_SIZE; tries++) {  /* it may grow meanwhile */
+        n = all ? n : 0;
+        r = real(device, &n, all);
+        if (r == NVML_ERROR_INSUFFICIENT_SIZE) {
+            free(all);
+            n += 8;
+            if (!(all = calloc(n, sizeof *all))) return NVML_ERROR_MEMORY;
+        }
+    }
+    if (r != NVML_SUCCESS) {
+        free(all);
+        return r;
+    }
+    unsigned kept = 0;
+    for (unsigned i = 0; i < n && all; i++)
+        if (gl_vgpu_has_pid(all[i].pid)) all[kept++] = all[i];
+    if (*count < kept || (kept && !infos)) {
+        *count = kept;
+        free(all);
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    if (kept) memcpy(infos, all, kept * sizeof *all);
+    *count = kept;
+    free(all);
+    return NVML_SUCCESS;
+}
+
+/* each version of each list, by the name it has in the real library (the same layout: nvmlProcessInfo_t) */
+#define PROCESSES(name, real_name)                                                       \
+    GL_EXPORT nvmlReturn_t name(nvmlDevice_t d, unsigned *n, process_info *p)            \
+    {                                                                                    \
+        return our_processes(real_name, d, n, p);                                        \
+    }
+
+PROCESSES(nvmlDeviceGetComputeRunningProcesses_v3, "nvmlDeviceGetComputeRunningProcesses_v3")
+PROCESSES(nvmlDeviceGetComputeRunningProcesses_v2, "nvmlDeviceGetComputeRunningProcesses_v2")
+PROCESSES(nvmlDeviceGetGraphicsRunningProcesses_v3, "nvmlDeviceGetGraphicsRunningProcesses_v3")
+PROCESSES(nvmlDeviceGetGraphicsRunningProcesses_v2, "nvmlDeviceGetGraphicsRunningProcesses_v2")
+PROCESSES(nvmlDeviceGetMPSComputeRunningProcesses_v3, "nvmlDeviceGetMPSComputeRunningProcesses_v3")
+PROCESSES(nvmlDeviceGetMPSComputeRunningProcesses_v2, "nvmlDeviceGetMPSComputeRunningProcesses_v2")

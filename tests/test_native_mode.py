@@ -27,7 +27,9 @@ from gpu_worker.shim import native_dir
 QUOTA = 64 << 20
 TOKENS = {"vgpu": {"vram": "64M", "gpus": [1], "compute": 25}, "node": {"gpus": [0, 1]},
           "neighbour": {"vram": "64M", "gpus": [1], "compute": 50},
-          "strict": {"vram": "64M", "gpus": [1], "compute": 25, "burst": False}}
+          "strict": {"vram": "64M", "gpus": [1], "compute": 25, "burst": False},
+          "whole": {"vram": "64M", "gpus": [1]}}
+TIME_EVERY = 4  # the node's native_time_every: a whole-GPU vGPU's native processes time one launch in 4
 
 pytestmark = pytest.mark.skipif(not shim_build.native_supported(), reason="native mode is built for x86-64 only")
 
@@ -41,7 +43,8 @@ def driver_double(tmp_path_factory):
 def node(tmp_path, driver_double):
     (tmp_path / "tokens.json").write_text(json.dumps(TOKENS))
     w = Worker(tmp_path, token=None, extra=("--emulated-gpus", "2", "--emulated-memory", "4G", "--name", "node",
-                                            "--tokens-file", str(tmp_path / "tokens.json")))
+                                            "--tokens-file", str(tmp_path / "tokens.json"),
+                                            f"--GPUWorker.native_time_every={TIME_EVERY}"))
     w.double = driver_double
     yield w
     w.stop()
@@ -366,6 +369,50 @@ def test_a_native_vgpu_that_may_burst_is_lent_its_idle_gpu_s_spare_share(node):
     assert got["strict"]["share"] == pytest.approx(0.25, abs=0.08), got
     assert got["strict"]["throttled"] > 1.0, got
     assert got["vgpu"]["share"] > 0.75, got
+
+
+def test_a_whole_gpu_vgpu_s_kernel_time_is_estimated_from_one_launch_in_n(node):
+    """Not paced, a native process times one launch in each run of TIME_EVERY, at a random place, and counts it
+    TIME_EVERY times. Kernels of 1 and 9 ms alternate (a period that divides the run): timing the same place in
+    every run would count 1 or 9 ms for all (0.2 or 1.8 of the truth); the estimate is near the truth."""
+    from workertools import SLEEP_PTX
+
+    r = run_native(node, f"SLEEP_PTX = {SLEEP_PTX!r}\n" + textwrap.dedent("""
+        import time
+        ok(d.cuInit(0))
+        ctx = ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(0)))); ok(d.cuCtxSetCurrent(ctx))
+        fn = ok(d.cuModuleGetFunction(ok(d.cuModuleLoadData(SLEEP_PTX.encode() + b"\\0")), b"sleep_ms"))
+        args = [np.array([ms], np.uint32) for ms in (1, 9)]
+        params = [np.array([a.ctypes.data], np.uint64) for a in args]
+        spent, n = 0.0, 0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.0:
+            t = time.monotonic()
+            ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, params[n % 2].ctypes.data, 0))
+            ok(d.cuCtxSynchronize())
+            spent += time.monotonic() - t
+            n += 1
+        time.sleep(0.01)
+        ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, params[0].ctypes.data, 0))  # reads the last times back
+        ok(d.cuCtxSynchronize())
+        done(spent=spent, launches=n)
+    """), token="whole")
+    v = vgpu_of(node, "whole")
+    ratio = v["kernel_time"] / r.result["spent"]
+    assert r.result["launches"] > 150, r.result
+    assert 0.7 < ratio < 1.15, (ratio, v["kernel_time"], r.result)
+    assert v["throttled_time"] == 0 and v["share"] == 100
+
+
+@pytest.mark.parametrize("value", [0, -3, 1 << 21])
+def test_a_bad_native_time_every_stops_the_worker_with_its_name(value):
+    from traitlets import TraitError
+
+    from gpu_worker.daemon.worker import GPUWorker
+
+    with pytest.raises(TraitError) as bad:
+        GPUWorker(native_time_every=value)
+    assert "'native_time_every' trait of a GPUWorker" in str(bad.value) and str(value) in str(bad.value)
 
 
 def test_freeze_and_thaw_through_the_chain_keep_the_bytes(node):

@@ -91,6 +91,7 @@ class NativeProcesses:
         self.links: dict[int, NativeLink] = {}  # pid -> link
         self.lock = threading.Lock()
         self.tiering = None  # tiering.py's Tiering, set by the worker: room for a process whose GPU is full
+        self.time_every = 64  # the worker's native_time_every: an unpaced process times one launch in this many
         registry.native_tier = self.request_tier
         registry.native_why_not = self.why_not_pid
         registry.native_hot = self.hot_bytes
@@ -115,7 +116,8 @@ class NativeProcesses:
         info = {**native_layout(), "slot": slot, "slots": v.ledger.slots, "gpus": ",".join(grant["gpus"]),
                 "depth_us": round(DEPTH * 1e6), "check_every_us": round(CHECK_EVERY * 1e6),
                 "backend": self.checkpointer.backend,
-                "eviction_wait_ms": round(self.tiering.eviction_wait * 1000) if self.tiering is not None else 0}
+                "eviction_wait_ms": round(self.tiering.eviction_wait * 1000) if self.tiering is not None else 0,
+                "time_every": self.time_every}
         fds = [v.ledger.fd]
         row = v.row
         if not observe and v.board is not None and row is not None:  # its launches keep bursting neighbours off

@@ -161,6 +161,13 @@ class GPUWorker(Configurable):
                                  "of the same name there refuses to start) and emptied at start; nothing else in "
                                  "spool_dir is touched.  Default: spool in the worker's state directory."
                         ).tag(config=True)
+    native_time_every = Int(64, min=1, max=1 << 20,
+                            help="A native process of a vGPU that is not paced (its share is its GPUs' whole time) "
+                                 "times one kernel launch in each run of this many, at a random place in the run, "
+                                 "and counts it for the run: its kernel time (share_measured, the usage report's "
+                                 "weighted GPU-hours) is an estimate at a cost of well under a microsecond a "
+                                 "launch. 1: every launch, exact, at a few microseconds each. Paced vGPUs time "
+                                 "every launch.").tag(config=True)
     eviction_wait = Float(10.0, help="Seconds an allocation or restore that finds its GPU full waits for other "
                                      "vGPUs to move to host memory; then it fails with "
                                      "CUDA_ERROR_OUT_OF_MEMORY and the reason.").tag(config=True)
@@ -275,6 +282,7 @@ class GPUWorker(Configurable):
         self.native = NativeProcesses(self.registry, EmulatedCheckpointer(self.registry) if self.kind == "emulated"
                                       else DriverCheckpointer())
         self.native.tiering = self.tiering  # a native process whose GPU is full asks for room as executors do
+        self.native.time_every = self.native_time_every
         static = dict(self.tokens)
         if self.token:
             static.setdefault(self.token, {})

@@ -51,6 +51,7 @@ static struct {
     size_t quota_off, revoked_off, reason_off, reason_len_off, frozen_off, touch_off, pid_off;
     double depth, check_every;  /* pacing.py's DEPTH and CHECK_EVERY, from the worker */
     double eviction_wait;       /* the worker's: seconds it may take to make room on a full GPU (0: it does not) */
+    unsigned time_every;        /* the worker's native_time_every: an unpaced process times one launch in this many */
     int gpus;
     char uuids[8][64];
     unsigned long long used; /* this process's bytes (mirrors its slot) */
@@ -298,6 +299,7 @@ static CUresult attach_now(unsigned flags)
     A.depth = key(text, "depth_us") / 1e6;
     A.check_every = key(text, "check_every_us") / 1e6;
     A.eviction_wait = key(text, "eviction_wait_ms") / 1e3;
+    A.time_every = (unsigned)key(text, "time_every");
     parse_gpus(text);
     A.map_size = A.header + A.slots * A.slot_size;
     A.map = memfd < 0 || !A.slot_size ? MAP_FAILED
@@ -542,6 +544,7 @@ double gl_share(void) { return A.map ? f64_at(A.pace_off) : 0.0; }
 int gl_burst(void) { return A.map ? (int)u32_at(A.pace_off + 8) : 0; }
 
 int gl_vgpu_gpu_count(void) { return A.gpus ? A.gpus : 1; }
+unsigned gl_time_every(void) { return A.time_every ? A.time_every : 1; }
 double gl_pace_depth(void) { return A.depth; }
 double gl_pace_check_every(void) { return A.check_every; }
 

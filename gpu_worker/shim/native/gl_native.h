@@ -66,6 +66,7 @@ double gl_share(void);                    /* compute share in GPUs (0 or >= the 
 double gpulab_native_settle(double now, double share, double rate, double depth); /* the bucket's tokens */
 void gl_reset_bucket(void);
 int gl_vgpu_gpu_count(void);
+unsigned gl_time_every(void);             /* an unpaced process times one launch in this many (1: every one) */
 double gl_pace_depth(void);               /* pacing.py's DEPTH: the bucket holds this much wall time at the share */
 double gl_pace_check_every(void);         /* pacing.py's CHECK_EVERY: seconds between two looks at the bucket */
 void gl_publish_kernel_time(double kernel_time, double throttled, int waiting);

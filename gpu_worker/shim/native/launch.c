@@ -7,13 +7,16 @@
  * measures its own kernels with a pair of events around each launch, read back without waiting at
  * later launches, and publishes the sum in its slot, where the other processes' debits find it.
  *
- * Cost: when the share is the whole GPU (or more) nothing is timed and the bucket is looked at once per
- * CHECK_EVERY; a stream being captured into a graph is never given events (they would become nodes). */
+ * When the share is the whole GPU (or more) nothing is paced, and the bucket is looked at once per CHECK_EVERY;
+ * the vGPU's kernel time is then estimated: one launch in each run of N (the worker's native_time_every, at a
+ * random place in the run, so that a loop's period cannot bias it) is timed and counted N times. A stream
+ * being captured into a graph is never given events (they would become nodes). */
 #define _GNU_SOURCE
 #include "gl_native.h"
 
 #include <pthread.h>
 #include <time.h>
+#include <unistd.h>
 
 #define PENDING 256
 
@@ -29,9 +32,15 @@ static struct {
     pthread_mutex_t mu;
     double next_check, kernel_time, throttled;
     int paced;
+    int sampling;          /* not paced, attached: launches are timed one in gl_time_every() */
     CUevent start[PENDING], end[PENDING];
+    double weight[PENDING];  /* the launches each timed one stands for */
     unsigned head, count;
+    unsigned left, pick;     /* launches left in the current run, and which of them is timed */
+    unsigned long long rng;
 } P = { .mu = PTHREAD_MUTEX_INITIALIZER };
+
+static __thread double launch_weight = 1.0;  /* gl_pace_before's for the launch gl_pace_after records */
 
 static double now_s(void)
 {
@@ -78,7 +87,7 @@ static void collect_events(int wait)
         if (q == CUDA_ERROR_NOT_READY) break;
         float ms = 0;
         if (q == CUDA_SUCCESS && elapsed(&ms, P.start[i], P.end[i]) == CUDA_SUCCESS)
-            P.kernel_time += ms / 1000.0;
+            P.kernel_time += ms / 1000.0 * P.weight[i];
         GL_REAL(event_destroy_t, "cuEventDestroy_v2")(P.start[i]);
         GL_REAL(event_destroy_t, "cuEventDestroy_v2")(P.end[i]);
         P.head = (P.head + 1) % PENDING;
@@ -98,11 +107,13 @@ static void admit(void)
     double share = gl_share();
     if (share >= gl_vgpu_gpu_count() || share <= 0.0) {
         P.paced = 0;
+        P.sampling = share > 0.0;
         gl_publish_kernel_time(P.kernel_time, P.throttled, 0);
         gl_reset_bucket();  /* a bucket from a smaller share starts afresh if one comes back */
         return;
     }
     P.paced = 1;
+    P.sampling = 0;
     int waiting = 0, burst = gl_burst();
     for (;;) {
         gl_publish_kernel_time(P.kernel_time, P.throttled, waiting);
@@ -142,6 +153,22 @@ int gl_capture_status(CUstream s, int per_thread)
 /* Whether a launch on ``rs`` is recorded into a graph rather than run (or the driver cannot say). */
 static int capturing(CUstream rs, int per_thread) { return gl_capture_status(rs, per_thread) != 0; }
 
+/* Whether this launch is the timed one of its run of ``n`` (a random place in each run). (mu held) */
+static int sampled(unsigned n)
+{
+    if (n <= 1) return 1;
+    if (!P.left) {
+        if (!P.rng)  /* any nonzero seed, different per process */
+            P.rng = (unsigned long long)(now_s() * 1e6) ^ ((unsigned long long)getpid() << 32) ^ 0x9e3779b97f4a7c15ull;
+        P.rng ^= P.rng << 13;  /* xorshift64 */
+        P.rng ^= P.rng >> 7;
+        P.rng ^= P.rng << 17;
+        P.left = n;
+        P.pick = (unsigned)(P.rng % n);
+    }
+    return --P.left == P.pick;
+}
+
 void gl_pace_before(CUstream s, int per_thread, CUevent *start)
 {
     *start = NULL;
@@ -154,6 +181,12 @@ void gl_pace_before(CUstream s, int per_thread, CUevent *start)
     pthread_mutex_lock(&P.mu);
     admit();
     int timed = P.paced;
+    double weight = 1.0;
+    if (!timed && P.sampling) {
+        unsigned n = gl_time_every();
+        timed = sampled(n);
+        weight = n;
+    }
     pthread_mutex_unlock(&P.mu);
     gl_thaw_if_frozen();  /* the wait may have outlasted the worker's grace period: never enter a locked driver */
     if (!timed || (!looked && capturing(rs, per_thread))) return;
@@ -164,6 +197,7 @@ void gl_pace_before(CUstream s, int per_thread, CUevent *start)
         return;
     }
     *start = e;
+    launch_weight = weight;
 }
 
 void gl_pace_after(CUstream s, int per_thread, CUevent start)
@@ -181,6 +215,7 @@ void gl_pace_after(CUstream s, int per_thread, CUevent start)
     unsigned i = (P.head + P.count) % PENDING;
     P.start[i] = start;
     P.end[i] = e;
+    P.weight[i] = launch_weight;
     P.count++;
     pthread_mutex_unlock(&P.mu);
 }

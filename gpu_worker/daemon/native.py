@@ -47,7 +47,7 @@ GRACE = 0.05          # seconds between marking a process frozen and locking it
 ROOM_POLL = 0.5       # seconds between two looks for room while a thaw waits
 STILL_LOCKED = 210     # checkpoint_helper.FROZEN_AS_IS (CUDA_ERROR_ALREADY_ACQUIRED): checkpoint and unlock failed
 CHECKPOINT_POLL = 0.01  # seconds between two looks while a thaw waits for a checkpoint under way to end
-MAX_ROOM_REQUEST = 256  # bytes of an OP_NATIVE_ROOM payload: {"device": k, "need": n, "wait": s} fits well within
+MAX_ROOM_REQUEST = 256  # largest OP_NATIVE_ROOM payload accepted ({"device": k, "need": n, "wait": s}: under 80)
 UVM, IPC = 1, 2       # the shim's bits in the byte after the frozen byte: why it cannot be frozen
 WHY_NOT = {UVM: "it uses managed (UVM) memory, which the driver's checkpoint does not move",
            IPC: "it shares device memory with another process (IPC), which the driver's checkpoint does not move"}
@@ -228,13 +228,16 @@ class NativeProcesses:
 
     def hot_bytes(self, v, movable: bool = False) -> int:
         """(registry.native_hot) Device memory the native processes of ``v`` hold now (their allocations and
-        contexts), all of it until a checkpoint has moved it to host memory; with ``movable``, only that of the
-        processes a checkpoint can move (what an eviction could free)."""
+        contexts): all of it, except while a checkpoint keeps it in host memory (frozen, or thawing: waiting for
+        room or being restored); with ``movable``, only that of the processes an eviction could freeze (running,
+        or being frozen, and free of managed and IPC memory)."""
         with self.lock:
-            links = [link for link in self.links.values() if link.vgpu is v]
+            links = [(link, link.state) for link in self.links.values() if link.vgpu is v]
         total = 0
-        for link in links:
-            if (link.state == "frozen" and link.checkpointed) or (movable and self.why_not(link)):
+        for link, state in links:
+            if state in ("frozen", "thawing") and (link.checkpointed or movable):
+                continue
+            if movable and self.why_not(link):
                 continue
             rec = v.ledger.read_slot(link.slot)
             if rec is not None:
@@ -327,15 +330,15 @@ class NativeProcesses:
                     break
             time.sleep(CHECKPOINT_POLL)
         start = time.monotonic()
-        asked = None
+        warned, asked = False, None
         while not self.checkpointer.has_room(link.vgpu.grant["gpus"], link.checkpointed):
-            if asked is None:
+            if not warned:
                 log.warning("%s: waiting for %d bytes of room on its GPU before restoring", link.label,
                             link.checkpointed)
+                warned = True
             if self.tiering is not None and (asked is None or time.monotonic() - asked >= self.tiering.eviction_wait):
-                asked = time.monotonic()
+                asked = time.monotonic()  # at once, then once per eviction_wait while the room does not come
                 self._make_room(link)
-            asked = asked or time.monotonic()
             time.sleep(ROOM_POLL)
         result = self.checkpointer.thaw(link.pid)
         slot = Slot(ledger, link.slot)

@@ -220,7 +220,8 @@ class Tiering:
                     continue
                 here, everywhere = reg.held_on(v, gpu)
                 if here <= 0:
-                    pinned += bool(v.native and reg.native_hot(v))  # only memory a checkpoint cannot move
+                    # native memory on this GPU that a checkpoint cannot move
+                    pinned += bool(v.native and gpu in reg.gpu_indexes(v) and reg.native_hot(v))
                     continue
                 their_rank = QOS_RANK.get(v.grant.get("qos") or "medium", 1)
                 if their_rank > rank:

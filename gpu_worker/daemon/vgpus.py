@@ -591,11 +591,15 @@ class VGPURegistry:
         here, everywhere = sum(f["hot"][gpu] for f in rows), sum(sum(f["hot"]) for f in rows)
         native = self.native_hot(v, movable=True) if v.native else 0
         if native:
-            indexes = [self.by_uuid[u]["index"] for u in v.grant["gpus"]]
+            indexes = self.gpu_indexes(v)
             everywhere += native
             if gpu in indexes:
                 here += native // len(indexes)
         return here, everywhere
+
+    def gpu_indexes(self, v: VGPU) -> list[int]:
+        """The worker's indexes of the vGPU's GPUs, in its order."""
+        return [self.by_uuid[u]["index"] for u in v.grant["gpus"]]
 
     def tier_figures(self) -> dict:
         """The tier board's totals: warm bytes held, the warm budget, and hot bytes per GPU uuid (with a real

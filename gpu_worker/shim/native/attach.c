@@ -4,9 +4,9 @@
  * native hello. The worker checks the token as for a forwarded session, claims a slot of the vGPU's
  * ledger for this process (its context charged up front) and answers with key=value lines and the
  * ledger's memfd (SCM_RIGHTS), and the memfd of its GPU's board where the vGPU has a row (pacing.py: each
- * vGPU of the GPU's share, QoS and when it last wanted to launch, for bursting). The layout's offsets come in that answer:
- * gpu_worker/daemon/ledger.py and pacing.py own them. The socket stays open while the process lives: when it
- * closes, the worker frees the slot.
+ * vGPU of the GPU's share, QoS and when it last wanted to launch, for bursting). The layout's offsets come
+ * in that answer: gpu_worker/daemon/ledger.py and pacing.py own them. The socket stays open while the
+ * process lives: when it closes, the worker frees the slot.
  *
  * Charging is ledger.py's Slot.charge in C: under the ledger's POSIX record lock (per process, so a
  * mutex orders this process's threads first) the live slots are summed and this slot's figure is
@@ -217,10 +217,12 @@ static void map_board(int fd, const char *text, unsigned flags)
 {
     if (fd < 0) return;
     size_t size = key(text, "board_size"), rows = key(text, "board_rows"), entry = key(text, "board_entry");
-    size_t row = key(text, "board_row");
-    void *board = flags & GL_NATIVE_OBSERVE || !size || !entry || rows * entry > size || row >= rows
-                      ? MAP_FAILED
-                      : mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    size_t row = key(text, "board_row"), fields[] = { key(text, "board_qos_off"), key(text, "board_burst_off"),
+        key(text, "board_waiting_off"), key(text, "board_share_off"), key(text, "board_wanted_off") };
+    int sound = size && entry && rows * entry <= size && row < rows;
+    for (size_t i = 0; i < sizeof fields / sizeof *fields; i++) sound = sound && fields[i] + 8 <= entry;
+    void *board = flags & GL_NATIVE_OBSERVE || !sound ? MAP_FAILED
+                                                       : mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (board == MAP_FAILED) {
         close(fd);
         return;
@@ -231,11 +233,11 @@ static void map_board(int fd, const char *text, unsigned flags)
     A.board_rows = rows;
     A.board_entry = entry;
     A.board_row = row;
-    A.b_qos = key(text, "board_qos_off");
-    A.b_burst = key(text, "board_burst_off");
-    A.b_waiting = key(text, "board_waiting_off");
-    A.b_share = key(text, "board_share_off");
-    A.b_wanted = key(text, "board_wanted_off");
+    A.b_qos = fields[0];
+    A.b_burst = fields[1];
+    A.b_waiting = fields[2];
+    A.b_share = fields[3];
+    A.b_wanted = fields[4];
     A.busy_within = key(text, "board_busy_within_us") / 1e6;
 }
 

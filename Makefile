@@ -3,6 +3,7 @@
 #   make demo ARGS="--port 8001"    options for `gpulab up`
 #   make test PYTEST_ARGS="-k pool" options for pytest
 #   make validate-gpu               on a GPU machine: `pytest -m gpu`, the benchmarks, a dated report
+#                                   (PART=tests or PART=benchmarks: one of the two, to fit a 10-minute call)
 #
 # System pieces (C compiler, Debian's Chromium and Prometheus, Node.js, npm, configurable-http-proxy) are checked on
 # every run by tools/bootstrap.py, which installs each missing one on its own. Python packages go
@@ -67,7 +68,7 @@ validate-gpu:
 	@$(PYTHON) benchmarks/validate_gpu.py --preflight
 	@$(MAKE) --no-print-directory build NEEDS=gpu
 	$(VPY) gpu_worker/shim/build.py
-	$(VPY) benchmarks/validate_gpu.py $(if $(REPORT),--output $(REPORT))
+	$(VPY) benchmarks/validate_gpu.py $(if $(PART),--part $(PART)) $(if $(REPORT),--output $(REPORT))
 
 # Cheap, so it runs every time: a piece removed since the last run is installed again.
 system:

@@ -32,6 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEV_NODES = ("/dev/nvidiactl", "/dev/nvidia0")  # what tests/workertools.gpu_present looks at
 PYTEST_TIMEOUT_S = 300
+PYTEST_ALONE_TIMEOUT_S = 540  # `--part tests`: one device call (at most 600 s) for the GPU tests alone
+PARTS = {"all": "`make validate-gpu`", "tests": "`make validate-gpu PART=tests`",
+         "benchmarks": "`make validate-gpu PART=benchmarks`"}
 BENCH_TIMEOUT_S = 150  # `remote_driver.py --backend cuda --quick` aims at under a minute; with the pytest
                        # run and the install, inside 8 minutes on an H100 machine
 NATIVE_TIMEOUT_S = 300  # `native.py --quick`: three PyTorch children, 16 GiB frozen and thawed (not yet timed on a GPU)
@@ -206,8 +209,9 @@ class Report:
     system: str
     cpus: int
     commit: str
-    pytest: Run
+    pytest: Run | None  # None: the benchmarks part alone
     benches: list = field(default_factory=list)
+    part: str = "all"
 
 
 def _markdown_table(header: list, rows: list) -> list[str]:
@@ -235,23 +239,13 @@ def format_report(rep: Report) -> str:
     driver = gpus[0].get("driver", "?") if gpus else "?"
     present = [f"{k} {v}" for k, v in rep.versions.items() if v]
     absent = [k for k, v in rep.versions.items() if not v]
-    out = [f"## {rep.date} — GPU validation (`make validate-gpu`)", "",
+    out = [f"## {rep.date} — GPU validation ({PARTS[rep.part]})", "",
            f"Machine: {len(gpus)} × {gpu_text}; driver {driver} (CUDA {rep.machine.get('cuda', '?')}); "
            f"{rep.cpus} CPUs; {rep.system}; Python {rep.python}. Commit {rep.commit}.", "",
            f"Versions: {', '.join(present)}." + (f" Not installed: {', '.join(absent)}." if absent else ""), ""]
 
-    p = rep.pytest
-    counts = pytest_counts(p.output)
-    summary = ", ".join(f"{counts[w]} {w}" for w in PYTEST_WORDS if counts.get(w)) or "no summary line"
-    verdict = "PASS" if pytest_passed(p) else "NOT PASSED"
-    out += [f"### `pytest -m gpu`: {verdict} — {summary} ({p.seconds:.0f} s, {_status(p)})", ""]
-    if p.note:
-        out += [p.note, ""]
-    if counts:
-        out += _markdown_table(["outcome", "count"], [[w, str(counts[w])] for w in PYTEST_WORDS if w in counts]) + [""]
-    problems = pytest_problems(p.output)
-    if problems:
-        out += [f"- `{line}`" for line in problems] + [""]
+    if rep.pytest is not None:
+        out += _pytest_section(rep.pytest)
 
     for b in rep.benches:
         out += [f"### `{_shown(b.command)}` ({b.seconds:.0f} s, {_status(b)})", ""]
@@ -265,6 +259,21 @@ def format_report(rep: Report) -> str:
             out += ["No figures: the benchmark printed no table. Its last lines:", "", "```",
                     *b.output.strip().splitlines()[-15:], "```", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _pytest_section(p: Run) -> list[str]:
+    counts = pytest_counts(p.output)
+    summary = ", ".join(f"{counts[w]} {w}" for w in PYTEST_WORDS if counts.get(w)) or "no summary line"
+    verdict = "PASS" if pytest_passed(p) else "NOT PASSED"
+    out = [f"### `pytest -m gpu`: {verdict} — {summary} ({p.seconds:.0f} s, {_status(p)})", ""]
+    if p.note:
+        out += [p.note, ""]
+    if counts:
+        out += _markdown_table(["outcome", "count"], [[w, str(counts[w])] for w in PYTEST_WORDS if w in counts]) + [""]
+    problems = pytest_problems(p.output)
+    if problems:
+        out += [f"- `{line}`" for line in problems] + [""]
+    return out
 
 
 # ---------------------------------------------------------------------------- main
@@ -318,29 +327,36 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preflight", action="store_true", help="only check that an NVIDIA GPU is visible")
     ap.add_argument("--output", help="also write the report to this file")
+    ap.add_argument("--part", choices=list(PARTS), default="all",
+                    help="the GPU tests, the benchmarks, or both (the default); each part alone fits one device "
+                         "call of 10 minutes")
     args = ap.parse_args(argv)
     if preflight() != 0:
         return 2
     if args.preflight:
         return 0
 
-    cmd, note = pytest_command()
-    tests = run("pytest -m gpu", cmd, PYTEST_TIMEOUT_S, note)
-    bench_cmd, bench_note = remote_driver_command()
-    tier_cmd, tier_note = tiering_command()
-    native_cmd, native_note = native_command()
-    benches = [run("remote driver benchmark", bench_cmd, BENCH_TIMEOUT_S,
-                   bench_note + " `benchmarks/spawn.py` is not run: it measures the hub, not the GPU."),
-               run("tiering benchmark", tier_cmd, BENCH_TIMEOUT_S, tier_note),
-               run("native mode benchmark", native_cmd, NATIVE_TIMEOUT_S, native_note)]
+    tests = None
+    if args.part in ("all", "tests"):
+        cmd, note = pytest_command()
+        tests = run("pytest -m gpu", cmd, PYTEST_TIMEOUT_S if args.part == "all" else PYTEST_ALONE_TIMEOUT_S, note)
+    benches = []
+    if args.part in ("all", "benchmarks"):
+        bench_cmd, bench_note = remote_driver_command()
+        tier_cmd, tier_note = tiering_command()
+        native_cmd, native_note = native_command()
+        benches = [run("remote driver benchmark", bench_cmd, BENCH_TIMEOUT_S,
+                       bench_note + " `benchmarks/spawn.py` is not run: it measures the hub, not the GPU."),
+                   run("tiering benchmark", tier_cmd, BENCH_TIMEOUT_S, tier_note),
+                   run("native mode benchmark", native_cmd, NATIVE_TIMEOUT_S, native_note)]
     rep = Report(date=datetime.date.today().isoformat(), machine=device_facts(), versions=versions(),
                  python=platform.python_version(), system=f"{platform.system()} {platform.release()}",
-                 cpus=os.cpu_count() or 0, commit=commit(), pytest=tests, benches=benches)
+                 cpus=os.cpu_count() or 0, commit=commit(), pytest=tests, benches=benches, part=args.part)
     text = format_report(rep)
     print(text)
     if args.output:
         Path(args.output).write_text(text)
-    ok = pytest_passed(tests) and all(b.rc == 0 for b in benches)
+    ok = (tests is None or pytest_passed(tests)) and all(b.rc == 0 for b in benches)
     return 0 if ok else 1
 
 

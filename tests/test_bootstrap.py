@@ -403,6 +403,29 @@ def test_report_is_markdown_for_docs_validation():
     assert len([x for x in lines if x.startswith("| unix") or x.startswith("| tcp")]) == 3
 
 
+def test_each_part_alone_reports_only_itself():
+    """`--part benchmarks` has no pytest run (its section is left out); `--part tests` no benchmarks; the
+    heading names the part, so that two reports pasted one after the other say which is which."""
+    rep = fake_report()
+    rep.pytest, rep.part = None, "benchmarks"
+    text = vg.format_report(rep)
+    assert text.splitlines()[0] == "## 2026-11-22 — GPU validation (`make validate-gpu PART=benchmarks`)"
+    assert "pytest -m gpu" not in text and "| outcome | count |" not in text
+    assert "### `python benchmarks/remote_driver.py --backend cuda` (71 s, ok)" in text
+    rep = fake_report()
+    rep.benches, rep.part = [], "tests"
+    text = vg.format_report(rep)
+    assert text.splitlines()[0] == "## 2026-11-22 — GPU validation (`make validate-gpu PART=tests`)"
+    assert "### `pytest -m gpu`: NOT PASSED" in text and "remote_driver" not in text
+    with pytest.raises(SystemExit):
+        vg.main(["--part", "everything"])  # argparse: not one of all, tests, benchmarks
+
+
+def test_make_passes_the_part_on(tmp_path):
+    out = make_n("validate-gpu", "PART=tests", f"VENV={tmp_path / 'venv'}")
+    assert any(line.rstrip().endswith("benchmarks/validate_gpu.py --part tests") for line in out.splitlines()), out
+
+
 def test_all_skipped_is_not_a_pass_and_a_missing_table_shows_the_output():
     rep = fake_report(pytest_out="sss\n3 skipped, 200 deselected in 0.50s\n", pytest_rc=0,
                       bench_out="Traceback (most recent call last):\nRuntimeError: worker did not start\n")

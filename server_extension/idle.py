@@ -73,11 +73,14 @@ class IdleHint:
         self.told = since
 
     async def wake(self) -> None:
-        """A cell runs: ask the worker to restore each vGPU whose memory is off the GPU (not while a tier action
-        of this server runs: that one decides). Once per busy period; a failure is logged, not retried."""
+        """A cell runs: ask the worker to restore each vGPU whose memory is off the GPU. Once per busy period, and
+        not at all in one where a tier action of this server runs (the person's offload is not undone); a
+        failure is logged, not retried."""
+        self.woken = True
         if any(a.state == "running" for a in self.state.actions.by_id.values()):
             return
         try:
+            self.state.stale()  # the worker's answer now, not one kept from the idle spell
             vgpus = (await self.state.snapshot())["vgpus"]
             for v in vgpus:
                 if v.get("state") == "active" and v.get("tier") in ("warm", "cold", "mixed"):
@@ -89,4 +92,3 @@ class IdleHint:
         except WorkerError as exc:
             log.warning("a cell runs, but the vGPU's worker could not be asked to bring its memory back: %s",
                         exc.message)
-        self.woken = True

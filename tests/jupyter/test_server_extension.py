@@ -521,6 +521,56 @@ async def test_a_panel_showing_recent_calls_gets_them_with_each_refresh(jp_fetch
     assert "trace" not in (await the_vgpu(jp_fetch))  # and the vGPU's JSON keeps its shape
 
 
+async def test_the_wake_up_comes_once_per_busy_period_and_never_over_a_panel_action():
+    """wake_on_busy asks for one restore per busy period; in a busy period where the panel's tier action runs
+    (an offload by hand), none: the person's offload is not undone."""
+    from types import SimpleNamespace
+
+    from server_extension.idle import IdleHint
+
+    kernel = SimpleNamespace(execution_state="busy", last_activity=None, kernel_name="python3")
+    moved = []
+
+    class Kernels:
+        def list_kernel_ids(self):
+            return ["k"]
+
+        def get_kernel(self, kid):
+            return kernel
+
+    class State:
+        config = SimpleNamespace(idle_interval=5.0, idle_hint=False, wake_on_busy=True)
+        actions = SimpleNamespace(by_id={"a": SimpleNamespace(state="running")})
+
+        def __init__(self):
+            self.client = SimpleNamespace(move=self.move)
+
+        async def move(self, vgpu_id, action):
+            moved.append((vgpu_id, action))
+            return 200, {}
+
+        def stale(self):
+            pass
+
+        async def snapshot(self):
+            return {"vgpus": [{"id": "v1", "state": "active", "tier": "warm"}]}
+
+    state = State()
+    hint = IdleHint(state, Kernels())
+    await hint.check()
+    state.actions.by_id = {}  # the action ended, the cell still runs
+    await hint.check()
+    assert moved == []
+    for execution_state in ("idle", "busy", "busy", "busy"):  # a new busy period: one restore
+        kernel.execution_state = execution_state
+        await hint.check()
+    assert moved == [("v1", "restore")] and hint.wakes == 1
+    for execution_state in ("idle", "busy"):
+        kernel.execution_state = execution_state
+        await hint.check()
+    assert moved == [("v1", "restore")] * 2
+
+
 async def test_the_idle_hint_warns_once_per_outage(caplog):
     """A worker that stays down is logged once, not every idle_interval; once it answers, the next outage
     is logged again."""

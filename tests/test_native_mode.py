@@ -400,7 +400,7 @@ def test_a_whole_gpu_vgpu_s_kernel_time_is_estimated_from_one_launch_in_n(node):
     v = vgpu_of(node, "whole")
     ratio = v["kernel_time"] / r.result["spent"]
     assert r.result["launches"] > 150, r.result
-    assert 0.7 < ratio < 1.15, (ratio, v["kernel_time"], r.result)
+    assert 0.6 < ratio < 1.3, (ratio, v["kernel_time"], r.result)  # about 5 sd either way; a fixed place: 1.69
     assert v["throttled_time"] == 0 and v["share"] == 100
 
 

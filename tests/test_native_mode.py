@@ -767,7 +767,7 @@ def test_nvml_shows_the_vgpu_as_cuda_does(node, nvml_double):
 def test_nvml_lists_only_the_vgpu_s_processes(node, nvml_double):
     """The node's NVML runs four processes on the GPU: another process of this vGPU, one of another vGPU, a
     stranger (pid 1) and the probe itself; the stand-in lists the two of this vGPU, by NVML's rules for the
-    count."""
+    count, in the older lists and in the newer detail list alike."""
     ours, theirs = Native(node, token="neighbour"), Native(node)
     try:
         assert ours("!ok(d.cuInit(0))") is None and theirs("!ok(d.cuInit(0))") is None
@@ -790,8 +790,20 @@ def test_nvml_lists_only_the_vgpu_s_processes(node, nvml_double):
             full = nvml.nvmlDeviceGetComputeRunningProcesses_v3(h, ctypes.byref(n8), procs)
             listed = [[p.pid, p.used] for p in procs[:n8.value]]
             absent = nvml.nvmlDeviceGetGraphicsRunningProcesses_v3(h, ctypes.byref(n8), procs)
+            class Detail(ctypes.Structure):  # nvmlProcessDetail_v1_t
+                _fields_ = [("pid", ctypes.c_uint), ("used", ctypes.c_ulonglong), ("gi", ctypes.c_uint),
+                            ("ci", ctypes.c_uint), ("cc", ctypes.c_ulonglong)]
+            class DetailList(ctypes.Structure):  # nvmlProcessDetailList_v1_t
+                _fields_ = [("version", ctypes.c_uint), ("mode", ctypes.c_uint), ("entries", ctypes.c_uint),
+                            ("procs", ctypes.POINTER(Detail))]
+            details = (Detail * 8)()
+            dl = DetailList(version=ctypes.sizeof(DetailList) | (1 << 24), mode=0, entries=1, procs=details)
+            detail_short = [nvml.nvmlDeviceGetRunningProcessDetailList(h, ctypes.byref(dl)), dl.entries]
+            dl.entries = 8
+            detail_full = nvml.nvmlDeviceGetRunningProcessDetailList(h, ctypes.byref(dl))
+            detailed = [[d.pid, d.used] for d in details[:dl.entries]]
             done(asked=[asked, n.value], short=[short, n1.value], full=full, listed=listed, me=os.getpid(),
-                 absent=absent)
+                 absent=absent, detail_short=detail_short, detail_full=detail_full, detailed=detailed)
         """), token="neighbour", env_extra=nvml_env(nvml_double))
     finally:
         ours.close()
@@ -800,6 +812,9 @@ def test_nvml_lists_only_the_vgpu_s_processes(node, nvml_double):
     assert got["asked"] == [7, 2] and got["short"] == [7, 2]  # NVML_ERROR_INSUFFICIENT_SIZE: two are needed
     assert got["full"] == 0 and got["listed"] == [[ours.pid, 32 << 20], [got["me"], 8 << 20]], got
     assert got["absent"] == 13  # NVML_ERROR_FUNCTION_NOT_FOUND: the node's NVML lacks it
+    # the newer form of the list, nvmlDeviceGetRunningProcessDetailList, by the same rules
+    assert got["detail_short"] == [7, 2] and got["detail_full"] == 0
+    assert got["detailed"] == [[ours.pid, 32 << 20], [got["me"], 8 << 20]], got
 
 
 def test_nvml_without_a_vgpu_says_why(node, nvml_double):

@@ -200,6 +200,20 @@ GL_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemor
 typedef struct { unsigned pid; unsigned long long used; unsigned gpu_instance, compute_instance; } process_info;
 typedef nvmlReturn_t (*processes_t)(nvmlDevice_t, unsigned *, process_info *);
 
+/* Keeps, in order and in place, the entries of ``all`` (``n`` of ``size`` bytes, each starting with its pid) that are
+ * the vGPU's processes: how many. */
+static unsigned keep_ours(void *all, unsigned n, size_t size)
+{
+    unsigned kept = 0;
+    for (unsigned i = 0; i < n; i++) {
+        unsigned char *e = (unsigned char *)all + i * size;
+        unsigned pid;
+        memcpy(&pid, e, sizeof pid);
+        if (gl_vgpu_has_pid(pid)) memmove((unsigned char *)all + kept++ * size, e, size);
+    }
+    return kept;
+}
+
 /* NVML's list for the device, less the processes that are not the vGPU's; NVML's rules for the count (in: room
  * in ``infos``; out: the entries, or those needed with NVML_ERROR_INSUFFICIENT_SIZE). */
 static nvmlReturn_t our_processes(const char *real_name, nvmlDevice_t device, unsigned *count, process_info *infos)
@@ -224,9 +238,7 @@ static nvmlReturn_t our_processes(const char *real_name, nvmlDevice_t device, un
         free(all);
         return r;
     }
-    unsigned kept = 0;
-    for (unsigned i = 0; i < n && all; i++)
-        if (gl_vgpu_has_pid(all[i].pid)) all[kept++] = all[i];
+    unsigned kept = all ? keep_ours(all, n, sizeof *all) : 0;
     if (*count < kept || (kept && !infos)) {
         *count = kept;
         free(all);
@@ -251,3 +263,47 @@ PROCESSES(nvmlDeviceGetGraphicsRunningProcesses_v3, "nvmlDeviceGetGraphicsRunnin
 PROCESSES(nvmlDeviceGetGraphicsRunningProcesses_v2, "nvmlDeviceGetGraphicsRunningProcesses_v2")
 PROCESSES(nvmlDeviceGetMPSComputeRunningProcesses_v3, "nvmlDeviceGetMPSComputeRunningProcesses_v3")
 PROCESSES(nvmlDeviceGetMPSComputeRunningProcesses_v2, "nvmlDeviceGetMPSComputeRunningProcesses_v2")
+
+/* The newer form of the same lists (nvmlProcessDetailList_v1_t of nvmlProcessDetail_v1_t), by version 1 only: a
+ * later layout is passed through as NVML gives it rather than misread. */
+typedef struct {
+    unsigned pid;
+    unsigned long long used;
+    unsigned gpu_instance, compute_instance;
+    unsigned long long used_cc_protected;
+} process_detail;
+typedef struct { unsigned version, mode, entries; process_detail *procs; } process_detail_list;
+typedef nvmlReturn_t (*detail_list_t)(nvmlDevice_t, process_detail_list *);
+#define DETAIL_LIST_V1 ((unsigned)sizeof(process_detail_list) | (1u << 24))
+
+GL_EXPORT nvmlReturn_t nvmlDeviceGetRunningProcessDetailList(nvmlDevice_t device, process_detail_list *list)
+{
+    detail_list_t real = (detail_list_t)gl_real("nvmlDeviceGetRunningProcessDetailList");
+    if (!real) return NVML_ERROR_FUNCTION_NOT_FOUND;
+    if (!list) return NVML_ERROR_INVALID_ARGUMENT;
+    if (ordinal_of(device) < 0 || list->version != DETAIL_LIST_V1) return real(device, list);
+    process_detail_list mine = { list->version, list->mode, 0, NULL };
+    nvmlReturn_t r = NVML_ERROR_INSUFFICIENT_SIZE;
+    for (int tries = 0; tries < 4 && r == NVML_ERROR_INSUFFICIENT_SIZE; tries++) {  /* it may grow meanwhile */
+        r = real(device, &mine);
+        if (r == NVML_ERROR_INSUFFICIENT_SIZE) {
+            free(mine.procs);
+            mine.entries += 8;
+            if (!(mine.procs = calloc(mine.entries, sizeof *mine.procs))) return NVML_ERROR_MEMORY;
+        }
+    }
+    if (r != NVML_SUCCESS) {
+        free(mine.procs);
+        return r;
+    }
+    unsigned kept = mine.procs ? keep_ours(mine.procs, mine.entries, sizeof *mine.procs) : 0;
+    if (list->entries < kept || (kept && !list->procs)) {
+        list->entries = kept;
+        free(mine.procs);
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    if (kept) memcpy(list->procs, mine.procs, kept * sizeof *mine.procs);
+    list->entries = kept;
+    free(mine.procs);
+    return NVML_SUCCESS;
+}

@@ -226,8 +226,7 @@ static nvmlReturn_t our_processes(const char *real_name, nvmlDevice_t device, un
     unsigned n = 0;
     nvmlReturn_t r = NVML_ERROR_INSUFFICIENT_SIZE;
     for (int tries = 0; tries < 4 && r == NVML_ERROR_INSUFFICIENT_SIZE; tries++) {  /* it may grow meanwhile */
-        n = all ? n : 0;
-        r = real(device, &n, all);
+        r = real(device, &n, all);  /* n: the room in all (none at first) */
         if (r == NVML_ERROR_INSUFFICIENT_SIZE) {
             free(all);
             n += 8;

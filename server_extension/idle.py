@@ -44,7 +44,7 @@ class IdleHint:
 
     async def check(self) -> None:
         kernels = await kernels_now(self.kernel_manager, None)
-        if any(is_busy(k["execution_state"]) for k in kernels):
+        if any(k["execution_state"] == "busy" for k in kernels):  # a cell runs (a kernel starting is no cell)
             if not self.woken and self.state.config.wake_on_busy:
                 await self.wake()
         else:

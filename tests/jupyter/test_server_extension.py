@@ -345,7 +345,8 @@ def test_a_bad_setting_fails_at_start_with_its_name(jp_configurable_serverapp):
 
 async def test_a_cell_that_starts_brings_the_vgpu_s_memory_back(jp_fetch, jp_serverapp, vgpu_worker, holders):
     """wake_on_busy: the vGPU's memory went warm while all was idle; when a cell starts, the extension asks the
-    worker to restore it, before (and without) any program touching it; once per busy period."""
+    worker to restore it, before (and without) any program touching it, while the cell still runs; once per
+    busy period."""
     p = holders(16 * MiB)
     v = await the_vgpu(jp_fetch)
     r = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": "python3"}))
@@ -358,12 +359,13 @@ async def test_a_cell_that_starts_brings_the_vgpu_s_memory_back(jp_fetch, jp_ser
         state = jp_serverapp.web_app.settings["gpulab_vgpu_state"]
         await asyncio.sleep(1.0)
         assert state.idle.wakes == 0 and vgpu_worker.vgpus()[0]["tier"] == "warm"  # idle kernels wake nothing
-        cell = asyncio.ensure_future(client.execute_interactive("import time; time.sleep(4)", timeout=30))
+        # a long cell, so that a loaded machine's slowness cannot end it before the wake-up is seen
+        cell = asyncio.ensure_future(client.execute_interactive("import time; time.sleep(10)", timeout=40))
 
         async def hot():
             return vgpu_worker.vgpus()[0]["tier"] == "hot"
 
-        await until(hot, "the restore asked when the cell started", timeout=3.5)
+        await until(hot, "the restore asked when the cell started", timeout=8.0)
         assert not cell.done()  # the cell still runs: the extension, not the cell's end, brought it back
         assert state.idle.wakes == 1
         assert (await cell)["content"]["status"] == "ok"
@@ -569,6 +571,12 @@ async def test_the_wake_up_comes_once_per_busy_period_and_never_over_a_panel_act
         kernel.execution_state = execution_state
         await hint.check()
     assert moved == [("v1", "restore")] * 2
+    # a kernel starting is no cell: it neither wakes the vGPU nor keeps a busy period open (a server that
+    # missed the kernel's first "idle" sees "starting" until the first cell)
+    for execution_state in ("starting", "starting", "busy"):
+        kernel.execution_state = execution_state
+        await hint.check()
+    assert moved == [("v1", "restore")] * 3
 
 
 async def test_the_idle_hint_warns_once_per_outage(caplog):

@@ -217,10 +217,9 @@ class NativeProcesses:
     def _make_room(self, link: NativeLink) -> None:
         """A thaw finds its GPUs short of room: ask the eviction to move other vGPUs off them (this one, waiting,
         is never chosen), as an executor's restore does."""
-        gpus = link.vgpu.grant["gpus"]
-        need = -(-link.checkpointed // len(gpus))
-        for uuid in gpus:
-            index = self.registry.by_uuid[uuid]["index"]
+        indexes = self.registry.gpu_indexes(link.vgpu)
+        need = -(-link.checkpointed // len(indexes))
+        for index in indexes:
             reply = json.loads(self.tiering.handle(link.vgpu, link.pid,
                                                    json.dumps({"gpu": index, "need": max(need, 1)}).encode()))
             if "refused" in reply:

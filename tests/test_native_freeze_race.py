@@ -1,8 +1,9 @@
-"""The worker's side of freezing a native process (gpu_worker/daemon/native.py) when its next call comes while
-the driver's checkpoint is under way: the thaw waits for the checkpoint's end and then undoes it, so the
-process is never left locked with its frozen byte cleared (its calls would then wait in the driver for ever).
+"""The worker's side of freezing a native process (gpu_worker/daemon/native.py): when its next call comes while
+the driver's checkpoint is under way, the thaw waits for the checkpoint's end and then undoes it, so the
+process is never left locked with its frozen byte cleared (its calls would then wait in the driver for ever);
+and the host memory a checkpoint keeps counts in the worker's warm budget, which a freeze may not pass.
 
-A test of the daemon's state machine alone: the checkpointer is a double whose checkpoint blocks until told."""
+Tests of the daemon's state machine alone: the checkpointer is a double whose checkpoint blocks until told."""
 from __future__ import annotations
 
 import socket
@@ -10,8 +11,9 @@ import threading
 import time
 
 from gpu_worker.api import errors as E
-from gpu_worker.daemon.ledger import Ledger
+from gpu_worker.daemon.ledger import Ledger, Slot
 from gpu_worker.daemon.native import Checkpointer, NativeLink, NativeProcesses
+from gpu_worker.daemon.tierboard import TierBoard
 
 
 class HeldCheckpointer(Checkpointer):
@@ -41,6 +43,12 @@ class HeldCheckpointer(Checkpointer):
 class Registry:
     native_tier = None
     native_why_not = None
+
+    def __init__(self, warm_budget: int = 1 << 30):
+        self.tierboard = TierBoard([0], warm_budget)
+
+    def reap(self, pid: int) -> None:
+        pass
 
 
 class VGPU:
@@ -74,3 +82,41 @@ def test_a_call_during_the_checkpoint_thaws_the_process_once_the_checkpoint_ends
     assert link.state == "running" and not v.ledger.frozen(0)
     ours.close()
     theirs.close()
+
+
+def frozen_link(natives, used: int, pid: int) -> NativeLink:
+    """A native process of a fresh vGPU holding ``used`` bytes by its ledger slot."""
+    v = VGPU()
+    slot = v.ledger.claim()
+    assert Slot(v.ledger, slot).charge(used) is None
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    link = NativeLink(ours, v, pid, slot, f"test process {pid}")
+    natives.links[pid] = link
+    return link
+
+
+def test_a_checkpoint_counts_in_the_warm_budget_and_is_refused_past_it():
+    """Two processes of 48 MiB and a warm budget of 64 MiB: the first freeze charges its 48 MiB on the tier board;
+    the second is refused before the driver is asked (CUDA_ERROR_OUT_OF_MEMORY, the reason for the control API);
+    a thaw gives the budget back, and so does a frozen process that ends."""
+    checkpointer = HeldCheckpointer()
+    checkpointer.release.set()
+    registry = Registry(warm_budget=64 << 20)
+    natives = NativeProcesses(registry, checkpointer)
+    board = registry.tierboard
+    first, second = frozen_link(natives, 48 << 20, 101), frozen_link(natives, 48 << 20, 102)
+    assert natives._freeze(first) == E.SUCCESS
+    assert first.state == "frozen" and board.warm_total() == 48 << 20
+    assert natives._freeze(second) == E.OUT_OF_MEMORY
+    assert second.state == "running" and not second.vgpu.ledger.frozen(second.slot)
+    assert checkpointer.calls == ["freeze"]  # the driver was never asked for the second
+    assert natives.why_not_pid(102) == ("its checkpoint would keep 48.0 MiB in host memory and the warm budget "
+                                        "(64.0 MiB) has 16.0 MiB left: the driver's checkpoint has no colder tier")
+    assert board.warm_total() == 48 << 20
+    assert natives._thaw(first) == E.SUCCESS and board.warm_total() == 0
+    assert natives._freeze(second) == E.SUCCESS and board.warm_total() == 48 << 20
+    assert natives.why_not_pid(102) == ""
+    natives.closed(second)  # it ended while frozen: its host memory is gone with it
+    assert board.warm_total() == 0
+    assert checkpointer.calls == ["freeze", "thaw", "freeze"]

@@ -20,6 +20,7 @@ import pytest
 
 from workertools import PRELUDE, ROOT, SLEEP_PRELUDE, Worker
 
+from gpu_worker.client.units import format_size
 from gpu_worker.daemon.gpus import describe_gpus
 from gpu_worker.shim import build as shim_build
 from gpu_worker.shim import native_dir
@@ -415,9 +416,20 @@ def test_a_bad_native_time_every_stops_the_worker_with_its_name(value):
     assert "'native_time_every' trait of a GPUWorker" in str(bad.value) and str(value) in str(bad.value)
 
 
+def warm_bytes(w: Worker) -> int:
+    """The worker's gpulab_worker_warm_bytes, as Prometheus reads it."""
+    import urllib.request
+
+    req = urllib.request.Request(w.control + "/metrics", headers={"Authorization": f"token {w.admin}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        text = r.read().decode()
+    return int(float(next(line.split()[1] for line in text.splitlines() if line.startswith("gpulab_worker_warm_bytes "))))
+
+
 def test_freeze_and_thaw_through_the_chain_keep_the_bytes(node):
-    """The control API's offload freezes the native process (on this worker: the double's vGPU goes warm); its next
-    CUDA call thaws it, and the bytes it wrote come back."""
+    """The control API's offload freezes the native process (on this worker: the double's vGPU goes cold, so that
+    the checkpoint's host memory counts once, as the native process's, in the warm budget); its next CUDA call
+    thaws it, and the bytes it wrote come back."""
     p = Native(node)
     try:
         assert p("!ok(d.cuInit(0)); ctx = ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(0)))); "
@@ -428,9 +440,10 @@ def test_freeze_and_thaw_through_the_chain_keep_the_bytes(node):
         status, body = node.api(f"/api/vgpus/{v['id']}/offload", method="POST", body={"to": "warm"})
         assert status == 200, body
         below = vgpu_of(node, "node")
-        assert below["tiers"]["warm"] >= 4 << 20 and below["tiers"]["hot"] == 0  # the double's memory moved
+        assert below["tiers"]["cold"] >= 4 << 20 and below["tiers"]["hot"] == 0  # the double's memory moved
         me = vgpu_of(node, "vgpu")["processes"][0]
         assert me["mode"] == "native" and me["tiers"]["warm"] == 4 << 20 and me["tiers"]["hot"] == 0
+        assert warm_bytes(node) == (4 << 20) + me["overhead"]  # its allocation and its context, in host memory
         back = p("!out = np.zeros_like(data); ok(d.cuMemcpyDtoH(out.ctypes.data, ptr, out.nbytes))")
         assert back is None
         assert p("bool((out == data).all())") is True
@@ -438,17 +451,17 @@ def test_freeze_and_thaw_through_the_chain_keep_the_bytes(node):
         assert me["tiers"]["hot"] == 4 << 20 and me["tiers"]["warm"] == 0
         moves = vgpu_of(node, "vgpu")["moves"]
         assert moves["offloads"] == 1 and moves["restores"] == 1
-        assert vgpu_of(node, "node")["tiers"]["warm"] == 0
+        assert vgpu_of(node, "node")["tiers"]["cold"] == 0 and warm_bytes(node) == 0
     finally:
         p.close()
     assert "thawed" in node.log_text() and "frozen" in node.log_text()
 
 
-def small_node(tmp_path, double, tokens: dict) -> Worker:
+def small_node(tmp_path, double, tokens: dict, extra=()) -> Worker:
     """A node whose GPUs hold 128 MiB each: full after a few allocations."""
     (tmp_path / "tokens.json").write_text(json.dumps(tokens))
     w = Worker(tmp_path, token=None, extra=("--emulated-gpus", "2", "--emulated-memory", "128M", "--name", "node",
-                                            "--tokens-file", str(tmp_path / "tokens.json")))
+                                            "--tokens-file", str(tmp_path / "tokens.json"), *extra))
     w.double = double
     return w
 
@@ -543,6 +556,35 @@ def test_an_idle_native_vgpu_is_frozen_to_make_room_for_another(tmp_path, driver
         assert ("the other vGPUs there have a higher QoS than this one (medium) and are never moved for it; 1 vGPU(s) "
                 "there hold only memory that the driver's checkpoint cannot move (managed or shared between "
                 "processes)") in hungry.stderr, hungry.stderr
+        assert vgpu_of(node, "vgpu")["processes"][0]["tiers"]["hot"] == 48 << 20
+    finally:
+        if p is not None:
+            p.close()
+        node.stop()
+
+
+def test_a_checkpoint_the_warm_budget_cannot_hold_is_not_made(tmp_path, driver_double):
+    """The warm budget (32 MiB) is smaller than an idle native process's 48 MiB: an offload by hand answers 507 with
+    the budget's figures and leaves it running; an eviction passes it over and says why; its bytes stay hot."""
+    node = small_node(tmp_path, driver_double, {
+        "node": {"gpus": [0, 1], "qos": "high"}, "vgpu": {"vram": "64M", "gpus": [1], "qos": "low"},
+        "hungry": {"vram": "96M", "gpus": [1]}}, extra=("--GPUWorker.warm_budget=32M",))
+    p = None
+    try:
+        p = Native(node)
+        assert p(OPEN) is None and p(WRITE.format(seed=6, n=48 << 20)) is None
+        v = vgpu_of(node, "vgpu")
+        status, body = node.api(f"/api/vgpus/{v['id']}/offload", method="POST", body={"to": "cold"}, timeout=40)
+        assert status == 507, body
+        held = format_size((48 << 20) + v["overhead"])
+        assert (f"process {p.pid}: CUDA_ERROR_OUT_OF_MEMORY, because its checkpoint would keep {held} in host "
+                f"memory and the warm budget (32.0 MiB) has 32.0 MiB left") in body["message"], body
+        assert vgpu_of(node, "vgpu")["tiers"] == {"hot": 48 << 20, "warm": 0, "cold": 0} and warm_bytes(node) == 0
+        hungry = node.run(PRELUDE + "setup(); done(r=name(d.cuMemAlloc(96 << 20)))", token="hungry")
+        assert hungry.result["r"] == "CUDA_ERROR_OUT_OF_MEMORY"
+        assert ("1 native vGPU(s) there cannot be frozen: the warm budget has no room for what their checkpoint "
+                "would keep in host memory") in hungry.stderr, hungry.stderr
+        assert p(READ_BACK) is None and p("same") is True
         assert vgpu_of(node, "vgpu")["processes"][0]["tiers"]["hot"] == 48 << 20
     finally:
         if p is not None:

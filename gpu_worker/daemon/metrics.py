@@ -69,7 +69,7 @@ class WorkerCollector:
         """The worker's tier board: warm host RAM held and its budget, device memory held per GPU."""
         board = self.registry.tier_figures()
         warm = GaugeMetricFamily("gpulab_worker_warm_bytes", "Host RAM the worker's warm tier holds (vGPU memory "
-                                 "moved off its GPUs), over all vGPUs.")
+                                 "moved off its GPUs, native processes' checkpoints included), over all vGPUs.")
         warm.add_metric([], board["warm"])
         budget = GaugeMetricFamily("gpulab_worker_warm_budget_bytes", "Host RAM the warm tier may hold; beyond it "
                                    "offloads go cold (to disk).")

@@ -38,6 +38,7 @@ import time
 from ..api import errors as E
 from ..api.protocol import REP_HEADER, REQ_HEADER
 from ..api.wire import MAX_REASON, NATIVE_OBSERVE, OP_NATIVE_ROOM, OP_NATIVE_THAW
+from ..client.units import format_size
 from .ledger import TIER_OFF, T_FROZEN, Slot, native_layout
 from .pacing import CHECK_EVERY, DEPTH
 
@@ -74,12 +75,14 @@ def peer_pid(conn: socket.socket) -> int:
 class NativeLink:
     """The daemon's end of one native process's socket."""
 
-    __slots__ = ("conn", "vgpu", "pid", "slot", "label", "state", "checkpointed")
+    __slots__ = ("conn", "vgpu", "pid", "slot", "label", "state", "checkpointed", "warm", "refused")
 
     def __init__(self, conn, vgpu, pid: int, slot: int, label: str):
         self.conn, self.vgpu, self.pid, self.slot, self.label = conn, vgpu, pid, slot, label
         self.state = "running"  # running, freezing (grace period), checkpointing, frozen, thawing
         self.checkpointed = 0   # bytes the last checkpoint moved to host memory
+        self.warm = 0           # bytes of the warm budget its checkpoint holds (charged on the tier board)
+        self.refused = ""       # why its last freeze was refused for want of room in the warm budget
 
 
 class NativeProcesses:
@@ -95,6 +98,9 @@ class NativeProcesses:
         registry.native_tier = self.request_tier
         registry.native_why_not = self.why_not_pid
         registry.native_hot = self.hot_bytes
+        # the checkpoints' host memory counts in the warm budget, on a tier-board row of the daemon's own
+        self.board = registry.tierboard
+        self.row = self.board.claim(os.getpid())
 
     # ------------------------------------------------------------------ attach
     def open(self, conn: socket.socket, grant: dict, flags: int, label: str, max_processes: int) -> NativeLink | None:
@@ -167,6 +173,7 @@ class NativeProcesses:
             self.links.pop(link.pid, None)
         if link.state in ("frozen", "thawing"):
             self.checkpointer.forget(link.pid)
+        self._warm_to(link, 0)  # the process, and the host memory its checkpoint held, are gone
         self.registry.reap(link.pid)
         link.conn.close()
         log.info("%s: ended", link.label)
@@ -266,13 +273,42 @@ class NativeProcesses:
         a native process of this worker."""
         with self.lock:
             link = self.links.get(pid)
-        return self.why_not(link) if link is not None else ""
+        return (self.why_not(link) or link.refused) if link is not None else ""
 
     def why_not(self, link: NativeLink) -> str:
         flags = link.vgpu.ledger.map[link.vgpu.ledger._slot_off(link.slot) + TIER_OFF + T_FROZEN + 1]
         return "; ".join(text for bit, text in WHY_NOT.items() if flags & bit)
 
+    @staticmethod
+    def _slot_bytes(link: NativeLink) -> int:
+        """Device memory the process holds by its slot (allocations and contexts): what a checkpoint moves."""
+        rec = link.vgpu.ledger.read_slot(link.slot) or {}
+        return rec.get("used", 0) + rec.get("overhead", 0)
+
+    def _warm_to(self, link: NativeLink, nbytes: int, limited: bool = False) -> bool:
+        """Make the warm budget's charge for ``link``'s checkpoint ``nbytes``.  ``limited``: refuse (False, nothing
+        charged, ``link.refused`` says why) where the budget lacks the room; else it may pass the budget, as the
+        grace period's allocations, already moved by the driver, do."""
+        board, more = self.board, nbytes - link.warm
+        if more > 0 and self.row is None:
+            link.refused = "the worker's tier board has no row free to count it in the warm budget"
+            return False
+        if more > 0 and not board.charge_warm(self.row, more):
+            if limited:
+                left = max(board.warm_budget - board.warm_total(), 0)
+                link.refused = (f"its checkpoint would keep {format_size(nbytes)} in host memory and the warm "
+                                f"budget ({format_size(board.warm_budget)}) has {format_size(left)} left: the "
+                                f"driver's checkpoint has no colder tier")
+                log.info("%s: not frozen: %s", link.label, link.refused)
+                return False
+            board.force_warm(self.row, more)
+        elif more < 0:
+            board.uncharge_warm(self.row, -more)
+        link.warm = nbytes
+        return True
+
     def _freeze(self, link: NativeLink) -> int:
+        link.refused = ""
         why = self.why_not(link)
         if why:
             log.info("%s: not frozen: %s", link.label, why)
@@ -281,6 +317,9 @@ class NativeProcesses:
         with self.lock:
             if link.state != "running":
                 return E.SUCCESS
+            # the checkpoint keeps the memory in host RAM and has no colder tier: within the warm budget or not at all
+            if not self._warm_to(link, self._slot_bytes(link), limited=True):
+                return E.OUT_OF_MEMORY
             link.state = "freezing"
         ledger.set_frozen(link.slot, True)
         time.sleep(GRACE)
@@ -288,6 +327,7 @@ class NativeProcesses:
             if link.state != "freezing" or not ledger.frozen(link.slot):  # a call came: it is not idle
                 link.state = "running"
                 ledger.set_frozen(link.slot, False)
+                self._warm_to(link, 0)
                 return E.SUCCESS
             link.state = "checkpointing"  # from here a thaw waits for the checkpoint's end, then undoes it
         start = time.monotonic()
@@ -298,6 +338,7 @@ class NativeProcesses:
         with self.lock:
             if result == STILL_LOCKED:  # the checkpoint failed and the unlock too: its next call asks for a thaw
                 link.state, link.checkpointed = "frozen", 0
+                self._warm_to(link, 0)
                 slot.count_move("failed")
                 log.error("%s: the driver's checkpoint failed and the process stays locked until it is thawed",
                           link.label)
@@ -305,10 +346,12 @@ class NativeProcesses:
             if result != E.SUCCESS:
                 link.state = "running"
                 ledger.set_frozen(link.slot, False)
+                self._warm_to(link, 0)
                 slot.count_move("failed")
                 log.warning("%s: the driver's checkpoint failed (%s); the process runs on", link.label, E.name_of(result))
                 return result
             link.state, link.checkpointed = "frozen", nbytes
+            self._warm_to(link, nbytes)  # what it moved, the grace period's last allocations included
         slot.set_tiers(0, rec.get("used", 0), 0)
         slot.count_move("offload", nbytes, time.monotonic() - start)
         log.info("%s: frozen, %d bytes to host memory in %.3f s", link.label, nbytes, time.monotonic() - start)
@@ -321,6 +364,7 @@ class NativeProcesses:
                 if link.state == "freezing":  # not locked yet: the freeze stops
                     link.state = "running"
                     ledger.set_frozen(link.slot, False)
+                    self._warm_to(link, 0)
                     return E.SUCCESS
                 if link.state != "checkpointing":  # else the driver is locking it now: wait for the outcome
                     if link.state != "frozen":
@@ -349,6 +393,7 @@ class NativeProcesses:
                 log.error("%s: the driver's restore failed (%s)", link.label, E.name_of(result))
                 return result
             link.state = "running"
+            self._warm_to(link, 0)
         ledger.set_frozen(link.slot, False)
         slot.set_tiers(rec.get("used", 0), 0, 0)
         slot.count_move("restore", link.checkpointed, time.monotonic() - start)
@@ -434,7 +479,8 @@ class DriverCheckpointer(Checkpointer):
 class EmulatedCheckpointer(Checkpointer):
     """The test double on a worker without a GPU, where a native process's "real driver" is the forwarding shim
     (build.py's driver double) talking to this worker: its checkpoint moves that process's forwarded vGPU(s)
-    to the warm tier, and its restore brings them back hot, through the executors' own tier machinery."""
+    to the cold tier (files: the host memory a real checkpoint keeps is counted once, by NativeProcesses in the
+    warm budget), and its restore brings them back hot, through the executors' own tier machinery."""
 
     backend = "emulated"
     WAIT = 30.0
@@ -468,7 +514,7 @@ class EmulatedCheckpointer(Checkpointer):
         return E.SUCCESS
 
     def freeze(self, pid: int) -> int:
-        return self._move(pid, 1)
+        return self._move(pid, 2)
 
     def thaw(self, pid: int) -> int:
         return self._move(pid, 0)

@@ -125,6 +125,10 @@ class TierBoard:
         """Count ``n`` more bytes of warm host memory; False (nothing counted) past the warm budget."""
         return self._charge(self._off(row) + 8, TOTALS_OFF, n, self.warm_budget)
 
+    def force_warm(self, row: int, n: int) -> None:
+        """Count ``n`` more bytes of warm host memory that are there already, past the budget or not."""
+        self._charge(self._off(row) + 8, TOTALS_OFF, n, None)
+
     def uncharge_warm(self, row: int, n: int) -> None:
         self._charge(self._off(row) + 8, TOTALS_OFF, -n, None)
 

@@ -20,7 +20,8 @@ eviction runs at a time per GPU.  Victims are the other active vGPUs holding mem
 (their executors' rows on the tier board, their native processes' slots until frozen: `held_on`)
 whose QoS is not above the requester's and that are not themselves waiting for room, lowest QoS
 first, then least recently active; each goes warm while the warm budget has room for it, else
-cold, until the bytes they hold there cover the shortfall.  The answer comes within
+cold (a native process's checkpoint stays in host memory: a vGPU whose native processes the budget
+cannot hold is passed over), until the bytes they hold there cover the shortfall.  The answer comes within
 ``eviction_wait`` seconds of the request's arrival (or its ``wait``, if shorter): ``{"freed": n}``,
 or ``{"refused": cause}`` at once when nothing can move.  The cause alone: the executor says the
 GPU's figures, fails the call with CUDA_ERROR_OUT_OF_MEMORY and the sentence.
@@ -243,18 +244,27 @@ class Tiering:
                 return _refused("; ".join(whys) or "no other vGPU holds memory there")
             candidates.sort(key=lambda c: (c[0], c[1]))
             room = board.warm_budget - board.warm_total()
-            victims, expected = [], 0
+            victims, expected, unheld = [], 0, 0
             for _rank, _clock, v, here, all_hot in candidates:
                 if expected >= short:
                     break
-                want = WARM if all_hot <= room else COLD
+                # a native process's checkpoint keeps its memory in host RAM, whichever tier is asked: only
+                # while the warm budget has room for it
+                frozen = reg.native_hot(v, movable=True) if v.native else 0
+                if frozen > room:
+                    unheld += 1
+                    continue
+                room -= frozen
+                want = WARM if all_hot - frozen <= room else COLD
                 if want == WARM:
-                    room -= all_hot
+                    room -= all_hot - frozen
                 victims.append((v, want, here))
                 expected += here
             if expected < short:
+                why = (f"; {unheld} native vGPU(s) there cannot be frozen: the warm budget has no room for what "
+                       f"their checkpoint would keep in host memory" if unheld else "")
                 return _refused(f"moving every vGPU there of QoS {qos} or lower would free only "
-                                f"{format_size(expected)} of the {format_size(short)} needed")
+                                f"{format_size(expected)} of the {format_size(short)} needed{why}")
         for v, want, _here in victims:
             reg.request_tier(v.id, want)
         before = sum(here for _v, _want, here in victims)

@@ -153,8 +153,10 @@ class GPUWorker(Configurable):
                            "tier), per QoS level; 0: never by idleness.  A level left out keeps its default "
                            "({'low': 3600, 'medium': 7200, 'high': 0}).").tag(config=True)
     warm_budget = Size(None, allow_none=True,
-                       help="Host RAM the warm tier may hold over all vGPUs (a size, e.g. '64G'); an offload "
-                            "past it goes cold.  0: no warm tier.  Empty: half of this machine's memory."
+                       help="Host RAM the warm tier may hold over all vGPUs (a size, e.g. '64G'), native "
+                            "processes' checkpoints included; an offload past it goes cold, and a native "
+                            "process (its checkpoint has no cold tier) is not frozen.  0: no warm tier.  Empty: "
+                            "half of this machine's memory."
                        ).tag(config=True)
     spool_dir = Unicode("", help="Directory under which the cold tier's files go: the worker works in its own "
                                  "subdirectory gpulab-<name> (mode 0700), locked while it runs (a second worker "

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -160,9 +161,27 @@ def test_nvidia_smi_reports_the_quota(node):
     assert lines == [str(QUOTA // MiB)], p.stdout + p.stderr
 
 
+# Prints the pids of NVML's per-process utilization samples of GPU 0 (NVML_ERROR_NOT_FOUND: none), over ctypes.
+SAMPLED_PIDS = """
+import ctypes, json
+class Sample(ctypes.Structure):
+    _fields_ = [("pid", ctypes.c_uint), ("ts", ctypes.c_ulonglong), ("sm", ctypes.c_uint), ("mem", ctypes.c_uint),
+                ("enc", ctypes.c_uint), ("dec", ctypes.c_uint)]
+nvml = ctypes.CDLL("libnvidia-ml.so.1")
+assert nvml.nvmlInit_v2() == 0
+h = ctypes.c_void_p()
+assert nvml.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(h)) == 0
+buf, n = (Sample * 256)(), ctypes.c_uint(256)
+rc = nvml.nvmlDeviceGetProcessUtilization(h, buf, ctypes.byref(n), ctypes.c_ulonglong(0))
+assert rc in (0, 6), rc
+print(json.dumps(sorted({s.pid for s in buf[:n.value]}) if rc == 0 else []))
+"""
+
+
 def test_nvidia_smi_lists_only_the_vgpu_s_processes(node):
-    """A torch process of the vGPU and one outside gpulab both hold GPU memory; nvidia-smi in the session lists
-    the first only (the NVML stand-in filters the node's list by the vGPU's ledger)."""
+    """A torch process of the vGPU and one outside gpulab both hold GPU memory and compute; nvidia-smi in the
+    session lists the first only, and NVML's per-process utilization samples there are its only (the NVML
+    stand-in filters the node's lists by the vGPU's ledger)."""
     need("torch")
     if shutil.which("nvidia-smi") is None:
         pytest.skip("nvidia-smi is not installed here")
@@ -181,6 +200,20 @@ def test_nvidia_smi_lists_only_the_vgpu_s_processes(node):
         everyone_pids = {int(x) for x in everyone.stdout.split()}
         assert {ours.proc.pid, outsider.proc.pid} <= everyone_pids, everyone.stdout  # the node's NVML sees both
         assert [int(x) for x in session.stdout.split()] == [ours.proc.pid], session.stdout
+        # both compute for a few seconds: the node's NVML samples both, the session's only its own
+        busy = ("import threading; a = torch.randn(4096, 4096, device='cuda'); "
+                "threading.Thread(target=lambda: [torch.mm(a, a).sum().item() for _ in range(3000)], "
+                "daemon=True).start(); out = None")
+        assert ours.must(busy) is None and outsider.must(busy) is None
+        time.sleep(3)
+        sampled = {name: subprocess.run([sys.executable, "-c", SAMPLED_PIDS], env=env, capture_output=True,
+                                        text=True, timeout=60)
+                   for name, env in (("everyone", bench.plain_env()),
+                                     ("session", bench.native_env(node.unix, "small")))}
+        assert all(p.returncode == 0 for p in sampled.values()), {k: p.stderr for k, p in sampled.items()}
+        everyone, session = (set(json.loads(sampled[k].stdout)) for k in ("everyone", "session"))
+        assert {ours.proc.pid, outsider.proc.pid} <= everyone, everyone
+        assert session == {ours.proc.pid}, session
     finally:
         ours.close()
         outsider.close()

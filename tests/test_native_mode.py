@@ -423,7 +423,8 @@ def warm_bytes(w: Worker) -> int:
     req = urllib.request.Request(w.control + "/metrics", headers={"Authorization": f"token {w.admin}"})
     with urllib.request.urlopen(req, timeout=10) as r:
         text = r.read().decode()
-    return int(float(next(line.split()[1] for line in text.splitlines() if line.startswith("gpulab_worker_warm_bytes "))))
+    line = next(line for line in text.splitlines() if line.startswith("gpulab_worker_warm_bytes "))
+    return int(float(line.split()[1]))
 
 
 def test_freeze_and_thaw_through_the_chain_keep_the_bytes(node):
@@ -806,18 +807,31 @@ def test_nvml_shows_the_vgpu_as_cuda_does(node, nvml_double):
     assert got["after"]["v1"] == [QUOTA, 24 << 20, QUOTA - (24 << 20)]
 
 
+def among_four(w: Worker, double, code: str):
+    """Runs ``code`` in a probe of vGPU "neighbour" whose GPU, by the node's NVML (double), runs four processes:
+    another process of that vGPU (32 MiB; ``ours`` in the code), one of another vGPU (16 MiB; ``theirs``), a
+    stranger (pid 1, 1 GiB) and the probe itself (8 MiB). The probe's result, and the pids of ours and theirs."""
+    ours, theirs = Native(w, token="neighbour"), Native(w)
+    try:
+        assert ours("!ok(d.cuInit(0))") is None and theirs("!ok(d.cuInit(0))") is None
+        r = run_native(w, NVML_PROBE + textwrap.dedent(f"""
+            import os
+            ours, theirs = {ours.pid}, {theirs.pid}
+            ok(d.cuInit(0))
+            os.environ["GPULAB_NVML_DOUBLE_PROCESSES"] = (f"{{theirs}}:16777216,{{ours}}:33554432,1:1073741824,"
+                                                          f"{{os.getpid()}}:8388608")
+        """) + textwrap.dedent(code), token="neighbour", env_extra=nvml_env(double))
+    finally:
+        ours.close()
+        theirs.close()
+    return r, ours.pid, theirs.pid
+
+
 def test_nvml_lists_only_the_vgpu_s_processes(node, nvml_double):
     """The node's NVML runs four processes on the GPU: another process of this vGPU, one of another vGPU, a
     stranger (pid 1) and the probe itself; the stand-in lists the two of this vGPU, by NVML's rules for the
     count, in the older lists and in the newer detail list alike."""
-    ours, theirs = Native(node, token="neighbour"), Native(node)
-    try:
-        assert ours("!ok(d.cuInit(0))") is None and theirs("!ok(d.cuInit(0))") is None
-        running = f"{theirs.pid}:16777216,{ours.pid}:33554432,1:1073741824"
-        r = run_native(node, NVML_PROBE + textwrap.dedent(f"""
-            import os
-            ok(d.cuInit(0))
-            os.environ["GPULAB_NVML_DOUBLE_PROCESSES"] = "{running}," + str(os.getpid()) + ":8388608"
+    r, ours, _theirs = among_four(node, nvml_double, """
             class Proc(ctypes.Structure):
                 _fields_ = [("pid", ctypes.c_uint), ("used", ctypes.c_ulonglong), ("gi", ctypes.c_uint),
                             ("ci", ctypes.c_uint)]
@@ -846,17 +860,58 @@ def test_nvml_lists_only_the_vgpu_s_processes(node, nvml_double):
             detailed = [[d.pid, d.used] for d in details[:dl.entries]]
             done(asked=[asked, n.value], short=[short, n1.value], full=full, listed=listed, me=os.getpid(),
                  absent=absent, detail_short=detail_short, detail_full=detail_full, detailed=detailed)
-        """), token="neighbour", env_extra=nvml_env(nvml_double))
-    finally:
-        ours.close()
-        theirs.close()
+        """)
     got = r.result
     assert got["asked"] == [7, 2] and got["short"] == [7, 2]  # NVML_ERROR_INSUFFICIENT_SIZE: two are needed
-    assert got["full"] == 0 and got["listed"] == [[ours.pid, 32 << 20], [got["me"], 8 << 20]], got
+    assert got["full"] == 0 and got["listed"] == [[ours, 32 << 20], [got["me"], 8 << 20]], got
     assert got["absent"] == 13  # NVML_ERROR_FUNCTION_NOT_FOUND: the node's NVML lacks it
     # the newer form of the list, nvmlDeviceGetRunningProcessDetailList, by the same rules
     assert got["detail_short"] == [7, 2] and got["detail_full"] == 0
-    assert got["detailed"] == [[ours.pid, 32 << 20], [got["me"], 8 << 20]], got
+    assert got["detailed"] == [[ours, 32 << 20], [got["me"], 8 << 20]], got
+
+
+def test_nvml_samples_utilization_of_the_vgpu_s_processes_only(node, nvml_double):
+    """The node's NVML has a utilization sample for each of four processes (SM % = its MiB % 100, time stamps
+    1000..1003 µs): the stand-in gives this vGPU's two, in both forms, by NVML's rules for the count and for
+    lastSeenTimeStamp, and NVML_ERROR_NOT_FOUND where none of this vGPU's is left."""
+    r, ours, theirs = among_four(node, nvml_double, """
+            class Sample(ctypes.Structure):  # nvmlProcessUtilizationSample_t
+                _fields_ = [("pid", ctypes.c_uint), ("ts", ctypes.c_ulonglong), ("sm", ctypes.c_uint),
+                            ("mem", ctypes.c_uint), ("enc", ctypes.c_uint), ("dec", ctypes.c_uint)]
+            class Info(ctypes.Structure):  # nvmlProcessUtilizationInfo_v1_t
+                _fields_ = [("ts", ctypes.c_ulonglong), ("pid", ctypes.c_uint), ("sm", ctypes.c_uint),
+                            ("mem", ctypes.c_uint), ("enc", ctypes.c_uint), ("dec", ctypes.c_uint),
+                            ("jpg", ctypes.c_uint), ("ofa", ctypes.c_uint)]
+            class Infos(ctypes.Structure):  # nvmlProcessesUtilizationInfo_v1_t
+                _fields_ = [("version", ctypes.c_uint), ("count", ctypes.c_uint), ("last", ctypes.c_ulonglong),
+                            ("procs", ctypes.POINTER(Info))]
+            assert nvml.nvmlInit_v2() == 0
+            h = ctypes.c_void_p()
+            nvml.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(h))
+            def sampled(room, last):
+                buf, n = (Sample * max(room, 1))(), ctypes.c_uint(room)
+                rc = nvml.nvmlDeviceGetProcessUtilization(h, buf if room else None, ctypes.byref(n),
+                                                          ctypes.c_ulonglong(last))
+                return [rc, n.value, [[s.pid, s.ts, s.sm] for s in buf[:n.value]] if rc == 0 else []]
+            def infos(room, last):
+                buf = (Info * max(room, 1))()
+                got = Infos(version=ctypes.sizeof(Infos) | (1 << 24), count=room, last=last, procs=buf)
+                rc = nvml.nvmlDeviceGetProcessesUtilizationInfo(h, ctypes.byref(got))
+                return [rc, got.count, [[e.pid, e.ts, e.sm] for e in buf[:got.count]] if rc == 0 else []]
+            out = dict(probe=sampled(0, 0), short=sampled(1, 0), full=sampled(8, 0), newer=sampled(8, 1001),
+                       none_newer=sampled(8, 1003), info_short=infos(1, 0), info_full=infos(8, 0),
+                       info_newer=infos(8, 1001))
+            os.environ["GPULAB_NVML_DOUBLE_PROCESSES"] = f"{theirs}:16777216,1:1073741824"  # only others' samples
+            done(**out, only_others=sampled(8, 0), info_only_others=infos(8, 0), me=os.getpid())
+        """)
+    got = r.result
+    mine = [[ours, 1001, 32], [got["me"], 1003, 8]]
+    assert got["probe"] == [7, 2, []] and got["short"] == [7, 2, []]  # NVML_ERROR_INSUFFICIENT_SIZE: two needed
+    assert got["full"] == [0, 2, mine], got
+    assert got["newer"] == [0, 1, mine[1:]] and got["none_newer"][0] == 6  # NVML_ERROR_NOT_FOUND
+    assert got["info_short"] == [7, 2, []] and got["info_full"] == [0, 2, mine]
+    assert got["info_newer"] == [0, 1, mine[1:]]
+    assert got["only_others"][0] == 6 and got["info_only_others"][0] == 6
 
 
 def test_nvml_without_a_vgpu_says_why(node, nvml_double):

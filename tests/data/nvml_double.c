@@ -2,7 +2,8 @@
  *
  * It shows the GPUs named in GPULAB_NVML_DOUBLE_GPUS (comma-separated UUIDs), each with
  * GPULAB_NVML_DOUBLE_MEMORY bytes of which a tenth is used and 1 MiB reserved, named "gpulab NVML double",
- * running the compute processes of GPULAB_NVML_DOUBLE_PROCESSES ("pid:bytes,pid:bytes", read at each call).
+ * running the compute processes of GPULAB_NVML_DOUBLE_PROCESSES ("pid:bytes,pid:bytes", read at each call), with
+ * a utilization sample for each.
  * Only what the tests call is here; every other name is absent, as in an NVML too old to have it. */
 #include <stddef.h>
 #include <stdio.h>
@@ -158,5 +159,62 @@ EXPORT int nvmlDeviceGetRunningProcessDetailList(void *h, process_detail_list *l
         list->procs[i].cc = 0;
     }
     list->entries = n;
+    return 0;
+}
+
+/* nvml.h's nvmlProcessUtilizationSample_t: one per process of the list above, sampled at 1000 + its place (µs),
+ * SM utilization = its MiB % 100, the other figures fixed; only samples newer than ``last`` (none: error 6) */
+typedef struct { unsigned pid; unsigned long long ts; unsigned sm, mem, enc, dec; } utilization_sample;
+
+static unsigned samples(utilization_sample *out, unsigned long long last)
+{
+    process_info all[64];
+    unsigned n = 64, k = 0;
+    processes(&n, all);
+    for (unsigned i = 0; i < n; i++) {
+        if (1000 + i <= last) continue;
+        out[k].pid = all[i].pid;
+        out[k].ts = 1000 + i;
+        out[k].sm = (unsigned)((all[i].used >> 20) % 100);
+        out[k].mem = 7, out[k].enc = out[k].dec = 0;
+        k++;
+    }
+    return k;
+}
+
+EXPORT int nvmlDeviceGetProcessUtilization(void *h, utilization_sample *p, unsigned *n, unsigned long long last)
+{
+    (void)h;
+    utilization_sample all[64];
+    unsigned k = samples(all, last);
+    if (!k) return 6;
+    if (!p || *n < k) {
+        *n = k;
+        return 7;
+    }
+    memcpy(p, all, k * sizeof *all);
+    *n = k;
+    return 0;
+}
+
+/* nvml.h's nvmlProcessUtilizationInfo_v1_t (the pid after the time stamp) and nvmlProcessesUtilizationInfo_v1_t */
+typedef struct { unsigned long long ts; unsigned pid, sm, mem, enc, dec, jpg, ofa; } utilization_info;
+typedef struct { unsigned version, count; unsigned long long last; utilization_info *procs; } utilization_infos;
+
+EXPORT int nvmlDeviceGetProcessesUtilizationInfo(void *h, utilization_infos *infos)
+{
+    (void)h;
+    utilization_sample all[64];
+    unsigned k = samples(all, infos->last);
+    if (!k) return 6;
+    if (!infos->procs || infos->count < k) {
+        infos->count = k;
+        return 7;
+    }
+    for (unsigned i = 0; i < k; i++) {
+        utilization_info e = { all[i].ts, all[i].pid, all[i].sm, all[i].mem, 0, 0, 0, 0 };
+        infos->procs[i] = e;
+    }
+    infos->count = k;
     return 0;
 }

@@ -10,6 +10,7 @@
 #include "gl_native.h"
 
 #include <pthread.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -196,57 +197,63 @@ GL_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemor
 }
 
 /* ------------------------------------------------------------------- the processes on a device */
+/* NVML's lists of processes and of their utilization samples, less the entries of processes that are not the
+ * vGPU's.  Each list's call is adapted to one form, ``fetch``: fill ``buf`` (room for ``*n`` entries; none at first)
+ * and set ``*n`` to the entries written, or to those needed with NVML_ERROR_INSUFFICIENT_SIZE. */
+typedef nvmlReturn_t (*fetch_t)(const void *call, void *buf, unsigned *n);
+
+/* The vGPU's entries of a list (``size`` bytes each, the pid ``pid_at`` bytes in), handed out by NVML's rules:
+ * ``*count`` in, the room in ``out``; out, the entries, or those needed with NVML_ERROR_INSUFFICIENT_SIZE.  With
+ * ``none_not_found`` (the samples), none of the vGPU's is NVML_ERROR_NOT_FOUND, as NVML says for no sample. */
+static nvmlReturn_t our_entries(fetch_t fetch, const void *call, size_t size, size_t pid_at, void *out,
+                                unsigned *count, int none_not_found)
+{
+    unsigned char *all = NULL;
+    unsigned n = 0;
+    nvmlReturn_t r = fetch(call, NULL, &n);  /* how many there are */
+    for (int tries = 0; tries < 4 && r == NVML_ERROR_INSUFFICIENT_SIZE; tries++) {  /* it may grow meanwhile */
+        free(all);
+        n += 8;
+        if (!(all = calloc(n, size))) return NVML_ERROR_MEMORY;
+        r = fetch(call, all, &n);
+    }
+    if (r != NVML_SUCCESS) {
+        free(all);
+        return r;
+    }
+    unsigned kept = 0;
+    for (unsigned i = 0; all && i < n; i++) {  /* in order and in place */
+        unsigned pid;
+        memcpy(&pid, all + i * size + pid_at, sizeof pid);
+        if (gl_vgpu_has_pid(pid)) memmove(all + kept++ * size, all + i * size, size);
+    }
+    if (!kept && none_not_found) r = NVML_ERROR_NOT_FOUND;
+    else if (*count < kept || (kept && !out)) r = NVML_ERROR_INSUFFICIENT_SIZE;
+    else if (kept) memcpy(out, all, kept * size);
+    if (r != NVML_ERROR_NOT_FOUND) *count = kept;
+    free(all);
+    return r;
+}
+
 /* nvmlProcessInfo_t (v2 and v3 alike) */
 typedef struct { unsigned pid; unsigned long long used; unsigned gpu_instance, compute_instance; } process_info;
 typedef nvmlReturn_t (*processes_t)(nvmlDevice_t, unsigned *, process_info *);
+typedef struct { processes_t real; nvmlDevice_t device; } processes_call;
 
-/* Keeps, in order and in place, the entries of ``all`` (``n`` of ``size`` bytes, each starting with its pid) that are
- * the vGPU's processes: how many. */
-static unsigned keep_ours(void *all, unsigned n, size_t size)
+static nvmlReturn_t fetch_processes(const void *call, void *buf, unsigned *n)
 {
-    unsigned kept = 0;
-    for (unsigned i = 0; i < n; i++) {
-        unsigned char *e = (unsigned char *)all + i * size;
-        unsigned pid;
-        memcpy(&pid, e, sizeof pid);
-        if (gl_vgpu_has_pid(pid)) memmove((unsigned char *)all + kept++ * size, e, size);
-    }
-    return kept;
+    const processes_call *c = call;
+    return c->real(c->device, n, buf);
 }
 
-/* NVML's list for the device, less the processes that are not the vGPU's; NVML's rules for the count (in: room
- * in ``infos``; out: the entries, or those needed with NVML_ERROR_INSUFFICIENT_SIZE). */
 static nvmlReturn_t our_processes(const char *real_name, nvmlDevice_t device, unsigned *count, process_info *infos)
 {
     processes_t real = (processes_t)gl_real(real_name);
     if (!real) return NVML_ERROR_FUNCTION_NOT_FOUND;
     if (!count) return NVML_ERROR_INVALID_ARGUMENT;
     if (ordinal_of(device) < 0) return real(device, count, infos);
-    process_info *all = NULL;
-    unsigned n = 0;
-    nvmlReturn_t r = NVML_ERROR_INSUFFICIENT_SIZE;
-    for (int tries = 0; tries < 4 && r == NVML_ERROR_INSUFFICIENT_SIZE; tries++) {  /* it may grow meanwhile */
-        r = real(device, &n, all);  /* n: the room in all (none at first) */
-        if (r == NVML_ERROR_INSUFFICIENT_SIZE) {
-            free(all);
-            n += 8;
-            if (!(all = calloc(n, sizeof *all))) return NVML_ERROR_MEMORY;
-        }
-    }
-    if (r != NVML_SUCCESS) {
-        free(all);
-        return r;
-    }
-    unsigned kept = all ? keep_ours(all, n, sizeof *all) : 0;
-    if (*count < kept || (kept && !infos)) {
-        *count = kept;
-        free(all);
-        return NVML_ERROR_INSUFFICIENT_SIZE;
-    }
-    if (kept) memcpy(infos, all, kept * sizeof *all);
-    *count = kept;
-    free(all);
-    return NVML_SUCCESS;
+    processes_call call = { real, device };
+    return our_entries(fetch_processes, &call, sizeof *infos, 0, infos, count, 0);
 }
 
 /* each version of each list, by the name it has in the real library (the same layout: nvmlProcessInfo_t) */
@@ -273,7 +280,17 @@ typedef struct {
 } process_detail;
 typedef struct { unsigned version, mode, entries; process_detail *procs; } process_detail_list;
 typedef nvmlReturn_t (*detail_list_t)(nvmlDevice_t, process_detail_list *);
+typedef struct { detail_list_t real; nvmlDevice_t device; const process_detail_list *asked; } detail_list_call;
 #define DETAIL_LIST_V1 ((unsigned)sizeof(process_detail_list) | (1u << 24))
+
+static nvmlReturn_t fetch_details(const void *call, void *buf, unsigned *n)
+{
+    const detail_list_call *c = call;
+    process_detail_list list = { c->asked->version, c->asked->mode, *n, buf };
+    nvmlReturn_t r = c->real(c->device, &list);
+    *n = list.entries;
+    return r;
+}
 
 GL_EXPORT nvmlReturn_t nvmlDeviceGetRunningProcessDetailList(nvmlDevice_t device, process_detail_list *list)
 {
@@ -281,28 +298,60 @@ GL_EXPORT nvmlReturn_t nvmlDeviceGetRunningProcessDetailList(nvmlDevice_t device
     if (!real) return NVML_ERROR_FUNCTION_NOT_FOUND;
     if (!list) return NVML_ERROR_INVALID_ARGUMENT;
     if (ordinal_of(device) < 0 || list->version != DETAIL_LIST_V1) return real(device, list);
-    process_detail_list mine = { list->version, list->mode, 0, NULL };
-    nvmlReturn_t r = NVML_ERROR_INSUFFICIENT_SIZE;
-    for (int tries = 0; tries < 4 && r == NVML_ERROR_INSUFFICIENT_SIZE; tries++) {  /* it may grow meanwhile */
-        r = real(device, &mine);
-        if (r == NVML_ERROR_INSUFFICIENT_SIZE) {
-            free(mine.procs);
-            mine.entries += 8;
-            if (!(mine.procs = calloc(mine.entries, sizeof *mine.procs))) return NVML_ERROR_MEMORY;
-        }
-    }
-    if (r != NVML_SUCCESS) {
-        free(mine.procs);
-        return r;
-    }
-    unsigned kept = mine.procs ? keep_ours(mine.procs, mine.entries, sizeof *mine.procs) : 0;
-    if (list->entries < kept || (kept && !list->procs)) {
-        list->entries = kept;
-        free(mine.procs);
-        return NVML_ERROR_INSUFFICIENT_SIZE;
-    }
-    if (kept) memcpy(list->procs, mine.procs, kept * sizeof *mine.procs);
-    list->entries = kept;
-    free(mine.procs);
-    return NVML_SUCCESS;
+    detail_list_call call = { real, device, list };
+    return our_entries(fetch_details, &call, sizeof *list->procs, 0, list->procs, &list->entries, 0);
+}
+
+/* ------------------------------------------------------------------- per-process utilization samples */
+/* nvmlProcessUtilizationSample_t: the pid first */
+typedef struct { unsigned pid; unsigned long long time_stamp; unsigned sm, mem, enc, dec; } utilization_sample;
+typedef nvmlReturn_t (*samples_t)(nvmlDevice_t, utilization_sample *, unsigned *, unsigned long long);
+typedef struct { samples_t real; nvmlDevice_t device; unsigned long long last_seen; } samples_call;
+
+static nvmlReturn_t fetch_samples(const void *call, void *buf, unsigned *n)
+{
+    const samples_call *c = call;
+    return c->real(c->device, buf, n, c->last_seen);
+}
+
+GL_EXPORT nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device, utilization_sample *samples,
+                                                       unsigned *count, unsigned long long last_seen)
+{
+    samples_t real = (samples_t)gl_real("nvmlDeviceGetProcessUtilization");
+    if (!real) return NVML_ERROR_FUNCTION_NOT_FOUND;
+    if (!count) return NVML_ERROR_INVALID_ARGUMENT;
+    if (ordinal_of(device) < 0) return real(device, samples, count, last_seen);
+    samples_call call = { real, device, last_seen };
+    return our_entries(fetch_samples, &call, sizeof *samples, 0, samples, count, 1);
+}
+
+/* nvmlProcessUtilizationInfo_v1_t (the pid after the time stamp) in nvmlProcessesUtilizationInfo_v1_t, by version 1
+ * only: a later layout is passed through as NVML gives it rather than misread. */
+typedef struct {
+    unsigned long long time_stamp;
+    unsigned pid, sm, mem, enc, dec, jpg, ofa;
+} utilization_info;
+typedef struct { unsigned version, count; unsigned long long last_seen; utilization_info *procs; } utilization_infos;
+typedef nvmlReturn_t (*infos_t)(nvmlDevice_t, utilization_infos *);
+typedef struct { infos_t real; nvmlDevice_t device; const utilization_infos *asked; } infos_call;
+#define UTILIZATION_INFOS_V1 ((unsigned)sizeof(utilization_infos) | (1u << 24))
+
+static nvmlReturn_t fetch_infos(const void *call, void *buf, unsigned *n)
+{
+    const infos_call *c = call;
+    utilization_infos infos = { c->asked->version, *n, c->asked->last_seen, buf };
+    nvmlReturn_t r = c->real(c->device, &infos);
+    *n = infos.count;
+    return r;
+}
+
+GL_EXPORT nvmlReturn_t nvmlDeviceGetProcessesUtilizationInfo(nvmlDevice_t device, utilization_infos *infos)
+{
+    infos_t real = (infos_t)gl_real("nvmlDeviceGetProcessesUtilizationInfo");
+    if (!real) return NVML_ERROR_FUNCTION_NOT_FOUND;
+    if (!infos) return NVML_ERROR_INVALID_ARGUMENT;
+    if (ordinal_of(device) < 0 || infos->version != UTILIZATION_INFOS_V1) return real(device, infos);
+    infos_call call = { real, device, infos };
+    return our_entries(fetch_infos, &call, sizeof *infos->procs, offsetof(utilization_info, pid), infos->procs,
+                       &infos->count, 1);
 }

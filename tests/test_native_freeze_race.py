@@ -120,3 +120,21 @@ def test_a_checkpoint_counts_in_the_warm_budget_and_is_refused_past_it():
     natives.closed(second)  # it ended while frozen: its host memory is gone with it
     assert board.warm_total() == 0
     assert checkpointer.calls == ["freeze", "thaw", "freeze"]
+
+
+def test_a_process_that_ends_during_its_checkpoint_leaves_nothing_in_the_warm_budget():
+    """The driver's checkpoint of a 48 MiB process is under way when the process ends: once the checkpoint
+    returns, the warm budget holds nothing of it (the end gave back what the freeze had counted)."""
+    checkpointer = HeldCheckpointer()
+    registry = Registry()
+    natives = NativeProcesses(registry, checkpointer)
+    link = frozen_link(natives, 48 << 20, 103)
+    freezing = threading.Thread(target=natives._freeze, args=(link,))
+    freezing.start()
+    assert checkpointer.entered.wait(10)
+    assert registry.tierboard.warm_total() == 48 << 20  # counted before the driver was asked
+    natives.closed(link)
+    assert registry.tierboard.warm_total() == 0
+    checkpointer.release.set()
+    freezing.join(10)
+    assert registry.tierboard.warm_total() == 0

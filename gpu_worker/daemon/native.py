@@ -75,7 +75,7 @@ def peer_pid(conn: socket.socket) -> int:
 class NativeLink:
     """The daemon's end of one native process's socket."""
 
-    __slots__ = ("conn", "vgpu", "pid", "slot", "label", "state", "checkpointed", "warm", "refused")
+    __slots__ = ("conn", "vgpu", "pid", "slot", "label", "state", "checkpointed", "warm", "refused", "gone")
 
     def __init__(self, conn, vgpu, pid: int, slot: int, label: str):
         self.conn, self.vgpu, self.pid, self.slot, self.label = conn, vgpu, pid, slot, label
@@ -83,6 +83,7 @@ class NativeLink:
         self.checkpointed = 0   # bytes the last checkpoint moved to host memory
         self.warm = 0           # bytes of the warm budget its checkpoint holds (charged on the tier board)
         self.refused = ""       # why its last freeze was refused for want of room in the warm budget
+        self.gone = False       # the process ended: nothing of it counts any more
 
 
 class NativeProcesses:
@@ -101,6 +102,7 @@ class NativeProcesses:
         # the checkpoints' host memory counts in the warm budget, on a tier-board row of the daemon's own
         self.board = registry.tierboard
         self.row = self.board.claim(os.getpid())
+        self.warm_lock = threading.Lock()  # one change of a link's charge at a time (taken after self.lock)
 
     # ------------------------------------------------------------------ attach
     def open(self, conn: socket.socket, grant: dict, flags: int, label: str, max_processes: int) -> NativeLink | None:
@@ -171,6 +173,7 @@ class NativeProcesses:
     def closed(self, link: NativeLink) -> None:
         with self.lock:
             self.links.pop(link.pid, None)
+            link.gone = True  # a freeze under way when it ended charges nothing after this
         if link.state in ("frozen", "thawing"):
             self.checkpointer.forget(link.pid)
         self._warm_to(link, 0)  # the process, and the host memory its checkpoint held, are gone
@@ -289,23 +292,27 @@ class NativeProcesses:
         """Make the warm budget's charge for ``link``'s checkpoint ``nbytes``.  ``limited``: refuse (False, nothing
         charged, ``link.refused`` says why) where the budget lacks the room; else it may pass the budget, as the
         grace period's allocations, already moved by the driver, do."""
-        board, more = self.board, nbytes - link.warm
-        if more > 0 and self.row is None:
-            link.refused = "the worker's tier board has no row free to count it in the warm budget"
-            return False
-        if more > 0 and not board.charge_warm(self.row, more):
-            if limited:
-                left = max(board.warm_budget - board.warm_total(), 0)
-                link.refused = (f"its checkpoint would keep {format_size(nbytes)} in host memory and the warm "
-                                f"budget ({format_size(board.warm_budget)}) has {format_size(left)} left: the "
-                                f"driver's checkpoint has no colder tier")
-                log.info("%s: not frozen: %s", link.label, link.refused)
+        board = self.board
+        with self.warm_lock:
+            if link.gone:
+                nbytes = 0
+            more = nbytes - link.warm
+            if more > 0 and self.row is None:
+                link.refused = "the worker's tier board has no row free to count it in the warm budget"
                 return False
-            board.force_warm(self.row, more)
-        elif more < 0:
-            board.uncharge_warm(self.row, -more)
-        link.warm = nbytes
-        return True
+            if more > 0 and not board.charge_warm(self.row, more):
+                if limited:
+                    left = max(board.warm_budget - board.warm_total(), 0)
+                    link.refused = (f"its checkpoint would keep {format_size(nbytes)} in host memory and the warm "
+                                    f"budget ({format_size(board.warm_budget)}) has {format_size(left)} left: the "
+                                    f"driver's checkpoint has no colder tier")
+                    log.info("%s: not frozen: %s", link.label, link.refused)
+                    return False
+                board.force_warm(self.row, more)
+            elif more < 0:
+                board.uncharge_warm(self.row, -more)
+            link.warm = nbytes
+            return True
 
     def _freeze(self, link: NativeLink) -> int:
         link.refused = ""

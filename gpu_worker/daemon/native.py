@@ -291,26 +291,32 @@ class NativeProcesses:
     def _warm_to(self, link: NativeLink, nbytes: int, limited: bool = False) -> bool:
         """Make the warm budget's charge for ``link``'s checkpoint ``nbytes``.  ``limited``: refuse (False, nothing
         charged, ``link.refused`` says why) where the budget lacks the room; else it may pass the budget, as the
-        grace period's allocations, already moved by the driver, do."""
+        grace period's allocations, already moved by the driver, do.  A checkpointer whose moves the tier board
+        counts already (the emulated double's) is only checked for room."""
         board = self.board
         with self.warm_lock:
             if link.gone:
                 nbytes = 0
             more = nbytes - link.warm
-            if more > 0 and self.row is None:
+            if self.checkpointer.counted_on_board:
+                fits = not limited or more <= 0 or board.warm_total() + more <= board.warm_budget
+            elif more > 0 and self.row is None:
                 link.refused = "the worker's tier board has no row free to count it in the warm budget"
                 return False
-            if more > 0 and not board.charge_warm(self.row, more):
-                if limited:
-                    left = max(board.warm_budget - board.warm_total(), 0)
-                    link.refused = (f"its checkpoint would keep {format_size(nbytes)} in host memory and the warm "
-                                    f"budget ({format_size(board.warm_budget)}) has {format_size(left)} left: the "
-                                    f"driver's checkpoint has no colder tier")
-                    log.info("%s: not frozen: %s", link.label, link.refused)
-                    return False
-                board.force_warm(self.row, more)
-            elif more < 0:
-                board.uncharge_warm(self.row, -more)
+            else:
+                fits = more <= 0 or board.charge_warm(self.row, more)
+                if not fits and not limited:
+                    board.force_warm(self.row, more)
+                    fits = True
+                elif more < 0:
+                    board.uncharge_warm(self.row, -more)
+            if not fits:
+                left = max(board.warm_budget - board.warm_total(), 0)
+                link.refused = (f"its checkpoint would keep {format_size(nbytes)} in host memory and the warm "
+                                f"budget ({format_size(board.warm_budget)}) has {format_size(left)} left: the "
+                                f"driver's checkpoint has no colder tier")
+                log.info("%s: not frozen: %s", link.label, link.refused)
+                return False
             link.warm = nbytes
             return True
 
@@ -429,6 +435,9 @@ class Checkpointer:
     """How the worker freezes and thaws a process's CUDA state (the driver's checkpoint API)."""
 
     backend = "cuda"
+    # whether the tier board counts the host memory of its checkpoints already (the emulated double's executors
+    # do); if not, NativeProcesses counts it in the warm budget
+    counted_on_board = False
 
     def freeze(self, pid: int) -> int:
         raise NotImplementedError
@@ -486,10 +495,11 @@ class DriverCheckpointer(Checkpointer):
 class EmulatedCheckpointer(Checkpointer):
     """The test double on a worker without a GPU, where a native process's "real driver" is the forwarding shim
     (build.py's driver double) talking to this worker: its checkpoint moves that process's forwarded vGPU(s)
-    to the cold tier (files: the host memory a real checkpoint keeps is counted once, by NativeProcesses in the
-    warm budget), and its restore brings them back hot, through the executors' own tier machinery."""
+    to the warm tier, and its restore brings them back hot, through the executors' own tier machinery (which
+    count the warm bytes on the tier board)."""
 
     backend = "emulated"
+    counted_on_board = True
     WAIT = 30.0
 
     def __init__(self, registry):
@@ -521,7 +531,7 @@ class EmulatedCheckpointer(Checkpointer):
         return E.SUCCESS
 
     def freeze(self, pid: int) -> int:
-        return self._move(pid, 2)
+        return self._move(pid, 1)
 
     def thaw(self, pid: int) -> int:
         return self._move(pid, 0)

@@ -138,3 +138,12 @@ def test_a_process_that_ends_during_its_checkpoint_leaves_nothing_in_the_warm_bu
     checkpointer.release.set()
     freezing.join(10)
     assert registry.tierboard.warm_total() == 0
+
+
+def test_without_a_warm_tier_no_process_is_frozen_and_the_reason_says_so():
+    checkpointer = HeldCheckpointer()
+    natives = NativeProcesses(Registry(warm_budget=0), checkpointer)
+    link = frozen_link(natives, 1 << 20, 104)
+    assert natives._freeze(link) == E.OUT_OF_MEMORY and checkpointer.calls == []
+    assert natives.why_not_pid(104) == ("its checkpoint would keep 1.0 MiB in host memory and this worker has no "
+                                        "warm tier (its warm_budget is 0): the driver's checkpoint has no colder tier")

@@ -312,8 +312,9 @@ class NativeProcesses:
                     board.uncharge_warm(self.row, -more)
             if not fits:
                 left = max(board.warm_budget - board.warm_total(), 0)
-                link.refused = (f"its checkpoint would keep {format_size(nbytes)} in host memory and the warm "
-                                f"budget ({format_size(board.warm_budget)}) has {format_size(left)} left: the "
+                budget = (f"the warm budget ({format_size(board.warm_budget)}) has {format_size(left)} left"
+                          if board.warm_budget else "this worker has no warm tier (its warm_budget is 0)")
+                link.refused = (f"its checkpoint would keep {format_size(nbytes)} in host memory and {budget}: the "
                                 f"driver's checkpoint has no colder tier")
                 log.info("%s: not frozen: %s", link.label, link.refused)
                 return False

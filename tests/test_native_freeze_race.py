@@ -36,7 +36,7 @@ class HeldCheckpointer(Checkpointer):
         self.calls.append("thaw")
         return E.SUCCESS
 
-    def has_room(self, gpus, nbytes) -> bool:
+    def has_room(self, gpus, need) -> bool:
         return True
 
 
@@ -147,3 +147,14 @@ def test_without_a_warm_tier_no_process_is_frozen_and_the_reason_says_so():
     assert natives._freeze(link) == E.OUT_OF_MEMORY and checkpointer.calls == []
     assert natives.why_not_pid(104) == ("its checkpoint would keep 1.0 MiB in host memory and this worker has no "
                                         "warm tier (its warm_budget is 0): the driver's checkpoint has no colder tier")
+
+
+def test_a_process_s_memory_is_split_over_its_gpus_as_the_shim_placed_it():
+    """Allocations where the shim charged them, the context on the GPUs allocated on (else the first), what the
+    shim did not place evenly; nothing lost to rounding."""
+    from gpu_worker.daemon.native import split_by_gpu
+
+    assert split_by_gpu({"used": 48, "overhead": 10, "on_gpus": [0, 48] + [0] * 6}, 2) == [0, 58]
+    assert split_by_gpu({"used": 0, "overhead": 10, "on_gpus": [0] * 8}, 3) == [10, 0, 0]
+    assert split_by_gpu({"used": 9, "overhead": 3, "on_gpus": [4, 0, 4] + [0] * 5}, 3) == [7, 0, 5]
+    assert split_by_gpu({"used": 7, "overhead": 0}, 2) == [4, 3]  # a slot without figures per GPU

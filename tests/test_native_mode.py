@@ -457,6 +457,14 @@ def test_freeze_and_thaw_through_the_chain_keep_the_bytes(node):
     assert "thawed" in node.log_text() and "frozen" in node.log_text()
 
 
+def close_all(node: Worker, *programs) -> None:
+    """Ends the programs a test started (None: not started), then the worker."""
+    for prog in programs:
+        if prog is not None:
+            prog.close()
+    node.stop()
+
+
 def small_node(tmp_path, double, tokens: dict, extra=()) -> Worker:
     """A node whose GPUs hold 128 MiB each: full after a few allocations."""
     (tmp_path / "tokens.json").write_text(json.dumps(tokens))
@@ -524,10 +532,7 @@ def test_a_native_process_whose_gpu_is_full_gets_room_from_idle_vgpus(tmp_path, 
         boss = None
         assert idle(READ_BACK) is None and idle("same") is True  # restored with its bytes
     finally:
-        for prog in (p, boss, idle):
-            if prog is not None:
-                prog.close()
-        node.stop()
+        close_all(node, p, boss, idle)
 
 
 def test_an_idle_native_vgpu_is_frozen_to_make_room_for_another(tmp_path, driver_double):
@@ -561,6 +566,34 @@ def test_an_idle_native_vgpu_is_frozen_to_make_room_for_another(tmp_path, driver
         if p is not None:
             p.close()
         node.stop()
+
+
+def test_a_native_vgpu_on_two_gpus_counts_its_memory_on_the_one_that_holds_it(tmp_path, driver_double):
+    """A low-QoS native vGPU on both GPUs writes 48 MiB on its second (GPU 1). Room wanted on GPU 0 never freezes
+    it (another vGPU there moves instead); room wanted on GPU 1 beyond half its bytes does, and its next call
+    thaws it with its bytes. (Counted evenly, as before, it was a victim on GPU 0 and too small on GPU 1.)"""
+    node = small_node(tmp_path, driver_double, {
+        "node": {"gpus": [0, 1], "qos": "high"}, "pair": {"vram": "64M", "gpus": [0, 1], "qos": "low"},
+        "filler": {"vram": "100M", "gpus": [0]}, "hungry0": {"vram": "64M", "gpus": [0]},
+        "hungry1": {"vram": "112M", "gpus": [1]}})
+    p = filler = None
+    try:
+        p = Native(node, "pair")
+        assert p(OPEN.replace("cuDeviceGet(0)", "cuDeviceGet(1)")) is None
+        assert p(WRITE.format(seed=7, n=48 << 20)) is None
+        filler = Native(node, "filler", forwarded=True)
+        assert filler(OPEN) is None and filler(WRITE.format(seed=8, n=100 << 20)) is None
+        hungry = node.run(PRELUDE + "setup(); done(r=name(d.cuMemAlloc(64 << 20)))", token="hungry0")
+        assert hungry.result["r"] == "CUDA_SUCCESS", hungry.stderr
+        assert vgpu_of(node, "filler")["tiers"]["warm"] == 100 << 20
+        assert vgpu_of(node, "pair")["processes"][0]["tiers"]["hot"] == 48 << 20  # not frozen for GPU 0
+        hungry = node.run(PRELUDE + "setup(); done(r=name(d.cuMemAlloc(112 << 20)))", token="hungry1")
+        assert hungry.result["r"] == "CUDA_SUCCESS", hungry.stderr
+        assert vgpu_of(node, "pair")["processes"][0]["tiers"]["warm"] == 48 << 20  # frozen for GPU 1
+        assert p(READ_BACK) is None and p("same") is True
+        assert filler(READ_BACK) is None and filler("same") is True
+    finally:
+        close_all(node, p, filler)
 
 
 def test_a_checkpoint_the_warm_budget_cannot_hold_is_not_made(tmp_path, driver_double):
@@ -616,10 +649,7 @@ def test_a_thaw_short_of_room_moves_other_vgpus_off_the_gpu(tmp_path, driver_dou
         assert f"eviction on GPU 1 for vGPU {v['id']}" in log and "thawed" in log
         assert filler(READ_BACK) is None and filler("same") is True
     finally:
-        for prog in (p, filler):
-            if prog is not None:
-                prog.close()
-        node.stop()
+        close_all(node, p, filler)
 
 
 def test_a_malformed_request_for_room_is_answered_with_why_and_an_oversized_one_ends_the_attachment(node):

@@ -60,7 +60,12 @@ TIERS = struct.Struct("<3Q4II4x2Q3d")
 T_OFFLOADS, T_RESTORES, T_FAILURES, T_DONE, T_RESULT, T_FROZEN = 24, 28, 32, 36, 40, 44
 T_BYTES_OUT, T_BYTES_IN, T_SECONDS_OUT, T_SECONDS_IN, T_TOUCH = 48, 56, 64, 72, 80
 RING_OFF = TIER_OFF + TIERS.size
-SLOT_SIZE = RING_OFF + 8 + TRACE_LEN * RECORD.size  # the ring's write count, then the ring
+# after the ring (its write count, then its records): a native-mode process's bytes on each of the vGPU's GPUs, in
+# the grant's order, written by the shim with ``used`` (an executor's are on the tier board instead)
+VGPU_GPUS = 8
+ON_GPU = struct.Struct(f"<{VGPU_GPUS}Q")
+ON_GPU_OFF = RING_OFF + 8 + TRACE_LEN * RECORD.size
+SLOT_SIZE = ON_GPU_OFF + ON_GPU.size
 FREE, LIVE = 0, 1
 U64 = struct.Struct("<Q")
 
@@ -71,7 +76,8 @@ def native_layout() -> dict[str, int]:
     return {"header": HEADER_SIZE, "slot_size": SLOT_SIZE, "revoked_off": 4, "quota_off": 8, "reason_len_off": 16,
             "pace_off": PACE_OFF, "reason_off": REASON_OFF, "used_off": USED_OFF, "overhead_off": OVERHEAD_OFF,
             "calls_off": 32, "launches_off": 40, "kernel_off": KERNEL_OFF, "tier_off": TIER_OFF,
-            "frozen_off": TIER_OFF + T_FROZEN, "touch_off": TIER_OFF + T_TOUCH, "pid_off": 8}
+            "frozen_off": TIER_OFF + T_FROZEN, "touch_off": TIER_OFF + T_TOUCH, "pid_off": 8,
+            "on_gpu_off": ON_GPU_OFF, "on_gpus": VGPU_GPUS}
 
 
 class Ledger:
@@ -200,7 +206,9 @@ class Ledger:
         tiers = {"hot": hot, "warm": warm, "cold": cold, "offloads": offloads, "restores": restores,
                  "failures": failures, "done_seq": done, "done_result": result, "bytes_offloaded": moved_out,
                  "bytes_restored": moved_in, "offload_seconds": out_s, "restore_seconds": in_s, "last_touch": touch}
+        on_gpus = list(ON_GPU.unpack_from(self.map, off + ON_GPU_OFF))
         return {**tiers, "slot": i, "pid": pid, "client_pid": client_pid, "used": used, "overhead": overhead,
+                "on_gpus": on_gpus,
                 "calls": calls, "launches": launches, "bytes_in": bin_, "bytes_out": bout, "started": started,
                 "errors": errors, "kernel_time": kernel_time, "throttled_time": throttled, "waiting": waiting}
 

@@ -72,15 +72,33 @@ def peer_pid(conn: socket.socket) -> int:
     return pid
 
 
+def split_by_gpu(rec: dict, gpus: int) -> list[int]:
+    """A native process's device memory on each of its vGPU's ``gpus`` GPUs, from its slot: its allocations where
+    the shim charged them; its context (the slot's overhead) on the GPUs it allocated on, else on the first
+    (cudart's device 0); what the shim did not place (an older shim), evenly."""
+    on = list(rec.get("on_gpus", ()))[:gpus]
+    on += [0] * (gpus - len(on))
+    rest, overhead = max(rec.get("used", 0) - sum(on), 0), rec.get("overhead", 0)
+    out = [n + rest // gpus for n in on]
+    out[0] += rest % gpus
+    where = [i for i, n in enumerate(on) if n] or [0]
+    for i in where:
+        out[i] += overhead // len(where)
+    out[where[0]] += overhead % len(where)
+    return out
+
+
 class NativeLink:
     """The daemon's end of one native process's socket."""
 
-    __slots__ = ("conn", "vgpu", "pid", "slot", "label", "state", "checkpointed", "warm", "refused", "gone")
+    __slots__ = ("conn", "vgpu", "pid", "slot", "label", "state", "checkpointed", "checkpointed_on", "warm", "refused",
+                 "gone")
 
     def __init__(self, conn, vgpu, pid: int, slot: int, label: str):
         self.conn, self.vgpu, self.pid, self.slot, self.label = conn, vgpu, pid, slot, label
         self.state = "running"  # running, freezing (grace period), checkpointing, frozen, thawing
         self.checkpointed = 0   # bytes the last checkpoint moved to host memory
+        self.checkpointed_on: list[int] = []  # of them, from each of the vGPU's GPUs (split_by_gpu)
         self.warm = 0           # bytes of the warm budget its checkpoint holds (charged on the tier board)
         self.refused = ""       # why its last freeze was refused for want of room in the warm budget
         self.gone = False       # the process ended: nothing of it counts any more
@@ -99,6 +117,7 @@ class NativeProcesses:
         registry.native_tier = self.request_tier
         registry.native_why_not = self.why_not_pid
         registry.native_hot = self.hot_bytes
+        registry.native_hot_by_gpu = self.hot_by_gpu
         # the checkpoints' host memory counts in the warm budget, on a tier-board row of the daemon's own
         self.board = registry.tierboard
         self.row = self.board.claim(os.getpid())
@@ -226,23 +245,24 @@ class NativeProcesses:
 
     def _make_room(self, link: NativeLink) -> None:
         """A thaw finds its GPUs short of room: ask the eviction to move other vGPUs off them (this one, waiting,
-        is never chosen), as an executor's restore does."""
-        indexes = self.registry.gpu_indexes(link.vgpu)
-        need = -(-link.checkpointed // len(indexes))
-        for index in indexes:
+        is never chosen), as an executor's restore does, for what the checkpoint took from each."""
+        for index, need in zip(self.registry.gpu_indexes(link.vgpu), link.checkpointed_on):
+            if need <= 0:
+                continue
             reply = json.loads(self.tiering.handle(link.vgpu, link.pid,
-                                                   json.dumps({"gpu": index, "need": max(need, 1)}).encode()))
+                                                   json.dumps({"gpu": index, "need": need}).encode()))
             if "refused" in reply:
                 log.info("%s: no room made on GPU %d for its thaw: %s", link.label, index, reply["refused"])
 
-    def hot_bytes(self, v, movable: bool = False) -> int:
-        """(registry.native_hot) Device memory the native processes of ``v`` hold now (their allocations and
-        contexts): all of it, except while a checkpoint keeps it in host memory (frozen, or thawing: waiting for
-        room or being restored); with ``movable``, only that of the processes an eviction could freeze (running,
-        or being frozen, and free of managed and IPC memory)."""
+    def hot_by_gpu(self, v, movable: bool = False) -> list[int]:
+        """(registry.native_hot_by_gpu) Device memory the native processes of ``v`` hold now on each of its GPUs
+        (their allocations and contexts, split_by_gpu): all of it, except while a checkpoint keeps it in host
+        memory (frozen, or thawing: waiting for room or being restored); with ``movable``, only that of the
+        processes an eviction could freeze (running, or being frozen, and free of managed and IPC memory)."""
         with self.lock:
             links = [(link, link.state) for link in self.links.values() if link.vgpu is v]
-        total = 0
+        gpus = len(v.grant["gpus"])
+        total = [0] * gpus
         for link, state in links:
             if state in ("frozen", "thawing") and (link.checkpointed or movable):
                 continue
@@ -250,8 +270,12 @@ class NativeProcesses:
                 continue
             rec = v.ledger.read_slot(link.slot)
             if rec is not None:
-                total += rec["used"] + rec["overhead"]
+                total = [a + b for a, b in zip(total, split_by_gpu(rec, gpus))]
         return total
+
+    def hot_bytes(self, v, movable: bool = False) -> int:
+        """(registry.native_hot) hot_by_gpu over all the vGPU's GPUs."""
+        return sum(self.hot_by_gpu(v, movable))
 
     # ------------------------------------------------------------------ warm tier
     def request_tier(self, v, seq: int, want: int) -> None:
@@ -365,6 +389,7 @@ class NativeProcesses:
                 log.warning("%s: the driver's checkpoint failed (%s); the process runs on", link.label, E.name_of(result))
                 return result
             link.state, link.checkpointed = "frozen", nbytes
+            link.checkpointed_on = split_by_gpu(rec, len(link.vgpu.grant["gpus"]))
             self._warm_to(link, nbytes)  # what it moved, the grace period's last allocations included
         slot.set_tiers(0, rec.get("used", 0), 0)
         slot.count_move("offload", nbytes, time.monotonic() - start)
@@ -388,7 +413,7 @@ class NativeProcesses:
             time.sleep(CHECKPOINT_POLL)
         start = time.monotonic()
         warned, asked = False, None
-        while not self.checkpointer.has_room(link.vgpu.grant["gpus"], link.checkpointed):
+        while not self.checkpointer.has_room(link.vgpu.grant["gpus"], link.checkpointed_on):
             if not warned:
                 log.warning("%s: waiting for %d bytes of room on its GPU before restoring", link.label,
                             link.checkpointed)
@@ -446,7 +471,8 @@ class Checkpointer:
     def thaw(self, pid: int) -> int:
         raise NotImplementedError
 
-    def has_room(self, gpus: list[str], nbytes: int) -> bool:
+    def has_room(self, gpus: list[str], need: list[int]) -> bool:
+        """Whether each of ``gpus`` has room for the bytes ``need`` says (in the same order)."""
         raise NotImplementedError
 
     def forget(self, pid: int) -> None:
@@ -482,15 +508,16 @@ class DriverCheckpointer(Checkpointer):
     def thaw(self, pid: int) -> int:
         return self._ask("thaw", pid)
 
-    def has_room(self, gpus: list[str], nbytes: int) -> bool:
+    def has_room(self, gpus: list[str], need: list[int]) -> bool:
+        """NVML's free memory of each GPU against what the checkpoint took from it."""
         try:
             import pynvml as nvml
 
             nvml.nvmlInit()
-            free = min(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByUUID(u)).free for u in gpus)
+            free = [nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByUUID(u)).free for u in gpus]
         except Exception:  # no NVML: the restore is tried, the driver refuses cleanly when short
             return True
-        return free >= nbytes
+        return all(f >= n for f, n in zip(free, need))
 
 
 class EmulatedCheckpointer(Checkpointer):
@@ -537,8 +564,8 @@ class EmulatedCheckpointer(Checkpointer):
     def thaw(self, pid: int) -> int:
         return self._move(pid, 0)
 
-    def has_room(self, gpus: list[str], nbytes: int) -> bool:
+    def has_room(self, gpus: list[str], need: list[int]) -> bool:
         """The emulated GPUs' room is what their tier board leaves (their configured memory)."""
-        board, each = self.registry.tierboard, -(-nbytes // max(len(gpus), 1))
+        board = self.registry.tierboard
         indexes = [self.registry.by_uuid[u]["index"] for u in gpus]
-        return all(not board.capacity(i) or board.capacity(i) - board.hot_on(i) >= each for i in indexes)
+        return all(not board.capacity(i) or board.capacity(i) - board.hot_on(i) >= n for i, n in zip(indexes, need))

@@ -222,7 +222,7 @@ class Tiering:
                 here, everywhere = reg.held_on(v, gpu)
                 if here <= 0:
                     # native memory on this GPU that a checkpoint cannot move
-                    pinned += bool(v.native and gpu in reg.gpu_indexes(v) and reg.native_hot(v))
+                    pinned += bool(reg.native_on(v, gpu))
                     continue
                 their_rank = QOS_RANK.get(v.grant.get("qos") or "medium", 1)
                 if their_rank > rank:

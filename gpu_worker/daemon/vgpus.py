@@ -146,6 +146,7 @@ class VGPURegistry:
         self.native_tier = None  # native.py: moves a vGPU's native-mode processes (request_tier calls it)
         self.native_why_not = lambda pid: ""  # native.py: why a native process cannot be frozen, "" if it can
         self.native_hot = lambda v, movable=False: 0  # native.py: device memory its native processes hold
+        self.native_hot_by_gpu = lambda v, movable=False: []  # native.py: the same, on each of its GPUs
         self.names = _function_names()
 
     # ------------------------------------------------------------------ grants
@@ -585,17 +586,23 @@ class VGPURegistry:
     def held_on(self, v: VGPU, gpu: int) -> tuple[int, int]:
         """(lock held) Device memory of ``v`` that an eviction could move off the worker's GPU ``gpu``, and off
         all its GPUs: its executors' rows on the tier board and its native processes' memory, of those the
-        driver's checkpoint can move (native.py: the shim does not tell a vGPU's GPUs apart, so that counts
-        evenly on each of them)."""
+        driver's checkpoint can move (native.py, on the GPU the shim charged it on)."""
         rows = [self.tierboard.row_figures(r) for r in v.rows.values()]
         here, everywhere = sum(f["hot"][gpu] for f in rows), sum(sum(f["hot"]) for f in rows)
-        native = self.native_hot(v, movable=True) if v.native else 0
-        if native:
-            indexes = self.gpu_indexes(v)
-            everywhere += native
-            if gpu in indexes:
-                here += native // len(indexes)
+        if v.native:
+            native = self.native_hot_by_gpu(v, movable=True)
+            everywhere += sum(native)
+            here += self.native_on(v, gpu, native)
         return here, everywhere
+
+    def native_on(self, v: VGPU, gpu: int, by_gpu: list[int] | None = None) -> int:
+        """Device memory of ``v``'s native processes on the worker's GPU ``gpu`` (``by_gpu``: native_hot_by_gpu's
+        figures, when read already)."""
+        indexes = self.gpu_indexes(v)
+        if not v.native or gpu not in indexes:
+            return 0
+        by_gpu = self.native_hot_by_gpu(v) if by_gpu is None else by_gpu
+        return by_gpu[indexes.index(gpu)] if by_gpu else 0
 
     def gpu_indexes(self, v: VGPU) -> list[int]:
         """The worker's indexes of the vGPU's GPUs, in its order."""
@@ -609,9 +616,8 @@ class VGPURegistry:
         if self.kind == "cuda":
             with self.lock:
                 for v in self.table.values():
-                    native = self.native_hot(v) if v.native else 0
-                    for u in v.grant["gpus"] if native else ():
-                        hot[u] += native // len(v.grant["gpus"])
+                    for u, n in zip(v.grant["gpus"], self.native_hot_by_gpu(v) if v.native else ()):
+                        hot[u] += n
         return {"warm": board.warm_total(), "warm_budget": board.warm_budget, "hot": hot}
 
     def gpu_facts(self) -> dict[str, dict]:

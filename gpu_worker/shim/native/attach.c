@@ -49,12 +49,14 @@ static struct {
     size_t slot, slots, header, slot_off, slot_size;
     size_t used_off, overhead_off, kernel_off, tier_off, pace_off, calls_off, launches_off;
     size_t quota_off, revoked_off, reason_off, reason_len_off, frozen_off, touch_off, pid_off;
+    size_t on_gpu_off, on_gpus; /* this process's bytes on each of the vGPU's GPUs: where, for how many GPUs */
     double depth, check_every;  /* pacing.py's DEPTH and CHECK_EVERY, from the worker */
     double eviction_wait;       /* the worker's: seconds it may take to make room on a full GPU (0: it does not) */
     unsigned time_every;        /* the worker's native_time_every: an unpaced process times one launch in this many */
     int gpus;
     char uuids[8][64];
     unsigned long long used; /* this process's bytes (mirrors its slot) */
+    unsigned long long on_gpu[GL_VGPU_GPUS];  /* of them, on each of the vGPU's GPUs (mirrors its slot) */
 } A = { .mu = PTHREAD_MUTEX_INITIALIZER, .once_mu = PTHREAD_MUTEX_INITIALIZER, .sock_mu = PTHREAD_MUTEX_INITIALIZER,
         .status = CUDA_ERROR_NOT_INITIALIZED, .sock = -1, .memfd = -1, .board_fd = -1 };
 
@@ -298,6 +300,8 @@ static CUresult attach_now(unsigned flags)
     A.frozen_off = A.slot_off + key(text, "frozen_off");
     A.touch_off = A.slot_off + key(text, "touch_off");
     A.pid_off = key(text, "pid_off");  /* within any slot: the NVML stand-in looks at every slot's */
+    A.on_gpu_off = A.slot_off + key(text, "on_gpu_off");
+    A.on_gpus = key(text, "on_gpus");  /* 0 (a worker without the figures): none written */
     A.depth = key(text, "depth_us") / 1e6;
     A.check_every = key(text, "check_every_us") / 1e6;
     A.eviction_wait = key(text, "eviction_wait_ms") / 1e3;
@@ -345,6 +349,7 @@ static void after_fork_child(void)
     gl_frozen_at = &not_frozen;
     A.done = 0;
     A.used = 0;
+    memset(A.on_gpu, 0, sizeof A.on_gpu);
     A.status = CUDA_ERROR_NOT_INITIALIZED;
     gl_log_reset_after_fork();
 }
@@ -419,21 +424,26 @@ static void lock_ledger(int how)
     while (fcntl(A.memfd, F_SETLKW, &fl) != 0 && errno == EINTR) {}
 }
 
-static void set_used(unsigned long long v)
+/* This process's bytes on the vGPU's GPU ``gpu`` (an ordinal out of range: the first) change by ``delta``, and so
+ * do its bytes in all; never below 0. (A.mu held) */
+static void add_used(int gpu, long long delta)
 {
-    A.used = v;
+    int g = gpu < 0 || gpu >= GL_VGPU_GPUS ? 0 : gpu;
+    A.on_gpu[g] = delta < 0 && A.on_gpu[g] < (unsigned long long)-delta ? 0 : A.on_gpu[g] + delta;
+    A.used = delta < 0 && A.used < (unsigned long long)-delta ? 0 : A.used + delta;
     if (!A.map) return;
-    put_u64(A.used_off, v);
-    put_u64(A.tier_off, v);  /* a native process's memory is all hot: the panel's tiers read this */
+    if ((size_t)g < A.on_gpus) put_u64(A.on_gpu_off + 8 * (size_t)g, A.on_gpu[g]);
+    put_u64(A.used_off, A.used);
+    put_u64(A.tier_off, A.used);  /* a native process's memory is all hot: the panel's tiers read this */
 }
 
-int gl_charge(size_t n, size_t *room)
+int gl_charge(int gpu, size_t n, size_t *room)
 {
     pthread_mutex_lock(&A.mu);
     unsigned long long quota = gl_quota();
     int ok = 1;
     if (!quota) {
-        set_used(A.used + n);
+        add_used(gpu, (long long)n);
     } else {
         lock_ledger(F_WRLCK);
         unsigned long long charged = gl_vgpu_charged();
@@ -441,7 +451,7 @@ int gl_charge(size_t n, size_t *room)
             ok = 0;
             if (room) *room = charged < quota ? (size_t)(quota - charged) : 0;
         } else {
-            set_used(A.used + n);
+            add_used(gpu, (long long)n);
         }
         lock_ledger(F_UNLCK);
     }
@@ -450,17 +460,17 @@ int gl_charge(size_t n, size_t *room)
     return ok;
 }
 
-void gl_force_charge(size_t n)
+void gl_force_charge(int gpu, size_t n)
 {
     pthread_mutex_lock(&A.mu);
-    set_used(A.used + n);
+    add_used(gpu, (long long)n);
     pthread_mutex_unlock(&A.mu);
 }
 
-void gl_uncharge(size_t n)
+void gl_uncharge(int gpu, size_t n)
 {
     pthread_mutex_lock(&A.mu);
-    set_used(A.used > n ? A.used - n : 0);
+    add_used(gpu, -(long long)n);
     pthread_mutex_unlock(&A.mu);
 }
 

@@ -17,7 +17,7 @@
 #include <string.h>
 #include <strings.h>
 
-#define MAX_GPUS 8
+#define MAX_GPUS GL_VGPU_GPUS
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static int mapped = -1;  /* -1: not yet; else how many of the vGPU's GPUs were found */
@@ -109,6 +109,14 @@ int gl_vgpu_ordinal(CUdevice d)
     for (int k = 0; k < mapped; k++)
         if (devices[k] == d) return k;
     return 0;
+}
+
+typedef CUresult (*ctx_device_t)(CUdevice *);
+
+int gl_current_gpu(void)
+{
+    CUdevice d;
+    return GL_REAL(ctx_device_t, "cuCtxGetDevice")(&d) == CUDA_SUCCESS ? gl_vgpu_ordinal(d) : 0;
 }
 
 GL_EXPORT CUresult cuDeviceGetCount(int *count)

@@ -55,9 +55,13 @@ const char *gl_real_path(void);
 CUresult gl_attach(void);                 /* once per process: the vGPU's ledger mapped, or why not */
 CUresult gl_observe(void);                /* the same, read-only and without a slot (the NVML stand-in) */
 CUresult gl_attached_status(void);        /* gl_attach's verdict (NOT_INITIALIZED before cuInit) */
-int gl_charge(size_t n, size_t *room);    /* 1 charged; 0 refused (*room: bytes the quota still has) */
-void gl_uncharge(size_t n);
-void gl_force_charge(size_t n);           /* after the fact, within the driver's rounding: never refused */
+/* Charges to the quota, each on one of the vGPU's GPUs (its ordinal, gl_vgpu_ordinal): the worker's evictions
+ * and tier figures count a process's memory on the GPU that holds it. */
+#define GL_VGPU_GPUS 8                              /* the most GPUs a vGPU has (the worker sends how many it counts) */
+int gl_charge(int gpu, size_t n, size_t *room);     /* 1 charged; 0 refused (*room: bytes the quota still has) */
+void gl_uncharge(int gpu, size_t n);
+void gl_force_charge(int gpu, size_t n);            /* after the fact, within the driver's rounding: never refused */
+int gl_current_gpu(void);                           /* the vGPU's ordinal of the current context's device */
 unsigned long long gl_quota(void);        /* 0: no quota */
 int gl_vgpu_has_pid(unsigned pid);        /* one of the vGPU's processes (native, or an executor) */
 unsigned long long gl_vgpu_charged(void); /* bytes in use over all of the vGPU's processes */

@@ -33,8 +33,16 @@
 
 enum kind { DEVICE = 1, VMM, ARRAY, MIPMAPPED, ASYNC };
 
-typedef struct entry { unsigned long long key; size_t size; int kind; CUmemoryPool pool; struct entry *next; } entry;
-typedef struct pool_rec { CUmemoryPool pool; size_t live, charged; struct pool_rec *next; } pool_rec;
+/* an allocation: its size, and the vGPU's GPU it is charged on (gl_charge) */
+typedef struct entry {
+    unsigned long long key;
+    size_t size;
+    int kind, gpu;
+    CUmemoryPool pool;
+    struct entry *next;
+} entry;
+/* a pool: charged on the GPU current at its first allocation (its default pool's, or the pool asked for) */
+typedef struct pool_rec { CUmemoryPool pool; size_t live, charged; int gpu; struct pool_rec *next; } pool_rec;
 
 #define BUCKETS 4096
 static entry *table[BUCKETS];
@@ -44,7 +52,7 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 
 static size_t bucket(unsigned long long key, int kind) { return (size_t)((key >> 8) ^ key ^ (unsigned)kind) % BUCKETS; }
 
-static void remember(unsigned long long key, int kind, size_t size, CUmemoryPool pool)
+static void remember(unsigned long long key, int kind, size_t size, CUmemoryPool pool, int gpu)
 {
     entry *e = malloc(sizeof *e);
     if (!e) return;  /* not tracked: its free will not give the bytes back, the process's end will */
@@ -52,6 +60,7 @@ static void remember(unsigned long long key, int kind, size_t size, CUmemoryPool
     e->kind = kind;
     e->size = size;
     e->pool = pool;
+    e->gpu = gpu;
     pthread_mutex_lock(&mu);
     size_t b = bucket(key, kind);
     e->next = table[b];
@@ -59,8 +68,8 @@ static void remember(unsigned long long key, int kind, size_t size, CUmemoryPool
     pthread_mutex_unlock(&mu);
 }
 
-/* The entry for ``key`` taken out of the table (its size in *size), 0 when not ours. */
-static int forget(unsigned long long key, int kind, size_t *size, CUmemoryPool *pool)
+/* The entry for ``key`` taken out of the table (its size in *size, its GPU in *gpu), 0 when not ours. */
+static int forget(unsigned long long key, int kind, size_t *size, CUmemoryPool *pool, int *gpu)
 {
     pthread_mutex_lock(&mu);
     entry **p = &table[bucket(key, kind)];
@@ -71,7 +80,18 @@ static int forget(unsigned long long key, int kind, size_t *size, CUmemoryPool *
     if (!e) return 0;
     *size = e->size;
     if (pool) *pool = e->pool;
+    if (gpu) *gpu = e->gpu;
     free(e);
+    return 1;
+}
+
+/* A freed allocation's charge given back, on the GPU it was charged on; 0 when not ours. */
+static int give_back(unsigned long long key, int kind)
+{
+    size_t n;
+    int gpu;
+    if (!forget(key, kind, &n, NULL, &gpu)) return 0;
+    gl_uncharge(gpu, n);
     return 1;
 }
 
@@ -90,6 +110,7 @@ static pool_rec *pool_of(CUmemoryPool p)
     while (r && r->pool != p) r = r->next;
     if (!r && (r = calloc(1, sizeof *r))) {
         r->pool = p;
+        r->gpu = gl_current_gpu();
         r->next = pools;
         pools = r;
     }
@@ -104,8 +125,8 @@ static void true_up(pool_rec *r)
                                                                  &reserved) != CUDA_SUCCESS)
         reserved = 0;
     size_t target = reserved > r->live ? (size_t)reserved : r->live;
-    if (target > r->charged) gl_force_charge(target - r->charged);
-    else if (target < r->charged) gl_uncharge(r->charged - target);
+    if (target > r->charged) gl_force_charge(r->gpu, target - r->charged);
+    else if (target < r->charged) gl_uncharge(r->gpu, r->charged - target);
     r->charged = target;
 }
 
@@ -122,7 +143,7 @@ static int charge_pool(CUmemoryPool p, size_t n, size_t *room)
     pthread_mutex_lock(&mu);
     pool_rec *r = pool_of(p);
     size_t need = r && r->live + n > r->charged ? r->live + n - r->charged : 0;
-    int ok = !r ? gl_charge(n, room) : !need || gl_charge(need, room);
+    int ok = !r ? gl_charge(gl_current_gpu(), n, room) : !need || gl_charge(r->gpu, need, room);
     if (ok && r) {
         r->charged += need;
         r->live += n;
@@ -230,7 +251,7 @@ static CUresult alloc_async(const char *name, alloc_async_t real_async, alloc_po
     }
     r = WITH_ROOM(name, current_device(), n, real_pool ? real_pool(dptr, n, pool, s) : real_async(dptr, n, s));
     if (r == CUDA_SUCCESS) {
-        remember(*dptr, ASYNC, n, p);
+        remember(*dptr, ASYNC, n, p, 0);  /* its pool has the GPU */
         settle_pool(p, 0);
     } else {
         settle_pool(p, n);
@@ -267,7 +288,7 @@ static CUresult free_async(free_async_t real, CUdeviceptr p, CUstream s)
     CUresult r = real(p, s);
     size_t n;
     CUmemoryPool pool;
-    if (r == CUDA_SUCCESS && forget(p, ASYNC, &n, &pool)) settle_pool(pool, n);
+    if (r == CUDA_SUCCESS && forget(p, ASYNC, &n, &pool, NULL)) settle_pool(pool, n);
     return r;
 }
 
@@ -302,7 +323,8 @@ GL_EXPORT CUresult cuMemPoolDestroy(CUmemoryPool pool)
         if ((*p)->pool != pool) continue;
         pool_rec *gone = *p;
         *p = gone->next;
-        gl_uncharge(gone->charged);  /* its live allocations' entries stay until freed: nothing more to give */
+        /* its live allocations' entries stay until freed: nothing more to give */
+        gl_uncharge(gone->gpu, gone->charged);
         free(gone);
         break;
     }
@@ -321,13 +343,14 @@ GL_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t n)
     CUresult r = gl_entry_check();
     size_t room = 0;
     if (r != CUDA_SUCCESS) return r;
-    if (!gl_charge(n, &room)) {
+    int gpu = gl_current_gpu();
+    if (!gl_charge(gpu, n, &room)) {
         true_up_all();
-        if (!gl_charge(n, &room)) return refuse("cuMemAlloc", n, room);
+        if (!gl_charge(gpu, n, &room)) return refuse("cuMemAlloc", n, room);
     }
     r = WITH_ROOM("cuMemAlloc", current_device(), n, GL_REAL(alloc_t, "cuMemAlloc_v2")(dptr, n));
-    if (r == CUDA_SUCCESS) remember(*dptr, DEVICE, n, NULL);
-    else gl_uncharge(n);
+    if (r == CUDA_SUCCESS) remember(*dptr, DEVICE, n, NULL, gpu);
+    else gl_uncharge(gpu, n);
     return r;
 }
 
@@ -336,11 +359,12 @@ GL_EXPORT CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t n, unsigned flags
     CUresult r = gl_entry_check();
     size_t room = 0;
     if (r != CUDA_SUCCESS) return r;
-    if (!gl_charge(n, &room)) return refuse("cuMemAllocManaged", n, room);
+    int gpu = gl_current_gpu();
+    if (!gl_charge(gpu, n, &room)) return refuse("cuMemAllocManaged", n, room);
     r = GL_REAL(alloc_managed_t, "cuMemAllocManaged")(dptr, n, flags);
     if (r == CUDA_SUCCESS) gl_unfreezable(GL_UNFREEZABLE_UVM);
-    if (r == CUDA_SUCCESS) remember(*dptr, DEVICE, n, NULL);
-    else gl_uncharge(n);
+    if (r == CUDA_SUCCESS) remember(*dptr, DEVICE, n, NULL, gpu);
+    else gl_uncharge(gpu, n);
     return r;
 }
 
@@ -349,17 +373,18 @@ GL_EXPORT CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t w
     CUresult r = gl_entry_check();
     size_t room = 0, guess = ((width + 511) / 512) * 512 * height;
     if (r != CUDA_SUCCESS) return r;
-    if (!gl_charge(guess, &room)) return refuse("cuMemAllocPitch", guess, room);
+    int gpu = gl_current_gpu();
+    if (!gl_charge(gpu, guess, &room)) return refuse("cuMemAllocPitch", guess, room);
     r = WITH_ROOM("cuMemAllocPitch", current_device(), guess,
                   GL_REAL(alloc_pitch_t, "cuMemAllocPitch_v2")(dptr, pitch, width, height, elem));
     if (r != CUDA_SUCCESS) {
-        gl_uncharge(guess);
+        gl_uncharge(gpu, guess);
         return r;
     }
     size_t real = *pitch * height;
-    if (real > guess) gl_force_charge(real - guess);
-    else gl_uncharge(guess - real);
-    remember(*dptr, DEVICE, real, NULL);
+    if (real > guess) gl_force_charge(gpu, real - guess);
+    else gl_uncharge(gpu, guess - real);
+    remember(*dptr, DEVICE, real, NULL, gpu);
     return r;
 }
 
@@ -369,8 +394,8 @@ GL_EXPORT CUresult cuMemFree_v2(CUdeviceptr p)
     CUresult r = GL_REAL(free_t, "cuMemFree_v2")(p);
     size_t n;
     CUmemoryPool pool;
-    if (r == CUDA_SUCCESS && forget(p, DEVICE, &n, NULL)) gl_uncharge(n);
-    else if (r == CUDA_SUCCESS && forget(p, ASYNC, &n, &pool)) settle_pool(pool, n);  /* cuMemFree takes those too */
+    if (r == CUDA_SUCCESS && !give_back(p, DEVICE) && forget(p, ASYNC, &n, &pool, NULL))
+        settle_pool(pool, n);  /* cuMemFree takes those too */
     return r;
 }
 
@@ -398,16 +423,17 @@ GL_EXPORT CUresult cuMemCreate(unsigned long long *handle, size_t n, const void 
     /* host-located (HOST, HOST_NUMA, HOST_NUMA_CURRENT): not the GPU's memory, not the quota's */
     if (prop && host_located((const alloc_prop_head *)prop))
         return GL_REAL(create_t, "cuMemCreate")(handle, n, prop, flags);
-    if (!gl_charge(n, &room)) {
-        true_up_all();
-        if (!gl_charge(n, &room)) return refuse("cuMemCreate", n, room);
-    }
     const alloc_prop_head *where = prop;
     CUdevice dev = where && where->location_type == CU_MEM_LOCATION_TYPE_DEVICE ? where->location_id
                                                                                  : current_device();
+    int gpu = gl_vgpu_ordinal(dev);
+    if (!gl_charge(gpu, n, &room)) {
+        true_up_all();
+        if (!gl_charge(gpu, n, &room)) return refuse("cuMemCreate", n, room);
+    }
     r = WITH_ROOM("cuMemCreate", dev, n, GL_REAL(create_t, "cuMemCreate")(handle, n, prop, flags));
-    if (r == CUDA_SUCCESS) remember(*handle, VMM, n, NULL);
-    else gl_uncharge(n);
+    if (r == CUDA_SUCCESS) remember(*handle, VMM, n, NULL, gpu);
+    else gl_uncharge(gpu, n);
     return r;
 }
 
@@ -415,8 +441,7 @@ GL_EXPORT CUresult cuMemRelease(unsigned long long handle)
 {
     gl_thaw_if_frozen();
     CUresult r = GL_REAL(release_t, "cuMemRelease")(handle);
-    size_t n;
-    if (r == CUDA_SUCCESS && forget(handle, VMM, &n, NULL)) gl_uncharge(n);
+    if (r == CUDA_SUCCESS) give_back(handle, VMM);
     return r;
 }
 
@@ -465,7 +490,7 @@ static size_t array_bytes(size_t w, size_t h, size_t d, int format, unsigned cha
 
 /* An array made: its charge trued up to the driver's requirement where it tells (deferred-mapping arrays
  * only: cuArrayGetMemoryRequirements refuses the others), else the estimate stays. */
-static CUresult charge_array(const char *fn, void *array, int kind, size_t guess, const char *req_name)
+static CUresult charge_array(const char *fn, void *array, int kind, size_t guess, const char *req_name, int gpu)
 {
     CUdevice d;
     array_requirements req = { 0 };
@@ -473,10 +498,10 @@ static CUresult charge_array(const char *fn, void *array, int kind, size_t guess
     if (GL_REAL(ctx_dev_t, "cuCtxGetDevice")(&d) == CUDA_SUCCESS &&
         GL_REAL(requirements_t, req_name)(&req, array, d) == CUDA_SUCCESS && req.size)
         n = req.size;
-    if (n > guess) gl_force_charge(n - guess);
-    else gl_uncharge(guess - n);
+    if (n > guess) gl_force_charge(gpu, n - guess);
+    else gl_uncharge(gpu, guess - n);
     (void)fn;
-    remember((unsigned long long)(uintptr_t)array, kind, n, NULL);
+    remember((unsigned long long)(uintptr_t)array, kind, n, NULL, gpu);
     return CUDA_SUCCESS;
 }
 
@@ -486,13 +511,14 @@ static CUresult array_create(const char *fn, const char *real_name, CUarray *out
     size_t room = 0;
     if (r != CUDA_SUCCESS) return r;
     if (!out || !desc) return CUDA_ERROR_INVALID_VALUE;
-    if (!gl_charge(guess, &room)) return refuse(fn, guess, room);
+    int gpu = gl_current_gpu();
+    if (!gl_charge(gpu, guess, &room)) return refuse(fn, guess, room);
     r = WITH_ROOM(fn, current_device(), guess, GL_REAL(array_create_t, real_name)(out, desc));
     if (r != CUDA_SUCCESS) {
-        gl_uncharge(guess);
+        gl_uncharge(gpu, guess);
         return r;
     }
-    return charge_array(fn, *out, ARRAY, guess, "cuArrayGetMemoryRequirements");
+    return charge_array(fn, *out, ARRAY, guess, "cuArrayGetMemoryRequirements", gpu);
 }
 
 GL_EXPORT CUresult cuArrayCreate_v2(CUarray *out, const array_desc *d)
@@ -517,22 +543,23 @@ GL_EXPORT CUresult cuMipmappedArrayCreate(CUmipmappedArray *out, const array3d_d
      * under 4/3 of it */
     size_t first = array_bytes(d->width, d->height, d->depth, d->format, d->channels);
     size_t guess = d->height ? first / 3 * 4 : first * 2;
-    if (!gl_charge(guess, &room)) return refuse("cuMipmappedArrayCreate", guess, room);
+    int gpu = gl_current_gpu();
+    if (!gl_charge(gpu, guess, &room)) return refuse("cuMipmappedArrayCreate", guess, room);
     r = WITH_ROOM("cuMipmappedArrayCreate", current_device(), guess,
                   GL_REAL(mipmapped_create_t, "cuMipmappedArrayCreate")(out, d, levels));
     if (r != CUDA_SUCCESS) {
-        gl_uncharge(guess);
+        gl_uncharge(gpu, guess);
         return r;
     }
-    return charge_array("cuMipmappedArrayCreate", *out, MIPMAPPED, guess, "cuMipmappedArrayGetMemoryRequirements");
+    return charge_array("cuMipmappedArrayCreate", *out, MIPMAPPED, guess, "cuMipmappedArrayGetMemoryRequirements",
+                        gpu);
 }
 
 static CUresult array_destroy(const char *real_name, void *array, int kind)
 {
     gl_thaw_if_frozen();
     CUresult r = GL_REAL(array_destroy_t, real_name)(array);
-    size_t n;
-    if (r == CUDA_SUCCESS && forget((unsigned long long)(uintptr_t)array, kind, &n, NULL)) gl_uncharge(n);
+    if (r == CUDA_SUCCESS) give_back((unsigned long long)(uintptr_t)array, kind);
     return r;
 }
 
@@ -556,9 +583,10 @@ void gl_true_up_graph_memory(void)
     if (GL_REAL(graph_attr_t, "cuDeviceGetGraphMemAttribute")(d, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT,
                                                                &reserved) != CUDA_SUCCESS)
         return;
+    int gpu = gl_vgpu_ordinal(d);
     pthread_mutex_lock(&mu);
-    if (reserved > graph_charged[d]) gl_force_charge(reserved - graph_charged[d]);
-    else gl_uncharge(graph_charged[d] - reserved);
+    if (reserved > graph_charged[d]) gl_force_charge(gpu, reserved - graph_charged[d]);
+    else gl_uncharge(gpu, graph_charged[d] - reserved);
     graph_charged[d] = reserved;
     pthread_mutex_unlock(&mu);
 }

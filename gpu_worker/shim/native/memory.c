@@ -19,6 +19,9 @@
  *   graphs' memory nodes           the device's graph memory reserved, read after each graph launch
  *   cuMemCreate on the host        nothing: host memory (CU_MEM_LOCATION_TYPE_HOST*) is not the GPU's
  *
+ * Each charge is made on the vGPU's GPU that holds the memory (the current context's; cuMemCreate's location; a
+ * pool's GPU at its first allocation; graph memory's device), so the worker counts it there (gl_charge).
+ *
  * When the driver itself finds the GPU full (other vGPUs hold it: the pool may promise a GPU's memory more
  * than once), the worker is asked to move other vGPUs off it and the driver is called again (WITH_ROOM). */
 #include "gl_native.h"

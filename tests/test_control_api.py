@@ -19,11 +19,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gpu_worker.daemon import control
 from gpu_worker.daemon.control import ControlServer, publish, published
-from workertools import ROOT
+from workertools import ROOT, metric_samples
 
 ADMIN = "admin-s3cret"
 GPU_A, GPU_B = "GPU-aaaaaaaa-0000-0000-0000-000000000000", "GPU-bbbbbbbb-0000-0000-0000-000000000000"
@@ -488,12 +487,6 @@ def test_one_credential_holds_a_few_long_polls_at_most(server, registry):
         p.join(10)
     assert [a[0] for a in answers] == [200] * control.MAX_POLLS
     assert call(server, "GET", "/api/vgpus/17/trace?since=1&wait=0.1", "tok-alice")[0] == 200  # given back
-
-
-def metric_samples(text: str) -> dict:
-    """{(sample name, ((label, value), ...)): value} of a Prometheus text page."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def test_metrics_are_the_registry_figures(server):

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from workertools import PRELUDE, ROOT, SLEEP_PRELUDE, Worker
+from workertools import PRELUDE, ROOT, SLEEP_PRELUDE, Worker, metric_samples
 
 from gpu_worker.client.units import format_size
 from gpu_worker.daemon.gpus import describe_gpus
@@ -422,9 +422,7 @@ def warm_bytes(w: Worker) -> int:
 
     req = urllib.request.Request(w.control + "/metrics", headers={"Authorization": f"token {w.admin}"})
     with urllib.request.urlopen(req, timeout=10) as r:
-        text = r.read().decode()
-    line = next(line for line in text.splitlines() if line.startswith("gpulab_worker_warm_bytes "))
-    return int(float(line.split()[1]))
+        return int(metric_samples(r.read().decode())[("gpulab_worker_warm_bytes", ())])
 
 
 def test_freeze_and_thaw_through_the_chain_keep_the_bytes(node):

@@ -270,3 +270,11 @@ def launch_sleep(ms):
     arg = np.array([ms], np.uint32)
     ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, np.array([arg.ctypes.data], np.uint64).ctypes.data, 0))
 """
+
+
+def metric_samples(text: str) -> dict:
+    """{(sample name, ((label, value), ...)): value} of a Prometheus text page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}

@@ -72,6 +72,11 @@ def peer_pid(conn: socket.socket) -> int:
     return pid
 
 
+def slot_bytes(rec: dict) -> int:
+    """Device memory a native process holds by its slot (allocations and context): what a checkpoint moves."""
+    return rec.get("used", 0) + rec.get("overhead", 0)
+
+
 def split_by_gpu(rec: dict, gpus: int) -> list[int]:
     """A native process's device memory on each of its vGPU's ``gpus`` GPUs, from its slot: its allocations where
     the shim charged them; its context (the slot's overhead) on the GPUs it allocated on, else on the first
@@ -116,7 +121,6 @@ class NativeProcesses:
         self.time_every = 64  # the worker's native_time_every: an unpaced process times one launch in this many
         registry.native_tier = self.request_tier
         registry.native_why_not = self.why_not_pid
-        registry.native_hot = self.hot_bytes
         registry.native_hot_by_gpu = self.hot_by_gpu
         # the checkpoints' host memory counts in the warm budget, on a tier-board row of the daemon's own
         self.board = registry.tierboard
@@ -273,10 +277,6 @@ class NativeProcesses:
                 total = [a + b for a, b in zip(total, split_by_gpu(rec, gpus))]
         return total
 
-    def hot_bytes(self, v, movable: bool = False) -> int:
-        """(registry.native_hot) hot_by_gpu over all the vGPU's GPUs."""
-        return sum(self.hot_by_gpu(v, movable))
-
     # ------------------------------------------------------------------ warm tier
     def request_tier(self, v, seq: int, want: int) -> None:
         """(registry.request_tier) Move the vGPU's native processes: any colder tier freezes them (the driver's
@@ -305,12 +305,6 @@ class NativeProcesses:
     def why_not(self, link: NativeLink) -> str:
         flags = link.vgpu.ledger.map[link.vgpu.ledger._slot_off(link.slot) + TIER_OFF + T_FROZEN + 1]
         return "; ".join(text for bit, text in WHY_NOT.items() if flags & bit)
-
-    @staticmethod
-    def _slot_bytes(link: NativeLink) -> int:
-        """Device memory the process holds by its slot (allocations and contexts): what a checkpoint moves."""
-        rec = link.vgpu.ledger.read_slot(link.slot) or {}
-        return rec.get("used", 0) + rec.get("overhead", 0)
 
     def _warm_to(self, link: NativeLink, nbytes: int, limited: bool = False) -> bool:
         """Make the warm budget's charge for ``link``'s checkpoint ``nbytes``.  ``limited``: refuse (False, nothing
@@ -356,7 +350,7 @@ class NativeProcesses:
             if link.state != "running":
                 return E.SUCCESS
             # the checkpoint keeps the memory in host RAM and has no colder tier: within the warm budget or not at all
-            if not self._warm_to(link, self._slot_bytes(link), limited=True):
+            if not self._warm_to(link, slot_bytes(ledger.read_slot(link.slot) or {}), limited=True):
                 return E.OUT_OF_MEMORY
             link.state = "freezing"
         ledger.set_frozen(link.slot, True)
@@ -371,7 +365,7 @@ class NativeProcesses:
         start = time.monotonic()
         result = self.checkpointer.freeze(link.pid)
         rec = ledger.read_slot(link.slot) or {}
-        nbytes = rec.get("used", 0) + rec.get("overhead", 0)
+        nbytes = slot_bytes(rec)
         slot = Slot(ledger, link.slot)
         with self.lock:
             if result == STILL_LOCKED:  # the checkpoint failed and the unlock too: its next call asks for a thaw

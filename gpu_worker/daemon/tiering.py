@@ -250,7 +250,7 @@ class Tiering:
                     break
                 # a native process's checkpoint keeps its memory in host RAM, whichever tier is asked: only
                 # while the warm budget has room for it
-                frozen = reg.native_hot(v, movable=True) if v.native else 0
+                frozen = sum(reg.native_hot_by_gpu(v, movable=True)) if v.native else 0
                 if frozen > room:
                     unheld += 1
                     continue

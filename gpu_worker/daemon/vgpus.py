@@ -145,8 +145,8 @@ class VGPURegistry:
         self.lookup = None
         self.native_tier = None  # native.py: moves a vGPU's native-mode processes (request_tier calls it)
         self.native_why_not = lambda pid: ""  # native.py: why a native process cannot be frozen, "" if it can
-        self.native_hot = lambda v, movable=False: 0  # native.py: device memory its native processes hold
-        self.native_hot_by_gpu = lambda v, movable=False: []  # native.py: the same, on each of its GPUs
+        # native.py: device memory its native processes hold on each of its GPUs
+        self.native_hot_by_gpu = lambda v, movable=False: []
         self.names = _function_names()
 
     # ------------------------------------------------------------------ grants

@@ -111,14 +111,6 @@ int gl_vgpu_ordinal(CUdevice d)
     return 0;
 }
 
-typedef CUresult (*ctx_device_t)(CUdevice *);
-
-int gl_current_gpu(void)
-{
-    CUdevice d;
-    return GL_REAL(ctx_device_t, "cuCtxGetDevice")(&d) == CUDA_SUCCESS ? gl_vgpu_ordinal(d) : 0;
-}
-
 GL_EXPORT CUresult cuDeviceGetCount(int *count)
 {
     if (!count) return CUDA_ERROR_INVALID_VALUE;

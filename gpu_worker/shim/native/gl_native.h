@@ -61,7 +61,6 @@ CUresult gl_attached_status(void);        /* gl_attach's verdict (NOT_INITIALIZE
 int gl_charge(int gpu, size_t n, size_t *room);     /* 1 charged; 0 refused (*room: bytes the quota still has) */
 void gl_uncharge(int gpu, size_t n);
 void gl_force_charge(int gpu, size_t n);            /* after the fact, within the driver's rounding: never refused */
-int gl_current_gpu(void);                           /* the vGPU's ordinal of the current context's device */
 unsigned long long gl_quota(void);        /* 0: no quota */
 int gl_vgpu_has_pid(unsigned pid);        /* one of the vGPU's processes (native, or an executor) */
 unsigned long long gl_vgpu_charged(void); /* bytes in use over all of the vGPU's processes */

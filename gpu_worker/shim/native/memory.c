@@ -104,6 +104,18 @@ static CUresult refuse(const char *fn, size_t n, size_t room)
     return CUDA_ERROR_OUT_OF_MEMORY;
 }
 
+typedef CUresult (*ctx_dev_t)(CUdevice *);
+typedef CUresult (*dev_pool_t)(CUmemoryPool *, CUdevice);
+
+static CUdevice current_device(void)
+{
+    CUdevice d = 0;
+    return GL_REAL(ctx_dev_t, "cuCtxGetDevice")(&d) == CUDA_SUCCESS ? d : 0;
+}
+
+/* The vGPU's ordinal of the current context's GPU: where an allocation made now is charged. */
+static int current_gpu(void) { return gl_vgpu_ordinal(current_device()); }
+
 /* ------------------------------------------------------------------- pools (stream-ordered) */
 typedef CUresult (*pool_attr_t)(CUmemoryPool, int, void *);
 
@@ -113,7 +125,7 @@ static pool_rec *pool_of(CUmemoryPool p)
     while (r && r->pool != p) r = r->next;
     if (!r && (r = calloc(1, sizeof *r))) {
         r->pool = p;
-        r->gpu = gl_current_gpu();
+        r->gpu = current_gpu();
         r->next = pools;
         pools = r;
     }
@@ -146,7 +158,7 @@ static int charge_pool(CUmemoryPool p, size_t n, size_t *room)
     pthread_mutex_lock(&mu);
     pool_rec *r = pool_of(p);
     size_t need = r && r->live + n > r->charged ? r->live + n - r->charged : 0;
-    int ok = !r ? gl_charge(gl_current_gpu(), n, room) : !need || gl_charge(r->gpu, need, room);
+    int ok = !r ? gl_charge(current_gpu(), n, room) : !need || gl_charge(r->gpu, need, room);
     if (ok && r) {
         r->charged += need;
         r->live += n;
@@ -166,14 +178,6 @@ static void settle_pool(CUmemoryPool p, size_t gone)
     pthread_mutex_unlock(&mu);
 }
 
-typedef CUresult (*ctx_dev_t)(CUdevice *);
-typedef CUresult (*dev_pool_t)(CUmemoryPool *, CUdevice);
-
-static CUdevice current_device(void)
-{
-    CUdevice d = 0;
-    return GL_REAL(ctx_dev_t, "cuCtxGetDevice")(&d) == CUDA_SUCCESS ? d : 0;
-}
 
 #define ROOM_ROUNDS 3  /* tiers.py's EVICTION_ROUNDS: asks for room before an allocation fails */
 
@@ -346,7 +350,7 @@ GL_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t n)
     CUresult r = gl_entry_check();
     size_t room = 0;
     if (r != CUDA_SUCCESS) return r;
-    int gpu = gl_current_gpu();
+    int gpu = current_gpu();
     if (!gl_charge(gpu, n, &room)) {
         true_up_all();
         if (!gl_charge(gpu, n, &room)) return refuse("cuMemAlloc", n, room);
@@ -362,7 +366,7 @@ GL_EXPORT CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t n, unsigned flags
     CUresult r = gl_entry_check();
     size_t room = 0;
     if (r != CUDA_SUCCESS) return r;
-    int gpu = gl_current_gpu();
+    int gpu = current_gpu();
     if (!gl_charge(gpu, n, &room)) return refuse("cuMemAllocManaged", n, room);
     r = GL_REAL(alloc_managed_t, "cuMemAllocManaged")(dptr, n, flags);
     if (r == CUDA_SUCCESS) gl_unfreezable(GL_UNFREEZABLE_UVM);
@@ -376,7 +380,7 @@ GL_EXPORT CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t w
     CUresult r = gl_entry_check();
     size_t room = 0, guess = ((width + 511) / 512) * 512 * height;
     if (r != CUDA_SUCCESS) return r;
-    int gpu = gl_current_gpu();
+    int gpu = current_gpu();
     if (!gl_charge(gpu, guess, &room)) return refuse("cuMemAllocPitch", guess, room);
     r = WITH_ROOM("cuMemAllocPitch", current_device(), guess,
                   GL_REAL(alloc_pitch_t, "cuMemAllocPitch_v2")(dptr, pitch, width, height, elem));
@@ -514,7 +518,7 @@ static CUresult array_create(const char *fn, const char *real_name, CUarray *out
     size_t room = 0;
     if (r != CUDA_SUCCESS) return r;
     if (!out || !desc) return CUDA_ERROR_INVALID_VALUE;
-    int gpu = gl_current_gpu();
+    int gpu = current_gpu();
     if (!gl_charge(gpu, guess, &room)) return refuse(fn, guess, room);
     r = WITH_ROOM(fn, current_device(), guess, GL_REAL(array_create_t, real_name)(out, desc));
     if (r != CUDA_SUCCESS) {
@@ -546,7 +550,7 @@ GL_EXPORT CUresult cuMipmappedArrayCreate(CUmipmappedArray *out, const array3d_d
      * under 4/3 of it */
     size_t first = array_bytes(d->width, d->height, d->depth, d->format, d->channels);
     size_t guess = d->height ? first / 3 * 4 : first * 2;
-    int gpu = gl_current_gpu();
+    int gpu = current_gpu();
     if (!gl_charge(gpu, guess, &room)) return refuse("cuMipmappedArrayCreate", guess, room);
     r = WITH_ROOM("cuMipmappedArrayCreate", current_device(), guess,
                   GL_REAL(mipmapped_create_t, "cuMipmappedArrayCreate")(out, d, levels));

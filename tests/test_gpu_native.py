@@ -42,6 +42,7 @@ TOKENS = {"small": {"vram": "2G", "gpus": [0]},
           "shared": {"vram": "8G", "gpus": [0]},
           "graph": {"vram": "2G", "gpus": [0]},
           "host-vmm": {"vram": "2G", "gpus": [0]},
+          "host-pool": {"vram": "2G", "gpus": [0]},
           "arrays": {"vram": "2G", "gpus": [0]},
           "pool-shared": {"vram": "2G", "gpus": [0]},
           "quarter-strict": {"vram": "2G", "gpus": [0], "compute": 25, "burst": False},
@@ -337,9 +338,10 @@ def test_jax_computes(node):
 # Each program reads its vGPU's free memory through the shim's cuMemGetInfo: the quota less what is charged.
 
 
-def driver_program(body: str) -> str:
-    """A driver API program (cuda-python, tests/workertools.py's PRELUDE) from an indented ``body``."""
-    return PRELUDE + textwrap.dedent(body)
+def driver_program(body: str, helpers: str = "") -> str:
+    """A driver API program (cuda-python, tests/workertools.py's PRELUDE, then ``helpers``) from an indented
+    ``body``."""
+    return PRELUDE + helpers + textwrap.dedent(body)
 
 
 def test_a_stream_ordered_allocation_captured_into_a_graph_is_charged_once_when_a_launch_reserves_it(node):
@@ -371,18 +373,25 @@ def test_a_stream_ordered_allocation_captured_into_a_graph_is_charged_once_when_
     assert abs(got["f0"] - got["trimmed"]) < 32 * MiB, got
 
 
+# for the programs: the vGPU's free memory as the shim reports it; a location set on allocation or pool properties
+PLACED = """
+def free():
+    return ok(d.cuMemGetInfo())[0]
+L = d.CUmemLocationType
+def placed(props, where, ident):
+    props.location.type = where
+    props.location.id = ident
+    return props
+"""
+
+
 def test_host_located_vmm_memory_is_not_charged_to_the_gpu_quota(node):
-    got, _ = run_native(node, "host-vmm", driver_program("""
+    got, _ = run_native(node, "host-vmm", driver_program(helpers=PLACED, body="""
         dev, ctx = setup()
-        def free():
-            return ok(d.cuMemGetInfo())[0]
         def prop(where, ident):
             p = d.CUmemAllocationProp()
             p.type = d.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-            p.location.type = where
-            p.location.id = ident
-            return p
-        L = d.CUmemLocationType
+            return placed(p, where, ident)
         host, device = prop(L.CU_MEM_LOCATION_TYPE_HOST, 0), prop(L.CU_MEM_LOCATION_TYPE_DEVICE, int(dev))
         least = d.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
         gran = ok(d.cuMemGetAllocationGranularity(device, least))
@@ -402,6 +411,42 @@ def test_host_located_vmm_memory_is_not_charged_to_the_gpu_quota(node):
     if got["host"] != "CUDA_SUCCESS":
         pytest.skip(f"this driver refuses host-located cuMemCreate ({got['host']}); the device half passed")
     assert got["on_host"] == got["f0"], got  # before: charged n
+
+
+def test_a_pool_in_host_memory_is_not_charged_and_one_on_the_device_is(node):
+    """The shim learns a pool's place from cuMemPoolCreate's properties: a host-located pool's allocations are host
+    memory, outside the quota; a device pool's reserve is charged."""
+    got, _ = run_native(node, "host-pool", driver_program(helpers=PLACED, body="""
+        dev, ctx = setup()
+        def pool(where, ident):
+            props = d.CUmemPoolProps()
+            props.allocType = d.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+            return d.cuMemPoolCreate(placed(props, where, ident))
+        s = ok(d.cuStreamCreate(0))
+        f0 = free()
+        r, host = pool(L.CU_MEM_LOCATION_TYPE_HOST, 0)
+        if r == d.CUresult.CUDA_SUCCESS:
+            a = ok(d.cuMemAllocFromPoolAsync(256 << 20, host, s))
+            ok(d.cuStreamSynchronize(s))
+        on_host = free()
+        device = ok(pool(L.CU_MEM_LOCATION_TYPE_DEVICE, int(dev)))
+        b = ok(d.cuMemAllocFromPoolAsync(256 << 20, device, s))
+        ok(d.cuStreamSynchronize(s))
+        on_device = free()
+        ok(d.cuMemFreeAsync(b, s))
+        if r == d.CUresult.CUDA_SUCCESS:
+            ok(d.cuMemFreeAsync(a, s))
+        ok(d.cuStreamSynchronize(s))
+        ok(d.cuMemPoolDestroy(device))
+        if r == d.CUresult.CUDA_SUCCESS:
+            ok(d.cuMemPoolDestroy(host))
+        done(native=native_mapped(), host=r.name, f0=f0, on_host=on_host, on_device=on_device, end=free())
+    """))
+    assert 256 * MiB <= got["on_host"] - got["on_device"] < 512 * MiB, got
+    assert got["end"] == got["f0"], got
+    if got["host"] != "CUDA_SUCCESS":
+        pytest.skip(f"this driver refuses host-located pools ({got['host']}); the device half passed")
+    assert got["on_host"] == got["f0"], got  # before: charged on the current GPU
 
 
 @pytest.mark.parametrize("fmt,width,height,expect", [

@@ -29,7 +29,7 @@ QUOTA = 64 << 20
 TOKENS = {"vgpu": {"vram": "64M", "gpus": [1], "compute": 25}, "node": {"gpus": [0, 1]},
           "neighbour": {"vram": "64M", "gpus": [1], "compute": 50},
           "strict": {"vram": "64M", "gpus": [1], "compute": 25, "burst": False},
-          "whole": {"vram": "64M", "gpus": [1]}}
+          "whole": {"vram": "64M", "gpus": [1]}, "pair": {"vram": "64M", "gpus": [0, 1]}}
 TIME_EVERY = 4  # the node's native_time_every: a whole-GPU vGPU's native processes time one launch in 4
 
 pytestmark = pytest.mark.skipif(not shim_build.native_supported(), reason="native mode is built for x86-64 only")
@@ -225,6 +225,38 @@ def test_stream_ordered_allocations_and_pools_are_charged_what_the_pools_hold(no
         said = p.close()
     assert "cuMemAlloc refused: 30.0 MiB asked, 24.0 MiB left of this vGPU's 64.0 MiB quota" in said
     assert "cuMemAllocAsync refused: 30.0 MiB asked, 24.0 MiB left of this vGPU's 64.0 MiB quota" in said
+
+
+def test_a_pool_is_charged_on_the_gpu_it_is_on_not_the_current_one(node):
+    """With the vGPU's first GPU current, a pool made on its second one and that GPU's default pool are charged on
+    the second (the shim learns where a pool is from cuMemPoolCreate's properties and from the device whose pool it
+    is); cuMemAllocAsync's pool is the current GPU's. Before, all three went to the GPU current at the allocation."""
+    p = Native(node, "pair")
+
+    def on_gpus():
+        return vgpu_of(node, "pair")["processes"][0]["on_gpus"]
+
+    try:
+        assert p(OPEN + "; s = ok(d.cuStreamCreate(0)); second = ok(d.cuDeviceGet(1))") is None
+        assert p("!props = d.CUmemPoolProps(); "
+                 "props.allocType = d.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED; "
+                 "props.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE; "
+                 "props.location.id = int(second); made = ok(d.cuMemPoolCreate(props))") is None
+        assert p("!a = ok(d.cuMemAllocFromPoolAsync(16 << 20, made, s))") is None
+        assert on_gpus() == [0, 16 << 20]
+        assert p("!default = ok(d.cuDeviceGetDefaultMemPool(second)); "
+                 "b = ok(d.cuMemAllocFromPoolAsync(8 << 20, default, s))") is None
+        assert on_gpus() == [0, 24 << 20]
+        assert p("!c = ok(d.cuMemAllocAsync(4 << 20, s))") is None
+        assert on_gpus() == [4 << 20, 24 << 20]
+        assert vgpu_of(node, "pair")["used"] == 28 << 20
+        assert p("!ok(d.cuMemFreeAsync(a, s)); ok(d.cuMemFreeAsync(b, s)); ok(d.cuMemFreeAsync(c, s)); "
+                 "ok(d.cuStreamSynchronize(s)); "
+                 "ok(d.cuMemPoolDestroy(made)); ok(d.cuMemPoolTrimTo(default, 0)); "
+                 "ok(d.cuMemPoolTrimTo(ok(d.cuDeviceGetMemPool(ok(d.cuDeviceGet(0)))), 0))") is None
+        assert on_gpus() == [0, 0] and vgpu_of(node, "pair")["used"] == 0
+    finally:
+        p.close()
 
 
 def test_unhooked_functions_and_the_export_table_pass_straight_through(node):

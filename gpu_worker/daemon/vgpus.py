@@ -531,11 +531,14 @@ class VGPURegistry:
             for k in MOVES:
                 moves[k] += rec[k]
             errors.update(rec["errors"])
-            procs.append({"pid": pid, "client_pid": rec["client_pid"], "used": rec["used"],
-                          "mode": "native" if pid in v.native else "forwarded",
-                          "overhead": rec["overhead"], "started": rec["started"], "waiting": bool(rec["waiting"]),
-                          **{k: rec[k] for k in COUNTERS}, "tiers": {k: rec[k] for k in TIER_NAMES},
-                          "last_touch": rec["last_touch"] or None})
+            proc = {"pid": pid, "client_pid": rec["client_pid"], "used": rec["used"],
+                    "mode": "native" if pid in v.native else "forwarded",
+                    "overhead": rec["overhead"], "started": rec["started"], "waiting": bool(rec["waiting"]),
+                    **{k: rec[k] for k in COUNTERS}, "tiers": {k: rec[k] for k in TIER_NAMES},
+                    "last_touch": rec["last_touch"] or None}
+            if pid in v.native:  # where the shim charged its allocations, per GPU of the vGPU
+                proc["on_gpus"] = rec["on_gpus"][:len(v.grant["gpus"])]
+            procs.append(proc)
         state = self.tier_state(v)
         clock = idle_clock(state)
         g = v.grant

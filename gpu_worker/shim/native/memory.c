@@ -17,10 +17,13 @@
  *                                  On a capturing stream nothing: the allocation is a node of the graph,
  *                                  whose memory is charged when a launch reserves it (next line)
  *   graphs' memory nodes           the device's graph memory reserved, read after each graph launch
- *   cuMemCreate on the host        nothing: host memory (CU_MEM_LOCATION_TYPE_HOST*) is not the GPU's
+ *   on the host                    nothing: host memory (CU_MEM_LOCATION_TYPE_HOST*) is not the GPU's, be it
+ *                                  cuMemCreate's or a pool's (cuMemPoolCreate, cuMemGetDefaultMemPool)
  *
  * Each charge is made on the vGPU's GPU that holds the memory (the current context's; cuMemCreate's location; a
- * pool's GPU at its first allocation; graph memory's device), so the worker counts it there (gl_charge).
+ * pool's location, learned where the program gets the pool: cuMemPoolCreate's properties, the device or location
+ * whose default or current pool it is, else the GPU current at its first allocation; graph memory's device), so
+ * the worker counts it there (gl_charge).
  *
  * When the driver itself finds the GPU full (other vGPUs hold it: the pool may promise a GPU's memory more
  * than once), the worker is asked to move other vGPUs off it and the driver is called again (WITH_ROOM). */
@@ -44,8 +47,14 @@ typedef struct entry {
     CUmemoryPool pool;
     struct entry *next;
 } entry;
-/* a pool: charged on the GPU current at its first allocation (its default pool's, or the pool asked for) */
-typedef struct pool_rec { CUmemoryPool pool; size_t live, charged; int gpu; struct pool_rec *next; } pool_rec;
+/* a pool: where it is (a device, and that device's vGPU ordinal; or host memory, never charged), and its charge */
+typedef struct pool_rec {
+    CUmemoryPool pool;
+    size_t live, charged;
+    CUdevice dev;
+    int gpu, host;
+    struct pool_rec *next;
+} pool_rec;
 
 #define BUCKETS 4096
 static entry *table[BUCKETS];
@@ -116,26 +125,62 @@ static CUdevice current_device(void)
 /* The vGPU's ordinal of the current context's GPU: where an allocation made now is charged. */
 static int current_gpu(void) { return gl_vgpu_ordinal(current_device()); }
 
+/* CUmemLocation, and the head of CUmemAllocationProp and of CUmemPoolProps: where the physical memory is */
+typedef struct { int type, id; } mem_location;
+typedef struct { int type, requested_handle_types; mem_location location; } alloc_prop_head;
+enum { CU_MEM_LOCATION_TYPE_DEVICE = 1, CU_MEM_LOCATION_TYPE_HOST, CU_MEM_LOCATION_TYPE_HOST_NUMA,
+       CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT };
+
+/* host memory (HOST, HOST_NUMA, HOST_NUMA_CURRENT): not the GPU's, not the quota's */
+static int host_located(const mem_location *where)
+{
+    int t = where->type;
+    return t == CU_MEM_LOCATION_TYPE_HOST || t == CU_MEM_LOCATION_TYPE_HOST_NUMA ||
+           t == CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT;
+}
+
+/* The device of a location: its own for a device location, else the current context's. */
+static CUdevice located_device(const mem_location *where)
+{
+    return where->type == CU_MEM_LOCATION_TYPE_DEVICE ? where->id : current_device();
+}
+
 /* ------------------------------------------------------------------- pools (stream-ordered) */
 typedef CUresult (*pool_attr_t)(CUmemoryPool, int, void *);
 
-static pool_rec *pool_of(CUmemoryPool p)
+/* Pool ``p``'s record, made on first sight with the place given (mu held); NULL only when out of memory. */
+static pool_rec *pool_at(CUmemoryPool p, CUdevice dev, int host)
 {
     pool_rec *r = pools;
     while (r && r->pool != p) r = r->next;
     if (!r && (r = calloc(1, sizeof *r))) {
         r->pool = p;
-        r->gpu = current_gpu();
+        r->dev = dev;
+        r->gpu = gl_vgpu_ordinal(dev);
+        r->host = host;
         r->next = pools;
         pools = r;
     }
     return r;
 }
 
+/* A pool the program uses without our having seen where it is (one imported from another process): on the GPU
+ * current at its first allocation. (mu held) */
+static pool_rec *pool_of(CUmemoryPool p) { return pool_at(p, current_device(), 0); }
+
+/* Where the program got pool ``p`` says where it is: a device, or host memory (``host``). */
+static void pool_is_at(CUmemoryPool p, CUdevice dev, int host)
+{
+    pthread_mutex_lock(&mu);
+    pool_at(p, dev, host);
+    pthread_mutex_unlock(&mu);
+}
+
 /* The pool's charge becomes what it holds now: its live bytes, or its reservation when larger. (mu held) */
 static void true_up(pool_rec *r)
 {
     unsigned long long reserved = 0;
+    if (r->host) return;
     if (r->pool && GL_REAL(pool_attr_t, "cuMemPoolGetAttribute")(r->pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
                                                                  &reserved) != CUDA_SUCCESS)
         reserved = 0;
@@ -152,12 +197,15 @@ static void true_up_all(void)
     pthread_mutex_unlock(&mu);
 }
 
-/* Charge what an allocation of ``n`` from pool ``p`` may add beyond what the pool holds already. */
-static int charge_pool(CUmemoryPool p, size_t n, size_t *room)
+/* Charge what an allocation of ``n`` from pool ``p`` may add beyond what the pool holds already; the pool's device in
+ * *dev, and in *host whether it is in host memory (nothing charged). */
+static int charge_pool(CUmemoryPool p, size_t n, size_t *room, CUdevice *dev, int *host)
 {
     pthread_mutex_lock(&mu);
     pool_rec *r = pool_of(p);
-    size_t need = r && r->live + n > r->charged ? r->live + n - r->charged : 0;
+    *dev = r ? r->dev : current_device();
+    *host = r && r->host;
+    size_t need = r && !r->host && r->live + n > r->charged ? r->live + n - r->charged : 0;
     int ok = !r ? gl_charge(current_gpu(), n, room) : !need || gl_charge(r->gpu, need, room);
     if (ok && r) {
         r->charged += need;
@@ -252,11 +300,16 @@ static CUresult alloc_async(const char *name, alloc_async_t real_async, alloc_po
         return real_pool ? real_pool(dptr, n, pool, s) : real_async(dptr, n, s);
     CUmemoryPool p = real_pool ? pool : current_pool();
     size_t room = 0;
-    if (!charge_pool(p, n, &room)) {
+    CUdevice dev;
+    int host;
+    if (!charge_pool(p, n, &room, &dev, &host)) {
         true_up_all();
-        if (!charge_pool(p, n, &room)) return refuse(name, n, room);
+        if (!charge_pool(p, n, &room, &dev, &host)) return refuse(name, n, room);
     }
-    r = WITH_ROOM(name, current_device(), n, real_pool ? real_pool(dptr, n, pool, s) : real_async(dptr, n, s));
+    if (host)  /* host memory: a refusal there is not the GPU's to make room for */
+        r = real_pool ? real_pool(dptr, n, pool, s) : real_async(dptr, n, s);
+    else
+        r = WITH_ROOM(name, dev, n, real_pool ? real_pool(dptr, n, pool, s) : real_async(dptr, n, s));
     if (r == CUDA_SUCCESS) {
         remember(*dptr, ASYNC, n, p, 0);  /* its pool has the GPU */
         settle_pool(p, 0);
@@ -339,6 +392,56 @@ GL_EXPORT CUresult cuMemPoolDestroy(CUmemoryPool pool)
     return r;
 }
 
+/* Where the program gets a pool, it learns where the pool is: cuMemPoolCreate's properties, the device (or the
+ * location) whose default or current pool it is. */
+typedef CUresult (*pool_create_t)(CUmemoryPool *, const void *);
+typedef CUresult (*location_pool_t)(CUmemoryPool *, const mem_location *, int);
+
+GL_EXPORT CUresult cuMemPoolCreate(CUmemoryPool *pool, const void *props)
+{
+    gl_thaw_if_frozen();
+    CUresult r = GL_REAL(pool_create_t, "cuMemPoolCreate")(pool, props);
+    const alloc_prop_head *head = props;
+    if (r == CUDA_SUCCESS && head) pool_is_at(*pool, located_device(&head->location), host_located(&head->location));
+    return r;
+}
+
+static CUresult device_pool(const char *real_name, CUmemoryPool *pool, CUdevice dev)
+{
+    gl_thaw_if_frozen();
+    CUresult r = GL_REAL(dev_pool_t, real_name)(pool, dev);
+    if (r == CUDA_SUCCESS) pool_is_at(*pool, dev, 0);
+    return r;
+}
+
+GL_EXPORT CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *pool, CUdevice dev)
+{
+    return device_pool("cuDeviceGetDefaultMemPool", pool, dev);
+}
+
+GL_EXPORT CUresult cuDeviceGetMemPool(CUmemoryPool *pool, CUdevice dev)
+{
+    return device_pool("cuDeviceGetMemPool", pool, dev);
+}
+
+static CUresult location_pool(const char *real_name, CUmemoryPool *pool, const mem_location *where, int type)
+{
+    gl_thaw_if_frozen();
+    CUresult r = GL_REAL(location_pool_t, real_name)(pool, where, type);
+    if (r == CUDA_SUCCESS && where) pool_is_at(*pool, located_device(where), host_located(where));
+    return r;
+}
+
+GL_EXPORT CUresult cuMemGetDefaultMemPool(CUmemoryPool *pool, const mem_location *where, int type)
+{
+    return location_pool("cuMemGetDefaultMemPool", pool, where, type);
+}
+
+GL_EXPORT CUresult cuMemGetMemPool(CUmemoryPool *pool, const mem_location *where, int type)
+{
+    return location_pool("cuMemGetMemPool", pool, where, type);
+}
+
 /* ------------------------------------------------------------------- synchronous allocations */
 typedef CUresult (*alloc_t)(CUdeviceptr *, size_t);
 typedef CUresult (*alloc_managed_t)(CUdeviceptr *, size_t, unsigned);
@@ -410,29 +513,15 @@ GL_EXPORT CUresult cuMemFree_v2(CUdeviceptr p)
 typedef CUresult (*create_t)(unsigned long long *, size_t, const void *, unsigned long long);
 typedef CUresult (*release_t)(unsigned long long);
 
-/* CUmemAllocationProp's head: where the allocation's physical memory is */
-typedef struct { int type, requested_handle_types, location_type, location_id; } alloc_prop_head;
-enum { CU_MEM_LOCATION_TYPE_DEVICE = 1, CU_MEM_LOCATION_TYPE_HOST, CU_MEM_LOCATION_TYPE_HOST_NUMA,
-       CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT };
-
-static int host_located(const alloc_prop_head *prop)
-{
-    int t = prop->location_type;
-    return t == CU_MEM_LOCATION_TYPE_HOST || t == CU_MEM_LOCATION_TYPE_HOST_NUMA ||
-           t == CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT;
-}
 
 GL_EXPORT CUresult cuMemCreate(unsigned long long *handle, size_t n, const void *prop, unsigned long long flags)
 {
     CUresult r = gl_entry_check();
     size_t room = 0;
     if (r != CUDA_SUCCESS) return r;
-    /* host-located (HOST, HOST_NUMA, HOST_NUMA_CURRENT): not the GPU's memory, not the quota's */
-    if (prop && host_located((const alloc_prop_head *)prop))
-        return GL_REAL(create_t, "cuMemCreate")(handle, n, prop, flags);
-    const alloc_prop_head *where = prop;
-    CUdevice dev = where && where->location_type == CU_MEM_LOCATION_TYPE_DEVICE ? where->location_id
-                                                                                 : current_device();
+    const alloc_prop_head *head = prop;
+    if (head && host_located(&head->location)) return GL_REAL(create_t, "cuMemCreate")(handle, n, prop, flags);
+    CUdevice dev = head ? located_device(&head->location) : current_device();
     int gpu = gl_vgpu_ordinal(dev);
     if (!gl_charge(gpu, n, &room)) {
         true_up_all();

@@ -51,10 +51,12 @@ def node(tmp_path, driver_double):
     w.stop()
 
 
-def native_env(w: Worker, token="vgpu") -> dict:
+def native_env(w: Worker, token="vgpu", driver="node") -> dict:
+    """A native program's environment: the vGPU of ``token``; below it the driver double, whose own session is the
+    vGPU of ``driver`` (what the emulated checkpoint moves)."""
     env = dict(os.environ)
     env.update({"LD_LIBRARY_PATH": str(native_dir()), "GPULAB_WORKER": w.unix, "GPULAB_TOKEN": token,
-                "GPULAB_REAL_LIBCUDA": str(w.double), "GPULAB_DRIVER_WORKER": w.unix, "GPULAB_DRIVER_TOKEN": "node"})
+                "GPULAB_REAL_LIBCUDA": str(w.double), "GPULAB_DRIVER_WORKER": w.unix, "GPULAB_DRIVER_TOKEN": driver})
     return env
 
 
@@ -80,7 +82,7 @@ def run_native(w: Worker, code: str, token="vgpu", check=True, env_extra=None, p
 class Native:
     """A native-mode program driven a line at a time: each line is Python run in it, answered by one JSON line."""
 
-    def __init__(self, w: Worker, token="vgpu", forwarded=False):
+    def __init__(self, w: Worker, token="vgpu", forwarded=False, driver_token="node"):
         driver = PRELUDE + FIND_MEMFD + textwrap.dedent("""
             import ctypes, sys
             state = {}
@@ -93,7 +95,7 @@ class Native:
                     out = {"exit": str(exc)}
                 print(json.dumps(out), flush=True)
         """)
-        env = w.env(token=token) if forwarded else native_env(w, token)  # forwarded: the ordinary shim
+        env = w.env(token=token) if forwarded else native_env(w, token, driver_token)  # forwarded: the ordinary shim
         self.proc = subprocess.Popen([sys.executable, "-c", driver], env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         self.pid = self.said()["pid"]
@@ -653,6 +655,44 @@ def test_a_checkpoint_the_warm_budget_cannot_hold_is_not_made(tmp_path, driver_d
         if p is not None:
             p.close()
         node.stop()
+
+
+def test_a_freeze_the_warm_budget_refused_is_asked_again_once_the_budget_has_room(tmp_path, driver_double):
+    """Two idle native vGPUs of 48 MiB and a warm budget of 64 MiB: the idle policy freezes one and the budget
+    refuses the other. When the frozen one is touched (thawed) the budget has room again, and the policy freezes the
+    other without waiting for a touch or cold_after (which is never here); both keep their bytes. (Each process's
+    driver double has a vGPU of its own, which is what the emulated checkpoint moves.)"""
+    node = small_node(tmp_path, driver_double, {
+        "node-a": {"gpus": [0, 1], "qos": "high"}, "node-b": {"gpus": [0, 1], "qos": "high"},
+        "one": {"vram": "64M", "gpus": [0], "qos": "low"}, "two": {"vram": "64M", "gpus": [1], "qos": "low"}},
+        extra=("--GPUWorker.warm_budget=64M", "--GPUWorker.warm_after={'low': 1}",
+               "--GPUWorker.cold_after={'low': 0}"))
+    procs = {}
+
+    def warm(token):
+        return vgpu_of(node, token)["processes"][0]["tiers"]["warm"]
+
+    def wait_for(what, seconds=20):
+        deadline = time.monotonic() + seconds
+        while not what() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return what()
+
+    try:
+        for token, driver, seed in (("one", "node-a", 11), ("two", "node-b", 12)):
+            procs[token] = Native(node, token, driver_token=driver)
+            assert procs[token](OPEN) is None
+            assert procs[token](WRITE.format(seed=seed, n=48 << 20)) is None
+        refusal = "not frozen: its checkpoint would keep"
+        assert wait_for(lambda: refusal in node.log_text() and any(warm(t) for t in procs)), node.log_text()[-2000:]
+        frozen = next(t for t in procs if warm(t))
+        other = next(t for t in procs if t != frozen)
+        assert warm(frozen) == 48 << 20 and warm(other) == 0
+        assert procs[frozen](READ_BACK) is None and procs[frozen]("same") is True  # its call thaws it
+        assert wait_for(lambda: warm(other) == 48 << 20), node.log_text()[-2000:]
+        assert procs[other](READ_BACK) is None and procs[other]("same") is True
+    finally:
+        close_all(node, *procs.values())
 
 
 def test_a_thaw_short_of_room_moves_other_vgpus_off_the_gpu(tmp_path, driver_double):

@@ -97,15 +97,17 @@ class NativeLink:
     """The daemon's end of one native process's socket."""
 
     __slots__ = ("conn", "vgpu", "pid", "slot", "label", "state", "checkpointed", "checkpointed_on", "warm", "refused",
-                 "gone")
+                 "short", "gone")
 
     def __init__(self, conn, vgpu, pid: int, slot: int, label: str):
         self.conn, self.vgpu, self.pid, self.slot, self.label = conn, vgpu, pid, slot, label
         self.state = "running"  # running, freezing (grace period), checkpointing, frozen, thawing
         self.checkpointed = 0   # bytes the last checkpoint moved to host memory
         self.checkpointed_on: list[int] = []  # of them, from each of the vGPU's GPUs (split_by_gpu)
-        self.warm = 0           # bytes of the warm budget its checkpoint holds (charged on the tier board)
+        self.warm = 0           # bytes of the warm budget its checkpoint holds (charged on the tier board; with
+                                # the emulated double, held aside while the checkpoint is under way)
         self.refused = ""       # why its last freeze was refused for want of room in the warm budget
+        self.short = 0          # and the bytes more it wanted of the budget then (0: not refused for its size)
         self.gone = False       # the process ended: nothing of it counts any more
 
 
@@ -122,10 +124,12 @@ class NativeProcesses:
         registry.native_tier = self.request_tier
         registry.native_why_not = self.why_not_pid
         registry.native_hot_by_gpu = self.hot_by_gpu
+        registry.native_budget_has_room = self.budget_has_room
         # the checkpoints' host memory counts in the warm budget, on a tier-board row of the daemon's own
         self.board = registry.tierboard
         self.row = self.board.claim(os.getpid())
         self.warm_lock = threading.Lock()  # one change of a link's charge at a time (taken after self.lock)
+        self.pending = 0  # counted_on_board: bytes of checkpoints under way, checked but not on the board yet
 
     # ------------------------------------------------------------------ attach
     def open(self, conn: socket.socket, grant: dict, flags: int, label: str, max_processes: int) -> NativeLink | None:
@@ -278,6 +282,17 @@ class NativeProcesses:
         return total
 
     # ------------------------------------------------------------------ warm tier
+    def budget_has_room(self, v) -> bool:
+        """(registry.native_budget_has_room) Whether the warm budget, which refused a freeze of one of ``v``'s
+        native processes for its size, now has the room that freeze wanted: the idle policy then asks again,
+        rather than waiting for ``cold_after`` or a touch."""
+        with self.lock:
+            short = [link.short for link in self.links.values() if link.vgpu is v and link.short]
+        board = self.board
+        with self.warm_lock:
+            left = board.warm_budget - board.warm_total() - self.pending
+        return bool(short) and left >= min(short)
+
     def request_tier(self, v, seq: int, want: int) -> None:
         """(registry.request_tier) Move the vGPU's native processes: any colder tier freezes them (the driver's
         checkpoint keeps device memory in host RAM: warm; cold is served as warm), hot thaws them."""
@@ -310,14 +325,23 @@ class NativeProcesses:
         """Make the warm budget's charge for ``link``'s checkpoint ``nbytes``.  ``limited``: refuse (False, nothing
         charged, ``link.refused`` says why) where the budget lacks the room; else it may pass the budget, as the
         grace period's allocations, already moved by the driver, do.  A checkpointer whose moves the tier board
-        counts already (the emulated double's) is only checked for room."""
+        counts already (the emulated double's) is only checked for room, and what it checked is held aside
+        (``self.pending``) until its checkpoint ends, so that two freezes at once never both take the last room."""
         board = self.board
         with self.warm_lock:
             if link.gone:
                 nbytes = 0
             more = nbytes - link.warm
+            taken = board.warm_total()
             if self.checkpointer.counted_on_board:
-                fits = not limited or more <= 0 or board.warm_total() + more <= board.warm_budget
+                taken += self.pending - link.warm
+                fits = not limited or not nbytes or taken + nbytes <= board.warm_budget
+                more = nbytes
+                if fits:  # a checkpoint's bytes are held here between its check and its end, then on the board
+                    held = nbytes if limited else 0
+                    self.pending += held - link.warm
+                    link.warm = held
+                    return True
             elif more > 0 and self.row is None:
                 link.refused = "the worker's tier board has no row free to count it in the warm budget"
                 return False
@@ -329,18 +353,19 @@ class NativeProcesses:
                 elif more < 0:
                     board.uncharge_warm(self.row, -more)
             if not fits:
-                left = max(board.warm_budget - board.warm_total(), 0)
+                left = max(board.warm_budget - taken, 0)
                 budget = (f"the warm budget ({format_size(board.warm_budget)}) has {format_size(left)} left"
                           if board.warm_budget else "this worker has no warm tier (its warm_budget is 0)")
                 link.refused = (f"its checkpoint would keep {format_size(nbytes)} in host memory and {budget}: the "
                                 f"driver's checkpoint has no colder tier")
+                link.short = more
                 log.info("%s: not frozen: %s", link.label, link.refused)
                 return False
             link.warm = nbytes
             return True
 
     def _freeze(self, link: NativeLink) -> int:
-        link.refused = ""
+        link.refused, link.short = "", 0
         why = self.why_not(link)
         if why:
             log.info("%s: not frozen: %s", link.label, why)

@@ -130,6 +130,9 @@ class Tiering:
         reg = self.registry
         with reg.lock:
             states = {v.id: reg.tier_state(v) for v in reg.table.values() if v.state == "active" and v.procs}
+            for v in reg.table.values():  # a freeze the warm budget refused is asked again once it has the room
+                if v.id in states and v.native and reg.native_budget_has_room(v):
+                    states[v.id] = states[v.id]._replace(asked=(0, 0.0))
         asked = []
         for vid, want in decide(list(states.values()), now, self.warm_after, self.cold_after):
             if reg.request_tier(vid, want) is not None:

@@ -147,6 +147,8 @@ class VGPURegistry:
         self.native_why_not = lambda pid: ""  # native.py: why a native process cannot be frozen, "" if it can
         # native.py: device memory its native processes hold on each of its GPUs
         self.native_hot_by_gpu = lambda v, movable=False: []
+        # native.py: whether the warm budget now has the room it lacked for freezing one of its native processes
+        self.native_budget_has_room = lambda v: False
         self.names = _function_names()
 
     # ------------------------------------------------------------------ grants

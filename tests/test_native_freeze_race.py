@@ -140,6 +140,30 @@ def test_a_process_that_ends_during_its_checkpoint_leaves_nothing_in_the_warm_bu
     assert registry.tierboard.warm_total() == 0
 
 
+def test_two_freezes_at_once_cannot_both_take_the_budget_s_last_room_where_the_board_counts_the_moves():
+    """With a checkpointer whose moves the tier board counts itself (the emulated double's), the first freeze's
+    48 MiB are on the board only once its checkpoint ends; meanwhile a second 48 MiB freeze on a 64 MiB budget is
+    refused (before: the board showed 0 and both went ahead), and says it would take the room once there is some."""
+    checkpointer = HeldCheckpointer()
+    checkpointer.counted_on_board = True
+    registry = Registry(warm_budget=64 << 20)
+    natives = NativeProcesses(registry, checkpointer)
+    first, second = frozen_link(natives, 48 << 20, 105), frozen_link(natives, 48 << 20, 106)
+    freezing = threading.Thread(target=natives._freeze, args=(first,))
+    freezing.start()
+    assert checkpointer.entered.wait(10)  # the first is in its checkpoint; the board counts nothing yet
+    assert registry.tierboard.warm_total() == 0
+    assert natives._freeze(second) == E.OUT_OF_MEMORY
+    assert "the warm budget (64.0 MiB) has 16.0 MiB left" in natives.why_not_pid(106)
+    assert not natives.budget_has_room(second.vgpu)
+    checkpointer.release.set()
+    freezing.join(10)
+    assert first.state == "frozen" and natives.pending == 0  # from now on the board's own count holds them
+    assert natives._thaw(first) == E.SUCCESS
+    assert natives.budget_has_room(second.vgpu)  # the idle policy asks again
+    assert natives._freeze(second) == E.SUCCESS
+
+
 def test_without_a_warm_tier_no_process_is_frozen_and_the_reason_says_so():
     checkpointer = HeldCheckpointer()
     natives = NativeProcesses(Registry(warm_budget=0), checkpointer)

@@ -41,6 +41,7 @@ TOKENS = {"small": {"vram": "2G", "gpus": [0]},
           "frozen": {"vram": "8G", "gpus": [0]},
           "shared": {"vram": "8G", "gpus": [0]},
           "graph": {"vram": "2G", "gpus": [0]},
+          "graph-over": {"vram": "2G", "gpus": [0]},
           "host-vmm": {"vram": "2G", "gpus": [0]},
           "host-pool": {"vram": "2G", "gpus": [0]},
           "arrays": {"vram": "2G", "gpus": [0]},
@@ -371,6 +372,35 @@ def test_a_stream_ordered_allocation_captured_into_a_graph_is_charged_once_when_
     assert abs(got["f0"] - got["captured"]) < 32 * MiB, got  # before: 256 MiB at capture, again at the launch
     assert 256 * MiB <= got["f0"] - got["launched"] < 1 * GiB, got
     assert abs(got["f0"] - got["trimmed"]) < 32 * MiB, got
+
+
+def test_a_graph_whose_memory_would_pass_the_quota_is_refused_at_its_launch(node):
+    """A graph that allocates (and frees) 256 MiB runs and its reserve is charged; one that allocates 3 GiB on the
+    2 GiB vGPU is refused at its launch, before the driver reserves anything (before: launched, and the vGPU
+    went past its quota)."""
+    got, stderr = run_native(node, "graph-over", driver_program(helpers=PLACED, body="""
+        dev, ctx = setup()
+        s = ok(d.cuStreamCreate(0))
+        def graph(n):
+            ok(d.cuStreamBeginCapture(s, d.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
+            p = ok(d.cuMemAllocAsync(n, s))
+            ok(d.cuMemsetD8Async(p, 1, n, s))
+            ok(d.cuMemFreeAsync(p, s))
+            return ok(d.cuGraphInstantiate(ok(d.cuStreamEndCapture(s)), 0))
+        small, big = graph(256 << 20), graph(3 << 30)
+        f0 = free()
+        ok(d.cuGraphLaunch(small, s))
+        ok(d.cuStreamSynchronize(s))
+        after_small = free()
+        refused = name(d.cuGraphLaunch(big, s))
+        ok(d.cuStreamSynchronize(s))
+        done(native=native_mapped(), f0=f0, after_small=after_small, refused=refused, after_big=free())
+    """))
+    assert 256 * MiB <= got["f0"] - got["after_small"] < 1 * GiB, got
+    assert got["refused"] == "CUDA_ERROR_OUT_OF_MEMORY", got
+    assert got["after_big"] == got["after_small"], got
+    assert re.search(r"cuGraphLaunch refused: [\d.]+ MiB asked, [\d.]+ MiB left of this vGPU's 2048.0 MiB quota",
+                     stderr), stderr
 
 
 # for the programs: the vGPU's free memory as the shim reports it; a location set on allocation or pool properties

@@ -261,6 +261,31 @@ def test_a_pool_is_charged_on_the_gpu_it_is_on_not_the_current_one(node):
         p.close()
 
 
+def test_a_captured_graph_is_instantiated_and_launched_through_the_hooks(node):
+    """cuGraphInstantiate and cuGraphLaunch are hooked (a graph's memory nodes are charged at its launch): a captured
+    memset instantiated, launched, its executable graph destroyed, through the chain. (The driver double has no
+    graph memory nodes: their charge is shown on a GPU, tests/test_gpu_native.py.)"""
+    got = run_native(node, """
+        setup()
+        s = ok(d.cuStreamCreate(0))
+        buf = ok(d.cuMemAlloc(4096))
+        ok(d.cuMemsetD32(buf, 0, 1024))
+        ok(d.cuStreamBeginCapture(s, d.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
+        ok(d.cuMemsetD32Async(buf, 7, 1024, s))
+        g = ok(d.cuStreamEndCapture(s))
+        before = np.zeros(1024, np.uint32)
+        ok(d.cuMemcpyDtoH(before.ctypes.data, buf, 4096))
+        x = ok(d.cuGraphInstantiate(g, 0))
+        ok(d.cuGraphLaunch(x, s))
+        ok(d.cuStreamSynchronize(s))
+        out = np.zeros(1024, np.uint32)
+        ok(d.cuMemcpyDtoH(out.ctypes.data, buf, 4096))
+        ok(d.cuGraphExecDestroy(x))
+        done(captured=int(before.max()), launched=sorted(set(out.tolist())))
+    """).result
+    assert got == {"captured": 0, "launched": [7]}
+
+
 def test_unhooked_functions_and_the_export_table_pass_straight_through(node):
     """An un-hooked function, cuGetExportTable included, is the library below's own: cuGetProcAddress hands out
     our entry point of the same name, which is one jump to it (after a look at the frozen byte)."""

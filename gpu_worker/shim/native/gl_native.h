@@ -24,8 +24,8 @@
 typedef int CUresult;
 typedef int CUdevice;
 typedef unsigned long long CUdeviceptr;
-typedef void *CUcontext, *CUstream, *CUevent, *CUfunction, *CUgraphExec, *CUmemoryPool, *CUarray,
-    *CUmipmappedArray;
+typedef void *CUcontext, *CUstream, *CUevent, *CUfunction, *CUgraph, *CUgraphNode, *CUgraphExec, *CUmemoryPool,
+    *CUarray, *CUmipmappedArray;
 
 enum {
     CUDA_SUCCESS = 0,
@@ -102,8 +102,10 @@ int gl_vgpu_device_count(void);
 int gl_vgpu_ordinal(CUdevice d);          /* the vGPU's ordinal of a real device (0 when not one of its GPUs) */
 CUresult gl_entry_check(void);            /* thaw, then the revocation's code if the vGPU ended */
 
-/* memory.c */
-void gl_true_up_graph_memory(void);
+/* memory.c: a graph launch's memory, charged before (up to what its allocation nodes may add to the reserve;
+ * CUDA_ERROR_OUT_OF_MEMORY, said why, past the quota) and trued up to the device's reserve after, launched or not */
+CUresult gl_charge_graph_launch(CUgraphExec g);
+void gl_graph_launched(CUgraphExec g);
 
 /* launch.c */
 void gl_pace_before(CUstream s, int per_thread, CUevent *start);

@@ -274,21 +274,20 @@ LAUNCH_COOPERATIVE(cuLaunchCooperativeKernel_ptsz, "cuLaunchCooperativeKernel_pt
 LAUNCH_EX(cuLaunchKernelEx, "cuLaunchKernelEx", 0)
 LAUNCH_EX(cuLaunchKernelEx_ptsz, "cuLaunchKernelEx_ptsz", 1)
 
-/* A graph's memory nodes reserve memory at its launch: the device's graph memory is charged after it. */
+/* A graph's memory nodes reserve memory at its launch: charged before it (refused past the quota), trued up after. */
 #define GRAPH_LAUNCH(name, real_name, per_thread)                                                             \
     GL_EXPORT CUresult name(CUgraphExec g, CUstream s)                                                        \
     {                                                                                                         \
         CUresult r_ = gl_entry_check();                                                                       \
         if (r_ != CUDA_SUCCESS) return r_;                                                                    \
+        r_ = gl_charge_graph_launch(g);                                                                       \
+        if (r_ != CUDA_SUCCESS) return r_;                                                                    \
         CUevent start_;                                                                                       \
         gl_pace_before(s, per_thread, &start_);                                                               \
         r_ = GL_REAL(graph_launch_t, real_name)(g, s);                                                        \
-        if (r_ == CUDA_SUCCESS) {                                                                             \
-            gl_pace_after(s, per_thread, start_);                                                             \
-            gl_true_up_graph_memory();                                                                        \
-        } else if (start_) {                                                                                  \
-            GL_REAL(event_destroy_t, "cuEventDestroy_v2")(start_);                                            \
-        }                                                                                                     \
+        if (r_ == CUDA_SUCCESS) gl_pace_after(s, per_thread, start_);                                         \
+        else if (start_) GL_REAL(event_destroy_t, "cuEventDestroy_v2")(start_);                              \
+        gl_graph_launched(g);                                                                                 \
         return r_;                                                                                            \
     }
 

@@ -16,7 +16,9 @@
  *                                  pool's calls, at trims and before a refusal, given back at its destroy.
  *                                  On a capturing stream nothing: the allocation is a node of the graph,
  *                                  whose memory is charged when a launch reserves it (next line)
- *   graphs' memory nodes           the device's graph memory reserved, read after each graph launch
+ *   graphs' memory nodes           at a launch, what the graph's allocation nodes (summed at instantiation) may
+ *                                  add to its device's graph memory reserve, beyond the reserve's free part;
+ *                                  trued up to the reserve after the launch
  *   on the host                    nothing: host memory (CU_MEM_LOCATION_TYPE_HOST*) is not the GPU's, be it
  *                                  cuMemCreate's or a pool's (cuMemPoolCreate, cuMemGetDefaultMemPool)
  *
@@ -60,6 +62,9 @@ typedef struct pool_rec {
 static entry *table[BUCKETS];
 static pool_rec *pools;
 static size_t graph_charged[8];
+/* an instantiated graph: its device, and the bytes of its allocation nodes */
+typedef struct graph_rec { CUgraphExec exec; CUdevice dev; size_t bytes; struct graph_rec *next; } graph_rec;
+static graph_rec *graphs;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 
 static size_t bucket(unsigned long long key, int kind) { return (size_t)((key >> 8) ^ key ^ (unsigned)kind) % BUCKETS; }
@@ -295,7 +300,7 @@ static CUresult alloc_async(const char *name, alloc_async_t real_async, alloc_po
     CUresult r = gl_entry_check();
     if (r != CUDA_SUCCESS) return r;
     if (!dptr) return CUDA_ERROR_INVALID_VALUE;
-    /* a graph's memory node: no memory yet; gl_true_up_graph_memory charges it when a launch reserves it */
+    /* a graph's memory node: no memory yet; gl_charge_graph_launch charges it when a launch reserves it */
     if (gl_capture_status(s, per_thread) == CU_STREAM_CAPTURE_STATUS_ACTIVE)  /* not when the driver cannot say */
         return real_pool ? real_pool(dptr, n, pool, s) : real_async(dptr, n, s);
     CUmemoryPool p = real_pool ? pool : current_pool();
@@ -667,16 +672,142 @@ GL_EXPORT CUresult cuMipmappedArrayDestroy(CUmipmappedArray a)
 }
 
 /* ------------------------------------------------------------------- graphs' memory (launch.c) */
+/* A graph's allocation nodes (captured cuMemAllocAsync calls, or nodes added) reserve their memory in the device's
+ * graph memory pool when a launch first needs it. Their sizes are read once, at instantiation, from the graph's
+ * nodes (a child graph cannot hold memory nodes); at a launch, what they may add beyond the reserve's free part is
+ * charged first (an upper bound: a graph that frees and allocates again may need less), and after it the charge
+ * becomes the device's reserve (CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT). */
 typedef CUresult (*graph_attr_t)(CUdevice, int, void *);
+typedef CUresult (*graph_nodes_t)(CUgraph, CUgraphNode *, size_t *);
+typedef CUresult (*node_type_t)(CUgraphNode, int *);
+#define CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT 0
 #define CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT 2
+#define CU_GRAPH_NODE_TYPE_MEM_ALLOC 10
 
-/* After a graph launch or a graph memory trim: the device's graph memory reservation is charged. */
-void gl_true_up_graph_memory(void)
+/* CUDA_MEM_ALLOC_NODE_PARAMS: the pool's properties (CUmemPoolProps, 88 bytes), the access descriptors, the size */
+typedef struct {
+    unsigned char pool_props[88];
+    const void *access_descs;
+    size_t access_desc_count, bytesize;
+    CUdeviceptr dptr;
+} alloc_node_params;
+typedef CUresult (*alloc_node_params_t)(CUgraphNode, alloc_node_params *);
+
+static size_t graph_alloc_bytes(CUgraph g)
 {
-    CUdevice d;
-    unsigned long long reserved = 0;
-    if (GL_REAL(ctx_dev_t, "cuCtxGetDevice")(&d) != CUDA_SUCCESS || d < 0 || d >= 8) return;
-    if (GL_REAL(graph_attr_t, "cuDeviceGetGraphMemAttribute")(d, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT,
+    size_t count = 0, total = 0;
+    graph_nodes_t nodes_of = GL_REAL(graph_nodes_t, "cuGraphGetNodes");
+    if (nodes_of(g, NULL, &count) != CUDA_SUCCESS || !count) return 0;
+    CUgraphNode *nodes = calloc(count, sizeof *nodes);
+    if (!nodes) return 0;
+    if (nodes_of(g, nodes, &count) == CUDA_SUCCESS)
+        for (size_t i = 0; i < count; i++) {
+            int type = 0;
+            alloc_node_params params;
+            if (GL_REAL(node_type_t, "cuGraphNodeGetType")(nodes[i], &type) == CUDA_SUCCESS &&
+                type == CU_GRAPH_NODE_TYPE_MEM_ALLOC &&
+                GL_REAL(alloc_node_params_t, "cuGraphMemAllocNodeGetParams")(nodes[i], &params) == CUDA_SUCCESS)
+                total += params.bytesize;
+        }
+    free(nodes);
+    return total;
+}
+
+/* An instantiation that succeeded: the graph's allocation nodes, remembered for its launches. */
+static CUresult instantiated(CUresult r, CUgraphExec *exec, CUgraph g)
+{
+    if (r != CUDA_SUCCESS || !exec) return r;
+    size_t bytes = graph_alloc_bytes(g);
+    graph_rec *rec = bytes ? calloc(1, sizeof *rec) : NULL;
+    if (!rec) return r;  /* nothing to charge ahead (or no memory to remember it): trued up after its launches */
+    rec->exec = *exec;
+    rec->dev = current_device();
+    rec->bytes = bytes;
+    pthread_mutex_lock(&mu);
+    rec->next = graphs;
+    graphs = rec;
+    pthread_mutex_unlock(&mu);
+    return r;
+}
+
+/* (mu held) the record of graph ``g``, taken out of the list when ``take`` */
+static graph_rec *graph_of(CUgraphExec g, int take)
+{
+    for (graph_rec **p = &graphs; *p; p = &(*p)->next)
+        if ((*p)->exec == g) {
+            graph_rec *r = *p;
+            if (take) *p = r->next;
+            return r;
+        }
+    return NULL;
+}
+
+typedef CUresult (*instantiate_flags_t)(CUgraphExec *, CUgraph, unsigned long long);
+typedef CUresult (*instantiate_params_t)(CUgraphExec *, CUgraph, void *);
+typedef CUresult (*instantiate_legacy_t)(CUgraphExec *, CUgraph, CUgraphNode *, char *, size_t);
+typedef CUresult (*exec_destroy_t)(CUgraphExec);
+
+/* cuda.h 12 and later call cuGraphInstantiate by this name */
+GL_EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec *exec, CUgraph g, unsigned long long flags)
+{
+    gl_thaw_if_frozen();
+    return instantiated(GL_REAL(instantiate_flags_t, "cuGraphInstantiateWithFlags")(exec, g, flags), exec, g);
+}
+
+GL_EXPORT CUresult cuGraphInstantiateWithParams(CUgraphExec *exec, CUgraph g, void *params)
+{
+    gl_thaw_if_frozen();
+    return instantiated(GL_REAL(instantiate_params_t, "cuGraphInstantiateWithParams")(exec, g, params), exec, g);
+}
+
+GL_EXPORT CUresult cuGraphInstantiateWithParams_ptsz(CUgraphExec *exec, CUgraph g, void *params)
+{
+    gl_thaw_if_frozen();
+    return instantiated(GL_REAL(instantiate_params_t, "cuGraphInstantiateWithParams_ptsz")(exec, g, params), exec,
+                        g);
+}
+
+/* the exported names of cuda.h 11's form (error node and log buffer) */
+GL_EXPORT CUresult cuGraphInstantiate(CUgraphExec *exec, CUgraph g, CUgraphNode *error_node, char *log, size_t size)
+{
+    gl_thaw_if_frozen();
+    return instantiated(GL_REAL(instantiate_legacy_t, "cuGraphInstantiate")(exec, g, error_node, log, size), exec,
+                        g);
+}
+
+GL_EXPORT CUresult cuGraphInstantiate_v2(CUgraphExec *exec, CUgraph g, CUgraphNode *error_node, char *log,
+                                         size_t size)
+{
+    gl_thaw_if_frozen();
+    return instantiated(GL_REAL(instantiate_legacy_t, "cuGraphInstantiate_v2")(exec, g, error_node, log, size),
+                        exec, g);
+}
+
+GL_EXPORT CUresult cuGraphExecDestroy(CUgraphExec g)
+{
+    gl_thaw_if_frozen();
+    CUresult r = GL_REAL(exec_destroy_t, "cuGraphExecDestroy")(g);
+    if (r == CUDA_SUCCESS) {
+        pthread_mutex_lock(&mu);
+        free(graph_of(g, 1));
+        pthread_mutex_unlock(&mu);
+    }
+    return r;
+}
+
+static unsigned long long graph_attr(CUdevice d, int attr)
+{
+    unsigned long long value = 0;
+    if (GL_REAL(graph_attr_t, "cuDeviceGetGraphMemAttribute")(d, attr, &value) != CUDA_SUCCESS) return 0;
+    return value;
+}
+
+/* Device ``d``'s graph memory reservation becomes its charge. */
+static void true_up_graph_memory(CUdevice d)
+{
+    unsigned long long reserved;
+    if (d < 0 || d >= 8 ||
+        GL_REAL(graph_attr_t, "cuDeviceGetGraphMemAttribute")(d, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT,
                                                                &reserved) != CUDA_SUCCESS)
         return;
     int gpu = gl_vgpu_ordinal(d);
@@ -687,13 +818,46 @@ void gl_true_up_graph_memory(void)
     pthread_mutex_unlock(&mu);
 }
 
+CUresult gl_charge_graph_launch(CUgraphExec g)
+{
+    pthread_mutex_lock(&mu);
+    graph_rec *rec = graph_of(g, 0);
+    CUdevice d = rec ? rec->dev : 0;
+    size_t bytes = rec ? rec->bytes : 0;
+    pthread_mutex_unlock(&mu);
+    if (!bytes || d < 0 || d >= 8) return CUDA_SUCCESS;
+    unsigned long long reserved = graph_attr(d, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT);
+    unsigned long long in_use = graph_attr(d, CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT);
+    size_t spare = reserved > in_use ? (size_t)(reserved - in_use) : 0;
+    if (bytes <= spare) return CUDA_SUCCESS;
+    size_t more = bytes - spare, room = 0;
+    int gpu = gl_vgpu_ordinal(d);
+    if (!gl_charge(gpu, more, &room)) {
+        true_up_all();
+        if (!gl_charge(gpu, more, &room)) return refuse("cuGraphLaunch", more, room);
+    }
+    pthread_mutex_lock(&mu);
+    graph_charged[d] += more;  /* the true-up after the launch replaces it with the reserve */
+    pthread_mutex_unlock(&mu);
+    return CUDA_SUCCESS;
+}
+
+void gl_graph_launched(CUgraphExec g)
+{
+    pthread_mutex_lock(&mu);
+    graph_rec *rec = graph_of(g, 0);
+    CUdevice d = rec ? rec->dev : -1;
+    pthread_mutex_unlock(&mu);
+    true_up_graph_memory(d >= 0 ? d : current_device());
+}
+
 typedef CUresult (*graph_trim_t)(CUdevice);
 
 GL_EXPORT CUresult cuDeviceGraphMemTrim(CUdevice d)
 {
     gl_thaw_if_frozen();
     CUresult r = GL_REAL(graph_trim_t, "cuDeviceGraphMemTrim")(d);
-    if (r == CUDA_SUCCESS) gl_true_up_graph_memory();
+    if (r == CUDA_SUCCESS) true_up_graph_memory(d);
     return r;
 }
 

@@ -16,16 +16,16 @@
  *                                  pool's calls, at trims and before a refusal, given back at its destroy.
  *                                  On a capturing stream nothing: the allocation is a node of the graph,
  *                                  whose memory is charged when a launch reserves it (next line)
- *   graphs' memory nodes           at a launch, what the graph's allocation nodes (summed at instantiation) may
- *                                  add to its device's graph memory reserve, beyond the reserve's free part;
- *                                  trued up to the reserve after the launch
+ *   graphs' memory nodes           at a launch, what the graph's allocation nodes (summed per device at
+ *                                  instantiation, host-located ones left out) may add to each device's graph
+ *                                  memory reserve, beyond its free part; trued up to the reserve after the launch
  *   on the host                    nothing: host memory (CU_MEM_LOCATION_TYPE_HOST*) is not the GPU's, be it
  *                                  cuMemCreate's or a pool's (cuMemPoolCreate, cuMemGetDefaultMemPool)
  *
  * Each charge is made on the vGPU's GPU that holds the memory (the current context's; cuMemCreate's location; a
  * pool's location, learned where the program gets the pool: cuMemPoolCreate's properties, the device or location
- * whose default or current pool it is, else the GPU current at its first allocation; graph memory's device), so
- * the worker counts it there (gl_charge).
+ * whose default or current pool it is, else the GPU current at its first allocation; a graph's allocation node's
+ * device), so the worker counts it there (gl_charge).
  *
  * When the driver itself finds the GPU full (other vGPUs hold it: the pool may promise a GPU's memory more
  * than once), the worker is asked to move other vGPUs off it and the driver is called again (WITH_ROOM). */
@@ -61,9 +61,10 @@ typedef struct pool_rec {
 #define BUCKETS 4096
 static entry *table[BUCKETS];
 static pool_rec *pools;
-static size_t graph_charged[8];
-/* an instantiated graph: its device, and the bytes of its allocation nodes */
-typedef struct graph_rec { CUgraphExec exec; CUdevice dev; size_t bytes; struct graph_rec *next; } graph_rec;
+/* an instantiated graph: the bytes of its allocation nodes on each device (graph memory is reserved per device) */
+#define GRAPH_DEVICES 8
+typedef struct graph_rec { CUgraphExec exec; size_t bytes[GRAPH_DEVICES]; struct graph_rec *next; } graph_rec;
+static size_t graph_charged[GRAPH_DEVICES];  /* each device's graph memory reserve, as charged */
 static graph_rec *graphs;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 
@@ -684,18 +685,22 @@ typedef CUresult (*node_type_t)(CUgraphNode, int *);
 #define CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT 2
 #define CU_GRAPH_NODE_TYPE_MEM_ALLOC 10
 
-/* CUDA_MEM_ALLOC_NODE_PARAMS: the pool's properties (CUmemPoolProps, 88 bytes), the access descriptors, the size */
+/* CUDA_MEM_ALLOC_NODE_PARAMS: the pool's properties (CUmemPoolProps, 88 bytes: its head says where the memory is),
+ * the access descriptors, the size */
 typedef struct {
-    unsigned char pool_props[88];
+    union { alloc_prop_head head; unsigned char bytes[88]; } pool_props;
     const void *access_descs;
     size_t access_desc_count, bytesize;
     CUdeviceptr dptr;
 } alloc_node_params;
 typedef CUresult (*alloc_node_params_t)(CUgraphNode, alloc_node_params *);
 
-static size_t graph_alloc_bytes(CUgraph g)
+/* The bytes of graph ``g``'s allocation nodes on each device into ``bytes``; 0 when it has none on a GPU (host
+ * memory, like a host-located cuMemCreate, is not charged). */
+static int graph_alloc_bytes(CUgraph g, size_t bytes[GRAPH_DEVICES])
 {
-    size_t count = 0, total = 0;
+    size_t count = 0;
+    int any = 0;
     graph_nodes_t nodes_of = GL_REAL(graph_nodes_t, "cuGraphGetNodes");
     if (nodes_of(g, NULL, &count) != CUDA_SUCCESS || !count) return 0;
     CUgraphNode *nodes = calloc(count, sizeof *nodes);
@@ -704,25 +709,31 @@ static size_t graph_alloc_bytes(CUgraph g)
         for (size_t i = 0; i < count; i++) {
             int type = 0;
             alloc_node_params params;
-            if (GL_REAL(node_type_t, "cuGraphNodeGetType")(nodes[i], &type) == CUDA_SUCCESS &&
-                type == CU_GRAPH_NODE_TYPE_MEM_ALLOC &&
-                GL_REAL(alloc_node_params_t, "cuGraphMemAllocNodeGetParams")(nodes[i], &params) == CUDA_SUCCESS)
-                total += params.bytesize;
+            if (GL_REAL(node_type_t, "cuGraphNodeGetType")(nodes[i], &type) != CUDA_SUCCESS ||
+                type != CU_GRAPH_NODE_TYPE_MEM_ALLOC ||
+                GL_REAL(alloc_node_params_t, "cuGraphMemAllocNodeGetParams")(nodes[i], &params) != CUDA_SUCCESS ||
+                host_located(&params.pool_props.head.location))
+                continue;
+            CUdevice d = located_device(&params.pool_props.head.location);
+            if (d < 0 || d >= GRAPH_DEVICES) continue;
+            bytes[d] += params.bytesize;
+            any = 1;
         }
     free(nodes);
-    return total;
+    return any;
 }
 
 /* An instantiation that succeeded: the graph's allocation nodes, remembered for its launches. */
 static CUresult instantiated(CUresult r, CUgraphExec *exec, CUgraph g)
 {
     if (r != CUDA_SUCCESS || !exec) return r;
-    size_t bytes = graph_alloc_bytes(g);
-    graph_rec *rec = bytes ? calloc(1, sizeof *rec) : NULL;
-    if (!rec) return r;  /* nothing to charge ahead (or no memory to remember it): trued up after its launches */
+    graph_rec *rec = calloc(1, sizeof *rec);
+    if (!rec) return r;  /* not remembered: its memory is charged after its launches only */
+    if (!graph_alloc_bytes(g, rec->bytes)) {  /* nothing to charge ahead */
+        free(rec);
+        return r;
+    }
     rec->exec = *exec;
-    rec->dev = current_device();
-    rec->bytes = bytes;
     pthread_mutex_lock(&mu);
     rec->next = graphs;
     graphs = rec;
@@ -806,7 +817,7 @@ static unsigned long long graph_attr(CUdevice d, int attr)
 static void true_up_graph_memory(CUdevice d)
 {
     unsigned long long reserved;
-    if (d < 0 || d >= 8 ||
+    if (d < 0 || d >= GRAPH_DEVICES ||
         GL_REAL(graph_attr_t, "cuDeviceGetGraphMemAttribute")(d, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT,
                                                                &reserved) != CUDA_SUCCESS)
         return;
@@ -820,35 +831,44 @@ static void true_up_graph_memory(CUdevice d)
 
 CUresult gl_charge_graph_launch(CUgraphExec g)
 {
+    size_t bytes[GRAPH_DEVICES] = { 0 }, more[GRAPH_DEVICES] = { 0 };
     pthread_mutex_lock(&mu);
     graph_rec *rec = graph_of(g, 0);
-    CUdevice d = rec ? rec->dev : 0;
-    size_t bytes = rec ? rec->bytes : 0;
+    if (rec) memcpy(bytes, rec->bytes, sizeof bytes);
     pthread_mutex_unlock(&mu);
-    if (!bytes || d < 0 || d >= 8) return CUDA_SUCCESS;
-    unsigned long long reserved = graph_attr(d, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT);
-    unsigned long long in_use = graph_attr(d, CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT);
-    size_t spare = reserved > in_use ? (size_t)(reserved - in_use) : 0;
-    if (bytes <= spare) return CUDA_SUCCESS;
-    size_t more = bytes - spare, room = 0;
-    int gpu = gl_vgpu_ordinal(d);
-    if (!gl_charge(gpu, more, &room)) {
-        true_up_all();
-        if (!gl_charge(gpu, more, &room)) return refuse("cuGraphLaunch", more, room);
+    for (CUdevice d = 0; d < GRAPH_DEVICES; d++) {
+        if (!bytes[d]) continue;
+        unsigned long long reserved = graph_attr(d, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT);
+        unsigned long long in_use = graph_attr(d, CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT);
+        size_t spare = reserved > in_use ? (size_t)(reserved - in_use) : 0, room = 0;
+        if (bytes[d] <= spare) continue;
+        int gpu = gl_vgpu_ordinal(d);
+        more[d] = bytes[d] - spare;
+        if (!gl_charge(gpu, more[d], &room)) {
+            true_up_all();
+            if (!gl_charge(gpu, more[d], &room)) {
+                for (CUdevice e = 0; e < d; e++) gl_uncharge(gl_vgpu_ordinal(e), more[e]);
+                return refuse("cuGraphLaunch", more[d], room);
+            }
+        }
     }
     pthread_mutex_lock(&mu);
-    graph_charged[d] += more;  /* the true-up after the launch replaces it with the reserve */
+    for (CUdevice d = 0; d < GRAPH_DEVICES; d++)
+        graph_charged[d] += more[d];  /* the true-up after the launch replaces it with the reserve */
     pthread_mutex_unlock(&mu);
     return CUDA_SUCCESS;
 }
 
 void gl_graph_launched(CUgraphExec g)
 {
+    size_t bytes[GRAPH_DEVICES] = { 0 };
     pthread_mutex_lock(&mu);
     graph_rec *rec = graph_of(g, 0);
-    CUdevice d = rec ? rec->dev : -1;
+    if (rec) memcpy(bytes, rec->bytes, sizeof bytes);
     pthread_mutex_unlock(&mu);
-    true_up_graph_memory(d >= 0 ? d : current_device());
+    CUdevice current = current_device();
+    for (CUdevice d = 0; d < GRAPH_DEVICES; d++)
+        if (bytes[d] || d == current) true_up_graph_memory(d);
 }
 
 typedef CUresult (*graph_trim_t)(CUdevice);

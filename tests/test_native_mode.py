@@ -51,12 +51,13 @@ def node(tmp_path, driver_double):
     w.stop()
 
 
-def native_env(w: Worker, token="vgpu", driver="node") -> dict:
+def native_env(w: Worker, token="vgpu", driver_token="node") -> dict:
     """A native program's environment: the vGPU of ``token``; below it the driver double, whose own session is the
-    vGPU of ``driver`` (what the emulated checkpoint moves)."""
+    vGPU of ``driver_token`` (what the emulated checkpoint moves)."""
     env = dict(os.environ)
     env.update({"LD_LIBRARY_PATH": str(native_dir()), "GPULAB_WORKER": w.unix, "GPULAB_TOKEN": token,
-                "GPULAB_REAL_LIBCUDA": str(w.double), "GPULAB_DRIVER_WORKER": w.unix, "GPULAB_DRIVER_TOKEN": driver})
+                "GPULAB_REAL_LIBCUDA": str(w.double), "GPULAB_DRIVER_WORKER": w.unix,
+                "GPULAB_DRIVER_TOKEN": driver_token})
     return env
 
 
@@ -264,7 +265,7 @@ def test_a_pool_is_charged_on_the_gpu_it_is_on_not_the_current_one(node):
 def test_a_captured_graph_is_instantiated_and_launched_through_the_hooks(node):
     """cuGraphInstantiate and cuGraphLaunch are hooked (a graph's memory nodes are charged at its launch): a captured
     memset instantiated, launched, its executable graph destroyed, through the chain. (The driver double has no
-    graph memory nodes: their charge is shown on a GPU, tests/test_gpu_native.py.)"""
+    graph memory nodes: their charge is tested on a GPU only, tests/test_gpu_native.py.)"""
     got = run_native(node, """
         setup()
         s = ok(d.cuStreamCreate(0))

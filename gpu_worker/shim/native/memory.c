@@ -174,10 +174,20 @@ static pool_rec *pool_at(CUmemoryPool p, CUdevice dev, int host)
  * current at its first allocation. (mu held) */
 static pool_rec *pool_of(CUmemoryPool p) { return pool_at(p, current_device(), 0); }
 
-/* Where the program got pool ``p`` says where it is: a device, or host memory (``host``). */
-static void pool_is_at(CUmemoryPool p, CUdevice dev, int host)
+/* Where the program got pool ``p`` says where it is: a device, or host memory (``host``). ``made``: cuMemPoolCreate
+ * made it just now, so a record of the same handle is of a pool gone without its destroy (its context's end):
+ * its charge is given back and the place made anew. */
+static void pool_is_at(CUmemoryPool p, CUdevice dev, int host, int made)
 {
     pthread_mutex_lock(&mu);
+    for (pool_rec **r = &pools; made && *r; r = &(*r)->next)
+        if ((*r)->pool == p) {
+            pool_rec *stale = *r;
+            *r = stale->next;
+            gl_uncharge(stale->gpu, stale->charged);
+            free(stale);
+            break;
+        }
     pool_at(p, dev, host);
     pthread_mutex_unlock(&mu);
 }
@@ -408,7 +418,8 @@ GL_EXPORT CUresult cuMemPoolCreate(CUmemoryPool *pool, const void *props)
     gl_thaw_if_frozen();
     CUresult r = GL_REAL(pool_create_t, "cuMemPoolCreate")(pool, props);
     const alloc_prop_head *head = props;
-    if (r == CUDA_SUCCESS && head) pool_is_at(*pool, located_device(&head->location), host_located(&head->location));
+    if (r == CUDA_SUCCESS && head)
+        pool_is_at(*pool, located_device(&head->location), host_located(&head->location), 1);
     return r;
 }
 
@@ -416,7 +427,7 @@ static CUresult device_pool(const char *real_name, CUmemoryPool *pool, CUdevice 
 {
     gl_thaw_if_frozen();
     CUresult r = GL_REAL(dev_pool_t, real_name)(pool, dev);
-    if (r == CUDA_SUCCESS) pool_is_at(*pool, dev, 0);
+    if (r == CUDA_SUCCESS) pool_is_at(*pool, dev, 0, 0);
     return r;
 }
 
@@ -434,7 +445,7 @@ static CUresult location_pool(const char *real_name, CUmemoryPool *pool, const m
 {
     gl_thaw_if_frozen();
     CUresult r = GL_REAL(location_pool_t, real_name)(pool, where, type);
-    if (r == CUDA_SUCCESS && where) pool_is_at(*pool, located_device(where), host_located(where));
+    if (r == CUDA_SUCCESS && where) pool_is_at(*pool, located_device(where), host_located(where), 0);
     return r;
 }
 
@@ -723,10 +734,26 @@ static int graph_alloc_bytes(CUgraph g, size_t bytes[GRAPH_DEVICES])
     return any;
 }
 
-/* An instantiation that succeeded: the graph's allocation nodes, remembered for its launches. */
+/* (mu held) the record of graph ``g``, taken out of the list when ``take`` */
+static graph_rec *graph_of(CUgraphExec g, int take)
+{
+    for (graph_rec **p = &graphs; *p; p = &(*p)->next)
+        if ((*p)->exec == g) {
+            graph_rec *r = *p;
+            if (take) *p = r->next;
+            return r;
+        }
+    return NULL;
+}
+
+/* An instantiation that succeeded: the graph's allocation nodes, remembered for its launches (a record of the
+ * same handle is of an executable graph gone without its destroy: dropped). */
 static CUresult instantiated(CUresult r, CUgraphExec *exec, CUgraph g)
 {
     if (r != CUDA_SUCCESS || !exec) return r;
+    pthread_mutex_lock(&mu);
+    free(graph_of(*exec, 1));
+    pthread_mutex_unlock(&mu);
     graph_rec *rec = calloc(1, sizeof *rec);
     if (!rec) return r;  /* not remembered: its memory is charged after its launches only */
     if (!graph_alloc_bytes(g, rec->bytes)) {  /* nothing to charge ahead */
@@ -739,18 +766,6 @@ static CUresult instantiated(CUresult r, CUgraphExec *exec, CUgraph g)
     graphs = rec;
     pthread_mutex_unlock(&mu);
     return r;
-}
-
-/* (mu held) the record of graph ``g``, taken out of the list when ``take`` */
-static graph_rec *graph_of(CUgraphExec g, int take)
-{
-    for (graph_rec **p = &graphs; *p; p = &(*p)->next)
-        if ((*p)->exec == g) {
-            graph_rec *r = *p;
-            if (take) *p = r->next;
-            return r;
-        }
-    return NULL;
 }
 
 typedef CUresult (*instantiate_flags_t)(CUgraphExec *, CUgraph, unsigned long long);

@@ -84,8 +84,8 @@ class IdleHint:
             vgpus = (await self.state.snapshot())["vgpus"]
             for v in vgpus:
                 if v.get("state") == "active" and v.get("tier") in ("warm", "cold", "mixed"):
+                    self.wakes += 1  # counted when asked: the restore may be done before its answer comes
                     status, body = await self.state.client.move(v["id"], "restore")
-                    self.wakes += 1
                     log.info("vGPU %s: a cell runs and its memory was %s; asked the worker to bring it back (%d%s)",
                              v["id"], v["tier"], status, "" if status == 200 else f": {body.get('message', '')}")
             self.state.stale()

@@ -621,9 +621,7 @@ def test_an_idle_native_vgpu_is_frozen_to_make_room_for_another(tmp_path, driver
                 "processes)") in hungry.stderr, hungry.stderr
         assert vgpu_of(node, "vgpu")["processes"][0]["tiers"]["hot"] == 48 << 20
     finally:
-        if p is not None:
-            p.close()
-        node.stop()
+        close_all(node, p)
 
 
 def test_a_native_vgpu_on_two_gpus_counts_its_memory_on_the_one_that_holds_it(tmp_path, driver_double):
@@ -678,9 +676,7 @@ def test_a_checkpoint_the_warm_budget_cannot_hold_is_not_made(tmp_path, driver_d
         assert p(READ_BACK) is None and p("same") is True
         assert vgpu_of(node, "vgpu")["processes"][0]["tiers"]["hot"] == 48 << 20
     finally:
-        if p is not None:
-            p.close()
-        node.stop()
+        close_all(node, p)
 
 
 def test_a_freeze_the_warm_budget_refused_is_asked_again_once_the_budget_has_room(tmp_path, driver_double):

@@ -821,21 +821,27 @@ GL_EXPORT CUresult cuGraphExecDestroy(CUgraphExec g)
     return r;
 }
 
-static unsigned long long graph_attr(CUdevice d, int attr)
+/* Device ``d``'s graph memory attribute ``attr`` into *value; 0 when the driver cannot say (*value 0). */
+static int graph_attr(CUdevice d, int attr, unsigned long long *value)
 {
-    unsigned long long value = 0;
-    if (GL_REAL(graph_attr_t, "cuDeviceGetGraphMemAttribute")(d, attr, &value) != CUDA_SUCCESS) return 0;
-    return value;
+    *value = 0;
+    return GL_REAL(graph_attr_t, "cuDeviceGetGraphMemAttribute")(d, attr, value) == CUDA_SUCCESS;
+}
+
+/* The bytes of executable graph ``g``'s allocation nodes on each device (none: not one we remember). */
+static void graph_bytes(CUgraphExec g, size_t bytes[GRAPH_DEVICES])
+{
+    pthread_mutex_lock(&mu);
+    graph_rec *rec = graph_of(g, 0);
+    if (rec) memcpy(bytes, rec->bytes, GRAPH_DEVICES * sizeof *bytes);
+    pthread_mutex_unlock(&mu);
 }
 
 /* Device ``d``'s graph memory reservation becomes its charge. */
 static void true_up_graph_memory(CUdevice d)
 {
     unsigned long long reserved;
-    if (d < 0 || d >= GRAPH_DEVICES ||
-        GL_REAL(graph_attr_t, "cuDeviceGetGraphMemAttribute")(d, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT,
-                                                               &reserved) != CUDA_SUCCESS)
-        return;
+    if (d < 0 || d >= GRAPH_DEVICES || !graph_attr(d, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT, &reserved)) return;
     int gpu = gl_vgpu_ordinal(d);
     pthread_mutex_lock(&mu);
     if (reserved > graph_charged[d]) gl_force_charge(gpu, reserved - graph_charged[d]);
@@ -847,14 +853,12 @@ static void true_up_graph_memory(CUdevice d)
 CUresult gl_charge_graph_launch(CUgraphExec g)
 {
     size_t bytes[GRAPH_DEVICES] = { 0 }, more[GRAPH_DEVICES] = { 0 };
-    pthread_mutex_lock(&mu);
-    graph_rec *rec = graph_of(g, 0);
-    if (rec) memcpy(bytes, rec->bytes, sizeof bytes);
-    pthread_mutex_unlock(&mu);
+    graph_bytes(g, bytes);
     for (CUdevice d = 0; d < GRAPH_DEVICES; d++) {
         if (!bytes[d]) continue;
-        unsigned long long reserved = graph_attr(d, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT);
-        unsigned long long in_use = graph_attr(d, CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT);
+        unsigned long long reserved, in_use;
+        graph_attr(d, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT, &reserved);
+        graph_attr(d, CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT, &in_use);
         size_t spare = reserved > in_use ? (size_t)(reserved - in_use) : 0, room = 0;
         if (bytes[d] <= spare) continue;
         int gpu = gl_vgpu_ordinal(d);
@@ -877,10 +881,7 @@ CUresult gl_charge_graph_launch(CUgraphExec g)
 void gl_graph_launched(CUgraphExec g)
 {
     size_t bytes[GRAPH_DEVICES] = { 0 };
-    pthread_mutex_lock(&mu);
-    graph_rec *rec = graph_of(g, 0);
-    if (rec) memcpy(bytes, rec->bytes, sizeof bytes);
-    pthread_mutex_unlock(&mu);
+    graph_bytes(g, bytes);
     CUdevice current = current_device();
     for (CUdevice d = 0; d < GRAPH_DEVICES; d++)
         if (bytes[d] || d == current) true_up_graph_memory(d);

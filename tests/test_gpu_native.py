@@ -221,6 +221,46 @@ def test_nvidia_smi_lists_only_the_vgpu_s_processes(node):
         outsider.close()
 
 
+# GPU 0's utilization rates (nvmlUtilization_t) by NVML over ctypes: [gpu, memory].
+UTILIZATION = """
+import ctypes, json
+class Rates(ctypes.Structure):
+    _fields_ = [("gpu", ctypes.c_uint), ("memory", ctypes.c_uint)]
+nvml = ctypes.CDLL("libnvidia-ml.so.1")
+assert nvml.nvmlInit_v2() == 0
+h, rates = ctypes.c_void_p(), Rates()
+assert nvml.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(h)) == 0
+assert nvml.nvmlDeviceGetUtilizationRates(h, ctypes.byref(rates)) == 0
+print(json.dumps([rates.gpu, rates.memory]))
+"""
+
+
+def test_an_idle_vgpu_s_session_sees_its_gpu_idle_while_others_keep_the_card_busy(node):
+    """A program outside gpulab keeps GPU 0 busy with matrix products; NVML outside shows the card busy, NVML and
+    nvidia-smi in the session of an idle vGPU on that GPU show 0 (the stand-in's utilization is how busy the
+    vGPU's own kernels kept the GPU, from the worker's look at its kernel time)."""
+    need("torch")
+    outsider = bench.Child(bench.plain_env(), node.tmp / "util-outsider.log")
+    try:
+        assert outsider.must("import threading, torch; a = torch.randn(8192, 8192, device='cuda'); "
+                             "threading.Thread(target=lambda: [torch.mm(a, a).sum().item() for _ in range(2000)], "
+                             "daemon=True).start(); out = None") is None
+        time.sleep(3)
+        seen = {name: subprocess.run([sys.executable, "-c", UTILIZATION], env=env, capture_output=True, text=True,
+                                     timeout=60)
+                for name, env in (("everyone", bench.plain_env()), ("session", bench.native_env(node.unix, "small")))}
+        assert all(p.returncode == 0 for p in seen.values()), {k: p.stderr for k, p in seen.items()}
+        everyone, session = (json.loads(seen[k].stdout) for k in ("everyone", "session"))
+        assert everyone[0] > 50, everyone  # the node's NVML: the card busy with the outsider's products
+        assert session[0] == 0, session
+        if shutil.which("nvidia-smi"):
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                 env=bench.native_env(node.unix, "small"), capture_output=True, text=True, timeout=60)
+            assert smi.returncode == 0 and smi.stdout.split() == ["0"], smi.stdout + smi.stderr
+    finally:
+        outsider.close()
+
+
 # ---------------------------------------------------------------------------------------------- the quota
 
 

@@ -1035,6 +1035,53 @@ def test_nvml_samples_utilization_of_the_vgpu_s_processes_only(node, nvml_double
     assert got["only_others"][0] == 6 and got["info_only_others"][0] == 6
 
 
+def test_nvml_shows_how_busy_the_vgpu_kept_its_gpu_not_the_card(node, nvml_double):
+    """The node's NVML says the card is 97 % busy (other users' work). A 25 % vGPU that may not burst shows 0
+    before it runs anything, about 25 % while its kernels run back to back (the worker's look at its kernel time
+    over the last second), and 0 again once they stop; the memory controller's 41 % stays the card's."""
+    from workertools import SLEEP_PTX
+
+    r = run_native(node, NVML_PROBE + f"SLEEP_PTX = {SLEEP_PTX!r}\n" + textwrap.dedent("""
+        import threading, time
+        class Rates(ctypes.Structure):  # nvmlUtilization_t
+            _fields_ = [("gpu", ctypes.c_uint), ("memory", ctypes.c_uint)]
+        def rates():
+            got, h = Rates(), ctypes.c_void_p()
+            nvml.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(h))
+            return [nvml.nvmlDeviceGetUtilizationRates(h, ctypes.byref(got)), got.gpu, got.memory]
+        assert nvml.nvmlInit_v2() == 0
+        ok(d.cuInit(0))
+        ctx = ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(0)))); ok(d.cuCtxSetCurrent(ctx))
+        fn = ok(d.cuModuleGetFunction(ok(d.cuModuleLoadData(SLEEP_PTX.encode() + b"\\0")), b"sleep_ms"))
+        time.sleep(1.5)  # the worker has looked at the vGPU since it opened
+        before = rates()
+        arg = np.array([10], np.uint32)
+        params = np.array([arg.ctypes.data], np.uint64)
+        stop = threading.Event()
+        def busy():
+            ok(d.cuCtxSetCurrent(ctx))
+            while not stop.is_set():
+                ok(d.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, 0, params.ctypes.data, 0))
+                ok(d.cuCtxSynchronize())
+        runner = threading.Thread(target=busy)
+        runner.start()
+        during = []
+        for _ in range(3):
+            time.sleep(1.2)
+            during.append(rates())
+        stop.set()
+        runner.join()
+        time.sleep(2.5)
+        done(before=before, during=during, after=rates())
+    """), token="strict", env_extra=nvml_env(nvml_double))
+    got = r.result
+    assert got["before"] == [0, 0, 41], got
+    assert all(rc == 0 and memory == 41 for rc, _gpu, memory in got["during"]), got
+    busy = sorted(gpu for _rc, gpu, _memory in got["during"])
+    assert 12 <= busy[1] <= 40 and busy[-1] <= 60, got  # 25 % of the GPU, looked at over about a second
+    assert got["after"] == [0, 0, 41], got
+
+
 def test_nvml_without_a_vgpu_says_why(node, nvml_double):
     r = run_native(node, NVML_PROBE + "done(**nvml_devices())", token="nope", env_extra=nvml_env(nvml_double))
     assert r.result == {"init": 4}  # NVML_ERROR_NO_PERMISSION

@@ -36,6 +36,9 @@ PACE_OFF = 24
 # when it came; wall-clock seconds)
 TIER_HEAD = struct.Struct("<IIdd")
 TIER_HEAD_OFF = 72
+# how busy the vGPU's kernels kept its GPUs over the daemon's last look (about a second): percent of one GPU's
+# time, the daemon's figure for the NVML stand-in's utilization (f64; written only by the daemon)
+UTILIZATION_OFF = 96
 REASON_OFF = 128
 MAX_REASON = HEADER_SIZE - REASON_OFF
 
@@ -77,7 +80,7 @@ def native_layout() -> dict[str, int]:
             "pace_off": PACE_OFF, "reason_off": REASON_OFF, "used_off": USED_OFF, "overhead_off": OVERHEAD_OFF,
             "calls_off": 32, "launches_off": 40, "kernel_off": KERNEL_OFF, "tier_off": TIER_OFF,
             "frozen_off": TIER_OFF + T_FROZEN, "touch_off": TIER_OFF + T_TOUCH, "pid_off": 8,
-            "on_gpu_off": ON_GPU_OFF, "on_gpus": VGPU_GPUS}
+            "on_gpu_off": ON_GPU_OFF, "on_gpus": VGPU_GPUS, "utilization_off": UTILIZATION_OFF}
 
 
 class Ledger:
@@ -141,6 +144,14 @@ class Ledger:
             if struct.unpack_from("<I", self.map, off)[0] == LIVE:
                 total += struct.unpack_from("<d", self.map, off + KERNEL_OFF)[0]
         return total
+
+    def set_utilization(self, percent: float) -> None:
+        """(daemon) Percent of one GPU's time the vGPU's kernels took over the last look (kernel_total's change)."""
+        struct.pack_into("<d", self.map, UTILIZATION_OFF, percent)
+
+    @property
+    def utilization(self) -> float:
+        return struct.unpack_from("<d", self.map, UTILIZATION_OFF)[0]
 
     # -------------------------------------------------------------- tiers
     def request_tier(self, want: int) -> int:

@@ -54,6 +54,7 @@ class VGPU:
         self.row = board.take(*_pacing(grant)) if board is not None else None
         self.ledger.set_pacing(*_ledger_pacing(grant))
         self.samples: collections.deque = collections.deque()  # (monotonic time, kernel time) for the share
+        self.last_look: tuple[float, float] | None = None  # (monotonic time, kernel time) at publish_utilization
         self.procs: dict[int, int] = {}  # executor pid -> ledger slot (a native-mode process: its own pid)
         self.native: set[int] = set()    # which of them are native-mode processes (native.py), not executors
         self.rows: dict[int, int] = {}   # executor pid -> its row on the worker's tier board
@@ -495,6 +496,19 @@ class VGPURegistry:
             v.trace.append({"seq": v.seq, "time": start, "pid": client_pid, "function": self.names.get(op, str(op)),
                             "duration": duration, "bytes": nbytes, "result": result,
                             "error": E.name_of(result) if result else ""})
+
+    def publish_utilization(self) -> None:
+        """(daemon, about once a second) Each vGPU's kernel time since the last look, as percent of one GPU's time,
+        into its ledger: what the NVML stand-in reports as the GPU's utilization inside the session, so that
+        nvidia-smi there shows the session's own work and not the other users' on the card."""
+        now = time.monotonic()
+        with self.lock:
+            for v in self.table.values():
+                kernel = v.ledger.kernel_total()
+                if v.last_look is not None and now > v.last_look[0]:
+                    t0, k0 = v.last_look
+                    v.ledger.set_utilization(max(kernel - k0, 0.0) / (now - t0) * 100)
+                v.last_look = (now, kernel)
 
     def _measure(self) -> None:
         """On a real GPU: the device memory NVML sees per executor beyond its allocations is its

@@ -567,12 +567,17 @@ class GPUWorker(Configurable):
             self._expire_handshakes(sel)
             self.reap(sel)
             now = time.monotonic()
-            if now >= self._next_tick:  # the idle policy: vGPUs idle long enough move to host memory
+            if now >= self._next_tick:  # the idle policy (idle vGPUs move to host memory), the vGPUs' utilization
                 self._next_tick = now + TIER_TICK
                 try:
                     self.tiering.tick()
                 except Exception:
                     log.exception("the VRAM tier policy failed (it runs again in %.3g s)", TIER_TICK)
+                try:
+                    self.registry.publish_utilization()
+                except Exception:
+                    log.exception("the vGPUs' utilization was not published (it is tried again in %.3g s)",
+                                  TIER_TICK)
         for hs in list(self.pending.values()):
             self._drop(sel, hs)
         self._lookups.shutdown(wait=False, cancel_futures=True)

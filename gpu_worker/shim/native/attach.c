@@ -50,6 +50,7 @@ static struct {
     size_t used_off, overhead_off, kernel_off, tier_off, pace_off, calls_off, launches_off;
     size_t quota_off, revoked_off, reason_off, reason_len_off, frozen_off, touch_off, pid_off;
     size_t on_gpu_off, on_gpus; /* this process's bytes on each of the vGPU's GPUs: where, for how many GPUs */
+    size_t utilization_off;     /* the daemon's figure of how busy the vGPU kept its GPUs (0: a worker without it) */
     double depth, check_every;  /* pacing.py's DEPTH and CHECK_EVERY, from the worker */
     double eviction_wait;       /* the worker's: seconds it may take to make room on a full GPU (0: it does not) */
     unsigned time_every;        /* the worker's native_time_every: an unpaced process times one launch in this many */
@@ -302,6 +303,7 @@ static CUresult attach_now(unsigned flags)
     A.pid_off = key(text, "pid_off");  /* within any slot: the NVML stand-in looks at every slot's */
     A.on_gpu_off = A.slot_off + key(text, "on_gpu_off");
     A.on_gpus = key(text, "on_gpus");  /* 0 (a worker without the figures): none written */
+    A.utilization_off = key(text, "utilization_off");
     A.depth = key(text, "depth_us") / 1e6;
     A.check_every = key(text, "check_every_us") / 1e6;
     A.eviction_wait = key(text, "eviction_wait_ms") / 1e3;
@@ -576,6 +578,11 @@ void gl_publish_kernel_time(double kernel_time, double throttled, int waiting)
     put_f64(A.kernel_off, kernel_time);
     put_f64(A.kernel_off + 8, throttled);
     put_u32(A.kernel_off + 16, (unsigned)waiting);
+}
+
+double gl_vgpu_utilization(void)
+{
+    return A.map && A.utilization_off ? f64_at(A.utilization_off) : -1.0;
 }
 
 /* pacing.py's Pacer._settle: refill the vGPU's bucket for the time passed (at ``rate``, up to ``share`` times

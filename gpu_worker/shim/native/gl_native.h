@@ -65,6 +65,7 @@ unsigned long long gl_quota(void);        /* 0: no quota */
 int gl_vgpu_has_pid(unsigned pid);        /* one of the vGPU's processes (native, or an executor) */
 unsigned long long gl_vgpu_charged(void); /* bytes in use over all of the vGPU's processes */
 int gl_vgpu_gpus(char uuids[][64], int max);
+double gl_vgpu_utilization(void);        /* % of one GPU's time its kernels took lately (the daemon's); -1: unknown */
 double gl_share(void);                    /* compute share in GPUs (0 or >= the GPU count: not paced) */
 double gpulab_native_settle(double now, double share, double rate, double depth); /* the bucket's tokens */
 void gl_reset_bucket(void);

@@ -5,8 +5,9 @@
  * a device's memory is the vGPU's: its quota as the total, what all its processes hold as used (read from
  * the vGPU's ledger, the figures the CUDA side charges, never sampled). So nvidia-smi, pynvml and the
  * memory probes of frameworks agree with cuMemGetInfo. The processes on a device are only the vGPU's, so
- * the list agrees with the memory used and a session does not see other users' programs. The stand-in
- * attaches to the ledger read-only (no slot, nothing charged) at nvmlInit. */
+ * the list agrees with the memory used and a session does not see other users' programs; for the same reason
+ * a device's utilization is how busy the vGPU's own kernels kept it. The stand-in attaches to the ledger
+ * read-only (no slot, nothing charged) at nvmlInit. */
 #include "gl_native.h"
 
 #include <pthread.h>
@@ -192,6 +193,26 @@ GL_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemor
         memory->reserved = 0;  /* the driver's reservation is the card's, outside every vGPU */
         memory->used = used;
         memory->free = total - used < memory->free ? total - used : memory->free;
+    }
+    return r;
+}
+
+/* ------------------------------------------------------------------- how busy a device is */
+/* nvmlUtilization_t. The GPU's figure is the vGPU's: the time its kernels (native and forwarded processes) took over
+ * the worker's last look, about a second, spread over its GPUs; NVML's own would show the other users' work on
+ * the card. The memory controller's figure has no per-vGPU counterpart and stays the card's. */
+typedef struct { unsigned gpu, memory; } utilization_rates;
+typedef nvmlReturn_t (*rates_t)(nvmlDevice_t, utilization_rates *);
+
+GL_EXPORT nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, utilization_rates *rates)
+{
+    rates_t real = (rates_t)gl_real("nvmlDeviceGetUtilizationRates");
+    if (!real) return NVML_ERROR_FUNCTION_NOT_FOUND;
+    nvmlReturn_t r = real(device, rates);
+    double busy = gl_vgpu_utilization();
+    if (r == NVML_SUCCESS && rates && ordinal_of(device) >= 0 && busy >= 0) {
+        double each = busy / (mapped > 0 ? mapped : 1);
+        rates->gpu = each >= 100 ? 100u : (unsigned)(each + 0.5);
     }
     return r;
 }

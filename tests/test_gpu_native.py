@@ -12,6 +12,7 @@ before the second process could allocate anything.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
@@ -49,7 +50,9 @@ TOKENS = {"small": {"vram": "2G", "gpus": [0]},
           "quarter-strict": {"vram": "2G", "gpus": [0], "compute": 25, "burst": False},
           "quarter-burst": {"vram": "2G", "gpus": [0], "compute": 25, "burst": True},
           "idle-low": {"vram": "8G", "gpus": [0], "qos": "low"},
-          "busy": {"vram": "10G", "gpus": [0]}}
+          "busy": {"vram": "10G", "gpus": [0]},
+          "idle-low-graph": {"vram": "8G", "gpus": [0], "qos": "low"},
+          "busy-graph": {"vram": "10G", "gpus": [0]}}
 # what the native shim says when it refuses an allocation (gpu_worker/shim/native/attach.c, gl_oom_say)
 REFUSED = re.compile(r"refused: [\d.]+ MiB asked, [\d.]+ MiB left of this vGPU's ([\d.]+) MiB quota")
 
@@ -579,38 +582,74 @@ def test_a_torch_process_is_frozen_and_thawed_with_its_tensors_intact(node):
     assert "frozen" in node.log_text() and "thawed" in node.log_text()
 
 
-def test_an_allocation_on_a_full_gpu_freezes_an_idle_native_vgpu(node):
-    """The GPU is nearly full: a program outside gpulab holds all of it but 12 GiB. An idle native vGPU (low QoS)
-    holds 6 GiB; another's 8 GiB allocation finds no room in the driver, its shim asks the worker for room, the
-    idle one is frozen to host memory and the allocation is made. Once the busy one has ended, the idle one's
-    next call thaws it with its tensor intact."""
+@contextlib.contextmanager
+def nearly_full_gpu_beside_an_idle_vgpu(node, idle_token: str):
+    """A program outside gpulab holds all of GPU 0 but 12 GiB, and an idle native vGPU (low QoS) of ``idle_token``
+    holds 6 GiB of sevens in ``x``: yields that vGPU's process; then the idle one's next call must find its bytes
+    intact (thawed), and both programs end."""
     need("torch")
     driver = bench.driver_version()
     if driver is None or driver < bench.CHECKPOINT_DRIVER:
         pytest.skip(f"the driver's checkpoint API needs driver 570; this driver reports {driver}")
-    outsider = bench.Child(bench.plain_env(), node.tmp / "outsider.log")
-    idle = busy = None
+    outsider = bench.Child(bench.plain_env(), node.tmp / f"{idle_token}-outsider.log")
+    idle = None
     try:
         free = outsider.must("import torch\nfree, _ = torch.cuda.mem_get_info()\n"
                              "hog = torch.empty(free - (12 << 30), dtype=torch.uint8, device='cuda')\n"
                              "torch.cuda.synchronize()\nout = free")
         assert free > 16 * GiB, free
-        idle = child(node, "idle-low", "idle-low")
+        idle = child(node, idle_token, idle_token)
         assert idle.must("x = torch.full((6 << 30,), 7, dtype=torch.uint8, device='cuda'); torch.cuda.synchronize()",
                          timeout=120) is None
-        busy = child(node, "busy", "busy")
-        assert busy.must("y = torch.ones((8 << 30,), dtype=torch.uint8, device='cuda'); torch.cuda.synchronize(); "
-                         "out = int(y.sum().item())", timeout=120) == 8 * GiB
-        (me,) = vgpu_of(node, "idle-low")["processes"]
-        assert me["tiers"]["hot"] == 0 and me["tiers"]["warm"] >= 6 * GiB, (me, node.log_text()[-3000:])
-        assert f"eviction on GPU 0 for vGPU {vgpu_of(node, 'busy')['id']}" in node.log_text()
-        busy.close()
-        busy = None
-        assert idle.must("out = int(x.sum().item())", timeout=120) == 7 * (6 * GiB)  # thawed with its bytes
+        yield idle
     finally:
-        for c in (busy, idle, outsider):
+        for c in (idle, outsider):
             if c is not None:
                 c.close()
+
+
+def frozen_for(node, idle_token: str, busy_token: str):
+    """The idle vGPU's one process was frozen to host memory by an eviction for the busy vGPU."""
+    (me,) = vgpu_of(node, idle_token)["processes"]
+    assert me["tiers"]["hot"] == 0 and me["tiers"]["warm"] >= 6 * GiB, (me, node.log_text()[-3000:])
+    assert f"eviction on GPU 0 for vGPU {vgpu_of(node, busy_token)['id']}" in node.log_text()
+
+
+def test_an_allocation_on_a_full_gpu_freezes_an_idle_native_vgpu(node):
+    """The GPU is nearly full; an idle native vGPU holds 6 GiB. Another's 8 GiB allocation finds no room in the
+    driver, its shim asks the worker for room, the idle one is frozen to host memory and the allocation is made.
+    Once the busy one has ended, the idle one's next call thaws it with its tensor intact."""
+    with nearly_full_gpu_beside_an_idle_vgpu(node, "idle-low") as idle:
+        busy = child(node, "busy", "busy")
+        try:
+            assert busy.must("y = torch.ones((8 << 30,), dtype=torch.uint8, device='cuda'); torch.cuda.synchronize(); "
+                             "out = int(y.sum().item())", timeout=120) == 8 * GiB
+            frozen_for(node, "idle-low", "busy")
+        finally:
+            busy.close()
+        assert idle.must("out = int(x.sum().item())", timeout=120) == 7 * (6 * GiB)  # thawed with its bytes
+
+
+def test_a_graph_launch_on_a_full_gpu_freezes_an_idle_native_vgpu(node):
+    """As for an allocation: the GPU is nearly full, an idle native vGPU holds 6 GiB, and another's graph that
+    allocates 8 GiB finds no room at its launch; the shim asks the worker for room, the idle one is frozen and the
+    graph runs. The idle one's next call thaws it with its tensor intact."""
+    with nearly_full_gpu_beside_an_idle_vgpu(node, "idle-low-graph") as idle:
+        got, _ = run_native(node, "busy-graph", driver_program("""
+            dev, ctx = setup()
+            s = ok(d.cuStreamCreate(0))
+            ok(d.cuStreamBeginCapture(s, d.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
+            p = ok(d.cuMemAllocAsync(8 << 30, s))
+            ok(d.cuMemsetD8Async(p, 1, 8 << 30, s))
+            ok(d.cuMemFreeAsync(p, s))
+            g = ok(d.cuGraphInstantiate(ok(d.cuStreamEndCapture(s)), 0))
+            launched = name(d.cuGraphLaunch(g, s))
+            ok(d.cuStreamSynchronize(s))
+            done(native=native_mapped(), launched=launched)
+        """), timeout=240)
+        assert got["launched"] == "CUDA_SUCCESS", (got, node.log_text()[-3000:])
+        frozen_for(node, "idle-low-graph", "busy-graph")
+        assert idle.must("out = int(x.sum().item())", timeout=120) == 7 * (6 * GiB)  # thawed with its bytes
 
 
 def test_a_process_that_exports_its_pool_is_not_frozen_and_the_offload_says_why(node):

@@ -106,6 +106,7 @@ CUresult gl_entry_check(void);            /* thaw, then the revocation's code if
 /* memory.c: a graph launch's memory, charged before (up to what its allocation nodes may add to the reserve;
  * CUDA_ERROR_OUT_OF_MEMORY, said why, past the quota) and trued up to the device's reserve after, launched or not */
 CUresult gl_charge_graph_launch(CUgraphExec g);
+int gl_graph_room_made(CUgraphExec g, int round, double *deadline); /* the GPU full at a launch: room asked */
 void gl_graph_launched(CUgraphExec g);
 
 /* launch.c */

@@ -274,7 +274,8 @@ LAUNCH_COOPERATIVE(cuLaunchCooperativeKernel_ptsz, "cuLaunchCooperativeKernel_pt
 LAUNCH_EX(cuLaunchKernelEx, "cuLaunchKernelEx", 0)
 LAUNCH_EX(cuLaunchKernelEx_ptsz, "cuLaunchKernelEx_ptsz", 1)
 
-/* A graph's memory nodes reserve memory at its launch: charged before it (refused past the quota), trued up after. */
+/* A graph's memory nodes reserve memory at its launch: charged before it (refused past the quota), trued up after;
+ * where the driver finds the GPU full, the worker is asked for room as for an allocation. */
 #define GRAPH_LAUNCH(name, real_name, per_thread)                                                             \
     GL_EXPORT CUresult name(CUgraphExec g, CUstream s)                                                        \
     {                                                                                                         \
@@ -285,6 +286,10 @@ LAUNCH_EX(cuLaunchKernelEx_ptsz, "cuLaunchKernelEx_ptsz", 1)
         CUevent start_;                                                                                       \
         gl_pace_before(s, per_thread, &start_);                                                               \
         r_ = GL_REAL(graph_launch_t, real_name)(g, s);                                                        \
+        double deadline_ = 0;                                                                                 \
+        for (int round_ = 0; r_ == CUDA_ERROR_OUT_OF_MEMORY && gl_graph_room_made(g, round_, &deadline_);     \
+             round_++)                                                                                        \
+            r_ = GL_REAL(graph_launch_t, real_name)(g, s);                                                    \
         if (r_ == CUDA_SUCCESS) gl_pace_after(s, per_thread, start_);                                         \
         else if (start_) GL_REAL(event_destroy_t, "cuEventDestroy_v2")(start_);                              \
         gl_graph_launched(g);                                                                                 \

@@ -850,19 +850,24 @@ static void true_up_graph_memory(CUdevice d)
     pthread_mutex_unlock(&mu);
 }
 
+/* What ``n`` bytes of graph memory on device ``d`` may add to its reserve: beyond the reserve's free part. */
+static size_t graph_more(CUdevice d, size_t n)
+{
+    unsigned long long reserved, in_use;
+    graph_attr(d, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT, &reserved);
+    graph_attr(d, CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT, &in_use);
+    size_t spare = reserved > in_use ? (size_t)(reserved - in_use) : 0;
+    return n > spare ? n - spare : 0;
+}
+
 CUresult gl_charge_graph_launch(CUgraphExec g)
 {
     size_t bytes[GRAPH_DEVICES] = { 0 }, more[GRAPH_DEVICES] = { 0 };
     graph_bytes(g, bytes);
     for (CUdevice d = 0; d < GRAPH_DEVICES; d++) {
-        if (!bytes[d]) continue;
-        unsigned long long reserved, in_use;
-        graph_attr(d, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT, &reserved);
-        graph_attr(d, CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT, &in_use);
-        size_t spare = reserved > in_use ? (size_t)(reserved - in_use) : 0, room = 0;
-        if (bytes[d] <= spare) continue;
+        if (!bytes[d] || !(more[d] = graph_more(d, bytes[d]))) continue;
         int gpu = gl_vgpu_ordinal(d);
-        more[d] = bytes[d] - spare;
+        size_t room = 0;
         if (!gl_charge(gpu, more[d], &room)) {
             true_up_all();
             if (!gl_charge(gpu, more[d], &room)) {
@@ -876,6 +881,22 @@ CUresult gl_charge_graph_launch(CUgraphExec g)
         graph_charged[d] += more[d];  /* the true-up after the launch replaces it with the reserve */
     pthread_mutex_unlock(&mu);
     return CUDA_SUCCESS;
+}
+
+/* cuGraphLaunch found a GPU full: ask the worker for room for the graph's memory on each GPU it allocates on, as
+ * an allocation does (WITH_ROOM). 1: room was made on each, launch again; 0: not (said why). */
+int gl_graph_room_made(CUgraphExec g, int round, double *deadline)
+{
+    size_t bytes[GRAPH_DEVICES] = { 0 };
+    graph_bytes(g, bytes);
+    int asked = 0;
+    for (CUdevice d = 0; d < GRAPH_DEVICES; d++) {
+        size_t more = bytes[d] ? graph_more(d, bytes[d]) : 0;
+        if (!more) continue;
+        if (!room_made("cuGraphLaunch", d, more, round, deadline)) return 0;
+        asked = 1;
+    }
+    return asked;  /* no memory node needs more: the GPU's fullness is not the graph memory's */
 }
 
 void gl_graph_launched(CUgraphExec g)

@@ -149,10 +149,6 @@ class Ledger:
         """(daemon) Percent of one GPU's time the vGPU's kernels took over the last look (kernel_total's change)."""
         struct.pack_into("<d", self.map, UTILIZATION_OFF, percent)
 
-    @property
-    def utilization(self) -> float:
-        return struct.unpack_from("<d", self.map, UTILIZATION_OFF)[0]
-
     # -------------------------------------------------------------- tiers
     def request_tier(self, want: int) -> int:
         """(daemon) Ask every process of the vGPU to move its allocations to tier ``want``; the request's number."""

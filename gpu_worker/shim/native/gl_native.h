@@ -103,11 +103,12 @@ int gl_vgpu_device_count(void);
 int gl_vgpu_ordinal(CUdevice d);          /* the vGPU's ordinal of a real device (0 when not one of its GPUs) */
 CUresult gl_entry_check(void);            /* thaw, then the revocation's code if the vGPU ended */
 
-/* memory.c: a graph launch's memory, charged before (up to what its allocation nodes may add to the reserve;
- * CUDA_ERROR_OUT_OF_MEMORY, said why, past the quota) and trued up to the device's reserve after, launched or not */
-CUresult gl_charge_graph_launch(CUgraphExec g);
-int gl_graph_room_made(CUgraphExec g, int round, double *deadline); /* the GPU full at a launch: room asked */
-void gl_graph_launched(CUgraphExec g);
+/* memory.c: a graph launch's memory, charged before (up to what its allocation nodes, ``bytes`` per device, may add
+ * to the reserve; CUDA_ERROR_OUT_OF_MEMORY, said why, past the quota) and trued up to the device's reserve after,
+ * launched or not. gl_charge_graph_launch fills ``bytes`` for the other two. */
+CUresult gl_charge_graph_launch(CUgraphExec g, size_t bytes[GL_VGPU_GPUS]);
+int gl_graph_room_made(const size_t bytes[GL_VGPU_GPUS], int round, double *deadline); /* a full GPU: room asked */
+void gl_graph_launched(const size_t bytes[GL_VGPU_GPUS]);
 
 /* launch.c */
 void gl_pace_before(CUstream s, int per_thread, CUevent *start);

@@ -281,18 +281,19 @@ LAUNCH_EX(cuLaunchKernelEx_ptsz, "cuLaunchKernelEx_ptsz", 1)
     {                                                                                                         \
         CUresult r_ = gl_entry_check();                                                                       \
         if (r_ != CUDA_SUCCESS) return r_;                                                                    \
-        r_ = gl_charge_graph_launch(g);                                                                       \
+        size_t bytes_[GL_VGPU_GPUS];                                                                          \
+        r_ = gl_charge_graph_launch(g, bytes_);                                                               \
         if (r_ != CUDA_SUCCESS) return r_;                                                                    \
         CUevent start_;                                                                                       \
         gl_pace_before(s, per_thread, &start_);                                                               \
         r_ = GL_REAL(graph_launch_t, real_name)(g, s);                                                        \
         double deadline_ = 0;                                                                                 \
-        for (int round_ = 0; r_ == CUDA_ERROR_OUT_OF_MEMORY && gl_graph_room_made(g, round_, &deadline_);     \
+        for (int round_ = 0; r_ == CUDA_ERROR_OUT_OF_MEMORY && gl_graph_room_made(bytes_, round_, &deadline_);\
              round_++)                                                                                        \
             r_ = GL_REAL(graph_launch_t, real_name)(g, s);                                                    \
         if (r_ == CUDA_SUCCESS) gl_pace_after(s, per_thread, start_);                                         \
         else if (start_) GL_REAL(event_destroy_t, "cuEventDestroy_v2")(start_);                              \
-        gl_graph_launched(g);                                                                                 \
+        gl_graph_launched(bytes_);                                                                            \
         return r_;                                                                                            \
     }
 

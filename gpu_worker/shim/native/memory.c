@@ -62,7 +62,7 @@ typedef struct pool_rec {
 static entry *table[BUCKETS];
 static pool_rec *pools;
 /* an instantiated graph: the bytes of its allocation nodes on each device (graph memory is reserved per device) */
-#define GRAPH_DEVICES 8
+#define GRAPH_DEVICES GL_VGPU_GPUS  /* native mode's devices are the vGPU's GPUs */
 typedef struct graph_rec { CUgraphExec exec; size_t bytes[GRAPH_DEVICES]; struct graph_rec *next; } graph_rec;
 static size_t graph_charged[GRAPH_DEVICES];  /* each device's graph memory reserve, as charged */
 static graph_rec *graphs;
@@ -860,9 +860,10 @@ static size_t graph_more(CUdevice d, size_t n)
     return n > spare ? n - spare : 0;
 }
 
-CUresult gl_charge_graph_launch(CUgraphExec g)
+CUresult gl_charge_graph_launch(CUgraphExec g, size_t bytes[GRAPH_DEVICES])
 {
-    size_t bytes[GRAPH_DEVICES] = { 0 }, more[GRAPH_DEVICES] = { 0 };
+    size_t more[GRAPH_DEVICES] = { 0 };
+    memset(bytes, 0, GRAPH_DEVICES * sizeof *bytes);
     graph_bytes(g, bytes);
     for (CUdevice d = 0; d < GRAPH_DEVICES; d++) {
         if (!bytes[d] || !(more[d] = graph_more(d, bytes[d]))) continue;
@@ -883,12 +884,11 @@ CUresult gl_charge_graph_launch(CUgraphExec g)
     return CUDA_SUCCESS;
 }
 
-/* cuGraphLaunch found a GPU full: ask the worker for room for the graph's memory on each GPU it allocates on, as
- * an allocation does (WITH_ROOM). 1: room was made on each, launch again; 0: not (said why). */
-int gl_graph_room_made(CUgraphExec g, int round, double *deadline)
+/* cuGraphLaunch found a GPU full: ask the worker for room for the graph's memory (``bytes``, its allocation nodes'
+ * per device) on each GPU it allocates on, as an allocation does (WITH_ROOM). 1: room was made on each, launch
+ * again; 0: not (said why). */
+int gl_graph_room_made(const size_t bytes[GRAPH_DEVICES], int round, double *deadline)
 {
-    size_t bytes[GRAPH_DEVICES] = { 0 };
-    graph_bytes(g, bytes);
     int asked = 0;
     for (CUdevice d = 0; d < GRAPH_DEVICES; d++) {
         size_t more = bytes[d] ? graph_more(d, bytes[d]) : 0;
@@ -899,10 +899,8 @@ int gl_graph_room_made(CUgraphExec g, int round, double *deadline)
     return asked;  /* no memory node needs more: the GPU's fullness is not the graph memory's */
 }
 
-void gl_graph_launched(CUgraphExec g)
+void gl_graph_launched(const size_t bytes[GRAPH_DEVICES])
 {
-    size_t bytes[GRAPH_DEVICES] = { 0 };
-    graph_bytes(g, bytes);
     CUdevice current = current_device();
     for (CUdevice d = 0; d < GRAPH_DEVICES; d++)
         if (bytes[d] || d == current) true_up_graph_memory(d);
